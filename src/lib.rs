@@ -1,1 +1,7 @@
-pub fn x(){}
+//! coverd: makes sure every Suno cover task submitted to KIE.AI ends with its images safely on
+//! local disk, or with a clear reason why not. See ARCHITECTURE.md for the map.
+
+pub mod config;
+pub mod machine;
+pub mod model;
+pub mod store;

@@ -31,14 +31,18 @@ pub struct FakeKie {
 impl FakeKie {
     /// Binds 127.0.0.1:0 and serves until dropped.
     pub async fn start() -> FakeKie {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake KIE");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake KIE");
         let addr = listener.local_addr().expect("fake KIE address");
         let files = Arc::new(files::Files::new(addr));
         let api = Arc::new(api::Api::new(addr));
         let (f, a) = (files.clone(), api.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (f, a) = (f.clone(), a.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -59,7 +63,12 @@ impl FakeKie {
                 });
             }
         });
-        FakeKie { addr, files, api, task }
+        FakeKie {
+            addr,
+            files,
+            api,
+            task,
+        }
     }
 
     /// `http://127.0.0.1:PORT`, no trailing slash.

@@ -1,0 +1,692 @@
+//! The task state machine, in one place: a pure function of (task, event) → (changed task,
+//! history notes). Every rule of SPEC's "Task states" lives in the `match` of [`apply`].
+//! Must not do I/O, read clocks or draw random numbers: time and backoff arrive in the event
+//! and the [`Ctx`], so every transition is unit-testable.
+
+use crate::model::{EventKind, Failure, Image, ImageState, Millis, Source, State, Task};
+
+/// Facts the machine needs besides the task and the event.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub now: Millis,
+    /// `download.max_attempts`: transient failures per image before it fails for good.
+    pub max_attempts: u32,
+    /// `poll.after` in milliseconds: how long a submitted task waits before its first poll.
+    pub poll_after_ms: Millis,
+}
+
+/// What KIE told us about a task, by callback or by polling record-info.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// Generation finished; these are the image URLs (never empty).
+    Success { images: Vec<String> },
+    /// Generation failed; `reason` is KIE's code and message.
+    Failure { reason: String },
+}
+
+impl Report {
+    /// Classifies a callback body's code, message and images. A "success" without images is
+    /// a failure: there is nothing to download.
+    pub fn from_callback(code: i64, msg: &str, images: Vec<String>) -> Report {
+        if code == 200 && !images.is_empty() {
+            Report::Success { images }
+        } else if code == 200 {
+            Report::Failure {
+                reason: "KIE reported success but sent no image URLs".into(),
+            }
+        } else {
+            Report::Failure {
+                reason: format!("KIE code {code}: {msg}"),
+            }
+        }
+    }
+}
+
+/// Everything that can happen to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `coverd submit` recorded its intent to ask KIE for this cover.
+    Submit { music_task_id: Option<String> },
+    /// `admin track` adopted a task submitted elsewhere.
+    Track { music_task_id: Option<String> },
+    /// A callback delivery arrived (duplicates included).
+    Callback(Report),
+    /// A record-info poll answered with a final result.
+    Polled(Report),
+    /// A record-info poll found the task still pending; look again at `next_poll_at`.
+    PollPending {
+        detail: String,
+        next_poll_at: Millis,
+    },
+    /// Nothing arrived by `poll.give_up_after`.
+    GiveUp,
+    /// Image `index` is complete at its final path.
+    ImageStored {
+        index: u32,
+        path: String,
+        bytes: u64,
+        sha256: String,
+    },
+    /// A fetch of image `index` failed. `retry_at` is `None` for permanent failures.
+    ImageFailed {
+        index: u32,
+        reason: String,
+        retry_at: Option<Millis>,
+    },
+    /// KIE's download-url gave a fresh link for image `index`.
+    UrlRefreshed { index: u32, url: String },
+    /// `admin retry`. `damaged` lists stored images whose files are missing or corrupt.
+    Retry { damaged: Vec<u32> },
+}
+
+/// What `apply` did, for the history and for whoever must act next.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// History entries to append, in order.
+    pub notes: Vec<(EventKind, String)>,
+}
+
+impl Outcome {
+    fn note(&mut self, kind: EventKind, detail: impl Into<String>) {
+        self.notes.push((kind, detail.into()));
+    }
+}
+
+/// Applies `event` to `task`. Never fails: an event that does not fit the state is recorded
+/// as ignored (or as a counted duplicate) and changes nothing else.
+pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
+    use State::*;
+    let mut out = Outcome::default();
+    let revivable = matches!(task.failure, Some(Failure::Generation | Failure::NoResult));
+    match (task.state, event) {
+        // ---- intake of a task id ----
+        (Submitted, Event::Submit { music_task_id } | Event::Track { music_task_id })
+            if task.event_count == 0 =>
+        {
+            task.music_task_id = music_task_id;
+            task.submitted_at = ctx.now;
+            task.next_poll_at = ctx.now.saturating_add(ctx.poll_after_ms);
+            out.note(EventKind::Submitted, "task recorded");
+        }
+        (_, Event::Submit { music_task_id } | Event::Track { music_task_id }) => {
+            if task.music_task_id.is_none() {
+                task.music_task_id = music_task_id;
+            }
+            out.note(EventKind::Tracked, "task already known; nothing changed");
+        }
+
+        // ---- KIE's result: callback or poll ----
+        (Submitted, Event::Callback(Report::Success { images })) => {
+            task.callbacks += 1;
+            out.note(EventKind::Callback, "success callback");
+            receive(task, images, Source::Callback, ctx, &mut out);
+        }
+        (Failed, Event::Callback(Report::Success { images })) if revivable => {
+            task.callbacks += 1;
+            out.note(EventKind::Callback, "success callback after failure");
+            receive(task, images, Source::Callback, ctx, &mut out);
+        }
+        (Submitted, Event::Callback(Report::Failure { reason })) => {
+            task.callbacks += 1;
+            out.note(EventKind::Callback, reason.clone());
+            fail(task, Failure::Generation, reason, &mut out);
+        }
+        (Failed, Event::Callback(Report::Failure { reason }))
+            if task.failure == Some(Failure::NoResult) =>
+        {
+            task.callbacks += 1;
+            out.note(EventKind::Callback, reason.clone());
+            fail(task, Failure::Generation, reason, &mut out);
+        }
+        (Received | Downloaded | Failed, Event::Callback(report)) => {
+            task.callbacks += 1;
+            let what = match report {
+                Report::Success { .. } => "success",
+                Report::Failure { .. } => "failure",
+            };
+            out.note(
+                EventKind::DuplicateCallback,
+                format!(
+                    "{what} callback #{} while {}; not processed again",
+                    task.callbacks,
+                    task.state.as_str()
+                ),
+            );
+        }
+        (Submitted, Event::Polled(Report::Success { images })) => {
+            task.polls += 1;
+            out.note(EventKind::Polled, "record-info reports success");
+            receive(task, images, Source::Poll, ctx, &mut out);
+        }
+        (Submitted, Event::Polled(Report::Failure { reason })) => {
+            task.polls += 1;
+            out.note(EventKind::Polled, reason.clone());
+            fail(task, Failure::Generation, reason, &mut out);
+        }
+        (
+            Submitted,
+            Event::PollPending {
+                detail,
+                next_poll_at,
+            },
+        ) => {
+            task.polls += 1;
+            task.next_poll_at = next_poll_at;
+            out.note(EventKind::Polled, detail);
+        }
+        (Received | Downloaded | Failed, Event::Polled(_) | Event::PollPending { .. }) => {
+            task.polls += 1;
+            out.note(
+                EventKind::Ignored,
+                format!("poll answer arrived while {}; ignored", task.state.as_str()),
+            );
+        }
+        (Submitted, Event::GiveUp) => {
+            fail(
+                task,
+                Failure::NoResult,
+                "no result from KIE".into(),
+                &mut out,
+            );
+        }
+        (Received | Downloaded | Failed, Event::GiveUp) => {
+            out.note(
+                EventKind::Ignored,
+                "give-up ignored: task already has a result",
+            );
+        }
+
+        // ---- downloads ----
+        (
+            Received,
+            Event::ImageStored {
+                index,
+                path,
+                bytes,
+                sha256,
+            },
+        ) if pending(task, index) => {
+            if let Some(img) = task.images.get_mut(index as usize) {
+                img.attempts += 1;
+                img.state = ImageState::Downloaded;
+                img.error = None;
+                out.note(
+                    EventKind::ImageStored,
+                    format!("image {index}: {bytes} bytes at {path}, sha256 {sha256}"),
+                );
+                img.path = Some(path);
+                img.bytes = Some(bytes);
+                img.sha256 = Some(sha256);
+            }
+            settle(task, &mut out);
+        }
+        (
+            Received,
+            Event::ImageFailed {
+                index,
+                reason,
+                retry_at,
+            },
+        ) if pending(task, index) => {
+            if let Some(img) = task.images.get_mut(index as usize) {
+                img.attempts += 1;
+                match retry_at {
+                    Some(at) if img.budget_used() < ctx.max_attempts => {
+                        img.next_attempt_at = at;
+                        out.note(
+                            EventKind::ImageRetry,
+                            format!(
+                                "image {index}: attempt {} failed: {reason}; retrying",
+                                img.budget_used()
+                            ),
+                        );
+                        img.error = Some(reason);
+                    }
+                    Some(_) => {
+                        let reason =
+                            format!("{reason} (gave up after {} attempts)", img.budget_used());
+                        out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+                        img.state = ImageState::Failed;
+                        img.error = Some(reason);
+                    }
+                    None => {
+                        out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+                        img.state = ImageState::Failed;
+                        img.error = Some(reason);
+                    }
+                }
+            }
+            settle(task, &mut out);
+        }
+        (Received, Event::UrlRefreshed { index, url }) if pending(task, index) => {
+            if let Some(img) = task.images.get_mut(index as usize) {
+                out.note(
+                    EventKind::UrlRefreshed,
+                    format!("image {index}: fresh link from KIE replaces {}", img.url),
+                );
+                img.refreshed_url = Some(url);
+            }
+        }
+        (
+            Submitted | Received | Downloaded | Failed,
+            Event::ImageStored { index, .. }
+            | Event::ImageFailed { index, .. }
+            | Event::UrlRefreshed { index, .. },
+        ) => {
+            out.note(
+                EventKind::Ignored,
+                format!(
+                    "download result for image {index} ignored: task is {} and the image is not pending",
+                    task.state.as_str()
+                ),
+            );
+        }
+
+        // ---- admin retry ----
+        (Failed, Event::Retry { .. }) if revivable => {
+            task.state = Submitted;
+            task.failure = None;
+            task.error = None;
+            task.submitted_at = ctx.now;
+            task.next_poll_at = ctx.now;
+            out.note(
+                EventKind::Retried,
+                "generation failure retried: polling KIE again",
+            );
+        }
+        (Failed | Downloaded, Event::Retry { damaged }) => {
+            let mut revived = Vec::new();
+            for img in &mut task.images {
+                if img.state == ImageState::Failed || damaged.contains(&img.index) {
+                    img.state = ImageState::Pending;
+                    img.attempts_budget_start = img.attempts;
+                    img.next_attempt_at = ctx.now;
+                    img.path = None;
+                    img.bytes = None;
+                    img.sha256 = None;
+                    img.error = None;
+                    revived.push(img.index.to_string());
+                }
+            }
+            if revived.is_empty() {
+                out.note(EventKind::Ignored, "retry: nothing to repair");
+            } else {
+                task.state = Received;
+                task.failure = None;
+                task.error = None;
+                out.note(
+                    EventKind::Retried,
+                    format!("fetching image(s) {} again", revived.join(", ")),
+                );
+            }
+        }
+        (Submitted | Received, Event::Retry { .. }) => {
+            out.note(
+                EventKind::Ignored,
+                format!(
+                    "retry ignored: task is {} and still in progress",
+                    task.state.as_str()
+                ),
+            );
+        }
+    }
+    task.updated_at = ctx.now;
+    out
+}
+
+fn pending(task: &Task, index: u32) -> bool {
+    task.images
+        .get(index as usize)
+        .is_some_and(|i| i.state == ImageState::Pending)
+}
+
+fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out: &mut Outcome) {
+    task.state = State::Received;
+    task.source = Some(source);
+    task.failure = None;
+    task.error = None;
+    let n = images.len();
+    task.images = images
+        .into_iter()
+        .zip(0u32..)
+        .map(|(url, index)| Image::pending(index, url, ctx.now))
+        .collect();
+    out.note(
+        EventKind::Received,
+        format!("{n} image URL(s) from {}", source.as_str()),
+    );
+}
+
+fn fail(task: &mut Task, failure: Failure, reason: String, out: &mut Outcome) {
+    task.state = State::Failed;
+    task.failure = Some(failure);
+    out.note(EventKind::Failed, reason.clone());
+    task.error = Some(reason);
+}
+
+/// Once no image is pending the task ends: downloaded when all are stored, else failed.
+fn settle(task: &mut Task, out: &mut Outcome) {
+    if task.images.iter().any(|i| i.state == ImageState::Pending) {
+        return;
+    }
+    let failed: Vec<String> = task
+        .images
+        .iter()
+        .filter(|i| i.state == ImageState::Failed)
+        .map(|i| {
+            format!(
+                "image {}: {}",
+                i.index,
+                i.error.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        task.state = State::Downloaded;
+        out.note(
+            EventKind::Downloaded,
+            format!("all {} image(s) stored", task.images.len()),
+        );
+    } else {
+        fail(task, Failure::Download, failed.join("; "), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_000_000;
+
+    fn ctx() -> Ctx {
+        Ctx {
+            now: NOW,
+            max_attempts: 3,
+            poll_after_ms: 120_000,
+        }
+    }
+
+    fn urls(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("https://h/{i}.png")).collect()
+    }
+
+    fn success(n: usize) -> Report {
+        Report::Success { images: urls(n) }
+    }
+
+    fn failure() -> Report {
+        Report::from_callback(501, "Cover generation failed", vec![])
+    }
+
+    fn stored(index: u32) -> Event {
+        Event::ImageStored {
+            index,
+            path: format!("images/t/{index}.png"),
+            bytes: 10,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    fn transient(index: u32) -> Event {
+        Event::ImageFailed {
+            index,
+            reason: "HTTP 500".into(),
+            retry_at: Some(NOW + 5),
+        }
+    }
+
+    fn permanent(index: u32) -> Event {
+        Event::ImageFailed {
+            index,
+            reason: "HTTP 404".into(),
+            retry_at: None,
+        }
+    }
+
+    /// A task in the given state, reached through the machine itself.
+    fn task_in(state: &str) -> Task {
+        let mut t = Task::new("t".into(), None, NOW);
+        apply(
+            &mut t,
+            Event::Track {
+                music_task_id: None,
+            },
+            &ctx(),
+        );
+        t.event_count = 1;
+        let evs: Vec<Event> = match state {
+            "submitted" => vec![],
+            "received" => vec![Event::Callback(success(2))],
+            "downloaded" => vec![Event::Callback(success(2)), stored(0), stored(1)],
+            "failed_generation" => vec![Event::Callback(failure())],
+            "failed_noresult" => vec![Event::GiveUp],
+            "failed_download" => vec![Event::Callback(success(2)), stored(0), permanent(1)],
+            other => panic!("no such fixture {other}"),
+        };
+        for e in evs {
+            apply(&mut t, e, &ctx());
+        }
+        t
+    }
+
+    const FIXTURES: [&str; 6] = [
+        "submitted",
+        "received",
+        "downloaded",
+        "failed_generation",
+        "failed_noresult",
+        "failed_download",
+    ];
+
+    fn all_events() -> Vec<Event> {
+        vec![
+            Event::Submit {
+                music_task_id: Some("m".into()),
+            },
+            Event::Track {
+                music_task_id: Some("m".into()),
+            },
+            Event::Callback(success(2)),
+            Event::Callback(failure()),
+            Event::Polled(success(1)),
+            Event::Polled(Report::Failure {
+                reason: "KIE: failed".into(),
+            }),
+            Event::PollPending {
+                detail: "pending".into(),
+                next_poll_at: NOW + 30_000,
+            },
+            Event::GiveUp,
+            stored(0),
+            stored(1),
+            transient(0),
+            permanent(1),
+            Event::UrlRefreshed {
+                index: 0,
+                url: "https://h/fresh.png".into(),
+            },
+            Event::Retry { damaged: vec![] },
+            Event::Retry { damaged: vec![0] },
+        ]
+    }
+
+    /// Expected state after (fixture, event), for every pair: the whole table in one place.
+    fn expected(fixture: &str, event: &Event) -> &'static str {
+        use Event as E;
+        match (fixture, event) {
+            (_, E::Submit { .. } | E::Track { .. }) => same(fixture),
+            (
+                "submitted",
+                E::Callback(Report::Success { .. }) | E::Polled(Report::Success { .. }),
+            ) => "received",
+            (
+                "submitted",
+                E::Callback(Report::Failure { .. }) | E::Polled(Report::Failure { .. }),
+            ) => "failed",
+            ("submitted", E::GiveUp) => "failed",
+            ("failed_generation" | "failed_noresult", E::Callback(Report::Success { .. })) => {
+                "received"
+            }
+            ("failed_noresult", E::Callback(Report::Failure { .. })) => "failed",
+            ("received", E::ImageStored { .. }) => "received",
+            ("received", E::ImageFailed { .. }) => "received",
+            ("failed_generation" | "failed_noresult", E::Retry { .. }) => "submitted",
+            ("failed_download", E::Retry { .. }) => "received",
+            ("downloaded", E::Retry { damaged }) if !damaged.is_empty() => "received",
+            _ => same(fixture),
+        }
+    }
+
+    fn same(fixture: &str) -> &'static str {
+        match fixture {
+            "submitted" => "submitted",
+            "received" => "received",
+            "downloaded" => "downloaded",
+            _ => "failed",
+        }
+    }
+
+    #[test]
+    fn every_state_event_pair() {
+        for fixture in FIXTURES {
+            for event in all_events() {
+                let mut t = task_in(fixture);
+                let before = t.clone();
+                let out = apply(&mut t, event.clone(), &ctx());
+                assert_eq!(
+                    t.state.as_str(),
+                    expected(fixture, &event),
+                    "{fixture} + {event:?}"
+                );
+                assert!(
+                    !out.notes.is_empty(),
+                    "{fixture} + {event:?} left no history"
+                );
+                // Invariants that hold after every transition.
+                if t.state == State::Failed {
+                    assert!(
+                        t.error.is_some() && t.failure.is_some(),
+                        "{fixture} + {event:?}"
+                    );
+                    assert!(t.images.iter().all(|i| i.state != ImageState::Pending));
+                }
+                if t.state == State::Downloaded {
+                    assert!(t.images.iter().all(|i| i.state == ImageState::Downloaded));
+                }
+                if before.state == State::Downloaded && !matches!(event, Event::Retry { .. }) {
+                    assert_eq!(t.images, before.images, "downloaded regressed: {event:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn duplicates_are_counted_not_processed() {
+        for fixture in ["received", "downloaded", "failed_download"] {
+            let mut t = task_in(fixture);
+            let before = t.clone();
+            let out = apply(&mut t, Event::Callback(success(3)), &ctx());
+            assert_eq!(t.callbacks, before.callbacks + 1);
+            assert_eq!(t.images, before.images, "{fixture}: images replaced");
+            assert_eq!(out.notes[0].0, EventKind::DuplicateCallback);
+        }
+    }
+
+    #[test]
+    fn images_settle_into_downloaded() {
+        let mut t = task_in("received");
+        assert_eq!(t.download_due(), Some(NOW));
+        apply(&mut t, stored(1), &ctx());
+        assert_eq!(t.state, State::Received);
+        apply(&mut t, stored(0), &ctx());
+        assert_eq!(t.state, State::Downloaded);
+        assert_eq!(t.download_due(), None);
+        assert_eq!(t.images[0].attempts, 1);
+        assert_eq!(t.images[0].path.as_deref(), Some("images/t/0.png"));
+    }
+
+    #[test]
+    fn transient_failures_retry_until_the_budget_is_spent() {
+        let mut t = task_in("received");
+        apply(&mut t, stored(1), &ctx());
+        for attempt in 1..3 {
+            apply(&mut t, transient(0), &ctx());
+            assert_eq!(t.images[0].state, ImageState::Pending, "attempt {attempt}");
+            assert_eq!(t.download_due(), Some(NOW + 5));
+        }
+        apply(&mut t, transient(0), &ctx());
+        assert_eq!(t.images[0].attempts, 3);
+        assert_eq!(t.state, State::Failed);
+        assert_eq!(t.failure, Some(Failure::Download));
+        assert!(
+            t.error
+                .as_deref()
+                .unwrap()
+                .contains("gave up after 3 attempts")
+        );
+        // The stored image stays.
+        assert_eq!(t.images[1].state, ImageState::Downloaded);
+    }
+
+    #[test]
+    fn retry_gives_a_fresh_budget_and_keeps_counting_attempts() {
+        let mut t = task_in("failed_download");
+        apply(&mut t, Event::Retry { damaged: vec![] }, &ctx());
+        assert_eq!(t.state, State::Received);
+        assert_eq!(t.images[1].state, ImageState::Pending);
+        assert_eq!(t.images[1].attempts, 1);
+        assert_eq!(t.images[1].budget_used(), 0);
+        assert_eq!(
+            t.images[0].state,
+            ImageState::Downloaded,
+            "stored image untouched"
+        );
+        apply(&mut t, stored(1), &ctx());
+        assert_eq!(t.state, State::Downloaded);
+        assert_eq!(t.images[1].attempts, 2);
+    }
+
+    #[test]
+    fn submitted_schedules_first_poll_after_wait() {
+        let t = task_in("submitted");
+        assert_eq!(t.poll_due(), Some(NOW + 120_000));
+        assert_eq!(t.download_due(), None);
+        let mut t2 = t.clone();
+        apply(
+            &mut t2,
+            Event::PollPending {
+                detail: "generating".into(),
+                next_poll_at: NOW + 1,
+            },
+            &ctx(),
+        );
+        assert_eq!((t2.poll_due(), t2.polls), (Some(NOW + 1), 1));
+    }
+
+    #[test]
+    fn failure_reasons_keep_kies_code_and_message() {
+        for (code, msg) in [
+            (400, "bad"),
+            (408, "timeout"),
+            (500, "err"),
+            (501, "failed"),
+            (531, "refunded"),
+        ] {
+            let mut t = task_in("submitted");
+            apply(
+                &mut t,
+                Event::Callback(Report::from_callback(code, msg, vec![])),
+                &ctx(),
+            );
+            assert_eq!(t.state, State::Failed);
+            assert_eq!(
+                t.error.as_deref(),
+                Some(format!("KIE code {code}: {msg}").as_str())
+            );
+        }
+        assert!(matches!(
+            Report::from_callback(200, "success", vec![]),
+            Report::Failure { .. }
+        ));
+    }
+}

@@ -1,0 +1,393 @@
+//! The task record: what coverd knows about one cover task, its images and its history, and
+//! how that prints as SPEC's JSON. Owns the data types only; must not touch sled, the network
+//! or the filesystem (the state machine that changes these records lives in `machine`).
+//!
+//! These types are stored with bincode inside the versioned envelopes of `store::codec`.
+//! bincode is not self-describing: never reorder enum variants or struct fields, never use
+//! `skip_serializing_if`, `flatten` or internally tagged enums here. A change of shape means
+//! a new envelope variant (see `store::codec`).
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, UTC.
+pub type Millis = i64;
+
+/// The longest task id coverd accepts. KIE's ids are 32 hex characters.
+pub const TASK_ID_MAX_LEN: usize = 128;
+
+/// Task ids become directory names under `images/`, so only a safe alphabet is accepted.
+pub fn valid_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= TASK_ID_MAX_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The task state machine's states (SPEC "Task states").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    Submitted,
+    Received,
+    Downloaded,
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 4] = [
+        State::Submitted,
+        State::Received,
+        State::Downloaded,
+        State::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Submitted => "submitted",
+            State::Received => "received",
+            State::Downloaded => "downloaded",
+            State::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<State> {
+        State::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Finished tasks are never polled or downloaded again without `admin retry`.
+    pub fn is_finished(self) -> bool {
+        matches!(self, State::Downloaded | State::Failed)
+    }
+
+    /// A stable one-byte code, used in index keys.
+    pub fn code(self) -> u8 {
+        match self {
+            State::Submitted => 0,
+            State::Received => 1,
+            State::Downloaded => 2,
+            State::Failed => 3,
+        }
+    }
+}
+
+/// Where the image URLs of a received task came from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Callback,
+    Poll,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Callback => "callback",
+            Source::Poll => "poll",
+        }
+    }
+}
+
+/// Why a task failed; decides what `admin retry` and a late success callback may do.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// KIE reported that generation failed (callback or record-info).
+    Generation,
+    /// Nothing arrived by `poll.give_up_after`.
+    NoResult,
+    /// At least one image failed for good.
+    Download,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageState {
+    Pending,
+    Downloaded,
+    Failed,
+}
+
+impl ImageState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageState::Pending => "pending",
+            ImageState::Downloaded => "downloaded",
+            ImageState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub index: u32,
+    /// The URL as KIE gave it.
+    pub url: String,
+    /// A fresh link from KIE's download-url endpoint, once one was fetched.
+    pub refreshed_url: Option<String>,
+    pub state: ImageState,
+    /// Every fetch of this image, the successful one included.
+    pub attempts: u32,
+    /// Attempts that count toward `download.max_attempts` start here (moved by `admin retry`).
+    pub attempts_budget_start: u32,
+    /// Earliest time of the next fetch while `Pending`.
+    pub next_attempt_at: Millis,
+    /// Relative to the data directory, e.g. `images/<task>/0.png`; set once stored.
+    pub path: Option<String>,
+    pub bytes: Option<u64>,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Image {
+    pub fn pending(index: u32, url: String, now: Millis) -> Image {
+        Image {
+            index,
+            url,
+            refreshed_url: None,
+            state: ImageState::Pending,
+            attempts: 0,
+            attempts_budget_start: 0,
+            next_attempt_at: now,
+            path: None,
+            bytes: None,
+            sha256: None,
+            error: None,
+        }
+    }
+
+    /// Attempts made since the last `admin retry`.
+    pub fn budget_used(&self) -> u32 {
+        self.attempts.saturating_sub(self.attempts_budget_start)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub task_id: String,
+    pub music_task_id: Option<String>,
+    pub state: State,
+    pub source: Option<Source>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    /// Deliveries of KIE's callback, duplicates included.
+    pub callbacks: u32,
+    /// record-info calls made for this task.
+    pub polls: u32,
+    pub error: Option<String>,
+    pub failure: Option<Failure>,
+    pub images: Vec<Image>,
+    /// While `Submitted`: when the task entered that state (the give-up clock starts here).
+    pub submitted_at: Millis,
+    /// While `Submitted`: when the poller should look at it next.
+    pub next_poll_at: Millis,
+    /// Number of history events written; the next event's sequence number.
+    pub event_count: u32,
+}
+
+impl Task {
+    pub fn new(task_id: String, music_task_id: Option<String>, now: Millis) -> Task {
+        Task {
+            task_id,
+            music_task_id,
+            state: State::Submitted,
+            source: None,
+            created_at: now,
+            updated_at: now,
+            callbacks: 0,
+            polls: 0,
+            error: None,
+            failure: None,
+            images: Vec::new(),
+            submitted_at: now,
+            next_poll_at: now,
+            event_count: 0,
+        }
+    }
+
+    /// When the downloader should next look at this task, if at all.
+    pub fn download_due(&self) -> Option<Millis> {
+        if self.state != State::Received {
+            return None;
+        }
+        self.images
+            .iter()
+            .filter(|i| i.state == ImageState::Pending)
+            .map(|i| i.next_attempt_at)
+            .min()
+    }
+
+    /// When the poller should next look at this task, if at all.
+    pub fn poll_due(&self) -> Option<Millis> {
+        (self.state == State::Submitted).then_some(self.next_poll_at)
+    }
+}
+
+/// One entry of a task's history.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct EventRecord {
+    pub at: Millis,
+    pub kind: EventKind,
+    pub detail: String,
+}
+
+/// What happened. Printed in snake_case in JSON. Variants are only ever appended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Submitted,
+    Tracked,
+    Callback,
+    DuplicateCallback,
+    Polled,
+    Received,
+    ImageStored,
+    ImageRetry,
+    ImageFailed,
+    Downloaded,
+    Failed,
+    Retried,
+    Ignored,
+    UrlRefreshed,
+    Mismatch,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Submitted => "submitted",
+            EventKind::Tracked => "tracked",
+            EventKind::Callback => "callback",
+            EventKind::DuplicateCallback => "duplicate_callback",
+            EventKind::Polled => "polled",
+            EventKind::Received => "received",
+            EventKind::ImageStored => "image_stored",
+            EventKind::ImageRetry => "image_retry",
+            EventKind::ImageFailed => "image_failed",
+            EventKind::Downloaded => "downloaded",
+            EventKind::Failed => "failed",
+            EventKind::Retried => "retried",
+            EventKind::Ignored => "ignored",
+            EventKind::UrlRefreshed => "url_refreshed",
+            EventKind::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// RFC 3339 UTC with second precision, as SPEC's JSON shows (`2026-11-27T10:33:01Z`).
+pub fn format_time(ms: Millis) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    t.format(&f)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// The current wall-clock time.
+pub fn now_millis() -> Millis {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+// ---- JSON views (SPEC "JSON shapes") ----
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ImageJson {
+    pub index: u32,
+    pub url: String,
+    pub state: String,
+    pub attempts: u32,
+    pub path: Option<String>,
+    pub bytes: Option<u64>,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EventJson {
+    pub at: String,
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct TaskJson {
+    pub task_id: String,
+    pub music_task_id: Option<String>,
+    pub state: String,
+    pub source: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub callbacks: u32,
+    pub polls: u32,
+    pub error: Option<String>,
+    pub images: Vec<ImageJson>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub events: Option<Vec<EventJson>>,
+}
+
+impl TaskJson {
+    pub fn new(task: &Task, events: Option<&[EventRecord]>) -> TaskJson {
+        TaskJson {
+            task_id: task.task_id.clone(),
+            music_task_id: task.music_task_id.clone(),
+            state: task.state.as_str().into(),
+            source: task.source.map(|s| s.as_str().into()),
+            created_at: format_time(task.created_at),
+            updated_at: format_time(task.updated_at),
+            callbacks: task.callbacks,
+            polls: task.polls,
+            error: task.error.clone(),
+            images: task
+                .images
+                .iter()
+                .map(|i| ImageJson {
+                    index: i.index,
+                    url: i.url.clone(),
+                    state: i.state.as_str().into(),
+                    attempts: i.attempts,
+                    path: i.path.clone(),
+                    bytes: i.bytes,
+                    sha256: i.sha256.clone(),
+                    error: i.error.clone(),
+                })
+                .collect(),
+            events: events.map(|evs| {
+                evs.iter()
+                    .map(|e| EventJson {
+                        at: format_time(e.at),
+                        kind: e.kind.as_str().into(),
+                        detail: e.detail.clone(),
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids() {
+        for ok in ["21aee3c3c2a01fa5e030b3799fa4dd56", "a", "A-b_9"] {
+            assert!(valid_task_id(ok), "{ok}");
+        }
+        let long = "a".repeat(TASK_ID_MAX_LEN + 1);
+        for bad in ["", "../etc", "a/b", "a b", "a\0", "é", long.as_str()] {
+            assert!(!valid_task_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_795_775_581_999), "2026-11-27T10:33:01Z");
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in State::ALL {
+            assert_eq!(State::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(State::parse("nope"), None);
+    }
+}

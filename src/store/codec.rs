@@ -1,0 +1,192 @@
+//! The on-disk encoding of every stored value: bincode 1.3.3 inside versioned envelopes.
+//! Owns the byte format and its evolution; must not open trees or know about keys.
+//!
+//! Rules (bincode is not self-describing):
+//! - every stored value is an envelope enum (`StoredTask`, `StoredEvent`); variants are only
+//!   ever appended, never reordered or removed;
+//! - when `model::Task` changes shape, freeze the old shape here as `TaskV1` (a copy of the
+//!   struct), point `V1` at it, add `V2(Task)` and an upgrade from `TaskV1` in `decode_task`;
+//! - the fixtures in `fixtures/` are bytes written by released versions and must decode
+//!   forever (see the tests below).
+
+use bincode::Options;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{EventRecord, Task};
+
+/// Largest value the decoder accepts; a task with 16 images and long URLs is a few KiB.
+const MAX_VALUE_BYTES: u64 = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+enum StoredTask {
+    V1(Task),
+}
+
+#[derive(Serialize, Deserialize)]
+enum StoredEvent {
+    V1(EventRecord),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(String);
+
+/// Fixed-width little-endian integers, no trailing bytes, bounded size: explicit, so a
+/// change of bincode's defaults can never change our format.
+fn options() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .reject_trailing_bytes()
+        .with_limit(MAX_VALUE_BYTES)
+}
+
+/// Fails only past `MAX_VALUE_BYTES`, which the callers' bounds (image count, URL length,
+/// detail length) keep far away.
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    options()
+        .serialize(value)
+        .map_err(|e| CodecError(format!("cannot encode record: {e}")))
+}
+
+pub fn encode_task(task: &Task) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredTask::V1(task.clone()))
+}
+
+pub fn decode_task(bytes: &[u8]) -> Result<Task, CodecError> {
+    match options().deserialize::<StoredTask>(bytes) {
+        Ok(StoredTask::V1(task)) => Ok(task),
+        Err(e) => Err(CodecError(format!("undecodable task record: {e}"))),
+    }
+}
+
+pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredEvent::V1(event.clone()))
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<EventRecord, CodecError> {
+    match options().deserialize::<StoredEvent>(bytes) {
+        Ok(StoredEvent::V1(event)) => Ok(event),
+        Err(e) => Err(CodecError(format!("undecodable event record: {e}"))),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::*;
+
+    /// A task that exercises every field and every variant that can be stored.
+    pub fn sample_task() -> Task {
+        let mut t = Task::new(
+            "21aee3c3c2a01fa5e030b3799fa4dd56".into(),
+            Some("73d6128b3523a0079df10da9471017c8".into()),
+            1_795_775_581_000,
+        );
+        t.state = State::Failed;
+        t.source = Some(Source::Poll);
+        t.callbacks = 2;
+        t.polls = 3;
+        t.error = Some("image 1: HTTP 404".into());
+        t.failure = Some(Failure::Download);
+        t.event_count = 7;
+        let mut a = Image::pending(0, "https://tempfile.aiquickdraw.com/s/a.png".into(), 5);
+        a.state = ImageState::Downloaded;
+        a.attempts = 2;
+        a.path = Some("images/21aee3c3c2a01fa5e030b3799fa4dd56/0.png".into());
+        a.bytes = Some(1234);
+        a.sha256 = Some("ab".repeat(32));
+        let mut b = Image::pending(1, "https://tempfile.aiquickdraw.com/s/b.png".into(), 6);
+        b.state = ImageState::Failed;
+        b.refreshed_url = Some("https://tempfile.aiquickdraw.com/s/b2.png".into());
+        b.attempts_budget_start = 1;
+        b.error = Some("HTTP 404".into());
+        t.images = vec![a, b];
+        t
+    }
+
+    #[test]
+    fn every_stored_type_round_trips() {
+        let task = sample_task();
+        assert_eq!(decode_task(&encode_task(&task).unwrap()).unwrap(), task);
+        for state in State::ALL {
+            let mut t = task.clone();
+            t.state = state;
+            assert_eq!(decode_task(&encode_task(&t).unwrap()).unwrap(), t);
+        }
+        for failure in [None, Some(Failure::Generation), Some(Failure::NoResult)] {
+            let mut t = task.clone();
+            t.failure = failure;
+            t.source = Some(Source::Callback);
+            assert_eq!(decode_task(&encode_task(&t).unwrap()).unwrap(), t);
+        }
+        let kinds = [
+            EventKind::Submitted,
+            EventKind::Tracked,
+            EventKind::Callback,
+            EventKind::DuplicateCallback,
+            EventKind::Polled,
+            EventKind::Received,
+            EventKind::ImageStored,
+            EventKind::ImageRetry,
+            EventKind::ImageFailed,
+            EventKind::Downloaded,
+            EventKind::Failed,
+            EventKind::Retried,
+            EventKind::Ignored,
+            EventKind::UrlRefreshed,
+            EventKind::Mismatch,
+        ];
+        for kind in kinds {
+            let e = EventRecord {
+                at: 42,
+                kind,
+                detail: "d".into(),
+            };
+            assert_eq!(decode_event(&encode_event(&e).unwrap()).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_errors_not_panics() {
+        assert!(decode_task(&[]).is_err());
+        assert!(decode_task(&[9, 0, 0, 0]).is_err());
+        let mut bytes = encode_task(&sample_task()).unwrap();
+        bytes.push(0);
+        assert!(
+            decode_task(&bytes).is_err(),
+            "trailing bytes must be refused"
+        );
+        assert!(decode_event(&[1, 0, 0, 0, 1]).is_err());
+    }
+
+    /// Bytes written by version 0.1.0. If this fails, the stored format changed: add a new
+    /// envelope variant instead (see the module doc).
+    #[test]
+    fn v1_fixtures_decode_forever() {
+        let task = decode_task(include_bytes!("fixtures/task_v1.bin")).expect("v1 task");
+        assert_eq!(task, sample_task());
+        let event = decode_event(include_bytes!("fixtures/event_v1.bin")).expect("v1 event");
+        assert_eq!(event.kind, EventKind::ImageStored);
+        assert_eq!(event.detail, "image 0 stored");
+    }
+
+    /// Writes the fixtures; run once per release with `cargo test -- --ignored write_fixtures`.
+    #[test]
+    #[ignore]
+    fn write_fixtures() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/fixtures");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("task_v1.bin"),
+            encode_task(&sample_task()).unwrap(),
+        )
+        .unwrap();
+        let e = EventRecord {
+            at: 1_795_775_581_000,
+            kind: EventKind::ImageStored,
+            detail: "image 0 stored".into(),
+        };
+        std::fs::write(dir.join("event_v1.bin"), encode_event(&e).unwrap()).unwrap();
+    }
+}

@@ -1,0 +1,798 @@
+//! The store: the only module that touches sled. Owns the trees, their keys, atomic multi-tree
+//! updates, the due-indexes, and group commit (many writers share one flush). Must not do
+//! network or image-file I/O; the rules of what may change live in `machine`, not here.
+//!
+//! Trees (all keys' numbers big-endian so byte order is numeric order):
+//! - `meta`: `format` marker, `schema_version` (u32), per-state counters `count/<code>` (u64);
+//! - `tasks`: task id → `StoredTask` (see `codec`);
+//! - `events`: task id, 0x00, seq (u32) → `StoredEvent` — the append-only history;
+//! - `due_download`, `due_poll`: due ms (u64), task id → () — what is due when; derived from
+//!   the task record in the same transaction, so it can never disagree with it;
+//! - `by_state`: state code (u8), created ms (u64), task id → () — listings and "oldest";
+//! - `by_created`: created ms (u64), task id → () — newest-first listing;
+//! - `by_music`: music task id → cover task id — idempotent `submit`.
+
+pub mod codec;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+use crate::machine::{self, Ctx, Event, Outcome};
+use crate::model::{EventKind, EventRecord, Millis, State, Task};
+
+/// The schema this build writes and understands. Bump with a migration in `open`.
+pub const SCHEMA_VERSION: u32 = 1;
+const FORMAT_MARKER: &[u8] = b"coverd store";
+/// sled's page cache; its default is 1 GiB.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Past this many history entries, repetitive notes (duplicates, polls, retries) are dropped;
+/// state changes are always kept.
+pub const MAX_EVENTS_PER_TASK: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {path} is in use by another coverd process; stop that process, or use `coverd admin`, which talks to a running daemon"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "cannot open the store at {path}: {source}; check the directory's permissions and free space"
+    )]
+    Open { path: PathBuf, source: sled::Error },
+    #[error(
+        "the store at {path} has schema version {found}, newer than this coverd supports ({SCHEMA_VERSION}); run a newer coverd"
+    )]
+    TooNew { path: PathBuf, found: u32 },
+    #[error(
+        "{path} holds a database that coverd did not write; point --data-dir at a coverd data directory or an empty one"
+    )]
+    Foreign { path: PathBuf },
+    #[error("store I/O failed: {0}; check disk space and permissions")]
+    Io(#[from] sled::Error),
+    #[error(
+        "corrupt record for {what}: {reason}; run `coverd admin verify` and restore from a backup if needed"
+    )]
+    Corrupt { what: String, reason: String },
+}
+
+/// What to do when an event names a task the store does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    Create,
+    Reject,
+}
+
+/// The result of one atomic update.
+#[derive(Debug)]
+pub struct Applied {
+    pub before: Option<State>,
+    pub task: Task,
+    pub outcome: Outcome,
+    /// Pass to [`Store::durable`] to wait until this update is on disk.
+    pub ticket: u64,
+}
+
+/// Per-state task counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub submitted: u64,
+    pub received: u64,
+    pub downloaded: u64,
+    pub failed: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    tasks: sled::Tree,
+    events: sled::Tree,
+    due_download: sled::Tree,
+    due_poll: sled::Tree,
+    by_state: sled::Tree,
+    by_created: sled::Tree,
+    by_music: sled::Tree,
+    commit: GroupCommit,
+}
+
+/// Group commit: writers take a ticket after their write; one flush makes every write made
+/// before it durable, so concurrent waiters share it instead of flushing one by one.
+struct GroupCommit {
+    written: AtomicU64,
+    durable: AtomicU64,
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `<data_dir>/db`.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join("db");
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|source| {
+                if source.to_string().contains("could not acquire lock") {
+                    StoreError::Locked {
+                        path: data_dir.to_path_buf(),
+                    }
+                } else {
+                    StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let tree = |name: &str| db.open_tree(name);
+        let inner = Inner {
+            meta: tree("meta")?,
+            tasks: tree("tasks")?,
+            events: tree("events")?,
+            due_download: tree("due_download")?,
+            due_poll: tree("due_poll")?,
+            by_state: tree("by_state")?,
+            by_created: tree("by_created")?,
+            by_music: tree("by_music")?,
+            path,
+            db,
+            commit: GroupCommit {
+                written: AtomicU64::new(0),
+                durable: AtomicU64::new(0),
+                flushing: tokio::sync::Mutex::new(()),
+            },
+        };
+        inner.check_schema()?;
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Applies `event` to task `task_id` through the state machine, atomically with its
+    /// history and indexes. Returns `None` for an unknown task with [`IfMissing::Reject`].
+    /// Blocking (sled); call from `spawn_blocking` in async code, or use [`Store::apply_async`].
+    pub fn apply(
+        &self,
+        task_id: &str,
+        event: &Event,
+        ctx: &Ctx,
+        if_missing: IfMissing,
+    ) -> Result<Option<Applied>, StoreError> {
+        let i = &*self.inner;
+        let trees = (
+            &i.meta,
+            &i.tasks,
+            &i.events,
+            &i.due_download,
+            &i.due_poll,
+            &i.by_state,
+            &i.by_created,
+            &i.by_music,
+        );
+        let result = trees.transaction(
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+                let before = match tasks.get(task_id.as_bytes())? {
+                    Some(bytes) => Some(codec::decode_task(&bytes).map_err(|e| {
+                        ConflictableTransactionError::Abort(StoreError::Corrupt {
+                            what: format!("task {task_id}"),
+                            reason: e.to_string(),
+                        })
+                    })?),
+                    None => None,
+                };
+                let mut task = match (&before, if_missing) {
+                    (Some(t), _) => t.clone(),
+                    (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
+                    (None, IfMissing::Reject) => return Ok(None),
+                };
+                let outcome = machine::apply(&mut task, event.clone(), ctx);
+
+                // History.
+                for (kind, detail) in &outcome.notes {
+                    if task.event_count >= MAX_EVENTS_PER_TASK && is_repetitive(*kind) {
+                        continue;
+                    }
+                    let record = EventRecord {
+                        at: ctx.now,
+                        kind: *kind,
+                        detail: detail.clone(),
+                    };
+                    events.insert(
+                        event_key(task_id, task.event_count),
+                        encode(codec::encode_event(&record), task_id)?,
+                    )?;
+                    task.event_count += 1;
+                }
+
+                // Indexes, derived from the old and new record.
+                let old = before.as_ref();
+                reindex(
+                    due_dl,
+                    old.and_then(Task::download_due),
+                    task.download_due(),
+                    task_id,
+                )?;
+                reindex(
+                    due_poll,
+                    old.and_then(Task::poll_due),
+                    task.poll_due(),
+                    task_id,
+                )?;
+                let old_state = old.map(|t| state_key(t.state, t.created_at, task_id));
+                let new_state = state_key(task.state, task.created_at, task_id);
+                if old_state.as_deref() != Some(new_state.as_slice()) {
+                    if let Some(k) = old_state {
+                        by_state.remove(k)?;
+                    }
+                    by_state.insert(new_state, &[])?;
+                    if let Some(t) = old {
+                        bump(meta, t.state, -1)?;
+                    }
+                    bump(meta, task.state, 1)?;
+                }
+                if old.is_none() {
+                    by_created.insert(time_key(task.created_at, task_id), &[])?;
+                }
+                if let Some(music) = &task.music_task_id
+                    && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
+                {
+                    by_music.insert(music.as_bytes(), task_id.as_bytes())?;
+                }
+
+                tasks.insert(
+                    task_id.as_bytes(),
+                    encode(codec::encode_task(&task), task_id)?,
+                )?;
+                Ok(Some((before.map(|t| t.state), task, outcome)))
+            },
+        );
+        match result {
+            Ok(Some((before, task, outcome))) => Ok(Some(Applied {
+                before,
+                task,
+                outcome,
+                ticket: self.inner.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
+            })),
+            Ok(None) => Ok(None),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
+        }
+    }
+
+    /// [`Store::apply`] off the async runtime's worker threads.
+    pub async fn apply_async(
+        &self,
+        task_id: &str,
+        event: Event,
+        ctx: Ctx,
+        if_missing: IfMissing,
+    ) -> Result<Option<Applied>, StoreError> {
+        let store = self.clone();
+        let id = task_id.to_string();
+        tokio::task::spawn_blocking(move || store.apply(&id, &event, &ctx, if_missing))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Corrupt {
+                    what: format!("task {task_id}"),
+                    reason: format!("update panicked: {e}"),
+                })
+            })
+    }
+
+    /// Waits until the update with `ticket` (and every one before it) is flushed to disk.
+    /// Concurrent callers share one flush.
+    pub async fn durable(&self, ticket: u64) -> Result<(), StoreError> {
+        let gc = &self.inner.commit;
+        if gc.durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        let _guard = gc.flushing.lock().await;
+        if gc.durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every write that has a ticket ≤ target completed before this flush started.
+        let target = gc.written.load(Ordering::SeqCst);
+        self.inner.db.flush_async().await?;
+        gc.durable.fetch_max(target, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Flushes everything written so far (shutdown, admin writes).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let ticket = self.inner.commit.written.load(Ordering::SeqCst);
+        self.inner.db.flush_async().await?;
+        self.inner
+            .commit
+            .durable
+            .fetch_max(ticket, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
+        match self.inner.tasks.get(task_id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(&bytes, task_id)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The whole history of one task, oldest first.
+    pub fn events(&self, task_id: &str) -> Result<Vec<EventRecord>, StoreError> {
+        let mut prefix = task_id.as_bytes().to_vec();
+        prefix.push(0);
+        self.inner
+            .events
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (_, v) = kv?;
+                codec::decode_event(&v).map_err(|e| StoreError::Corrupt {
+                    what: format!("history of task {task_id}"),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Task ids whose download is due at or before `now`, earliest first, at most `limit`.
+    pub fn due_downloads(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        due(&self.inner.due_download, now, limit)
+    }
+
+    /// Task ids whose poll is due at or before `now`, earliest first, at most `limit`.
+    pub fn due_polls(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        due(&self.inner.due_poll, now, limit)
+    }
+
+    /// The earliest due time of any download, if one is scheduled.
+    pub fn next_download_due(&self) -> Result<Option<Millis>, StoreError> {
+        first_due(&self.inner.due_download)
+    }
+
+    /// The earliest due time of any poll, if one is scheduled.
+    pub fn next_poll_due(&self) -> Result<Option<Millis>, StoreError> {
+        first_due(&self.inner.due_poll)
+    }
+
+    /// The cover task recorded for a music task, if any.
+    pub fn task_for_music(&self, music_task_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .inner
+            .by_music
+            .get(music_task_id.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Newest first, optionally only in one state, at most `limit`.
+    pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Task>, StoreError> {
+        let iter = match state {
+            Some(s) => self.inner.by_state.scan_prefix([s.code()]),
+            None => self.inner.by_created.iter(),
+        };
+        let skip = usize::from(state.is_some());
+        let mut out = Vec::new();
+        for kv in iter.rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv?;
+            let id = String::from_utf8_lossy(&k[skip + 8..]).into_owned();
+            if let Some(task) = self.get(&id)? {
+                out.push(task);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every task in id order, for export and verify. Stops at the first error.
+    pub fn all_tasks(&self) -> impl Iterator<Item = Result<Task, StoreError>> + '_ {
+        self.inner.tasks.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode(&v, &String::from_utf8_lossy(&k))
+        })
+    }
+
+    pub fn counts(&self) -> Result<Counts, StoreError> {
+        let get = |s: State| -> Result<u64, StoreError> {
+            Ok(self
+                .inner
+                .meta
+                .get(count_key(s))?
+                .map(|v| u64_from(&v))
+                .unwrap_or(0))
+        };
+        Ok(Counts {
+            submitted: get(State::Submitted)?,
+            received: get(State::Received)?,
+            downloaded: get(State::Downloaded)?,
+            failed: get(State::Failed)?,
+        })
+    }
+
+    /// The oldest task still submitted or received.
+    pub fn oldest_unfinished(&self) -> Result<Option<Task>, StoreError> {
+        let mut oldest: Option<(u64, String)> = None;
+        for s in [State::Submitted, State::Received] {
+            if let Some(kv) = self.inner.by_state.scan_prefix([s.code()]).next() {
+                let (k, _) = kv?;
+                let at = u64_from(&k[1..9]);
+                if oldest.as_ref().is_none_or(|(o, _)| at < *o) {
+                    oldest = Some((at, String::from_utf8_lossy(&k[9..]).into_owned()));
+                }
+            }
+        }
+        match oldest {
+            Some((_, id)) => self.get(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.db.size_on_disk()?)
+    }
+
+    /// Health: a write, a flush and a read-back succeed.
+    pub async fn check_health(&self) -> Result<(), StoreError> {
+        let stamp = crate::model::now_millis().to_be_bytes();
+        self.inner.meta.insert("health", &stamp)?;
+        self.flush().await?;
+        match self.inner.meta.get("health")? {
+            Some(v) if v.as_ref() == stamp => Ok(()),
+            _ => Err(StoreError::Corrupt {
+                what: "health check".into(),
+                reason: "read-back differs from what was written".into(),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match (self.meta.get("format")?, self.meta.get("schema_version")?) {
+            (Some(f), Some(v)) if f.as_ref() == FORMAT_MARKER => {
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        what: "schema version".into(),
+                        reason: format!("{} bytes instead of 4", v.len()),
+                    })?);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::TooNew {
+                        path: self.path.clone(),
+                        found,
+                    });
+                }
+                // Migrations from older schema versions go here, one step at a time.
+                Ok(())
+            }
+            (None, None) if self.tasks.is_empty() && self.events.is_empty() => {
+                self.meta.insert("format", FORMAT_MARKER)?;
+                self.meta
+                    .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                self.db.flush()?;
+                Ok(())
+            }
+            _ => Err(StoreError::Foreign {
+                path: self.path.clone(),
+            }),
+        }
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn encode(bytes: Result<Vec<u8>, codec::CodecError>, task_id: &str) -> TxResult<Vec<u8>> {
+    bytes.map_err(|e| {
+        ConflictableTransactionError::Abort(StoreError::Corrupt {
+            what: format!("task {task_id}"),
+            reason: e.to_string(),
+        })
+    })
+}
+
+fn decode(bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
+    codec::decode_task(bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("task {task_id}"),
+        reason: e.to_string(),
+    })
+}
+
+fn is_repetitive(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::DuplicateCallback
+            | EventKind::Polled
+            | EventKind::Ignored
+            | EventKind::ImageRetry
+    )
+}
+
+fn reindex(
+    tree: &TransactionalTree,
+    old: Option<Millis>,
+    new: Option<Millis>,
+    task_id: &str,
+) -> TxResult<()> {
+    if old == new {
+        return Ok(());
+    }
+    if let Some(at) = old {
+        tree.remove(time_key(at, task_id))?;
+    }
+    if let Some(at) = new {
+        tree.insert(time_key(at, task_id), &[])?;
+    }
+    Ok(())
+}
+
+fn bump(meta: &TransactionalTree, state: State, delta: i64) -> TxResult<()> {
+    let key = count_key(state);
+    let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
+    let next = current.saturating_add_signed(delta);
+    meta.insert(key, &next.to_be_bytes())?;
+    Ok(())
+}
+
+fn count_key(state: State) -> Vec<u8> {
+    let mut k = b"count/".to_vec();
+    k.push(state.code());
+    k
+}
+
+fn ms_bytes(ms: Millis) -> [u8; 8] {
+    u64::try_from(ms).unwrap_or(0).to_be_bytes()
+}
+
+fn u64_from(bytes: &[u8]) -> u64 {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn time_key(at: Millis, task_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + task_id.len());
+    k.extend_from_slice(&ms_bytes(at));
+    k.extend_from_slice(task_id.as_bytes());
+    k
+}
+
+fn state_key(state: State, created: Millis, task_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + task_id.len());
+    k.push(state.code());
+    k.extend_from_slice(&time_key(created, task_id));
+    k
+}
+
+fn event_key(task_id: &str, seq: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(task_id.len() + 5);
+    k.extend_from_slice(task_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn due(tree: &sled::Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+    let end = ms_bytes(now.saturating_add(1));
+    let mut out = Vec::new();
+    for kv in tree.range(..end.to_vec()).take(limit) {
+        let (k, _) = kv?;
+        out.push(String::from_utf8_lossy(&k[8..]).into_owned());
+    }
+    Ok(out)
+}
+
+fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {
+    match tree.first()? {
+        Some((k, _)) => Ok(Some(i64::try_from(u64_from(&k)).unwrap_or(i64::MAX))),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Report;
+
+    fn ctx(now: Millis) -> Ctx {
+        Ctx {
+            now,
+            max_attempts: 3,
+            poll_after_ms: 1000,
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn track(store: &Store, id: &str, now: Millis) -> Applied {
+        store
+            .apply(
+                id,
+                &Event::Track {
+                    music_task_id: Some(format!("m-{id}")),
+                },
+                &ctx(now),
+                IfMissing::Create,
+            )
+            .unwrap()
+            .unwrap()
+    }
+
+    fn callback(n: usize) -> Event {
+        Event::Callback(Report::Success {
+            images: (0..n).map(|i| format!("https://h/{i}.png")).collect(),
+        })
+    }
+
+    #[test]
+    fn apply_keeps_record_history_and_indexes_together() {
+        let (_d, store) = open();
+        track(&store, "a", 10);
+        assert_eq!(store.due_polls(1010, 10).unwrap(), vec!["a"]);
+        assert!(store.due_polls(1009, 10).unwrap().is_empty());
+        assert_eq!(store.task_for_music("m-a").unwrap().as_deref(), Some("a"));
+
+        let applied = store
+            .apply("a", &callback(2), &ctx(20), IfMissing::Reject)
+            .unwrap()
+            .unwrap();
+        assert_eq!(applied.task.state, State::Received);
+        assert!(
+            store.due_polls(i64::MAX - 1, 10).unwrap().is_empty(),
+            "poll entry removed"
+        );
+        assert_eq!(store.due_downloads(20, 10).unwrap(), vec!["a"]);
+        assert_eq!(store.next_download_due().unwrap(), Some(20));
+
+        let kinds: Vec<_> = store.events("a").unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::Submitted,
+                EventKind::Callback,
+                EventKind::Received
+            ]
+        );
+        assert_eq!(
+            store.counts().unwrap(),
+            Counts {
+                received: 1,
+                ..Counts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_tasks_are_rejected_or_created() {
+        let (_d, store) = open();
+        assert!(
+            store
+                .apply("x", &callback(1), &ctx(1), IfMissing::Reject)
+                .unwrap()
+                .is_none()
+        );
+        assert!(store.get("x").unwrap().is_none());
+        let a = store
+            .apply("x", &callback(1), &ctx(1), IfMissing::Create)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.before, None);
+        assert_eq!(a.task.state, State::Received);
+        assert_eq!(store.counts().unwrap().received, 1);
+    }
+
+    #[test]
+    fn listing_counts_and_oldest() {
+        let (_d, store) = open();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            track(&store, id, 100 + i as i64);
+        }
+        store
+            .apply("b", &callback(1), &ctx(200), IfMissing::Reject)
+            .unwrap();
+        let ids = |v: Vec<Task>| v.into_iter().map(|t| t.task_id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list(None, 10).unwrap()), vec!["c", "b", "a"]);
+        assert_eq!(ids(store.list(None, 2).unwrap()), vec!["c", "b"]);
+        assert_eq!(
+            ids(store.list(Some(State::Submitted), 10).unwrap()),
+            vec!["c", "a"]
+        );
+        assert_eq!(
+            ids(store.list(Some(State::Received), 10).unwrap()),
+            vec!["b"]
+        );
+        assert_eq!(store.oldest_unfinished().unwrap().unwrap().task_id, "a");
+        let c = store.counts().unwrap();
+        assert_eq!((c.submitted, c.received), (2, 1));
+    }
+
+    #[test]
+    fn history_of_repetitive_events_is_bounded() {
+        let (_d, store) = open();
+        track(&store, "a", 1);
+        store
+            .apply("a", &callback(1), &ctx(2), IfMissing::Reject)
+            .unwrap();
+        for i in 0..(MAX_EVENTS_PER_TASK + 50) {
+            store
+                .apply("a", &callback(1), &ctx(3 + i64::from(i)), IfMissing::Reject)
+                .unwrap();
+        }
+        let t = store.get("a").unwrap().unwrap();
+        assert_eq!(t.callbacks, MAX_EVENTS_PER_TASK + 51);
+        assert_eq!(
+            store.events("a").unwrap().len(),
+            MAX_EVENTS_PER_TASK as usize
+        );
+    }
+
+    #[tokio::test]
+    async fn group_commit_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let tickets: Vec<u64> = (0..20)
+                .map(|i| track(&store, &format!("t{i}"), 1).ticket)
+                .collect();
+            let mut waits = tokio::task::JoinSet::new();
+            for t in tickets {
+                let store = store.clone();
+                waits.spawn(async move { store.durable(t).await });
+            }
+            while let Some(r) = waits.join_next().await {
+                r.unwrap().unwrap();
+            }
+            // The store is locked while open, in this process too.
+            assert!(matches!(
+                Store::open(dir.path()),
+                Err(StoreError::Locked { .. })
+            ));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.counts().unwrap().submitted, 20);
+        store.check_health().await.unwrap();
+    }
+
+    #[test]
+    fn foreign_and_newer_databases_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            db.open_tree("tasks").unwrap().insert("x", "y").unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Foreign { .. })
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .inner
+                .meta
+                .insert("schema_version", &99u32.to_be_bytes())
+                .unwrap();
+            store.inner.db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    }
+}
