@@ -15,6 +15,16 @@ pub struct Ctx {
     pub poll_after_ms: Millis,
 }
 
+impl Ctx {
+    pub fn from_config(config: &crate::config::Config, now: Millis) -> Ctx {
+        Ctx {
+            now,
+            max_attempts: config.download.max_attempts,
+            poll_after_ms: i64::try_from(config.poll.after.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+}
+
 /// What KIE told us about a task, by callback or by polling record-info.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {

@@ -1,0 +1,267 @@
+//! Callback intake: turns one `POST /callbacks/cover` body into a durable state-machine event
+//! and SPEC's answer (200 only after the delivery is flushed). Owns parsing KIE's callback
+//! JSON, signature checks and the answer codes; must not read sockets (that is `server`) or
+//! download anything (it only wakes `download`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use hyper::header::HeaderMap;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::machine::{Ctx, Event, Report};
+use crate::model::{EventKind, now_millis, valid_task_id};
+use crate::signature;
+use crate::store::{IfMissing, Store};
+
+/// Largest accepted callback body (SPEC: 413 above it).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// More image URLs than KIE ever sends for one cover.
+pub const MAX_IMAGES: usize = 16;
+/// Longest accepted image URL.
+pub const MAX_URL_BYTES: usize = 4096;
+/// The flush behind a 200 must finish well inside KIE's 15 s.
+const DURABLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP answer: status and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn received() -> Answer {
+        Answer {
+            status: StatusCode::OK,
+            body: r#"{"status":"received"}"#.into(),
+        }
+    }
+
+    pub fn error(status: StatusCode, message: impl AsRef<str>) -> Answer {
+        Answer {
+            status,
+            body: serde_json::json!({ "error": message.as_ref() }).to_string(),
+        }
+    }
+}
+
+/// A parsed delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub task_id: String,
+    pub report: Report,
+}
+
+/// Parses a callback body: the task id from `data.taskId`, `taskId` or `data.task_id` (in
+/// that order), `code` (number or numeric string), `msg` or `message`, `data.images`.
+pub fn parse(body: &[u8]) -> Result<Delivery, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("body is not a JSON object".into());
+    }
+    let data = v.get("data");
+    let task_id = [
+        data.and_then(|d| d.get("taskId")),
+        v.get("taskId"),
+        data.and_then(|d| d.get("task_id")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(Value::as_str)
+    .ok_or("no task id (looked for data.taskId, taskId, data.task_id)")?;
+    if !valid_task_id(task_id) {
+        return Err("task id must be 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'".into());
+    }
+    let images = match data.and_then(|d| d.get("images")) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_IMAGES {
+                return Err(format!("more than {MAX_IMAGES} images"));
+            }
+            items
+                .iter()
+                .map(|i| match i.as_str() {
+                    Some(s) if !s.is_empty() && s.len() <= MAX_URL_BYTES => Ok(s.to_string()),
+                    Some(_) => Err(format!("an image URL is empty or longer than {MAX_URL_BYTES} bytes")),
+                    None => Err("data.images must hold strings".to_string()),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err("data.images must be an array or null".into()),
+    };
+    let code = match v.get("code") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        None if !images.is_empty() => Some(200),
+        _ => None,
+    }
+    .ok_or("no numeric code")?;
+    let msg = [v.get("msg"), v.get("message")]
+        .into_iter()
+        .flatten()
+        .find_map(Value::as_str)
+        .unwrap_or("");
+    let msg: String = msg.chars().take(500).collect();
+    Ok(Delivery {
+        task_id: task_id.to_string(),
+        report: Report::from_callback(code, &msg, images),
+    })
+}
+
+/// Everything the intake needs, shared by all connections.
+pub struct Intake {
+    pub store: Store,
+    pub config: Arc<Config>,
+    /// Woken when a task becomes ready to download.
+    pub downloads: Arc<Notify>,
+}
+
+impl Intake {
+    /// Handles one complete callback body.
+    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let delivery = match parse(body) {
+            Ok(d) => d,
+            Err(reason) => {
+                tracing::warn!(%reason, "callback rejected: malformed");
+                return Answer::error(StatusCode::BAD_REQUEST, reason);
+            }
+        };
+        let task_id = delivery.task_id.as_str();
+        if let Some(key) = &self.config.kie.webhook_hmac_key {
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            if let Err(e) = signature::verify(
+                key.expose().as_bytes(),
+                task_id,
+                header("x-webhook-timestamp"),
+                header("x-webhook-signature"),
+                now_millis() / 1000,
+                self.config.kie.signature_tolerance,
+            ) {
+                tracing::warn!(task_id, reason = %e, "callback rejected: signature");
+                return Answer::error(StatusCode::UNAUTHORIZED, format!("signature check failed: {e}"));
+            }
+        }
+        let if_missing = if self.config.accept_unknown_tasks {
+            IfMissing::Create
+        } else {
+            IfMissing::Reject
+        };
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        let applied = match self
+            .store
+            .apply_async(task_id, Event::Callback(delivery.report.clone()), ctx, if_missing)
+            .await
+        {
+            Ok(Some(applied)) => applied,
+            Ok(None) => {
+                tracing::warn!(
+                    task_id,
+                    report = ?delivery.report,
+                    "callback for an unknown task ignored (accept_unknown_tasks = false); `coverd admin track` it to accept it"
+                );
+                return Answer::error(
+                    StatusCode::NOT_FOUND,
+                    format!("unknown task {task_id}: not submitted or tracked here"),
+                );
+            }
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "callback not stored");
+                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry later");
+            }
+        };
+        match tokio::time::timeout(DURABLE_TIMEOUT, self.store.durable(applied.ticket)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(task_id, error = %e, "callback not flushed");
+                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry later");
+            }
+            Err(_) => {
+                tracing::error!(task_id, "callback flush timed out");
+                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store too slow; retry later");
+            }
+        }
+        let task = &applied.task;
+        tracing::info!(
+            task_id,
+            state = task.state.as_str(),
+            callbacks = task.callbacks,
+            duplicate = applied
+                .outcome
+                .notes
+                .iter()
+                .any(|(kind, _)| *kind == EventKind::DuplicateCallback),
+            "callback stored"
+        );
+        if task.download_due().is_some() {
+            self.downloads.notify_one();
+        }
+        Answer::received()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Delivery {
+        parse(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
+    }
+
+    #[test]
+    fn task_id_locations_in_order() {
+        assert_eq!(ok(r#"{"code":200,"data":{"taskId":"a","task_id":"c"},"taskId":"b"}"#).task_id, "a");
+        assert_eq!(ok(r#"{"code":200,"data":{"task_id":"c"},"taskId":"b"}"#).task_id, "b");
+        assert_eq!(ok(r#"{"code":200,"data":{"task_id":"c"}}"#).task_id, "c");
+    }
+
+    #[test]
+    fn reports() {
+        let d = ok(r#"{"code":200,"msg":"success","data":{"taskId":"t","images":["https://h/a.png","https://h/b.png"]}}"#);
+        assert_eq!(
+            d.report,
+            Report::Success {
+                images: vec!["https://h/a.png".into(), "https://h/b.png".into()]
+            }
+        );
+        let d = ok(r#"{"code":501,"msg":"Cover generation failed","data":{"taskId":"t","images":null}}"#);
+        assert_eq!(
+            d.report,
+            Report::Failure {
+                reason: "KIE code 501: Cover generation failed".into()
+            }
+        );
+        let d = ok(r#"{"code":"531","message":"refunded","data":{"taskId":"t"}}"#);
+        assert_eq!(
+            d.report,
+            Report::Failure {
+                reason: "KIE code 531: refunded".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rejections() {
+        let many = format!(
+            r#"{{"code":200,"data":{{"taskId":"t","images":[{}]}}}}"#,
+            vec!["\"https://h/x.png\""; MAX_IMAGES + 1].join(",")
+        );
+        for bad in [
+            "",
+            "not json",
+            "[1,2]",
+            r#"{"code":200}"#,
+            r#"{"code":200,"data":{"taskId":7}}"#,
+            r#"{"code":200,"data":{"taskId":"../../etc"}}"#,
+            r#"{"code":200,"data":{"taskId":"t","images":"x"}}"#,
+            r#"{"code":200,"data":{"taskId":"t","images":[1]}}"#,
+            r#"{"data":{"taskId":"t"}}"#,
+            many.as_str(),
+        ] {
+            assert!(parse(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}
