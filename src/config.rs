@@ -2,9 +2,39 @@
 //! one validated [`Config`]. Owns parsing and validation of every key in SPEC's table; must
 //! not open the store, the network or any socket.
 
+use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variable naming the configuration file (when `--config` is not given).
+pub const ENV_CONFIG: &str = "COVERD_CONFIG";
+/// Environment variable overriding `data_dir`.
+pub const ENV_DATA_DIR: &str = "COVERD_DATA_DIR";
+/// Environment variable overriding `listen`.
+pub const ENV_LISTEN: &str = "COVERD_LISTEN";
+/// Environment variable holding the KIE API key.
+pub const ENV_API_KEY: &str = "KIE_API_KEY";
+/// Environment variable holding the webhook HMAC key.
+pub const ENV_WEBHOOK_HMAC_KEY: &str = "KIE_WEBHOOK_HMAC_KEY";
+/// Set by systemd (`LoadCredential=`): directory holding credential files.
+pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+/// systemd credential name of the KIE API key.
+pub const CREDENTIAL_API_KEY: &str = "kie-api-key";
+/// systemd credential name of the webhook HMAC key.
+pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "kie-webhook-hmac-key";
+
+/// Every environment variable [`load`] reads.
+const ENV_VARS: [&str; 6] = [
+    ENV_CONFIG,
+    ENV_DATA_DIR,
+    ENV_LISTEN,
+    ENV_API_KEY,
+    ENV_WEBHOOK_HMAC_KEY,
+    ENV_CREDENTIALS_DIRECTORY,
+];
 
 /// A secret string (API key, HMAC key). Its `Debug` never shows the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -76,7 +106,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./coverd-data"),
-            listen: "127.0.0.1:8787".parse().expect("valid default address"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             public_url: String::new(),
             accept_unknown_tasks: false,
             metrics_listen: None,
@@ -106,5 +136,1366 @@ impl Default for Config {
                 give_up_after: Duration::from_secs(24 * 3600),
             },
         }
+    }
+}
+
+/// What command-line flags gave; `None` means the flag was not used.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--config FILE`
+    pub config_file: Option<PathBuf>,
+    /// `--data-dir DIR`
+    pub data_dir: Option<PathBuf>,
+    /// `serve --listen ADDR`
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why the configuration could not be loaded. `Display` is one sentence for the operator;
+/// it never contains a secret. The binary prints it and exits with status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read (missing, unreadable, not UTF-8).
+    #[error(
+        "cannot read config file {}: {source}; check --config / {ENV_CONFIG}",
+        path.display()
+    )]
+    Read { path: PathBuf, source: io::Error },
+    /// The configuration file is not valid TOML, has an unknown key or a value of the wrong
+    /// type. `message` gives line, column and, where it can be found, the dotted key.
+    #[error(
+        "cannot parse config file {}: {message}; fix the file (every key is listed in docs/configuration.md)",
+        path.display()
+    )]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range or malformed. `key` is dotted (`download.concurrency`);
+    /// `value` is the offending value as written (never given for secrets).
+    #[error("invalid configuration: `{key}`{}: {reason}", show_value(value))]
+    Invalid {
+        key: String,
+        value: Option<String>,
+        reason: String,
+    },
+    /// An environment variable has an unusable value.
+    #[error("invalid environment variable `{var}`{}: {reason}", show_value(value))]
+    Env {
+        var: String,
+        value: Option<String>,
+        reason: String,
+    },
+}
+
+fn show_value(value: &Option<String>) -> String {
+    match value {
+        Some(v) => format!(" = {v}"),
+        None => String::new(),
+    }
+}
+
+fn invalid(key: &str, value: Option<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value,
+        reason: reason.into(),
+    }
+}
+
+/// Load the configuration using the real process environment.
+///
+/// An environment variable that is not valid UTF-8 is an error rather than silently unset.
+pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+    for var in ENV_VARS {
+        if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
+            return Err(ConfigError::Env {
+                var: var.to_string(),
+                value: None,
+                reason: "is not valid UTF-8; set it to a UTF-8 value or unset it".into(),
+            });
+        }
+    }
+    load_with_env(overrides, &|name| std::env::var(name).ok())
+}
+
+/// Load the configuration with `env` standing in for the process environment.
+///
+/// Precedence: `overrides` (flags) beat environment variables beat the file beat the
+/// built-in defaults. An empty environment variable counts as unset.
+pub fn load_with_env(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let env = |name: &str| env(name).filter(|v| !v.is_empty());
+    let file = overrides
+        .config_file
+        .clone()
+        .or_else(|| env(ENV_CONFIG).map(PathBuf::from));
+    let raw = match &file {
+        Some(path) => read_file(path)?,
+        None => RawFile::default(),
+    };
+    resolve(raw, overrides, &env)
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as written: every key optional, unknown keys rejected. No `Debug`: it may hold
+// secrets.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    data_dir: Option<String>,
+    listen: Option<String>,
+    public_url: Option<String>,
+    accept_unknown_tasks: Option<bool>,
+    metrics_listen: Option<String>,
+    kie: Option<RawKie>,
+    download: Option<RawDownload>,
+    poll: Option<RawPoll>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKie {
+    base_url: Option<String>,
+    api_key: Option<String>,
+    api_key_file: Option<String>,
+    webhook_hmac_key: Option<String>,
+    webhook_hmac_key_file: Option<String>,
+    signature_tolerance: Option<String>,
+    confirm_callbacks: Option<bool>,
+    requests_per_10s: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDownload {
+    concurrency: Option<i64>,
+    max_image_bytes: Option<i64>,
+    max_attempts: Option<i64>,
+    backoff_base: Option<String>,
+    backoff_max: Option<String>,
+    timeout: Option<String>,
+    allowed_hosts: Option<Vec<String>>,
+    allow_http: Option<bool>,
+    allow_private_networks: Option<bool>,
+    user_agent: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoll {
+    after: Option<String>,
+    interval: Option<String>,
+    give_up_after: Option<String>,
+}
+
+fn read_file(path: &Path) -> Result<RawFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|err| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: describe_toml_error(&text, &err),
+    })
+}
+
+/// Keys whose values are secrets: their values are never echoed.
+fn is_secret_key(key: &str) -> bool {
+    key.ends_with("api_key") || key.ends_with("webhook_hmac_key")
+}
+
+/// toml's message with "line L, column C (`dotted.key`)" in front, string values removed
+/// (they might be secrets) and serde's type names put in the file's terms.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let mut out = String::new();
+    let mut key = None;
+    if let Some(before) = err.span().and_then(|span| text.get(..span.start)) {
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        out.push_str(&format!("line {line}, column {column}"));
+        key = key_at(text, before.len());
+        if let Some(key) = &key {
+            out.push_str(&format!(" (`{key}`)"));
+        }
+        out.push_str(": ");
+    }
+    if key.as_deref().is_some_and(is_secret_key) && !err.message().starts_with("unknown field") {
+        out.push_str("invalid value (not shown: it is a secret); it must be a string");
+        return out;
+    }
+    let message = redact_strings(err.message())
+        .replace(" as i128, expected i64", " is out of range")
+        .replace("expected i64", "expected an integer")
+        .replace("unknown field", "unknown key");
+    let message = ["RawFile", "RawKie", "RawDownload", "RawPoll"]
+        .iter()
+        .fold(message, |m, name| {
+            m.replace(&format!("expected struct {name}"), "expected a table")
+        });
+    out.push_str(&message);
+    out
+}
+
+/// Replace every `string "…"` in a serde message by `a string`.
+fn redact_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        let after = &rest[i + MARK.len()..];
+        let mut end = after.len();
+        let mut escaped = false;
+        for (j, c) in after.char_indices() {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                end = j + 1;
+                break;
+            }
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Best-effort dotted key for the TOML line holding byte `offset`: the nearest `key =` at or
+/// above it, prefixed by the enclosing `[section]`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_end = text
+        .get(offset..)
+        .and_then(|rest| rest.find('\n'))
+        .map_or(text.len(), |i| offset + i);
+    let upto = text.get(..line_end)?;
+    let mut key = None;
+    for (n, line) in upto.lines().rev().enumerate() {
+        let line = line.trim();
+        if line.starts_with("[[") {
+            return None;
+        }
+        if let Some(header) = line.strip_prefix('[') {
+            let section = header.split(']').next()?.trim().replace('"', "");
+            return match key {
+                Some(key) => Some(format!("{section}.{key}")),
+                None if n == 0 => Some(section),
+                None => None,
+            };
+        }
+        if key.is_none() && !line.starts_with('#') {
+            key = key_of_line(line);
+        }
+    }
+    key
+}
+
+fn key_of_line(line: &str) -> Option<String> {
+    let end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "_-.\" ".contains(c)))
+        .unwrap_or(line.len());
+    let (key, rest) = line.split_at(end);
+    let key = key.trim().replace('"', "");
+    (rest.starts_with('=') && !key.is_empty()).then_some(key)
+}
+
+// ---------------------------------------------------------------------------------------
+// Resolution and validation.
+
+fn resolve(
+    raw: RawFile,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let d = Config::default();
+    let kie = raw.kie.unwrap_or_default();
+    let download = raw.download.unwrap_or_default();
+    let poll = raw.poll.unwrap_or_default();
+
+    let data_dir = if let Some(dir) = &overrides.data_dir {
+        dir.clone()
+    } else if let Some(dir) = env(ENV_DATA_DIR) {
+        PathBuf::from(dir)
+    } else {
+        raw.data_dir.map_or(d.data_dir, PathBuf::from)
+    };
+    if data_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "data_dir",
+            Some("\"\"".into()),
+            "must not be empty; give a directory path",
+        ));
+    }
+
+    let listen = if let Some(addr) = overrides.listen {
+        addr
+    } else if let Some(value) = env(ENV_LISTEN) {
+        value.parse().map_err(|_| ConfigError::Env {
+            var: ENV_LISTEN.into(),
+            value: Some(format!("{value:?}")),
+            reason: ADDR_HINT.into(),
+        })?
+    } else {
+        match raw.listen {
+            Some(value) => parse_addr("listen", &value)?,
+            None => d.listen,
+        }
+    };
+
+    let public_url = match raw.public_url {
+        Some(value) if !value.is_empty() => http_url("public_url", &value)?,
+        _ => String::new(),
+    };
+    let metrics_listen = match raw.metrics_listen {
+        Some(value) if !value.is_empty() => Some(parse_addr("metrics_listen", &value)?),
+        _ => d.metrics_listen,
+    };
+
+    let kie = KieConfig {
+        base_url: match kie.base_url {
+            Some(value) => http_url("kie.base_url", &value)?,
+            None => d.kie.base_url,
+        },
+        api_key: secret(
+            env,
+            SecretSource {
+                env_var: ENV_API_KEY,
+                inline_key: "kie.api_key",
+                inline: kie.api_key,
+                file_key: "kie.api_key_file",
+                file: kie.api_key_file,
+                credential: CREDENTIAL_API_KEY,
+            },
+        )?,
+        webhook_hmac_key: secret(
+            env,
+            SecretSource {
+                env_var: ENV_WEBHOOK_HMAC_KEY,
+                inline_key: "kie.webhook_hmac_key",
+                inline: kie.webhook_hmac_key,
+                file_key: "kie.webhook_hmac_key_file",
+                file: kie.webhook_hmac_key_file,
+                credential: CREDENTIAL_WEBHOOK_HMAC_KEY,
+            },
+        )?,
+        signature_tolerance: duration(
+            "kie.signature_tolerance",
+            kie.signature_tolerance,
+            d.kie.signature_tolerance,
+            Duration::from_nanos(1),
+        )?,
+        confirm_callbacks: kie.confirm_callbacks.unwrap_or(d.kie.confirm_callbacks),
+        requests_per_10s: int_in(
+            "kie.requests_per_10s",
+            kie.requests_per_10s,
+            d.kie.requests_per_10s,
+            1,
+            1000,
+        )?,
+    };
+
+    let backoff_base = duration(
+        "download.backoff_base",
+        download.backoff_base,
+        d.download.backoff_base,
+        Duration::from_nanos(1),
+    )?;
+    let backoff_max = duration(
+        "download.backoff_max",
+        download.backoff_max,
+        d.download.backoff_max,
+        Duration::ZERO,
+    )?;
+    if backoff_base > backoff_max {
+        return Err(invalid(
+            "download.backoff_base",
+            Some(format!(
+                "{:?}",
+                humantime::format_duration(backoff_base).to_string()
+            )),
+            format!(
+                "must not exceed `download.backoff_max` ({}); lower it or raise the maximum",
+                humantime::format_duration(backoff_max)
+            ),
+        ));
+    }
+    let download = DownloadConfig {
+        concurrency: int_in(
+            "download.concurrency",
+            download.concurrency,
+            d.download.concurrency,
+            1,
+            64,
+        )?,
+        max_image_bytes: int_in(
+            "download.max_image_bytes",
+            download.max_image_bytes,
+            d.download.max_image_bytes,
+            1024,
+            i64::MAX,
+        )?,
+        max_attempts: int_in(
+            "download.max_attempts",
+            download.max_attempts,
+            d.download.max_attempts,
+            1,
+            100,
+        )?,
+        backoff_base,
+        backoff_max,
+        timeout: duration(
+            "download.timeout",
+            download.timeout,
+            d.download.timeout,
+            Duration::from_secs(1),
+        )?,
+        allowed_hosts: match download.allowed_hosts {
+            Some(hosts) => hosts
+                .iter()
+                .map(|h| allowed_host(h))
+                .collect::<Result<_, _>>()?,
+            None => d.download.allowed_hosts,
+        },
+        allow_http: download.allow_http.unwrap_or(d.download.allow_http),
+        allow_private_networks: download
+            .allow_private_networks
+            .unwrap_or(d.download.allow_private_networks),
+        user_agent: match download.user_agent {
+            Some(value) => user_agent(value)?,
+            None => d.download.user_agent,
+        },
+    };
+
+    let poll = PollConfig {
+        after: duration("poll.after", poll.after, d.poll.after, Duration::ZERO)?,
+        interval: duration(
+            "poll.interval",
+            poll.interval,
+            d.poll.interval,
+            Duration::from_secs(1),
+        )?,
+        give_up_after: duration(
+            "poll.give_up_after",
+            poll.give_up_after,
+            d.poll.give_up_after,
+            Duration::from_nanos(1),
+        )?,
+    };
+
+    Ok(Config {
+        data_dir,
+        listen,
+        public_url,
+        accept_unknown_tasks: raw.accept_unknown_tasks.unwrap_or(d.accept_unknown_tasks),
+        metrics_listen,
+        kie,
+        download,
+        poll,
+    })
+}
+
+const ADDR_HINT: &str = "not a socket address (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")";
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, Some(format!("{value:?}")), ADDR_HINT))
+}
+
+/// An http(s) URL without query or fragment; returned without trailing `/`.
+fn http_url(key: &str, value: &str) -> Result<String, ConfigError> {
+    let bad = |reason: &str| invalid(key, Some(format!("{value:?}")), reason);
+    const HINT: &str = "(use e.g. \"https://coverd.example.com\")";
+    if value.is_empty() {
+        return Err(bad(&format!("must not be empty {HINT}")));
+    }
+    if value.chars().any(char::is_whitespace) {
+        return Err(bad(&format!("must not contain spaces {HINT}")));
+    }
+    let trimmed = value.trim_end_matches('/');
+    let url = url::Url::parse(trimmed).map_err(|e| bad(&format!("not a URL ({e}) {HINT}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad(&format!("must start with http:// or https:// {HINT}")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad(&format!("must not have a query or fragment {HINT}")));
+    }
+    Ok(trimmed.to_string())
+}
+
+fn duration(
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let parsed = humantime::parse_duration(&value).map_err(|_| {
+        invalid(
+            key,
+            Some(format!("{value:?}")),
+            "not a duration (use e.g. \"30s\", \"2m\")",
+        )
+    })?;
+    if parsed < min {
+        let reason = if min == Duration::from_nanos(1) {
+            "must be greater than zero".to_string()
+        } else {
+            format!("must be at least {}", humantime::format_duration(min))
+        };
+        return Err(invalid(key, Some(format!("{value:?}")), reason));
+    }
+    Ok(parsed)
+}
+
+fn int_in<T>(
+    key: &str,
+    value: Option<i64>,
+    default: T,
+    min: i64,
+    max: i64,
+) -> Result<T, ConfigError>
+where
+    T: TryFrom<i64>,
+{
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let reason = if max == i64::MAX {
+        format!("must be at least {min}")
+    } else {
+        format!("must be between {min} and {max}")
+    };
+    if value < min || value > max {
+        return Err(invalid(key, Some(value.to_string()), reason));
+    }
+    T::try_from(value).map_err(|_| invalid(key, Some(value.to_string()), reason))
+}
+
+fn allowed_host(value: &str) -> Result<String, ConfigError> {
+    let bad = |reason: &str| {
+        invalid(
+            "download.allowed_hosts",
+            Some(format!("{value:?}")),
+            format!("{reason}; list bare host names such as \"tempfile.aiquickdraw.com\""),
+        )
+    };
+    if value.is_empty() {
+        return Err(bad("an entry is empty"));
+    }
+    if value.contains("://") {
+        return Err(bad("an entry has a scheme"));
+    }
+    if value.contains(['/', '?', '#', '@']) {
+        return Err(bad("an entry has a path"));
+    }
+    let bracketed = value.starts_with('[') && value.ends_with(']');
+    if value.contains(':') && !bracketed {
+        return Err(bad("an entry has a port"));
+    }
+    match url::Host::parse(value) {
+        Ok(host) => Ok(host.to_string().to_ascii_lowercase()),
+        Err(_) => Err(bad("an entry is not a valid host name")),
+    }
+}
+
+fn user_agent(value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(
+            "download.user_agent",
+            Some("\"\"".into()),
+            "must not be empty (KIE's file hosts reject requests without one)",
+        ));
+    }
+    if !value.chars().all(|c| c == ' ' || c.is_ascii_graphic()) {
+        return Err(invalid(
+            "download.user_agent",
+            Some(format!("{value:?}")),
+            "may only contain visible ASCII characters and spaces",
+        ));
+    }
+    Ok(value)
+}
+
+/// Where one secret may come from, in order of precedence.
+struct SecretSource {
+    env_var: &'static str,
+    inline_key: &'static str,
+    inline: Option<String>,
+    file_key: &'static str,
+    file: Option<String>,
+    credential: &'static str,
+}
+
+/// Trailing whitespace removed; empty means unset.
+fn non_empty_secret(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim_end().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    src: SecretSource,
+) -> Result<Option<Secret>, ConfigError> {
+    let inline = non_empty_secret(src.inline);
+    let file = src.file.filter(|f| !f.is_empty());
+    if inline.is_some() && file.is_some() {
+        return Err(invalid(
+            src.inline_key,
+            None,
+            format!(
+                "`{}` and `{}` are both set; keep only one",
+                src.inline_key, src.file_key
+            ),
+        ));
+    }
+    if let Some(value) = non_empty_secret(env(src.env_var)) {
+        return Ok(Some(Secret::new(value)));
+    }
+    if let Some(value) = inline {
+        return Ok(Some(Secret::new(value)));
+    }
+    if let Some(path) = file {
+        let value = std::fs::read_to_string(&path).map_err(|e| {
+            invalid(
+                src.file_key,
+                Some(format!("{path:?}")),
+                format!("cannot read the key file: {e}"),
+            )
+        })?;
+        return match non_empty_secret(Some(value)) {
+            Some(value) => Ok(Some(Secret::new(value))),
+            None => Err(invalid(
+                src.file_key,
+                Some(format!("{path:?}")),
+                "the key file is empty; put the key in it or remove this setting",
+            )),
+        };
+    }
+    let Some(dir) = env(ENV_CREDENTIALS_DIRECTORY) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(src.credential);
+    let cred_error = |reason: String| ConfigError::Env {
+        var: ENV_CREDENTIALS_DIRECTORY.into(),
+        value: Some(format!("{dir:?}")),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(value) => match non_empty_secret(Some(value)) {
+            Some(value) => Ok(Some(Secret::new(value))),
+            None => Err(cred_error(format!(
+                "credential `{}` is empty; fill it or drop it from the unit",
+                src.credential
+            ))),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(cred_error(format!(
+            "cannot read credential `{}`: {e}",
+            src.credential
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// An injected environment built from pairs.
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    fn no_env() -> impl Fn(&str) -> Option<String> {
+        env_of(&[])
+    }
+
+    /// Write `text` as a config file and load it with `env`.
+    fn load_toml(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coverd.toml");
+        std::fs::write(&path, text).unwrap();
+        let overrides = Overrides {
+            config_file: Some(path),
+            ..Overrides::default()
+        };
+        load_with_env(&overrides, &env_of(env))
+    }
+
+    fn load_ok(text: &str) -> Config {
+        match load_toml(text, &[]) {
+            Ok(config) => config,
+            Err(e) => panic!("{text:?} should load, got: {e}"),
+        }
+    }
+
+    fn load_err(text: &str) -> ConfigError {
+        match load_toml(text, &[]) {
+            Ok(_) => panic!("{text:?} should be rejected"),
+            Err(e) => e,
+        }
+    }
+
+    fn invalid_key(err: &ConfigError) -> &str {
+        match err {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    const SPEC_EXAMPLE: &str = r#"
+data_dir = "./coverd-data"        # env COVERD_DATA_DIR
+listen = "127.0.0.1:8787"         # env COVERD_LISTEN; the callback listener
+public_url = ""                   # how KIE reaches this daemon; callBackUrl = public_url + "/callbacks/cover"
+accept_unknown_tasks = false      # take callbacks for task ids never submitted or tracked here
+metrics_listen = ""               # e.g. "127.0.0.1:9187": Prometheus text at /metrics; off when empty
+
+[kie]
+base_url = "https://api.kie.ai"
+api_key = ""                      # or env KIE_API_KEY, or api_key_file, or systemd credential "kie-api-key"
+api_key_file = ""
+webhook_hmac_key = ""             # or env KIE_WEBHOOK_HMAC_KEY, or webhook_hmac_key_file, or credential "kie-webhook-hmac-key"
+webhook_hmac_key_file = ""
+signature_tolerance = "5m"        # accepted clock skew of X-Webhook-Timestamp
+confirm_callbacks = true          # with an API key: take image URLs from record-info, not the callback body
+requests_per_10s = 18             # client-side limit on KIE API calls (KIE allows 20 per 10 s)
+
+[download]
+concurrency = 4
+max_image_bytes = 26214400
+max_attempts = 8                  # per image, transient failures
+backoff_base = "2s"               # exponential backoff with jitter
+backoff_max = "5m"
+timeout = "120s"                  # whole request
+allowed_hosts = ["tempfile.aiquickdraw.com"]   # empty list: any host
+allow_http = false                # plain http image URLs (tests, private mirrors)
+allow_private_networks = false    # loopback / private / link-local targets (tests only)
+user_agent = "coverd/<version>"   # KIE's file hosts reject requests without one
+
+[poll]
+after = "2m"                      # wait this long for a callback before polling record-info
+interval = "30s"
+give_up_after = "24h"             # then the task fails with "no result from KIE"
+"#;
+
+    #[test]
+    fn defaults_when_no_file() {
+        let config = load_with_env(&Overrides::default(), &no_env()).unwrap();
+        assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
+        // An empty COVERD_CONFIG counts as unset.
+        let config = load_with_env(&Overrides::default(), &env_of(&[(ENV_CONFIG, "")])).unwrap();
+        assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn default_values_match_spec() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(c.data_dir, PathBuf::from("./coverd-data"));
+        assert_eq!(
+            c.download.user_agent,
+            format!("coverd/{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(c.download.allowed_hosts, vec!["tempfile.aiquickdraw.com"]);
+        assert_eq!(c.poll.give_up_after, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn spec_example_file_parses_to_defaults() {
+        let mut config = load_ok(SPEC_EXAMPLE);
+        assert_eq!(config.download.user_agent, "coverd/<version>");
+        config.download.user_agent = Config::default().download.user_agent;
+        assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("hmac");
+        std::fs::write(&key_file, "hmac-secret\n").unwrap();
+        let text = format!(
+            r#"
+data_dir = "/var/lib/coverd"
+listen = "[::1]:9000"
+public_url = "https://coverd.example.com/hooks/"
+accept_unknown_tasks = true
+metrics_listen = "127.0.0.1:9187"
+[kie]
+base_url = "http://127.0.0.1:4000/"
+api_key = "api-secret"
+webhook_hmac_key_file = {key_file:?}
+signature_tolerance = "90s"
+confirm_callbacks = false
+requests_per_10s = 5
+[download]
+concurrency = 16
+max_image_bytes = 1024
+max_attempts = 3
+backoff_base = "500ms"
+backoff_max = "1m"
+timeout = "10s"
+allowed_hosts = ["Files.Example.COM", "10.0.0.1", "[::1]"]
+allow_http = true
+allow_private_networks = true
+user_agent = "test agent/1.0 (+https://x.example)"
+[poll]
+after = "0s"
+interval = "1s"
+give_up_after = "30d"
+"#
+        );
+        let c = load_ok(&text);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/coverd"));
+        assert_eq!(c.listen, "[::1]:9000".parse().unwrap());
+        assert_eq!(c.public_url, "https://coverd.example.com/hooks");
+        assert!(c.accept_unknown_tasks);
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(c.kie.base_url, "http://127.0.0.1:4000");
+        assert_eq!(c.kie.api_key, Some(Secret::new("api-secret")));
+        assert_eq!(c.kie.webhook_hmac_key, Some(Secret::new("hmac-secret")));
+        assert_eq!(c.kie.signature_tolerance, Duration::from_secs(90));
+        assert!(!c.kie.confirm_callbacks);
+        assert_eq!(c.kie.requests_per_10s, 5);
+        assert_eq!(c.download.concurrency, 16);
+        assert_eq!(c.download.max_image_bytes, 1024);
+        assert_eq!(c.download.max_attempts, 3);
+        assert_eq!(c.download.backoff_base, Duration::from_millis(500));
+        assert_eq!(c.download.backoff_max, Duration::from_secs(60));
+        assert_eq!(c.download.timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.download.allowed_hosts,
+            vec!["files.example.com", "10.0.0.1", "[::1]"]
+        );
+        assert!(c.download.allow_http);
+        assert!(c.download.allow_private_networks);
+        assert_eq!(c.download.user_agent, "test agent/1.0 (+https://x.example)");
+        assert_eq!(c.poll.after, Duration::ZERO);
+        assert_eq!(c.poll.interval, Duration::from_secs(1));
+        assert_eq!(c.poll.give_up_after, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn precedence_flag_beats_env_beats_file() {
+        let file = "data_dir = \"/from/file\"\nlisten = \"127.0.0.1:1001\"\n";
+        let env = [(ENV_DATA_DIR, "/from/env"), (ENV_LISTEN, "127.0.0.1:1002")];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        let flags = Overrides {
+            config_file: Some(path.clone()),
+            data_dir: Some("/from/flag".into()),
+            listen: Some("127.0.0.1:1003".parse().unwrap()),
+        };
+        let file_only = Overrides {
+            config_file: Some(path),
+            ..Overrides::default()
+        };
+        // (overrides, env, expected data_dir, expected listen port)
+        let cases: [(&Overrides, &[(&str, &str)], &str, u16); 5] = [
+            (&Overrides::default(), &[], "./coverd-data", 8787),
+            (&file_only, &[], "/from/file", 1001),
+            (&file_only, &env, "/from/env", 1002),
+            (
+                &file_only,
+                &[(ENV_DATA_DIR, ""), (ENV_LISTEN, "")],
+                "/from/file",
+                1001,
+            ),
+            (&flags, &env, "/from/flag", 1003),
+        ];
+        for (overrides, env, data_dir, port) in cases {
+            let c = load_with_env(overrides, &env_of(env)).unwrap();
+            assert_eq!(c.data_dir, PathBuf::from(data_dir), "{overrides:?} {env:?}");
+            assert_eq!(c.listen.port(), port, "{overrides:?} {env:?}");
+        }
+    }
+
+    #[test]
+    fn config_file_flag_beats_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag_file = dir.path().join("flag.toml");
+        let env_file = dir.path().join("env.toml");
+        std::fs::write(&flag_file, "data_dir = \"/flag-file\"\n").unwrap();
+        std::fs::write(&env_file, "data_dir = \"/env-file\"\n").unwrap();
+        let env_path = env_file.to_str().unwrap();
+        let c = load_with_env(&Overrides::default(), &env_of(&[(ENV_CONFIG, env_path)])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/env-file"));
+        let flags = Overrides {
+            config_file: Some(flag_file),
+            ..Overrides::default()
+        };
+        let c = load_with_env(&flags, &env_of(&[(ENV_CONFIG, env_path)])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/flag-file"));
+    }
+
+    #[test]
+    fn missing_named_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.toml");
+        let by_flag = Overrides {
+            config_file: Some(missing.clone()),
+            ..Overrides::default()
+        };
+        let by_env = [(ENV_CONFIG, missing.to_str().unwrap())];
+        for err in [
+            load_with_env(&by_flag, &no_env()).unwrap_err(),
+            load_with_env(&Overrides::default(), &env_of(&by_env)).unwrap_err(),
+        ] {
+            assert!(matches!(&err, ConfigError::Read { path, .. } if *path == missing));
+            let msg = err.to_string();
+            assert!(
+                msg.contains("nope.toml") && msg.contains("COVERD_CONFIG"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let cases = [
+            ("colour = 1\n", "colour", "`colour`"),
+            (
+                "[download]\nconcurrency = 2\nparallel = 3\n",
+                "parallel",
+                "`download.parallel`",
+            ),
+            ("[kie]\napikey = \"x\"\n", "apikey", "`kie.apikey`"),
+            ("[poll]\nevery = \"1s\"\n", "every", "`poll.every`"),
+            ("[extra]\na = 1\n", "extra", "`extra`"),
+        ];
+        for (text, key, dotted) in cases {
+            let err = load_err(text);
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("unknown key `{key}`")), "{msg}");
+            assert!(msg.contains(dotted), "{msg}");
+            assert!(msg.contains("line "), "{msg}");
+        }
+    }
+
+    #[test]
+    fn syntax_and_type_errors_are_parse_errors_with_location() {
+        let cases = [
+            ("listen = \n", "line 1"),
+            (
+                "[download]\nconcurrency = \"four\"\n",
+                "`download.concurrency`",
+            ),
+            ("[download]\nallow_http = 1\n", "`download.allow_http`"),
+            (
+                "[download]\nallowed_hosts = \"a.example\"\n",
+                "`download.allowed_hosts`",
+            ),
+            (
+                "[download]\nallowed_hosts = [\n  \"a.example\",\n  7,\n]\n",
+                "`download.allowed_hosts`",
+            ),
+            ("kie = 3\n", "expected a table"),
+            (
+                "[download]\nconcurrency = 99999999999999999999\n",
+                "out of range",
+            ),
+            ("data_dir = \"a\"\ndata_dir = \"b\"\n", "line 2"),
+        ];
+        for (text, needle) in cases {
+            let err = load_err(text);
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(needle), "{text:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let keys = [
+            ("kie", "signature_tolerance"),
+            ("download", "backoff_base"),
+            ("download", "backoff_max"),
+            ("download", "timeout"),
+            ("poll", "after"),
+            ("poll", "interval"),
+            ("poll", "give_up_after"),
+        ];
+        for (section, key) in keys {
+            let err = load_err(&format!("[{section}]\n{key} = \"abc\"\n"));
+            let dotted = format!("{section}.{key}");
+            assert_eq!(invalid_key(&err), dotted);
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid configuration: `{dotted}` = \"abc\": not a duration (use e.g. \"30s\", \"2m\")"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn validation_bounds() {
+        // (file text, Some(rejected key) or None when accepted)
+        let cases: &[(&str, Option<&str>)] = &[
+            ("data_dir = \"\"", Some("data_dir")),
+            ("listen = \"localhost\"", Some("listen")),
+            ("listen = \"\"", Some("listen")),
+            ("listen = \"0.0.0.0:80\"", None),
+            ("metrics_listen = \"\"", None),
+            ("metrics_listen = \"9187\"", Some("metrics_listen")),
+            ("public_url = \"\"", None),
+            ("public_url = \"http://10.0.0.5:8787\"", None),
+            ("public_url = \"ftp://x.example\"", Some("public_url")),
+            ("public_url = \"coverd.example.com\"", Some("public_url")),
+            (
+                "public_url = \"https://x.example/?a=b\"",
+                Some("public_url"),
+            ),
+            ("public_url = \"https://x example\"", Some("public_url")),
+            ("[kie]\nbase_url = \"\"", Some("kie.base_url")),
+            ("[kie]\nbase_url = \"api.kie.ai\"", Some("kie.base_url")),
+            ("[kie]\nbase_url = \"https://\"", Some("kie.base_url")),
+            (
+                "[kie]\nsignature_tolerance = \"0s\"",
+                Some("kie.signature_tolerance"),
+            ),
+            ("[kie]\nsignature_tolerance = \"1ms\"", None),
+            ("[kie]\nrequests_per_10s = 0", Some("kie.requests_per_10s")),
+            ("[kie]\nrequests_per_10s = 1", None),
+            ("[kie]\nrequests_per_10s = 1000", None),
+            (
+                "[kie]\nrequests_per_10s = 1001",
+                Some("kie.requests_per_10s"),
+            ),
+            ("[download]\nconcurrency = -1", Some("download.concurrency")),
+            ("[download]\nconcurrency = 0", Some("download.concurrency")),
+            ("[download]\nconcurrency = 1", None),
+            ("[download]\nconcurrency = 64", None),
+            ("[download]\nconcurrency = 65", Some("download.concurrency")),
+            (
+                "[download]\nmax_image_bytes = 1023",
+                Some("download.max_image_bytes"),
+            ),
+            ("[download]\nmax_image_bytes = 1024", None),
+            (
+                "[download]\nmax_attempts = 0",
+                Some("download.max_attempts"),
+            ),
+            ("[download]\nmax_attempts = 1", None),
+            ("[download]\nmax_attempts = 100", None),
+            (
+                "[download]\nmax_attempts = 101",
+                Some("download.max_attempts"),
+            ),
+            (
+                "[download]\nbackoff_base = \"0s\"",
+                Some("download.backoff_base"),
+            ),
+            (
+                "[download]\nbackoff_base = \"6m\"",
+                Some("download.backoff_base"),
+            ),
+            (
+                "[download]\nbackoff_base = \"1s\"\nbackoff_max = \"1s\"",
+                None,
+            ),
+            (
+                "[download]\nbackoff_max = \"1s\"",
+                Some("download.backoff_base"),
+            ),
+            ("[download]\ntimeout = \"999ms\"", Some("download.timeout")),
+            ("[download]\ntimeout = \"1s\"", None),
+            ("[download]\nallowed_hosts = []", None),
+            (
+                "[download]\nallowed_hosts = [\"\"]",
+                Some("download.allowed_hosts"),
+            ),
+            (
+                "[download]\nallowed_hosts = [\"https://a.example\"]",
+                Some("download.allowed_hosts"),
+            ),
+            (
+                "[download]\nallowed_hosts = [\"a.example/x\"]",
+                Some("download.allowed_hosts"),
+            ),
+            (
+                "[download]\nallowed_hosts = [\"a.example:443\"]",
+                Some("download.allowed_hosts"),
+            ),
+            (
+                "[download]\nallowed_hosts = [\"a b\"]",
+                Some("download.allowed_hosts"),
+            ),
+            ("[download]\nuser_agent = \"\"", Some("download.user_agent")),
+            (
+                "[download]\nuser_agent = \"tab\\there\"",
+                Some("download.user_agent"),
+            ),
+            (
+                "[download]\nuser_agent = \"caf\u{e9}/1\"",
+                Some("download.user_agent"),
+            ),
+            ("[download]\nuser_agent = \"a b/1.0 (x; y)\"", None),
+            ("[poll]\ninterval = \"999ms\"", Some("poll.interval")),
+            ("[poll]\ninterval = \"1s\"", None),
+            ("[poll]\ngive_up_after = \"0s\"", Some("poll.give_up_after")),
+        ];
+        for (text, rejected) in cases {
+            match (load_toml(text, &[]), rejected) {
+                (Ok(_), None) => {}
+                (Err(err), Some(key)) => {
+                    assert_eq!(invalid_key(&err), *key, "{text:?}");
+                    let msg = err.to_string();
+                    assert!(
+                        msg.starts_with(&format!("invalid configuration: `{key}`")),
+                        "{msg}"
+                    );
+                }
+                (Ok(_), Some(key)) => panic!("{text:?} should be rejected naming {key}"),
+                (Err(err), None) => panic!("{text:?} should load, got: {err}"),
+            }
+        }
+    }
+
+    #[test]
+    fn urls_and_hosts_are_normalised() {
+        let c = load_ok(
+            "public_url = \"https://x.example/base//\"\n[kie]\nbase_url = \"https://api.example/\"\n\
+             [download]\nallowed_hosts = [\"TempFile.AIQuickDraw.com\"]\n",
+        );
+        assert_eq!(c.public_url, "https://x.example/base");
+        assert_eq!(c.kie.base_url, "https://api.example");
+        assert_eq!(c.download.allowed_hosts, vec!["tempfile.aiquickdraw.com"]);
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let err =
+            load_with_env(&Overrides::default(), &env_of(&[(ENV_LISTEN, "nope")])).unwrap_err();
+        assert!(matches!(&err, ConfigError::Env { var, .. } if var == ENV_LISTEN));
+        assert_eq!(
+            err.to_string(),
+            "invalid environment variable `COVERD_LISTEN` = \"nope\": not a socket address \
+             (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")"
+        );
+        // A flag makes a bad environment value irrelevant.
+        let flags = Overrides {
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..Overrides::default()
+        };
+        assert!(load_with_env(&flags, &env_of(&[(ENV_LISTEN, "nope")])).is_ok());
+    }
+
+    #[test]
+    fn empty_data_dir_flag_is_rejected() {
+        let flags = Overrides {
+            data_dir: Some(PathBuf::new()),
+            ..Overrides::default()
+        };
+        let err = load_with_env(&flags, &no_env()).unwrap_err();
+        assert_eq!(invalid_key(&err), "data_dir");
+    }
+
+    #[test]
+    fn secrets_from_each_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("api.key");
+        std::fs::write(&key_file, "from-file \n\n").unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        std::fs::write(creds.path().join(CREDENTIAL_API_KEY), "from-cred\n").unwrap();
+        let cred_dir = creds.path().to_str().unwrap();
+        let file_line = format!("[kie]\napi_key_file = {key_file:?}\n");
+        let inline = "[kie]\napi_key = \"from-inline\"\n";
+        let inline_empty_and_file = format!("[kie]\napi_key = \"\"\napi_key_file = {key_file:?}\n");
+        // (file text, env, expected key)
+        let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+            ("", vec![], None),
+            ("", vec![(ENV_API_KEY, "")], None),
+            ("", vec![(ENV_API_KEY, "from-env")], Some("from-env")),
+            (inline, vec![], Some("from-inline")),
+            (inline, vec![(ENV_API_KEY, "from-env")], Some("from-env")),
+            (inline, vec![(ENV_API_KEY, "")], Some("from-inline")),
+            (&file_line, vec![], Some("from-file")),
+            (
+                &file_line,
+                vec![(ENV_API_KEY, "from-env")],
+                Some("from-env"),
+            ),
+            (&inline_empty_and_file, vec![], Some("from-file")),
+            (
+                "",
+                vec![(ENV_CREDENTIALS_DIRECTORY, cred_dir)],
+                Some("from-cred"),
+            ),
+            (
+                inline,
+                vec![(ENV_CREDENTIALS_DIRECTORY, cred_dir)],
+                Some("from-inline"),
+            ),
+            (
+                &file_line,
+                vec![(ENV_CREDENTIALS_DIRECTORY, cred_dir)],
+                Some("from-file"),
+            ),
+            (
+                "",
+                vec![
+                    (ENV_CREDENTIALS_DIRECTORY, cred_dir),
+                    (ENV_API_KEY, "from-env"),
+                ],
+                Some("from-env"),
+            ),
+        ];
+        for (text, env, expected) in cases {
+            let c = load_toml(text, &env).unwrap();
+            assert_eq!(
+                c.kie.api_key.as_ref().map(Secret::expose),
+                expected,
+                "{text:?} {env:?}"
+            );
+            assert_eq!(c.kie.webhook_hmac_key, None);
+        }
+    }
+
+    #[test]
+    fn webhook_hmac_key_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("hmac.key");
+        std::fs::write(&key_file, "hmac-file\n").unwrap();
+        std::fs::write(dir.path().join(CREDENTIAL_WEBHOOK_HMAC_KEY), "hmac-cred").unwrap();
+        let cred_dir = dir.path().to_str().unwrap();
+        let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+            (
+                String::new(),
+                vec![(ENV_WEBHOOK_HMAC_KEY, "hmac-env")],
+                "hmac-env",
+            ),
+            (
+                "[kie]\nwebhook_hmac_key = \"hmac-inline\"".into(),
+                vec![],
+                "hmac-inline",
+            ),
+            (
+                format!("[kie]\nwebhook_hmac_key_file = {key_file:?}"),
+                vec![],
+                "hmac-file",
+            ),
+            (
+                String::new(),
+                vec![(ENV_CREDENTIALS_DIRECTORY, cred_dir)],
+                "hmac-cred",
+            ),
+        ];
+        for (text, env, expected) in cases {
+            let c = load_toml(&text, &env).unwrap();
+            let got = c.kie.webhook_hmac_key.as_ref().map(Secret::expose);
+            assert_eq!(got, Some(expected), "{text:?}");
+            assert_eq!(c.kie.api_key, None);
+        }
+    }
+
+    #[test]
+    fn secret_and_secret_file_both_set_is_an_error() {
+        for (key, file_key) in [
+            ("kie.api_key", "kie.api_key_file"),
+            ("kie.webhook_hmac_key", "kie.webhook_hmac_key_file"),
+        ] {
+            let short = key.trim_start_matches("kie.");
+            let text = format!("[kie]\n{short} = \"s3cret-inline\"\n{short}_file = \"/k\"\n");
+            // Even a key from the environment does not excuse a contradictory file.
+            let err =
+                load_toml(&text, &[(ENV_API_KEY, "e"), (ENV_WEBHOOK_HMAC_KEY, "e")]).unwrap_err();
+            assert_eq!(invalid_key(&err), key);
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("`{key}`")), "{msg}");
+            assert!(msg.contains(&format!("`{file_key}`")), "{msg}");
+            assert!(!msg.contains("s3cret-inline"), "{msg}");
+            assert!(!format!("{err:?}").contains("s3cret-inline"));
+        }
+    }
+
+    #[test]
+    fn unusable_key_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.key");
+        std::fs::write(&empty, " \n").unwrap();
+        let missing = dir.path().join("missing.key");
+        for (path, needle) in [(&empty, "empty"), (&missing, "cannot read")] {
+            let err = load_toml(&format!("[kie]\napi_key_file = {path:?}\n"), &[]).unwrap_err();
+            assert_eq!(invalid_key(&err), "kie.api_key_file");
+            let msg = err.to_string();
+            assert!(msg.contains(needle), "{msg}");
+            assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+        }
+    }
+
+    #[test]
+    fn credentials_directory_lookup() {
+        let creds = tempfile::tempdir().unwrap();
+        let cred_dir = creds.path().to_str().unwrap();
+        // Directory set but no credential files: both keys unset, no error.
+        let c = load_toml("", &[(ENV_CREDENTIALS_DIRECTORY, cred_dir)]).unwrap();
+        assert!(c.kie.api_key.is_none() && c.kie.webhook_hmac_key.is_none());
+        // Both credentials present.
+        std::fs::write(creds.path().join("kie-api-key"), "cred-api\n").unwrap();
+        std::fs::write(creds.path().join("kie-webhook-hmac-key"), "cred-hmac").unwrap();
+        let c = load_toml("", &[(ENV_CREDENTIALS_DIRECTORY, cred_dir)]).unwrap();
+        assert_eq!(c.kie.api_key, Some(Secret::new("cred-api")));
+        assert_eq!(c.kie.webhook_hmac_key, Some(Secret::new("cred-hmac")));
+        // Without CREDENTIALS_DIRECTORY the files are not looked at.
+        let c = load_toml("", &[]).unwrap();
+        assert!(c.kie.api_key.is_none());
+        // An empty credential file is an error naming the credential.
+        std::fs::write(creds.path().join("kie-api-key"), "").unwrap();
+        let err = load_toml("", &[(ENV_CREDENTIALS_DIRECTORY, cred_dir)]).unwrap_err();
+        assert!(matches!(&err, ConfigError::Env { var, .. } if var == ENV_CREDENTIALS_DIRECTORY));
+        assert!(err.to_string().contains("`kie-api-key`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_shown() {
+        let c = load_toml(
+            "[kie]\napi_key = \"s3cret-api\"\nwebhook_hmac_key = \"s3cret-hmac\"\n",
+            &[],
+        )
+        .unwrap();
+        let debug = format!("{c:?} {c:#?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert_eq!(
+            c.kie.api_key.as_ref().map(Secret::expose),
+            Some("s3cret-api")
+        );
+
+        // Values echoed by TOML errors are hidden: strings always, anything on a secret key.
+        for text in [
+            "[kie]\nconfirm_callbacks = \"s3cret-misplaced\"\n",
+            "[kie]\napi_key = 123456789\n",
+            "[kie]\nwebhook_hmac_key = 123456789\n",
+            "[kie]\napi_key = [\"s3cret-in-list\"]\n",
+        ] {
+            let err = load_err(text);
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(!shown.contains("123456789"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn key_heuristic() {
+        let text = "a = 1\n# c = 2\n[download]\nallowed_hosts = [\n  \"x\",\n  3,\n]\n[poll]\n";
+        let at = |needle: &str| key_at(text, text.find(needle).unwrap());
+        assert_eq!(at("a =").as_deref(), Some("a"));
+        assert_eq!(at("3,").as_deref(), Some("download.allowed_hosts"));
+        assert_eq!(at("[poll]").as_deref(), Some("poll"));
+        assert_eq!(
+            redact_strings(r#"x string "a\"b", y string "c""#),
+            "x a string, y a string"
+        );
     }
 }

@@ -1,7 +1,10 @@
 //! coverd: makes sure every Suno cover task submitted to KIE.AI ends with its images safely on
 //! local disk, or with a clear reason why not. See ARCHITECTURE.md for the map.
 
+pub mod callback;
 pub mod config;
 pub mod machine;
 pub mod model;
+pub mod server;
+pub mod signature;
 pub mod store;
