@@ -68,8 +68,13 @@ pub enum Event {
         detail: String,
         next_poll_at: Millis,
     },
+    /// No poll is possible (no API key): just wait for a callback until `until`.
+    Wait { until: Millis },
     /// Nothing arrived by `poll.give_up_after`.
     GiveUp,
+    /// record-info was asked for the URLs of a callback (`kie.confirm_callbacks`): `images`
+    /// are its URLs, or `None` when it gave none (the callback's URLs are then used).
+    Confirm { images: Option<Vec<String>>, detail: String },
     /// Image `index` is complete at its final path.
     ImageStored {
         index: u32,
@@ -191,6 +196,35 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 format!("poll answer arrived while {}; ignored", task.state.as_str()),
             );
         }
+        (Submitted, Event::Wait { until }) => {
+            task.next_poll_at = until;
+            out.note(EventKind::Ignored, "no KIE API key: waiting for a callback only");
+        }
+        (Received | Downloaded | Failed, Event::Wait { .. }) => {
+            out.note(EventKind::Ignored, "wait ignored: task already has a result");
+        }
+        (Received, Event::Confirm { images, detail }) if !task.confirmed => {
+            task.confirmed = true;
+            let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
+            let untouched = task.images.iter().all(|i| i.state == ImageState::Pending && i.attempts == 0);
+            match images {
+                Some(urls) if urls.iter().map(String::as_str).ne(current.iter().copied()) && untouched => {
+                    out.note(
+                        EventKind::Mismatch,
+                        format!("callback URLs [{}] differ from record-info; using record-info's [{}]", current.join(", "), urls.join(", ")),
+                    );
+                    task.images = urls
+                        .into_iter()
+                        .zip(0u32..)
+                        .map(|(url, index)| Image::pending(index, url, ctx.now))
+                        .collect();
+                }
+                _ => out.note(EventKind::Received, detail),
+            }
+        }
+        (Submitted | Received | Downloaded | Failed, Event::Confirm { .. }) => {
+            out.note(EventKind::Ignored, "confirmation ignored: task not awaiting one");
+        }
         (Submitted, Event::GiveUp) => {
             fail(
                 task,
@@ -272,7 +306,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             if let Some(img) = task.images.get_mut(index as usize) {
                 out.note(
                     EventKind::UrlRefreshed,
-                    format!("image {index}: fresh link from KIE replaces {}", img.url),
+                    format!("image {index}: KIE's download-url gave {url} for {}", img.url),
                 );
                 img.refreshed_url = Some(url);
             }
@@ -311,6 +345,8 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                     img.state = ImageState::Pending;
                     img.attempts_budget_start = img.attempts;
                     img.next_attempt_at = ctx.now;
+                    // A refreshed link lives 20 minutes; start again from KIE's URL.
+                    img.refreshed_url = None;
                     img.path = None;
                     img.bytes = None;
                     img.sha256 = None;
@@ -353,6 +389,8 @@ fn pending(task: &Task, index: u32) -> bool {
 fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out: &mut Outcome) {
     task.state = State::Received;
     task.source = Some(source);
+    // record-info's URLs need no confirmation; a callback's may (kie.confirm_callbacks).
+    task.confirmed = source == Source::Poll;
     task.failure = None;
     task.error = None;
     let n = images.len();
@@ -507,6 +545,9 @@ mod tests {
                 next_poll_at: NOW + 30_000,
             },
             Event::GiveUp,
+            Event::Wait { until: NOW + 5 },
+            Event::Confirm { images: Some(urls(3)), detail: "confirmed".into() },
+            Event::Confirm { images: None, detail: "unconfirmed".into() },
             stored(0),
             stored(1),
             transient(0),

@@ -179,6 +179,8 @@ pub struct Task {
     pub next_poll_at: Millis,
     /// Number of history events written; the next event's sequence number.
     pub event_count: u32,
+    /// The image URLs were checked against record-info (`kie.confirm_callbacks`).
+    pub confirmed: bool,
 }
 
 impl Task {
@@ -198,6 +200,7 @@ impl Task {
             submitted_at: now,
             next_poll_at: now,
             event_count: 0,
+            confirmed: false,
         }
     }
 

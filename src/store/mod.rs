@@ -10,7 +10,8 @@
 //!   the task record in the same transaction, so it can never disagree with it;
 //! - `by_state`: state code (u8), created ms (u64), task id → () — listings and "oldest";
 //! - `by_created`: created ms (u64), task id → () — newest-first listing;
-//! - `by_music`: music task id → cover task id — idempotent `submit`.
+//! - `by_music`: music task id → cover task id — idempotent `submit`;
+//! - `intents`: music task id → ms — covers requested from KIE whose answer is not stored yet.
 
 pub mod codec;
 
@@ -101,6 +102,7 @@ struct Inner {
     by_state: sled::Tree,
     by_created: sled::Tree,
     by_music: sled::Tree,
+    intents: sled::Tree,
     commit: GroupCommit,
 }
 
@@ -143,6 +145,7 @@ impl Store {
             by_state: tree("by_state")?,
             by_created: tree("by_created")?,
             by_music: tree("by_music")?,
+            intents: tree("intents")?,
             path,
             db,
             commit: GroupCommit {
@@ -355,6 +358,16 @@ impl Store {
         due(&self.inner.due_poll, now, limit)
     }
 
+    /// The first `limit` entries of the download index, earliest first, due or not.
+    pub fn download_queue(&self, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
+        queue(&self.inner.due_download, limit)
+    }
+
+    /// The first `limit` entries of the poll index, earliest first, due or not.
+    pub fn poll_queue(&self, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
+        queue(&self.inner.due_poll, limit)
+    }
+
     /// The earliest due time of any download, if one is scheduled.
     pub fn next_download_due(&self) -> Result<Option<Millis>, StoreError> {
         first_due(&self.inner.due_download)
@@ -372,6 +385,39 @@ impl Store {
             .by_music
             .get(music_task_id.as_bytes())?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records that a cover for `music_task_id` is about to be requested from KIE, so a crash
+    /// before KIE's answer is stored can be resolved later (see `submit`). Returns the cover
+    /// task already recorded for that song instead, if there is one.
+    pub fn record_intent(&self, music_task_id: &str, now: Millis) -> Result<Option<String>, StoreError> {
+        if let Some(existing) = self.task_for_music(music_task_id)? {
+            return Ok(Some(existing));
+        }
+        self.inner.intents.insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+        Ok(None)
+    }
+
+    /// Forgets an intent whose request KIE refused for good (nothing was created).
+    pub fn drop_intent(&self, music_task_id: &str) -> Result<(), StoreError> {
+        self.inner.intents.remove(music_task_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Unresolved intents (music task id, recorded at), at most `limit`.
+    pub fn intents(&self, limit: usize) -> Result<Vec<(String, Millis)>, StoreError> {
+        self.inner
+            .intents
+            .iter()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8_lossy(&k).into_owned(),
+                    i64::try_from(u64_from(&v)).unwrap_or(0),
+                ))
+            })
+            .collect()
     }
 
     /// Newest first, optionally only in one state, at most `limit`.
@@ -592,6 +638,17 @@ fn due(tree: &sled::Tree, now: Millis, limit: usize) -> Result<Vec<String>, Stor
         out.push(String::from_utf8_lossy(&k[8..]).into_owned());
     }
     Ok(out)
+}
+
+fn queue(tree: &sled::Tree, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
+    tree.iter()
+        .take(limit)
+        .map(|kv| {
+            let (k, _) = kv?;
+            let at = i64::try_from(u64_from(&k)).unwrap_or(i64::MAX);
+            Ok((at, String::from_utf8_lossy(&k[8..]).into_owned()))
+        })
+        .collect()
 }
 
 fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {

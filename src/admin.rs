@@ -1,0 +1,493 @@
+//! `coverd admin …` and `coverd submit`: one set of requests executed against the store, either
+//! inside the running daemon (reached over `admin.sock`, mode 0600, in the data directory) or,
+//! when the daemon is stopped, by opening the store directly — the same code answers both
+//! ways. Owns the requests, their JSON replies and their printing; must not change a task
+//! except through `store::apply` (the state machine).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::callback::Answer;
+use crate::config::Config;
+use crate::daemon::ADMIN_SOCKET;
+use crate::kie::KieClient;
+use crate::machine::{Ctx, Event};
+use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
+use crate::server::{self, Resp};
+use crate::store::{IfMissing, Store, StoreError};
+use crate::submit;
+
+/// Largest admin request body.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest an admin command waits for the daemon.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// `admin list` without `--limit`.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+/// `admin list --limit` at most.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    List { state: Option<String>, limit: usize },
+    Show { task_id: String },
+    Track { task_id: String, music_task_id: Option<String> },
+    Retry { task_id: String },
+    Submit { music_task_id: String },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Oldest {
+    pub task_id: String,
+    pub state: String,
+    pub created_at: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskCounts {
+    pub submitted: u64,
+    pub received: u64,
+    pub downloaded: u64,
+    pub failed: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatusJson {
+    pub daemon: String,
+    pub tasks: TaskCounts,
+    pub oldest_unfinished: Option<Oldest>,
+    pub data_dir: String,
+    pub data_bytes: u64,
+    pub polling: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SubmitJson {
+    pub task_id: String,
+    pub music_task_id: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Status { status: StatusJson },
+    Tasks { tasks: Vec<TaskJson> },
+    Task { task: TaskJson, message: String },
+    Submitted { submitted: SubmitJson, message: String },
+}
+
+/// An admin failure: one sentence for stderr and the exit code (1 missing/failed, 2 usage).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminError {
+    pub exit: u8,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn missing(message: impl Into<String>) -> AdminError {
+        AdminError {
+            exit: 1,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> AdminError {
+        AdminError {
+            exit: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> AdminError {
+        AdminError::missing(e.to_string())
+    }
+}
+
+/// What executing a request needs: the store and, when present, the KIE client.
+pub struct Exec {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub kie: Option<Arc<KieClient>>,
+    pub daemon_running: bool,
+    /// Woken after a change that makes work due (daemon only).
+    pub wake: Option<Arc<Notify>>,
+}
+
+impl Exec {
+    pub async fn execute(&self, req: Request) -> Result<Reply, AdminError> {
+        let reply = match req {
+            Request::Status => Reply::Status {
+                status: self.status()?,
+            },
+            Request::List { state, limit } => {
+                let state = match state.as_deref() {
+                    None => None,
+                    Some(s) => Some(State::parse(s).ok_or_else(|| {
+                        AdminError::usage(format!(
+                            "unknown state {s:?}; use one of submitted, received, downloaded, failed"
+                        ))
+                    })?),
+                };
+                let limit = limit.clamp(1, MAX_LIST_LIMIT);
+                let tasks = self.store.list(state, limit)?;
+                Reply::Tasks {
+                    tasks: tasks.iter().map(|t| TaskJson::new(t, None)).collect(),
+                }
+            }
+            Request::Show { task_id } => Reply::Task {
+                task: self.show(&task_id)?,
+                message: String::new(),
+            },
+            Request::Track {
+                task_id,
+                music_task_id,
+            } => {
+                check_id(&task_id, "task id")?;
+                if let Some(m) = &music_task_id {
+                    check_id(m, "music task id")?;
+                }
+                let event = Event::Track { music_task_id };
+                let applied = self.apply(&task_id, event, IfMissing::Create).await?;
+                let message = if applied.0 {
+                    format!("tracking {task_id}: it is polled if no callback arrives")
+                } else {
+                    format!("{task_id} is already known ({}); nothing changed", applied.1.state)
+                };
+                Reply::Task {
+                    task: applied.1,
+                    message,
+                }
+            }
+            Request::Retry { task_id } => {
+                let task = self
+                    .store
+                    .get(&task_id)?
+                    .ok_or_else(|| not_found(&task_id))?;
+                let damaged = self.damaged_images(&task);
+                let event = Event::Retry { damaged };
+                let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
+                let message = format!("{task_id} is now {}", json.state);
+                Reply::Task { task: json, message }
+            }
+            Request::Submit { music_task_id } => {
+                check_id(&music_task_id, "music task id")?;
+                let (submitted, message) = submit::submit(self, &music_task_id).await?;
+                Reply::Submitted { submitted, message }
+            }
+        };
+        Ok(reply)
+    }
+
+    /// Applies one event and makes it durable. Returns (created, task as JSON).
+    pub async fn apply(&self, task_id: &str, event: Event, if_missing: IfMissing) -> Result<(bool, TaskJson), AdminError> {
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        let applied = self
+            .store
+            .apply_async(task_id, event, ctx, if_missing)
+            .await?
+            .ok_or_else(|| not_found(task_id))?;
+        self.store.durable(applied.ticket).await?;
+        if let Some(wake) = &self.wake {
+            wake.notify_waiters();
+        }
+        Ok((applied.before.is_none(), TaskJson::new(&applied.task, None)))
+    }
+
+    fn show(&self, task_id: &str) -> Result<TaskJson, AdminError> {
+        let task = self.store.get(task_id)?.ok_or_else(|| not_found(task_id))?;
+        let events = self.store.events(task_id)?;
+        Ok(TaskJson::new(&task, Some(&events)))
+    }
+
+    fn status(&self) -> Result<StatusJson, AdminError> {
+        let c = self.store.counts()?;
+        let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
+            task_id: t.task_id,
+            state: t.state.as_str().into(),
+            created_at: format_time(t.created_at),
+        });
+        Ok(StatusJson {
+            daemon: if self.daemon_running { "running" } else { "stopped" }.into(),
+            tasks: TaskCounts {
+                submitted: c.submitted,
+                received: c.received,
+                downloaded: c.downloaded,
+                failed: c.failed,
+            },
+            oldest_unfinished: oldest,
+            data_dir: self.config.data_dir.display().to_string(),
+            data_bytes: dir_size(&self.config.data_dir),
+            polling: self.kie.is_some(),
+        })
+    }
+
+    /// Stored images whose file is missing or no longer matches its sha256.
+    fn damaged_images(&self, task: &crate::model::Task) -> Vec<u32> {
+        task.images
+            .iter()
+            .filter(|i| i.state == ImageState::Downloaded)
+            .filter(|i| {
+                let Some(path) = &i.path else { return true };
+                match std::fs::read(self.config.data_dir.join(path)) {
+                    Ok(bytes) => Some(hex::encode(Sha256::digest(&bytes))) != i.sha256,
+                    Err(_) => true,
+                }
+            })
+            .map(|i| i.index)
+            .collect()
+    }
+}
+
+fn not_found(task_id: &str) -> AdminError {
+    AdminError::missing(format!(
+        "no task {task_id} in this data directory; check the id, or `coverd admin track {task_id}` to adopt it"
+    ))
+}
+
+fn check_id(id: &str, what: &str) -> Result<(), AdminError> {
+    if valid_task_id(id) {
+        Ok(())
+    } else {
+        Err(AdminError::usage(format!(
+            "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
+        )))
+    }
+}
+
+/// Total size of the files under `dir` (not following links).
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+// ---- the daemon's side of the socket ----
+
+/// Answers admin requests on the daemon's Unix socket: `POST /v1` with a JSON [`Request`].
+pub struct Service {
+    exec: Exec,
+}
+
+impl Service {
+    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, wake: Arc<Notify>) -> Service {
+        Service {
+            exec: Exec {
+                store,
+                config,
+                kie,
+                daemon_running: true,
+                wake: Some(wake),
+            },
+        }
+    }
+
+    pub async fn handle(&self, req: hyper::Request<Incoming>) -> Resp {
+        if req.method() != Method::POST || req.uri().path() != "/v1" {
+            return server::answer(Answer::error(StatusCode::NOT_FOUND, "use POST /v1"));
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = match server::read_body(&parts.headers, body, MAX_REQUEST_BYTES).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let result = match serde_json::from_slice::<Request>(&bytes) {
+            Ok(request) => self.exec.execute(request).await,
+            Err(e) => Err(AdminError::usage(format!("bad admin request: {e}"))),
+        };
+        let (status, body) = match result {
+            Ok(reply) => (StatusCode::OK, serde_json::to_string(&reply)),
+            Err(err) => (StatusCode::UNPROCESSABLE_ENTITY, serde_json::to_string(&err)),
+        };
+        server::answer(Answer {
+            status,
+            body: body.unwrap_or_else(|e| format!(r#"{{"exit":1,"message":"cannot encode reply: {e}"}}"#)),
+        })
+    }
+}
+
+// ---- the command's side ----
+
+/// Runs one request: through the daemon when its socket answers, else on the store directly.
+pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
+    let socket = config.data_dir.join(ADMIN_SOCKET);
+    if let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
+        return tokio::time::timeout(CLIENT_TIMEOUT, remote(stream, &req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AdminError::missing(format!(
+                    "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
+                    CLIENT_TIMEOUT.as_secs(),
+                    socket.display()
+                )))
+            });
+    }
+    let writes = matches!(req, Request::Track { .. } | Request::Submit { .. } | Request::Retry { .. });
+    if !writes && !config.data_dir.join("db").exists() {
+        return Err(AdminError::missing(format!(
+            "no coverd data in {}; start `coverd serve` first or pass --data-dir",
+            config.data_dir.display()
+        )));
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        AdminError::missing(format!("cannot create the data directory {}: {e}", config.data_dir.display()))
+    })?;
+    let store = Store::open(&config.data_dir).map_err(|e| match e {
+        StoreError::Locked { .. } => AdminError::missing(format!(
+            "the daemon holds {} but its admin socket {} does not answer; wait until it has started, or check `journalctl -u coverd`",
+            config.data_dir.display(),
+            socket.display()
+        )),
+        other => AdminError::missing(other.to_string()),
+    })?;
+    let kie = match &config.kie.api_key {
+        Some(_) => Some(Arc::new(
+            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| AdminError::usage(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let exec = Exec {
+        store: store.clone(),
+        config: Arc::new(config),
+        kie,
+        daemon_running: false,
+        wake: None,
+    };
+    let reply = exec.execute(req).await;
+    store.flush().await?;
+    reply
+}
+
+async fn remote(stream: tokio::net::UnixStream, req: &Request) -> Result<Reply, AdminError> {
+    let lost = |e: &dyn std::fmt::Display| AdminError::missing(format!("lost the connection to the daemon: {e}; retry"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| lost(&e))?;
+    tokio::spawn(conn);
+    let body = serde_json::to_vec(req).map_err(|e| lost(&e))?;
+    let request = hyper::Request::post("/v1")
+        .header("host", "coverd")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| lost(&e))?;
+    let resp = sender.send_request(request).await.map_err(|e| lost(&e))?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.map_err(|e| lost(&e))?.to_bytes();
+    if status == StatusCode::OK {
+        serde_json::from_slice(&bytes).map_err(|e| lost(&e))
+    } else {
+        Err(serde_json::from_slice::<AdminError>(&bytes)
+            .unwrap_or_else(|_| AdminError::missing(format!("the daemon answered {status}: {}", String::from_utf8_lossy(&bytes)))))
+    }
+}
+
+// ---- printing ----
+
+/// Renders a reply for people (`json = false`) or scripts (`json = true`).
+pub fn render(reply: &Reply, json: bool) -> String {
+    if json {
+        let value = match reply {
+            Reply::Status { status } => serde_json::to_string_pretty(status),
+            Reply::Tasks { tasks } => serde_json::to_string_pretty(tasks),
+            Reply::Task { task, .. } => serde_json::to_string_pretty(task),
+            Reply::Submitted { submitted, .. } => serde_json::to_string(submitted),
+        };
+        return value.unwrap_or_default();
+    }
+    match reply {
+        Reply::Status { status } => {
+            let t = &status.tasks;
+            let mut out = format!(
+                "daemon: {}\ntasks: {} submitted, {} received, {} downloaded, {} failed\n",
+                status.daemon, t.submitted, t.received, t.downloaded, t.failed
+            );
+            match &status.oldest_unfinished {
+                Some(o) => out += &format!("oldest unfinished: {} ({}, since {})\n", o.task_id, o.state, o.created_at),
+                None => out += "oldest unfinished: none\n",
+            }
+            out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
+            out += &format!("polling: {}", if status.polling { "on" } else { "off (no KIE API key)" });
+            out
+        }
+        Reply::Tasks { tasks } => {
+            if tasks.is_empty() {
+                return "no tasks".into();
+            }
+            tasks
+                .iter()
+                .map(|t| {
+                    let stored = t.images.iter().filter(|i| i.state == "downloaded").count();
+                    format!(
+                        "{}  {:<10}  {}  images {}/{}{}",
+                        t.task_id,
+                        t.state,
+                        t.created_at,
+                        stored,
+                        t.images.len(),
+                        t.error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Reply::Task { task, message } => {
+            let mut out = String::new();
+            if !message.is_empty() {
+                out += message;
+                out += "\n";
+            }
+            out += &format!(
+                "task {}\n  music task: {}\n  state: {}\n  source: {}\n  created: {}\n  updated: {}\n  callbacks: {}  polls: {}\n",
+                task.task_id,
+                task.music_task_id.as_deref().unwrap_or("-"),
+                task.state,
+                task.source.as_deref().unwrap_or("-"),
+                task.created_at,
+                task.updated_at,
+                task.callbacks,
+                task.polls
+            );
+            if let Some(e) = &task.error {
+                out += &format!("  error: {e}\n");
+            }
+            for i in &task.images {
+                out += &format!(
+                    "  image {}: {} after {} attempt(s) {}{}\n",
+                    i.index,
+                    i.state,
+                    i.attempts,
+                    i.path.as_deref().unwrap_or(&i.url),
+                    i.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                );
+            }
+            for e in task.events.iter().flatten() {
+                out += &format!("  {} {}: {}\n", e.at, e.kind, e.detail);
+            }
+            out.trim_end().to_string()
+        }
+        // The id alone on stdout, so scripts can capture it; the message goes to stderr.
+        Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
+    }
+}

@@ -1,0 +1,209 @@
+//! `coverd serve`: starts every part in order (store, crash recovery, listeners, workers),
+//! tells systemd when it is ready, and stops them in reverse order on shutdown. Owns the
+//! lifecycle only; each part's behaviour lives in its own module.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::callback::Intake;
+use crate::config::Config;
+use crate::download::{self, Downloader};
+use crate::fetch::Fetcher;
+use crate::guard::UrlGuard;
+use crate::kie::KieClient;
+use crate::poll::Poller;
+use crate::server::{self, Health, Public};
+use crate::store::{Store, StoreError};
+
+/// The admin socket's file name inside the data directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create the data directory {path}: {source}; check the path and its permissions")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Download(#[from] download::DownloadError),
+    #[error("cannot listen on {addr}: {source}; is another process using it? set `listen` or --listen")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("cannot set up {what}: {reason}")]
+    Setup { what: &'static str, reason: String },
+}
+
+/// Knobs for tests that run the daemon in-process.
+#[derive(Debug, Default, Clone)]
+pub struct Hooks {
+    /// Addresses the URL guard allows even when private networks are refused.
+    pub trusted_addrs: Vec<IpAddr>,
+}
+
+/// A started daemon.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub store: Store,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+    socket_path: PathBuf,
+}
+
+impl Running {
+    /// Asks every part to stop (what SIGTERM does).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits for shutdown to be requested, then for every part to stop, then flushes.
+    pub async fn wait(mut self) -> Result<(), DaemonError> {
+        self.shutdown.cancelled().await;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        while self.tasks.join_next().await.is_some() {}
+        self.store.flush().await?;
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Starts the daemon; returns once it accepts callbacks.
+pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError> {
+    let config = Arc::new(config);
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&data_dir)?;
+    download::recover(&data_dir)?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| DaemonError::Listen {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    // We hold the store's lock, so a socket file left here belongs to a dead daemon.
+    let socket_path = data_dir.join(ADMIN_SOCKET);
+    let _ = std::fs::remove_file(&socket_path);
+    let admin_listener = tokio::net::UnixListener::bind(&socket_path).map_err(|source| DaemonError::Listen {
+        addr: socket_path.display().to_string(),
+        source,
+    })?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        DaemonError::Setup {
+            what: "the admin socket",
+            reason: e.to_string(),
+        }
+    })?;
+
+    let kie = match &config.kie.api_key {
+        Some(_) => Some(Arc::new(
+            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| DaemonError::Setup {
+                what: "the KIE client",
+                reason: e.to_string(),
+            })?,
+        )),
+        None => {
+            tracing::warn!(
+                "no KIE API key: polling, confirmed callbacks and URL refresh are off; set kie.api_key, KIE_API_KEY, kie.api_key_file or the credential kie-api-key"
+            );
+            None
+        }
+    };
+    let guard = UrlGuard::new(&config.download).with_trusted_addrs(hooks.trusted_addrs.clone());
+    let fetcher = Fetcher::new(&config.download, guard).map_err(|e| DaemonError::Setup {
+        what: "the download client",
+        reason: e.to_string(),
+    })?;
+
+    let shutdown = CancellationToken::new();
+    let wake_downloads = Arc::new(Notify::new());
+    let health = Arc::new(Health::default());
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let downloader = Downloader::new(store.clone(), config.clone(), fetcher, kie.clone(), wake_downloads.clone());
+    health.downloads_running.store(true, Ordering::SeqCst);
+    {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = downloader.run(shutdown.clone()).await {
+                tracing::error!(error = %e, "download workers stopped");
+            }
+            health.downloads_running.store(false, Ordering::SeqCst);
+        });
+    }
+    {
+        let poller = Poller::new(store.clone(), config.clone(), kie.clone(), wake_downloads.clone());
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { poller.run(shutdown).await });
+    }
+
+    let public = Arc::new(Public {
+        intake: Intake {
+            store: store.clone(),
+            config: config.clone(),
+            downloads: wake_downloads.clone(),
+        },
+        health: health.clone(),
+    });
+    tasks.spawn(server::serve(
+        listener,
+        move |req| {
+            let public = public.clone();
+            async move { public.route(req).await }
+        },
+        shutdown.clone(),
+    ));
+    let admin = Arc::new(admin::Service::new(store.clone(), config.clone(), kie.clone(), wake_downloads));
+    tasks.spawn(server::serve(
+        admin_listener,
+        move |req| {
+            let admin = admin.clone();
+            async move { admin.handle(req).await }
+        },
+        shutdown.clone(),
+    ));
+    tasks.spawn(watchdog(store.clone(), health, shutdown.clone()));
+
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(%addr, data_dir = %data_dir.display(), "coverd is ready");
+    Ok(Running {
+        addr,
+        store,
+        shutdown,
+        tasks,
+        socket_path,
+    })
+}
+
+/// Pings systemd's watchdog only while the store answers and the workers run.
+async fn watchdog(store: Store, health: Arc<Health>, shutdown: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = (interval / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if store.check_health().await.is_ok() && health.downloads_running.load(Ordering::SeqCst) {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("unhealthy: not pinging the systemd watchdog");
+        }
+    }
+}

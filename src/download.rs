@@ -1,0 +1,376 @@
+//! The download workers: pick due tasks from the store's download index, fetch their pending
+//! images (bounded concurrency), install each complete file at its final path and record it.
+//! Owns the data directory's `images/` and `tmp/` and the install order
+//! (temp file → fsync → rename → fsync dir → record); must not decide state transitions
+//! (`machine`) or talk HTTP itself (`fetch`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
+use crate::kie::{CoverStatus, KieClient};
+use crate::machine::{Ctx, Event};
+use crate::model::{Image, ImageState, Millis, State, now_millis};
+use crate::store::{IfMissing, Store, StoreError};
+
+/// Where complete images live, relative to the data directory.
+pub const IMAGES_DIR: &str = "images";
+/// Where partial downloads live; emptied at every start.
+pub const TMP_DIR: &str = "tmp";
+/// Tasks being worked on at once, per unit of `download.concurrency`.
+const TASKS_PER_SLOT: usize = 4;
+/// Longest the scheduler sleeps without looking at the index again.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+/// Downloads still running at shutdown get this long before they are abandoned (their
+/// temp files are removed at the next start, and they are fetched again then).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("cannot prepare {path}: {source}; check permissions and free space of the data directory")]
+    Prepare { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Prepares the data directory for downloads and removes what a crash left behind: every
+/// file in `tmp/` is a partial download that was never recorded. Call before serving.
+pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
+    let prepare = |path: PathBuf| {
+        std::fs::create_dir_all(&path).map_err(|source| DownloadError::Prepare { path, source })
+    };
+    prepare(data_dir.join(IMAGES_DIR))?;
+    let tmp = data_dir.join(TMP_DIR);
+    prepare(tmp.clone())?;
+    let mut removed = 0;
+    let entries = std::fs::read_dir(&tmp).map_err(|source| DownloadError::Prepare {
+        path: tmp.clone(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file() && std::fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "removed partial downloads left by an earlier run");
+    }
+    Ok(removed)
+}
+
+/// The download scheduler and its workers.
+pub struct Downloader {
+    store: Store,
+    config: Arc<Config>,
+    fetcher: Fetcher,
+    kie: Option<Arc<KieClient>>,
+    wake: Arc<Notify>,
+    fetch_slots: Arc<Semaphore>,
+    in_flight: Mutex<HashSet<String>>,
+}
+
+impl Downloader {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        fetcher: Fetcher,
+        kie: Option<Arc<KieClient>>,
+        wake: Arc<Notify>,
+    ) -> Arc<Downloader> {
+        let slots = config.download.concurrency.max(1);
+        Arc::new(Downloader {
+            store,
+            config,
+            fetcher,
+            kie,
+            wake,
+            fetch_slots: Arc::new(Semaphore::new(slots)),
+            in_flight: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn max_tasks(&self) -> usize {
+        self.config.download.concurrency.max(1) * TASKS_PER_SLOT
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A poisoned set only means a worker panicked; the set itself is still valid.
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs until `shutdown`: dispatches due tasks, then sleeps until the next due time or a
+    /// wake-up (new callback, finished task).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), DownloadError> {
+        let mut workers = tokio::task::JoinSet::new();
+        let result = loop {
+            while workers.try_join_next().is_some() {}
+            let next = match self.dispatch(&mut workers, &shutdown) {
+                Ok(next) => next,
+                Err(e) => break Err(e),
+            };
+            let sleep = match next {
+                Some(at) => Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)).min(MAX_IDLE),
+                None => MAX_IDLE,
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        };
+        if !workers.is_empty() {
+            tracing::info!(tasks = workers.len(), "waiting for running downloads");
+            if tokio::time::timeout(SHUTDOWN_GRACE, async { while workers.join_next().await.is_some() {} })
+                .await
+                .is_err()
+            {
+                tracing::warn!("abandoning unfinished downloads; they resume at the next start");
+                workers.abort_all();
+            }
+        }
+        result
+    }
+
+    /// Starts workers for due tasks; returns the earliest due time of a task not in flight.
+    fn dispatch(
+        self: &Arc<Self>,
+        workers: &mut tokio::task::JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Millis>, DownloadError> {
+        let now = now_millis();
+        let busy = self.in_flight().len();
+        let mut earliest = None;
+        // In-flight tasks stay in the index until they finish, so look past them.
+        for (at, task_id) in self.store.download_queue(busy + self.max_tasks())? {
+            if self.in_flight().contains(&task_id) {
+                continue;
+            }
+            if at > now || self.in_flight().len() >= self.max_tasks() {
+                earliest = Some(at);
+                break;
+            }
+            self.in_flight().insert(task_id.clone());
+            let this = self.clone();
+            let shutdown = shutdown.clone();
+            workers.spawn(async move {
+                this.process(&task_id, &shutdown).await;
+                this.in_flight().remove(&task_id);
+                this.wake.notify_one();
+            });
+        }
+        Ok(earliest)
+    }
+
+    /// Fetches every due pending image of one task, each in its own fetch slot.
+    async fn process(self: &Arc<Self>, task_id: &str, shutdown: &CancellationToken) {
+        let task = match self.store.get(task_id) {
+            Ok(Some(t)) if t.state == State::Received => t,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "cannot read task for download");
+                return;
+            }
+        };
+        let task = match self.confirm(task).await {
+            Some(t) => t,
+            None => return,
+        };
+        let now = now_millis();
+        let mut fetches = tokio::task::JoinSet::new();
+        for image in task.images.into_iter().filter(|i| i.state == ImageState::Pending && i.next_attempt_at <= now) {
+            let this = self.clone();
+            let task_id = task_id.to_string();
+            let shutdown = shutdown.clone();
+            fetches.spawn(async move {
+                let Ok(_slot) = this.fetch_slots.acquire().await else { return };
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                this.download_image(&task_id, image).await;
+            });
+        }
+        while fetches.join_next().await.is_some() {}
+    }
+
+    /// With `kie.confirm_callbacks` and an API key, takes the image URLs of a callback from
+    /// record-info before anything is fetched (a callback's signature does not cover its URLs).
+    async fn confirm(&self, task: crate::model::Task) -> Option<crate::model::Task> {
+        let kie = match &self.kie {
+            Some(kie) if self.config.kie.confirm_callbacks && !task.confirmed => kie,
+            _ => return Some(task),
+        };
+        let task_id = task.task_id.as_str();
+        let event = match kie.record_info(task_id).await {
+            Ok(info) if info.status == CoverStatus::Success && !info.images.is_empty() => Event::Confirm {
+                images: Some(info.images),
+                detail: "record-info confirms the callback's image URLs".into(),
+            },
+            Ok(info) => Event::Confirm {
+                images: None,
+                detail: format!("record-info gave no images (status {:?}); using the callback's URLs", info.status),
+            },
+            Err(e) => Event::Confirm {
+                images: None,
+                detail: format!("could not confirm with record-info ({e}); using the callback's URLs"),
+            },
+        };
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+            Ok(Some(applied)) => Some(applied.task),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "cannot record confirmation");
+                None
+            }
+        }
+    }
+
+    async fn download_image(&self, task_id: &str, image: Image) {
+        let index = image.index;
+        let event = match self.obtain(task_id, &image).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                let retry_at = e.is_transient().then(|| {
+                    let d = &self.config.download;
+                    let delay = backoff_delay(image.budget_used() + 1, d.backoff_base, d.backoff_max, e.retry_after());
+                    now_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                });
+                tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
+                Event::ImageFailed {
+                    index,
+                    reason: e.to_string(),
+                    retry_at,
+                }
+            }
+        };
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+            Ok(Some(applied)) => {
+                for (kind, detail) in &applied.outcome.notes {
+                    tracing::info!(task_id, index, kind = kind.as_str(), detail, "download recorded");
+                }
+            }
+            Ok(None) => tracing::warn!(task_id, "task vanished during download"),
+            Err(e) => tracing::error!(task_id, index, error = %e, "cannot record download result"),
+        }
+    }
+
+    /// Gets image `image` of `task_id` to its final path and returns the event recording it.
+    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, FetchError> {
+        let data_dir = &self.config.data_dir;
+        // A crash between rename and record leaves a complete file: adopt it, don't refetch.
+        if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
+            tracing::info!(task_id, index = image.index, "adopted an image stored before a restart");
+            return Ok(event);
+        }
+        let url = image.refreshed_url.as_deref().unwrap_or(&image.url);
+        let tmp = data_dir.join(TMP_DIR);
+        let fetched = match self.fetcher.fetch(url, &tmp).await {
+            Err(e) if e.is_gone() && image.refreshed_url.is_none() => match self.refresh(task_id, image).await {
+                Some(fresh) => self.fetcher.fetch(&fresh, &tmp).await?,
+                None => return Err(e),
+            },
+            other => other?,
+        };
+        let rel = format!("{IMAGES_DIR}/{task_id}/{}.{}", image.index, fetched.ext.as_str());
+        install(data_dir, &fetched.temp_path, task_id, image.index, fetched.ext)
+            .await
+            .map_err(FetchError::Io)?;
+        Ok(Event::ImageStored {
+            index: image.index,
+            path: rel,
+            bytes: fetched.bytes,
+            sha256: fetched.sha256,
+        })
+    }
+
+    /// Asks KIE for a fresh link to an expired image URL (once per image) and records it.
+    async fn refresh(&self, task_id: &str, image: &Image) -> Option<String> {
+        let kie = self.kie.as_ref()?;
+        match kie.refresh_download_url(&image.url).await {
+            Ok(fresh) => {
+                let ctx = Ctx::from_config(&self.config, now_millis());
+                let event = Event::UrlRefreshed {
+                    index: image.index,
+                    url: fresh.clone(),
+                };
+                if let Err(e) = self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+                    tracing::error!(task_id, error = %e, "cannot record refreshed URL");
+                }
+                Some(fresh)
+            }
+            Err(e) => {
+                tracing::warn!(task_id, index = image.index, error = %e, "KIE gave no fresh link");
+                None
+            }
+        }
+    }
+}
+
+/// Moves a complete, synced temp file to `images/<task>/<index>.<ext>` and syncs the
+/// directories, so that after this returns the file survives a crash. Files of the same
+/// index with another extension (an earlier attempt) are removed first.
+async fn install(data_dir: &Path, temp: &Path, task_id: &str, index: u32, ext: Ext) -> std::io::Result<()> {
+    let images = data_dir.join(IMAGES_DIR);
+    let dir = images.join(task_id);
+    let final_path = dir.join(format!("{index}.{}", ext.as_str()));
+    let temp_owned = temp.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let temp = temp_owned;
+        let created = !dir.exists();
+        std::fs::create_dir_all(&dir)?;
+        for other in Ext::ALL.iter().filter(|e| **e != ext) {
+            let p = dir.join(format!("{index}.{}", other.as_str()));
+            if p.exists() {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        std::fs::rename(&temp, &final_path)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        if created {
+            std::fs::File::open(&images)?.sync_all()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?;
+    if result.is_err() {
+        // Never leave a partial download behind; it would be removed at the next start anyway.
+        let _ = tokio::fs::remove_file(temp).await;
+    }
+    result
+}
+
+/// A complete file already at the final path of `index` (written before a crash that came
+/// before its record): hash it and return the event that records it.
+async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Event> {
+    let dir = data_dir.join(IMAGES_DIR).join(task_id);
+    let task_id = task_id.to_string();
+    tokio::task::spawn_blocking(move || {
+        for ext in Ext::ALL {
+            let path = dir.join(format!("{index}.{}", ext.as_str()));
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            if Ext::sniff(&bytes) != Some(ext) {
+                continue;
+            }
+            return Some(Event::ImageStored {
+                index,
+                path: format!("{IMAGES_DIR}/{task_id}/{index}.{}", ext.as_str()),
+                bytes: bytes.len() as u64,
+                sha256: hex::encode(Sha256::digest(&bytes)),
+            });
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}

@@ -1,0 +1,130 @@
+//! The poll fallback: tasks still `submitted` are looked up on KIE's record-info when their
+//! poll is due (the store's poll index), until a result arrives or `poll.give_up_after`
+//! passes. Owns the schedule of polls; must not fetch images (`download`) or decide
+//! transitions (`machine`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::kie::{CoverStatus, KieClient, KieError};
+use crate::machine::{Ctx, Event, Report};
+use crate::model::{Millis, now_millis};
+use crate::store::{IfMissing, Store};
+
+/// Due tasks handled per pass; the rate limiter paces the calls themselves.
+const BATCH: usize = 64;
+/// Longest the poller sleeps without looking at the index again.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+pub struct Poller {
+    store: Store,
+    config: Arc<Config>,
+    kie: Option<Arc<KieClient>>,
+    downloads: Arc<Notify>,
+}
+
+fn ms(d: Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Poller {
+    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, downloads: Arc<Notify>) -> Poller {
+        Poller {
+            store,
+            config,
+            kie,
+            downloads,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let next = match self.pass(&shutdown).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!(error = %e, "poll pass failed; retrying");
+                    Some(now_millis() + 5_000)
+                }
+            };
+            let sleep = next
+                .map(|at| Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)))
+                .unwrap_or(MAX_IDLE)
+                .clamp(Duration::from_millis(50), MAX_IDLE);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Polls every due task once; returns when the next one is due.
+    async fn pass(&self, shutdown: &CancellationToken) -> Result<Option<Millis>, crate::store::StoreError> {
+        for (at, task_id) in self.store.poll_queue(BATCH)? {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            if at > now_millis() {
+                return Ok(Some(at));
+            }
+            self.poll_one(&task_id).await;
+        }
+        Ok(self.store.next_poll_due()?)
+    }
+
+    async fn poll_one(&self, task_id: &str) {
+        let Ok(Some(task)) = self.store.get(task_id) else { return };
+        let now = now_millis();
+        let give_up_at = task.submitted_at.saturating_add(ms(self.config.poll.give_up_after));
+        let next = now.saturating_add(ms(self.config.poll.interval)).min(give_up_at);
+        let event = if now >= give_up_at {
+            Event::GiveUp
+        } else if let Some(kie) = &self.kie {
+            self.ask(kie, task_id, next).await
+        } else {
+            Event::Wait { until: give_up_at }
+        };
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+            Ok(Some(applied)) => {
+                if applied.task.download_due().is_some() {
+                    self.downloads.notify_one();
+                }
+                for (kind, detail) in &applied.outcome.notes {
+                    tracing::info!(task_id, kind = kind.as_str(), detail, "poll recorded");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(task_id, error = %e, "cannot record poll"),
+        }
+    }
+
+    async fn ask(&self, kie: &KieClient, task_id: &str, next: Millis) -> Event {
+        let pending = |detail: String| Event::PollPending {
+            detail,
+            next_poll_at: next,
+        };
+        match kie.record_info(task_id).await {
+            Ok(info) => match info.status {
+                CoverStatus::Success if !info.images.is_empty() => Event::Polled(Report::Success { images: info.images }),
+                CoverStatus::Success => pending("record-info reports success but no images yet".into()),
+                CoverStatus::Failed => {
+                    let code = info.error_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
+                    let msg = info.error_message.unwrap_or_else(|| "generation failed".into());
+                    Event::Polled(Report::Failure {
+                        reason: format!("KIE code {code}: {msg}"),
+                    })
+                }
+                CoverStatus::Pending | CoverStatus::Generating => pending(format!("record-info: {:?}", info.status).to_lowercase()),
+            },
+            Err(KieError::NotFound) => pending("record-info: not found yet".into()),
+            Err(e) => {
+                tracing::warn!(task_id, error = %e, "record-info failed");
+                pending(format!("record-info failed: {e}"))
+            }
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! `coverd submit`: asks KIE for the cover of a finished song, idempotently and crash-safely.
+//! The intent is stored before KIE is called; a repeat for the same song returns the known
+//! cover task; KIE's "already exists" answer (400/409 with a task id) is adopted; intents
+//! left by a crash are resolved later by asking again (KIE then answers "already exists").
+//! Owns this protocol only; must not poll or download.
+
+use crate::admin::{AdminError, Exec, SubmitJson};
+use crate::kie::{KieClient, KieError};
+use crate::machine::Event;
+use crate::model::now_millis;
+use crate::store::{IfMissing, Store};
+
+/// Asks KIE for a cover of `music_task_id` unless one is already recorded.
+pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, String), AdminError> {
+    let public_url = exec.config.public_url.as_str();
+    if public_url.is_empty() {
+        return Err(AdminError::usage(
+            "cannot submit: `public_url` is not set, so KIE would have nowhere to send the callback; set public_url in the config file",
+        ));
+    }
+    let Some(kie) = &exec.kie else {
+        return Err(AdminError::usage(
+            "cannot submit: no KIE API key; set kie.api_key, KIE_API_KEY, kie.api_key_file or the systemd credential kie-api-key",
+        ));
+    };
+    let answer = |task_id: String, message: String| {
+        Ok((
+            SubmitJson {
+                task_id,
+                music_task_id: music_task_id.to_string(),
+            },
+            message,
+        ))
+    };
+    if let Some(existing) = exec.store.record_intent(music_task_id, now_millis())? {
+        return answer(existing, format!("a cover was already requested for {music_task_id}; not asking KIE again"));
+    }
+    exec.store.flush().await?;
+    let callback_url = format!("{public_url}/callbacks/cover");
+    let (task_id, message) = resolve(&exec.store, kie, music_task_id, &callback_url)
+        .await
+        .map_err(|e| AdminError::missing(format!("KIE did not create a cover for {music_task_id}: {e}")))?;
+    let event = Event::Submit {
+        music_task_id: Some(music_task_id.to_string()),
+    };
+    exec.apply(&task_id, event, IfMissing::Create).await?;
+    answer(task_id, message)
+}
+
+/// Calls KIE for one intent. On a definite refusal the intent is dropped (nothing exists at
+/// KIE); on a transient failure it is kept, to be resolved by a later `submit` or the daemon.
+async fn resolve(store: &Store, kie: &KieClient, music_task_id: &str, callback_url: &str) -> Result<(String, String), KieError> {
+    match kie.generate_cover(music_task_id, callback_url).await {
+        Ok(id) => Ok((id, format!("KIE accepted the cover request for {music_task_id}"))),
+        Err(KieError::AlreadyExists { task_id }) => Ok((
+            task_id,
+            format!("KIE already had a cover task for {music_task_id}; adopted it"),
+        )),
+        Err(e) => {
+            if !e.is_transient() {
+                let _ = store.drop_intent(music_task_id);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Resolves intents older than `min_age_ms` that a crash (or a transient KIE failure) left
+/// unresolved; called by the daemon's poller. Returns how many were resolved.
+pub async fn resolve_intents(store: &Store, kie: &KieClient, exec_config: &crate::config::Config, min_age_ms: i64) -> usize {
+    let public_url = exec_config.public_url.as_str();
+    if public_url.is_empty() {
+        return 0;
+    }
+    let callback_url = format!("{public_url}/callbacks/cover");
+    let now = now_millis();
+    let Ok(intents) = store.intents(16) else { return 0 };
+    let mut resolved = 0;
+    for (music, at) in intents {
+        if now - at < min_age_ms {
+            continue;
+        }
+        match resolve(store, kie, &music, &callback_url).await {
+            Ok((task_id, message)) => {
+                let ctx = crate::machine::Ctx::from_config(exec_config, now_millis());
+                let event = Event::Submit {
+                    music_task_id: Some(music.clone()),
+                };
+                match store.apply_async(&task_id, event, ctx, IfMissing::Create).await {
+                    Ok(_) => {
+                        resolved += 1;
+                        tracing::info!(task_id, music_task_id = music, "resolved an unfinished submit: {message}");
+                    }
+                    Err(e) => tracing::error!(task_id, error = %e, "cannot record resolved submit"),
+                }
+            }
+            Err(e) => tracing::warn!(music_task_id = music, error = %e, "unfinished submit still unresolved"),
+        }
+    }
+    resolved
+}
