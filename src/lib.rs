@@ -1,1 +1,4 @@
-pub fn x(){}
+//! coverd: durable intake of KIE.AI Suno cover callbacks.
+
+pub mod config;
+pub mod kie;
