@@ -1,10 +1,18 @@
 //! coverd: makes sure every Suno cover task submitted to KIE.AI ends with its images safely on
 //! local disk, or with a clear reason why not. See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod callback;
 pub mod config;
+pub mod daemon;
+pub mod download;
+pub mod fetch;
+pub mod guard;
+pub mod kie;
 pub mod machine;
 pub mod model;
+pub mod poll;
 pub mod server;
 pub mod signature;
 pub mod store;
+pub mod submit;

@@ -2,3 +2,4 @@
 //! fake KIE written in Rust (`fake_kie`). One binary keeps build times down.
 
 mod fake_kie;
+mod kie_client;

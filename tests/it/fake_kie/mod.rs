@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
+use hyper::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
@@ -23,6 +23,7 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub struct FakeKie {
     pub addr: SocketAddr,
+    #[allow(dead_code)] // read by the file-host tests, not by every test build
     pub files: Arc<files::Files>,
     pub api: Arc<api::Api>,
     task: tokio::task::JoinHandle<()>,
