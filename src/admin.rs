@@ -121,8 +121,8 @@ pub struct Exec {
     pub config: Arc<Config>,
     pub kie: Option<Arc<KieClient>>,
     pub daemon_running: bool,
-    /// Woken after a change that makes work due (daemon only).
-    pub wake: Option<Arc<Notify>>,
+    /// The daemon's loops, woken after a change that may make work due (empty when stopped).
+    pub wake: Vec<Arc<Notify>>,
 }
 
 impl Exec {
@@ -199,8 +199,8 @@ impl Exec {
             .await?
             .ok_or_else(|| not_found(task_id))?;
         self.store.durable(applied.ticket).await?;
-        if let Some(wake) = &self.wake {
-            wake.notify_waiters();
+        for wake in &self.wake {
+            wake.notify_one();
         }
         Ok((applied.before.is_none(), TaskJson::new(&applied.task, None)))
     }
@@ -292,14 +292,14 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, wake: Arc<Notify>) -> Service {
+    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, wake: Vec<Arc<Notify>>) -> Service {
         Service {
             exec: Exec {
                 store,
                 config,
                 kie,
                 daemon_running: true,
-                wake: Some(wake),
+                wake,
             },
         }
     }
@@ -373,7 +373,7 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
         config: Arc::new(config),
         kie,
         daemon_running: false,
-        wake: None,
+        wake: Vec::new(),
     };
     let reply = exec.execute(req).await;
     store.flush().await?;

@@ -131,6 +131,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
 
     let shutdown = CancellationToken::new();
     let wake_downloads = Arc::new(Notify::new());
+    let wake_polls = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -146,7 +147,13 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         });
     }
     {
-        let poller = Poller::new(store.clone(), config.clone(), kie.clone(), wake_downloads.clone());
+        let poller = Poller::new(
+            store.clone(),
+            config.clone(),
+            kie.clone(),
+            wake_downloads.clone(),
+            wake_polls.clone(),
+        );
         let shutdown = shutdown.clone();
         tasks.spawn(async move { poller.run(shutdown).await });
     }
@@ -167,7 +174,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         },
         shutdown.clone(),
     ));
-    let admin = Arc::new(admin::Service::new(store.clone(), config.clone(), kie.clone(), wake_downloads));
+    let admin = Arc::new(admin::Service::new(store.clone(), config.clone(), kie.clone(), vec![wake_downloads, wake_polls]));
     tasks.spawn(server::serve(
         admin_listener,
         move |req| {

@@ -20,6 +20,8 @@ use crate::machine::{Ctx, Event};
 use crate::model::{Image, ImageState, Millis, State, now_millis};
 use crate::store::{IfMissing, Store, StoreError};
 
+/// Every image type a stored file can have.
+const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
 pub const IMAGES_DIR: &str = "images";
 /// Where partial downloads live; emptied at every start.
@@ -327,7 +329,7 @@ async fn install(data_dir: &Path, temp: &Path, task_id: &str, index: u32, ext: E
         let temp = temp_owned;
         let created = !dir.exists();
         std::fs::create_dir_all(&dir)?;
-        for other in Ext::ALL.iter().filter(|e| **e != ext) {
+        for other in EXTS.iter().filter(|e| **e != ext) {
             let p = dir.join(format!("{index}.{}", other.as_str()));
             if p.exists() {
                 std::fs::remove_file(&p)?;
@@ -355,7 +357,7 @@ async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Ev
     let dir = data_dir.join(IMAGES_DIR).join(task_id);
     let task_id = task_id.to_string();
     tokio::task::spawn_blocking(move || {
-        for ext in Ext::ALL {
+        for ext in EXTS {
             let path = dir.join(format!("{index}.{}", ext.as_str()));
             let Ok(bytes) = std::fs::read(&path) else { continue };
             if Ext::sniff(&bytes) != Some(ext) {

@@ -1,1 +1,209 @@
-fn main() {}
+//! The binary's edge: parses the command line (clap), loads the configuration, sets up logs,
+//! runs one command and turns its outcome into an exit code (0 ok, 1 missing/failed, 2 usage
+//! or configuration). Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use coverd::admin::{self, DEFAULT_LIST_LIMIT, Reply, Request};
+use coverd::config::{self, Config, Overrides};
+use coverd::daemon;
+
+#[derive(Parser, Debug)]
+#[command(name = "coverd", version, about = "Durable intake of KIE.AI cover callbacks and image downloads")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// Configuration file (TOML); default: $COVERD_CONFIG, else built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir` and $COVERD_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon in the foreground.
+    Serve {
+        /// Callback listener address (overrides `listen` and $COVERD_LISTEN).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Ask KIE for a cover of a finished song; prints the cover task id.
+    Submit {
+        music_task_id: String,
+        /// Print {"task_id": …, "music_task_id": …}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and repair state (through the running daemon, or directly when it is stopped).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Counts per state, oldest unfinished task, data size, daemon up or not.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tasks, newest first.
+    List {
+        /// Only tasks in this state: submitted, received, downloaded or failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many tasks.
+        #[arg(long, default_value_t = DEFAULT_LIST_LIMIT)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One task: record, images, full event history.
+    Show {
+        task_id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adopt a cover task that was submitted elsewhere (state submitted).
+    Track {
+        task_id: String,
+        #[arg(long)]
+        music_task_id: Option<String>,
+    },
+    /// Put a failed task back to work; on a downloaded task, re-fetch missing or corrupt images.
+    Retry { task_id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        config_file: cli.global.config.clone(),
+        data_dir: cli.global.data_dir.clone(),
+        listen: match &cli.command {
+            Command::Serve { listen } => *listen,
+            _ => None,
+        },
+    };
+    let config = match config::load(&overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("coverd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logs(matches!(cli.command, Command::Serve { .. }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coverd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, config: Config) -> ExitCode {
+    let (request, json) = match command {
+        Command::Serve { .. } => {
+            return match serve(config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("coverd: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Submit { music_task_id, json } => (Request::Submit { music_task_id }, json),
+        Command::Admin { command } => match command {
+            AdminCommand::Status { json } => (Request::Status, json),
+            AdminCommand::List { state, limit, json } => (Request::List { state, limit }, json),
+            AdminCommand::Show { task_id, json } => (Request::Show { task_id }, json),
+            AdminCommand::Track {
+                task_id,
+                music_task_id,
+            } => (
+                Request::Track {
+                    task_id,
+                    music_task_id,
+                },
+                false,
+            ),
+            AdminCommand::Retry { task_id } => (Request::Retry { task_id }, false),
+        },
+    };
+    match admin::run(config, request).await {
+        Ok(reply) => {
+            println!("{}", admin::render(&reply, json));
+            if let Reply::Submitted { message, .. } = &reply
+                && !json
+            {
+                eprintln!("{message}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("coverd: {e}");
+            ExitCode::from(e.exit)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = daemon::start(config, daemon::Hooks::default()).await?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        token.cancel();
+    });
+    running.wait().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the daemon can only be killed; say so and keep serving.
+            tracing::error!("cannot install SIGTERM/SIGINT handlers");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Logs to stderr. Under journald (`$JOURNAL_STREAM`): no colours, no timestamps (journald
+/// adds its own). Level from `$RUST_LOG`, default `info` for the daemon, `warn` for commands.
+fn init_logs(daemon: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if daemon { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

@@ -25,19 +25,31 @@ pub struct Poller {
     config: Arc<Config>,
     kie: Option<Arc<KieClient>>,
     downloads: Arc<Notify>,
+    wake: Arc<Notify>,
 }
+
+/// An unresolved submit intent is retried once it is this old (a live `submit` may still
+/// be waiting for KIE's answer before that).
+const INTENT_MIN_AGE_MS: Millis = 60_000;
 
 fn ms(d: Duration) -> Millis {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Poller {
-    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, downloads: Arc<Notify>) -> Poller {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        kie: Option<Arc<KieClient>>,
+        downloads: Arc<Notify>,
+        wake: Arc<Notify>,
+    ) -> Poller {
         Poller {
             store,
             config,
             kie,
             downloads,
+            wake,
         }
     }
 
@@ -56,6 +68,7 @@ impl Poller {
                 .clamp(Duration::from_millis(50), MAX_IDLE);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
             }
         }
@@ -63,6 +76,9 @@ impl Poller {
 
     /// Polls every due task once; returns when the next one is due.
     async fn pass(&self, shutdown: &CancellationToken) -> Result<Option<Millis>, crate::store::StoreError> {
+        if let Some(kie) = &self.kie {
+            crate::submit::resolve_intents(&self.store, kie, &self.config, INTENT_MIN_AGE_MS).await;
+        }
         for (at, task_id) in self.store.poll_queue(BATCH)? {
             if shutdown.is_cancelled() {
                 return Ok(None);
