@@ -1,1 +1,3 @@
-pub fn x(){}
+pub mod config;
+pub mod fetch;
+pub mod guard;
