@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
+use hyper::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
@@ -24,6 +24,7 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 pub struct FakeKie {
     pub addr: SocketAddr,
     pub files: Arc<files::Files>,
+    #[allow(dead_code)] // until the API tests read it
     pub api: Arc<api::Api>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -31,14 +32,18 @@ pub struct FakeKie {
 impl FakeKie {
     /// Binds 127.0.0.1:0 and serves until dropped.
     pub async fn start() -> FakeKie {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake KIE");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake KIE");
         let addr = listener.local_addr().expect("fake KIE address");
         let files = Arc::new(files::Files::new(addr));
         let api = Arc::new(api::Api::new(addr));
         let (f, a) = (files.clone(), api.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (f, a) = (f.clone(), a.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -59,7 +64,12 @@ impl FakeKie {
                 });
             }
         });
-        FakeKie { addr, files, api, task }
+        FakeKie {
+            addr,
+            files,
+            api,
+            task,
+        }
     }
 
     /// `http://127.0.0.1:PORT`, no trailing slash.
