@@ -2,4 +2,5 @@
 //! fake KIE written in Rust (`fake_kie`). One binary keeps build times down.
 
 mod fake_kie;
+mod fetch;
 mod kie_client;

@@ -25,6 +25,7 @@ pub struct FakeKie {
     pub addr: SocketAddr,
     #[allow(dead_code)] // read by the file-host tests, not by every test build
     pub files: Arc<files::Files>,
+    #[allow(dead_code)] // until the API tests read it
     pub api: Arc<api::Api>,
     task: tokio::task::JoinHandle<()>,
 }

@@ -1,0 +1,661 @@
+//! The HTTP fetch of one image into a temp file under the data directory: guard check,
+//! GET, status classification, size cap, image sniffing and sha256 while streaming, and
+//! `sync_all` before returning. It must not touch the store or any final image path: the
+//! caller decides whether and where the temp file becomes a stored image, and retries
+//! (see [`backoff_delay`] and [`FetchError::is_transient`]).
+//!
+//! On every error the temp file is removed, also when the fetch future is dropped mid-way.
+//! Error messages go into task records and logs, so they never contain a URL's query
+//! string (signed URLs carry tokens there): URLs are shown as scheme://host/path.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use url::Url;
+
+use crate::config::DownloadConfig;
+use crate::guard::{Refused, UrlGuard};
+
+/// Time allowed to set up a TCP (and TLS) connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default stall detector: the longest wait for the next bytes of a response.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes of the body kept to recognise the image type and describe what was served.
+const HEAD_LEN: usize = 16;
+
+/// The image type, from the file's own bytes (never from Content-Type or the URL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ext {
+    Png,
+    Jpg,
+    Webp,
+    Gif,
+}
+
+impl Ext {
+    /// Recognises PNG, JPEG, WebP and GIF by their magic bytes.
+    pub fn sniff(head: &[u8]) -> Option<Ext> {
+        if head.starts_with(b"\x89PNG\r\n\x1a\n") {
+            Some(Ext::Png)
+        } else if head.starts_with(b"\xff\xd8\xff") {
+            Some(Ext::Jpg)
+        } else if head.len() >= 12 && head.starts_with(b"RIFF") && &head[8..12] == b"WEBP" {
+            Some(Ext::Webp)
+        } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
+            Some(Ext::Gif)
+        } else {
+            None
+        }
+    }
+
+    /// The file extension: `png`, `jpg`, `webp` or `gif`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ext::Png => "png",
+            Ext::Jpg => "jpg",
+            Ext::Webp => "webp",
+            Ext::Gif => "gif",
+        }
+    }
+}
+
+/// One image fetched into a complete, synced temp file.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// `<tmp_dir>/<random hex>.part`; the caller moves or removes it.
+    pub temp_path: PathBuf,
+    pub bytes: u64,
+    /// 64 lowercase hex digits.
+    pub sha256: String,
+    pub ext: Ext,
+    /// The URL after redirects, in full: it may carry a token, so log [`display_url`] of it.
+    pub final_url: String,
+}
+
+/// The HTTP client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchSetupError {
+    #[error("download.user_agent is empty: KIE's file hosts refuse requests without one")]
+    EmptyUserAgent,
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Why one fetch failed. `Display` is a short human reason for the task record.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The guard refused the URL, a redirect hop or every resolved address. Permanent.
+    #[error("{0}")]
+    Refused(#[from] Refused),
+    /// 403, 404 or 410: the link may have expired; a refreshed URL may still work.
+    #[error("HTTP {}", status_text(*status))]
+    Gone { status: u16 },
+    /// Any other non-2xx status. Transient for 408, 425, 429 and 5xx.
+    #[error("HTTP {}", status_text(*status))]
+    Status {
+        status: u16,
+        transient: bool,
+        retry_after: Option<Duration>,
+    },
+    /// Content-Length or the streamed body exceeded `download.max_image_bytes`. Permanent.
+    #[error("image larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    /// The body is not a PNG, JPEG, WebP or GIF. Permanent.
+    /// `start` describes the first bytes, e.g. `starts with '<!DOCTYPE html>'` or `empty body`.
+    #[error("not an image: content-type {content_type}, {start}")]
+    NotImage { content_type: String, start: String },
+    /// No connection could be made (refused, DNS failure, connect timeout, TLS).
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The request failed after connecting but before a response arrived.
+    #[error("request to {url} failed: {reason}")]
+    Request { url: String, reason: String },
+    /// `stalled`: no data for `after` (the read timeout); else the whole request took too long.
+    #[error("timed out after {}{}", humantime::format_duration(*after),
+        if *stalled { " without data" } else { " (whole request)" })]
+    Timeout { after: Duration, stalled: bool },
+    /// The body ended early or broke off mid-way.
+    #[error("body cut off after {received}{} bytes",
+        expected.map(|e| format!(" of {e}")).unwrap_or_default())]
+    CutBody {
+        received: u64,
+        expected: Option<u64>,
+    },
+    /// Writing the temp file failed (local disk).
+    #[error("local disk error writing the temp file: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl FetchError {
+    /// Worth retrying with backoff: connect errors, timeouts, cut bodies, 408/425/429/5xx
+    /// and local disk errors.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FetchError::Connect { .. }
+            | FetchError::Request { .. }
+            | FetchError::Timeout { .. }
+            | FetchError::CutBody { .. }
+            | FetchError::Io(_) => true,
+            FetchError::Status { transient, .. } => *transient,
+            FetchError::Refused(_)
+            | FetchError::Gone { .. }
+            | FetchError::TooLarge { .. }
+            | FetchError::NotImage { .. } => false,
+        }
+    }
+
+    /// The server's `Retry-After`, when it sent one with a transient status.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// 403, 404 or 410: the caller may ask KIE for a refreshed URL and try that.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, FetchError::Gone { .. })
+    }
+}
+
+/// Fetches image URLs through one shared HTTP client that applies the [`UrlGuard`].
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    guard: UrlGuard,
+    cfg: DownloadConfig,
+    read_timeout: Duration,
+}
+
+impl Fetcher {
+    /// A client with rustls, the guard's resolver and redirect policy, no proxy, no
+    /// Referer, `cfg.user_agent`, `cfg.timeout` for the whole request,
+    /// [`CONNECT_TIMEOUT`] and [`READ_TIMEOUT`].
+    pub fn new(cfg: &DownloadConfig, guard: UrlGuard) -> Result<Fetcher, FetchSetupError> {
+        let client = build_client(cfg, &guard, READ_TIMEOUT)?;
+        Ok(Fetcher {
+            client,
+            guard,
+            cfg: cfg.clone(),
+            read_timeout: READ_TIMEOUT,
+        })
+    }
+
+    /// The same fetcher with another stall timeout (tests use a fraction of a second).
+    pub fn with_read_timeout(self, read_timeout: Duration) -> Result<Fetcher, FetchSetupError> {
+        let client = build_client(&self.cfg, &self.guard, read_timeout)?;
+        Ok(Fetcher {
+            client,
+            read_timeout,
+            ..self
+        })
+    }
+
+    /// Fetches `url` into a new `<random hex>.part` file in `tmp_dir`. A refused URL makes
+    /// no connection. On error no file is left behind.
+    pub async fn fetch(&self, url: &str, tmp_dir: &Path) -> Result<Fetched, FetchError> {
+        let url =
+            Url::parse(url).map_err(|e| Refused(format!("refused URL: not a valid URL ({e})")))?;
+        self.guard.check_url(&url)?;
+        let started = Instant::now();
+        tracing::debug!(url = %display_url(&url), "fetching image");
+
+        let mut resp = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| self.request_error(e, &url, started))?;
+        check_status(resp.status().as_u16(), resp.headers())?;
+        let limit = self.cfg.max_image_bytes;
+        let expected = resp.content_length();
+        if expected.is_some_and(|len| len > limit) {
+            return Err(FetchError::TooLarge { limit });
+        }
+        let content_type = describe_content_type(resp.headers());
+        let final_url = resp.url().to_string();
+
+        let mut part = PartFile::create(tmp_dir).await?;
+        let mut hasher = Sha256::new();
+        let mut received: u64 = 0;
+        let mut head: Vec<u8> = Vec::with_capacity(HEAD_LEN);
+        let mut ext: Option<Ext> = None;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(self.timeout_error(started)),
+                Err(_) => return Err(FetchError::CutBody { received, expected }),
+            };
+            let len = chunk.len() as u64;
+            if received.saturating_add(len) > limit {
+                return Err(FetchError::TooLarge { limit });
+            }
+            if ext.is_none() {
+                let take = (HEAD_LEN - head.len()).min(chunk.len());
+                head.extend_from_slice(&chunk[..take]);
+                if head.len() >= HEAD_LEN {
+                    ext = Some(sniff_or_refuse(&head, &content_type)?);
+                }
+            }
+            hasher.update(&chunk);
+            part.file.write_all(&chunk).await?;
+            received += len;
+        }
+        if expected.is_some_and(|len| received < len) {
+            return Err(FetchError::CutBody { received, expected });
+        }
+        let ext = match ext {
+            Some(ext) => ext,
+            None => sniff_or_refuse(&head, &content_type)?,
+        };
+        part.file.flush().await?;
+        part.file.sync_all().await?;
+        let temp_path = part.keep();
+        tracing::debug!(url = %display_url(&url), bytes = received, "fetched image");
+        Ok(Fetched {
+            temp_path,
+            bytes: received,
+            sha256: hex::encode(hasher.finalize()),
+            ext,
+            final_url,
+        })
+    }
+
+    /// Classifies an error from sending the request (before a response arrived).
+    fn request_error(&self, err: reqwest::Error, url: &Url, started: Instant) -> FetchError {
+        if let Some(refused) = find_refused(&err) {
+            return FetchError::Refused(refused);
+        }
+        let url = err.url().map_or_else(|| display_url(url), display_url);
+        if err.is_connect() {
+            let reason = if err.is_timeout() {
+                format!(
+                    "timed out after {}",
+                    humantime::format_duration(CONNECT_TIMEOUT)
+                )
+            } else {
+                innermost_reason(err)
+            };
+            FetchError::Connect { url, reason }
+        } else if err.is_timeout() {
+            self.timeout_error(started)
+        } else {
+            let reason = innermost_reason(err);
+            FetchError::Request { url, reason }
+        }
+    }
+
+    /// reqwest reports both timeouts alike; the elapsed time tells which one fired.
+    fn timeout_error(&self, started: Instant) -> FetchError {
+        if started.elapsed() < self.cfg.timeout {
+            FetchError::Timeout {
+                after: self.read_timeout,
+                stalled: true,
+            }
+        } else {
+            FetchError::Timeout {
+                after: self.cfg.timeout,
+                stalled: false,
+            }
+        }
+    }
+}
+
+fn build_client(
+    cfg: &DownloadConfig,
+    guard: &UrlGuard,
+    read_timeout: Duration,
+) -> Result<reqwest::Client, FetchSetupError> {
+    if cfg.user_agent.trim().is_empty() {
+        return Err(FetchSetupError::EmptyUserAgent);
+    }
+    let client = reqwest::Client::builder()
+        .user_agent(cfg.user_agent.as_str())
+        .timeout(cfg.timeout)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(read_timeout)
+        .redirect(guard.redirect_policy())
+        .dns_resolver(guard.resolver())
+        // A proxy would connect for us, past the resolver's address check.
+        .no_proxy()
+        // The Referer on a redirect would carry the previous URL's token to another host.
+        .referer(false)
+        .build()?;
+    Ok(client)
+}
+
+/// 2xx passes; 403/404/410 are [`FetchError::Gone`]; 408/425/429/5xx are transient.
+fn check_status(status: u16, headers: &HeaderMap) -> Result<(), FetchError> {
+    match status {
+        200..=299 => Ok(()),
+        403 | 404 | 410 => Err(FetchError::Gone { status }),
+        408 | 425 | 429 | 500..=599 => Err(FetchError::Status {
+            status,
+            transient: true,
+            retry_after: headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc())),
+        }),
+        _ => Err(FetchError::Status {
+            status,
+            transient: false,
+            retry_after: None,
+        }),
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (a date in the past gives zero).
+fn parse_retry_after(value: &str, now: time::OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    Some(Duration::try_from(at - now).unwrap_or(Duration::ZERO))
+}
+
+/// "404 Not Found", or just the number for codes without a canonical reason.
+fn status_text(status: u16) -> String {
+    match reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+    {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+fn describe_content_type(headers: &HeaderMap) -> String {
+    match headers.get(CONTENT_TYPE) {
+        None => "none".to_owned(),
+        Some(v) => String::from_utf8_lossy(v.as_bytes())
+            .chars()
+            .take(80)
+            .collect(),
+    }
+}
+
+fn sniff_or_refuse(head: &[u8], content_type: &str) -> Result<Ext, FetchError> {
+    Ext::sniff(head).ok_or_else(|| FetchError::NotImage {
+        content_type: content_type.to_owned(),
+        start: if head.is_empty() {
+            "empty body".to_owned()
+        } else {
+            format!("starts with '{}'", head.escape_ascii())
+        },
+    })
+}
+
+/// A URL for messages: scheme://host[:port]/path, without userinfo, query or fragment.
+pub fn display_url(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{}://{host}:{port}{}", url.scheme(), url.path()),
+        None => format!("{}://{host}{}", url.scheme(), url.path()),
+    }
+}
+
+fn find_refused(err: &(dyn std::error::Error + 'static)) -> Option<Refused> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(refused) = e.downcast_ref::<Refused>() {
+            return Some(refused.clone());
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// The root cause's message, without the URL reqwest's own message would repeat in full.
+fn innermost_reason(err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let mut current: &(dyn std::error::Error + 'static) = &err;
+    while let Some(source) = current.source() {
+        current = source;
+    }
+    current.to_string()
+}
+
+/// A `.part` file that is removed when dropped, unless kept.
+struct PartFile {
+    path: PathBuf,
+    file: tokio::fs::File,
+    keep: bool,
+}
+
+impl PartFile {
+    async fn create(dir: &Path) -> io::Result<PartFile> {
+        let name = format!("{}.part", hex::encode(rand::random::<[u8; 16]>()));
+        let path = dir.join(name);
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
+        Ok(PartFile {
+            path,
+            file,
+            keep: false,
+        })
+    }
+
+    fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.keep {
+            // Blocking, but a single unlink; it also runs when a fetch is cancelled.
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The wait before retry number `attempt` (1 = the first retry): uniform in
+/// `[0, min(max, base * 2^(attempt-1))]` ("full jitter"), and at least
+/// `min(retry_after, max)` when the server sent `Retry-After`.
+pub fn backoff_delay(
+    attempt: u32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = 2u32.saturating_pow(attempt.saturating_sub(1));
+    let cap = base.saturating_mul(exp).min(max);
+    let jittered = cap.mul_f64(rand::random::<f64>());
+    match retry_after {
+        Some(wait) => jittered.max(wait.min(max)),
+        None => jittered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniff_table() {
+        let table: &[(&[u8], Option<Ext>)] = &[
+            (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", Some(Ext::Png)),
+            (b"\xff\xd8\xff\xe0\0\x10JFIF", Some(Ext::Jpg)),
+            (b"RIFF\x24\0\0\0WEBPVP8 ", Some(Ext::Webp)),
+            (b"GIF87a\x01\0", Some(Ext::Gif)),
+            (b"GIF89a\x01\0", Some(Ext::Gif)),
+            (b"RIFF\x24\0\0\0WAVEfmt ", None),
+            (b"\x89PNG\r\n", None),
+            (b"<!DOCTYPE html>", None),
+            (b"", None),
+        ];
+        for (head, ext) in table {
+            assert_eq!(Ext::sniff(head), *ext, "{}", head.escape_ascii());
+        }
+        let names: Vec<_> = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif]
+            .iter()
+            .map(|e| e.as_str())
+            .collect();
+        assert_eq!(names, ["png", "jpg", "webp", "gif"]);
+    }
+
+    #[test]
+    fn status_classes() {
+        let none = HeaderMap::new();
+        assert!(check_status(200, &none).is_ok());
+        assert!(check_status(206, &none).is_ok());
+        for status in [403, 404, 410] {
+            let err = check_status(status, &none).unwrap_err();
+            assert!(err.is_gone() && !err.is_transient(), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504, 599] {
+            let err = check_status(status, &none).unwrap_err();
+            assert!(err.is_transient() && !err.is_gone(), "{status}");
+        }
+        for status in [301, 400, 401, 405, 413, 451] {
+            let err = check_status(status, &none).unwrap_err();
+            assert!(!err.is_transient() && !err.is_gone(), "{status}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "7".parse().unwrap());
+        let err = check_status(503, &headers).unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(err.to_string(), "HTTP 503 Service Unavailable");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = time::macros::datetime!(2015-10-21 07:28:00 UTC);
+        let table: &[(&str, Option<Duration>)] = &[
+            ("120", Some(Duration::from_secs(120))),
+            (" 0 ", Some(Duration::ZERO)),
+            (
+                "Wed, 21 Oct 2015 07:28:30 GMT",
+                Some(Duration::from_secs(30)),
+            ),
+            (
+                "Wed, 21 Oct 2015 08:28:00 GMT",
+                Some(Duration::from_secs(3600)),
+            ),
+            ("Wed, 21 Oct 2015 07:00:00 GMT", Some(Duration::ZERO)),
+            ("-5", None),
+            ("soon", None),
+            ("", None),
+        ];
+        for (value, expected) in table {
+            assert_eq!(parse_retry_after(value, now), *expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn messages() {
+        let table: Vec<(FetchError, &str)> = vec![
+            (FetchError::Gone { status: 404 }, "HTTP 404 Not Found"),
+            (
+                FetchError::Status {
+                    status: 599,
+                    transient: true,
+                    retry_after: None,
+                },
+                "HTTP 599",
+            ),
+            (
+                FetchError::Timeout {
+                    after: Duration::from_secs(30),
+                    stalled: true,
+                },
+                "timed out after 30s without data",
+            ),
+            (
+                FetchError::Timeout {
+                    after: Duration::from_secs(120),
+                    stalled: false,
+                },
+                "timed out after 2m (whole request)",
+            ),
+            (
+                FetchError::CutBody {
+                    received: 1234,
+                    expected: Some(5000),
+                },
+                "body cut off after 1234 of 5000 bytes",
+            ),
+            (
+                FetchError::CutBody {
+                    received: 7,
+                    expected: None,
+                },
+                "body cut off after 7 bytes",
+            ),
+            (
+                FetchError::TooLarge { limit: 26214400 },
+                "image larger than 26214400 bytes",
+            ),
+            (
+                sniff_or_refuse(b"<!DOCTYPE html>\n<h", "text/html").unwrap_err(),
+                "not an image: content-type text/html, starts with '<!DOCTYPE html>\\n<h'",
+            ),
+            (
+                sniff_or_refuse(b"", "image/png").unwrap_err(),
+                "not an image: content-type image/png, empty body",
+            ),
+        ];
+        for (err, text) in table {
+            assert_eq!(err.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn display_url_drops_secrets() {
+        let url = Url::parse("https://u:p@h.example:8443/s/a.png?token=SECRET#frag").unwrap();
+        assert_eq!(display_url(&url), "https://h.example:8443/s/a.png");
+        let url = Url::parse("https://h.example/a.png?X-Amz-Signature=SECRET").unwrap();
+        assert_eq!(display_url(&url), "https://h.example/a.png");
+    }
+
+    #[test]
+    fn backoff_bounds() {
+        let base = Duration::from_secs(2);
+        let max = Duration::from_secs(300);
+        for attempt in [0, 1, 2, 3, 5, 8, 9, 40, u32::MAX] {
+            let cap = match attempt {
+                0 | 1 => base,
+                n if n < 20 => (base * 2u32.pow(n - 1)).min(max),
+                _ => max,
+            };
+            for _ in 0..200 {
+                let d = backoff_delay(attempt, base, max, None);
+                assert!(d <= cap, "attempt {attempt}: {d:?} > {cap:?}");
+            }
+        }
+        // Full jitter: the spread reaches both ends of the range.
+        let delays: Vec<_> = (0..500)
+            .map(|_| backoff_delay(4, base, max, None))
+            .collect();
+        assert!(delays.iter().any(|d| *d < Duration::from_secs(2)));
+        assert!(delays.iter().any(|d| *d > Duration::from_secs(14)));
+        // Retry-After is a floor, itself capped at max.
+        for _ in 0..200 {
+            let d = backoff_delay(1, base, max, Some(Duration::from_secs(60)));
+            assert!(
+                d >= Duration::from_secs(60) && d <= Duration::from_secs(60),
+                "{d:?}"
+            );
+            let d = backoff_delay(1, base, max, Some(Duration::from_secs(3600)));
+            assert_eq!(d, max);
+            let d = backoff_delay(3, base, max, Some(Duration::from_secs(1)));
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(8),
+                "{d:?}"
+            );
+        }
+    }
+}
