@@ -39,11 +39,23 @@ pub const MAX_LIST_LIMIT: usize = 10_000;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    List { state: Option<String>, limit: usize },
-    Show { task_id: String },
-    Track { task_id: String, music_task_id: Option<String> },
-    Retry { task_id: String },
-    Submit { music_task_id: String },
+    List {
+        state: Option<String>,
+        limit: usize,
+    },
+    Show {
+        task_id: String,
+    },
+    Track {
+        task_id: String,
+        music_task_id: Option<String>,
+    },
+    Retry {
+        task_id: String,
+    },
+    Submit {
+        music_task_id: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -80,10 +92,20 @@ pub struct SubmitJson {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Status { status: StatusJson },
-    Tasks { tasks: Vec<TaskJson> },
-    Task { task: TaskJson, message: String },
-    Submitted { submitted: SubmitJson, message: String },
+    Status {
+        status: StatusJson,
+    },
+    Tasks {
+        tasks: Vec<TaskJson>,
+    },
+    Task {
+        task: TaskJson,
+        message: String,
+    },
+    Submitted {
+        submitted: SubmitJson,
+        message: String,
+    },
 }
 
 /// An admin failure: one sentence for stderr and the exit code (1 missing/failed, 2 usage).
@@ -163,7 +185,10 @@ impl Exec {
                 let message = if applied.0 {
                     format!("tracking {task_id}: it is polled if no callback arrives")
                 } else {
-                    format!("{task_id} is already known ({}); nothing changed", applied.1.state)
+                    format!(
+                        "{task_id} is already known ({}); nothing changed",
+                        applied.1.state
+                    )
                 };
                 Reply::Task {
                     task: applied.1,
@@ -179,7 +204,10 @@ impl Exec {
                 let event = Event::Retry { damaged };
                 let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
                 let message = format!("{task_id} is now {}", json.state);
-                Reply::Task { task: json, message }
+                Reply::Task {
+                    task: json,
+                    message,
+                }
             }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
@@ -191,7 +219,12 @@ impl Exec {
     }
 
     /// Applies one event and makes it durable. Returns (created, task as JSON).
-    pub async fn apply(&self, task_id: &str, event: Event, if_missing: IfMissing) -> Result<(bool, TaskJson), AdminError> {
+    pub async fn apply(
+        &self,
+        task_id: &str,
+        event: Event,
+        if_missing: IfMissing,
+    ) -> Result<(bool, TaskJson), AdminError> {
         let ctx = Ctx::from_config(&self.config, now_millis());
         let applied = self
             .store
@@ -219,7 +252,12 @@ impl Exec {
             created_at: format_time(t.created_at),
         });
         Ok(StatusJson {
-            daemon: if self.daemon_running { "running" } else { "stopped" }.into(),
+            daemon: if self.daemon_running {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
             tasks: TaskCounts {
                 submitted: c.submitted,
                 received: c.received,
@@ -271,7 +309,9 @@ fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() {
@@ -292,7 +332,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(store: Store, config: Arc<Config>, kie: Option<Arc<KieClient>>, wake: Vec<Arc<Notify>>) -> Service {
+    pub fn new(
+        store: Store,
+        config: Arc<Config>,
+        kie: Option<Arc<KieClient>>,
+        wake: Vec<Arc<Notify>>,
+    ) -> Service {
         Service {
             exec: Exec {
                 store,
@@ -319,11 +364,16 @@ impl Service {
         };
         let (status, body) = match result {
             Ok(reply) => (StatusCode::OK, serde_json::to_string(&reply)),
-            Err(err) => (StatusCode::UNPROCESSABLE_ENTITY, serde_json::to_string(&err)),
+            Err(err) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::to_string(&err),
+            ),
         };
         server::answer(Answer {
             status,
-            body: body.unwrap_or_else(|e| format!(r#"{{"exit":1,"message":"cannot encode reply: {e}"}}"#)),
+            body: body.unwrap_or_else(|e| {
+                format!(r#"{{"exit":1,"message":"cannot encode reply: {e}"}}"#)
+            }),
         })
     }
 }
@@ -344,7 +394,10 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
                 )))
             });
     }
-    let writes = matches!(req, Request::Track { .. } | Request::Submit { .. } | Request::Retry { .. });
+    let writes = matches!(
+        req,
+        Request::Track { .. } | Request::Submit { .. } | Request::Retry { .. }
+    );
     if !writes && !config.data_dir.join("db").exists() {
         return Err(AdminError::missing(format!(
             "no coverd data in {}; start `coverd serve` first or pass --data-dir",
@@ -352,7 +405,10 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
         )));
     }
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        AdminError::missing(format!("cannot create the data directory {}: {e}", config.data_dir.display()))
+        AdminError::missing(format!(
+            "cannot create the data directory {}: {e}",
+            config.data_dir.display()
+        ))
     })?;
     let store = Store::open(&config.data_dir).map_err(|e| match e {
         StoreError::Locked { .. } => AdminError::missing(format!(
@@ -364,7 +420,8 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
     })?;
     let kie = match &config.kie.api_key {
         Some(_) => Some(Arc::new(
-            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| AdminError::usage(e.to_string()))?,
+            KieClient::new(&config.kie, &config.download.user_agent)
+                .map_err(|e| AdminError::usage(e.to_string()))?,
         )),
         None => None,
     };
@@ -381,10 +438,13 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
 }
 
 async fn remote(stream: tokio::net::UnixStream, req: &Request) -> Result<Reply, AdminError> {
-    let lost = |e: &dyn std::fmt::Display| AdminError::missing(format!("lost the connection to the daemon: {e}; retry"));
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| lost(&e))?;
+    let lost = |e: &dyn std::fmt::Display| {
+        AdminError::missing(format!("lost the connection to the daemon: {e}; retry"))
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| lost(&e))?;
     tokio::spawn(conn);
     let body = serde_json::to_vec(req).map_err(|e| lost(&e))?;
     let request = hyper::Request::post("/v1")
@@ -394,12 +454,23 @@ async fn remote(stream: tokio::net::UnixStream, req: &Request) -> Result<Reply, 
         .map_err(|e| lost(&e))?;
     let resp = sender.send_request(request).await.map_err(|e| lost(&e))?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await.map_err(|e| lost(&e))?.to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| lost(&e))?
+        .to_bytes();
     if status == StatusCode::OK {
         serde_json::from_slice(&bytes).map_err(|e| lost(&e))
     } else {
-        Err(serde_json::from_slice::<AdminError>(&bytes)
-            .unwrap_or_else(|_| AdminError::missing(format!("the daemon answered {status}: {}", String::from_utf8_lossy(&bytes)))))
+        Err(
+            serde_json::from_slice::<AdminError>(&bytes).unwrap_or_else(|_| {
+                AdminError::missing(format!(
+                    "the daemon answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            }),
+        )
     }
 }
 
@@ -424,11 +495,23 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 status.daemon, t.submitted, t.received, t.downloaded, t.failed
             );
             match &status.oldest_unfinished {
-                Some(o) => out += &format!("oldest unfinished: {} ({}, since {})\n", o.task_id, o.state, o.created_at),
+                Some(o) => {
+                    out += &format!(
+                        "oldest unfinished: {} ({}, since {})\n",
+                        o.task_id, o.state, o.created_at
+                    )
+                }
                 None => out += "oldest unfinished: none\n",
             }
             out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
-            out += &format!("polling: {}", if status.polling { "on" } else { "off (no KIE API key)" });
+            out += &format!(
+                "polling: {}",
+                if status.polling {
+                    "on"
+                } else {
+                    "off (no KIE API key)"
+                }
+            );
             out
         }
         Reply::Tasks { tasks } => {
@@ -446,7 +529,10 @@ pub fn render(reply: &Reply, json: bool) -> String {
                         t.created_at,
                         stored,
                         t.images.len(),
-                        t.error.as_deref().map(|e| format!("  error: {e}")).unwrap_or_default()
+                        t.error
+                            .as_deref()
+                            .map(|e| format!("  error: {e}"))
+                            .unwrap_or_default()
                     )
                 })
                 .collect::<Vec<_>>()
@@ -479,7 +565,10 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     i.state,
                     i.attempts,
                     i.path.as_deref().unwrap_or(&i.url),
-                    i.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                    i.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
                 );
             }
             for e in task.events.iter().flatten() {

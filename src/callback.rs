@@ -86,7 +86,9 @@ pub fn parse(body: &[u8]) -> Result<Delivery, String> {
                 .iter()
                 .map(|i| match i.as_str() {
                     Some(s) if !s.is_empty() && s.len() <= MAX_URL_BYTES => Ok(s.to_string()),
-                    Some(_) => Err(format!("an image URL is empty or longer than {MAX_URL_BYTES} bytes")),
+                    Some(_) => Err(format!(
+                        "an image URL is empty or longer than {MAX_URL_BYTES} bytes"
+                    )),
                     None => Err("data.images must hold strings".to_string()),
                 })
                 .collect::<Result<_, _>>()?
@@ -142,7 +144,10 @@ impl Intake {
                 self.config.kie.signature_tolerance,
             ) {
                 tracing::warn!(task_id, reason = %e, "callback rejected: signature");
-                return Answer::error(StatusCode::UNAUTHORIZED, format!("signature check failed: {e}"));
+                return Answer::error(
+                    StatusCode::UNAUTHORIZED,
+                    format!("signature check failed: {e}"),
+                );
             }
         }
         let if_missing = if self.config.accept_unknown_tasks {
@@ -153,7 +158,12 @@ impl Intake {
         let ctx = Ctx::from_config(&self.config, now_millis());
         let applied = match self
             .store
-            .apply_async(task_id, Event::Callback(delivery.report.clone()), ctx, if_missing)
+            .apply_async(
+                task_id,
+                Event::Callback(delivery.report.clone()),
+                ctx,
+                if_missing,
+            )
             .await
         {
             Ok(Some(applied)) => applied,
@@ -170,18 +180,27 @@ impl Intake {
             }
             Err(e) => {
                 tracing::error!(task_id, error = %e, "callback not stored");
-                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry later");
+                return Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable; retry later",
+                );
             }
         };
         match tokio::time::timeout(DURABLE_TIMEOUT, self.store.durable(applied.ticket)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(task_id, error = %e, "callback not flushed");
-                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry later");
+                return Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable; retry later",
+                );
             }
             Err(_) => {
                 tracing::error!(task_id, "callback flush timed out");
-                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store too slow; retry later");
+                return Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store too slow; retry later",
+                );
             }
         }
         let task = &applied.task;
@@ -213,21 +232,31 @@ mod tests {
 
     #[test]
     fn task_id_locations_in_order() {
-        assert_eq!(ok(r#"{"code":200,"data":{"taskId":"a","task_id":"c"},"taskId":"b"}"#).task_id, "a");
-        assert_eq!(ok(r#"{"code":200,"data":{"task_id":"c"},"taskId":"b"}"#).task_id, "b");
+        assert_eq!(
+            ok(r#"{"code":200,"data":{"taskId":"a","task_id":"c"},"taskId":"b"}"#).task_id,
+            "a"
+        );
+        assert_eq!(
+            ok(r#"{"code":200,"data":{"task_id":"c"},"taskId":"b"}"#).task_id,
+            "b"
+        );
         assert_eq!(ok(r#"{"code":200,"data":{"task_id":"c"}}"#).task_id, "c");
     }
 
     #[test]
     fn reports() {
-        let d = ok(r#"{"code":200,"msg":"success","data":{"taskId":"t","images":["https://h/a.png","https://h/b.png"]}}"#);
+        let d = ok(
+            r#"{"code":200,"msg":"success","data":{"taskId":"t","images":["https://h/a.png","https://h/b.png"]}}"#,
+        );
         assert_eq!(
             d.report,
             Report::Success {
                 images: vec!["https://h/a.png".into(), "https://h/b.png".into()]
             }
         );
-        let d = ok(r#"{"code":501,"msg":"Cover generation failed","data":{"taskId":"t","images":null}}"#);
+        let d = ok(
+            r#"{"code":501,"msg":"Cover generation failed","data":{"taskId":"t","images":null}}"#,
+        );
         assert_eq!(
             d.report,
             Report::Failure {

@@ -28,14 +28,24 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot create the data directory {path}: {source}; check the path and its permissions")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot create the data directory {path}: {source}; check the path and its permissions"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Download(#[from] download::DownloadError),
-    #[error("cannot listen on {addr}: {source}; is another process using it? set `listen` or --listen")]
-    Listen { addr: String, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr}: {source}; is another process using it? set `listen` or --listen"
+    )]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("cannot set up {what}: {reason}")]
     Setup { what: &'static str, reason: String },
 }
@@ -91,29 +101,34 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             addr: config.listen.to_string(),
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| DaemonError::Listen {
-        addr: config.listen.to_string(),
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
     // We hold the store's lock, so a socket file left here belongs to a dead daemon.
     let socket_path = data_dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
-    let admin_listener = tokio::net::UnixListener::bind(&socket_path).map_err(|source| DaemonError::Listen {
-        addr: socket_path.display().to_string(),
-        source,
-    })?;
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-        DaemonError::Setup {
+    let admin_listener =
+        tokio::net::UnixListener::bind(&socket_path).map_err(|source| DaemonError::Listen {
+            addr: socket_path.display().to_string(),
+            source,
+        })?;
+    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600)).map_err(
+        |e| DaemonError::Setup {
             what: "the admin socket",
             reason: e.to_string(),
-        }
-    })?;
+        },
+    )?;
 
     let kie = match &config.kie.api_key {
         Some(_) => Some(Arc::new(
-            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| DaemonError::Setup {
-                what: "the KIE client",
-                reason: e.to_string(),
+            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| {
+                DaemonError::Setup {
+                    what: "the KIE client",
+                    reason: e.to_string(),
+                }
             })?,
         )),
         None => {
@@ -135,7 +150,13 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
 
-    let downloader = Downloader::new(store.clone(), config.clone(), fetcher, kie.clone(), wake_downloads.clone());
+    let downloader = Downloader::new(
+        store.clone(),
+        config.clone(),
+        fetcher,
+        kie.clone(),
+        wake_downloads.clone(),
+    );
     health.downloads_running.store(true, Ordering::SeqCst);
     {
         let (health, shutdown) = (health.clone(), shutdown.clone());
@@ -174,7 +195,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         },
         shutdown.clone(),
     ));
-    let admin = Arc::new(admin::Service::new(store.clone(), config.clone(), kie.clone(), vec![wake_downloads, wake_polls]));
+    let admin = Arc::new(admin::Service::new(
+        store.clone(),
+        config.clone(),
+        kie.clone(),
+        vec![wake_downloads, wake_polls],
+    ));
     tasks.spawn(server::serve(
         admin_listener,
         move |req| {

@@ -36,8 +36,13 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    #[error("cannot prepare {path}: {source}; check permissions and free space of the data directory")]
-    Prepare { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot prepare {path}: {source}; check permissions and free space of the data directory"
+    )]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,7 +124,8 @@ impl Downloader {
                 Err(e) => break Err(e),
             };
             let sleep = match next {
-                Some(at) => Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)).min(MAX_IDLE),
+                Some(at) => Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0))
+                    .min(MAX_IDLE),
                 None => MAX_IDLE,
             };
             tokio::select! {
@@ -130,9 +136,11 @@ impl Downloader {
         };
         if !workers.is_empty() {
             tracing::info!(tasks = workers.len(), "waiting for running downloads");
-            if tokio::time::timeout(SHUTDOWN_GRACE, async { while workers.join_next().await.is_some() {} })
-                .await
-                .is_err()
+            if tokio::time::timeout(SHUTDOWN_GRACE, async {
+                while workers.join_next().await.is_some() {}
+            })
+            .await
+            .is_err()
             {
                 tracing::warn!("abandoning unfinished downloads; they resume at the next start");
                 workers.abort_all();
@@ -187,12 +195,18 @@ impl Downloader {
         };
         let now = now_millis();
         let mut fetches = tokio::task::JoinSet::new();
-        for image in task.images.into_iter().filter(|i| i.state == ImageState::Pending && i.next_attempt_at <= now) {
+        for image in task
+            .images
+            .into_iter()
+            .filter(|i| i.state == ImageState::Pending && i.next_attempt_at <= now)
+        {
             let this = self.clone();
             let task_id = task_id.to_string();
             let shutdown = shutdown.clone();
             fetches.spawn(async move {
-                let Ok(_slot) = this.fetch_slots.acquire().await else { return };
+                let Ok(_slot) = this.fetch_slots.acquire().await else {
+                    return;
+                };
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -211,21 +225,32 @@ impl Downloader {
         };
         let task_id = task.task_id.as_str();
         let event = match kie.record_info(task_id).await {
-            Ok(info) if info.status == CoverStatus::Success && !info.images.is_empty() => Event::Confirm {
-                images: Some(info.images),
-                detail: "record-info confirms the callback's image URLs".into(),
-            },
+            Ok(info) if info.status == CoverStatus::Success && !info.images.is_empty() => {
+                Event::Confirm {
+                    images: Some(info.images),
+                    detail: "record-info confirms the callback's image URLs".into(),
+                }
+            }
             Ok(info) => Event::Confirm {
                 images: None,
-                detail: format!("record-info gave no images (status {:?}); using the callback's URLs", info.status),
+                detail: format!(
+                    "record-info gave no images (status {:?}); using the callback's URLs",
+                    info.status
+                ),
             },
             Err(e) => Event::Confirm {
                 images: None,
-                detail: format!("could not confirm with record-info ({e}); using the callback's URLs"),
+                detail: format!(
+                    "could not confirm with record-info ({e}); using the callback's URLs"
+                ),
             },
         };
         let ctx = Ctx::from_config(&self.config, now_millis());
-        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+        match self
+            .store
+            .apply_async(task_id, event, ctx, IfMissing::Reject)
+            .await
+        {
             Ok(Some(applied)) => Some(applied.task),
             Ok(None) => None,
             Err(e) => {
@@ -242,8 +267,14 @@ impl Downloader {
             Err(e) => {
                 let retry_at = e.is_transient().then(|| {
                     let d = &self.config.download;
-                    let delay = backoff_delay(image.budget_used() + 1, d.backoff_base, d.backoff_max, e.retry_after());
-                    now_millis().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                    let delay = backoff_delay(
+                        image.budget_used() + 1,
+                        d.backoff_base,
+                        d.backoff_max,
+                        e.retry_after(),
+                    );
+                    now_millis()
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
                 });
                 tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
                 Event::ImageFailed {
@@ -254,10 +285,20 @@ impl Downloader {
             }
         };
         let ctx = Ctx::from_config(&self.config, now_millis());
-        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+        match self
+            .store
+            .apply_async(task_id, event, ctx, IfMissing::Reject)
+            .await
+        {
             Ok(Some(applied)) => {
                 for (kind, detail) in &applied.outcome.notes {
-                    tracing::info!(task_id, index, kind = kind.as_str(), detail, "download recorded");
+                    tracing::info!(
+                        task_id,
+                        index,
+                        kind = kind.as_str(),
+                        detail,
+                        "download recorded"
+                    );
                 }
             }
             Ok(None) => tracing::warn!(task_id, "task vanished during download"),
@@ -270,22 +311,38 @@ impl Downloader {
         let data_dir = &self.config.data_dir;
         // A crash between rename and record leaves a complete file: adopt it, don't refetch.
         if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
-            tracing::info!(task_id, index = image.index, "adopted an image stored before a restart");
+            tracing::info!(
+                task_id,
+                index = image.index,
+                "adopted an image stored before a restart"
+            );
             return Ok(event);
         }
         let url = image.refreshed_url.as_deref().unwrap_or(&image.url);
         let tmp = data_dir.join(TMP_DIR);
         let fetched = match self.fetcher.fetch(url, &tmp).await {
-            Err(e) if e.is_gone() && image.refreshed_url.is_none() => match self.refresh(task_id, image).await {
-                Some(fresh) => self.fetcher.fetch(&fresh, &tmp).await?,
-                None => return Err(e),
-            },
+            Err(e) if e.is_gone() && image.refreshed_url.is_none() => {
+                match self.refresh(task_id, image).await {
+                    Some(fresh) => self.fetcher.fetch(&fresh, &tmp).await?,
+                    None => return Err(e),
+                }
+            }
             other => other?,
         };
-        let rel = format!("{IMAGES_DIR}/{task_id}/{}.{}", image.index, fetched.ext.as_str());
-        install(data_dir, &fetched.temp_path, task_id, image.index, fetched.ext)
-            .await
-            .map_err(FetchError::Io)?;
+        let rel = format!(
+            "{IMAGES_DIR}/{task_id}/{}.{}",
+            image.index,
+            fetched.ext.as_str()
+        );
+        install(
+            data_dir,
+            &fetched.temp_path,
+            task_id,
+            image.index,
+            fetched.ext,
+        )
+        .await
+        .map_err(FetchError::Io)?;
         Ok(Event::ImageStored {
             index: image.index,
             path: rel,
@@ -304,7 +361,11 @@ impl Downloader {
                     index: image.index,
                     url: fresh.clone(),
                 };
-                if let Err(e) = self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+                if let Err(e) = self
+                    .store
+                    .apply_async(task_id, event, ctx, IfMissing::Reject)
+                    .await
+                {
                     tracing::error!(task_id, error = %e, "cannot record refreshed URL");
                 }
                 Some(fresh)
@@ -320,7 +381,13 @@ impl Downloader {
 /// Moves a complete, synced temp file to `images/<task>/<index>.<ext>` and syncs the
 /// directories, so that after this returns the file survives a crash. Files of the same
 /// index with another extension (an earlier attempt) are removed first.
-async fn install(data_dir: &Path, temp: &Path, task_id: &str, index: u32, ext: Ext) -> std::io::Result<()> {
+async fn install(
+    data_dir: &Path,
+    temp: &Path,
+    task_id: &str,
+    index: u32,
+    ext: Ext,
+) -> std::io::Result<()> {
     let images = data_dir.join(IMAGES_DIR);
     let dir = images.join(task_id);
     let final_path = dir.join(format!("{index}.{}", ext.as_str()));
@@ -359,7 +426,9 @@ async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Ev
     tokio::task::spawn_blocking(move || {
         for ext in EXTS {
             let path = dir.join(format!("{index}.{}", ext.as_str()));
-            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
             if Ext::sniff(&bytes) != Some(ext) {
                 continue;
             }

@@ -74,7 +74,10 @@ pub enum Event {
     GiveUp,
     /// record-info was asked for the URLs of a callback (`kie.confirm_callbacks`): `images`
     /// are its URLs, or `None` when it gave none (the callback's URLs are then used).
-    Confirm { images: Option<Vec<String>>, detail: String },
+    Confirm {
+        images: Option<Vec<String>>,
+        detail: String,
+    },
     /// Image `index` is complete at its final path.
     ImageStored {
         index: u32,
@@ -198,20 +201,35 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
         }
         (Submitted, Event::Wait { until }) => {
             task.next_poll_at = until;
-            out.note(EventKind::Ignored, "no KIE API key: waiting for a callback only");
+            out.note(
+                EventKind::Ignored,
+                "no KIE API key: waiting for a callback only",
+            );
         }
         (Received | Downloaded | Failed, Event::Wait { .. }) => {
-            out.note(EventKind::Ignored, "wait ignored: task already has a result");
+            out.note(
+                EventKind::Ignored,
+                "wait ignored: task already has a result",
+            );
         }
         (Received, Event::Confirm { images, detail }) if !task.confirmed => {
             task.confirmed = true;
             let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
-            let untouched = task.images.iter().all(|i| i.state == ImageState::Pending && i.attempts == 0);
+            let untouched = task
+                .images
+                .iter()
+                .all(|i| i.state == ImageState::Pending && i.attempts == 0);
             match images {
-                Some(urls) if urls.iter().map(String::as_str).ne(current.iter().copied()) && untouched => {
+                Some(urls)
+                    if urls.iter().map(String::as_str).ne(current.iter().copied()) && untouched =>
+                {
                     out.note(
                         EventKind::Mismatch,
-                        format!("callback URLs [{}] differ from record-info; using record-info's [{}]", current.join(", "), urls.join(", ")),
+                        format!(
+                            "callback URLs [{}] differ from record-info; using record-info's [{}]",
+                            current.join(", "),
+                            urls.join(", ")
+                        ),
                     );
                     task.images = urls
                         .into_iter()
@@ -223,7 +241,10 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             }
         }
         (Submitted | Received | Downloaded | Failed, Event::Confirm { .. }) => {
-            out.note(EventKind::Ignored, "confirmation ignored: task not awaiting one");
+            out.note(
+                EventKind::Ignored,
+                "confirmation ignored: task not awaiting one",
+            );
         }
         (Submitted, Event::GiveUp) => {
             fail(
@@ -306,7 +327,10 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             if let Some(img) = task.images.get_mut(index as usize) {
                 out.note(
                     EventKind::UrlRefreshed,
-                    format!("image {index}: KIE's download-url gave {url} for {}", img.url),
+                    format!(
+                        "image {index}: KIE's download-url gave {url} for {}",
+                        img.url
+                    ),
                 );
                 img.refreshed_url = Some(url);
             }
@@ -546,8 +570,14 @@ mod tests {
             },
             Event::GiveUp,
             Event::Wait { until: NOW + 5 },
-            Event::Confirm { images: Some(urls(3)), detail: "confirmed".into() },
-            Event::Confirm { images: None, detail: "unconfirmed".into() },
+            Event::Confirm {
+                images: Some(urls(3)),
+                detail: "confirmed".into(),
+            },
+            Event::Confirm {
+                images: None,
+                detail: "unconfirmed".into(),
+            },
             stored(0),
             stored(1),
             transient(0),

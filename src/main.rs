@@ -12,7 +12,11 @@ use coverd::config::{self, Config, Overrides};
 use coverd::daemon;
 
 #[derive(Parser, Debug)]
-#[command(name = "coverd", version, about = "Durable intake of KIE.AI cover callbacks and image downloads")]
+#[command(
+    name = "coverd",
+    version,
+    about = "Durable intake of KIE.AI cover callbacks and image downloads"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -104,7 +108,10 @@ fn main() -> ExitCode {
         }
     };
     init_logs(matches!(cli.command, Command::Serve { .. }));
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coverd: cannot start the async runtime: {e}");
@@ -126,7 +133,10 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 }
             };
         }
-        Command::Submit { music_task_id, json } => (Request::Submit { music_task_id }, json),
+        Command::Submit {
+            music_task_id,
+            json,
+        } => (Request::Submit { music_task_id }, json),
         Command::Admin { command } => match command {
             AdminCommand::Status { json } => (Request::Status, json),
             AdminCommand::List { state, limit, json } => (Request::List { state, limit }, json),
@@ -175,7 +185,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -75,7 +75,10 @@ impl Poller {
     }
 
     /// Polls every due task once; returns when the next one is due.
-    async fn pass(&self, shutdown: &CancellationToken) -> Result<Option<Millis>, crate::store::StoreError> {
+    async fn pass(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Millis>, crate::store::StoreError> {
         if let Some(kie) = &self.kie {
             crate::submit::resolve_intents(&self.store, kie, &self.config, INTENT_MIN_AGE_MS).await;
         }
@@ -88,14 +91,20 @@ impl Poller {
             }
             self.poll_one(&task_id).await;
         }
-        Ok(self.store.next_poll_due()?)
+        self.store.next_poll_due()
     }
 
     async fn poll_one(&self, task_id: &str) {
-        let Ok(Some(task)) = self.store.get(task_id) else { return };
+        let Ok(Some(task)) = self.store.get(task_id) else {
+            return;
+        };
         let now = now_millis();
-        let give_up_at = task.submitted_at.saturating_add(ms(self.config.poll.give_up_after));
-        let next = now.saturating_add(ms(self.config.poll.interval)).min(give_up_at);
+        let give_up_at = task
+            .submitted_at
+            .saturating_add(ms(self.config.poll.give_up_after));
+        let next = now
+            .saturating_add(ms(self.config.poll.interval))
+            .min(give_up_at);
         let event = if now >= give_up_at {
             Event::GiveUp
         } else if let Some(kie) = &self.kie {
@@ -104,7 +113,11 @@ impl Poller {
             Event::Wait { until: give_up_at }
         };
         let ctx = Ctx::from_config(&self.config, now_millis());
-        match self.store.apply_async(task_id, event, ctx, IfMissing::Reject).await {
+        match self
+            .store
+            .apply_async(task_id, event, ctx, IfMissing::Reject)
+            .await
+        {
             Ok(Some(applied)) => {
                 if applied.task.download_due().is_some() {
                     self.downloads.notify_one();
@@ -125,16 +138,27 @@ impl Poller {
         };
         match kie.record_info(task_id).await {
             Ok(info) => match info.status {
-                CoverStatus::Success if !info.images.is_empty() => Event::Polled(Report::Success { images: info.images }),
-                CoverStatus::Success => pending("record-info reports success but no images yet".into()),
+                CoverStatus::Success if !info.images.is_empty() => Event::Polled(Report::Success {
+                    images: info.images,
+                }),
+                CoverStatus::Success => {
+                    pending("record-info reports success but no images yet".into())
+                }
                 CoverStatus::Failed => {
-                    let code = info.error_code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
-                    let msg = info.error_message.unwrap_or_else(|| "generation failed".into());
+                    let code = info
+                        .error_code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "?".into());
+                    let msg = info
+                        .error_message
+                        .unwrap_or_else(|| "generation failed".into());
                     Event::Polled(Report::Failure {
                         reason: format!("KIE code {code}: {msg}"),
                     })
                 }
-                CoverStatus::Pending | CoverStatus::Generating => pending(format!("record-info: {:?}", info.status).to_lowercase()),
+                CoverStatus::Pending | CoverStatus::Generating => {
+                    pending(format!("record-info: {:?}", info.status).to_lowercase())
+                }
             },
             Err(KieError::NotFound) => pending("record-info: not found yet".into()),
             Err(e) => {

@@ -70,7 +70,11 @@ impl Public {
         if store_ok && workers_ok {
             text(StatusCode::OK, "ok")
         } else {
-            let what = if store_ok { "download workers stopped" } else { "store unavailable" };
+            let what = if store_ok {
+                "download workers stopped"
+            } else {
+                "store unavailable"
+            };
             answer(Answer::error(StatusCode::SERVICE_UNAVAILABLE, what))
         }
     }
@@ -78,14 +82,19 @@ impl Public {
 
 /// Reads a whole request body, at most `limit` bytes, within [`BODY_TIMEOUT`]. On failure
 /// returns the answer to send (413 without reading the rest, 408, 400).
-pub async fn read_body(headers: &hyper::HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, Resp> {
+pub async fn read_body(
+    headers: &hyper::HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, Resp> {
     let too_large = || {
         let mut r = answer(Answer::error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("body larger than {limit} bytes"),
         ));
         // The rest of the body is never read, so the connection cannot be reused.
-        r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
         r
     };
     let declared = headers
@@ -103,8 +112,12 @@ pub async fn read_body(headers: &hyper::HeaderMap, body: Incoming, limit: usize)
             format!("could not read the body: {e}"),
         ))),
         Err(_) => {
-            let mut r = answer(Answer::error(StatusCode::REQUEST_TIMEOUT, "body not received in time"));
-            r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            let mut r = answer(Answer::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body not received in time",
+            ));
+            r.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
             Err(r)
         }
     }
@@ -121,14 +134,20 @@ pub fn answer(a: Answer) -> Resp {
 pub fn text(status: StatusCode, body: &'static str) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn method_not_allowed(allow: &'static str) -> Resp {
-    let mut r = answer(Answer::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
-    r.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+    let mut r = answer(Answer::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+    ));
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
 
@@ -201,7 +220,10 @@ where
             drop(permit);
         });
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not finish within the shutdown grace period");
     }
 }

@@ -19,7 +19,9 @@ pub enum SignatureError {
     Missing,
     #[error("X-Webhook-Timestamp is not a Unix time in seconds")]
     BadTimestamp,
-    #[error("X-Webhook-Timestamp is {skew_secs}s away from this server's clock (tolerance {tolerance_secs}s)")]
+    #[error(
+        "X-Webhook-Timestamp is {skew_secs}s away from this server's clock (tolerance {tolerance_secs}s)"
+    )]
     Stale { skew_secs: i64, tolerance_secs: u64 },
     #[error("X-Webhook-Signature is not Base64 of a 32-byte HMAC-SHA256")]
     Malformed,
@@ -69,7 +71,8 @@ pub fn verify(
 /// The signature KIE would send; for tests and for tools that replay deliveries.
 pub fn sign(key: &[u8], task_id: &str, timestamp: &str) -> String {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
-    let mut mac = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = HmacSha256::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(task_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.as_bytes());
@@ -105,7 +108,11 @@ mod tests {
             (None, Some(&good), Err(SignatureError::Missing)),
             (Some(&now), None, Err(SignatureError::Missing)),
             (Some(&now), Some(""), Err(SignatureError::Missing)),
-            (Some("yesterday"), Some(&good), Err(SignatureError::BadTimestamp)),
+            (
+                Some("yesterday"),
+                Some(&good),
+                Err(SignatureError::BadTimestamp),
+            ),
             (
                 Some(&old),
                 Some(&old_sig),
@@ -114,7 +121,11 @@ mod tests {
                     tolerance_secs: 300,
                 }),
             ),
-            (Some(&now), Some("!!!not base64"), Err(SignatureError::Malformed)),
+            (
+                Some(&now),
+                Some("!!!not base64"),
+                Err(SignatureError::Malformed),
+            ),
             (Some(&now), Some(&short), Err(SignatureError::Malformed)),
             (Some(&now), Some(&other_task), Err(SignatureError::Mismatch)),
             (Some(&now), Some(&other_key), Err(SignatureError::Mismatch)),

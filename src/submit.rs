@@ -33,13 +33,20 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
         ))
     };
     if let Some(existing) = exec.store.record_intent(music_task_id, now_millis())? {
-        return answer(existing, format!("a cover was already requested for {music_task_id}; not asking KIE again"));
+        return answer(
+            existing,
+            format!("a cover was already requested for {music_task_id}; not asking KIE again"),
+        );
     }
     exec.store.flush().await?;
     let callback_url = format!("{public_url}/callbacks/cover");
     let (task_id, message) = resolve(&exec.store, kie, music_task_id, &callback_url)
         .await
-        .map_err(|e| AdminError::missing(format!("KIE did not create a cover for {music_task_id}: {e}")))?;
+        .map_err(|e| {
+            AdminError::missing(format!(
+                "KIE did not create a cover for {music_task_id}: {e}"
+            ))
+        })?;
     let event = Event::Submit {
         music_task_id: Some(music_task_id.to_string()),
     };
@@ -49,9 +56,17 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
 
 /// Calls KIE for one intent. On a definite refusal the intent is dropped (nothing exists at
 /// KIE); on a transient failure it is kept, to be resolved by a later `submit` or the daemon.
-async fn resolve(store: &Store, kie: &KieClient, music_task_id: &str, callback_url: &str) -> Result<(String, String), KieError> {
+async fn resolve(
+    store: &Store,
+    kie: &KieClient,
+    music_task_id: &str,
+    callback_url: &str,
+) -> Result<(String, String), KieError> {
     match kie.generate_cover(music_task_id, callback_url).await {
-        Ok(id) => Ok((id, format!("KIE accepted the cover request for {music_task_id}"))),
+        Ok(id) => Ok((
+            id,
+            format!("KIE accepted the cover request for {music_task_id}"),
+        )),
         Err(KieError::AlreadyExists { task_id }) => Ok((
             task_id,
             format!("KIE already had a cover task for {music_task_id}; adopted it"),
@@ -67,14 +82,21 @@ async fn resolve(store: &Store, kie: &KieClient, music_task_id: &str, callback_u
 
 /// Resolves intents older than `min_age_ms` that a crash (or a transient KIE failure) left
 /// unresolved; called by the daemon's poller. Returns how many were resolved.
-pub async fn resolve_intents(store: &Store, kie: &KieClient, exec_config: &crate::config::Config, min_age_ms: i64) -> usize {
+pub async fn resolve_intents(
+    store: &Store,
+    kie: &KieClient,
+    exec_config: &crate::config::Config,
+    min_age_ms: i64,
+) -> usize {
     let public_url = exec_config.public_url.as_str();
     if public_url.is_empty() {
         return 0;
     }
     let callback_url = format!("{public_url}/callbacks/cover");
     let now = now_millis();
-    let Ok(intents) = store.intents(16) else { return 0 };
+    let Ok(intents) = store.intents(16) else {
+        return 0;
+    };
     let mut resolved = 0;
     for (music, at) in intents {
         if now - at < min_age_ms {
@@ -86,15 +108,24 @@ pub async fn resolve_intents(store: &Store, kie: &KieClient, exec_config: &crate
                 let event = Event::Submit {
                     music_task_id: Some(music.clone()),
                 };
-                match store.apply_async(&task_id, event, ctx, IfMissing::Create).await {
+                match store
+                    .apply_async(&task_id, event, ctx, IfMissing::Create)
+                    .await
+                {
                     Ok(_) => {
                         resolved += 1;
-                        tracing::info!(task_id, music_task_id = music, "resolved an unfinished submit: {message}");
+                        tracing::info!(
+                            task_id,
+                            music_task_id = music,
+                            "resolved an unfinished submit: {message}"
+                        );
                     }
                     Err(e) => tracing::error!(task_id, error = %e, "cannot record resolved submit"),
                 }
             }
-            Err(e) => tracing::warn!(music_task_id = music, error = %e, "unfinished submit still unresolved"),
+            Err(e) => {
+                tracing::warn!(music_task_id = music, error = %e, "unfinished submit still unresolved")
+            }
         }
     }
     resolved

@@ -390,11 +390,17 @@ impl Store {
     /// Records that a cover for `music_task_id` is about to be requested from KIE, so a crash
     /// before KIE's answer is stored can be resolved later (see `submit`). Returns the cover
     /// task already recorded for that song instead, if there is one.
-    pub fn record_intent(&self, music_task_id: &str, now: Millis) -> Result<Option<String>, StoreError> {
+    pub fn record_intent(
+        &self,
+        music_task_id: &str,
+        now: Millis,
+    ) -> Result<Option<String>, StoreError> {
         if let Some(existing) = self.task_for_music(music_task_id)? {
             return Ok(Some(existing));
         }
-        self.inner.intents.insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+        self.inner
+            .intents
+            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
         Ok(None)
     }
 
