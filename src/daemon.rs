@@ -19,6 +19,7 @@ use crate::download::{self, Downloader};
 use crate::fetch::Fetcher;
 use crate::guard::UrlGuard;
 use crate::kie::KieClient;
+use crate::model::{Clock, SystemClock};
 use crate::poll::Poller;
 use crate::server::{self, Health, Public};
 use crate::store::{Store, StoreError};
@@ -55,12 +56,16 @@ pub enum DaemonError {
 pub struct Hooks {
     /// Addresses the URL guard allows even when private networks are refused.
     pub trusted_addrs: Vec<IpAddr>,
+    /// The poller's clock (default: the wall clock).
+    pub clock: Option<Arc<dyn Clock>>,
 }
 
 /// A started daemon.
 pub struct Running {
     pub addr: SocketAddr,
     pub store: Store,
+    wake_polls: Arc<Notify>,
+    wake_downloads: Arc<Notify>,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     socket_path: PathBuf,
@@ -70,6 +75,12 @@ impl Running {
     /// Asks every part to stop (what SIGTERM does).
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Makes the poller and the downloader look at their indexes now (tests move the clock).
+    pub fn wake(&self) {
+        self.wake_polls.notify_one();
+        self.wake_downloads.notify_one();
     }
 
     /// Waits for shutdown to be requested, then for every part to stop, then flushes.
@@ -174,6 +185,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             kie.clone(),
             wake_downloads.clone(),
             wake_polls.clone(),
+            hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock)),
         );
         let shutdown = shutdown.clone();
         tasks.spawn(async move { poller.run(shutdown).await });
@@ -199,7 +211,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         store.clone(),
         config.clone(),
         kie.clone(),
-        vec![wake_downloads, wake_polls],
+        vec![wake_downloads.clone(), wake_polls.clone()],
     ));
     tasks.spawn(server::serve(
         admin_listener,
@@ -216,6 +228,8 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     Ok(Running {
         addr,
         store,
+        wake_polls,
+        wake_downloads,
         shutdown,
         tasks,
         socket_path,

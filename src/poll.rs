@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
-use crate::model::{Millis, now_millis};
+use crate::model::{Clock, Millis};
 use crate::store::{IfMissing, Store};
 
 /// Due tasks handled per pass; the rate limiter paces the calls themselves.
@@ -26,6 +26,7 @@ pub struct Poller {
     kie: Option<Arc<KieClient>>,
     downloads: Arc<Notify>,
     wake: Arc<Notify>,
+    clock: Arc<dyn Clock>,
 }
 
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
@@ -43,6 +44,7 @@ impl Poller {
         kie: Option<Arc<KieClient>>,
         downloads: Arc<Notify>,
         wake: Arc<Notify>,
+        clock: Arc<dyn Clock>,
     ) -> Poller {
         Poller {
             store,
@@ -50,6 +52,7 @@ impl Poller {
             kie,
             downloads,
             wake,
+            clock,
         }
     }
 
@@ -59,11 +62,11 @@ impl Poller {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(error = %e, "poll pass failed; retrying");
-                    Some(now_millis() + 5_000)
+                    Some(self.clock.now() + 5_000)
                 }
             };
             let sleep = next
-                .map(|at| Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0)))
+                .map(|at| Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0)))
                 .unwrap_or(MAX_IDLE)
                 .clamp(Duration::from_millis(50), MAX_IDLE);
             tokio::select! {
@@ -80,13 +83,20 @@ impl Poller {
         shutdown: &CancellationToken,
     ) -> Result<Option<Millis>, crate::store::StoreError> {
         if let Some(kie) = &self.kie {
-            crate::submit::resolve_intents(&self.store, kie, &self.config, INTENT_MIN_AGE_MS).await;
+            crate::submit::resolve_intents(
+                &self.store,
+                kie,
+                &self.config,
+                self.clock.now(),
+                INTENT_MIN_AGE_MS,
+            )
+            .await;
         }
         for (at, task_id) in self.store.poll_queue(BATCH)? {
             if shutdown.is_cancelled() {
                 return Ok(None);
             }
-            if at > now_millis() {
+            if at > self.clock.now() {
                 return Ok(Some(at));
             }
             self.poll_one(&task_id).await;
@@ -98,7 +108,7 @@ impl Poller {
         let Ok(Some(task)) = self.store.get(task_id) else {
             return;
         };
-        let now = now_millis();
+        let now = self.clock.now();
         let give_up_at = task
             .submitted_at
             .saturating_add(ms(self.config.poll.give_up_after));
@@ -112,7 +122,7 @@ impl Poller {
         } else {
             Event::Wait { until: give_up_at }
         };
-        let ctx = Ctx::from_config(&self.config, now_millis());
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
             .store
             .apply_async(task_id, event, ctx, IfMissing::Reject)

@@ -86,6 +86,7 @@ pub async fn resolve_intents(
     store: &Store,
     kie: &KieClient,
     exec_config: &crate::config::Config,
+    now: crate::model::Millis,
     min_age_ms: i64,
 ) -> usize {
     let public_url = exec_config.public_url.as_str();
@@ -93,7 +94,6 @@ pub async fn resolve_intents(
         return 0;
     }
     let callback_url = format!("{public_url}/callbacks/cover");
-    let now = now_millis();
     let Ok(intents) = store.intents(16) else {
         return 0;
     };
@@ -104,7 +104,7 @@ pub async fn resolve_intents(
         }
         match resolve(store, kie, &music, &callback_url).await {
             Ok((task_id, message)) => {
-                let ctx = crate::machine::Ctx::from_config(exec_config, now_millis());
+                let ctx = crate::machine::Ctx::from_config(exec_config, now);
                 let event = Event::Submit {
                     music_task_id: Some(music.clone()),
                 };

@@ -3,4 +3,20 @@
 
 mod fake_kie;
 mod fetch;
+mod harness;
 mod kie_client;
+mod smoke;
+
+/// `admin track` through the library, as the admin socket would run it.
+pub async fn admin_track(d: &harness::Daemon, task_id: &str) {
+    let reply = coverd::admin::run(
+        d.config.clone(),
+        coverd::admin::Request::Track {
+            task_id: task_id.into(),
+            music_task_id: None,
+        },
+    )
+    .await
+    .expect("track");
+    assert!(matches!(reply, coverd::admin::Reply::Task { .. }));
+}
