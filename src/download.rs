@@ -163,8 +163,12 @@ impl Downloader {
             if self.in_flight().contains(&task_id) {
                 continue;
             }
-            if at > now || self.in_flight().len() >= self.max_tasks() {
+            if at > now {
                 earliest = Some(at);
+                break;
+            }
+            if self.in_flight().len() >= self.max_tasks() {
+                // Full: a finishing worker wakes the scheduler.
                 break;
             }
             self.in_flight().insert(task_id.clone());
