@@ -19,6 +19,7 @@ use crate::download::{self, Downloader};
 use crate::fetch::Fetcher;
 use crate::guard::UrlGuard;
 use crate::kie::KieClient;
+use crate::metrics::Metrics;
 use crate::model::{Clock, SystemClock};
 use crate::poll::Poller;
 use crate::server::{self, Health, Public};
@@ -161,12 +162,14 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
 
+    let metrics = Arc::new(Metrics::default());
     let downloader = Downloader::new(
         store.clone(),
         config.clone(),
         fetcher,
         kie.clone(),
         wake_downloads.clone(),
+        metrics.clone(),
     );
     health.downloads_running.store(true, Ordering::SeqCst);
     {
@@ -186,7 +189,8 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             wake_downloads.clone(),
             wake_polls.clone(),
             hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock)),
-        );
+        )
+        .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();
         tasks.spawn(async move { poller.run(shutdown).await });
     }
@@ -198,6 +202,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             downloads: wake_downloads.clone(),
         },
         health: health.clone(),
+        metrics: metrics.clone(),
     });
     tasks.spawn(server::serve(
         listener,
@@ -221,6 +226,23 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         },
         shutdown.clone(),
     ));
+    if let Some(metrics_addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: metrics_addr.to_string(),
+                source,
+            })?;
+        let (metrics, store) = (metrics.clone(), store.clone());
+        tasks.spawn(server::serve(
+            listener,
+            move |req| {
+                let (metrics, store) = (metrics.clone(), store.clone());
+                async move { server::metrics_route(req, &metrics, &store).await }
+            },
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(watchdog(store.clone(), health, shutdown.clone()));
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
 use crate::kie::{CoverStatus, KieClient};
 use crate::machine::{Ctx, Event};
-use crate::model::{Image, ImageState, Millis, State, now_millis};
+use crate::metrics::Metrics;
+use crate::model::{EventKind, Image, ImageState, Millis, State, now_millis};
 use crate::store::{IfMissing, Store, StoreError};
 
 /// Every image type a stored file can have.
@@ -82,6 +83,7 @@ pub struct Downloader {
     wake: Arc<Notify>,
     fetch_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<String>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Downloader {
@@ -91,6 +93,7 @@ impl Downloader {
         fetcher: Fetcher,
         kie: Option<Arc<KieClient>>,
         wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
         Arc::new(Downloader {
@@ -101,6 +104,7 @@ impl Downloader {
             wake,
             fetch_slots: Arc::new(Semaphore::new(slots)),
             in_flight: Mutex::new(HashSet::new()),
+            metrics,
         })
     }
 
@@ -296,6 +300,12 @@ impl Downloader {
         {
             Ok(Some(applied)) => {
                 for (kind, detail) in &applied.outcome.notes {
+                    match kind {
+                        EventKind::ImageStored => Metrics::bump(&self.metrics.images_stored),
+                        EventKind::ImageRetry => Metrics::bump(&self.metrics.image_retries),
+                        EventKind::ImageFailed => Metrics::bump(&self.metrics.images_failed),
+                        _ => {}
+                    }
                     tracing::info!(
                         task_id,
                         index,

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod guard;
 pub mod kie;
 pub mod machine;
+pub mod metrics;
 pub mod model;
 pub mod poll;
 pub mod server;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
+use crate::metrics::Metrics;
 use crate::model::{Clock, Millis};
 use crate::store::{IfMissing, Store};
 
@@ -27,6 +28,7 @@ pub struct Poller {
     downloads: Arc<Notify>,
     wake: Arc<Notify>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
 
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
@@ -53,7 +55,14 @@ impl Poller {
             downloads,
             wake,
             clock,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Counts polls into the daemon's metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Poller {
+        self.metrics = metrics;
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -118,6 +127,7 @@ impl Poller {
         let event = if now >= give_up_at {
             Event::GiveUp
         } else if let Some(kie) = &self.kie {
+            Metrics::bump(&self.metrics.polls);
             self.ask(kie, task_id, next).await
         } else {
             Event::Wait { until: give_up_at }

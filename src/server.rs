@@ -23,6 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
+use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Open connections per listener; further clients wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
@@ -45,6 +47,7 @@ pub struct Health {
 pub struct Public {
     pub intake: Intake,
     pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Public {
@@ -52,10 +55,12 @@ impl Public {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/callbacks/cover") => {
                 let (parts, body) = req.into_parts();
-                match read_body(&parts.headers, body, MAX_BODY_BYTES).await {
+                let resp = match read_body(&parts.headers, body, MAX_BODY_BYTES).await {
                     Ok(bytes) => answer(self.intake.handle(&parts.headers, &bytes).await),
                     Err(resp) => resp,
-                }
+                };
+                self.metrics.callback_answered(resp.status().as_u16());
+                resp
             }
             (_, "/callbacks/cover") => method_not_allowed("POST"),
             (&Method::GET | &Method::HEAD, "/healthz") => self.healthz().await,
@@ -139,6 +144,33 @@ pub fn text(status: StatusCode, body: &'static str) -> Resp {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+/// The metrics listener's one route: `GET /metrics`.
+pub async fn metrics_route(req: Request<Incoming>, metrics: &Metrics, store: &Store) -> Resp {
+    if req.uri().path() != "/metrics" {
+        return answer(Answer::error(
+            StatusCode::NOT_FOUND,
+            "no such path; use /metrics",
+        ));
+    }
+    if req.method() != Method::GET {
+        return method_not_allowed("GET");
+    }
+    match store.counts() {
+        Ok(counts) => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics.render(&counts))));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        Err(e) => answer(Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+    }
 }
 
 fn method_not_allowed(allow: &'static str) -> Resp {

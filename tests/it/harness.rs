@@ -29,9 +29,11 @@ pub struct Daemon {
 /// A config for tests: data in `dir`, any free port, plain http allowed, any host, private
 /// networks refused except the fake's 127.0.0.1 (trusted through [`Hooks`]), fast backoff.
 pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     c.kie.base_url = fake.base_url();
     c.download.allow_http = true;
     c.download.allowed_hosts = vec![];
@@ -42,6 +44,7 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
     c
 }
 
+#[allow(dead_code)] // used by some test modules only
 /// Adds an API key and a public URL, turning on polling, submit, confirmation and refresh.
 pub fn with_api(c: &mut Config) {
     c.kie.api_key = Some(Secret::new("test-api-key"));
@@ -173,6 +176,7 @@ pub fn success_body(task_id: &str, urls: &[String]) -> String {
         .to_string()
 }
 
+#[allow(dead_code)] // used by some test modules only
 /// A KIE failure callback body.
 pub fn failure_body(task_id: &str, code: i64, msg: &str) -> String {
     serde_json::json!({"code": code, "msg": msg, "data": {"taskId": task_id, "images": null}})
