@@ -31,6 +31,8 @@ pub struct Poller {
     metrics: Arc<Metrics>,
 }
 
+/// How long "record not found" counts as "not created yet" rather than "no such task".
+const NOT_FOUND_GRACE_MS: Millis = 15 * 60_000;
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
 /// be waiting for KIE's answer before that).
 const INTENT_MIN_AGE_MS: Millis = 60_000;
@@ -128,7 +130,7 @@ impl Poller {
             Event::GiveUp
         } else if let Some(kie) = &self.kie {
             Metrics::bump(&self.metrics.polls);
-            self.ask(kie, task_id, next).await
+            self.ask(kie, task_id, task.submitted_at, next).await
         } else {
             Event::Wait { until: give_up_at }
         };
@@ -151,7 +153,13 @@ impl Poller {
         }
     }
 
-    async fn ask(&self, kie: &KieClient, task_id: &str, next: Millis) -> Event {
+    async fn ask(
+        &self,
+        kie: &KieClient,
+        task_id: &str,
+        submitted_at: Millis,
+        next: Millis,
+    ) -> Event {
         let pending = |detail: String| Event::PollPending {
             detail,
             next_poll_at: next,
@@ -180,7 +188,15 @@ impl Poller {
                     pending(format!("record-info: {:?}", info.status).to_lowercase())
                 }
             },
-            Err(KieError::NotFound) => pending("record-info: not found yet".into()),
+            Err(KieError::NotFound) if self.clock.now() - submitted_at < NOT_FOUND_GRACE_MS => {
+                pending("record-info: not found yet".into())
+            }
+            Err(KieError::NotFound) => Event::Polled(Report::Failure {
+                reason: format!(
+                    "KIE has no record of this task {} minutes after it was submitted; check the task id",
+                    NOT_FOUND_GRACE_MS / 60_000
+                ),
+            }),
             Err(e) => {
                 tracing::warn!(task_id, error = %e, "record-info failed");
                 pending(format!("record-info failed: {e}"))
