@@ -29,9 +29,11 @@ pub struct Daemon {
 /// A config for tests: data in `dir`, any free port, plain http allowed, any host, private
 /// networks refused except the fake's 127.0.0.1 (trusted through [`Hooks`]), fast backoff.
 pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     c.kie.base_url = fake.base_url();
     c.download.allow_http = true;
     c.download.allowed_hosts = vec![];
@@ -43,6 +45,7 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
 }
 
 /// Adds an API key and a public URL, turning on polling, submit, confirmation and refresh.
+#[allow(dead_code)] // for the poll, submit and refresh tests
 pub fn with_api(c: &mut Config) {
     c.kie.api_key = Some(Secret::new("test-api-key"));
     c.public_url = "https://coverd.example".into();
