@@ -1,9 +1,12 @@
 //! The one integration-test crate: real server on loopback, real sled in a temp dir, and a
 //! fake KIE written in Rust (`fake_kie`). One binary keeps build times down.
 
+mod admin;
+mod downloads;
 mod fake_kie;
 mod fetch;
 mod harness;
+mod intake;
 mod kie_client;
 mod smoke;
 
