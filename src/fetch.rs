@@ -330,10 +330,15 @@ fn build_client(
     Ok(client)
 }
 
-/// 2xx passes; 403/404/410 are [`FetchError::Gone`]; 408/425/429/5xx are transient.
+/// 2xx passes; an unfollowed 3xx is refused; 403/404/410 are [`FetchError::Gone`]; 408/425/429/5xx are transient.
 fn check_status(status: u16, headers: &HeaderMap) -> Result<(), FetchError> {
     match status {
         200..=299 => Ok(()),
+        // A redirect the client did not follow points somewhere it cannot go (file://, no
+        // Location): that is the guard's business, and permanent.
+        300..=399 => Err(FetchError::Refused(Refused(format!(
+            "refused URL: HTTP {status} redirect to a location that is not http(s)"
+        )))),
         403 | 404 | 410 => Err(FetchError::Gone { status }),
         408 | 425 | 429 | 500..=599 => Err(FetchError::Status {
             status,

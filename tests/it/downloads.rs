@@ -552,12 +552,15 @@ async fn url_guard_refuses_forbidden_targets() {
     ];
     expect_refused(&d, "redirect", &redirects, "redirect target").await;
     // reqwest does not follow (nor show the redirect policy) a hop to a scheme it cannot
-    // fetch: the 302 itself is the answer, a permanent failure.
+    // fetch: the unfollowed 302 is refused, permanently.
     deliver(&d, "redirect-file", &[fake.files.url("/r/to-file")]).await;
     let t = d.wait_for("redirect-file", finished).await;
     assert_eq!(t.state, State::Failed, "{t:#?}");
     assert_eq!(t.images[0].attempts, 1);
-    assert_eq!(t.images[0].error.as_deref(), Some("HTTP 302 Found"));
+    assert_eq!(
+        t.images[0].error.as_deref(),
+        Some("refused URL: HTTP 302 redirect to a location that is not http(s)")
+    );
     check_disk(&d);
     for p in ["/r/to-trap", "/r/to-metadata", "/r/to-file"] {
         assert_eq!(fake.files.hits(p), 1, "{p}");

@@ -44,7 +44,6 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
     c
 }
 
-#[allow(dead_code)] // used by some test modules only
 /// Adds an API key and a public URL, turning on polling, submit, confirmation and refresh.
 #[allow(dead_code)] // for the poll, submit and refresh tests
 pub fn with_api(c: &mut Config) {
