@@ -127,8 +127,14 @@ async fn run(command: Command, config: Config) -> ExitCode {
             return match serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("coverd: {e:#}");
+                    // Said once: the log already goes to stderr (the journal under systemd),
+                    // so printing it as well doubled every line. Every error's message names
+                    // its cause, so `{e:#}` repeated that too.
+                    if tracing::enabled!(tracing::Level::ERROR) {
+                        tracing::error!("{e}");
+                    } else {
+                        eprintln!("coverd: {e}");
+                    }
                     ExitCode::from(1)
                 }
             };

@@ -1,0 +1,246 @@
+#!/bin/bash
+# Checks systemd/coverd.service end to end in a throwaway Debian booted with a real systemd
+# (/work/shared/tools/systemd-sandbox). Not run by CI: it needs root, debootstrap, a Debian
+# mirror, about 3 minutes plus a release build.
+#
+#   sudo systemd/check-in-sandbox.sh [ROOT]      (ROOT default: /var/tmp/sbx-coverd)
+#
+# Environment:
+#   SKIP_BUILD=1        use the existing target/release/coverd instead of `cargo build --release`
+#   IDLE=70             seconds to stay idle while watching for unwanted watchdog restarts
+#   KEEP=1              leave the sandbox running at the end (inspect it with `systemd-sandbox run`)
+#   STRICT_SECCOMP=1    add a drop-in that turns SystemCallErrorNumber=EPERM back into SIGSYS,
+#                       so a syscall outside the filter kills coverd instead of failing quietly
+#                       (the `alive` checks after each step then see the crash and restart)
+#   SANDBOX=path        the sandbox tool (default /work/shared/tools/systemd-sandbox)
+#
+# Every step prints what it saw; the script stops at the first failed check (exit 1).
+# What it checks, in order: unit verifies; Type=notify start (READY=1) with no credentials and
+# no config; /healthz; admin via the socket as root; admin through `systemd-run` as the
+# dynamic user; a config drop-in (accept_unknown_tasks) and a callback; a missing config file
+# fails fast with status 2 and no restart loop; an unbindable address fails the start with
+# one journal line; watchdog pings during an idle period, and a
+# frozen process is killed and restarted; credentials from /etc/credstore (polling on, HMAC
+# enforced, keys never in the journal) and encrypted ones from systemd-creds; outbound HTTP
+# under the hardening; clean stop (status 0); ownership of the data directory; the
+# systemd-analyze security score.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+S=${SANDBOX:-/work/shared/tools/systemd-sandbox}
+R=${1:-/var/tmp/sbx-coverd}
+IDLE=${IDLE:-70}
+API_KEY="chk-SECRET-api-$RANDOM$RANDOM"
+HMAC_KEY="chk-SECRET-hmac-$RANDOM$RANDOM"
+ENC_KEY="chk-SECRET-enc-$RANDOM$RANDOM"
+D=/etc/systemd/system/coverd.service.d
+
+sbx() { "$S" run "$R" "$@"; }
+step() { printf '\n== %s\n' "$*"; }
+ok() { printf '   ok: %s\n' "$*"; }
+fail() { printf '   FAIL: %s\n' "$*" >&2; exit 1; }
+expect() { # expect WHAT GOT WANT
+  if [[ $2 == "$3" ]]; then ok "$1 = $2"; else fail "$1: got '$2', want '$3'"; fi
+}
+prop() { sbx systemctl show coverd -p "$1" --value; }
+dropin() { # dropin NAME CONTENT…  (empty CONTENT removes it)
+  if [[ -z ${2:-} ]]; then rm -f "$R$D/$1"; else mkdir -p "$R$D" && printf '%s\n' "${@:2}" >"$R$D/$1"; fi
+  sbx systemctl daemon-reload
+}
+callback() { # callback JSON [TASK_ID_TO_SIGN] -> "BODY STATUS"
+  local hdr=()
+  if [[ -n ${2:-} ]]; then
+    local ts sig
+    ts=$(date +%s)
+    sig=$(printf '%s.%s' "$2" "$ts" | openssl dgst -sha256 -hmac "$HMAC_KEY" -binary | base64)
+    hdr=(-H "X-Webhook-Timestamp: $ts" -H "X-Webhook-Signature: $sig")
+  fi
+  sbx curl -sS -w ' %{http_code}' -H 'content-type: application/json' "${hdr[@]}" \
+    -d "$1" http://127.0.0.1:8787/callbacks/cover
+}
+admin() { sbx /usr/local/bin/coverd admin "$@" --data-dir /var/lib/coverd; }
+# What docs/operations.md tells operators to use when the daemon may be stopped.
+admin_as_service() {
+  sbx systemd-run --quiet --pipe --wait --collect -p DynamicUser=yes -p User=coverd \
+    -p StateDirectory=coverd -p StateDirectoryMode=0700 -p UMask=0077 \
+    -p Environment=COVERD_DATA_DIR=/var/lib/coverd /usr/local/bin/coverd admin "$@"
+}
+json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
+# Journal of the current (or last) run of the unit only.
+journal() { sbx journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop InvocationID)" "$@"; }
+alive() { # no crash, no restart since the last manual (re)start
+  expect "is-active" "$(sbx systemctl is-active coverd || true)" active
+  expect "NRestarts" "$(prop NRestarts)" 0
+}
+wait_active() {
+  for _ in $(seq 50); do [[ $(sbx systemctl is-active coverd || true) == active ]] && return 0; sleep 0.2; done
+  return 1
+}
+
+[[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 2; }
+for tool in openssl curl python3; do command -v $tool >/dev/null || { echo "needs $tool" >&2; exit 2; }; done
+command -v debootstrap >/dev/null || apt-get install -y debootstrap
+
+step "build"
+if [[ -z ${SKIP_BUILD:-} ]]; then (cd "$here" && cargo build --release); fi
+[[ -x $here/target/release/coverd ]] || fail "no target/release/coverd"
+ok "$("$here/target/release/coverd" --version)"
+
+step "sandbox up, clean state"
+"$S" up "$R"
+sbx systemctl disable --now coverd >/dev/null 2>&1 || true
+sbx systemctl reset-failed coverd >/dev/null 2>&1 || true
+rm -rf "$R$D" "$R/etc/coverd" "$R/var/lib/private/coverd" "$R/var/lib/coverd" \
+  "$R"/etc/credstore/kie-* "$R"/etc/credstore.encrypted/kie-*
+sbx journalctl --rotate >/dev/null 2>&1 && sbx journalctl --vacuum-time=1s >/dev/null 2>&1 || true
+"$S" cp "$R" "$here/target/release/coverd" /usr/local/bin/coverd
+"$S" cp "$R" "$here/systemd/coverd.service" /etc/systemd/system/coverd.service
+if [[ -n ${STRICT_SECCOMP:-} ]]; then
+  # An empty assignment resets SystemCallErrorNumber=: filtered syscalls kill with SIGSYS.
+  dropin 99-strict-seccomp.conf '[Service]' 'SystemCallErrorNumber='
+  expect "SystemCallErrorNumber (2147483646 = kill)" "$(prop SystemCallErrorNumber)" 2147483646
+fi
+sbx systemctl daemon-reload
+sbx systemd-analyze verify /etc/systemd/system/coverd.service && ok "systemd-analyze verify"
+
+step "start: Type=notify, no config, no credentials"
+sbx systemctl enable --now coverd 2>/dev/null || fail "systemctl enable --now coverd failed"
+expect "is-active" "$(sbx systemctl is-active coverd)" active
+expect "NRestarts" "$(prop NRestarts)" 0
+expect "GET /healthz" "$(sbx curl -sS -w ' %{http_code}' http://127.0.0.1:8787/healthz)" "ok 200"
+journal | grep -q "no KIE API key" && ok "journal: polling is off (no key)" || fail "no 'no KIE API key' warning"
+expect "data dir owner = service uid, mode" "$(sbx stat -c '%u %a' /var/lib/private/coverd)" \
+  "$(sbx stat -c %u "/proc/$(prop MainPID)") 700"
+expect "/var/lib/coverd" "$(sbx readlink /var/lib/coverd)" private/coverd
+
+step "admin as root through the socket (0600, owned by the dynamic user)"
+sbx ls -l /var/lib/coverd/admin.sock
+st=$(admin status --json)
+expect "daemon" "$(json_field '["daemon"]' <<<"$st")" running
+expect "polling" "$(json_field '["polling"]' <<<"$st")" False
+
+step "admin through systemd-run as the dynamic user"
+st=$(admin_as_service status --json)
+expect "daemon" "$(json_field '["daemon"]' <<<"$st")" running
+
+step "config drop-in: accept_unknown_tasks, then a callback"
+sbx sh -c 'mkdir -p /etc/coverd && printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml && chmod 644 /etc/coverd/coverd.toml'
+dropin 10-config.conf '[Service]' 'Environment=COVERD_CONFIG=/etc/coverd/coverd.toml'
+sbx systemctl restart coverd
+expect "callback (failure)" "$(callback '{"code":501,"msg":"Cover generation failed","data":{"taskId":"chk-task-1","images":null}}')" '{"status":"received"} 200'
+expect "callback (success)" "$(callback '{"code":200,"msg":"success","data":{"taskId":"chk-task-2","images":["https://tempfile.aiquickdraw.com/s/chk.png"]}}')" '{"status":"received"} 200'
+expect "chk-task-1 state" "$(admin show chk-task-1 --json | json_field '["state"]')" failed
+expect "chk-task-2 state" "$(admin show chk-task-2 --json | json_field '["state"]')" received
+alive
+
+step "a named config file that is missing: exit 2, no restart loop"
+dropin 11-missing.conf '[Service]' 'Environment=COVERD_CONFIG=/etc/coverd/missing.toml'
+sbx systemctl restart coverd 2>/dev/null && fail "started with a missing config file"
+sleep 6 # longer than RestartSec: a restart would show up in NRestarts
+expect "ActiveState" "$(prop ActiveState)" failed
+expect "ExecMainStatus" "$(prop ExecMainStatus)" 2
+expect "NRestarts" "$(prop NRestarts)" 0
+journal | grep "cannot read config file" || fail "no 'cannot read config file' in the journal"
+dropin 11-missing.conf
+sbx systemctl reset-failed coverd
+sbx systemctl start coverd
+
+step "an address that cannot be bound: start fails, one ERROR line says why"
+dropin 12-badlisten.conf '[Service]' 'Environment=COVERD_LISTEN=192.0.2.1:8787'
+sbx systemctl restart coverd 2>/dev/null && fail "started on an unbindable address"
+expect "ExecMainStatus" "$(prop ExecMainStatus)" 1
+journal | grep "cannot listen on 192.0.2.1:8787" || fail "no 'cannot listen' in the journal"
+expect "lines naming the address" "$(journal | grep -c "cannot listen on 192.0.2.1:8787")" 1
+dropin 12-badlisten.conf
+sbx systemctl restart coverd
+wait_active || fail "not active"
+
+step "watchdog: WatchdogSec=30s, ${IDLE}s idle, no restart"
+expect "WatchdogUSec" "$(prop WatchdogUSec)" 30s
+pid=$(prop MainPID); t0=$(prop WatchdogTimestampMonotonic)
+sleep "$IDLE"
+expect "MainPID" "$(prop MainPID)" "$pid"
+expect "NRestarts" "$(prop NRestarts)" 0
+t1=$(prop WatchdogTimestampMonotonic)
+((t1 > t0)) && ok "last watchdog ping advanced by $(((t1 - t0) / 1000000))s" || fail "no watchdog ping seen"
+
+step "watchdog: a frozen coverd is killed and restarted (WatchdogSec=3s drop-in, SIGSTOP)"
+dropin 90-watchdog-test.conf '[Service]' 'WatchdogSec=3s'
+sbx systemctl restart coverd
+pid=$(prop MainPID)
+sbx systemctl kill --kill-who=main -s SIGSTOP coverd
+sleep 10 # 3 s watchdog + 5 s RestartSec + start
+expect "NRestarts" "$(prop NRestarts)" 1
+[[ $(prop MainPID) != "$pid" ]] && ok "new MainPID $(prop MainPID) (was $pid)" || fail "same MainPID"
+expect "is-active" "$(sbx systemctl is-active coverd)" active
+dropin 90-watchdog-test.conf
+sbx systemctl restart coverd
+
+step "credentials from /etc/credstore (LoadCredential=kie-api-key, kie-webhook-hmac-key)"
+sbx sh -c "umask 077; mkdir -p /etc/credstore && printf '%s\n' '$API_KEY' >/etc/credstore/kie-api-key && printf '%s\n' '$HMAC_KEY' >/etc/credstore/kie-webhook-hmac-key"
+sbx systemctl restart coverd
+wait_active || fail "not active"
+expect "polling" "$(admin status --json | json_field '["polling"]')" True
+expect "unsigned callback" "$(callback '{"code":200,"msg":"success","data":{"taskId":"chk-task-3","images":["https://tempfile.aiquickdraw.com/s/chk3.png"]}}' | awk '{print $NF}')" 401
+expect "signed callback" "$(callback '{"code":200,"msg":"success","data":{"taskId":"chk-task-3","images":["https://tempfile.aiquickdraw.com/s/chk3.png"]}}' chk-task-3)" '{"status":"received"} 200'
+sleep 5 # let the poller and downloader run (and fail: no route to KIE here) and log
+alive
+
+step "encrypted credential (systemd-creds encrypt --with-key=host; LoadCredentialEncrypted=)"
+sbx sh -c "rm /etc/credstore/kie-api-key; mkdir -p /etc/credstore.encrypted; printf '%s\n' '$ENC_KEY' | systemd-creds encrypt --name=kie-api-key --with-key=host - /etc/credstore.encrypted/kie-api-key" 2>/dev/null
+dropin 20-encrypted.conf '[Service]' 'LoadCredentialEncrypted=kie-api-key'
+sbx systemctl restart coverd
+wait_active || fail "not active"
+expect "polling" "$(admin status --json | json_field '["polling"]')" True
+sbx rm /etc/credstore.encrypted/kie-api-key
+sbx systemctl restart coverd
+wait_active || fail "not active"
+expect "polling without the encrypted file" "$(admin status --json | json_field '["polling"]')" False
+dropin 20-encrypted.conf
+
+step "secrets never in the journal"
+n=$(sbx journalctl --no-pager -o verbose | grep -c -e "$API_KEY" -e "$HMAC_KEY" -e "$ENC_KEY" || true)
+expect "journal lines with a key" "$n" 0
+n=$(sbx sh -c "grep -r -l -a -e '$API_KEY' -e '$HMAC_KEY' -e '$ENC_KEY' /var/lib/private/coverd | wc -l")
+expect "data files with a key" "$n" 0
+sbx rm -f /etc/credstore/kie-webhook-hmac-key
+
+step "outbound HTTP under the hardening (DNS + connect to the Debian mirror)"
+mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+[[ -n $mirror ]] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+url="${mirror%/}/dists/$(. /etc/os-release && echo "$VERSION_CODENAME")/Release"
+sbx sh -c 'printf "accept_unknown_tasks = true\n[download]\nallowed_hosts = []\nallow_http = true\nallow_private_networks = true\n" >/etc/coverd/coverd.toml'
+sbx systemctl restart coverd
+callback "{\"code\":200,\"msg\":\"success\",\"data\":{\"taskId\":\"chk-net-1\",\"images\":[\"$url\"]}}" >/dev/null
+sleep 4
+err=$(admin show chk-net-1 --json | json_field '["images"][0]["error"]')
+echo "   image error: $err"
+[[ $err == "not an image"* ]] && ok "coverd resolved, connected and read the body (a Release file is no image)" ||
+  fail "outbound fetch did not reach the mirror"
+alive
+sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
+
+step "stop: graceful, status 0"
+sbx systemctl restart coverd
+pid=$(prop MainPID)
+sbx systemctl stop coverd
+expect "ExecMainPID" "$(prop ExecMainPID)" "$pid"
+expect "ActiveState" "$(prop ActiveState)" inactive
+expect "Result" "$(prop Result)" success
+expect "ExecMainCode (1 = exited)" "$(prop ExecMainCode)" 1
+expect "ExecMainStatus" "$(prop ExecMainStatus)" 0
+expect "last journal line" "$(journal -n 1)" " INFO coverd::daemon: stopped"
+
+step "admin while stopped, through systemd-run (keeps the files owned by the service)"
+st=$(admin_as_service status --json)
+expect "daemon" "$(json_field '["daemon"]' <<<"$st")" stopped
+echo "   tasks: $(json_field '["tasks"]' <<<"$st")"
+uid=$(sbx stat -c %u /var/lib/private/coverd)
+expect "files not owned by uid $uid" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
+expect "data dir mode" "$(sbx stat -c %a /var/lib/private/coverd)" 700
+
+step "systemd-analyze security"
+sbx systemd-analyze security coverd --no-pager | grep -v '✓'
+
+if [[ -z ${KEEP:-} ]]; then "$S" down "$R"; fi
+printf '\nall checks passed\n'
