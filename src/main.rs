@@ -209,12 +209,25 @@ async fn wait_for_signal() {
     }
 }
 
-/// Logs to stderr. Under journald (`$JOURNAL_STREAM`): no colours, no timestamps (journald
-/// adds its own). Level from `$RUST_LOG`, default `info` for the daemon, `warn` for commands.
+/// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively; otherwise
+/// stderr (under journald without colours or timestamps, which journald adds). Level from
+/// `$RUST_LOG`, default `info` for the daemon, `warn` for commands.
 fn init_logs(daemon: bool) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let default = if daemon { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Under systemd, the daemon logs straight to journald with real priorities
+    // (`journalctl -p warning` works); commands keep writing to the terminal.
+    if daemon && std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
+            return;
+        }
+    }
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
