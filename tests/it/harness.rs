@@ -28,6 +28,7 @@ pub struct Daemon {
 
 /// A config for tests: data in `dir`, any free port, plain http allowed, any host, private
 /// networks refused except the fake's 127.0.0.1 (trusted through [`Hooks`]), fast backoff.
+#[allow(clippy::field_reassign_with_default)] // reads as a list of the test's deviations
 pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
     let mut c = Config::default();
     c.data_dir = dir.to_path_buf();
@@ -43,6 +44,7 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
 }
 
 /// Adds an API key and a public URL, turning on polling, submit, confirmation and refresh.
+#[allow(dead_code)] // for the API-backed tests, not used by every test build
 pub fn with_api(c: &mut Config) {
     c.kie.api_key = Some(Secret::new("test-api-key"));
     c.public_url = "https://coverd.example".into();
@@ -174,6 +176,7 @@ pub fn success_body(task_id: &str, urls: &[String]) -> String {
 }
 
 /// A KIE failure callback body.
+#[allow(dead_code)] // for the failure-path tests, not used by every test build
 pub fn failure_body(task_id: &str, code: i64, msg: &str) -> String {
     serde_json::json!({"code": code, "msg": msg, "data": {"taskId": task_id, "images": null}})
         .to_string()
