@@ -330,9 +330,12 @@ async fn scenario(prefix: &str, kills: &[KillAt], slow_runs: usize) {
             );
         }
         eprintln!(
-            "{prefix} run {run}: {} acknowledged, {} cut by the kill, {:?} since start",
+            "{prefix} run {run}: {} acknowledged, {} cut by the kill, {} installed images adopted after a restart, {:?} since start",
             b.acked.len(),
             b.cut,
+            d.logs()
+                .matches("adopted an image stored before a restart")
+                .count(),
             started.elapsed()
         );
         assert!(b.unexpected.is_empty(), "run {run}: {:?}", b.unexpected);
