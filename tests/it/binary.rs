@@ -520,3 +520,51 @@ async fn built_in_defaults_serve() {
     assert!(!scratch.dir.path().join("coverd-data").exists());
     d.stop().await;
 }
+
+/// `admin retry` on a downloaded task re-fetches an image whose file was corrupted (header
+/// intact, body truncated) or deleted, instead of adopting the damaged file as it stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_retry_refetches_corrupt_and_missing_images() {
+    let fake = FakeKie::start().await;
+    let (a, b) = (png(20_000), png(30_000));
+    fake.files.set("/r/a.png", Behaviour::Image(a.clone()));
+    fake.files.set("/r/b.png", Behaviour::Image(b.clone()));
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let d = scratch.serve().await;
+    let urls = [fake.files.url("/r/a.png"), fake.files.url("/r/b.png")];
+    assert_eq!(d.callback(success_body("r-1", &urls)).await.unwrap().0, 200);
+    wait_status(&scratch, "downloaded", |s| s["tasks"]["downloaded"] == 1).await;
+
+    let data = scratch.data_dir();
+    let (path_a, path_b) = (data.join("images/r-1/0.png"), data.join("images/r-1/1.png"));
+    std::fs::write(&path_a, &a[..a.len() / 2]).unwrap();
+    std::fs::remove_file(&path_b).unwrap();
+
+    let out = scratch.run(&["admin", "retry", "r-1"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    wait_status(&scratch, "repaired", |s| s["tasks"]["downloaded"] == 1).await;
+    let task = scratch.admin_json(&["show", "r-1"]).await;
+    for (i, bytes) in [&a, &b].into_iter().enumerate() {
+        let img = &task["images"][i];
+        assert_eq!(img["state"], "downloaded", "{task}");
+        assert_eq!(
+            img["sha256"],
+            sha256_hex(bytes),
+            "image {i} not repaired: {task}"
+        );
+        let on_disk = std::fs::read(data.join(img["path"].as_str().unwrap())).unwrap();
+        assert!(on_disk == bytes[..], "image {i}: file not repaired");
+    }
+    assert_eq!(
+        fake.files.hits("/r/a.png"),
+        2,
+        "the corrupt image was fetched again"
+    );
+    assert_eq!(
+        fake.files.hits("/r/b.png"),
+        2,
+        "the missing image was fetched again"
+    );
+    d.stop().await;
+}
