@@ -158,6 +158,24 @@ async fn burst(d: Arc<Daemon>, bodies: Vec<(String, String)>, kill: Option<KillA
             }
         }
     };
+    if kill.is_some_and(|k| k.mid_download) {
+        // Send callbacks one at a time until a download is mid-flight, so that the kill can
+        // come at the chosen acknowledgement even on a machine that starts downloads late.
+        let deadline = Instant::now() + PATIENCE;
+        while tmp_entries(&d.data_dir).is_empty() {
+            assert!(Instant::now() < deadline, "no download ever started");
+            let next = queue.lock().unwrap().pop_front();
+            match next {
+                Some((id, body)) => match d.callback(body).await {
+                    Ok((200, answer)) if answer == r#"{"status":"received"}"# => {
+                        result.lock().unwrap().acked.insert(id);
+                    }
+                    other => panic!("{id}: {other:?}"),
+                },
+                None => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..PARALLEL {
         let (d, queue, result, killed, maybe_kill) = (
