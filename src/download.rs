@@ -432,6 +432,19 @@ async fn install(
     result
 }
 
+/// Removes every stored file of image `index` of `task_id` (any extension), so that a
+/// re-fetch of a damaged image cannot adopt the damaged file (see [`adopt_existing`]).
+pub fn remove_stored(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
+    let dir = data_dir.join(IMAGES_DIR).join(task_id);
+    for ext in EXTS {
+        match std::fs::remove_file(dir.join(format!("{index}.{}", ext.as_str()))) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A complete file already at the final path of `index` (written before a crash that came
 /// before its record): hash it and return the event that records it.
 async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Event> {

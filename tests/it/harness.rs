@@ -176,8 +176,8 @@ pub fn success_body(task_id: &str, urls: &[String]) -> String {
         .to_string()
 }
 
-#[allow(dead_code)] // used by some test modules only
 /// A KIE failure callback body.
+#[allow(dead_code)] // for the failure-path tests, not used by every test build
 pub fn failure_body(task_id: &str, code: i64, msg: &str) -> String {
     serde_json::json!({"code": code, "msg": msg, "data": {"taskId": task_id, "images": null}})
         .to_string()

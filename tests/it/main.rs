@@ -2,6 +2,9 @@
 //! fake KIE written in Rust (`fake_kie`). One binary keeps build times down.
 
 mod admin;
+mod bin_util;
+mod binary;
+mod crash;
 mod downloads;
 mod fake_kie;
 mod fetch;

@@ -1,0 +1,420 @@
+//! Runs the real `coverd` binary in a scratch directory: writes a TOML config, spawns
+//! `coverd serve`, learns its port from the "coverd is ready" log line, waits for `/healthz`,
+//! sends signals, and runs `coverd admin … --json` commands. Every wait is on a condition
+//! with a generous deadline (CI machines are slow and shared), never a blind sleep.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_coverd");
+
+/// How long a daemon may take to start, answer or stop on a loaded machine.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Environment variables that would change what the binary does; removed for every run.
+const SCRUBBED_ENV: [&str; 10] = [
+    "COVERD_CONFIG",
+    "COVERD_DATA_DIR",
+    "COVERD_LISTEN",
+    "KIE_API_KEY",
+    "KIE_WEBHOOK_HMAC_KEY",
+    "CREDENTIALS_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "JOURNAL_STREAM",
+    "RUST_LOG",
+];
+
+/// A `coverd` command with a clean environment.
+pub fn coverd() -> Command {
+    let mut cmd = Command::new(BIN);
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A scratch directory holding `coverd.toml` and the data directory `data/`.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("scratch dir"),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("coverd.toml")
+    }
+
+    /// Writes the test configuration: any free port, callbacks for unknown tasks accepted,
+    /// plain http to the fake on loopback allowed (the binary has no test hooks), fast
+    /// backoff, no API key (so no polling). `extra` is appended verbatim (more tables).
+    pub fn write_config(&self, fake_base_url: &str, download_extra: &str, extra: &str) {
+        let text = format!(
+            r#"data_dir = {data:?}
+listen = "127.0.0.1:0"
+accept_unknown_tasks = true
+
+[kie]
+base_url = {base:?}
+
+[download]
+allow_http = true
+allowed_hosts = []
+allow_private_networks = true
+backoff_base = "10ms"
+backoff_max = "50ms"
+timeout = "30s"
+{download_extra}
+{extra}
+"#,
+            data = self.data_dir().display().to_string(),
+            base = fake_base_url,
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// Writes `text` as the whole config file.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// `coverd serve --config <this config>`, started and healthy.
+    pub async fn serve(&self) -> Daemon {
+        Daemon::spawn(self.serve_command(), self.data_dir()).await
+    }
+
+    pub fn serve_command(&self) -> Command {
+        let mut cmd = coverd();
+        cmd.arg("serve").arg("--config").arg(self.config_path());
+        cmd
+    }
+
+    /// `coverd --config <this config> <args>`, run to completion off the async runtime.
+    pub async fn run(&self, args: &[&str]) -> Outcome {
+        let mut cmd = coverd();
+        cmd.arg("--config").arg(self.config_path()).args(args);
+        run(cmd).await
+    }
+
+    /// `coverd admin <args> --json`, which must succeed; its stdout as JSON.
+    pub async fn admin_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = self.run(&all).await;
+        assert_eq!(out.code, Some(0), "coverd {all:?} failed: {out:?}");
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("coverd {all:?} printed no JSON ({e}): {out:?}"))
+    }
+}
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion on a blocking thread (the fake KIE keeps serving meanwhile);
+/// SIGKILLs it if it runs longer than [`PATIENCE`] (e.g. a `serve` that should have failed).
+pub async fn run(mut cmd: Command) -> Outcome {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run coverd");
+    let pid = child.id();
+    let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let out = match tokio::time::timeout(PATIENCE, waiter).await {
+        Ok(joined) => joined.expect("join").expect("wait for coverd"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not finish within {PATIENCE:?}");
+        }
+    };
+    Outcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A port that was free a moment ago (bound to 127.0.0.1:0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A running `coverd serve` process. Killed (SIGKILL) when dropped.
+pub struct Daemon {
+    child: Mutex<Child>,
+    pub pid: u32,
+    pub addr: SocketAddr,
+    pub base: String,
+    pub data_dir: PathBuf,
+    log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (a `coverd serve …`), reads its stderr (logs) on a thread, and returns
+    /// once it has logged "coverd is ready addr=…" and `/healthz` answers 200.
+    pub async fn spawn(mut cmd: Command, data_dir: PathBuf) -> Daemon {
+        // `info` for the ready line; sled's own chatter kept out.
+        cmd.env("RUST_LOG", "info,sled=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn coverd serve");
+        let pid = child.id();
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel::<SocketAddr>();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("coverd is ready")
+                        && let Some(addr) = line
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("addr="))
+                            .and_then(|a| a.parse().ok())
+                    {
+                        let _ = ready_tx.send(addr);
+                    }
+                    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        let deadline = Instant::now() + PATIENCE;
+        let addr = loop {
+            match ready_rx.try_recv() {
+                Ok(addr) => break addr,
+                Err(mpsc::TryRecvError::Disconnected) | Err(mpsc::TryRecvError::Empty) => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = reader.join();
+                panic!(
+                    "coverd serve exited ({status}) before it was ready:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "coverd serve not ready within {PATIENCE:?}:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let daemon = Daemon {
+            child: Mutex::new(child),
+            pid,
+            addr,
+            base: format!("http://{addr}"),
+            data_dir,
+            log,
+            reader: Some(reader),
+            http: client(),
+        };
+        daemon.wait_healthy().await;
+        daemon
+    }
+
+    /// Waits until `GET /healthz` answers 200 `ok`.
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(resp) = self.http.get(format!("{}/healthz", self.base)).send().await
+                && resp.status() == 200
+                && resp.text().await.is_ok_and(|t| t == "ok")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered 200:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the logs contain `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {needle:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// SIGKILL, at once (`Child::kill`), then reaps the process.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Sends `signal` ("TERM", "INT", …) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid);
+    }
+
+    /// Waits for the process to exit; returns its status and its whole log.
+    pub async fn wait_exit(mut self) -> (ExitStatus, String) {
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            let polled = self
+                .child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_wait()
+                .expect("try_wait");
+            if let Some(status) = polled {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("coverd did not exit within {PATIENCE:?}:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+        }
+        (status, self.logs())
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0).
+    pub async fn stop(self) -> String {
+        self.signal("TERM");
+        let (status, logs) = self.wait_exit().await;
+        assert_eq!(status.code(), Some(0), "unclean stop:\n{logs}");
+        logs
+    }
+
+    /// POSTs a callback body; status and body, or the transport error.
+    pub async fn callback(&self, body: String) -> Result<(u16, String), reqwest::Error> {
+        let resp = self
+            .http
+            .post(format!("{}/callbacks/cover", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// `GET path`: status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        (
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        )
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP client for the daemon: no proxy, generous timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Waits (polling `coverd admin status --json`) until `pred` holds on the status JSON.
+pub async fn wait_status(scratch: &Scratch, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = scratch.admin_json(&["status"]).await;
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not reached within {PATIENCE:?}; last status {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every regular file under `dir`, relative to `base`, sorted.
+pub fn files_under(base: &Path, dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(base).unwrap_or(&path);
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
