@@ -178,10 +178,12 @@ async fn run(command: Command, config: Config) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM during start-up then stops the daemon gracefully too.
+    let signals = install_signal_handlers();
     let running = daemon::start(config, daemon::Hooks::default()).await?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("shutting down: finishing in-flight requests");
         token.cancel();
     });
@@ -189,22 +191,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Registers SIGTERM and SIGINT handlers now; the returned future ends at the first signal.
+fn install_signal_handlers() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            // Without signal handlers the daemon can only be killed; say so and keep serving.
-            tracing::error!("cannot install SIGTERM/SIGINT handlers");
-            std::future::pending::<()>().await;
+            _ => {
+                // Without signal handlers the daemon can only be killed; say so and keep serving.
+                tracing::error!("cannot install SIGTERM/SIGINT handlers");
+                std::future::pending::<()>().await;
+            }
         }
     }
 }
