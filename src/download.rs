@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
 use crate::kie::{CoverStatus, KieClient};
 use crate::machine::{Ctx, Event};
-use crate::model::{Image, ImageState, Millis, State, now_millis};
+use crate::model::{Clock, Image, ImageState, Millis, State};
 use crate::store::{IfMissing, Store, StoreError};
 
 /// Every image type a stored file can have.
@@ -80,6 +80,9 @@ pub struct Downloader {
     fetcher: Fetcher,
     kie: Option<Arc<KieClient>>,
     wake: Arc<Notify>,
+    /// The daemon's scheduling clock, shared with the poller: due times written by either
+    /// are read against the same time.
+    clock: Arc<dyn Clock>,
     fetch_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<String>>,
 }
@@ -91,6 +94,7 @@ impl Downloader {
         fetcher: Fetcher,
         kie: Option<Arc<KieClient>>,
         wake: Arc<Notify>,
+        clock: Arc<dyn Clock>,
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
         Arc::new(Downloader {
@@ -99,6 +103,7 @@ impl Downloader {
             fetcher,
             kie,
             wake,
+            clock,
             fetch_slots: Arc::new(Semaphore::new(slots)),
             in_flight: Mutex::new(HashSet::new()),
         })
@@ -124,8 +129,10 @@ impl Downloader {
                 Err(e) => break Err(e),
             };
             let sleep = match next {
-                Some(at) => Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0))
-                    .min(MAX_IDLE),
+                Some(at) => {
+                    Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0))
+                        .min(MAX_IDLE)
+                }
                 None => MAX_IDLE,
             };
             tokio::select! {
@@ -155,7 +162,7 @@ impl Downloader {
         workers: &mut tokio::task::JoinSet<()>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Millis>, DownloadError> {
-        let now = now_millis();
+        let now = self.clock.now();
         let busy = self.in_flight().len();
         let mut earliest = None;
         // In-flight tasks stay in the index until they finish, so look past them.
@@ -193,7 +200,7 @@ impl Downloader {
             Some(t) => t,
             None => return,
         };
-        let now = now_millis();
+        let now = self.clock.now();
         let mut fetches = tokio::task::JoinSet::new();
         for image in task
             .images
@@ -245,7 +252,7 @@ impl Downloader {
                 ),
             },
         };
-        let ctx = Ctx::from_config(&self.config, now_millis());
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
             .store
             .apply_async(task_id, event, ctx, IfMissing::Reject)
@@ -273,7 +280,8 @@ impl Downloader {
                         d.backoff_max,
                         e.retry_after(),
                     );
-                    now_millis()
+                    self.clock
+                        .now()
                         .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
                 });
                 tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
@@ -284,7 +292,7 @@ impl Downloader {
                 }
             }
         };
-        let ctx = Ctx::from_config(&self.config, now_millis());
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
             .store
             .apply_async(task_id, event, ctx, IfMissing::Reject)
@@ -356,7 +364,7 @@ impl Downloader {
         let kie = self.kie.as_ref()?;
         match kie.refresh_download_url(&image.url).await {
             Ok(fresh) => {
-                let ctx = Ctx::from_config(&self.config, now_millis());
+                let ctx = Ctx::from_config(&self.config, self.clock.now());
                 let event = Event::UrlRefreshed {
                     index: image.index,
                     url: fresh.clone(),
