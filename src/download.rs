@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
-use crate::kie::{CoverStatus, KieClient};
+use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event};
 use crate::model::{Clock, Image, ImageState, Millis, State};
 use crate::store::{IfMissing, Store, StoreError};
@@ -71,6 +71,33 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
         tracing::info!(removed, "removed partial downloads left by an earlier run");
     }
     Ok(removed)
+}
+
+/// Why one image could not be obtained.
+#[derive(Debug, thiserror::Error)]
+enum ObtainError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The link answered 403/404/410 and KIE's download-url failed transiently (429, 455,
+    /// 5xx, unreachable): the image is tried again later instead of failing for good.
+    #[error("{original}; KIE's download-url could not give a fresh link yet: {kie}")]
+    Refresh { original: FetchError, kie: KieError },
+}
+
+impl ObtainError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ObtainError::Fetch(e) => e.is_transient(),
+            ObtainError::Refresh { .. } => true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ObtainError::Fetch(e) => e.retry_after(),
+            ObtainError::Refresh { .. } => None,
+        }
+    }
 }
 
 /// The download scheduler and its workers.
@@ -315,7 +342,7 @@ impl Downloader {
     }
 
     /// Gets image `image` of `task_id` to its final path and returns the event recording it.
-    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, FetchError> {
+    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, ObtainError> {
         let data_dir = &self.config.data_dir;
         // A crash between rename and record leaves a complete file: adopt it, don't refetch.
         if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
@@ -331,8 +358,12 @@ impl Downloader {
         let fetched = match self.fetcher.fetch(url, &tmp).await {
             Err(e) if e.is_gone() && image.refreshed_url.is_none() => {
                 match self.refresh(task_id, image).await {
-                    Some(fresh) => self.fetcher.fetch(&fresh, &tmp).await?,
-                    None => return Err(e),
+                    Some(Ok(fresh)) => self.fetcher.fetch(&fresh, &tmp).await?,
+                    // KIE could not be asked right now: not a refusal, so try again later.
+                    Some(Err(kie)) if kie.is_transient() => {
+                        return Err(ObtainError::Refresh { original: e, kie });
+                    }
+                    _ => return Err(e.into()),
                 }
             }
             other => other?,
@@ -360,9 +391,10 @@ impl Downloader {
     }
 
     /// Asks KIE for a fresh link to an expired image URL (once per image) and records it.
-    async fn refresh(&self, task_id: &str, image: &Image) -> Option<String> {
+    /// `None` without an API key.
+    async fn refresh(&self, task_id: &str, image: &Image) -> Option<Result<String, KieError>> {
         let kie = self.kie.as_ref()?;
-        match kie.refresh_download_url(&image.url).await {
+        Some(match kie.refresh_download_url(&image.url).await {
             Ok(fresh) => {
                 let ctx = Ctx::from_config(&self.config, self.clock.now());
                 let event = Event::UrlRefreshed {
@@ -376,13 +408,13 @@ impl Downloader {
                 {
                     tracing::error!(task_id, error = %e, "cannot record refreshed URL");
                 }
-                Some(fresh)
+                Ok(fresh)
             }
             Err(e) => {
                 tracing::warn!(task_id, index = image.index, error = %e, "KIE gave no fresh link");
-                None
+                Err(e)
             }
-        }
+        })
     }
 }
 
