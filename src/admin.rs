@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use crate::callback::Answer;
 use crate::config::Config;
 use crate::daemon::ADMIN_SOCKET;
+use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event};
 use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
@@ -201,6 +202,17 @@ impl Exec {
                     .get(&task_id)?
                     .ok_or_else(|| not_found(&task_id))?;
                 let damaged = self.damaged_images(&task);
+                // A damaged file must not be adopted by the re-fetch as a crash leftover.
+                if task.state.is_finished() {
+                    for &index in &damaged {
+                        download::discard(&self.config.data_dir, &task_id, index).map_err(|e| {
+                            AdminError::missing(format!(
+                                "cannot remove the damaged image {index} of {task_id}: {e}; check the permissions of {}",
+                                self.config.data_dir.display()
+                            ))
+                        })?;
+                    }
+                }
                 let event = Event::Retry { damaged };
                 let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
                 let message = format!("{task_id} is now {}", json.state);

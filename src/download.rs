@@ -458,6 +458,21 @@ async fn install(
     result
 }
 
+/// Removes the stored file(s) of image `index` of `task_id` — any extension — because they
+/// are known to be damaged (`admin retry`). Without this, the re-fetch would adopt a corrupt
+/// file that still looks like an image as if a crash had left it (see [`adopt_existing`]).
+pub fn discard(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
+    let dir = data_dir.join(IMAGES_DIR).join(task_id);
+    for ext in EXTS {
+        match std::fs::remove_file(dir.join(format!("{index}.{}", ext.as_str()))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// A complete file already at the final path of `index` (written before a crash that came
 /// before its record): hash it and return the event that records it.
 async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Event> {
