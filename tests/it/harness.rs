@@ -29,9 +29,11 @@ pub struct Daemon {
 /// A config for tests: data in `dir`, any free port, plain http allowed, any host, private
 /// networks refused except the fake's 127.0.0.1 (trusted through [`Hooks`]), fast backoff.
 pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     c.kie.base_url = fake.base_url();
     c.download.allow_http = true;
     c.download.allowed_hosts = vec![];
@@ -83,7 +85,8 @@ impl Daemon {
         }
     }
 
-    /// Moves the poller's clock forward and makes the loops look at their indexes.
+    /// Moves the schedulers' clock (poller and downloader) forward and makes the loops look
+    /// at their indexes.
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
         self.wake();

@@ -5,6 +5,7 @@ mod fake_kie;
 mod fetch;
 mod harness;
 mod kie_client;
+mod kie_flows;
 mod smoke;
 
 /// `admin track` through the library, as the admin socket would run it.
