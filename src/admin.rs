@@ -202,17 +202,15 @@ impl Exec {
                     .get(&task_id)?
                     .ok_or_else(|| not_found(&task_id))?;
                 let damaged = self.damaged_images(&task);
-                // A damaged file left in place would be adopted as stored by the re-fetch.
-                // (Retry only acts on failed and downloaded tasks.)
-                if matches!(task.state, State::Failed | State::Downloaded) {
-                    for index in &damaged {
-                        download::remove_stored(&self.config.data_dir, &task_id, *index)
-                            .map_err(|e| {
-                                AdminError::missing(format!(
-                                    "cannot remove the damaged image {index} of {task_id}: {e}; check the permissions of {}",
-                                    self.config.data_dir.display()
-                                ))
-                            })?;
+                // A damaged file must not be adopted by the re-fetch as a crash leftover.
+                if task.state.is_finished() {
+                    for &index in &damaged {
+                        download::discard(&self.config.data_dir, &task_id, index).map_err(|e| {
+                            AdminError::missing(format!(
+                                "cannot remove the damaged image {index} of {task_id}: {e}; check the permissions of {}",
+                                self.config.data_dir.display()
+                            ))
+                        })?;
                     }
                 }
                 let event = Event::Retry { damaged };

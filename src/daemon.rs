@@ -57,7 +57,9 @@ pub enum DaemonError {
 pub struct Hooks {
     /// Addresses the URL guard allows even when private networks are refused.
     pub trusted_addrs: Vec<IpAddr>,
-    /// The poller's clock (default: the wall clock).
+    /// The clock of the schedulers, poller and downloader (default: the wall clock). Records
+    /// stamped elsewhere (callbacks, admin) use the wall clock, so a test clock must never
+    /// run behind it (see `model::ManualClock`).
     pub clock: Option<Arc<dyn Clock>>,
 }
 
@@ -163,12 +165,14 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let mut tasks = tokio::task::JoinSet::new();
 
     let metrics = Arc::new(Metrics::default());
+    let clock = hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
     let downloader = Downloader::new(
         store.clone(),
         config.clone(),
         fetcher,
         kie.clone(),
         wake_downloads.clone(),
+        clock.clone(),
         metrics.clone(),
     );
     health.downloads_running.store(true, Ordering::SeqCst);
@@ -188,7 +192,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             kie.clone(),
             wake_downloads.clone(),
             wake_polls.clone(),
-            hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock)),
+            clock,
         )
         .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();

@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
-use crate::kie::{CoverStatus, KieClient};
+use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event};
 use crate::metrics::Metrics;
-use crate::model::{EventKind, Image, ImageState, Millis, State, now_millis};
+use crate::model::{Clock, EventKind, Image, ImageState, Millis, State};
 use crate::store::{IfMissing, Store, StoreError};
 
 /// Every image type a stored file can have.
@@ -74,6 +74,33 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
     Ok(removed)
 }
 
+/// Why one image could not be obtained.
+#[derive(Debug, thiserror::Error)]
+enum ObtainError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The link answered 403/404/410 and KIE's download-url failed transiently (429, 455,
+    /// 5xx, unreachable): the image is tried again later instead of failing for good.
+    #[error("{original}; KIE's download-url could not give a fresh link yet: {kie}")]
+    Refresh { original: FetchError, kie: KieError },
+}
+
+impl ObtainError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ObtainError::Fetch(e) => e.is_transient(),
+            ObtainError::Refresh { .. } => true,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ObtainError::Fetch(e) => e.retry_after(),
+            ObtainError::Refresh { .. } => None,
+        }
+    }
+}
+
 /// The download scheduler and its workers.
 pub struct Downloader {
     store: Store,
@@ -81,6 +108,9 @@ pub struct Downloader {
     fetcher: Fetcher,
     kie: Option<Arc<KieClient>>,
     wake: Arc<Notify>,
+    /// The daemon's scheduling clock, shared with the poller: due times written by either
+    /// are read against the same time.
+    clock: Arc<dyn Clock>,
     fetch_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<String>>,
     metrics: Arc<Metrics>,
@@ -93,6 +123,7 @@ impl Downloader {
         fetcher: Fetcher,
         kie: Option<Arc<KieClient>>,
         wake: Arc<Notify>,
+        clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
@@ -102,6 +133,7 @@ impl Downloader {
             fetcher,
             kie,
             wake,
+            clock,
             fetch_slots: Arc::new(Semaphore::new(slots)),
             in_flight: Mutex::new(HashSet::new()),
             metrics,
@@ -128,8 +160,10 @@ impl Downloader {
                 Err(e) => break Err(e),
             };
             let sleep = match next {
-                Some(at) => Duration::from_millis(u64::try_from(at - now_millis()).unwrap_or(0))
-                    .min(MAX_IDLE),
+                Some(at) => {
+                    Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0))
+                        .min(MAX_IDLE)
+                }
                 None => MAX_IDLE,
             };
             tokio::select! {
@@ -159,7 +193,7 @@ impl Downloader {
         workers: &mut tokio::task::JoinSet<()>,
         shutdown: &CancellationToken,
     ) -> Result<Option<Millis>, DownloadError> {
-        let now = now_millis();
+        let now = self.clock.now();
         let busy = self.in_flight().len();
         let mut earliest = None;
         // In-flight tasks stay in the index until they finish, so look past them.
@@ -201,7 +235,7 @@ impl Downloader {
             Some(t) => t,
             None => return,
         };
-        let now = now_millis();
+        let now = self.clock.now();
         let mut fetches = tokio::task::JoinSet::new();
         for image in task
             .images
@@ -253,7 +287,7 @@ impl Downloader {
                 ),
             },
         };
-        let ctx = Ctx::from_config(&self.config, now_millis());
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
             .store
             .apply_async(task_id, event, ctx, IfMissing::Reject)
@@ -281,7 +315,8 @@ impl Downloader {
                         d.backoff_max,
                         e.retry_after(),
                     );
-                    now_millis()
+                    self.clock
+                        .now()
                         .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
                 });
                 tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
@@ -292,7 +327,7 @@ impl Downloader {
                 }
             }
         };
-        let ctx = Ctx::from_config(&self.config, now_millis());
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
             .store
             .apply_async(task_id, event, ctx, IfMissing::Reject)
@@ -321,7 +356,7 @@ impl Downloader {
     }
 
     /// Gets image `image` of `task_id` to its final path and returns the event recording it.
-    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, FetchError> {
+    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, ObtainError> {
         let data_dir = &self.config.data_dir;
         // A crash between rename and record leaves a complete file: adopt it, don't refetch.
         if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
@@ -337,8 +372,12 @@ impl Downloader {
         let fetched = match self.fetcher.fetch(url, &tmp).await {
             Err(e) if e.is_gone() && image.refreshed_url.is_none() => {
                 match self.refresh(task_id, image).await {
-                    Some(fresh) => self.fetcher.fetch(&fresh, &tmp).await?,
-                    None => return Err(e),
+                    Some(Ok(fresh)) => self.fetcher.fetch(&fresh, &tmp).await?,
+                    // KIE could not be asked right now: not a refusal, so try again later.
+                    Some(Err(kie)) if kie.is_transient() => {
+                        return Err(ObtainError::Refresh { original: e, kie });
+                    }
+                    _ => return Err(e.into()),
                 }
             }
             other => other?,
@@ -366,11 +405,12 @@ impl Downloader {
     }
 
     /// Asks KIE for a fresh link to an expired image URL (once per image) and records it.
-    async fn refresh(&self, task_id: &str, image: &Image) -> Option<String> {
+    /// `None` without an API key.
+    async fn refresh(&self, task_id: &str, image: &Image) -> Option<Result<String, KieError>> {
         let kie = self.kie.as_ref()?;
-        match kie.refresh_download_url(&image.url).await {
+        Some(match kie.refresh_download_url(&image.url).await {
             Ok(fresh) => {
-                let ctx = Ctx::from_config(&self.config, now_millis());
+                let ctx = Ctx::from_config(&self.config, self.clock.now());
                 let event = Event::UrlRefreshed {
                     index: image.index,
                     url: fresh.clone(),
@@ -382,13 +422,13 @@ impl Downloader {
                 {
                     tracing::error!(task_id, error = %e, "cannot record refreshed URL");
                 }
-                Some(fresh)
+                Ok(fresh)
             }
             Err(e) => {
                 tracing::warn!(task_id, index = image.index, error = %e, "KIE gave no fresh link");
-                None
+                Err(e)
             }
-        }
+        })
     }
 }
 
@@ -432,14 +472,16 @@ async fn install(
     result
 }
 
-/// Removes every stored file of image `index` of `task_id` (any extension), so that a
-/// re-fetch of a damaged image cannot adopt the damaged file (see [`adopt_existing`]).
-pub fn remove_stored(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
+/// Removes the stored file(s) of image `index` of `task_id` — any extension — because they
+/// are known to be damaged (`admin retry`). Without this, the re-fetch would adopt a corrupt
+/// file that still looks like an image as if a crash had left it (see [`adopt_existing`]).
+pub fn discard(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
     let dir = data_dir.join(IMAGES_DIR).join(task_id);
     for ext in EXTS {
         match std::fs::remove_file(dir.join(format!("{index}.{}", ext.as_str()))) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())

@@ -304,23 +304,38 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that only moves when told; for tests.
+/// A clock for tests: it runs at real speed from `start` and jumps forward when told
+/// ([`ManualClock::advance`]), so schedules minutes or hours away come due without sleeping,
+/// short backoffs still elapse, and records stamped with the wall clock (callbacks, admin
+/// commands) never lie in its future.
 #[derive(Debug)]
-pub struct ManualClock(std::sync::atomic::AtomicI64);
+pub struct ManualClock {
+    start: Millis,
+    origin: std::time::Instant,
+    advanced: std::sync::atomic::AtomicI64,
+}
 
 impl ManualClock {
     pub fn new(start: Millis) -> ManualClock {
-        ManualClock(std::sync::atomic::AtomicI64::new(start))
+        ManualClock {
+            start,
+            origin: std::time::Instant::now(),
+            advanced: std::sync::atomic::AtomicI64::new(0),
+        }
     }
     pub fn advance(&self, by: std::time::Duration) {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+        self.advanced
+            .fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Millis {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        let elapsed = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.start
+            .saturating_add(elapsed)
+            .saturating_add(self.advanced.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

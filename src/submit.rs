@@ -51,6 +51,11 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
         music_task_id: Some(music_task_id.to_string()),
     };
     exec.apply(&task_id, event, IfMissing::Create).await?;
+    // The task is durable now, so the intent is resolved; a crash before this line leaves
+    // an intent whose song has a task, which `resolve_intents` drops without calling KIE.
+    if let Err(e) = exec.store.drop_intent(music_task_id) {
+        tracing::warn!(music_task_id, error = %e, "cannot drop the resolved intent; the daemon drops it later");
+    }
     answer(task_id, message)
 }
 
@@ -102,6 +107,19 @@ pub async fn resolve_intents(
         if now - at < min_age_ms {
             continue;
         }
+        // The task was recorded but the process stopped before the intent was dropped.
+        if let Ok(Some(task_id)) = store.task_for_music(&music) {
+            tracing::info!(
+                task_id,
+                music_task_id = music,
+                "unfinished submit already recorded"
+            );
+            if let Err(e) = store.drop_intent(&music) {
+                tracing::error!(music_task_id = music, error = %e, "cannot drop resolved intent");
+            }
+            resolved += 1;
+            continue;
+        }
         match resolve(store, kie, &music, &callback_url).await {
             Ok((task_id, message)) => {
                 let ctx = crate::machine::Ctx::from_config(exec_config, now);
@@ -113,6 +131,9 @@ pub async fn resolve_intents(
                     .await
                 {
                     Ok(_) => {
+                        if let Err(e) = store.drop_intent(&music) {
+                            tracing::error!(music_task_id = music, error = %e, "cannot drop resolved intent");
+                        }
                         resolved += 1;
                         tracing::info!(
                             task_id,

@@ -313,15 +313,14 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes everything written so far (shutdown, admin writes).
+    /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`
+    /// such as submit intents). Shares the group commit: a fresh ticket is covered only by
+    /// a flush that starts after this call, and at most one `flush_async` runs at a time.
+    /// (Unbounded concurrent `flush_async` calls deadlock sled 0.34: each blocks one of its
+    /// global I/O threads until the log is written, and the log write is queued behind them.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let ticket = self.inner.commit.written.load(Ordering::SeqCst);
-        self.inner.db.flush_async().await?;
-        self.inner
-            .commit
-            .durable
-            .fetch_max(ticket, Ordering::SeqCst);
-        Ok(())
+        let ticket = self.inner.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
+        self.durable(ticket).await
     }
 
     pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {

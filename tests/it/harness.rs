@@ -86,7 +86,8 @@ impl Daemon {
         }
     }
 
-    /// Moves the poller's clock forward and makes the loops look at their indexes.
+    /// Moves the schedulers' clock (poller and downloader) forward and makes the loops look
+    /// at their indexes.
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
         self.wake();

@@ -11,6 +11,7 @@ mod fetch;
 mod harness;
 mod intake;
 mod kie_client;
+mod kie_flows;
 mod smoke;
 
 /// `admin track` through the library, as the admin socket would run it.
