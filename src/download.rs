@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State};
 use crate::store::{IfMissing, Store, StoreError};
 
+/// record-info calls made to confirm a callback's URLs before falling back to them.
+const MAX_CONFIRM_TRIES: u32 = 5;
 /// Every image type a stored file can have.
 const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
@@ -232,8 +234,9 @@ impl Downloader {
             }
         };
         let task = match self.confirm(task).await {
-            Some(t) => t,
-            None => return,
+            // Not confirmed yet (deferred): nothing is fetched; the index brings it back.
+            Some(t) if !self.needs_confirmation(&t) => t,
+            _ => return,
         };
         let now = self.clock.now();
         let mut fetches = tokio::task::JoinSet::new();
@@ -258,14 +261,33 @@ impl Downloader {
         while fetches.join_next().await.is_some() {}
     }
 
+    fn needs_confirmation(&self, task: &crate::model::Task) -> bool {
+        self.kie.is_some() && self.config.kie.confirm_callbacks && !task.confirmed
+    }
+
     /// With `kie.confirm_callbacks` and an API key, takes the image URLs of a callback from
     /// record-info before anything is fetched (a callback's signature does not cover its URLs).
     async fn confirm(&self, task: crate::model::Task) -> Option<crate::model::Task> {
         let kie = match &self.kie {
-            Some(kie) if self.config.kie.confirm_callbacks && !task.confirmed => kie,
+            Some(kie) if self.needs_confirmation(&task) => kie,
             _ => return Some(task),
         };
         let task_id = task.task_id.as_str();
+        let tries = task.confirm_attempts + 1;
+        let later = |why: String| {
+            let d = &self.config.download;
+            let delay = backoff_delay(tries, d.backoff_base, d.backoff_max, None);
+            Event::ConfirmLater {
+                until: self
+                    .clock
+                    .now()
+                    .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                detail: format!(
+                    "{why}; confirming again before any download (try {tries} of {MAX_CONFIRM_TRIES})"
+                ),
+            }
+        };
+        let can_wait = tries < MAX_CONFIRM_TRIES;
         let event = match kie.record_info(task_id).await {
             Ok(info) if info.status == CoverStatus::Success && !info.images.is_empty() => {
                 Event::Confirm {
@@ -273,17 +295,24 @@ impl Downloader {
                     detail: "record-info confirms the callback's image URLs".into(),
                 }
             }
+            Ok(info) if can_wait && info.status != CoverStatus::Failed => later(format!(
+                "record-info has no images yet (status {:?})",
+                info.status
+            )),
+            Err(e) if can_wait && (e.is_transient() || matches!(e, KieError::NotFound)) => {
+                later(format!("record-info failed ({e})"))
+            }
             Ok(info) => Event::Confirm {
                 images: None,
                 detail: format!(
-                    "record-info gave no images (status {:?}); using the callback's URLs",
+                    "record-info gave no images (status {:?}) after {tries} tries; using the callback's URLs",
                     info.status
                 ),
             },
             Err(e) => Event::Confirm {
                 images: None,
                 detail: format!(
-                    "could not confirm with record-info ({e}); using the callback's URLs"
+                    "could not confirm with record-info after {tries} tries ({e}); using the callback's URLs"
                 ),
             },
         };

@@ -78,6 +78,9 @@ pub enum Event {
         images: Option<Vec<String>>,
         detail: String,
     },
+    /// record-info could not confirm a callback's URLs yet (transient error, or no result
+    /// yet); look again at `until` before fetching anything.
+    ConfirmLater { until: Millis, detail: String },
     /// Image `index` is complete at its final path.
     ImageStored {
         index: u32,
@@ -212,7 +215,26 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 "wait ignored: task already has a result",
             );
         }
+        (Received, Event::ConfirmLater { until, detail }) if !task.confirmed => {
+            task.polls += 1;
+            task.confirm_attempts += 1;
+            for img in task
+                .images
+                .iter_mut()
+                .filter(|i| i.state == ImageState::Pending)
+            {
+                img.next_attempt_at = img.next_attempt_at.max(until);
+            }
+            out.note(EventKind::Polled, detail);
+        }
+        (Submitted | Received | Downloaded | Failed, Event::ConfirmLater { .. }) => {
+            out.note(
+                EventKind::Ignored,
+                "confirmation retry ignored: task not awaiting one",
+            );
+        }
         (Received, Event::Confirm { images, detail }) if !task.confirmed => {
+            task.polls += 1;
             task.confirmed = true;
             let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
             let untouched = task
@@ -577,6 +599,10 @@ mod tests {
             Event::Confirm {
                 images: None,
                 detail: "unconfirmed".into(),
+            },
+            Event::ConfirmLater {
+                until: NOW + 9,
+                detail: "later".into(),
             },
             stored(0),
             stored(1),

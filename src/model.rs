@@ -181,6 +181,8 @@ pub struct Task {
     pub event_count: u32,
     /// The image URLs were checked against record-info (`kie.confirm_callbacks`).
     pub confirmed: bool,
+    /// record-info calls made to confirm a callback's URLs that could not answer yet.
+    pub confirm_attempts: u32,
 }
 
 impl Task {
@@ -201,6 +203,7 @@ impl Task {
             next_poll_at: now,
             event_count: 0,
             confirmed: false,
+            confirm_attempts: 0,
         }
     }
 

@@ -4,6 +4,7 @@
 //! transitions (`machine`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -29,6 +30,8 @@ pub struct Poller {
     wake: Arc<Notify>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// Unresolved submit intents are looked at once per [`INTENT_MIN_AGE_MS`] at most.
+    intents_checked_at: AtomicI64,
 }
 
 /// How long "record not found" counts as "not created yet" rather than "no such task".
@@ -58,6 +61,7 @@ impl Poller {
             wake,
             clock,
             metrics: Arc::default(),
+            intents_checked_at: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -93,7 +97,11 @@ impl Poller {
         &self,
         shutdown: &CancellationToken,
     ) -> Result<Option<Millis>, crate::store::StoreError> {
-        if let Some(kie) = &self.kie {
+        let now = self.clock.now();
+        let intents_due = now.saturating_sub(self.intents_checked_at.load(Ordering::Relaxed))
+            >= INTENT_MIN_AGE_MS;
+        if let Some(kie) = self.kie.as_ref().filter(|_| intents_due) {
+            self.intents_checked_at.store(now, Ordering::Relaxed);
             crate::submit::resolve_intents(
                 &self.store,
                 kie,

@@ -7,7 +7,7 @@
 use crate::admin::{AdminError, Exec, SubmitJson};
 use crate::kie::{KieClient, KieError};
 use crate::machine::Event;
-use crate::model::now_millis;
+use crate::model::{Failure, now_millis};
 use crate::store::{IfMissing, Store};
 
 /// Asks KIE for a cover of `music_task_id` unless one is already recorded.
@@ -33,19 +33,25 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
         ))
     };
     if let Some(existing) = exec.store.record_intent(music_task_id, now_millis())? {
-        return answer(
-            existing,
-            format!("a cover was already requested for {music_task_id}; not asking KIE again"),
-        );
+        if !failed_generation(&exec.store, &existing) {
+            return answer(
+                existing,
+                format!("a cover was already requested for {music_task_id}; not asking KIE again"),
+            );
+        }
+        exec.store.force_intent(music_task_id, now_millis())?;
     }
     exec.store.flush().await?;
     let callback_url = format!("{public_url}/callbacks/cover");
     let (task_id, message) = resolve(&exec.store, kie, music_task_id, &callback_url)
         .await
         .map_err(|e| {
-            AdminError::missing(format!(
-                "KIE did not create a cover for {music_task_id}: {e}"
-            ))
+            let message = format!("KIE did not create a cover for {music_task_id}: {e}");
+            match e {
+                // A key KIE refuses is a configuration error.
+                KieError::Unauthorized | KieError::NoApiKey => AdminError::usage(message),
+                _ => AdminError::missing(message),
+            }
         })?;
     let event = Event::Submit {
         music_task_id: Some(music_task_id.to_string()),
@@ -57,6 +63,16 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
         tracing::warn!(music_task_id, error = %e, "cannot drop the resolved intent; the daemon drops it later");
     }
     answer(task_id, message)
+}
+
+/// KIE allows a new request after a failed generation (531: credits refunded), so a song
+/// whose cover task failed that way may be submitted again; any other task is the answer.
+fn failed_generation(store: &Store, task_id: &str) -> bool {
+    store
+        .get(task_id)
+        .ok()
+        .flatten()
+        .is_some_and(|t| matches!(t.failure, Some(Failure::Generation | Failure::NoResult)))
 }
 
 /// Calls KIE for one intent. On a definite refusal the intent is dropped (nothing exists at
@@ -108,7 +124,9 @@ pub async fn resolve_intents(
             continue;
         }
         // The task was recorded but the process stopped before the intent was dropped.
-        if let Ok(Some(task_id)) = store.task_for_music(&music) {
+        if let Ok(Some(task_id)) = store.task_for_music(&music)
+            && !failed_generation(store, &task_id)
+        {
             tracing::info!(
                 task_id,
                 music_task_id = music,

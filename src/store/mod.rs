@@ -403,6 +403,14 @@ impl Store {
         Ok(None)
     }
 
+    /// Records an intent even though the song has a (failed) cover task: a new request.
+    pub fn force_intent(&self, music_task_id: &str, now: Millis) -> Result<(), StoreError> {
+        self.inner
+            .intents
+            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+        Ok(())
+    }
+
     /// Forgets an intent whose request KIE refused for good (nothing was created).
     pub fn drop_intent(&self, music_task_id: &str) -> Result<(), StoreError> {
         self.inner.intents.remove(music_task_id.as_bytes())?;

@@ -373,6 +373,38 @@ async fn transient_kie_failure_during_submit_is_resolved_by_the_daemon() {
 }
 
 #[tokio::test]
+async fn a_song_whose_cover_failed_can_be_submitted_again() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let (first, _) = submit(&d.config, "music-531").await.expect("submit");
+    let failure =
+        crate::harness::failure_body(&first.task_id, 531, "generation failed, credits refunded");
+    assert_eq!(d.callback(&failure).await.0, 200);
+    fake.api.set_status(
+        &first.task_id,
+        Status::Failed {
+            code: 531,
+            message: "refunded".into(),
+        },
+    );
+    d.wait_for(&first.task_id, failed).await;
+
+    let (second, message) = submit(&d.config, "music-531").await.expect("resubmit");
+    assert_ne!(second.task_id, first.task_id, "{message}");
+    assert_eq!(fake.api.calls(Endpoint::Generate), 2);
+    let t = d.task(&second.task_id).unwrap();
+    assert_eq!(
+        (t.state, t.music_task_id.as_deref()),
+        (State::Submitted, Some("music-531"))
+    );
+    // The song now maps to the new task: a repeat does not ask KIE again.
+    let (third, _) = submit(&d.config, "music-531").await.expect("repeat");
+    assert_eq!(third.task_id, second.task_id);
+    assert_eq!(fake.api.calls(Endpoint::Generate), 2);
+    d.stop().await;
+}
+
+#[tokio::test]
 async fn submit_surfaces_401_and_402_as_clear_errors() {
     let fake = FakeKie::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -384,7 +416,8 @@ async fn submit_surfaces_401_and_402_as_clear_errors() {
     ] {
         fake.api.fail_next(Endpoint::Generate, code, 1);
         let err = submit(&config, "music-auth").await.expect_err("refused");
-        assert!(err.exit != 0);
+        // A refused key is a configuration error (2); no credits is a failure (1).
+        assert_eq!(err.exit, if code == 401 { 2 } else { 1 }, "{code}");
         assert!(err.message.contains("music-auth"), "{}", err.message);
         for hint in hints {
             assert!(err.message.contains(hint), "{code}: {}", err.message);
@@ -607,7 +640,8 @@ async fn callback_during_a_poll_in_flight_gives_one_result_and_one_download() {
     let (status, _) = d.callback(&success_body(&id, &urls)).await;
     assert_eq!(status, 200);
 
-    let t = d.wait_for(&id, |t| downloaded(t) && t.polls == 1).await;
+    // Two record-info calls: the poll in flight, and the confirmation of the callback's URLs.
+    let t = d.wait_for(&id, |t| downloaded(t) && t.polls == 2).await;
     assert_eq!(t.source, Some(Source::Callback));
     assert_eq!(t.callbacks, 1);
     assert_stored(&d, &t, &bytes);
@@ -692,6 +726,38 @@ async fn confirm_callbacks_downloads_record_infos_urls_and_records_the_mismatch(
     assert_stored(&d, &t, &bytes);
     assert!(!has_event(&d, same, EventKind::Mismatch, ""));
     assert!(has_event(&d, same, EventKind::Received, "confirms"));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn confirmation_waits_out_a_kie_hiccup_before_fetching_anything() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let id = "confirmlater";
+    fake.api.add_task(id, "music-later");
+    let (kie_urls, bytes) = two_images(&fake, "laterkie");
+    fake.api.set_status(id, Status::Success(kie_urls.clone()));
+    crate::admin_track(&d, id).await;
+    fake.api.fail_next(Endpoint::RecordInfo, 500, 2);
+    let (forged, _) = two_images(&fake, "laterforged");
+    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+
+    let t = d.wait_for(id, downloaded).await;
+    assert_eq!(
+        t.images[0].url, kie_urls[0],
+        "record-info's URLs, not the callback's"
+    );
+    assert_stored(&d, &t, &bytes);
+    for url in &forged {
+        assert_eq!(
+            fake.files.hits(&path_of(url)),
+            0,
+            "{url} fetched before confirmation"
+        );
+    }
+    assert_eq!(t.polls, 3, "two failed confirmations and one good one");
+    assert!(has_event(&d, id, EventKind::Polled, "confirming again"));
+    assert!(has_event(&d, id, EventKind::Mismatch, &kie_urls[0]));
     d.stop().await;
 }
 

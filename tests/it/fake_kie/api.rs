@@ -499,7 +499,18 @@ impl Api {
                 Value::Null,
             );
         }
-        if let Some(existing) = st.by_music.get(&music).cloned() {
+        // A failed generation may be requested again (KIE's 531: credits refunded).
+        let failed = |st: &State, id: &str| {
+            st.tasks.get(id).is_some_and(|t| {
+                matches!(
+                    t.status,
+                    Status::Failed { .. } | Status::CreateFailed { .. }
+                )
+            })
+        };
+        if let Some(existing) = st.by_music.get(&music).cloned()
+            && !failed(st, &existing)
+        {
             let code = st.repeat_code;
             let msg = if code == 400 {
                 "cover already generated for this task"
