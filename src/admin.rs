@@ -152,7 +152,7 @@ impl Exec {
     pub async fn execute(&self, req: Request) -> Result<Reply, AdminError> {
         let reply = match req {
             Request::Status => Reply::Status {
-                status: self.status()?,
+                status: self.status().await?,
             },
             Request::List { state, limit } => {
                 let state = match state.as_deref() {
@@ -201,18 +201,26 @@ impl Exec {
                     .store
                     .get(&task_id)?
                     .ok_or_else(|| not_found(&task_id))?;
-                let damaged = self.damaged_images(&task);
-                // A damaged file must not be adopted by the re-fetch as a crash leftover.
-                if task.state.is_finished() {
-                    for &index in &damaged {
-                        download::discard(&self.config.data_dir, &task_id, index).map_err(|e| {
-                            AdminError::missing(format!(
-                                "cannot remove the damaged image {index} of {task_id}: {e}; check the permissions of {}",
-                                self.config.data_dir.display()
-                            ))
-                        })?;
+                // Hashing stored images is blocking file I/O: keep it off the runtime.
+                let data_dir = self.config.data_dir.clone();
+                let damaged = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, AdminError> {
+                    let damaged = damaged_images(&data_dir, &task);
+                    // A damaged file must not be adopted by the re-fetch as a crash leftover.
+                    if task.state.is_finished() {
+                        for &index in &damaged {
+                            download::discard(&data_dir, &task.task_id, index).map_err(|e| {
+                                AdminError::missing(format!(
+                                    "cannot remove the damaged image {index} of {}: {e}; check the permissions of {}",
+                                    task.task_id,
+                                    data_dir.display()
+                                ))
+                            })?;
+                        }
                     }
-                }
+                    Ok(damaged)
+                })
+                .await
+                .map_err(|e| AdminError::missing(format!("retry of {task_id} failed: {e}")))??;
                 let event = Event::Retry { damaged };
                 let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
                 let message = format!("{task_id} is now {}", json.state);
@@ -256,7 +264,7 @@ impl Exec {
         Ok(TaskJson::new(&task, Some(&events)))
     }
 
-    fn status(&self) -> Result<StatusJson, AdminError> {
+    async fn status(&self) -> Result<StatusJson, AdminError> {
         let c = self.store.counts()?;
         let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
             task_id: t.task_id,
@@ -278,26 +286,32 @@ impl Exec {
             },
             oldest_unfinished: oldest,
             data_dir: self.config.data_dir.display().to_string(),
-            data_bytes: dir_size(&self.config.data_dir),
+            data_bytes: {
+                // Walking the data directory is blocking file I/O: keep it off the runtime.
+                let dir = self.config.data_dir.clone();
+                tokio::task::spawn_blocking(move || dir_size(&dir))
+                    .await
+                    .unwrap_or(0)
+            },
             polling: self.kie.is_some(),
         })
     }
+}
 
-    /// Stored images whose file is missing or no longer matches its sha256.
-    fn damaged_images(&self, task: &crate::model::Task) -> Vec<u32> {
-        task.images
-            .iter()
-            .filter(|i| i.state == ImageState::Downloaded)
-            .filter(|i| {
-                let Some(path) = &i.path else { return true };
-                match std::fs::read(self.config.data_dir.join(path)) {
-                    Ok(bytes) => Some(hex::encode(Sha256::digest(&bytes))) != i.sha256,
-                    Err(_) => true,
-                }
-            })
-            .map(|i| i.index)
-            .collect()
-    }
+/// Stored images whose file is missing or no longer matches its sha256.
+fn damaged_images(data_dir: &Path, task: &crate::model::Task) -> Vec<u32> {
+    task.images
+        .iter()
+        .filter(|i| i.state == ImageState::Downloaded)
+        .filter(|i| {
+            let Some(path) = &i.path else { return true };
+            match std::fs::read(data_dir.join(path)) {
+                Ok(bytes) => Some(hex::encode(Sha256::digest(&bytes))) != i.sha256,
+                Err(_) => true,
+            }
+        })
+        .map(|i| i.index)
+        .collect()
 }
 
 fn not_found(task_id: &str) -> AdminError {

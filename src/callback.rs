@@ -23,8 +23,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_IMAGES: usize = 16;
 /// Longest accepted image URL.
 pub const MAX_URL_BYTES: usize = 4096;
-/// The flush behind a 200 must finish well inside KIE's 15 s.
-const DURABLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Storing and flushing a delivery must finish well inside KIE's 15 s, or the answer is 503.
+const STORE_BUDGET: Duration = Duration::from_secs(10);
 
 /// An HTTP answer: status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,16 +156,25 @@ impl Intake {
             IfMissing::Reject
         };
         let ctx = Ctx::from_config(&self.config, now_millis());
-        let applied = match self
-            .store
-            .apply_async(
-                task_id,
-                Event::Callback(delivery.report.clone()),
-                ctx,
-                if_missing,
+        // Storing and flushing share one budget, so the answer is always well inside KIE's 15 s.
+        let deadline = tokio::time::Instant::now() + STORE_BUDGET;
+        let too_slow = || {
+            tracing::error!(task_id, "callback not stored in time");
+            Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store too slow; retry later",
             )
-            .await
-        {
+        };
+        let stored = self.store.apply_async(
+            task_id,
+            Event::Callback(delivery.report.clone()),
+            ctx,
+            if_missing,
+        );
+        let Ok(stored) = tokio::time::timeout_at(deadline, stored).await else {
+            return too_slow();
+        };
+        let applied = match stored {
             Ok(Some(applied)) => applied,
             Ok(None) => {
                 tracing::warn!(
@@ -186,7 +195,7 @@ impl Intake {
                 );
             }
         };
-        match tokio::time::timeout(DURABLE_TIMEOUT, self.store.durable(applied.ticket)).await {
+        match tokio::time::timeout_at(deadline, self.store.durable(applied.ticket)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(task_id, error = %e, "callback not flushed");
@@ -195,13 +204,7 @@ impl Intake {
                     "store unavailable; retry later",
                 );
             }
-            Err(_) => {
-                tracing::error!(task_id, "callback flush timed out");
-                return Answer::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store too slow; retry later",
-                );
-            }
+            Err(_) => return too_slow(),
         }
         let task = &applied.task;
         tracing::info!(

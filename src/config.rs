@@ -738,7 +738,28 @@ fn non_empty_secret(value: Option<String>) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
+/// The secret from its first set source; it must fit in an HTTP header (no control
+/// characters), or every KIE call would fail later.
 fn secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    src: SecretSource,
+) -> Result<Option<Secret>, ConfigError> {
+    let key = src.inline_key;
+    let found = secret_from_sources(env, src)?;
+    if found
+        .as_ref()
+        .is_some_and(|s| s.expose().chars().any(char::is_control))
+    {
+        return Err(invalid(
+            key,
+            None,
+            "the key contains control characters (a line break in the middle?); store it on one line",
+        ));
+    }
+    Ok(found)
+}
+
+fn secret_from_sources(
     env: &dyn Fn(&str) -> Option<String>,
     src: SecretSource,
 ) -> Result<Option<Secret>, ConfigError> {
@@ -1456,6 +1477,21 @@ give_up_after = "30d"
         let err = load_toml("", &[(ENV_CREDENTIALS_DIRECTORY, cred_dir)]).unwrap_err();
         assert!(matches!(&err, ConfigError::Env { var, .. } if var == ENV_CREDENTIALS_DIRECTORY));
         assert!(err.to_string().contains("`kie-api-key`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_with_control_characters_are_refused() {
+        let err = load_with_env(
+            &Overrides::default(),
+            &env_of(&[("KIE_API_KEY", "abc\ndef")]),
+        )
+        .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("kie.api_key") && text.contains("control"),
+            "{text}"
+        );
+        assert!(!text.contains("abc"), "{text}");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State};
 use crate::store::{IfMissing, Store, StoreError};
 
+/// After a store error, wait this long before the same work is tried again.
+const STORE_RETRY_MS: Millis = 1000;
 /// record-info calls made to confirm a callback's URLs before falling back to them.
 const MAX_CONFIRM_TRIES: u32 = 5;
 /// Every image type a stored file can have.
@@ -159,7 +161,11 @@ impl Downloader {
             while workers.try_join_next().is_some() {}
             let next = match self.dispatch(&mut workers, &shutdown) {
                 Ok(next) => next,
-                Err(e) => break Err(e),
+                Err(e) => {
+                    // The store may recover (disk space freed): keep trying, slowly.
+                    tracing::error!(error = %e, "cannot read the download index; retrying");
+                    Some(self.clock.now().saturating_add(STORE_RETRY_MS))
+                }
             };
             let sleep = match next {
                 Some(at) => {
@@ -215,9 +221,12 @@ impl Downloader {
             let this = self.clone();
             let shutdown = shutdown.clone();
             workers.spawn(async move {
+                // Released however the worker ends: finished, panicked or aborted.
+                let _slot = InFlight {
+                    downloader: this.clone(),
+                    task_id: task_id.clone(),
+                };
                 this.process(&task_id, &shutdown).await;
-                this.in_flight().remove(&task_id);
-                this.wake.notify_one();
             });
         }
         Ok(earliest)
@@ -326,6 +335,7 @@ impl Downloader {
             Ok(None) => None,
             Err(e) => {
                 tracing::error!(task_id, error = %e, "cannot record confirmation");
+                store_backoff().await;
                 None
             }
         }
@@ -380,7 +390,11 @@ impl Downloader {
                 }
             }
             Ok(None) => tracing::warn!(task_id, "task vanished during download"),
-            Err(e) => tracing::error!(task_id, index, error = %e, "cannot record download result"),
+            Err(e) => {
+                tracing::error!(task_id, index, error = %e, "cannot record download result");
+                // The task stays due; don't come straight back to a failing store.
+                store_backoff().await;
+            }
         }
     }
 
@@ -458,6 +472,23 @@ impl Downloader {
                 Err(e)
             }
         })
+    }
+}
+
+async fn store_backoff() {
+    tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS.unsigned_abs())).await;
+}
+
+/// A task's place in the in-flight set, given back on drop, which wakes the scheduler.
+struct InFlight {
+    downloader: Arc<Downloader>,
+    task_id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.downloader.in_flight().remove(&self.task_id);
+        self.downloader.wake.notify_one();
     }
 }
 

@@ -92,7 +92,9 @@ impl UrlGuard {
             Some(ip) => ip.to_string(),
             None => url.host_str().unwrap_or_default().to_ascii_lowercase(),
         };
-        if !self.allowed_hosts.is_empty() && !self.allowed_hosts.contains(&host_name) {
+        // An IPv6 entry may be written with or without brackets in the config.
+        let listed = |h: &String| h.trim_start_matches('[').trim_end_matches(']') == host_name;
+        if !self.allowed_hosts.is_empty() && !self.allowed_hosts.iter().any(listed) {
             return Err(refused_url(&format!(
                 "host {host_name} is not in download.allowed_hosts"
             )));

@@ -617,9 +617,12 @@ fn str_field(obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> 
 }
 
 /// `data.taskId` (or `data.task_id`), non-empty.
+/// The task id in `data`, only if it is a safe name: it becomes a directory under `images/`.
 fn task_id_in(data: &Value) -> Option<String> {
     let obj = data.as_object()?;
-    str_field(obj, "taskId").or_else(|| str_field(obj, "task_id"))
+    str_field(obj, "taskId")
+        .or_else(|| str_field(obj, "task_id"))
+        .filter(|id| crate::model::valid_task_id(id))
 }
 
 /// Reads `successFlag` in either of KIE's forms: integer 0 pending, 1 success, 2 generating,
@@ -677,7 +680,7 @@ fn parse_images(data: &serde_json::Map<String, Value>) -> Result<Vec<String>, St
         }
         Some(other) => return Err(format!("record-info images is not a list: {other}")),
     };
-    Ok(list
+    let urls: Vec<String> = list
         .iter()
         .filter_map(|item| match item {
             Value::String(s) => Some(s.trim().to_string()),
@@ -685,7 +688,25 @@ fn parse_images(data: &serde_json::Map<String, Value>) -> Result<Vec<String>, St
             _ => None,
         })
         .filter(|s| !s.is_empty())
-        .collect())
+        .collect();
+    // The same bounds as a callback's: a task record stays small whatever KIE sends.
+    if urls.len() > crate::callback::MAX_IMAGES {
+        return Err(format!(
+            "record-info lists {} images, more than {}",
+            urls.len(),
+            crate::callback::MAX_IMAGES
+        ));
+    }
+    if urls
+        .iter()
+        .any(|u| u.len() > crate::callback::MAX_URL_BYTES)
+    {
+        return Err(format!(
+            "record-info lists an image URL longer than {} bytes",
+            crate::callback::MAX_URL_BYTES
+        ));
+    }
+    Ok(urls)
 }
 
 /// Parses record-info's `data` leniently (see [`RecordInfo`]). `data` null or missing means
@@ -783,6 +804,30 @@ mod tests {
         assert_eq!(
             parse_success_flag(Some(&Value::Null)),
             Some(CoverStatus::Pending)
+        );
+    }
+
+    #[test]
+    fn hostile_answers_are_bounded() {
+        let many: Vec<String> = (0..17).map(|i| format!("https://h/{i}.png")).collect();
+        let data = json!({"taskId": "c1", "successFlag": 1, "response": {"images": many}});
+        assert!(matches!(
+            parse_record_info(&data),
+            Err(KieError::BadResponse(_))
+        ));
+        let long = format!("https://h/{}", "a".repeat(crate::callback::MAX_URL_BYTES));
+        let data = json!({"taskId": "c1", "successFlag": 1, "response": {"images": [long]}});
+        assert!(matches!(
+            parse_record_info(&data),
+            Err(KieError::BadResponse(_))
+        ));
+        // Task ids become directory names: unsafe ones are not taken from KIE's answers.
+        for bad in ["../../etc", "a/b", ""] {
+            assert_eq!(task_id_in(&json!({"taskId": bad})), None, "{bad}");
+        }
+        assert_eq!(
+            task_id_in(&json!({"taskId": "c0ffee"})).as_deref(),
+            Some("c0ffee")
         );
     }
 

@@ -93,7 +93,17 @@ async fn resolve(
             format!("KIE already had a cover task for {music_task_id}; adopted it"),
         )),
         Err(e) => {
-            if !e.is_transient() {
+            // Only a clear refusal proves nothing was created. Anything else (transient, or
+            // an answer we could not read) may hide a created cover: keep the intent, so a
+            // later attempt gets KIE's "already exists" with its id.
+            let refused = matches!(
+                e,
+                KieError::Unauthorized
+                    | KieError::NoCredits
+                    | KieError::Invalid { .. }
+                    | KieError::NoApiKey
+            );
+            if refused {
                 let _ = store.drop_intent(music_task_id);
             }
             Err(e)
