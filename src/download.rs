@@ -18,7 +18,7 @@ use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
 use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event};
 use crate::metrics::Metrics;
-use crate::model::{Clock, EventKind, Image, ImageState, Millis, State};
+use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, millis};
 use crate::store::{IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
@@ -287,10 +287,7 @@ impl Downloader {
             let d = &self.config.download;
             let delay = backoff_delay(tries, d.backoff_base, d.backoff_max, None);
             Event::ConfirmLater {
-                until: self
-                    .clock
-                    .now()
-                    .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                until: self.clock.now().saturating_add(millis(delay)),
                 detail: format!(
                     "{why}; confirming again before any download (try {tries} of {MAX_CONFIRM_TRIES})"
                 ),
@@ -354,9 +351,7 @@ impl Downloader {
                         d.backoff_max,
                         e.retry_after(),
                     );
-                    self.clock
-                        .now()
-                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
+                    self.clock.now().saturating_add(millis(delay))
                 });
                 tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
                 Event::ImageFailed {

@@ -20,7 +20,7 @@ impl Ctx {
         Ctx {
             now,
             max_attempts: config.download.max_attempts,
-            poll_after_ms: i64::try_from(config.poll.after.as_millis()).unwrap_or(i64::MAX),
+            poll_after_ms: crate::model::millis(config.poll.after),
         }
     }
 }

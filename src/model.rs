@@ -284,12 +284,18 @@ pub fn format_time(ms: Millis) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
+/// A duration in milliseconds, saturating.
+pub fn millis(d: std::time::Duration) -> Millis {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// The current wall-clock time.
 pub fn now_millis() -> Millis {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
 }
 
 /// Where the schedulers read the time, so tests can move it instead of sleeping.
@@ -327,7 +333,7 @@ impl ManualClock {
         }
     }
     pub fn advance(&self, by: std::time::Duration) {
-        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        let ms = millis(by);
         self.advanced
             .fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
     }
@@ -335,7 +341,7 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn now(&self) -> Millis {
-        let elapsed = i64::try_from(self.origin.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let elapsed = millis(self.origin.elapsed());
         self.start
             .saturating_add(elapsed)
             .saturating_add(self.advanced.load(std::sync::atomic::Ordering::SeqCst))

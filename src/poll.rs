@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
-use crate::model::{Clock, Millis};
+use crate::model::{Clock, Millis, millis};
 use crate::store::{IfMissing, Store};
 
 /// Due tasks handled per pass; the rate limiter paces the calls themselves.
@@ -39,10 +39,6 @@ const NOT_FOUND_GRACE_MS: Millis = 15 * 60_000;
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
 /// be waiting for KIE's answer before that).
 const INTENT_MIN_AGE_MS: Millis = 60_000;
-
-fn ms(d: Duration) -> Millis {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
 
 impl Poller {
     pub fn new(
@@ -130,9 +126,9 @@ impl Poller {
         let now = self.clock.now();
         let give_up_at = task
             .submitted_at
-            .saturating_add(ms(self.config.poll.give_up_after));
+            .saturating_add(millis(self.config.poll.give_up_after));
         let next = now
-            .saturating_add(ms(self.config.poll.interval))
+            .saturating_add(millis(self.config.poll.interval))
             .min(give_up_at);
         let event = if now >= give_up_at {
             Event::GiveUp
