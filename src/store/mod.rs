@@ -104,6 +104,8 @@ struct Inner {
     by_music: sled::Tree,
     intents: sled::Tree,
     commit: GroupCommit,
+    /// Fault injection for tests: every update fails as if the disk were gone.
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 /// Group commit: writers take a ticket after their write; one flush makes every write made
@@ -148,6 +150,7 @@ impl Store {
             intents: tree("intents")?,
             path,
             db,
+            fail_writes: std::sync::atomic::AtomicBool::new(false),
             commit: GroupCommit {
                 written: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
@@ -175,6 +178,11 @@ impl Store {
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
         let i = &*self.inner;
+        if i.fail_writes.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
+                "write failure injected by a test",
+            ))));
+        }
         let trees = (
             &i.meta,
             &i.tasks,
@@ -273,6 +281,13 @@ impl Store {
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
         }
+    }
+
+    /// Makes every later update fail (`on = true`) until called with `false`: lets tests
+    /// prove what callers do when the store is unavailable. Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn inject_write_failures(&self, on: bool) {
+        self.inner.fail_writes.store(on, Ordering::SeqCst);
     }
 
     /// [`Store::apply`] off the async runtime's worker threads.

@@ -596,3 +596,56 @@ async fn url_guard_follows_the_config() {
     d.stop().await;
     assert_eq!(fake.files.hits("/h/b.png"), 0);
 }
+
+/// The store fails while an image is being fetched: the file lands at its final path but its
+/// record cannot be written. The worker backs off instead of spinning, and once the store is
+/// back the file on disk is adopted, not fetched again.
+#[tokio::test]
+async fn a_store_failure_after_the_fetch_is_healed_by_adoption() {
+    let fake = FakeKie::start().await;
+    let bytes = png(20_000);
+    fake.files.set(
+        "/s/slow.png",
+        Behaviour::SlowBody {
+            bytes: bytes.clone(),
+            first: 100,
+            stall: Duration::from_millis(300),
+        },
+    );
+    let d = Daemon::start(&fake, |_| {}).await;
+    let id = "storeflaky";
+    deliver(&d, id, &[fake.files.url("/s/slow.png")]).await;
+    // The fetch is under way (first bytes sent); make the store fail before it completes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.files.hits("/s/slow.png") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fetch never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.store.inject_write_failures(true);
+    let final_path = d.dir.path().join(format!("images/{id}/0.png"));
+    while !final_path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "file never installed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(d.task(id).unwrap().images[0].state, ImageState::Pending);
+    d.store.inject_write_failures(false);
+
+    let t = d.wait_for(id, |t| t.state == State::Downloaded).await;
+    assert_eq!(
+        fake.files.hits("/s/slow.png"),
+        1,
+        "adopted, not fetched twice"
+    );
+    assert_eq!(
+        t.images[0].sha256.as_deref(),
+        Some(sha256_hex(&bytes).as_str())
+    );
+    check_disk(&d);
+    d.stop().await;
+}

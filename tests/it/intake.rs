@@ -1,10 +1,7 @@
 //! The callback listener through real loopback HTTP (issue "core daemon" part 5): every row
 //! of SPEC's callback table, signatures, unknown tasks, duplicates fetched once, KIE's
 //! failure codes and a late success after a generation failure.
-//!
-//! Not covered: "store unavailable → 503". Provoking it needs a sled write or flush to fail
-//! inside a running daemon (a full disk, a revoked file descriptor); there is no clean way
-//! to do that from a test without an injection hook in `store`.
+//! "Store unavailable → 503" uses the store's write-failure injection.
 
 use std::time::Duration;
 
@@ -352,6 +349,32 @@ async fn signatures() {
     assert_eq!((status, text.as_str()), (200, RECEIVED));
     let t = d.task(id).unwrap();
     assert_eq!((t.state, t.callbacks), (State::Failed, 1));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn store_unavailable_is_503_so_kie_retries() {
+    let fake = FakeKie::start().await;
+    fake.files.set("/s/u.png", Behaviour::Image(png(2000)));
+    let d = Daemon::start(&fake, |_| {}).await;
+    let id = "storedown";
+    crate::admin_track(&d, id).await;
+    let before = d.task(id).unwrap();
+    let body = success_body(id, &[fake.files.url("/s/u.png")]);
+
+    d.store.inject_write_failures(true);
+    let (status, text) = d.callback(&body).await;
+    assert_eq!(status, 503, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("retry"), "{text}");
+    assert_eq!(d.task(id).unwrap(), before, "a 503 changes nothing");
+    assert_eq!(fake.files.hits("/s/u.png"), 0);
+
+    // KIE's retry after the store recovers is taken as the first delivery.
+    d.store.inject_write_failures(false);
+    assert_eq!(d.callback(&body).await, (200, RECEIVED.to_string()));
+    let t = d.wait_for(id, |t| t.state == State::Downloaded).await;
+    assert_eq!(t.callbacks, 1);
     d.stop().await;
 }
 
