@@ -113,6 +113,8 @@ struct Inner {
 struct GroupCommit {
     written: AtomicU64,
     durable: AtomicU64,
+    /// Flushes issued by `durable`, for tests and metrics.
+    flushes: AtomicU64,
     flushing: tokio::sync::Mutex<()>,
 }
 
@@ -154,6 +156,7 @@ impl Store {
             commit: GroupCommit {
                 written: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
+                flushes: AtomicU64::new(0),
                 flushing: tokio::sync::Mutex::new(()),
             },
         };
@@ -323,9 +326,16 @@ impl Store {
         }
         // Every write that has a ticket ≤ target completed before this flush started.
         let target = gc.written.load(Ordering::SeqCst);
+        gc.flushes.fetch_add(1, Ordering::SeqCst);
         self.inner.db.flush_async().await?;
         gc.durable.fetch_max(target, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Flushes issued since open; fewer than the callers of [`Store::durable`] when group
+    /// commit shares them.
+    pub fn group_flushes(&self) -> u64 {
+        self.inner.commit.flushes.load(Ordering::SeqCst)
     }
 
     /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`

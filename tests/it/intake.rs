@@ -535,3 +535,33 @@ async fn failure_codes_are_recorded_and_a_late_success_revives() {
     }
     d.stop().await;
 }
+
+/// Group commit: concurrent deliveries share flushes instead of each paying its own, and
+/// every one of them is still acknowledged only once durable.
+#[tokio::test]
+async fn concurrent_deliveries_share_flushes() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    const N: usize = 128;
+    let before = d.store.group_flushes();
+    let d = std::sync::Arc::new(d);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let d = d.clone();
+        set.spawn(async move {
+            d.callback(&failure_body(&format!("gc{i}"), 501, "failed"))
+                .await
+                .0
+        });
+    }
+    while let Some(status) = set.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let flushes = d.store.group_flushes() - before;
+    println!("{N} deliveries, {flushes} flushes");
+    assert!(
+        flushes <= (N / 4) as u64,
+        "{flushes} flushes for {N} concurrent deliveries"
+    );
+    assert_eq!(d.store.counts().unwrap().failed, N as u64);
+}
