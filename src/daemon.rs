@@ -179,9 +179,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     {
         let (health, shutdown) = (health.clone(), shutdown.clone());
         tasks.spawn(async move {
-            if let Err(e) = downloader.run(shutdown.clone()).await {
-                tracing::error!(error = %e, "download workers stopped");
-            }
+            downloader.run(shutdown.clone()).await;
             health.downloads_running.store(false, Ordering::SeqCst);
         });
     }

@@ -155,9 +155,10 @@ impl Downloader {
 
     /// Runs until `shutdown`: dispatches due tasks, then sleeps until the next due time or a
     /// wake-up (new callback, finished task).
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), DownloadError> {
+    /// Store errors do not stop it: it logs them and tries again.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut workers = tokio::task::JoinSet::new();
-        let result = loop {
+        loop {
             while workers.try_join_next().is_some() {}
             let next = match self.dispatch(&mut workers, &shutdown) {
                 Ok(next) => next,
@@ -175,11 +176,11 @@ impl Downloader {
                 None => MAX_IDLE,
             };
             tokio::select! {
-                _ = shutdown.cancelled() => break Ok(()),
+                _ = shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
             }
-        };
+        }
         if !workers.is_empty() {
             tracing::info!(tasks = workers.len(), "waiting for running downloads");
             if tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -192,7 +193,6 @@ impl Downloader {
                 workers.abort_all();
             }
         }
-        result
     }
 
     /// Starts workers for due tasks; returns the earliest due time of a task not in flight.
