@@ -34,3 +34,64 @@ async fn callback_to_files_on_disk() {
     assert_eq!(d.get("/healthz").await, (200, "ok".into()));
     d.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_listener_serves_prometheus_text() {
+    let fake = FakeKie::start().await;
+    fake.files.set("/s/m.png", Behaviour::Image(png(1000)));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = Daemon::start(&fake, |c| {
+        c.metrics_listen = Some(metrics_addr);
+        c.accept_unknown_tasks = true;
+    })
+    .await;
+    assert_eq!(
+        d.callback(&success_body("m1", &[fake.files.url("/s/m.png")]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(d.callback("not json").await.0, 400);
+    d.wait_for("m1", |t| t.state == State::Downloaded).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    // Counters are bumped just after the store write the wait saw: read until they show.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let resp = http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        if text.contains("coverd_image_fetches_total{result=\"stored\"} 1")
+            || tokio::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    for line in [
+        "coverd_tasks{state=\"downloaded\"} 1",
+        "coverd_callbacks_total{answer=\"accepted\"} 1",
+        "coverd_callbacks_total{answer=\"rejected\"} 1",
+        "coverd_image_fetches_total{result=\"stored\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing in:\n{text}"
+        );
+    }
+    let other = http
+        .get(format!("http://{metrics_addr}/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    d.stop().await;
+}
