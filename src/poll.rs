@@ -34,6 +34,8 @@ pub struct Poller {
     intents_checked_at: AtomicI64,
 }
 
+/// Without an API key, a submitted task is looked at this often (for its give-up time).
+const NO_KEY_RECHECK_MS: Millis = 15 * 60_000;
 /// How long "record not found" counts as "not created yet" rather than "no such task".
 const NOT_FOUND_GRACE_MS: Millis = 15 * 60_000;
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
@@ -136,7 +138,10 @@ impl Poller {
             Metrics::bump(&self.metrics.polls);
             self.ask(kie, task_id, task.submitted_at, next).await
         } else {
-            Event::Wait { until: give_up_at }
+            // Look again now and then: a restart with an API key then resumes polling.
+            Event::Wait {
+                until: now.saturating_add(NO_KEY_RECHECK_MS).min(give_up_at),
+            }
         };
         let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
