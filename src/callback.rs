@@ -296,4 +296,34 @@ mod tests {
             assert!(parse(bad.as_bytes()).is_err(), "{bad}");
         }
     }
+
+    /// Hostile bodies get an answer, never a panic: random bytes and random mutations of a
+    /// valid delivery (seeded, repeatable).
+    #[test]
+    fn parse_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let valid = br#"{"code":200,"msg":"success","data":{"taskId":"t1","images":["https://h/a.png","https://h/b.png"]}}"#;
+        for _ in 0..20_000 {
+            let mut body = valid.to_vec();
+            for _ in 0..rng.random_range(1..6) {
+                let at = rng.random_range(0..body.len());
+                match rng.random_range(0..3) {
+                    0 => body[at] = rng.random(),
+                    1 => {
+                        body.remove(at);
+                    }
+                    _ => body.insert(at, rng.random()),
+                }
+                if body.is_empty() {
+                    break;
+                }
+            }
+            if let Ok(d) = parse(&body) {
+                assert!(valid_task_id(&d.task_id), "{d:?}");
+            }
+            let noise: Vec<u8> = (0..rng.random_range(0..64)).map(|_| rng.random()).collect();
+            let _ = parse(&noise);
+        }
+    }
 }

@@ -796,4 +796,40 @@ mod tests {
             Report::Failure { .. }
         ));
     }
+
+    /// Long random walks through the machine keep every invariant (seeded, repeatable).
+    #[test]
+    fn random_event_sequences_keep_the_invariants() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0FFEE);
+        let events = all_events();
+        for walk in 0..500 {
+            let mut t = task_in(FIXTURES[walk % FIXTURES.len()]);
+            for _ in 0..40 {
+                let e = events[rng.random_range(0..events.len())].clone();
+                let is_retry = matches!(e, Event::Retry { .. });
+                let before = t.clone();
+                apply(&mut t, e.clone(), &ctx());
+                if t.state == State::Failed {
+                    assert!(t.error.is_some() && t.failure.is_some(), "{e:?}");
+                    assert!(t.images.iter().all(|i| i.state != ImageState::Pending));
+                }
+                if t.state == State::Downloaded {
+                    assert!(t.images.iter().all(|i| i.state == ImageState::Downloaded));
+                }
+                if before.state == State::Downloaded && !is_retry {
+                    assert_eq!(t.state, State::Downloaded, "{e:?} left downloaded");
+                    assert_eq!(t.images, before.images, "{e:?} changed stored images");
+                }
+                assert!(t.callbacks >= before.callbacks && t.polls >= before.polls);
+                for img in &t.images {
+                    assert_eq!(
+                        img.state == ImageState::Downloaded,
+                        img.path.is_some(),
+                        "{img:?}"
+                    );
+                }
+            }
+        }
+    }
 }
