@@ -31,6 +31,8 @@ use crate::submit;
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Longest an admin command waits for the daemon.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest `admin verify` or `admin export` waits for the daemon.
+const WHOLE_STORE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// `admin list` without `--limit`.
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// `admin list --limit` at most.
@@ -57,6 +59,8 @@ pub enum Request {
     Submit {
         music_task_id: String,
     },
+    Verify,
+    Export,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -84,6 +88,16 @@ pub struct StatusJson {
     pub polling: bool,
 }
 
+/// `admin verify --json` (SPEC): stored images re-hashed against their records; `missing`
+/// and `corrupt` list their paths relative to the data directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyJson {
+    pub checked: u64,
+    pub ok: u64,
+    pub missing: Vec<String>,
+    pub corrupt: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SubmitJson {
     pub task_id: String,
@@ -107,6 +121,27 @@ pub enum Reply {
         submitted: SubmitJson,
         message: String,
     },
+    Verified {
+        verify: VerifyJson,
+    },
+    /// Every task with its history, for `admin export`.
+    Export {
+        tasks: Vec<TaskJson>,
+    },
+}
+
+impl Reply {
+    /// The process exit code for a successful exchange: 1 when verification found damage.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Reply::Verified { verify }
+                if !verify.missing.is_empty() || !verify.corrupt.is_empty() =>
+            {
+                1
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// An admin failure: one sentence for stderr and the exit code (1 missing/failed, 2 usage).
@@ -229,6 +264,30 @@ impl Exec {
                     message,
                 }
             }
+            Request::Verify => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let verify = tokio::task::spawn_blocking(move || verify(&store, &data_dir))
+                    .await
+                    .map_err(|e| AdminError::missing(format!("verify failed: {e}")))??;
+                Reply::Verified { verify }
+            }
+            Request::Export => {
+                let store = self.store.clone();
+                let tasks =
+                    tokio::task::spawn_blocking(move || -> Result<Vec<TaskJson>, StoreError> {
+                        store
+                            .all_tasks()
+                            .map(|t| {
+                                let t = t?;
+                                let events = store.events(&t.task_id)?;
+                                Ok(TaskJson::new(&t, Some(&events)))
+                            })
+                            .collect()
+                    })
+                    .await
+                    .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
+                Reply::Export { tasks }
+            }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
                 let (submitted, message) = submit::submit(self, &music_task_id).await?;
@@ -296,6 +355,28 @@ impl Exec {
             polling: self.kie.is_some(),
         })
     }
+}
+
+/// Re-hashes every stored image against its record. Cost grows with all stored images.
+fn verify(store: &Store, data_dir: &Path) -> Result<VerifyJson, StoreError> {
+    let mut out = VerifyJson::default();
+    for task in store.all_tasks() {
+        let task = task?;
+        for img in task
+            .images
+            .iter()
+            .filter(|i| i.state == ImageState::Downloaded)
+        {
+            out.checked += 1;
+            let path = img.path.clone().unwrap_or_default();
+            match std::fs::read(data_dir.join(&path)) {
+                Ok(bytes) if Some(hex::encode(Sha256::digest(&bytes))) == img.sha256 => out.ok += 1,
+                Ok(_) => out.corrupt.push(path),
+                Err(_) => out.missing.push(path),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Stored images whose file is missing or no longer matches its sha256.
@@ -410,12 +491,17 @@ impl Service {
 pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
     let socket = config.data_dir.join(ADMIN_SOCKET);
     if let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
-        return tokio::time::timeout(CLIENT_TIMEOUT, remote(stream, &req))
+        // Whole-store commands read every task (and every image, for verify).
+        let limit = match req {
+            Request::Verify | Request::Export => WHOLE_STORE_TIMEOUT,
+            _ => CLIENT_TIMEOUT,
+        };
+        return tokio::time::timeout(limit, remote(stream, &req))
             .await
             .unwrap_or_else(|_| {
                 Err(AdminError::missing(format!(
                     "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
-                    CLIENT_TIMEOUT.as_secs(),
+                    limit.as_secs(),
                     socket.display()
                 )))
             });
@@ -510,6 +596,8 @@ pub fn render(reply: &Reply, json: bool) -> String {
             Reply::Tasks { tasks } => serde_json::to_string_pretty(tasks),
             Reply::Task { task, .. } => serde_json::to_string_pretty(task),
             Reply::Submitted { submitted, .. } => serde_json::to_string(submitted),
+            Reply::Verified { verify } => serde_json::to_string_pretty(verify),
+            Reply::Export { .. } => Ok(render(reply, false)),
         };
         return value.unwrap_or_default();
     }
@@ -602,6 +690,31 @@ pub fn render(reply: &Reply, json: bool) -> String {
             }
             out.trim_end().to_string()
         }
+        Reply::Verified { verify } => {
+            let mut out = format!(
+                "checked {} stored image(s): {} ok, {} missing, {} corrupt",
+                verify.checked,
+                verify.ok,
+                verify.missing.len(),
+                verify.corrupt.len()
+            );
+            for p in &verify.missing {
+                out += &format!("\nmissing: {p}");
+            }
+            for p in &verify.corrupt {
+                out += &format!("\ncorrupt: {p}");
+            }
+            if !verify.missing.is_empty() || !verify.corrupt.is_empty() {
+                out += "\n`coverd admin retry TASK_ID` fetches a task's damaged images again";
+            }
+            out
+        }
+        // One JSON object per line, always (SPEC).
+        Reply::Export { tasks } => tasks
+            .iter()
+            .filter_map(|t| serde_json::to_string(t).ok())
+            .collect::<Vec<_>>()
+            .join("\n"),
         // The id alone on stdout, so scripts can capture it; the message goes to stderr.
         Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
     }

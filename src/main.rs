@@ -88,6 +88,13 @@ enum AdminCommand {
     },
     /// Put a failed task back to work; on a downloaded task, re-fetch missing or corrupt images.
     Retry { task_id: String },
+    /// Re-hash every stored image against its record (exit 1 if any is missing or corrupt).
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every task, with its history, as one JSON object per line.
+    Export,
 }
 
 fn main() -> ExitCode {
@@ -158,17 +165,22 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 false,
             ),
             AdminCommand::Retry { task_id } => (Request::Retry { task_id }, false),
+            AdminCommand::Verify { json } => (Request::Verify, json),
+            AdminCommand::Export => (Request::Export, false),
         },
     };
     match admin::run(config, request).await {
         Ok(reply) => {
-            println!("{}", admin::render(&reply, json));
+            let text = admin::render(&reply, json);
+            if !text.is_empty() {
+                println!("{text}");
+            }
             if let Reply::Submitted { message, .. } = &reply
                 && !json
             {
                 eprintln!("{message}");
             }
-            ExitCode::SUCCESS
+            ExitCode::from(reply.exit_code())
         }
         Err(e) => {
             eprintln!("coverd: {e}");

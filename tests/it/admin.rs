@@ -404,3 +404,63 @@ async fn admin_commands_running_then_stopped() {
     assert_eq!(event_kinds(&shown), ["submitted"]);
     drop(dir);
 }
+
+/// `admin verify` and `admin export`: same answers running and stopped; damage is reported
+/// with exit code 1 (repair by `admin retry` is in binary.rs).
+#[tokio::test]
+async fn verify_and_export() {
+    let fake = FakeKie::start().await;
+    let a = png(3000);
+    fake.files.set("/v/a.png", Behaviour::Image(a.clone()));
+    fake.files.set("/v/b.jpg", Behaviour::Image(jpeg(4000)));
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    let urls = [fake.files.url("/v/a.png"), fake.files.url("/v/b.jpg")];
+    assert_eq!(d.callback(&success_body("vt1", &urls)).await.0, 200);
+    assert_eq!(d.callback(&failure_body("vt2", 501, "failed")).await.0, 200);
+    d.wait_for("vt1", |t| t.state == State::Downloaded).await;
+
+    let verify = |config: Config| async move {
+        match admin::run(config, Request::Verify).await.expect("verify") {
+            Reply::Verified { verify } => verify,
+            other => panic!("{other:?}"),
+        }
+    };
+    let export = |config: Config| async move {
+        let reply = admin::run(config, Request::Export).await.expect("export");
+        admin::render(&reply, false)
+    };
+    let v = verify(d.config.clone()).await;
+    assert_eq!((v.checked, v.ok), (2, 2));
+    assert!(v.missing.is_empty() && v.corrupt.is_empty());
+    let lines = export(d.config.clone()).await;
+    let objs: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(objs.len(), 2);
+    for o in &objs {
+        let mut want = set(TASK_KEYS);
+        want.insert("events");
+        assert_eq!(keys(o), want, "{o}");
+        assert!(!o["events"].as_array().unwrap().is_empty());
+    }
+
+    // Damage one file, delete the other.
+    let t = d.task("vt1").unwrap();
+    let root = d.dir.path().to_path_buf();
+    let p0 = root.join(t.images[0].path.as_ref().unwrap());
+    let p1 = root.join(t.images[1].path.as_ref().unwrap());
+    std::fs::write(&p0, &a[..100]).unwrap();
+    std::fs::remove_file(&p1).unwrap();
+    let v = verify(d.config.clone()).await;
+    assert_eq!((v.checked, v.ok), (2, 0));
+    assert_eq!(v.corrupt, vec![t.images[0].path.clone().unwrap()]);
+    assert_eq!(v.missing, vec![t.images[1].path.clone().unwrap()]);
+    assert_eq!(Reply::Verified { verify: v.clone() }.exit_code(), 1);
+
+    // Same answers with the daemon stopped.
+    let (dir, config) = d.stop().await;
+    assert_eq!(verify(config.clone()).await, v);
+    assert_eq!(export(config.clone()).await, lines);
+    drop(dir);
+}
