@@ -19,7 +19,7 @@ use crate::kie::{CoverStatus, KieClient, KieError};
 use crate::machine::{Ctx, Event};
 use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, millis};
-use crate::store::{IfMissing, Store, StoreError};
+use crate::store::{Applied, IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
 const STORE_RETRY_MS: Millis = 1000;
@@ -270,6 +270,14 @@ impl Downloader {
         while fetches.join_next().await.is_some() {}
     }
 
+    /// Applies `event` to an existing task at the scheduling clock's time.
+    async fn record(&self, task_id: &str, event: Event) -> Result<Option<Applied>, StoreError> {
+        let ctx = Ctx::from_config(&self.config, self.clock.now());
+        self.store
+            .apply_async(task_id, event, ctx, IfMissing::Reject)
+            .await
+    }
+
     fn needs_confirmation(&self, task: &crate::model::Task) -> bool {
         self.kie.is_some() && self.config.kie.confirm_callbacks && !task.confirmed
     }
@@ -322,12 +330,7 @@ impl Downloader {
                 ),
             },
         };
-        let ctx = Ctx::from_config(&self.config, self.clock.now());
-        match self
-            .store
-            .apply_async(task_id, event, ctx, IfMissing::Reject)
-            .await
-        {
+        match self.record(task_id, event).await {
             Ok(Some(applied)) => Some(applied.task),
             Ok(None) => None,
             Err(e) => {
@@ -361,12 +364,7 @@ impl Downloader {
                 }
             }
         };
-        let ctx = Ctx::from_config(&self.config, self.clock.now());
-        match self
-            .store
-            .apply_async(task_id, event, ctx, IfMissing::Reject)
-            .await
-        {
+        match self.record(task_id, event).await {
             Ok(Some(applied)) => {
                 for (kind, detail) in &applied.outcome.notes {
                     match kind {
@@ -448,16 +446,11 @@ impl Downloader {
         let kie = self.kie.as_ref()?;
         Some(match kie.refresh_download_url(&image.url).await {
             Ok(fresh) => {
-                let ctx = Ctx::from_config(&self.config, self.clock.now());
                 let event = Event::UrlRefreshed {
                     index: image.index,
                     url: fresh.clone(),
                 };
-                if let Err(e) = self
-                    .store
-                    .apply_async(task_id, event, ctx, IfMissing::Reject)
-                    .await
-                {
+                if let Err(e) = self.record(task_id, event).await {
                     tracing::error!(task_id, error = %e, "cannot record refreshed URL");
                 }
                 Ok(fresh)
