@@ -468,23 +468,6 @@ async fn wrong_key_is_unauthorized() {
     assert_no_key(&err);
 }
 
-#[tokio::test]
-async fn no_api_key_says_where_to_set_it() {
-    let mut cfg = config("https://api.kie.ai", 18);
-    cfg.api_key = None;
-    let err = KieClient::new(&cfg, UA).expect_err("no key");
-    assert!(matches!(err, KieError::NoApiKey));
-    let text = err.to_string();
-    for hint in [
-        "kie.api_key",
-        "KIE_API_KEY",
-        "kie.api_key_file",
-        "kie-api-key",
-    ] {
-        assert!(text.contains(hint), "{text}");
-    }
-}
-
 // ---- the rate limiter, on paused time ----
 
 #[tokio::test(start_paused = true)]
