@@ -24,7 +24,7 @@ use crate::kie::KieClient;
 use crate::machine::{Ctx, Event};
 use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
 use crate::server::{self, Resp};
-use crate::store::{IfMissing, Store, StoreError};
+use crate::store::{IfMissing, Quarantined, Scanned, Store, StoreError};
 use crate::submit;
 
 /// Largest admin request body.
@@ -86,6 +86,25 @@ pub struct StatusJson {
     pub data_dir: String,
     pub data_bytes: u64,
     pub polling: bool,
+    /// Task records that cannot be decoded (exit 1 when any).
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedJson>,
+}
+
+/// A task record that cannot be decoded: damaged, or written by a newer coverd.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedJson {
+    pub task_id: String,
+    pub reason: String,
+}
+
+impl From<Quarantined> for QuarantinedJson {
+    fn from(q: Quarantined) -> QuarantinedJson {
+        QuarantinedJson {
+            task_id: q.task_id,
+            reason: q.reason,
+        }
+    }
 }
 
 /// `admin verify --json` (SPEC): stored images re-hashed against their records; `missing`
@@ -96,6 +115,9 @@ pub struct VerifyJson {
     pub ok: u64,
     pub missing: Vec<String>,
     pub corrupt: Vec<String>,
+    /// Task records that cannot be decoded, so their images could not be checked.
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedJson>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -124,23 +146,30 @@ pub enum Reply {
     Verified {
         verify: VerifyJson,
     },
-    /// Every task with its history, for `admin export`.
+    /// Every task with its history, for `admin export`, and the records that could not be
+    /// read.
     Export {
         tasks: Vec<TaskJson>,
+        #[serde(default)]
+        quarantined: Vec<QuarantinedJson>,
     },
 }
 
 impl Reply {
-    /// The process exit code for a successful exchange: 1 when verification found damage.
+    /// The process exit code for a successful exchange: 1 when verification found damage
+    /// or a record is quarantined.
     pub fn exit_code(&self) -> u8 {
-        match self {
-            Reply::Verified { verify }
-                if !verify.missing.is_empty() || !verify.corrupt.is_empty() =>
-            {
-                1
+        let damaged = match self {
+            Reply::Verified { verify } => {
+                !verify.missing.is_empty()
+                    || !verify.corrupt.is_empty()
+                    || !verify.quarantined.is_empty()
             }
-            _ => 0,
-        }
+            Reply::Status { status } => !status.quarantined.is_empty(),
+            Reply::Export { quarantined, .. } => !quarantined.is_empty(),
+            _ => false,
+        };
+        u8::from(damaged)
     }
 }
 
@@ -273,20 +302,10 @@ impl Exec {
             }
             Request::Export => {
                 let store = self.store.clone();
-                let tasks =
-                    tokio::task::spawn_blocking(move || -> Result<Vec<TaskJson>, StoreError> {
-                        store
-                            .all_tasks()
-                            .map(|t| {
-                                let t = t?;
-                                let events = store.events(&t.task_id)?;
-                                Ok(TaskJson::new(&t, Some(&events)))
-                            })
-                            .collect()
-                    })
+                let (tasks, quarantined) = tokio::task::spawn_blocking(move || export(&store))
                     .await
                     .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
-                Reply::Export { tasks }
+                Reply::Export { tasks, quarantined }
             }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
@@ -324,6 +343,11 @@ impl Exec {
     }
 
     async fn status(&self) -> Result<StatusJson, AdminError> {
+        // Reads every task record: blocking, and proportional to the store.
+        let store = self.store.clone();
+        let quarantined = tokio::task::spawn_blocking(move || store.scan_quarantined())
+            .await
+            .map_err(|e| AdminError::missing(format!("status failed: {e}")))??;
         let c = self.store.counts()?;
         let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
             task_id: t.task_id,
@@ -353,15 +377,42 @@ impl Exec {
                     .unwrap_or(0)
             },
             polling: self.kie.is_some(),
+            quarantined: quarantined.into_iter().map(Into::into).collect(),
         })
     }
+}
+
+/// Every readable task with its readable history; the records that cannot be decoded are
+/// named instead, after the scan went through all the others.
+fn export(store: &Store) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreError> {
+    let (mut tasks, mut quarantined) = (Vec::new(), Vec::new());
+    for scanned in store.all_tasks() {
+        match scanned? {
+            Scanned::Task(t) => {
+                let (events, damaged) = store.history(&t.task_id)?;
+                quarantined.extend(damaged.into_iter().map(|reason| QuarantinedJson {
+                    task_id: t.task_id.clone(),
+                    reason,
+                }));
+                tasks.push(TaskJson::new(&t, Some(&events)));
+            }
+            Scanned::Quarantined(q) => quarantined.push(q.into()),
+        }
+    }
+    Ok((tasks, quarantined))
 }
 
 /// Re-hashes every stored image against its record. Cost grows with all stored images.
 fn verify(store: &Store, data_dir: &Path) -> Result<VerifyJson, StoreError> {
     let mut out = VerifyJson::default();
-    for task in store.all_tasks() {
-        let task = task?;
+    for scanned in store.all_tasks() {
+        let task = match scanned? {
+            Scanned::Task(task) => task,
+            Scanned::Quarantined(q) => {
+                out.quarantined.push(q.into());
+                continue;
+            }
+        };
         for img in task
             .images
             .iter()
@@ -626,6 +677,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     "off (no KIE API key)"
                 }
             );
+            out += &render_quarantined(&status.quarantined);
             out
         }
         Reply::Tasks { tasks } => {
@@ -707,15 +759,45 @@ pub fn render(reply: &Reply, json: bool) -> String {
             if !verify.missing.is_empty() || !verify.corrupt.is_empty() {
                 out += "\n`coverd admin retry TASK_ID` fetches a task's damaged images again";
             }
+            out += &render_quarantined(&verify.quarantined);
             out
         }
-        // One JSON object per line, always (SPEC).
-        Reply::Export { tasks } => tasks
+        // One JSON object per line, always (SPEC); quarantined records go to stderr
+        // (see [`notes`]).
+        Reply::Export { tasks, .. } => tasks
             .iter()
             .filter_map(|t| serde_json::to_string(t).ok())
             .collect::<Vec<_>>()
             .join("\n"),
         // The id alone on stdout, so scripts can capture it; the message goes to stderr.
         Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
+    }
+}
+
+/// Lines naming quarantined records (empty when there are none), each after a newline.
+fn render_quarantined(quarantined: &[QuarantinedJson]) -> String {
+    if quarantined.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{} quarantined record(s), skipped by the daemon:",
+        quarantined.len()
+    );
+    for q in quarantined {
+        out += &format!("\nquarantined: {}: {}", q.task_id, q.reason);
+    }
+    out += "\nrun the newer coverd that wrote a record, or restore a corrupt one from a backup";
+    out
+}
+
+/// What goes to stderr besides the reply: `submit`'s message, and the records `export`
+/// could not read (its stdout stays one task per line).
+pub fn notes(reply: &Reply, json: bool) -> Option<String> {
+    match reply {
+        Reply::Submitted { message, .. } if !json => Some(message.clone()),
+        Reply::Export { quarantined, .. } if !quarantined.is_empty() => {
+            Some(render_quarantined(quarantined).trim_start().to_string())
+        }
+        _ => None,
     }
 }

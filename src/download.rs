@@ -15,16 +15,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
-use crate::kie::{CoverStatus, KieClient, KieError};
-use crate::machine::{Ctx, Event};
+use crate::kie::{KieClient, KieError};
+use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
-use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, millis};
+use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
+use crate::poll::{Verdict, interpret};
 use crate::store::{Applied, IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
 const STORE_RETRY_MS: Millis = 1000;
-/// record-info calls made to confirm a callback's URLs before falling back to them.
-const MAX_CONFIRM_TRIES: u32 = 5;
 /// Every image type a stored file can have.
 const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
@@ -237,6 +236,9 @@ impl Downloader {
         let task = match self.store.get(task_id) {
             Ok(Some(t)) if t.state == State::Received => t,
             Ok(_) => return,
+            // Quarantined by the store, which logged it once: the download index skips it
+            // from now on, so returning at once does not bring the scheduler straight back.
+            Err(e) if e.is_undecodable() => return,
             Err(e) => {
                 tracing::error!(task_id, error = %e, "cannot read task for download");
                 return;
@@ -278,60 +280,77 @@ impl Downloader {
             .await
     }
 
-    fn needs_confirmation(&self, task: &crate::model::Task) -> bool {
+    fn needs_confirmation(&self, task: &Task) -> bool {
         self.kie.is_some() && self.config.kie.confirm_callbacks && !task.confirmed
     }
 
-    /// With `kie.confirm_callbacks` and an API key, takes the image URLs of a callback from
-    /// record-info before anything is fetched (a callback's signature does not cover its URLs).
-    async fn confirm(&self, task: crate::model::Task) -> Option<crate::model::Task> {
+    /// With `kie.confirm_callbacks` and an API key, record-info is the truth about a success
+    /// callback (its signature does not cover its URLs): its URLs are the ones fetched; if it
+    /// says the task failed, the task fails with KIE's reason; while it has no result yet,
+    /// it is asked again on the poll schedule (`poll.interval`, sooner after a transient
+    /// error) until `poll.give_up_after` from the callback, and nothing is fetched
+    /// meanwhile. Every call goes through the KIE client's rate limiter. Returns the task as
+    /// recorded afterwards (`None` when nothing could be recorded).
+    async fn confirm(&self, task: Task) -> Option<Task> {
         let kie = match &self.kie {
             Some(kie) if self.needs_confirmation(&task) => kie,
             _ => return Some(task),
         };
         let task_id = task.task_id.as_str();
-        let tries = task.confirm_attempts + 1;
-        let later = |why: String| {
-            let d = &self.config.download;
-            let delay = backoff_delay(tries, d.backoff_base, d.backoff_max, None);
-            Event::ConfirmLater {
-                until: self.clock.now().saturating_add(millis(delay)),
+        let asked = task.confirm_attempts + 1;
+        let answer = kie.record_info(task_id).await;
+        let now = self.clock.now();
+        let give_up_at = task
+            .submitted_at
+            .saturating_add(millis(self.config.poll.give_up_after));
+        let event = match interpret(task_id, answer, now.saturating_sub(task.submitted_at)) {
+            Verdict::Done(Report::Success { images }) => Event::Confirm {
+                images,
+                detail: "record-info confirms the callback's image URLs".into(),
+            },
+            Verdict::Done(Report::Failure { reason }) => Event::ConfirmFailed { reason },
+            Verdict::Pending { detail, .. } if now >= give_up_at => Event::ConfirmGiveUp {
                 detail: format!(
-                    "{why}; confirming again before any download (try {tries} of {MAX_CONFIRM_TRIES})"
+                    "{detail} after {asked} confirmation(s), at poll.give_up_after ({})",
+                    humantime::format_duration(self.config.poll.give_up_after)
                 ),
-            }
-        };
-        let can_wait = tries < MAX_CONFIRM_TRIES;
-        let event = match kie.record_info(task_id).await {
-            Ok(info) if info.status == CoverStatus::Success && !info.images.is_empty() => {
-                Event::Confirm {
-                    images: Some(info.images),
-                    detail: "record-info confirms the callback's image URLs".into(),
+            },
+            Verdict::Pending { detail, transient } => {
+                let interval = self.config.poll.interval;
+                let delay = if transient {
+                    let d = &self.config.download;
+                    backoff_delay(asked, d.backoff_base, d.backoff_max, None).min(interval)
+                } else {
+                    interval
+                };
+                Event::ConfirmLater {
+                    until: now.saturating_add(millis(delay)).min(give_up_at),
+                    detail: format!(
+                        "{detail}; confirming again before any download (asked {asked} time(s))"
+                    ),
                 }
             }
-            Ok(info) if can_wait && info.status != CoverStatus::Failed => later(format!(
-                "record-info has no images yet (status {:?})",
-                info.status
-            )),
-            Err(e) if can_wait && (e.is_transient() || matches!(e, KieError::NotFound)) => {
-                later(format!("record-info failed ({e})"))
-            }
-            Ok(info) => Event::Confirm {
-                images: None,
-                detail: format!(
-                    "record-info gave no images (status {:?}) after {tries} tries; using the callback's URLs",
-                    info.status
-                ),
-            },
-            Err(e) => Event::Confirm {
-                images: None,
-                detail: format!(
-                    "could not confirm with record-info after {tries} tries ({e}); using the callback's URLs"
-                ),
-            },
         };
         match self.record(task_id, event).await {
-            Ok(Some(applied)) => Some(applied.task),
+            Ok(Some(applied)) => {
+                for (kind, detail) in &applied.outcome.notes {
+                    if *kind == EventKind::Failed {
+                        tracing::warn!(
+                            task_id,
+                            kind = kind.as_str(),
+                            "task {task_id} failed: {detail}"
+                        );
+                    } else {
+                        tracing::info!(
+                            task_id,
+                            kind = kind.as_str(),
+                            detail,
+                            "confirmation recorded"
+                        );
+                    }
+                }
+                Some(applied.task)
+            }
             Ok(None) => None,
             Err(e) => {
                 tracing::error!(task_id, error = %e, "cannot record confirmation");

@@ -95,7 +95,8 @@ pub enum FetchError {
     /// 403, 404 or 410: the link may have expired; a refreshed URL may still work.
     #[error("HTTP {}", status_text(*status))]
     Gone { status: u16 },
-    /// Any other non-2xx status. Transient for 408, 425, 429 and 5xx.
+    /// Any other non-2xx status, or 206 Partial Content. Transient for 206, 408, 425, 429
+    /// and 5xx.
     #[error("HTTP {}", status_text(*status))]
     Status {
         status: u16,
@@ -132,8 +133,8 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Worth retrying with backoff: connect errors, timeouts, cut bodies, 408/425/429/5xx
-    /// and local disk errors.
+    /// Worth retrying with backoff: connect errors, timeouts, cut bodies, 206 (a partial
+    /// answer), 408/425/429/5xx and local disk errors.
     pub fn is_transient(&self) -> bool {
         match self {
             FetchError::Connect { .. }
@@ -330,9 +331,19 @@ fn build_client(
     Ok(client)
 }
 
-/// 2xx passes; an unfollowed 3xx is refused; 403/404/410 are [`FetchError::Gone`]; 408/425/429/5xx are transient.
+/// 2xx passes, except 206; an unfollowed 3xx is refused; 403/404/410 are
+/// [`FetchError::Gone`]; 206, 408/425/429/5xx are transient.
 fn check_status(status: u16, headers: &HeaderMap) -> Result<(), FetchError> {
     match status {
+        // coverd never sends `Range`, so a 206 carries only part of the file however
+        // image-like its first bytes look: not a complete image. Transient, like a cut body
+        // (a cache or server that answered with a fragment may serve the whole file next
+        // time), and bounded by `download.max_attempts` like every transient failure.
+        206 => Err(FetchError::Status {
+            status,
+            transient: true,
+            retry_after: None,
+        }),
         200..=299 => Ok(()),
         // A redirect the client did not follow points somewhere it cannot go (file://, no
         // Location): that is the guard's business, and permanent.
@@ -516,12 +527,12 @@ mod tests {
     fn status_classes() {
         let none = HeaderMap::new();
         assert!(check_status(200, &none).is_ok());
-        assert!(check_status(206, &none).is_ok());
+        assert!(check_status(203, &none).is_ok());
         for status in [403, 404, 410] {
             let err = check_status(status, &none).unwrap_err();
             assert!(err.is_gone() && !err.is_transient(), "{status}");
         }
-        for status in [408, 425, 429, 500, 502, 503, 504, 599] {
+        for status in [206, 408, 425, 429, 500, 502, 503, 504, 599] {
             let err = check_status(status, &none).unwrap_err();
             assert!(err.is_transient() && !err.is_gone(), "{status}");
         }

@@ -109,7 +109,7 @@ impl UrlGuard {
 
     /// Refuses loopback, private, link-local, unique-local, shared (CGNAT), multicast,
     /// unspecified, broadcast, documentation and reserved addresses, including their
-    /// IPv4-mapped, IPv4-compatible, NAT64 and 6to4 IPv6 forms, unless
+    /// IPv4-mapped, IPv4-compatible, SIIT, NAT64, 6to4 and Teredo IPv6 forms, unless
     /// `allow_private_networks` is set or the address is trusted.
     pub fn check_addr(&self, ip: IpAddr) -> Result<(), Refused> {
         match self.refused_class(ip) {
@@ -242,8 +242,9 @@ fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("an unspecified")
     } else if ip.is_loopback() {
         Some("a loopback")
-    } else if let Some(v4) = embedded_v4(ip) {
-        non_public_v4(v4)
+    } else if let Some(embedded) = embedded_v4(ip) {
+        // Classified by the IPv4 address(es) it stands for: refused if any is non-public.
+        embedded.into_iter().flatten().find_map(non_public_v4)
     } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
         Some("a local-use NAT64")
     } else if (s[0] & 0xffc0) == 0xfe80 {
@@ -263,20 +264,35 @@ fn non_public_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
-/// The IPv4 address an IPv6 address stands for: IPv4-mapped (`::ffff:a.b.c.d`),
-/// IPv4-compatible (`::a.b.c.d`), well-known NAT64 (`64:ff9b::a.b.c.d`) or 6to4
-/// (`2002:AABB:CCDD::`).
-fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+/// The IPv4 address(es) an IPv6 address stands for, when it is one of the forms that
+/// carry one and reach it through a translator or tunnel:
+/// - IPv4-mapped `::ffff:a.b.c.d` and IPv4-compatible `::a.b.c.d`;
+/// - SIIT's IPv4-translated `::ffff:0:a.b.c.d` (RFC 6145, RFC 2765);
+/// - the well-known NAT64 prefix `64:ff9b::a.b.c.d` (RFC 6052);
+/// - 6to4 `2002:AABB:CCDD::/48` (RFC 3056);
+/// - Teredo `2001:0:SSSS:SSSS:…:CCCC:CCCC` (RFC 4380): the server's address, and the
+///   client's, stored inverted in the last 32 bits.
+///
+/// NAT64 with a network-specific prefix cannot be told from a public address; the local-use
+/// prefix `64:ff9b:1::/48` (RFC 8215) is refused as a whole by [`non_public_v6`].
+fn embedded_v4(ip: Ipv6Addr) -> Option<[Option<Ipv4Addr>; 2]> {
     if let Some(v4) = ip.to_ipv4_mapped() {
-        return Some(v4);
+        return Some([Some(v4), None]);
     }
     let s = ip.segments();
     let o = ip.octets();
     let last = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
-    if s[..6] == [0, 0, 0, 0, 0, 0] || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        Some(last)
+    if s[..6] == [0, 0, 0, 0, 0, 0]
+        || s[..6] == [0, 0, 0, 0, 0xffff, 0]
+        || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
+        Some([Some(last), None])
     } else if s[0] == 0x2002 {
-        Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
+        Some([Some(Ipv4Addr::new(o[2], o[3], o[4], o[5])), None])
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        let server = Ipv4Addr::new(o[4], o[5], o[6], o[7]);
+        let client = Ipv4Addr::new(!o[12], !o[13], !o[14], !o[15]);
+        Some([Some(server), Some(client)])
     } else {
         None
     }
@@ -351,6 +367,23 @@ mod tests {
             ("64:ff9b::a9fe:a9fe", true, "link-local"),
             ("2002:7f00:1::", true, "loopback"),
             ("2002:c0a8:101::1", true, "private"),
+            ("2002:a00:1::1", true, "private"),
+            ("2002:808:808::1", false, ""),
+            // SIIT's IPv4-translated form (RFC 6145 / RFC 2765): ::ffff:0:a.b.c.d.
+            ("::ffff:0:127.0.0.1", true, "loopback"),
+            ("::ffff:0:10.0.0.1", true, "private"),
+            ("::ffff:0:169.254.169.254", true, "link-local"),
+            ("::ffff:0:8.8.8.8", false, ""),
+            // Well-known NAT64 prefix (RFC 6052) with a private or a public IPv4 inside.
+            ("64:ff9b::10.0.0.1", true, "private"),
+            ("64:ff9b::192.168.0.1", true, "private"),
+            ("64:ff9b::8.8.8.8", false, ""),
+            // Teredo (RFC 4380): server IPv4 in bits 32..64, client IPv4 inverted in the
+            // last 32 bits.
+            ("2001:0:4136:e378:8000:63bf:f5ff:fffe", true, "private"),
+            ("2001:0:a00:1:8000:63bf:f7f7:f7f7", true, "private"),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", true, "loopback"),
+            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", false, ""),
         ];
         let open = UrlGuard::new(&cfg(false, &[], true));
         for &(addr, refused, words) in table {

@@ -72,15 +72,18 @@ pub enum Event {
     Wait { until: Millis },
     /// Nothing arrived by `poll.give_up_after`.
     GiveUp,
-    /// record-info was asked for the URLs of a callback (`kie.confirm_callbacks`): `images`
-    /// are its URLs, or `None` when it gave none (the callback's URLs are then used).
-    Confirm {
-        images: Option<Vec<String>>,
-        detail: String,
-    },
-    /// record-info could not confirm a callback's URLs yet (transient error, or no result
-    /// yet); look again at `until` before fetching anything.
+    /// record-info confirmed a success callback (`kie.confirm_callbacks`): these are the
+    /// image URLs it lists (never empty). They are the ones fetched.
+    Confirm { images: Vec<String>, detail: String },
+    /// record-info, asked to confirm a success callback, says the task failed: the task
+    /// fails with KIE's `reason` and the callback's URLs are dropped unfetched.
+    ConfirmFailed { reason: String },
+    /// record-info could not confirm a callback's URLs yet (pending, generating, an error);
+    /// look again at `until` before fetching anything.
     ConfirmLater { until: Millis, detail: String },
+    /// record-info still had no result for a callback's task at `poll.give_up_after`: the
+    /// task fails with "no result from KIE" and nothing is fetched.
+    ConfirmGiveUp { detail: String },
     /// Image `index` is complete at its final path.
     ImageStored {
         index: u32,
@@ -242,8 +245,9 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 .iter()
                 .all(|i| i.state == ImageState::Pending && i.attempts == 0);
             match images {
-                Some(urls)
-                    if urls.iter().map(String::as_str).ne(current.iter().copied()) && untouched =>
+                urls if !urls.is_empty()
+                    && urls.iter().map(String::as_str).ne(current.iter().copied())
+                    && untouched =>
                 {
                     out.note(
                         EventKind::Mismatch,
@@ -262,7 +266,39 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 _ => out.note(EventKind::Received, detail),
             }
         }
-        (Submitted | Received | Downloaded | Failed, Event::Confirm { .. }) => {
+        (Received, Event::ConfirmFailed { reason }) if !task.confirmed => {
+            task.polls += 1;
+            out.note(
+                EventKind::Polled,
+                format!(
+                    "record-info says the task failed; the callback's {} image URL(s) are not fetched",
+                    task.images.len()
+                ),
+            );
+            task.images.clear();
+            fail(task, Failure::Generation, reason, &mut out);
+        }
+        (Received, Event::ConfirmGiveUp { detail }) if !task.confirmed => {
+            task.polls += 1;
+            out.note(
+                EventKind::Polled,
+                format!(
+                    "{detail}; the callback's {} image URL(s) are not fetched",
+                    task.images.len()
+                ),
+            );
+            task.images.clear();
+            fail(
+                task,
+                Failure::NoResult,
+                "no result from KIE".into(),
+                &mut out,
+            );
+        }
+        (
+            Submitted | Received | Downloaded | Failed,
+            Event::Confirm { .. } | Event::ConfirmFailed { .. } | Event::ConfirmGiveUp { .. },
+        ) => {
             out.note(
                 EventKind::Ignored,
                 "confirmation ignored: task not awaiting one",
@@ -435,8 +471,14 @@ fn pending(task: &Task, index: u32) -> bool {
 fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out: &mut Outcome) {
     task.state = State::Received;
     task.source = Some(source);
-    // record-info's URLs need no confirmation; a callback's may (kie.confirm_callbacks).
+    // record-info's URLs need no confirmation; a callback's may (kie.confirm_callbacks),
+    // also when it revives a failed task: record-info is asked again from scratch, and
+    // the give-up clock of that confirmation starts now.
     task.confirmed = source == Source::Poll;
+    if source == Source::Callback {
+        task.confirm_attempts = 0;
+        task.submitted_at = ctx.now;
+    }
     task.failure = None;
     task.error = None;
     let n = images.len();
@@ -593,12 +635,14 @@ mod tests {
             Event::GiveUp,
             Event::Wait { until: NOW + 5 },
             Event::Confirm {
-                images: Some(urls(3)),
+                images: urls(3),
                 detail: "confirmed".into(),
             },
-            Event::Confirm {
-                images: None,
-                detail: "unconfirmed".into(),
+            Event::ConfirmFailed {
+                reason: "KIE code 501: Cover generation failed".into(),
+            },
+            Event::ConfirmGiveUp {
+                detail: "record-info: generating".into(),
             },
             Event::ConfirmLater {
                 until: NOW + 9,
@@ -635,6 +679,7 @@ mod tests {
                 "received"
             }
             ("failed_noresult", E::Callback(Report::Failure { .. })) => "failed",
+            ("received", E::ConfirmFailed { .. } | E::ConfirmGiveUp { .. }) => "failed",
             ("received", E::ImageStored { .. }) => "received",
             ("received", E::ImageFailed { .. }) => "received",
             ("failed_generation" | "failed_noresult", E::Retry { .. }) => "submitted",
@@ -768,6 +813,89 @@ mod tests {
             &ctx(),
         );
         assert_eq!((t2.poll_due(), t2.polls), (Some(NOW + 1), 1));
+    }
+
+    /// record-info is the truth for a callback's URLs: a failure there fails the task and
+    /// drops the URLs; a replayed success revives it only to be confirmed again.
+    #[test]
+    fn confirmation_failure_drops_the_callbacks_urls_and_a_revival_is_confirmed_again() {
+        let mut t = task_in("received");
+        assert!(!t.confirmed);
+        apply(
+            &mut t,
+            Event::ConfirmLater {
+                until: NOW + 30_000,
+                detail: "record-info: generating".into(),
+            },
+            &ctx(),
+        );
+        assert_eq!(
+            (t.state, t.download_due()),
+            (State::Received, Some(NOW + 30_000))
+        );
+        apply(
+            &mut t,
+            Event::ConfirmFailed {
+                reason: "KIE code 501: Cover generation failed".into(),
+            },
+            &ctx(),
+        );
+        assert_eq!(t.state, State::Failed);
+        assert_eq!(t.failure, Some(Failure::Generation));
+        assert_eq!(
+            t.error.as_deref(),
+            Some("KIE code 501: Cover generation failed")
+        );
+        assert!(t.images.is_empty(), "the callback's URLs are dropped");
+        assert_eq!((t.download_due(), t.polls), (None, 2));
+
+        // A replayed success callback revives it (SPEC), unconfirmed: nothing is due for
+        // download before record-info has been asked again.
+        let later = Ctx {
+            now: NOW + 60_000,
+            ..ctx()
+        };
+        apply(&mut t, Event::Callback(success(2)), &later);
+        assert_eq!(t.state, State::Received);
+        assert!(!t.confirmed);
+        assert_eq!((t.confirm_attempts, t.submitted_at), (0, NOW + 60_000));
+        apply(
+            &mut t,
+            Event::ConfirmGiveUp {
+                detail: "record-info: generating".into(),
+            },
+            &later,
+        );
+        assert_eq!(t.state, State::Failed);
+        assert_eq!(t.failure, Some(Failure::NoResult));
+        assert_eq!(t.error.as_deref(), Some("no result from KIE"));
+        assert!(t.images.is_empty());
+
+        // Confirmed URLs replace the callback's; later confirmation events are ignored.
+        let mut t = task_in("received");
+        let kie = vec!["https://h/kie.png".to_string()];
+        apply(
+            &mut t,
+            Event::Confirm {
+                images: kie.clone(),
+                detail: "confirmed".into(),
+            },
+            &ctx(),
+        );
+        assert!(t.confirmed);
+        assert_eq!(t.images.len(), 1);
+        assert_eq!(t.images[0].url, kie[0]);
+        let before = t.clone();
+        let out = apply(
+            &mut t,
+            Event::ConfirmFailed {
+                reason: "late".into(),
+            },
+            &ctx(),
+        );
+        assert_eq!(t.state, State::Received);
+        assert_eq!(t.images, before.images);
+        assert_eq!(out.notes[0].0, EventKind::Ignored);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use coverd::admin::{self, DEFAULT_LIST_LIMIT, Reply, Request};
+use coverd::admin::{self, DEFAULT_LIST_LIMIT, Request};
 use coverd::config::{self, Config, Overrides};
 use coverd::daemon;
 
@@ -175,10 +175,8 @@ async fn run(command: Command, config: Config) -> ExitCode {
             if !text.is_empty() {
                 println!("{text}");
             }
-            if let Reply::Submitted { message, .. } = &reply
-                && !json
-            {
-                eprintln!("{message}");
+            if let Some(note) = admin::notes(&reply, json) {
+                eprintln!("{note}");
             }
             ExitCode::from(reply.exit_code())
         }

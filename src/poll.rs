@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::kie::{CoverStatus, KieClient, KieError};
+use crate::kie::{CoverStatus, KieClient, KieError, RecordInfo};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, millis};
@@ -122,8 +122,15 @@ impl Poller {
     }
 
     async fn poll_one(&self, task_id: &str) {
-        let Ok(Some(task)) = self.store.get(task_id) else {
-            return;
+        let task = match self.store.get(task_id) {
+            Ok(Some(task)) => task,
+            Ok(None) => return,
+            // Quarantined by the store, which logged it once; the poll index skips it now.
+            Err(e) if e.is_undecodable() => return,
+            Err(e) => {
+                tracing::error!(task_id, error = %e, "cannot read task for polling");
+                return;
+            }
         };
         let now = self.clock.now();
         let give_up_at = task
@@ -169,46 +176,75 @@ impl Poller {
         submitted_at: Millis,
         next: Millis,
     ) -> Event {
-        let pending = |detail: String| Event::PollPending {
-            detail,
-            next_poll_at: next,
-        };
-        match kie.record_info(task_id).await {
-            Ok(info) => match info.status {
-                CoverStatus::Success if !info.images.is_empty() => Event::Polled(Report::Success {
-                    images: info.images,
-                }),
-                CoverStatus::Success => {
-                    pending("record-info reports success but no images yet".into())
-                }
-                CoverStatus::Failed => {
-                    let code = info
-                        .error_code
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "?".into());
-                    let msg = info
-                        .error_message
-                        .unwrap_or_else(|| "generation failed".into());
-                    Event::Polled(Report::Failure {
-                        reason: format!("KIE code {code}: {msg}"),
-                    })
-                }
-                CoverStatus::Pending | CoverStatus::Generating => {
-                    pending(format!("record-info: {:?}", info.status).to_lowercase())
-                }
+        let answer = kie.record_info(task_id).await;
+        match interpret(task_id, answer, self.clock.now() - submitted_at) {
+            Verdict::Done(report) => Event::Polled(report),
+            Verdict::Pending { detail, .. } => Event::PollPending {
+                detail,
+                next_poll_at: next,
             },
-            Err(KieError::NotFound) if self.clock.now() - submitted_at < NOT_FOUND_GRACE_MS => {
-                pending("record-info: not found yet".into())
-            }
-            Err(KieError::NotFound) => Event::Polled(Report::Failure {
-                reason: format!(
-                    "KIE has no record of this task {} minutes after it was submitted; check the task id",
-                    NOT_FOUND_GRACE_MS / 60_000
-                ),
+        }
+    }
+}
+
+/// What a record-info answer means for a task still waiting for its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// KIE has a final result: images (never empty), or a failure with KIE's reason.
+    Done(Report),
+    /// No result yet: ask again later. `transient`: an error that may clear soon (network,
+    /// 429, 455, 5xx), rather than "pending" or "generating".
+    Pending { detail: String, transient: bool },
+}
+
+/// Reads one record-info answer the same way for the poller and for the confirmation of a
+/// callback (`download`). `waited_ms`: how long ago the task was submitted (or its callback
+/// arrived); "not found" means "not created yet" only for a while.
+pub fn interpret(
+    task_id: &str,
+    answer: Result<RecordInfo, KieError>,
+    waited_ms: Millis,
+) -> Verdict {
+    let pending = |detail: String| Verdict::Pending {
+        detail,
+        transient: false,
+    };
+    match answer {
+        Ok(info) => match info.status {
+            CoverStatus::Success if !info.images.is_empty() => Verdict::Done(Report::Success {
+                images: info.images,
             }),
-            Err(e) => {
-                tracing::warn!(task_id, error = %e, "record-info failed");
-                pending(format!("record-info failed: {e}"))
+            CoverStatus::Success => pending("record-info reports success but no images yet".into()),
+            CoverStatus::Failed => {
+                let code = info
+                    .error_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "?".into());
+                let msg = info
+                    .error_message
+                    .unwrap_or_else(|| "generation failed".into());
+                Verdict::Done(Report::Failure {
+                    reason: format!("KIE code {code}: {msg}"),
+                })
+            }
+            CoverStatus::Pending | CoverStatus::Generating => {
+                pending(format!("record-info: {:?}", info.status).to_lowercase())
+            }
+        },
+        Err(KieError::NotFound) if waited_ms < NOT_FOUND_GRACE_MS => {
+            pending("record-info: not found yet".into())
+        }
+        Err(KieError::NotFound) => Verdict::Done(Report::Failure {
+            reason: format!(
+                "KIE has no record of this task {} minutes after it was submitted; check the task id",
+                NOT_FOUND_GRACE_MS / 60_000
+            ),
+        }),
+        Err(e) => {
+            tracing::warn!(task_id, error = %e, "record-info failed");
+            Verdict::Pending {
+                transient: e.is_transient(),
+                detail: format!("record-info failed: {e}"),
             }
         }
     }

@@ -27,9 +27,26 @@ enum StoredEvent {
     V1(EventRecord),
 }
 
+/// Envelope versions this build reads: `StoredTask` and `StoredEvent` have one variant each.
+/// A newer coverd appends `V2`, whose bincode variant index is 1.
+pub const ENVELOPE_VERSION: u32 = 1;
+/// Variant indexes this far past the known ones still read as "a newer coverd": bincode
+/// writes the index as the first 4 bytes (u32 LE), so any larger number is damage.
+const PLAUSIBLE_NEWER_VERSIONS: u32 = 64;
+
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CodecError(String);
+pub enum CodecError {
+    #[error("cannot encode record: {0}")]
+    Encode(String),
+    /// The bytes are not a record this or any coverd wrote: damage.
+    #[error("undecodable {what} record: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    /// The envelope is a version this build does not know: a newer coverd wrote it.
+    #[error(
+        "{what} record in format v{found}, written by a newer coverd (this build reads up to v{ENVELOPE_VERSION})"
+    )]
+    Newer { what: &'static str, found: u32 },
+}
 
 /// Fixed-width little-endian integers, no trailing bytes, bounded size: explicit, so a
 /// change of bincode's defaults can never change our format.
@@ -46,7 +63,33 @@ fn options() -> impl Options {
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     options()
         .serialize(value)
-        .map_err(|e| CodecError(format!("cannot encode record: {e}")))
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Decodes an envelope, telling a newer envelope version (by its variant index, the first
+/// four bytes) from damage.
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, CodecError> {
+    let index = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes);
+    if let Some(index) = index
+        && (ENVELOPE_VERSION..ENVELOPE_VERSION + PLAUSIBLE_NEWER_VERSIONS).contains(&index)
+    {
+        return Err(CodecError::Newer {
+            what,
+            found: index + 1,
+        });
+    }
+    options()
+        .deserialize::<T>(bytes)
+        .map_err(|e| CodecError::Corrupt {
+            what,
+            reason: e.to_string(),
+        })
 }
 
 pub fn encode_task(task: &Task) -> Result<Vec<u8>, CodecError> {
@@ -54,9 +97,8 @@ pub fn encode_task(task: &Task) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_task(bytes: &[u8]) -> Result<Task, CodecError> {
-    match options().deserialize::<StoredTask>(bytes) {
-        Ok(StoredTask::V1(task)) => Ok(task),
-        Err(e) => Err(CodecError(format!("undecodable task record: {e}"))),
+    match decode::<StoredTask>(bytes, "task")? {
+        StoredTask::V1(task) => Ok(task),
     }
 }
 
@@ -65,9 +107,8 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_event(bytes: &[u8]) -> Result<EventRecord, CodecError> {
-    match options().deserialize::<StoredEvent>(bytes) {
-        Ok(StoredEvent::V1(event)) => Ok(event),
-        Err(e) => Err(CodecError(format!("undecodable event record: {e}"))),
+    match decode::<StoredEvent>(bytes, "event")? {
+        StoredEvent::V1(event) => Ok(event),
     }
 }
 
@@ -158,6 +199,40 @@ pub(crate) mod tests {
             "trailing bytes must be refused"
         );
         assert!(decode_event(&[1, 0, 0, 0, 1]).is_err());
+    }
+
+    #[test]
+    fn a_newer_envelope_is_told_apart_from_damage() {
+        // The current record with the envelope index of `V2`: what a newer build writes.
+        let mut newer = encode_task(&sample_task()).unwrap();
+        newer[..4].copy_from_slice(&1u32.to_le_bytes());
+        let err = decode_task(&newer).unwrap_err();
+        assert!(matches!(err, CodecError::Newer { found: 2, .. }), "{err}");
+        assert!(
+            err.to_string().contains("written by a newer coverd"),
+            "{err}"
+        );
+        let mut newer_event = encode_event(&EventRecord {
+            at: 1,
+            kind: EventKind::Callback,
+            detail: "d".into(),
+        })
+        .unwrap();
+        newer_event[..4].copy_from_slice(&7u32.to_le_bytes());
+        assert!(matches!(
+            decode_event(&newer_event),
+            Err(CodecError::Newer { found: 8, .. })
+        ));
+        // Garbage, and a valid envelope cut short, are damage, not a newer coverd.
+        for bad in [
+            b"\xde\xad\xbe\xef garbage".to_vec(),
+            vec![0, 0, 0],
+            encode_task(&sample_task()).unwrap()[..20].to_vec(),
+        ] {
+            let err = decode_task(&bad).unwrap_err();
+            assert!(matches!(err, CodecError::Corrupt { .. }), "{bad:?}: {err}");
+            assert!(!err.to_string().contains("newer"), "{err}");
+        }
     }
 
     /// Bytes written by version 0.1.0. If this fails, the stored format changed: add a new

@@ -58,6 +58,36 @@ pub enum StoreError {
         "corrupt record for {what}: {reason}; run `coverd admin verify` and restore from a backup if needed"
     )]
     Corrupt { what: String, reason: String },
+    /// The record is an envelope version this build does not know.
+    #[error(
+        "the record of {what} was written by a newer coverd (record format v{found}; this build reads up to v{known}); run that newer coverd, or restore a backup made by this version",
+        known = codec::ENVELOPE_VERSION
+    )]
+    Newer { what: String, found: u32 },
+}
+
+impl StoreError {
+    /// A stored record could not be decoded (damaged, or written by a newer coverd): the
+    /// record is quarantined, and trying again cannot help.
+    pub fn is_undecodable(&self) -> bool {
+        matches!(self, StoreError::Corrupt { .. } | StoreError::Newer { .. })
+    }
+}
+
+/// A task record that cannot be decoded: the workers skip it and `admin status`, `verify`
+/// and `export` name it (SPEC "Signals, failures, exit status").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub task_id: String,
+    /// "corrupt record (…)" or "written by a newer coverd (…)".
+    pub reason: String,
+}
+
+/// One record of a whole-store scan.
+#[derive(Debug)]
+pub enum Scanned {
+    Task(Box<Task>),
+    Quarantined(Quarantined),
 }
 
 /// What to do when an event names a task the store does not know.
@@ -106,6 +136,12 @@ struct Inner {
     commit: GroupCommit,
     /// Fault injection for tests: every update fails as if the disk were gone.
     fail_writes: std::sync::atomic::AtomicBool,
+    /// Reads of a task record that could not be decoded, for tests: proves that workers
+    /// skip a quarantined record instead of reading it again and again.
+    undecodable_reads: AtomicU64,
+    /// Task records found undecodable since open, by id. The due queues skip them, so the
+    /// workers never pick them again. At most one entry per record in `tasks`.
+    quarantine: std::sync::Mutex<std::collections::BTreeMap<String, Quarantined>>,
 }
 
 /// Group commit: writers take a ticket after their write; one flush makes every write made
@@ -153,6 +189,8 @@ impl Store {
             path,
             db,
             fail_writes: std::sync::atomic::AtomicBool::new(false),
+            undecodable_reads: AtomicU64::new(0),
+            quarantine: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             commit: GroupCommit {
                 written: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
@@ -196,14 +234,13 @@ impl Store {
             &i.by_created,
             &i.by_music,
         );
+        let undecodable = std::cell::Cell::new(false);
         let result = trees.transaction(
             |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
                 let before = match tasks.get(task_id.as_bytes())? {
-                    Some(bytes) => Some(codec::decode_task(&bytes).map_err(|e| {
-                        ConflictableTransactionError::Abort(StoreError::Corrupt {
-                            what: format!("task {task_id}"),
-                            reason: e.to_string(),
-                        })
+                    Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
+                        undecodable.set(true);
+                        ConflictableTransactionError::Abort(e)
                     })?),
                     None => None,
                 };
@@ -281,7 +318,13 @@ impl Store {
                 ticket: self.inner.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
             })),
             Ok(None) => Ok(None),
-            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Abort(e)) => {
+                if undecodable.get() {
+                    self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
+                    self.quarantine(task_id, &e);
+                }
+                Err(e)
+            }
             Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
         }
     }
@@ -291,6 +334,21 @@ impl Store {
     #[doc(hidden)]
     pub fn inject_write_failures(&self, on: bool) {
         self.inner.fail_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Stores `bytes` as the record of `task_id`, bypassing the codec and the indexes: lets
+    /// tests plant a damaged record, or one written by a newer coverd. Not used by coverd.
+    #[doc(hidden)]
+    pub fn put_raw_task(&self, task_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.tasks.insert(task_id.as_bytes(), bytes)?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    /// How many times a task record could not be decoded since open (tests).
+    #[doc(hidden)]
+    pub fn undecodable_reads(&self) -> u64 {
+        self.inner.undecodable_reads.load(Ordering::SeqCst)
     }
 
     /// [`Store::apply`] off the async runtime's worker threads.
@@ -348,11 +406,72 @@ impl Store {
         self.durable(ticket).await
     }
 
+    /// One task. A record that cannot be decoded is an error, and is quarantined.
     pub fn get(&self, task_id: &str) -> Result<Option<Task>, StoreError> {
         match self.inner.tasks.get(task_id.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(&bytes, task_id)?)),
+            Some(bytes) => self.decode_checked(&bytes, task_id).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Decodes a task record; a failure quarantines the task.
+    fn decode_checked(&self, bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
+        decode(bytes, task_id).inspect_err(|e| {
+            self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
+            self.quarantine(task_id, e);
+        })
+    }
+
+    fn quarantined_ids(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
+        // A poisoned map is still a valid map.
+        self.inner
+            .quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
+    /// due queues skip it from now on, so no worker picks it again.
+    fn quarantine(&self, task_id: &str, err: &StoreError) {
+        let reason = quarantine_reason(err);
+        let mut map = self.quarantined_ids();
+        if map.contains_key(task_id) {
+            return;
+        }
+        tracing::warn!(
+            task_id,
+            "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
+        );
+        map.insert(
+            task_id.to_string(),
+            Quarantined {
+                task_id: task_id.to_string(),
+                reason,
+            },
+        );
+    }
+
+    fn is_quarantined(&self, task_id: &[u8]) -> bool {
+        let map = self.quarantined_ids();
+        !map.is_empty() && map.contains_key(String::from_utf8_lossy(task_id).as_ref())
+    }
+
+    /// Task records found undecodable by this process so far (no scan).
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.quarantined_ids().values().cloned().collect()
+    }
+
+    /// Every task record that cannot be decoded, in id order: reads the whole `tasks` tree.
+    pub fn scan_quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        let mut out = Vec::new();
+        for scanned in self.all_tasks() {
+            if let Scanned::Quarantined(q) = scanned? {
+                out.push(q);
+            }
+        }
+        Ok(out)
     }
 
     /// The whole history of one task, oldest first.
@@ -372,34 +491,92 @@ impl Store {
             .collect()
     }
 
+    /// The history of one task that can be decoded, oldest first, and a description of each
+    /// entry that cannot (for `admin export`, which goes on past damage).
+    pub fn history(&self, task_id: &str) -> Result<(Vec<EventRecord>, Vec<String>), StoreError> {
+        let mut prefix = task_id.as_bytes().to_vec();
+        prefix.push(0);
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for kv in self.inner.events.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            match codec::decode_event(&v) {
+                Ok(event) => good.push(event),
+                Err(e) => {
+                    let seq = k
+                        .len()
+                        .checked_sub(4)
+                        .and_then(|at| k.get(at..))
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_be_bytes)
+                        .unwrap_or(0);
+                    bad.push(format!("history entry {seq}: {}", codec_reason(&e)));
+                }
+            }
+        }
+        Ok((good, bad))
+    }
+
     /// Task ids whose download is due at or before `now`, earliest first, at most `limit`.
     pub fn due_downloads(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        due(&self.inner.due_download, now, limit)
+        self.due(&self.inner.due_download, now, limit)
     }
 
     /// Task ids whose poll is due at or before `now`, earliest first, at most `limit`.
     pub fn due_polls(&self, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-        due(&self.inner.due_poll, now, limit)
+        self.due(&self.inner.due_poll, now, limit)
     }
 
-    /// The first `limit` entries of the download index, earliest first, due or not.
+    /// The first `limit` entries of the download index, earliest first, due or not;
+    /// quarantined tasks left out.
     pub fn download_queue(&self, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
-        queue(&self.inner.due_download, limit)
+        self.queue(&self.inner.due_download, limit)
     }
 
-    /// The first `limit` entries of the poll index, earliest first, due or not.
+    /// The first `limit` entries of the poll index, earliest first, due or not; quarantined
+    /// tasks left out.
     pub fn poll_queue(&self, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
-        queue(&self.inner.due_poll, limit)
+        self.queue(&self.inner.due_poll, limit)
     }
 
     /// The earliest due time of any download, if one is scheduled.
     pub fn next_download_due(&self) -> Result<Option<Millis>, StoreError> {
-        first_due(&self.inner.due_download)
+        Ok(self
+            .queue(&self.inner.due_download, 1)?
+            .first()
+            .map(|e| e.0))
     }
 
     /// The earliest due time of any poll, if one is scheduled.
     pub fn next_poll_due(&self) -> Result<Option<Millis>, StoreError> {
-        first_due(&self.inner.due_poll)
+        Ok(self.queue(&self.inner.due_poll, 1)?.first().map(|e| e.0))
+    }
+
+    /// The first `limit` entries of a due index that are not quarantined. Looks past at
+    /// most as many entries as there are quarantined tasks.
+    fn queue(&self, tree: &sled::Tree, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv?;
+            let id = k.get(8..).unwrap_or_default();
+            if self.is_quarantined(id) {
+                continue;
+            }
+            let at = i64::try_from(u64_from(&k)).unwrap_or(i64::MAX);
+            out.push((at, String::from_utf8_lossy(id).into_owned()));
+        }
+        Ok(out)
+    }
+
+    fn due(&self, tree: &sled::Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .queue(tree, limit)?
+            .into_iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, id)| id)
+            .collect())
     }
 
     /// The cover task recorded for a music task, if any.
@@ -458,7 +635,8 @@ impl Store {
             .collect()
     }
 
-    /// Newest first, optionally only in one state, at most `limit`.
+    /// Newest first, optionally only in one state, at most `limit`. Quarantined tasks are
+    /// left out (`admin status` names them).
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Task>, StoreError> {
         let iter = match state {
             Some(s) => self.inner.by_state.scan_prefix([s.code()]),
@@ -472,18 +650,30 @@ impl Store {
             }
             let (k, _) = kv?;
             let id = String::from_utf8_lossy(&k[skip + 8..]).into_owned();
-            if let Some(task) = self.get(&id)? {
-                out.push(task);
+            match self.get(&id) {
+                Ok(Some(task)) => out.push(task),
+                Ok(None) => {}
+                Err(e) if e.is_undecodable() => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
     }
 
-    /// Every task in id order, for export and verify. Stops at the first error.
-    pub fn all_tasks(&self) -> impl Iterator<Item = Result<Task, StoreError>> + '_ {
+    /// Every task record in id order, for export and verify: a record that cannot be
+    /// decoded is quarantined and yielded as such, and the scan goes on. Stops only at an
+    /// I/O error.
+    pub fn all_tasks(&self) -> impl Iterator<Item = Result<Scanned, StoreError>> + '_ {
         self.inner.tasks.iter().map(|kv| {
             let (k, v) = kv?;
-            decode(&v, &String::from_utf8_lossy(&k))
+            let task_id = String::from_utf8_lossy(&k).into_owned();
+            Ok(match self.decode_checked(&v, &task_id) {
+                Ok(task) => Scanned::Task(Box::new(task)),
+                Err(e) => Scanned::Quarantined(Quarantined {
+                    reason: quarantine_reason(&e),
+                    task_id,
+                }),
+            })
         })
     }
 
@@ -504,22 +694,30 @@ impl Store {
         })
     }
 
-    /// The oldest task still submitted or received.
+    /// The oldest task still submitted or received (quarantined tasks left out).
     pub fn oldest_unfinished(&self) -> Result<Option<Task>, StoreError> {
-        let mut oldest: Option<(u64, String)> = None;
+        let mut oldest: Option<Task> = None;
         for s in [State::Submitted, State::Received] {
-            if let Some(kv) = self.inner.by_state.scan_prefix([s.code()]).next() {
+            for kv in self.inner.by_state.scan_prefix([s.code()]) {
                 let (k, _) = kv?;
-                let at = u64_from(&k[1..9]);
-                if oldest.as_ref().is_none_or(|(o, _)| at < *o) {
-                    oldest = Some((at, String::from_utf8_lossy(&k[9..]).into_owned()));
+                let id = String::from_utf8_lossy(&k[9..]).into_owned();
+                match self.get(&id) {
+                    Ok(Some(task)) => {
+                        if oldest
+                            .as_ref()
+                            .is_none_or(|o| task.created_at < o.created_at)
+                        {
+                            oldest = Some(task);
+                        }
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.is_undecodable() => continue,
+                    Err(e) => return Err(e),
                 }
             }
         }
-        match oldest {
-            Some((_, id)) => self.get(&id),
-            None => Ok(None),
-        }
+        Ok(oldest)
     }
 
     /// Bytes sled uses on disk.
@@ -586,16 +784,47 @@ fn encode(bytes: Result<Vec<u8>, codec::CodecError>, task_id: &str) -> TxResult<
 }
 
 fn decode(bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
-    codec::decode_task(bytes).map_err(|e| StoreError::Corrupt {
-        what: format!("task {task_id}"),
-        reason: e.to_string(),
+    codec::decode_task(bytes).map_err(|e| match e {
+        codec::CodecError::Newer { found, .. } => StoreError::Newer {
+            what: format!("task {task_id}"),
+            found,
+        },
+        other => StoreError::Corrupt {
+            what: format!("task {task_id}"),
+            reason: other.to_string(),
+        },
     })
 }
 
+/// The short reason a quarantined record is listed with.
+fn quarantine_reason(err: &StoreError) -> String {
+    match err {
+        StoreError::Newer { found, .. } => format!(
+            "written by a newer coverd (record format v{found}; this build reads up to v{})",
+            codec::ENVELOPE_VERSION
+        ),
+        StoreError::Corrupt { reason, .. } => format!("corrupt ({reason})"),
+        other => other.to_string(),
+    }
+}
+
+fn codec_reason(err: &codec::CodecError) -> String {
+    match err {
+        codec::CodecError::Newer { found, .. } => format!(
+            "written by a newer coverd (record format v{found}; this build reads up to v{})",
+            codec::ENVELOPE_VERSION
+        ),
+        other => format!("corrupt ({other})"),
+    }
+}
+
+/// Notes that may be dropped past [`MAX_EVENTS_PER_TASK`]: they change nothing (duplicates,
+/// polls, ignored events, retries, a repeated `admin track`).
 fn is_repetitive(kind: EventKind) -> bool {
     matches!(
         kind,
-        EventKind::DuplicateCallback
+        EventKind::Tracked
+            | EventKind::DuplicateCallback
             | EventKind::Polled
             | EventKind::Ignored
             | EventKind::ImageRetry
@@ -666,34 +895,6 @@ fn event_key(task_id: &str, seq: u32) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
-}
-
-fn due(tree: &sled::Tree, now: Millis, limit: usize) -> Result<Vec<String>, StoreError> {
-    let end = ms_bytes(now.saturating_add(1));
-    let mut out = Vec::new();
-    for kv in tree.range(..end.to_vec()).take(limit) {
-        let (k, _) = kv?;
-        out.push(String::from_utf8_lossy(&k[8..]).into_owned());
-    }
-    Ok(out)
-}
-
-fn queue(tree: &sled::Tree, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
-    tree.iter()
-        .take(limit)
-        .map(|kv| {
-            let (k, _) = kv?;
-            let at = i64::try_from(u64_from(&k)).unwrap_or(i64::MAX);
-            Ok((at, String::from_utf8_lossy(&k[8..]).into_owned()))
-        })
-        .collect()
-}
-
-fn first_due(tree: &sled::Tree) -> Result<Option<Millis>, StoreError> {
-    match tree.first()? {
-        Some((k, _)) => Ok(Some(i64::try_from(u64_from(&k)).unwrap_or(i64::MAX))),
-        None => Ok(None),
-    }
 }
 
 #[cfg(test)]
@@ -835,6 +1036,23 @@ mod tests {
             store.events("a").unwrap().len(),
             MAX_EVENTS_PER_TASK as usize
         );
+    }
+
+    #[test]
+    fn repeated_track_does_not_grow_history_without_bound() {
+        let (_d, store) = open();
+        for i in 0..(MAX_EVENTS_PER_TASK + 50) {
+            track(&store, "a", 1 + i64::from(i));
+        }
+        let kinds: Vec<EventKind> = store.events("a").unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.len(), MAX_EVENTS_PER_TASK as usize);
+        assert_eq!(kinds[0], EventKind::Submitted);
+        // State changes are still recorded past the bound.
+        store
+            .apply("a", &callback(1), &ctx(5000), IfMissing::Reject)
+            .unwrap();
+        let after = store.events("a").unwrap();
+        assert_eq!(after.last().unwrap().kind, EventKind::Received);
     }
 
     #[tokio::test]

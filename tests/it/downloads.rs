@@ -70,8 +70,10 @@ pub fn check_disk(d: &Daemon) {
             assert_eq!(img.bytes, Some(bytes.len() as u64), "{rel}");
         }
     }
-    for task in d.store.all_tasks() {
-        let task = task.unwrap();
+    for scanned in d.store.all_tasks() {
+        let coverd::store::Scanned::Task(task) = scanned.unwrap() else {
+            panic!("a record that cannot be decoded");
+        };
         for img in &task.images {
             match img.state {
                 ImageState::Downloaded => {

@@ -251,6 +251,27 @@ async fn body_shorter_than_its_content_length_is_a_transient_cut() {
     assert!(err.to_string().ends_with(" of 5000 bytes"), "{err}");
 }
 
+/// coverd never asks for a range, so a 206 carries only part of the file, however
+/// image-like its first bytes look: retried like a cut body, never stored.
+#[tokio::test]
+async fn partial_content_is_a_transient_failure_not_an_image() {
+    let case = Case::new().await;
+    let url = case.set(
+        "/s/a.png",
+        Behaviour::Partial {
+            bytes: png(5000),
+            sent: 1000,
+        },
+    );
+    let err = case.err(&url).await;
+    assert!(
+        matches!(err, FetchError::Status { status: 206, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient() && !err.is_gone(), "{err:?}");
+    assert_eq!(err.to_string(), "HTTP 206 Partial Content");
+}
+
 #[tokio::test]
 async fn body_breaking_mid_way_is_a_transient_cut() {
     let case = Case::new().await;

@@ -761,6 +761,137 @@ async fn confirmation_waits_out_a_kie_hiccup_before_fetching_anything() {
     d.stop().await;
 }
 
+/// record-info is the truth (SPEC "Downloads"): when it says the task failed, the task fails
+/// with KIE's reason and the callback's URLs are never fetched, also when the success
+/// callback is replayed later (it revives the generation failure, and the revived task is
+/// confirmed again before anything is fetched).
+#[tokio::test]
+async fn confirmation_that_kie_failed_fails_the_task_and_fetches_no_callback_url() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let id = "confirmfailed";
+    fake.api.add_task(id, "music-confirm-failed");
+    fake.api.set_status(
+        id,
+        Status::Failed {
+            code: 501,
+            message: "Cover generation failed".into(),
+        },
+    );
+    crate::admin_track(&d, id).await;
+    let (forged, _) = two_images(&fake, "failedforged");
+    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+
+    let t = d.wait_for(id, failed).await;
+    assert_eq!(t.failure, Some(Failure::Generation));
+    assert_eq!(
+        t.error.as_deref(),
+        Some("KIE code 501: Cover generation failed")
+    );
+    assert!(t.images.iter().all(|i| i.state != ImageState::Pending));
+    assert_eq!(fake.api.calls(Endpoint::RecordInfo), 1);
+
+    // The same success body again (a replay, or a forgery without a webhook key).
+    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let t = d
+        .wait_for(id, |t| {
+            failed(t) && t.callbacks == 2 && fake.api.calls(Endpoint::RecordInfo) == 2
+        })
+        .await;
+    assert_eq!(
+        t.error.as_deref(),
+        Some("KIE code 501: Cover generation failed")
+    );
+    // Nothing comes due later either.
+    for _ in 0..3 {
+        d.advance(POLL_INTERVAL + SLACK);
+        settle().await;
+    }
+    for url in &forged {
+        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
+    }
+    assert_eq!(fake.api.calls(Endpoint::RecordInfo), 2);
+    assert_eq!(d.task(id).unwrap().state, State::Failed);
+    d.stop().await;
+}
+
+/// Covers take 30–150 s: while record-info says generating, coverd asks again on the poll
+/// schedule (more often than the old 5 tries), fetches nothing meanwhile, and then takes
+/// record-info's URLs, not the callback's.
+#[tokio::test]
+async fn confirmation_waits_while_kie_is_generating_then_takes_kies_urls() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let id = "confirmgenerating";
+    fake.api.add_task(id, "music-confirm-generating");
+    fake.api.set_status(id, Status::Generating);
+    crate::admin_track(&d, id).await;
+    let (forged, _) = two_images(&fake, "generatingforged");
+    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    d.wait_for(id, |t| t.polls == 1).await;
+
+    for n in 2..=8 {
+        // Not due before poll.interval: no call.
+        settle().await;
+        assert_eq!(fake.api.calls(Endpoint::RecordInfo), n - 1, "early call");
+        d.advance(POLL_INTERVAL + SLACK);
+        let t = d.wait_for(id, |t| t.polls as usize == n).await;
+        assert_eq!(t.state, State::Received);
+        assert_eq!(fake.api.calls(Endpoint::RecordInfo), n);
+        for url in &forged {
+            assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
+        }
+    }
+    assert!(has_event(&d, id, EventKind::Polled, "generating"));
+
+    let (kie_urls, bytes) = two_images(&fake, "generatingkie");
+    fake.api.set_status(id, Status::Success(kie_urls.clone()));
+    d.advance(POLL_INTERVAL + SLACK);
+    let t = d.wait_for(id, downloaded).await;
+    let got: Vec<&str> = t.images.iter().map(|i| i.url.as_str()).collect();
+    assert_eq!(got, kie_urls.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_stored(&d, &t, &bytes);
+    for url in &forged {
+        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
+    }
+    assert!(has_event(&d, id, EventKind::Mismatch, &kie_urls[0]));
+    d.stop().await;
+}
+
+/// Still generating at `poll.give_up_after`: failed with "no result from KIE", nothing
+/// fetched.
+#[tokio::test]
+async fn confirmation_gives_up_after_give_up_after_without_fetching() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let id = "confirmgiveup";
+    fake.api.add_task(id, "music-confirm-giveup");
+    fake.api.set_status(id, Status::Generating);
+    crate::admin_track(&d, id).await;
+    let (forged, _) = two_images(&fake, "giveupforged");
+    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    d.wait_for(id, |t| t.polls == 1).await;
+    d.advance(POLL_INTERVAL + SLACK);
+    d.wait_for(id, |t| t.polls == 2).await;
+
+    d.advance(GIVE_UP_AFTER);
+    let t = d.wait_for(id, failed).await;
+    assert_eq!(t.failure, Some(Failure::NoResult));
+    assert_eq!(t.error.as_deref(), Some("no result from KIE"));
+    let calls = fake.api.calls(Endpoint::RecordInfo);
+    d.advance(POLL_INTERVAL * 4);
+    settle().await;
+    assert_eq!(
+        fake.api.calls(Endpoint::RecordInfo),
+        calls,
+        "asked after giving up"
+    );
+    for url in &forged {
+        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
+    }
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn without_an_api_key_the_callbacks_urls_are_used() {
     let fake = FakeKie::start().await;

@@ -12,6 +12,7 @@ mod harness;
 mod intake;
 mod kie_client;
 mod kie_flows;
+mod quarantine;
 mod smoke;
 
 /// `admin track` through the library, as the admin socket would run it.

@@ -16,7 +16,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
+use hyper::header::{
+    CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use hyper::{Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -59,6 +61,9 @@ pub enum Behaviour {
     Oversized { len: Option<u64> },
     /// 302 to this URL.
     Redirect(String),
+    /// 206 Partial Content with the first `sent` bytes and a matching `Content-Range`,
+    /// although the request asked for no range (a misbehaving server or cache).
+    Partial { bytes: Bytes, sent: usize },
 }
 
 #[derive(Default)]
@@ -235,6 +240,14 @@ fn respond(behaviour: Behaviour, hit: u32) -> Response<Body> {
                 Some(len) => with_length(body, "image/png", len),
                 None => response(200, "image/png", body),
             }
+        }
+        Behaviour::Partial { bytes, sent } => {
+            let (content_type, total) = (content_type_of(&bytes), bytes.len());
+            let mut resp = full(206, content_type, bytes.slice(..sent));
+            let range = format!("bytes 0-{}/{total}", sent.saturating_sub(1));
+            resp.headers_mut()
+                .insert(CONTENT_RANGE, range.parse().expect("content range"));
+            resp
         }
         Behaviour::Redirect(to) => {
             let mut resp = status(302);
