@@ -275,7 +275,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                     task.images.len()
                 ),
             );
-            task.images.clear();
+            drop_unconfirmed(task);
             fail(task, Failure::Generation, reason, &mut out);
         }
         (Received, Event::ConfirmGiveUp { detail }) if !task.confirmed => {
@@ -287,7 +287,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                     task.images.len()
                 ),
             );
-            task.images.clear();
+            drop_unconfirmed(task);
             fail(
                 task,
                 Failure::NoResult,
@@ -491,6 +491,29 @@ fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out:
         EventKind::Received,
         format!("{n} image URL(s) from {}", source.as_str()),
     );
+}
+
+/// Drops the image URLs of a callback that record-info did not confirm. They were never the
+/// task's images: removed when untouched (the normal case: nothing is fetched before
+/// confirmation); otherwise (fetched before an API key was configured) the stored ones stay
+/// and the pending ones fail.
+fn drop_unconfirmed(task: &mut Task) {
+    if task
+        .images
+        .iter()
+        .all(|i| i.state == ImageState::Pending && i.attempts == 0)
+    {
+        task.images.clear();
+        return;
+    }
+    for img in task
+        .images
+        .iter_mut()
+        .filter(|i| i.state == ImageState::Pending)
+    {
+        img.state = ImageState::Failed;
+        img.error = Some("not fetched: record-info did not confirm the callback's URLs".into());
+    }
 }
 
 fn fail(task: &mut Task, failure: Failure, reason: String, out: &mut Outcome) {

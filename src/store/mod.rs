@@ -12,6 +12,9 @@
 //! - `by_created`: created ms (u64), task id → () — newest-first listing;
 //! - `by_music`: music task id → cover task id — idempotent `submit`;
 //! - `intents`: music task id → ms — covers requested from KIE whose answer is not stored yet.
+//!
+//! A task record that cannot be decoded is quarantined (in memory, logged once): the due
+//! queues skip it, so workers never pick it again, and scans go on past it.
 
 pub mod codec;
 
@@ -456,11 +459,6 @@ impl Store {
     fn is_quarantined(&self, task_id: &[u8]) -> bool {
         let map = self.quarantined_ids();
         !map.is_empty() && map.contains_key(String::from_utf8_lossy(task_id).as_ref())
-    }
-
-    /// Task records found undecodable by this process so far (no scan).
-    pub fn quarantined(&self) -> Vec<Quarantined> {
-        self.quarantined_ids().values().cloned().collect()
     }
 
     /// Every task record that cannot be decoded, in id order: reads the whole `tasks` tree.
@@ -1053,6 +1051,81 @@ mod tests {
             .unwrap();
         let after = store.events("a").unwrap();
         assert_eq!(after.last().unwrap().kind, EventKind::Received);
+    }
+
+    #[test]
+    fn undecodable_records_are_quarantined_and_skipped() {
+        let (_d, store) = open();
+        for (i, id) in ["bad", "newer", "good"].iter().enumerate() {
+            track(&store, id, 10 + i as i64);
+            store
+                .apply(id, &callback(1), &ctx(20 + i as i64), IfMissing::Reject)
+                .unwrap();
+        }
+        store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
+        let mut newer = codec::encode_task(&store.get("newer").unwrap().unwrap()).unwrap();
+        newer[..4].copy_from_slice(&1u32.to_le_bytes());
+        store.put_raw_task("newer", &newer).unwrap();
+        let ids = |q: Vec<(Millis, String)>| q.into_iter().map(|e| e.1).collect::<Vec<_>>();
+        // Not known yet: the queue still offers them; a read quarantines them.
+        assert_eq!(
+            ids(store.download_queue(10).unwrap()),
+            ["bad", "newer", "good"]
+        );
+        let err = store.get("bad").unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }) && err.is_undecodable());
+        let err = store.get("newer").unwrap_err();
+        assert!(matches!(err, StoreError::Newer { found: 2, .. }), "{err}");
+        assert!(
+            err.to_string().contains("written by a newer coverd"),
+            "{err}"
+        );
+        assert_eq!(ids(store.download_queue(10).unwrap()), ["good"]);
+        assert_eq!(ids(store.download_queue(1).unwrap()), ["good"]);
+        assert_eq!(store.next_download_due().unwrap(), Some(22));
+        assert_eq!(store.due_downloads(100, 10).unwrap(), ["good"]);
+        // An update of a quarantined task fails the same way, and changes nothing.
+        let err = store
+            .apply("newer", &callback(1), &ctx(30), IfMissing::Reject)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Newer { .. }), "{err}");
+
+        // Scans go on past them.
+        let names: Vec<String> = store
+            .scan_quarantined()
+            .unwrap()
+            .into_iter()
+            .map(|q| format!("{}: {}", q.task_id, q.reason))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names[0].starts_with("bad: corrupt ("), "{names:?}");
+        assert!(
+            names[1].starts_with("newer: written by a newer coverd"),
+            "{names:?}"
+        );
+        let listed: Vec<String> = store
+            .list(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        assert_eq!(listed, ["good"]);
+        assert_eq!(store.oldest_unfinished().unwrap().unwrap().task_id, "good");
+
+        // A damaged history entry: the rest of the history is still read.
+        store
+            .inner
+            .events
+            .insert(event_key("good", 1), b"\x05\x00\x00".to_vec())
+            .unwrap();
+        assert!(store.events("good").unwrap_err().is_undecodable());
+        let (events, damaged) = store.history("good").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(damaged.len(), 1);
+        assert!(
+            damaged[0].starts_with("history entry 1: corrupt"),
+            "{damaged:?}"
+        );
     }
 
     #[tokio::test]
