@@ -74,8 +74,9 @@ fn receive(store: &Store, id: &str, url: String, now: Millis) -> Task {
 }
 
 /// Writes the tasks into the store of `data_dir` (daemon stopped): the bad ones first and
-/// earlier, so that they lead both due indexes, then the good received ones.
-fn plant(data_dir: &Path, fake: &FakeKie) {
+/// earlier, so that they lead both due indexes, then the good received ones, then
+/// `submitted` tracked now. Returns once the store is closed and its lock released.
+async fn plant(data_dir: &Path, fake: &FakeKie, submitted: &[&str]) {
     let store = Store::open(data_dir).expect("open store");
     let long_ago = now_millis() - 600_000;
     for id in BAD_DOWNLOADS.iter().chain([&NEWER_DOWNLOAD]) {
@@ -101,6 +102,27 @@ fn plant(data_dir: &Path, fake: &FakeKie) {
             .put_raw_task(id, &newer_record())
             .expect("plant newer");
     }
+    for id in submitted {
+        track(&store, id, now_millis());
+    }
+    drop(store);
+    lock_released(data_dir).await;
+}
+
+/// Waits until sled's lock on the store is free: its I/O threads may hold it for a moment
+/// after the last handle is dropped (sled #1289), and the daemon opening the directory next
+/// would find it "in use by another coverd process".
+async fn lock_released(data_dir: &Path) {
+    let file = std::fs::File::open(data_dir.join("db").join("db")).expect("sled's db file");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while fs2::FileExt::try_lock_exclusive(&file).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sled kept its lock for 30 s after the store was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    fs2::FileExt::unlock(&file).expect("unlock");
 }
 
 fn bad_urls_fetched(fake: &FakeKie) -> u32 {
@@ -125,13 +147,9 @@ async fn workers_skip_undecodable_records_without_a_loop_and_the_rest_goes_on() 
     config.kie.confirm_callbacks = false;
     // 4 tasks in flight at most: the 7 quarantined received tasks lead the index.
     config.download.concurrency = 1;
-    plant(dir.path(), &fake);
     // A good submitted task behind the bad ones in the poll index.
     let polled = "good-polled";
-    {
-        let store = Store::open(dir.path()).unwrap();
-        track(&store, polled, now_millis());
-    }
+    plant(dir.path(), &fake, &[polled]).await;
     fake.api.add_task(polled, "music-good-polled");
     fake.files.set("/s/polled.png", Behaviour::Image(png(2500)));
     fake.api.set_status(
@@ -291,7 +309,7 @@ async fn the_real_binary_quarantines_and_admin_names_the_records_running_and_sto
     let scratch = Scratch::new();
     scratch.write_config(&fake.base_url(), "concurrency = 1", "");
     std::fs::create_dir_all(scratch.data_dir()).unwrap();
-    plant(&scratch.data_dir(), &fake);
+    plant(&scratch.data_dir(), &fake, &[]).await;
 
     let daemon = scratch.serve().await;
     for id in GOOD {
