@@ -173,7 +173,9 @@ pub struct Task {
     pub error: Option<String>,
     pub failure: Option<Failure>,
     pub images: Vec<Image>,
-    /// While `Submitted`: when the task entered that state (the give-up clock starts here).
+    /// Where the give-up clock (`poll.give_up_after`) starts: while `Submitted`, when the task
+    /// entered that state; while `Received` from a callback awaiting confirmation, when that
+    /// callback arrived.
     pub submitted_at: Millis,
     /// While `Submitted`: when the poller should look at it next.
     pub next_poll_at: Millis,
@@ -181,7 +183,7 @@ pub struct Task {
     pub event_count: u32,
     /// The image URLs were checked against record-info (`kie.confirm_callbacks`).
     pub confirmed: bool,
-    /// record-info calls made to confirm a callback's URLs that could not answer yet.
+    /// record-info calls made to confirm the current callback's URLs that had no result yet.
     pub confirm_attempts: u32,
 }
 
