@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machine::{Ctx, Event, Report};
-use crate::model::{EventKind, now_millis, valid_task_id};
+use crate::model::{now_millis, valid_task_id};
 use crate::signature;
 use crate::store::{IfMissing, Store};
 
@@ -128,7 +128,7 @@ impl Intake {
         let delivery = match parse(body) {
             Ok(d) => d,
             Err(reason) => {
-                tracing::warn!(%reason, "callback rejected: malformed");
+                tracing::warn!("callback rejected (400): {reason}");
                 return Answer::error(StatusCode::BAD_REQUEST, reason);
             }
         };
@@ -143,7 +143,7 @@ impl Intake {
                 now_millis() / 1000,
                 self.config.kie.signature_tolerance,
             ) {
-                tracing::warn!(task_id, reason = %e, "callback rejected: signature");
+                tracing::warn!(task_id, "task {task_id} callback rejected (401): {e}");
                 return Answer::error(
                     StatusCode::UNAUTHORIZED,
                     format!("signature check failed: {e}"),
@@ -159,7 +159,10 @@ impl Intake {
         // Storing and flushing share one budget, so the answer is always well inside KIE's 15 s.
         let deadline = tokio::time::Instant::now() + STORE_BUDGET;
         let too_slow = || {
-            tracing::error!(task_id, "callback not stored in time");
+            tracing::warn!(
+                task_id,
+                "task {task_id} callback answered 503: the store did not take it within {STORE_BUDGET:?}; KIE retries"
+            );
             Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store too slow; retry later",
@@ -177,10 +180,13 @@ impl Intake {
         let applied = match stored {
             Ok(Some(applied)) => applied,
             Ok(None) => {
+                let report = match &delivery.report {
+                    Report::Success { images } => format!("success with {} image(s)", images.len()),
+                    Report::Failure { reason } => format!("failure: {reason}"),
+                };
                 tracing::warn!(
                     task_id,
-                    report = ?delivery.report,
-                    "callback for an unknown task ignored (accept_unknown_tasks = false); `coverd admin track` it to accept it"
+                    "task {task_id} callback rejected (404): unknown task ({report}); not submitted or tracked here, and accept_unknown_tasks = false; `coverd admin track {task_id}` accepts its next delivery"
                 );
                 return Answer::error(
                     StatusCode::NOT_FOUND,
@@ -188,7 +194,10 @@ impl Intake {
                 );
             }
             Err(e) => {
-                tracing::error!(task_id, error = %e, "callback not stored");
+                tracing::warn!(
+                    task_id,
+                    "task {task_id} callback answered 503: not stored: {e}"
+                );
                 return Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store unavailable; retry later",
@@ -198,7 +207,10 @@ impl Intake {
         match tokio::time::timeout_at(deadline, self.store.durable(applied.ticket)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::error!(task_id, error = %e, "callback not flushed");
+                tracing::warn!(
+                    task_id,
+                    "task {task_id} callback answered 503: not flushed to disk: {e}"
+                );
                 return Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store unavailable; retry later",
@@ -206,18 +218,8 @@ impl Intake {
             }
             Err(_) => return too_slow(),
         }
+        crate::journal::record(&applied, tracing::Level::INFO);
         let task = &applied.task;
-        tracing::info!(
-            task_id,
-            state = task.state.as_str(),
-            callbacks = task.callbacks,
-            duplicate = applied
-                .outcome
-                .notes
-                .iter()
-                .any(|(kind, _)| *kind == EventKind::DuplicateCallback),
-            "callback stored"
-        );
         if task.download_due().is_some() {
             self.downloads.notify_one();
         }

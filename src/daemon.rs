@@ -93,7 +93,7 @@ impl Running {
         while self.tasks.join_next().await.is_some() {}
         self.store.flush().await?;
         let _ = std::fs::remove_file(&self.socket_path);
-        tracing::info!("stopped");
+        tracing::info!("coverd stopped cleanly");
         Ok(())
     }
 }
@@ -136,14 +136,15 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         },
     )?;
 
+    let metrics = Arc::new(Metrics::new());
     let kie = match &config.kie.api_key {
         Some(_) => Some(Arc::new(
-            KieClient::new(&config.kie, &config.download.user_agent).map_err(|e| {
-                DaemonError::Setup {
+            KieClient::new(&config.kie, &config.download.user_agent)
+                .map_err(|e| DaemonError::Setup {
                     what: "the KIE client",
                     reason: e.to_string(),
-                }
-            })?,
+                })?
+                .with_metrics(metrics.clone()),
         )),
         None => {
             tracing::warn!(
@@ -164,7 +165,6 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
 
-    let metrics = Arc::new(Metrics::default());
     let clock = hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
     let downloader = Downloader::new(
         store.clone(),
@@ -190,7 +190,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             kie.clone(),
             wake_downloads.clone(),
             wake_polls.clone(),
-            clock,
+            clock.clone(),
         )
         .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();
@@ -235,12 +235,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
                 addr: metrics_addr.to_string(),
                 source,
             })?;
-        let (metrics, store) = (metrics.clone(), store.clone());
+        let (metrics, store, clock) = (metrics.clone(), store.clone(), clock.clone());
         tasks.spawn(server::serve(
             listener,
             move |req| {
-                let (metrics, store) = (metrics.clone(), store.clone());
-                async move { server::metrics_route(req, &metrics, &store).await }
+                let (metrics, store, now) = (metrics.clone(), store.clone(), clock.now());
+                async move { server::metrics_route(req, &metrics, &store, now).await }
             },
             shutdown.clone(),
         ));
@@ -248,7 +248,16 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     tasks.spawn(watchdog(store.clone(), health, shutdown.clone()));
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(%addr, data_dir = %data_dir.display(), "coverd is ready");
+    let metrics_at = config
+        .metrics_listen
+        .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
+    tracing::info!(
+        %addr,
+        metrics = %metrics_at,
+        data_dir = %data_dir.display(),
+        "coverd is ready: callbacks on http://{addr}/callbacks/cover, metrics {metrics_at}, data in {}",
+        data_dir.display()
+    );
     Ok(Running {
         addr,
         store,
@@ -274,7 +283,9 @@ async fn watchdog(store: Store, health: Arc<Health>, shutdown: CancellationToken
         if store.check_health().await.is_ok() && health.downloads_running.load(Ordering::SeqCst) {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
         } else {
-            tracing::error!("unhealthy: not pinging the systemd watchdog");
+            tracing::error!(
+                "unhealthy (store or download workers down): not pinging the systemd watchdog, which restarts coverd"
+            );
         }
     }
 }

@@ -72,7 +72,10 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
         }
     }
     if removed > 0 {
-        tracing::info!(removed, "removed partial downloads left by an earlier run");
+        tracing::info!(
+            removed,
+            "removed {removed} partial download(s) left by an earlier run; they are fetched again"
+        );
     }
     Ok(removed)
 }
@@ -163,7 +166,9 @@ impl Downloader {
                 Ok(next) => next,
                 Err(e) => {
                     // The store may recover (disk space freed): keep trying, slowly.
-                    tracing::error!(error = %e, "cannot read the download index; retrying");
+                    tracing::error!(
+                        "downloads paused: cannot read the download index: {e}; retrying"
+                    );
                     Some(self.clock.now().saturating_add(STORE_RETRY_MS))
                 }
             };
@@ -181,14 +186,20 @@ impl Downloader {
             }
         }
         if !workers.is_empty() {
-            tracing::info!(tasks = workers.len(), "waiting for running downloads");
+            let tasks = workers.len();
+            tracing::info!(
+                tasks,
+                "shutting down: waiting for the downloads of {tasks} task(s)"
+            );
             if tokio::time::timeout(SHUTDOWN_GRACE, async {
                 while workers.join_next().await.is_some() {}
             })
             .await
             .is_err()
             {
-                tracing::warn!("abandoning unfinished downloads; they resume at the next start");
+                tracing::warn!(
+                    "shutting down: abandoning unfinished downloads after {SHUTDOWN_GRACE:?}; they resume at the next start"
+                );
                 workers.abort_all();
             }
         }
@@ -240,7 +251,10 @@ impl Downloader {
             // from now on, so returning at once does not bring the scheduler straight back.
             Err(e) if e.is_undecodable() => return,
             Err(e) => {
-                tracing::error!(task_id, error = %e, "cannot read task for download");
+                tracing::error!(
+                    task_id,
+                    "task {task_id} not downloaded now: cannot read it from the store: {e}"
+                );
                 return;
             }
         };
@@ -331,29 +345,23 @@ impl Downloader {
                 }
             }
         };
+        // A failed KIE call is said as a warning, once, with the event that records it.
+        let level = match &event {
+            Event::ConfirmLater { detail, .. } | Event::ConfirmGiveUp { detail }
+                if detail.starts_with(crate::poll::RECORD_INFO_FAILED) =>
+            {
+                tracing::Level::WARN
+            }
+            _ => tracing::Level::INFO,
+        };
         match self.record(task_id, event).await {
             Ok(Some(applied)) => {
-                for (kind, detail) in &applied.outcome.notes {
-                    if *kind == EventKind::Failed {
-                        tracing::warn!(
-                            task_id,
-                            kind = kind.as_str(),
-                            "task {task_id} failed: {detail}"
-                        );
-                    } else {
-                        tracing::info!(
-                            task_id,
-                            kind = kind.as_str(),
-                            detail,
-                            "confirmation recorded"
-                        );
-                    }
-                }
+                crate::journal::record(&applied, level);
                 Some(applied.task)
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::error!(task_id, error = %e, "cannot record confirmation");
+                tracing::error!(task_id, "task {task_id} confirmation not recorded: {e}");
                 store_backoff().await;
                 None
             }
@@ -362,7 +370,10 @@ impl Downloader {
 
     async fn download_image(&self, task_id: &str, image: Image) {
         let index = image.index;
-        let event = match self.obtain(task_id, &image).await {
+        let started = std::time::Instant::now();
+        let obtained = self.obtain(task_id, &image).await;
+        self.metrics.image_fetch_took(started.elapsed());
+        let event = match obtained {
             Ok(stored) => stored,
             Err(e) => {
                 let retry_at = e.is_transient().then(|| {
@@ -375,7 +386,6 @@ impl Downloader {
                     );
                     self.clock.now().saturating_add(millis(delay))
                 });
-                tracing::warn!(task_id, index, error = %e, transient = retry_at.is_some(), "image fetch failed");
                 Event::ImageFailed {
                     index,
                     reason: e.to_string(),
@@ -383,27 +393,29 @@ impl Downloader {
                 }
             }
         };
+        let bytes = match &event {
+            Event::ImageStored { bytes, .. } => *bytes,
+            _ => 0,
+        };
         match self.record(task_id, event).await {
             Ok(Some(applied)) => {
-                for (kind, detail) in &applied.outcome.notes {
+                for (kind, _) in &applied.outcome.notes {
                     match kind {
-                        EventKind::ImageStored => Metrics::bump(&self.metrics.images_stored),
-                        EventKind::ImageRetry => Metrics::bump(&self.metrics.image_retries),
-                        EventKind::ImageFailed => Metrics::bump(&self.metrics.images_failed),
+                        EventKind::ImageStored => self.metrics.image_fetch("stored", bytes),
+                        EventKind::ImageRetry => self.metrics.image_fetch("retry", 0),
+                        EventKind::ImageFailed => self.metrics.image_fetch("failed", 0),
                         _ => {}
                     }
-                    tracing::info!(
-                        task_id,
-                        index,
-                        kind = kind.as_str(),
-                        detail,
-                        "download recorded"
-                    );
                 }
+                crate::journal::record(&applied, tracing::Level::INFO);
             }
-            Ok(None) => tracing::warn!(task_id, "task vanished during download"),
+            Ok(None) => tracing::warn!(task_id, "task {task_id} vanished during its download"),
             Err(e) => {
-                tracing::error!(task_id, index, error = %e, "cannot record download result");
+                tracing::error!(
+                    task_id,
+                    index,
+                    "task {task_id} image {index}: download result not recorded: {e}; trying again"
+                );
                 // The task stays due; don't come straight back to a failing store.
                 store_backoff().await;
             }
@@ -415,10 +427,11 @@ impl Downloader {
         let data_dir = &self.config.data_dir;
         // A crash between rename and record leaves a complete file: adopt it, don't refetch.
         if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
+            let index = image.index;
             tracing::info!(
                 task_id,
-                index = image.index,
-                "adopted an image stored before a restart"
+                index,
+                "task {task_id} image {index}: adopting the file stored before a restart"
             );
             return Ok(event);
         }
@@ -470,14 +483,11 @@ impl Downloader {
                     url: fresh.clone(),
                 };
                 if let Err(e) = self.record(task_id, event).await {
-                    tracing::error!(task_id, error = %e, "cannot record refreshed URL");
+                    tracing::error!(task_id, "task {task_id} refreshed URL not recorded: {e}");
                 }
                 Ok(fresh)
             }
-            Err(e) => {
-                tracing::warn!(task_id, index = image.index, error = %e, "KIE gave no fresh link");
-                Err(e)
-            }
+            Err(e) => Err(e),
         })
     }
 }

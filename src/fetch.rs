@@ -204,7 +204,7 @@ impl Fetcher {
             Url::parse(url).map_err(|e| Refused(format!("refused URL: not a valid URL ({e})")))?;
         self.guard.check_url(&url)?;
         let started = Instant::now();
-        tracing::debug!(url = %display_url(&url), "fetching image");
+        tracing::debug!("fetching image {}", display_url(&url));
 
         let mut resp = self
             .client
@@ -258,7 +258,7 @@ impl Fetcher {
         part.file.flush().await?;
         part.file.sync_all().await?;
         let temp_path = part.keep();
-        tracing::debug!(url = %display_url(&url), bytes = received, "fetched image");
+        tracing::debug!("fetched image {}: {received} bytes", display_url(&url));
         Ok(Fetched {
             temp_path,
             bytes: received,

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::config::{KieConfig, Secret};
+use crate::metrics::Metrics;
 
 /// Limit on one whole KIE API request (connect, send, answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,6 +76,25 @@ pub enum KieError {
 }
 
 impl KieError {
+    /// A short, stable name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KieError::NoApiKey => "no_api_key",
+            KieError::Unauthorized => "unauthorized",
+            KieError::NoCredits => "no_credits",
+            KieError::RateLimited => "rate_limited",
+            KieError::Maintenance => "maintenance",
+            KieError::Server { .. } => "server_error",
+            KieError::AlreadyExists { .. } => "already_exists",
+            KieError::NotFound => "not_found",
+            KieError::NotKieFile => "not_kie_file",
+            KieError::Invalid { .. } => "invalid",
+            KieError::Transport(_) => "transport",
+            KieError::BadResponse(_) => "bad_response",
+            KieError::Setup(_) => "setup",
+        }
+    }
+
     /// True for failures worth retrying later with backoff: transport errors (connect,
     /// timeout), 429, 455 and 5xx.
     pub fn is_transient(&self) -> bool {
@@ -120,6 +140,17 @@ pub enum CoverStatus {
     Generating,
     Success,
     Failed,
+}
+
+impl CoverStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CoverStatus::Pending => "pending",
+            CoverStatus::Generating => "generating",
+            CoverStatus::Success => "success",
+            CoverStatus::Failed => "failed",
+        }
+    }
 }
 
 /// One record-info answer, parsed leniently. Every field KIE may omit is optional.
@@ -234,6 +265,7 @@ pub struct KieClient {
     key: Secret,
     auth: HeaderValue,
     limiter: Arc<RateLimiter>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for KieClient {
@@ -316,7 +348,14 @@ impl KieClient {
             key,
             auth,
             limiter: Arc::new(RateLimiter::new(cfg.requests_per_10s, RATE_WINDOW)),
+            metrics: None,
         })
+    }
+
+    /// Counts every call into the daemon's metrics (`coverd_kie_requests_total`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> KieClient {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The base URL calls go to, without trailing slash.
@@ -344,7 +383,11 @@ impl KieClient {
             .await?;
         match task_id_in(&data) {
             Some(task_id) => {
-                tracing::info!(music_task_id, cover_task_id = %task_id, "KIE accepted the cover task");
+                tracing::debug!(
+                    task_id,
+                    music_task_id,
+                    "task {task_id}: KIE accepted the cover request for music task {music_task_id}"
+                );
                 Ok(task_id)
             }
             None => Err(KieError::BadResponse(format!(
@@ -370,10 +413,10 @@ impl KieClient {
             }
         }
         tracing::debug!(
-            cover_task_id,
-            status = ?info.status,
-            images = info.images.len(),
-            "KIE record-info"
+            task_id = cover_task_id,
+            "task {cover_task_id}: record-info says {}, {} image(s)",
+            info.status.as_str(),
+            info.images.len()
         );
         Ok(info)
     }
@@ -410,19 +453,30 @@ impl KieClient {
     ) -> Result<Value, KieError> {
         self.limiter.acquire().await;
         let name = endpoint.name();
-        tracing::debug!(endpoint = name, task_id, "calling KIE");
+        tracing::debug!(
+            endpoint = name,
+            task_id,
+            "calling KIE {name} (task {task_id})"
+        );
         let outcome = self.exchange(endpoint, url, body).await;
         let outcome = outcome.map_err(|e| e.redacted(self.key.expose()));
+        if let Some(metrics) = &self.metrics {
+            let result = match &outcome {
+                Ok(_) => "ok",
+                Err(e) => e.kind(),
+            };
+            metrics.kie_request(name, result);
+        }
         if let Err(e) = &outcome {
             if matches!(e, KieError::RateLimited) {
                 self.limiter.pause();
             }
-            match e {
-                KieError::AlreadyExists { .. } | KieError::NotFound => {
-                    tracing::debug!(endpoint = name, task_id, error = %e, "KIE call answered");
-                }
-                _ => tracing::warn!(endpoint = name, task_id, error = %e, "KIE call failed"),
-            }
+            // The caller logs what the failure means for its task, once.
+            tracing::debug!(
+                endpoint = name,
+                task_id,
+                "KIE {name} (task {task_id}) failed: {e}"
+            );
         }
         outcome
     }
@@ -733,7 +787,11 @@ pub fn parse_record_info(data: &Value) -> Result<RecordInfo, KieError> {
     let status = match parse_success_flag(flag) {
         Some(s) => s,
         None => {
-            tracing::warn!(success_flag = ?flag, "unknown successFlag in KIE record-info; treating the task as pending");
+            let flag =
+                flag.map_or_else(|| "none".to_string(), |f| snippet(f.to_string().as_bytes()));
+            tracing::warn!(
+                "unknown successFlag {flag} in KIE's record-info answer; treating the task as pending"
+            );
             CoverStatus::Pending
         }
     };

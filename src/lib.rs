@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod download;
 pub mod fetch;
 pub mod guard;
+pub mod journal;
 pub mod kie;
 pub mod machine;
 pub mod metrics;

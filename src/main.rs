@@ -107,14 +107,21 @@ fn main() -> ExitCode {
             _ => None,
         },
     };
+    let daemon = matches!(cli.command, Command::Serve { .. });
+    init_logs(daemon);
     let config = match config::load(&overrides) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("coverd: {e}");
+            // The daemon's refusal to start goes to its log at error priority (under
+            // systemd: `journalctl -p err`); a command's goes to the terminal.
+            if daemon {
+                fatal(&format!("coverd cannot start: configuration error: {e}"));
+            } else {
+                eprintln!("coverd: {e}");
+            }
             return ExitCode::from(2);
         }
     };
-    init_logs(matches!(cli.command, Command::Serve { .. }));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,11 +144,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     // Said once: the log already goes to stderr (the journal under systemd),
                     // so printing it as well doubled every line. Every error's message names
                     // its cause, so `{e:#}` repeated that too.
-                    if tracing::enabled!(tracing::Level::ERROR) {
-                        tracing::error!("{e}");
-                    } else {
-                        eprintln!("coverd: {e}");
-                    }
+                    fatal(&format!("coverd stopped: {e}"));
                     ExitCode::from(1)
                 }
             };
@@ -194,7 +197,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let token = running.shutdown_token();
     tokio::spawn(async move {
         signals.await;
-        tracing::info!("shutting down: finishing in-flight requests");
+        tracing::info!("shutting down (signal received): finishing in-flight requests");
         token.cancel();
     });
     running.wait().await?;
@@ -218,16 +221,47 @@ fn install_signal_handlers() -> impl std::future::Future<Output = ()> {
             }
             _ => {
                 // Without signal handlers the daemon can only be killed; say so and keep serving.
-                tracing::error!("cannot install SIGTERM/SIGINT handlers");
+                tracing::error!(
+                    "cannot install SIGTERM/SIGINT handlers: coverd keeps serving but only SIGKILL stops it"
+                );
                 std::future::pending::<()>().await;
             }
         }
     }
 }
 
-/// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively; otherwise
-/// stderr (under journald without colours or timestamps, which journald adds). Level from
-/// `$RUST_LOG`, default `info` for the daemon, `warn` for commands.
+/// The last line of a daemon that stops: at error level, once. Under journald it goes to
+/// stderr with a `<3>` priority prefix rather than through the native socket: the process
+/// exits right after, and journald attributes a native entry from an exited process to no
+/// unit (`journalctl -u coverd` would miss it), while the stderr stream is known to be the
+/// unit's from the start.
+fn fatal(message: &str) {
+    if stderr_is_journal() {
+        eprintln!("<3>{message}");
+    } else if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!("{message}");
+    } else {
+        eprintln!("coverd: {message}");
+    }
+}
+
+/// Whether stderr is the journal stream systemd connected (`$JOURNAL_STREAM` is its
+/// `device:inode`), not merely inherited by a process whose stderr goes elsewhere.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
+}
+
+/// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively, its
+/// fields without prefix (`TASK_ID=…`, `STATE=…`); otherwise stderr (under journald without
+/// colours or timestamps, which journald adds). Level from `$RUST_LOG`, default `info` for
+/// the daemon, `warn` for commands.
 fn init_logs(daemon: bool) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::prelude::*;
@@ -235,8 +269,10 @@ fn init_logs(daemon: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd, the daemon logs straight to journald with real priorities
     // (`journalctl -p warning` works); commands keep writing to the terminal.
-    if daemon && std::env::var_os("JOURNAL_STREAM").is_some() {
+    let journald = stderr_is_journal();
+    if daemon && journald {
         if let Ok(journald) = tracing_journald::layer() {
+            let journald = journald.with_field_prefix(None);
             tracing_subscriber::registry()
                 .with(filter)
                 .with(journald)
@@ -244,7 +280,6 @@ fn init_logs(daemon: bool) {
             return;
         }
     }
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,77 +1,381 @@
-//! Prometheus metrics at `metrics_listen` (`GET /metrics`, text format 0.0.4): in-process
-//! counters bumped by the loops, plus per-state task gauges read from the store's counters.
-//! Owns the counters and their rendering; must not change any state.
+//! Prometheus metrics at `metrics_listen` (`GET /metrics`, text format 0.0.4) through the
+//! `prometheus-client` crate: counters and histograms bumped by the loops as things happen,
+//! gauges read from the store at scrape time (tasks per state, due queues, oldest unfinished
+//! task), and the process metrics read from `/proc/self`. Owns the registry, the metric
+//! names and their rendering; must not change any state (it only reads the store).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use crate::store::Counts;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
-/// Counters since the daemon started.
-#[derive(Debug, Default)]
+use crate::model::Millis;
+use crate::store::{Counts, Store, StoreError};
+
+/// The `Content-Type` of the text format served at `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+/// Due tasks are counted up to this many per queue, so a scrape stays cheap on a huge backlog.
+pub const QUEUE_COUNT_LIMIT: usize = 10_000;
+
+/// The `result` label values of `coverd_notifications_total`: one count per delivery
+/// attempt's outcome. Each is rendered from the start, at 0.
+pub const NOTIFY_RESULTS: [&str; 4] = ["delivered", "retry", "gone", "undeliverable"];
+
+type Label = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// The daemon's metrics since it started.
+#[derive(Debug)]
 pub struct Metrics {
-    pub callbacks_accepted: AtomicU64,
-    pub callbacks_rejected: AtomicU64,
-    pub callbacks_unavailable: AtomicU64,
-    pub images_stored: AtomicU64,
-    pub image_retries: AtomicU64,
-    pub images_failed: AtomicU64,
-    pub polls: AtomicU64,
+    registry: Registry,
+    callbacks: Family<Label, Counter>,
+    callback_ack: Histogram,
+    image_fetches: Family<Label, Counter>,
+    image_bytes: Counter,
+    image_fetch: Histogram,
+    kie_requests: Family<Labels2, Counter>,
+    notifications: Family<Label, Counter>,
+    polls: Counter,
+    tasks: Family<Label, Gauge>,
+    queue: Family<Label, Gauge>,
+    oldest_unfinished: Gauge<f64, AtomicU64>,
+}
+
+/// What the store says at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub tasks: Counts,
+    pub due_downloads: usize,
+    pub due_polls: usize,
+    /// Age of the oldest task still submitted or received; zero when there is none.
+    pub oldest_unfinished: Duration,
+}
+
+impl Snapshot {
+    /// Reads the gauges' values from the store, `now` on the schedulers' clock.
+    pub fn read(store: &Store, now: Millis) -> Result<Snapshot, StoreError> {
+        let oldest = store
+            .oldest_unfinished()?
+            .map(|t| Duration::from_millis(u64::try_from(now - t.created_at).unwrap_or(0)))
+            .unwrap_or_default();
+        Ok(Snapshot {
+            tasks: store.counts()?,
+            due_downloads: store.due_downloads(now, QUEUE_COUNT_LIMIT)?.len(),
+            due_polls: store.due_polls(now, QUEUE_COUNT_LIMIT)?.len(),
+            oldest_unfinished: oldest,
+        })
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    pub fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            registry: Registry::default(),
+            callbacks: Family::default(),
+            // 1 ms … 16 s: an answer must come well inside KIE's 15 s.
+            callback_ack: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            image_fetches: Family::default(),
+            image_bytes: Counter::default(),
+            // 50 ms … 102 s: `download.timeout` defaults to 120 s.
+            image_fetch: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            kie_requests: Family::default(),
+            notifications: Family::default(),
+            polls: Counter::default(),
+            tasks: Family::default(),
+            queue: Family::default(),
+            oldest_unfinished: Gauge::default(),
+        };
+        registry.register(
+            "coverd_build",
+            "Build of the running coverd (value 1)",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        registry.register("coverd_tasks", "Tasks per state", m.tasks.clone());
+        registry.register(
+            "coverd_callbacks",
+            "Callback deliveries by the HTTP status answered",
+            m.callbacks.clone(),
+        );
+        registry.register(
+            "coverd_callback_ack_seconds",
+            "Time from a callback request received to its answer",
+            m.callback_ack.clone(),
+        );
+        registry.register(
+            "coverd_image_fetches",
+            "Image fetch attempts by result (stored, retry, failed)",
+            m.image_fetches.clone(),
+        );
+        registry.register(
+            "coverd_image_bytes",
+            "Bytes of images stored",
+            m.image_bytes.clone(),
+        );
+        registry.register(
+            "coverd_image_fetch_seconds",
+            "Duration of one image fetch attempt, whatever its result",
+            m.image_fetch.clone(),
+        );
+        registry.register(
+            "coverd_kie_requests",
+            "Calls to KIE's API by endpoint and result",
+            m.kie_requests.clone(),
+        );
+        registry.register(
+            "coverd_queue_tasks",
+            "Tasks due now per queue (downloads, polls), counted up to 10000",
+            m.queue.clone(),
+        );
+        registry.register(
+            "coverd_oldest_unfinished_seconds",
+            "Age of the oldest task still submitted or received (0 when none)",
+            m.oldest_unfinished.clone(),
+        );
+        registry.register(
+            "coverd_notifications",
+            "Outbound notifications by result",
+            m.notifications.clone(),
+        );
+        registry.register(
+            "coverd_polls",
+            "record-info polls made by the poller",
+            m.polls.clone(),
+        );
+        for result in NOTIFY_RESULTS {
+            let _ = m.notifications.get_or_create(&[("result", result)]);
+        }
+        registry.register_collector(Box::new(Process::new()));
+        Metrics { registry, ..m }
     }
 
-    /// Counts one callback answer by its status code.
-    pub fn callback_answered(&self, status: u16) {
-        match status {
-            200 => Metrics::bump(&self.callbacks_accepted),
-            503 => Metrics::bump(&self.callbacks_unavailable),
-            _ => Metrics::bump(&self.callbacks_rejected),
+    /// Counts one callback answer by its status code and observes how long it took.
+    pub fn callback_answered(&self, status: u16, took: Duration) {
+        let answer = match status {
+            200 => "200",
+            400 => "400",
+            401 => "401",
+            404 => "404",
+            408 => "408",
+            413 => "413",
+            503 => "503",
+            _ => "other",
+        };
+        self.callbacks.get_or_create(&[("answer", answer)]).inc();
+        self.callback_ack.observe(took.as_secs_f64());
+    }
+
+    /// Counts one image fetch attempt's recorded result: `stored`, `retry` or `failed`.
+    pub fn image_fetch(&self, result: &'static str, bytes: u64) {
+        self.image_fetches
+            .get_or_create(&[("result", result)])
+            .inc();
+        self.image_bytes.inc_by(bytes);
+    }
+
+    /// Observes the duration of one image fetch attempt.
+    pub fn image_fetch_took(&self, took: Duration) {
+        self.image_fetch.observe(took.as_secs_f64());
+    }
+
+    /// Counts one KIE API call: `endpoint` as in KIE's path, `result` `ok` or the error kind.
+    pub fn kie_request(&self, endpoint: &'static str, result: &'static str) {
+        self.kie_requests
+            .get_or_create(&[("endpoint", endpoint), ("result", result)])
+            .inc();
+    }
+
+    /// Counts one notification attempt's outcome (`result` is one of [`NOTIFY_RESULTS`];
+    /// anything else is not counted, so the label set stays bounded).
+    pub fn notification(&self, result: &str) {
+        if let Some(result) = NOTIFY_RESULTS.into_iter().find(|r| *r == result) {
+            self.notifications
+                .get_or_create(&[("result", result)])
+                .inc();
         }
     }
 
-    pub fn render(&self, tasks: &Counts) -> String {
-        let mut out = String::new();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        out += "# HELP coverd_tasks Tasks per state.\n# TYPE coverd_tasks gauge\n";
+    /// Counts one record-info poll made by the poller.
+    pub fn poll_made(&self) {
+        self.polls.inc();
+    }
+
+    /// The text exposition, with the gauges set from `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let c = &snapshot.tasks;
         for (state, n) in [
-            ("submitted", tasks.submitted),
-            ("received", tasks.received),
-            ("downloaded", tasks.downloaded),
-            ("failed", tasks.failed),
+            ("submitted", c.submitted),
+            ("received", c.received),
+            ("downloaded", c.downloaded),
+            ("failed", c.failed),
         ] {
-            let _ = writeln!(out, "coverd_tasks{{state=\"{state}\"}} {n}");
+            self.tasks
+                .get_or_create(&[("state", state)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        out += "# HELP coverd_callbacks_total Callback deliveries by answer.\n# TYPE coverd_callbacks_total counter\n";
-        for (answer, c) in [
-            ("accepted", &self.callbacks_accepted),
-            ("rejected", &self.callbacks_rejected),
-            ("unavailable", &self.callbacks_unavailable),
+        for (queue, n) in [
+            ("downloads", snapshot.due_downloads),
+            ("polls", snapshot.due_polls),
         ] {
-            let _ = writeln!(
-                out,
-                "coverd_callbacks_total{{answer=\"{answer}\"}} {}",
-                get(c)
-            );
+            self.queue
+                .get_or_create(&[("queue", queue)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        out += "# HELP coverd_image_fetches_total Image fetches by result.\n# TYPE coverd_image_fetches_total counter\n";
-        for (result, c) in [
-            ("stored", &self.images_stored),
-            ("retry", &self.image_retries),
-            ("failed", &self.images_failed),
-        ] {
-            let _ = writeln!(
-                out,
-                "coverd_image_fetches_total{{result=\"{result}\"}} {}",
-                get(c)
-            );
-        }
-        out += "# HELP coverd_polls_total record-info polls made.\n# TYPE coverd_polls_total counter\n";
-        let _ = writeln!(out, "coverd_polls_total {}", get(&self.polls));
+        self.oldest_unfinished
+            .set(snapshot.oldest_unfinished.as_secs_f64());
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a bug in a metric.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The standard `process_*` metrics, read from `/proc/self` at every scrape (Linux only;
+/// elsewhere only the start time is known).
+#[derive(Debug)]
+struct Process {
+    /// Fallback start time (seconds since the epoch) when `/proc` cannot tell.
+    created: f64,
+}
+
+/// The kernel reports CPU times in `/proc` in USER_HZ, which is 100 on every Linux
+/// architecture coverd is built for.
+const USER_HZ: f64 = 100.0;
+
+impl Process {
+    fn new() -> Process {
+        Process {
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// Fields of `/proc/self/stat` after the command name: (utime+stime in ticks, start ticks
+/// since boot).
+fn proc_stat() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime 15, starttime 22.
+    let get = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some((get(14)? + get(15)?, get(22)?))
+}
+
+fn boot_time() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A `Vm…:   1234 kB` line of `/proc/self/status`, in bytes.
+fn status_bytes(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+    let kb: u64 = line
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
+fn max_fds() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn gauge(
+            encoder: &mut DescriptorEncoder,
+            name: &str,
+            help: &str,
+            value: f64,
+        ) -> Result<(), std::fmt::Error> {
+            let metric = ConstGauge::new(value);
+            let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(e)
+        }
+        let stat = proc_stat();
+        if let Some((ticks, _)) = stat {
+            let metric = ConstCounter::new(ticks as f64 / USER_HZ);
+            let e = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                metric.metric_type(),
+            )?;
+            metric.encode(e)?;
+        }
+        let start = match (stat, boot_time()) {
+            (Some((_, start_ticks)), Some(boot)) => boot as f64 + start_ticks as f64 / USER_HZ,
+            _ => self.created,
+        };
+        gauge(
+            &mut encoder,
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            start,
+        )?;
+        if let Some(v) = status_bytes("VmRSS") {
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                v as f64,
+            )?;
+        }
+        if let Some(v) = status_bytes("VmSize") {
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                v as f64,
+            )?;
+        }
+        if let Some(v) = open_fds() {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                v as f64,
+            )?;
+        }
+        if let Some(v) = max_fds() {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                v as f64,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -79,24 +383,75 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    /// The value of the sample line `name` (with its labels, exactly as rendered).
+    fn sample(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
     #[test]
     fn renders_prometheus_text() {
-        let m = Metrics::default();
-        m.callback_answered(200);
-        m.callback_answered(404);
-        Metrics::bump(&m.images_stored);
-        let text = m.render(&Counts {
-            submitted: 1,
-            received: 2,
-            downloaded: 3,
-            failed: 4,
+        let m = Metrics::new();
+        m.callback_answered(200, Duration::from_millis(3));
+        m.callback_answered(404, Duration::from_millis(1));
+        m.callback_answered(503, Duration::from_millis(1));
+        m.image_fetch("stored", 1000);
+        m.image_fetch_took(Duration::from_millis(120));
+        m.kie_request("cover/record-info", "ok");
+        m.notification("delivered");
+        m.notification("no such result");
+        let text = m.render(&Snapshot {
+            tasks: Counts {
+                submitted: 1,
+                received: 2,
+                downloaded: 3,
+                failed: 4,
+            },
+            due_downloads: 5,
+            due_polls: 6,
+            oldest_unfinished: Duration::from_secs(90),
         });
-        assert!(text.contains("coverd_tasks{state=\"failed\"} 4\n"));
-        assert!(text.contains("coverd_callbacks_total{answer=\"accepted\"} 1\n"));
-        assert!(text.contains("coverd_callbacks_total{answer=\"rejected\"} 1\n"));
-        assert!(text.contains("coverd_image_fetches_total{result=\"stored\"} 1\n"));
+        let expect = [
+            ("coverd_build_info{version=\"0.1.0\"}", 1.0),
+            ("coverd_tasks{state=\"failed\"}", 4.0),
+            ("coverd_callbacks_total{answer=\"200\"}", 1.0),
+            ("coverd_callbacks_total{answer=\"404\"}", 1.0),
+            ("coverd_callbacks_total{answer=\"503\"}", 1.0),
+            ("coverd_callback_ack_seconds_count", 3.0),
+            ("coverd_callback_ack_seconds_bucket{le=\"0.002\"}", 2.0),
+            ("coverd_image_fetches_total{result=\"stored\"}", 1.0),
+            ("coverd_image_bytes_total", 1000.0),
+            ("coverd_image_fetch_seconds_count", 1.0),
+            (
+                "coverd_kie_requests_total{endpoint=\"cover/record-info\",result=\"ok\"}",
+                1.0,
+            ),
+            ("coverd_queue_tasks{queue=\"downloads\"}", 5.0),
+            ("coverd_queue_tasks{queue=\"polls\"}", 6.0),
+            ("coverd_oldest_unfinished_seconds", 90.0),
+            ("coverd_notifications_total{result=\"delivered\"}", 1.0),
+            ("coverd_notifications_total{result=\"undeliverable\"}", 0.0),
+        ];
+        for (name, value) in expect {
+            assert_eq!(sample(&text, name), Some(value), "{name} in\n{text}");
+        }
+        // A test process may not have used 10 ms of CPU yet: present is enough.
+        assert!(
+            sample(&text, "process_cpu_seconds_total").is_some_and(|v| v >= 0.0),
+            "{text}"
+        );
+        for name in [
+            "process_start_time_seconds",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(
+                sample(&text, name).is_some_and(|v| v > 0.0),
+                "{name} in\n{text}"
+            );
+        }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            assert_eq!(line.split(' ').count(), 2, "{line}");
+            assert_eq!(line.rsplit(' ').count(), 2, "{line}");
         }
     }
 }

@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, millis};
 use crate::store::{IfMissing, Store};
 
+/// How a poll whose record-info call failed starts its detail.
+pub const RECORD_INFO_FAILED: &str = "record-info failed";
 /// Due tasks handled per pass; the rate limiter paces the calls themselves.
 const BATCH: usize = 64;
 /// Longest the poller sleeps without looking at the index again.
@@ -75,7 +77,9 @@ impl Poller {
             let next = match self.pass(&shutdown).await {
                 Ok(next) => next,
                 Err(e) => {
-                    tracing::error!(error = %e, "poll pass failed; retrying");
+                    tracing::error!(
+                        "polling paused: cannot read the poll index: {e}; retrying in 5 s"
+                    );
                     Some(self.clock.now() + 5_000)
                 }
             };
@@ -129,7 +133,10 @@ impl Poller {
             // Quarantined by the store, which logged it once; the poll index skips it now.
             Err(e) if e.is_undecodable() => return,
             Err(e) => {
-                tracing::error!(task_id, error = %e, "cannot read task for polling");
+                tracing::error!(
+                    task_id,
+                    "task {task_id} not polled now: cannot read it from the store: {e}"
+                );
                 return;
             }
         };
@@ -143,13 +150,20 @@ impl Poller {
         let event = if now >= give_up_at {
             Event::GiveUp
         } else if let Some(kie) = &self.kie {
-            Metrics::bump(&self.metrics.polls);
+            self.metrics.poll_made();
             self.ask(kie, task_id, task.submitted_at, next).await
         } else {
             // Look again now and then: a restart with an API key then resumes polling.
             Event::Wait {
                 until: now.saturating_add(NO_KEY_RECHECK_MS).min(give_up_at),
             }
+        };
+        // A failed KIE call is recorded as a pending poll, and said as a warning.
+        let level = match &event {
+            Event::PollPending { detail, .. } if detail.starts_with(RECORD_INFO_FAILED) => {
+                tracing::Level::WARN
+            }
+            _ => tracing::Level::INFO,
         };
         let ctx = Ctx::from_config(&self.config, self.clock.now());
         match self
@@ -161,12 +175,10 @@ impl Poller {
                 if applied.task.download_due().is_some() {
                     self.downloads.notify_one();
                 }
-                for (kind, detail) in &applied.outcome.notes {
-                    tracing::info!(task_id, kind = kind.as_str(), detail, "poll recorded");
-                }
+                crate::journal::record(&applied, level);
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(task_id, error = %e, "cannot record poll"),
+            Err(e) => tracing::error!(task_id, "task {task_id} poll result not recorded: {e}"),
         }
     }
 
@@ -202,7 +214,7 @@ pub enum Verdict {
 /// callback (`download`). `waited_ms`: how long ago the task was submitted (or its callback
 /// arrived); "not found" means "not created yet" only for a while.
 pub fn interpret(
-    task_id: &str,
+    _task_id: &str,
     answer: Result<RecordInfo, KieError>,
     waited_ms: Millis,
 ) -> Verdict {
@@ -241,12 +253,10 @@ pub fn interpret(
                 NOT_FOUND_GRACE_MS / 60_000
             ),
         }),
-        Err(e) => {
-            tracing::warn!(task_id, error = %e, "record-info failed");
-            Verdict::Pending {
-                transient: e.is_transient(),
-                detail: format!("record-info failed: {e}"),
-            }
-        }
+        // Said once, as a warning, with the event that records it.
+        Err(e) => Verdict::Pending {
+            transient: e.is_transient(),
+            detail: format!("{RECORD_INFO_FAILED}: {e}"),
+        },
     }
 }

@@ -23,7 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics, Snapshot};
+use crate::model::Millis;
 use crate::store::Store;
 
 /// Open connections per listener; further clients wait in the kernel's backlog.
@@ -54,12 +55,14 @@ impl Public {
     pub async fn route(&self, req: Request<Incoming>) -> Resp {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/callbacks/cover") => {
+                let received = std::time::Instant::now();
                 let (parts, body) = req.into_parts();
                 let resp = match read_body(&parts.headers, body, MAX_BODY_BYTES).await {
                     Ok(bytes) => answer(self.intake.handle(&parts.headers, &bytes).await),
                     Err(resp) => resp,
                 };
-                self.metrics.callback_answered(resp.status().as_u16());
+                self.metrics
+                    .callback_answered(resp.status().as_u16(), received.elapsed());
                 resp
             }
             (_, "/callbacks/cover") => method_not_allowed("POST"),
@@ -146,8 +149,13 @@ pub fn text(status: StatusCode, body: &'static str) -> Resp {
     r
 }
 
-/// The metrics listener's one route: `GET /metrics`.
-pub async fn metrics_route(req: Request<Incoming>, metrics: &Metrics, store: &Store) -> Resp {
+/// The metrics listener's one route: `GET /metrics`; `now` on the schedulers' clock.
+pub async fn metrics_route(
+    req: Request<Incoming>,
+    metrics: &Metrics,
+    store: &Store,
+    now: Millis,
+) -> Resp {
     if req.uri().path() != "/metrics" {
         return answer(Answer::error(
             StatusCode::NOT_FOUND,
@@ -157,12 +165,12 @@ pub async fn metrics_route(req: Request<Incoming>, metrics: &Metrics, store: &St
     if req.method() != Method::GET {
         return method_not_allowed("GET");
     }
-    match store.counts() {
-        Ok(counts) => {
-            let mut r = Response::new(Full::new(Bytes::from(metrics.render(&counts))));
+    match Snapshot::read(store, now) {
+        Ok(snapshot) => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics.render(&snapshot))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
+                HeaderValue::from_static(metrics::CONTENT_TYPE),
             );
             r
         }
@@ -234,7 +242,7 @@ where
                 Ok(io) => io,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    tracing::warn!("cannot accept a connection: {e}; trying again in 100 ms");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -256,6 +264,8 @@ where
         .await
         .is_err()
     {
-        tracing::warn!("some connections did not finish within the shutdown grace period");
+        tracing::warn!(
+            "shutting down: some connections did not finish within {SHUTDOWN_GRACE:?}; closed"
+        );
     }
 }

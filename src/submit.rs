@@ -60,7 +60,11 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
     // The task is durable now, so the intent is resolved; a crash before this line leaves
     // an intent whose song has a task, which `resolve_intents` drops without calling KIE.
     if let Err(e) = exec.store.drop_intent(music_task_id) {
-        tracing::warn!(music_task_id, error = %e, "cannot drop the resolved intent; the daemon drops it later");
+        tracing::warn!(
+            task_id,
+            music_task_id,
+            "task {task_id} submitted for music task {music_task_id}, but its submit intent was not dropped: {e}; the daemon drops it later"
+        );
     }
     answer(task_id, message)
 }
@@ -140,10 +144,13 @@ pub async fn resolve_intents(
             tracing::info!(
                 task_id,
                 music_task_id = music,
-                "unfinished submit already recorded"
+                "task {task_id}: the unfinished submit for music task {music} was already recorded; dropping its intent"
             );
             if let Err(e) = store.drop_intent(&music) {
-                tracing::error!(music_task_id = music, error = %e, "cannot drop resolved intent");
+                tracing::error!(
+                    music_task_id = music,
+                    "music task {music}: resolved submit intent not dropped: {e}; tried again later"
+                );
             }
             resolved += 1;
             continue;
@@ -160,20 +167,30 @@ pub async fn resolve_intents(
                 {
                     Ok(_) => {
                         if let Err(e) = store.drop_intent(&music) {
-                            tracing::error!(music_task_id = music, error = %e, "cannot drop resolved intent");
+                            tracing::error!(
+                                music_task_id = music,
+                                "music task {music}: resolved submit intent not dropped: {e}; tried again later"
+                            );
                         }
                         resolved += 1;
                         tracing::info!(
                             task_id,
                             music_task_id = music,
-                            "resolved an unfinished submit: {message}"
+                            "task {task_id} submitted: an unfinished submit resolved ({message})"
                         );
                     }
-                    Err(e) => tracing::error!(task_id, error = %e, "cannot record resolved submit"),
+                    Err(e) => tracing::error!(
+                        task_id,
+                        music_task_id = music,
+                        "task {task_id}: KIE made it for music task {music}, but it was not recorded: {e}; tried again later"
+                    ),
                 }
             }
             Err(e) => {
-                tracing::warn!(music_task_id = music, error = %e, "unfinished submit still unresolved")
+                tracing::warn!(
+                    music_task_id = music,
+                    "music task {music}: unfinished submit still unresolved: {e}; tried again in a minute"
+                )
             }
         }
     }

@@ -23,7 +23,13 @@
 # frozen process is killed and restarted; credentials from /etc/credstore (polling on, HMAC
 # enforced, keys never in the journal) and encrypted ones from systemd-creds; outbound HTTP
 # under the hardening; clean stop (status 0); ownership of the data directory; the
-# systemd-analyze security score.
+# systemd-analyze security score. The journal: `journalctl -u coverd TASK_ID=…` finds a
+# task's lines and each names the task, fields carry no F_ prefix, a failed task is at
+# priority warning, a bad configuration at err. Metrics: /metrics under the hardening
+# (process metrics included) and the ready line naming its address.
+# Checks of commands that a build may not have yet (`check-config`, the data-directory
+# lookup that makes `admin` work with no flags, root acting as the service user) are
+# guarded: without `coverd check-config` they print SKIP instead of failing.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,9 +71,18 @@ admin_as_service() {
     -p StateDirectory=coverd -p StateDirectoryMode=0700 -p UMask=0077 \
     -p Environment=COVERD_DATA_DIR=/var/lib/coverd /usr/local/bin/coverd admin "$@"
 }
+skip() { printf '   SKIP: %s\n' "$*"; }
+# The admin work of issue 8 (check-config, data-directory lookup, root acting as the
+# service user) came in one piece: `check-config` tells whether this build has it.
+has_admin_lookup() { sbx /usr/local/bin/coverd check-config --help >/dev/null 2>&1; }
 json_field() { python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }
 # Journal of the current (or last) run of the unit only.
 journal() { sbx journalctl --no-pager -o cat _SYSTEMD_INVOCATION_ID="$(prop InvocationID)" "$@"; }
+# The unit's journal since `mark`. The last line of a process that exits at once (a failed
+# start) may lack _SYSTEMD_INVOCATION_ID (journald reads it from the unit's cgroup, which may
+# be gone by then) but always has _SYSTEMD_UNIT, so failed starts are looked up this way.
+mark() { since=$(date +%s); }
+journal_since() { sbx journalctl --no-pager -o cat -u coverd --since "@$since" "$@"; }
 alive() { # no crash, no restart since the last manual (re)start
   expect "is-active" "$(sbx systemctl is-active coverd || true)" active
   expect "NRestarts" "$(prop NRestarts)" 0
@@ -133,25 +148,74 @@ expect "chk-task-1 state" "$(admin show chk-task-1 --json | json_field '["state"
 expect "chk-task-2 state" "$(admin show chk-task-2 --json | json_field '["state"]')" received
 alive
 
+step "journal: journalctl -u coverd TASK_ID=… finds a task's lines, each naming the task"
+lines=$(sbx journalctl --no-pager -o cat -u coverd TASK_ID=chk-task-1)
+sed 's/^/   | /' <<<"$lines"
+[[ -n $lines ]] || fail "journalctl -u coverd TASK_ID=chk-task-1 found nothing"
+expect "of them not naming the task" "$(grep -vc 'task chk-task-1' <<<"$lines" || true)" 0
+sbx journalctl --no-pager -o cat -u coverd -p warning TASK_ID=chk-task-1 | grep "task chk-task-1 failed" ||
+  fail "the failed task is not at priority warning"
+sbx journalctl --no-pager -o cat -u coverd TASK_ID=chk-task-2 STATE=received | grep "task chk-task-2 callback" ||
+  fail "STATE=received TASK_ID=chk-task-2 found no callback line"
+expect "F_-prefixed fields" "$(sbx journalctl --no-pager -o verbose -u coverd | grep -c '^ *F_' || true)" 0
+expect "Debug dumps (' { ')" "$(sbx journalctl --no-pager -o cat -u coverd | grep -c ' { ' || true)" 0
+
 step "a named config file that is missing: exit 2, no restart loop"
 dropin 11-missing.conf '[Service]' 'Environment=COVERD_CONFIG=/etc/coverd/missing.toml'
+mark
 sbx systemctl restart coverd 2>/dev/null && fail "started with a missing config file"
 sleep 6 # longer than RestartSec: a restart would show up in NRestarts
 expect "ActiveState" "$(prop ActiveState)" failed
 expect "ExecMainStatus" "$(prop ExecMainStatus)" 2
 expect "NRestarts" "$(prop NRestarts)" 0
-journal | grep "cannot read config file" || fail "no 'cannot read config file' in the journal"
+journal_since | grep "cannot read config file" || fail "no 'cannot read config file' in the journal"
+expect "of them at priority err" "$(journal_since -p err | grep -c "cannot read config file")" 1
 dropin 11-missing.conf
 sbx systemctl reset-failed coverd
 sbx systemctl start coverd
 
+step "a configuration with an unknown key: check-config says so first; the start fails at priority err"
+sbx sh -c 'printf "accept_unknown_tasks = true\nsurprise = 1\n" >/etc/coverd/coverd.toml'
+mark
+if has_admin_lookup; then
+  if out=$(sbx env COVERD_CONFIG=/etc/coverd/coverd.toml /usr/local/bin/coverd check-config 2>&1); then
+    fail "check-config accepted an unknown key: $out"
+  else
+    rc=$?
+  fi
+  echo "   check-config: $out"
+  expect "check-config exit status" "$rc" 2
+  grep -q surprise <<<"$out" && ok "check-config names the key" || fail "check-config does not name the key"
+else
+  skip "coverd check-config is not in this build"
+fi
+sbx systemctl restart coverd 2>/dev/null && fail "started with an unknown key"
+expect "ExecMainStatus" "$(prop ExecMainStatus)" 2
+sbx journalctl --no-pager -o cat -p err --since "@$since" | grep surprise ||
+  fail "journalctl -p err does not show the bad configuration"
+expect "err-priority lines naming the key" "$(sbx journalctl --no-pager -o cat -p err --since "@$since" | grep -c surprise)" 1
+expect "journalctl -u coverd -p err finds it too" "$(journal_since -p err | grep -c surprise)" 1
+sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
+sbx systemctl reset-failed coverd
+sbx systemctl start coverd
+wait_active || fail "not active"
+
+step "admin with no flags as root (sudo coverd admin status): finds /var/lib/coverd"
+if has_admin_lookup; then
+  st=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status --json 2>&1') || fail "admin status as root: $st"
+  expect "daemon" "$(json_field '["daemon"]' <<<"$st")" running
+else
+  skip "the data-directory lookup is not in this build"
+fi
+
 step "an address that cannot be bound: start fails, one error-priority line says why"
 dropin 12-badlisten.conf '[Service]' 'Environment=COVERD_LISTEN=192.0.2.1:8787'
+mark
 sbx systemctl restart coverd 2>/dev/null && fail "started on an unbindable address"
 expect "ExecMainStatus" "$(prop ExecMainStatus)" 1
-journal | grep "cannot listen on 192.0.2.1:8787" || fail "no 'cannot listen' in the journal"
-expect "lines naming the address" "$(journal | grep -c "cannot listen on 192.0.2.1:8787")" 1
-expect "of them at priority err" "$(journal -p err | grep -c "cannot listen on 192.0.2.1:8787")" 1
+journal_since | grep "cannot listen on 192.0.2.1:8787" || fail "no 'cannot listen' in the journal"
+expect "lines naming the address" "$(journal_since | grep -c "cannot listen on 192.0.2.1:8787")" 1
+expect "of them at priority err" "$(journal_since -p err | grep -c "cannot listen on 192.0.2.1:8787")" 1
 dropin 12-badlisten.conf
 sbx systemctl restart coverd
 wait_active || fail "not active"
@@ -206,6 +270,21 @@ n=$(sbx sh -c "grep -r -l -a -e '$API_KEY' -e '$HMAC_KEY' -e '$ENC_KEY' /var/lib
 expect "data files with a key" "$n" 0
 sbx rm -f /etc/credstore/kie-webhook-hmac-key
 
+step "metrics under the hardening: /metrics, process metrics, the ready line names the address"
+sbx sh -c 'printf "accept_unknown_tasks = true\nmetrics_listen = \"127.0.0.1:9187\"\n" >/etc/coverd/coverd.toml'
+sbx systemctl restart coverd
+wait_active || fail "not active"
+journal | grep "coverd is ready" | grep "metrics http://127.0.0.1:9187/metrics" || fail "the ready line does not name the metrics address"
+callback '{"code":200,"msg":"success","data":{"taskId":"chk-met-1","images":["https://tempfile.aiquickdraw.com/s/m.png"]}}' >/dev/null
+m=$(sbx curl -sS http://127.0.0.1:9187/metrics)
+for name in 'coverd_build_info{version=' 'coverd_callbacks_total{answer="200"}' 'coverd_callback_ack_seconds_count' \
+  'coverd_tasks{state="received"}' 'coverd_queue_tasks{queue="downloads"}' 'coverd_oldest_unfinished_seconds' \
+  process_resident_memory_bytes process_open_fds process_cpu_seconds_total process_start_time_seconds; do
+  line=$(grep -F "$name" <<<"$m" | grep -v '^#' | head -1)
+  [[ -n $line ]] && ok "$line" || fail "no $name in /metrics"
+done
+alive
+
 step "outbound HTTP under the hardening (DNS + connect to the Debian mirror)"
 mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 [[ -n $mirror ]] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
@@ -230,7 +309,7 @@ expect "ActiveState" "$(prop ActiveState)" inactive
 expect "Result" "$(prop Result)" success
 expect "ExecMainCode (1 = exited)" "$(prop ExecMainCode)" 1
 expect "ExecMainStatus" "$(prop ExecMainStatus)" 0
-expect "last journal line" "$(journal -n 1)" "stopped"
+expect "last journal line" "$(journal -n 1)" "coverd stopped cleanly"
 
 step "admin while stopped, through systemd-run (keeps the files owned by the service)"
 st=$(admin_as_service status --json)
@@ -239,6 +318,17 @@ echo "   tasks: $(json_field '["tasks"]' <<<"$st")"
 uid=$(sbx stat -c %u /var/lib/private/coverd)
 expect "files not owned by uid $uid" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
 expect "data dir mode" "$(sbx stat -c %a /var/lib/private/coverd)" 700
+
+step "admin while stopped, as root with no flags: acts as the service user, leaves no root-owned file"
+if has_admin_lookup; then
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status 2>&1') || fail "admin status as root, daemon stopped: $out"
+  sed 's/^/   | /' <<<"$out"
+  grep -q "unknown (daemon stopped)" <<<"$out" && ok "polling: unknown (daemon stopped)" || fail "offline status guesses polling"
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin list --json 2>&1') || fail "admin list as root, daemon stopped: $out"
+  expect "files not owned by uid $uid" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
+else
+  skip "root acting as the service user is not in this build"
+fi
 
 step "systemd-analyze security"
 sbx systemd-analyze security coverd --no-pager | grep -v '✓'

@@ -10,8 +10,10 @@ mod fake_kie;
 mod fetch;
 mod harness;
 mod intake;
+mod journal;
 mod kie_client;
 mod kie_flows;
+mod metrics;
 mod quarantine;
 mod smoke;
 
