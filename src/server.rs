@@ -1,12 +1,18 @@
 //! The HTTP plumbing shared by the callback listener and the admin socket: accept loops with a
-//! connection bound, hyper with its timer (without one hyper's header timeout is silently
-//! off), bounded and timed body reads, routing of the public paths, graceful shutdown. Owns
-//! sockets and HTTP framing; must not decide what a callback means (that is `callback`).
+//! connection bound derived from the file-descriptor limit, shedding of idle connections when
+//! a listener is full, hyper with its timer (without one hyper's header timeout is silently
+//! off), header, body and write-stall timeouts, routing of the public paths, graceful
+//! shutdown. Owns sockets and HTTP framing; must not decide what a callback means (that is
+//! `callback`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,22 +24,79 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Open connections per listener; further clients wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 1024;
-/// A client must send its request headers within this time.
+/// File descriptors kept back from the callback listener for everything else: the store's
+/// files, downloads (a socket and a temp file each), KIE calls, the admin and metrics
+/// listeners' own connections, logs.
+pub const RESERVED_FDS: u64 = 512;
+/// The callback listener never holds more connections than this, whatever the fd limit
+/// (each one can pin two [`MAX_BUF_BYTES`] buffers besides the kernel's).
+pub const MAX_PUBLIC_CONNECTIONS: usize = 16_384;
+/// ... nor fewer than this, even under a tiny fd limit (shedding then does the work).
+pub const MIN_PUBLIC_CONNECTIONS: usize = 64;
+/// Connections to the admin socket and to the metrics listener (local, few clients).
+pub const SIDE_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this time; hyper starts the same timer
+/// when a keep-alive connection goes idle, so it is also the idle timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same, for connections accepted while the listener is at least half full.
+const CROWDED_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// A client must send its whole body within this time.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose answers make no progress into the socket for this long (the client
+/// does not read them, e.g. it pipelines requests and never reads) is closed.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's read and write buffers per connection: bounds the memory one client can pin.
+const MAX_BUF_BYTES: usize = 64 * 1024;
 /// In-flight requests get this long to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Back-off after a failed `accept` (out of file descriptors and the like), doubled up to
+/// [`ACCEPT_BACKOFF_MAX`] while it keeps failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (best effort: a sandbox may refuse) and
+/// returns the soft limit now in force (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return limit.maximum,
+            Err(e) => tracing::warn!(
+                "cannot raise the open-file limit from {} to {}: {e}; fewer callback connections fit",
+                limit.current.unwrap_or(0),
+                limit.maximum.map_or("unlimited".to_string(), |m| m.to_string()),
+            ),
+        }
+    }
+    limit.current
+}
+
+/// How many connections the callback listener may hold under a soft fd limit of `fds`:
+/// the limit less [`RESERVED_FDS`], within
+/// [`MIN_PUBLIC_CONNECTIONS`]..=[`MAX_PUBLIC_CONNECTIONS`].
+pub fn public_connection_cap(fds: Option<u64>) -> usize {
+    let Some(fds) = fds else {
+        return MAX_PUBLIC_CONNECTIONS;
+    };
+    let spare = fds.saturating_sub(RESERVED_FDS);
+    usize::try_from(spare)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_PUBLIC_CONNECTIONS, MAX_PUBLIC_CONNECTIONS)
+}
 
 pub type Resp = Response<Full<Bytes>>;
 
@@ -206,49 +269,129 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Serves `listener` with `handler` until `shutdown` fires, then stops accepting and gives
-/// in-flight requests [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve<L, H, F>(listener: L, handler: H, shutdown: CancellationToken)
-where
+/// Serves `listener` with `handler`, holding at most `max_connections` connections, until
+/// `shutdown` fires; then stops accepting and gives in-flight requests [`SHUTDOWN_GRACE`].
+///
+/// A full listener does not stop accepting (that would leave a real callback waiting in the
+/// kernel's backlog behind a crowd): it closes the least recently active idle connections
+/// first (keep-alive between requests, headers still trickling in, or answers stuck unread
+/// in the socket), never one whose request is being handled. Connections accepted while the
+/// listener is at least half full get a shorter header/idle timeout, and every connection
+/// whose answers stop moving into the socket for [`WRITE_STALL_TIMEOUT`] is closed.
+pub async fn serve<L, H, F>(
+    listener: L,
+    handler: H,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) where
     L: Accept,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
+    let max_connections = max_connections.max(1);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let conns = Arc::new(Conns::default());
+    // Evicting a few at a time keeps the scan for the oldest idle ones rare.
+    let batch = (max_connections / 32).max(1);
+    let builder = |header_timeout: Duration| {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_BUF_BYTES)
+            .keep_alive(true);
+        http
+    };
+    let (http, crowded_http) = (builder(HEADER_TIMEOUT), builder(CROWDED_HEADER_TIMEOUT));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut failing_since: Option<(Instant, u64)> = None;
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: make room by closing idle connections, then wait for a slot (a
+                // closed one frees its slot at once; busy ones within the body timeout).
+                conns.evict_idle(batch);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let io = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(io) => io,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            r = listener.accept() => r,
         };
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        });
-        let conn = http.serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
+        let io = match io {
+            Ok(io) => {
+                if let Some((since, failures)) = failing_since.take() {
+                    tracing::info!(
+                        "accepting connections again after {failures} failed accepts in {:.1}s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                backoff = ACCEPT_BACKOFF_MIN;
+                io
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: free some by shedding idle
+                // connections, back off instead of spinning, and say so once per episode.
+                if is_fd_exhaustion(&e) {
+                    conns.evict_idle(batch);
+                }
+                match &mut failing_since {
+                    Some((_, failures)) => *failures += 1,
+                    None => {
+                        tracing::warn!(
+                            "cannot accept connections: {e}; shedding idle connections and retrying"
+                        );
+                        failing_since = Some((Instant::now(), 1));
+                    }
+                }
+                drop(permit);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let crowded = slots.available_permits() < max_connections / 2;
+        let slot = conns.register();
+        let service = {
+            let (handler, slot) = (handler.clone(), slot.clone());
+            service_fn(move |req| {
+                let (handler, slot) = (handler.clone(), slot.clone());
+                async move {
+                    let Some(_busy) = Busy::begin(&slot) else {
+                        // Shed a moment ago; the connection is being closed.
+                        let mut r = answer(Answer::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many connections; try again",
+                        ));
+                        r.headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                        return Ok::<_, Infallible>(r);
+                    };
+                    Ok::<_, Infallible>(handler(req).await)
+                }
+            })
+        };
+        let io = TokioIo::new(StallTimeout::new(io, WRITE_STALL_TIMEOUT));
+        let http = if crowded { &crowded_http } else { &http };
+        let conn = graceful.watch(http.serve_connection(io, service));
+        let conns = conns.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                // Dropping the connection closes its socket.
+                _ = slot.shed.cancelled() => {}
+            }
+            conns.remove(slot.id);
             drop(permit);
         });
     }
@@ -257,5 +400,221 @@ where
         .is_err()
     {
         tracing::warn!("some connections did not finish within the shutdown grace period");
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let code = e.raw_os_error();
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|errno| code == Some(errno.raw_os_error()))
+}
+
+/// A connection between requests (keep-alive, headers arriving, answer being written).
+const IDLE: u8 = 0;
+/// A connection whose request is in the handler: never shed.
+const BUSY: u8 = 1;
+/// Chosen for shedding; its task drops it.
+const SHED: u8 = 2;
+
+/// One open connection, as the shedder sees it.
+struct Slot {
+    id: u64,
+    epoch: Instant,
+    state: AtomicU8,
+    /// Milliseconds since the listener's epoch at which a request last started or ended.
+    last_active: AtomicU64,
+    shed: CancellationToken,
+}
+
+/// The open connections of one listener.
+struct Conns {
+    epoch: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Slot>>>,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Slot {
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.store(now, Ordering::Relaxed);
+    }
+}
+
+impl Conns {
+
+    fn register(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            epoch: self.epoch,
+            state: AtomicU8::new(IDLE),
+            last_active: AtomicU64::new(0),
+            shed: CancellationToken::new(),
+        });
+        slot.touch();
+        self.lock().insert(slot.id, slot.clone());
+        slot
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes up to `n` idle connections, least recently active first; returns how many.
+    fn evict_idle(&self, n: usize) -> usize {
+        let mut idle: Vec<(u64, Arc<Slot>)> = self
+            .lock()
+            .values()
+            .filter(|s| s.state.load(Ordering::Acquire) == IDLE)
+            .map(|s| (s.last_active.load(Ordering::Relaxed), s.clone()))
+            .collect();
+        if idle.len() > n {
+            idle.select_nth_unstable_by_key(n, |(at, _)| *at);
+            idle.truncate(n);
+        }
+        let mut shed = 0;
+        for (_, slot) in idle {
+            // A request that started meanwhile keeps its connection.
+            if slot
+                .state
+                .compare_exchange(IDLE, SHED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                slot.shed.cancel();
+                shed += 1;
+            }
+        }
+        if shed > 0 {
+            tracing::debug!(shed, "listener full: closed idle connections");
+        }
+        shed
+    }
+}
+
+/// Marks a connection busy while its request is handled; idle again when dropped.
+struct Busy<'a>(&'a Slot);
+
+impl<'a> Busy<'a> {
+    /// `None` if the connection was shed.
+    fn begin(slot: &'a Slot) -> Option<Busy<'a>> {
+        slot.state
+            .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        slot.touch();
+        Some(Busy(slot))
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        // Recorded before going idle, so a shedder never sees a fresh idle connection as old.
+        self.0.touch();
+        self.0.state.store(IDLE, Ordering::Release);
+    }
+}
+
+/// An IO stream whose writes fail with `TimedOut` once they have made no progress for
+/// `limit`: hyper has no write timeout, and a client that never reads its answers would
+/// otherwise hold its connection (and its buffers) for as long as it likes.
+struct StallTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> StallTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        StallTimeout {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write-side poll through, arming the stall timer while it is pending and
+    /// disarming it on progress.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>>
+    where
+        S: Unpin,
+    {
+        match poll(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client read none of its answer for {limit:?}"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallTimeout<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallTimeout<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .guard(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_shutdown(cx))
     }
 }

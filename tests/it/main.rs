@@ -5,6 +5,7 @@ mod admin;
 mod bin_util;
 mod binary;
 mod crash;
+mod crowd;
 mod downloads;
 mod fake_kie;
 mod fetch;
