@@ -13,6 +13,7 @@ mod harness;
 mod intake;
 mod kie_client;
 mod kie_flows;
+mod process;
 mod quarantine;
 mod smoke;
 

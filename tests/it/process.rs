@@ -1,0 +1,180 @@
+//! The daemon process's edges that no in-process test can see, run as the real binary: every
+//! directory and file it creates is private (0700 / 0600) from the moment it exists even
+//! when started under umask 000, the admin socket included; SIGHUP is logged and survived.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::bin_util::{BIN, Daemon, PATIENCE, Scratch, coverd, files_under};
+use crate::fake_kie::FakeKie;
+use crate::fake_kie::files::{Behaviour, png};
+use crate::harness::success_body;
+
+fn mode(path: &Path) -> u32 {
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `coverd serve --config …` started by a shell that first sets the umask to 000.
+fn serve_under_umask_000(scratch: &Scratch) -> Command {
+    let clean = coverd(); // the scrubbed environment, applied to the shell below
+    let mut cmd = Command::new("sh");
+    for (k, v) in clean.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.arg("-c")
+        .arg(r#"umask 000 && exec "$0" "$@""#)
+        .arg(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(scratch.config_path())
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Every directory and file under `dir` (not following links), `dir` included.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path.clone());
+            }
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_is_private_from_the_start_even_under_umask_000() {
+    let fake = FakeKie::start().await;
+    let slow = png(8 * 1024);
+    fake.files.set("/fast.png", Behaviour::Image(png(3000)));
+    // Stalls long enough for its temp file to be seen.
+    fake.files.set(
+        "/slow.png",
+        Behaviour::SlowBody {
+            bytes: slow,
+            first: 1024,
+            stall: Duration::from_secs(2),
+        },
+    );
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let data = scratch.data_dir();
+
+    // Watches for the socket from before the daemon starts: its mode and its directory's
+    // at the first moment it exists at its path.
+    let socket = data.join("admin.sock");
+    let watcher = {
+        let (socket, data) = (socket.clone(), data.clone());
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Ok(meta) = std::fs::symlink_metadata(&socket) {
+                    return (meta.permissions().mode() & 0o777, mode(&data));
+                }
+                assert!(Instant::now() < deadline, "admin.sock never appeared");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let d = Daemon::spawn(serve_under_umask_000(&scratch), data.clone()).await;
+    let (socket_mode, dir_mode) = watcher.join().unwrap();
+    assert_eq!(
+        (socket_mode, dir_mode),
+        (0o600, 0o700),
+        "admin.sock and the data directory when the socket first appeared"
+    );
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket()
+    );
+
+    let id = "modes1";
+    let urls = [fake.files.url("/fast.png"), fake.files.url("/slow.png")];
+    assert_eq!(d.callback(success_body(id, &urls)).await.unwrap().0, 200);
+    // A partial download: private too.
+    let tmp = data.join("tmp");
+    let deadline = Instant::now() + PATIENCE;
+    let part = loop {
+        if let Some(f) = files_under(&tmp, &tmp).first() {
+            break tmp.join(f);
+        }
+        assert!(Instant::now() < deadline, "no temp file ever seen in tmp/");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(&part) {
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", part.display());
+    }
+    crate::bin_util::wait_status(&scratch, "task downloaded", |s| {
+        s["tasks"]["downloaded"] == 1
+    })
+    .await;
+
+    let all = tree(&data);
+    assert!(all.iter().any(|p| p.ends_with("images/modes1/1.png")));
+    assert!(all.iter().any(|p| p.starts_with(data.join("db"))));
+    let loose: Vec<String> = all
+        .iter()
+        .filter(|p| {
+            let want = if std::fs::symlink_metadata(p).unwrap().is_dir() {
+                0o700
+            } else {
+                0o600
+            };
+            mode(p) != want
+        })
+        .map(|p| format!("{} {:o}", p.display(), mode(p)))
+        .collect();
+    assert!(loose.is_empty(), "not private under umask 000: {loose:#?}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_logged_and_the_daemon_keeps_serving() {
+    let fake = FakeKie::start().await;
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let d = scratch.serve().await;
+    d.signal("HUP");
+    d.wait_for_log("no configuration reload; restart to apply changes")
+        .await;
+    let logs = d.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("no configuration reload"))
+        .unwrap();
+    assert!(line.contains("WARN"), "not a warning: {line}");
+    // Still alive and serving, the callback path included.
+    assert_eq!(d.get("/healthz").await, (200, "ok".into()));
+    assert_eq!(
+        d.callback(crate::harness::failure_body("hup1", 501, "failed"))
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    // A second one too, and then a normal stop.
+    d.signal("HUP");
+    let deadline = Instant::now() + PATIENCE;
+    while d.logs().matches("no configuration reload").count() < 2 {
+        assert!(Instant::now() < deadline, "second SIGHUP not logged:\n{}", d.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(d.get("/healthz").await, (200, "ok".into()));
+    d.stop().await;
+}
