@@ -71,7 +71,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Binds the admin socket at `path` with mode 0600 from the moment it exists at that path:
 /// bound inside a fresh 0700 staging directory, chmod-ed, then renamed into place.
-fn bind_admin_socket(data_dir: &Path, path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
+fn bind_admin_socket(
+    data_dir: &Path,
+    path: &Path,
+) -> Result<tokio::net::UnixListener, DaemonError> {
     let staging = data_dir.join(SOCKET_STAGING);
     let setup = |e: std::io::Error| DaemonError::Setup {
         what: "the admin socket",

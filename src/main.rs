@@ -243,7 +243,9 @@ fn warn_on_sighup() {
                 }
             });
         }
-        Err(e) => tracing::warn!("cannot install the SIGHUP handler: {e}; SIGHUP would stop coverd"),
+        Err(e) => {
+            tracing::warn!("cannot install the SIGHUP handler: {e}; SIGHUP would stop coverd")
+        }
     }
 }
 

@@ -78,7 +78,9 @@ pub fn raise_fd_limit() -> Option<u64> {
             Err(e) => tracing::warn!(
                 "cannot raise the open-file limit from {} to {}: {e}; fewer callback connections fit",
                 limit.current.unwrap_or(0),
-                limit.maximum.map_or("unlimited".to_string(), |m| m.to_string()),
+                limit
+                    .maximum
+                    .map_or("unlimited".to_string(), |m| m.to_string()),
             ),
         }
     }
@@ -453,7 +455,6 @@ impl Slot {
 }
 
 impl Conns {
-
     fn register(&self) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -616,5 +617,69 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallTimeout<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().guard(cx, |s, cx| s.poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_callback_cap_follows_the_fd_limit_within_bounds() {
+        assert_eq!(public_connection_cap(Some(8192)), 8192 - 512);
+        assert_eq!(public_connection_cap(Some(1024)), 512);
+        assert_eq!(public_connection_cap(Some(256)), MIN_PUBLIC_CONNECTIONS);
+        assert_eq!(public_connection_cap(Some(1 << 20)), MAX_PUBLIC_CONNECTIONS);
+        assert_eq!(public_connection_cap(None), MAX_PUBLIC_CONNECTIONS);
+    }
+
+    #[test]
+    fn shedding_takes_the_least_recently_active_idle_connections_never_a_busy_one() {
+        let conns = Conns::default();
+        let (busy, newer, older) = (conns.register(), conns.register(), conns.register());
+        let in_handler = Busy::begin(&busy).unwrap();
+        for (slot, at) in [(&busy, 1), (&newer, 500), (&older, 300)] {
+            slot.last_active.store(at, Ordering::Relaxed);
+        }
+        assert_eq!(conns.evict_idle(1), 1);
+        assert!(older.shed.is_cancelled() && !newer.shed.is_cancelled());
+        // A request arriving on a shed connection is not handled.
+        assert!(Busy::begin(&older).is_none());
+        assert_eq!(conns.evict_idle(10), 1);
+        assert!(newer.shed.is_cancelled());
+        assert!(
+            !busy.shed.is_cancelled(),
+            "a connection in its handler is never shed"
+        );
+        drop(in_handler);
+        assert_eq!(conns.evict_idle(10), 1);
+        assert!(busy.shed.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_never_reads_times_out_and_progress_resets_the_timer() {
+        let limit = Duration::from_secs(10);
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut io = StallTimeout::new(ours, limit);
+        // Slow but steady reader: a byte every 6 s keeps every stall under the limit.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut b = [0u8; 1];
+            while got < 80 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                got += theirs.read(&mut b).await.unwrap();
+            }
+            theirs
+        });
+        io.write_all(&[7; 80])
+            .await
+            .expect("progress keeps the write alive");
+        let _theirs = reader.await.unwrap();
+        // Nobody reads any more: once the pipe is full, the write fails after the limit.
+        let started = Instant::now();
+        let err = io.write_all(&[7; 200]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= limit);
     }
 }

@@ -118,7 +118,12 @@ async fn everything_is_private_from_the_start_even_under_umask_000() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     if let Ok(meta) = std::fs::symlink_metadata(&part) {
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{}", part.display());
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            part.display()
+        );
     }
     crate::bin_util::wait_status(&scratch, "task downloaded", |s| {
         s["tasks"]["downloaded"] == 1
@@ -172,7 +177,11 @@ async fn sighup_is_logged_and_the_daemon_keeps_serving() {
     d.signal("HUP");
     let deadline = Instant::now() + PATIENCE;
     while d.logs().matches("no configuration reload").count() < 2 {
-        assert!(Instant::now() < deadline, "second SIGHUP not logged:\n{}", d.logs());
+        assert!(
+            Instant::now() < deadline,
+            "second SIGHUP not logged:\n{}",
+            d.logs()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(d.get("/healthz").await, (200, "ok".into()));
