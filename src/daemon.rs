@@ -278,7 +278,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             let public = public.clone();
             async move { public.route(req).await }
         },
-        max_connections,
+        server::Limits::public(max_connections),
         shutdown.clone(),
     ));
     let admin = Arc::new(admin::Service::new(
@@ -293,7 +293,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             let admin = admin.clone();
             async move { admin.handle(req).await }
         },
-        server::SIDE_CONNECTIONS,
+        server::Limits::ADMIN,
         shutdown.clone(),
     ));
     if let Some(metrics_addr) = config.metrics_listen {
@@ -310,7 +310,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
                 let (metrics, store) = (metrics.clone(), store.clone());
                 async move { server::metrics_route(req, &metrics, &store).await }
             },
-            server::SIDE_CONNECTIONS,
+            server::Limits::METRICS,
             shutdown.clone(),
         ));
     }

@@ -33,17 +33,47 @@ use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// File descriptors kept back from the callback listener for everything else: the store's
-/// files, downloads (a socket and a temp file each), KIE calls, the admin and metrics
-/// listeners' own connections, logs.
-pub const RESERVED_FDS: u64 = 512;
+/// File descriptors kept back from the callback listener for everything else: the admin
+/// socket's and the metrics listener's connections (256 + 64), downloads (a socket and a
+/// temp file each, at most 64 at once), the store's files, KIE calls, logs.
+pub const RESERVED_FDS: u64 = 768;
 /// The callback listener never holds more connections than this, whatever the fd limit
 /// (each one can pin two [`MAX_BUF_BYTES`] buffers besides the kernel's).
 pub const MAX_PUBLIC_CONNECTIONS: usize = 16_384;
 /// ... nor fewer than this, even under a tiny fd limit (shedding then does the work).
 pub const MIN_PUBLIC_CONNECTIONS: usize = 64;
-/// Connections to the admin socket and to the metrics listener (local, few clients).
-pub const SIDE_CONNECTIONS: usize = 64;
+/// How many connections a listener holds, and whether it sheds idle ones when full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Close the least recently active idle connections to make room (a listener that
+    /// strangers can reach); without it a full listener waits for a connection to end.
+    pub shed_idle: bool,
+}
+
+impl Limits {
+    /// The callback listener: reachable by anyone, sheds.
+    pub fn public(max_connections: usize) -> Limits {
+        Limits {
+            max_connections,
+            shed_idle: true,
+        }
+    }
+
+    /// The admin socket: only the daemon's user (and root) can connect, every connection
+    /// is an operator's command that may wait in its handler (a submit behind the rate
+    /// limiter), and one not yet sending must not be taken for a loiterer: no shedding.
+    pub const ADMIN: Limits = Limits {
+        max_connections: 256,
+        shed_idle: false,
+    };
+
+    /// The metrics listener: scrapers, a TCP port; sheds like the public one.
+    pub const METRICS: Limits = Limits {
+        max_connections: 64,
+        shed_idle: true,
+    };
+}
 /// A client must send its request headers within this time; hyper starts the same timer
 /// when a keep-alive connection goes idle, so it is also the idle timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -271,26 +301,23 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Serves `listener` with `handler`, holding at most `max_connections` connections, until
-/// `shutdown` fires; then stops accepting and gives in-flight requests [`SHUTDOWN_GRACE`].
+/// Serves `listener` with `handler`, holding at most `limits.max_connections` connections,
+/// until `shutdown` fires; then stops accepting and gives in-flight requests
+/// [`SHUTDOWN_GRACE`].
 ///
-/// A full listener does not stop accepting (that would leave a real callback waiting in the
+/// With `limits.shed_idle`, a full listener does not stop accepting (that would leave a real callback waiting in the
 /// kernel's backlog behind a crowd): it closes the least recently active idle connections
 /// first (keep-alive between requests, headers still trickling in, or answers stuck unread
 /// in the socket), never one whose request is being handled. Connections accepted while the
 /// listener is at least half full get a shorter header/idle timeout, and every connection
 /// whose answers stop moving into the socket for [`WRITE_STALL_TIMEOUT`] is closed.
-pub async fn serve<L, H, F>(
-    listener: L,
-    handler: H,
-    max_connections: usize,
-    shutdown: CancellationToken,
-) where
+pub async fn serve<L, H, F>(listener: L, handler: H, limits: Limits, shutdown: CancellationToken)
+where
     L: Accept,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
-    let max_connections = max_connections.max(1);
+    let max_connections = limits.max_connections.max(1);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     let conns = Arc::new(Conns::default());
@@ -313,7 +340,9 @@ pub async fn serve<L, H, F>(
             Err(_) => {
                 // Full: make room by closing idle connections, then wait for a slot (a
                 // closed one frees its slot at once; busy ones within the body timeout).
-                conns.evict_idle(batch);
+                if limits.shed_idle {
+                    conns.evict_idle(batch);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     p = slots.clone().acquire_owned() => match p {
@@ -341,7 +370,7 @@ pub async fn serve<L, H, F>(
             Err(e) => {
                 // Out of file descriptors and the like: free some by shedding idle
                 // connections, back off instead of spinning, and say so once per episode.
-                if is_fd_exhaustion(&e) {
+                if limits.shed_idle && is_fd_exhaustion(&e) {
                     conns.evict_idle(batch);
                 }
                 match &mut failing_since {
@@ -627,9 +656,9 @@ mod tests {
 
     #[test]
     fn the_callback_cap_follows_the_fd_limit_within_bounds() {
-        assert_eq!(public_connection_cap(Some(8192)), 8192 - 512);
-        assert_eq!(public_connection_cap(Some(1024)), 512);
-        assert_eq!(public_connection_cap(Some(256)), MIN_PUBLIC_CONNECTIONS);
+        assert_eq!(public_connection_cap(Some(8192)), 8192 - 768);
+        assert_eq!(public_connection_cap(Some(1024)), 256);
+        assert_eq!(public_connection_cap(Some(512)), MIN_PUBLIC_CONNECTIONS);
         assert_eq!(public_connection_cap(Some(1 << 20)), MAX_PUBLIC_CONNECTIONS);
         assert_eq!(public_connection_cap(None), MAX_PUBLIC_CONNECTIONS);
     }
