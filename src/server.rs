@@ -333,7 +333,7 @@ where
     };
     let (http, crowded_http) = (builder(HEADER_TIMEOUT), builder(CROWDED_HEADER_TIMEOUT));
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut failing_since: Option<(Instant, u64)> = None;
+    let mut failing = AcceptFailures::default();
     loop {
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -358,30 +358,18 @@ where
         };
         let io = match io {
             Ok(io) => {
-                if let Some((since, failures)) = failing_since.take() {
-                    tracing::info!(
-                        "accepting connections again after {failures} failed accepts in {:.1}s",
-                        since.elapsed().as_secs_f64()
-                    );
-                }
+                failing.succeeded();
                 backoff = ACCEPT_BACKOFF_MIN;
                 io
             }
             Err(e) => {
                 // Out of file descriptors and the like: free some by shedding idle
-                // connections, back off instead of spinning, and say so once per episode.
+                // connections (the connection stays in the kernel's queue), back off
+                // instead of spinning, and say so once per episode.
                 if limits.shed_idle && is_fd_exhaustion(&e) {
-                    conns.evict_idle(batch);
+                    conns.evict_idle(batch.max(EMFILE_SHED));
                 }
-                match &mut failing_since {
-                    Some((_, failures)) => *failures += 1,
-                    None => {
-                        tracing::warn!(
-                            "cannot accept connections: {e}; shedding idle connections and retrying"
-                        );
-                        failing_since = Some((Instant::now(), 1));
-                    }
-                }
+                failing.failed(&e);
                 drop(permit);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -431,6 +419,46 @@ where
         .is_err()
     {
         tracing::warn!("some connections did not finish within the shutdown grace period");
+    }
+}
+
+/// Idle connections shed at least, per failed accept for want of file descriptors.
+const EMFILE_SHED: usize = 8;
+/// An episode of failing accepts ends after this long without a failure.
+const ACCEPT_QUIET: Duration = Duration::from_secs(10);
+
+/// Failing accepts, logged once per episode rather than once per try.
+#[derive(Default)]
+struct AcceptFailures {
+    /// (first failure, last failure, failures) of the current episode.
+    episode: Option<(Instant, Instant, u64)>,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        match &mut self.episode {
+            Some((_, last, failures)) => {
+                *last = now;
+                *failures += 1;
+            }
+            None => {
+                tracing::warn!("cannot accept connections: {e}; backing off and retrying");
+                self.episode = Some((now, now, 1));
+            }
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if let Some((first, last, failures)) = self.episode
+            && last.elapsed() >= ACCEPT_QUIET
+        {
+            tracing::info!(
+                "accepting connections again; {failures} accepts had failed over {:.1}s",
+                (last - first).as_secs_f64()
+            );
+            self.episode = None;
+        }
     }
 }
 

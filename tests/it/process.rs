@@ -1,11 +1,14 @@
 //! The daemon process's edges that no in-process test can see, run as the real binary: every
 //! directory and file it creates is private (0700 / 0600) from the moment it exists even
-//! when started under umask 000, the admin socket included; SIGHUP is logged and survived.
+//! when started under umask 000, the admin socket included; SIGHUP is logged and survived;
+//! out of file descriptors, the listener sheds idle connections instead of spinning.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
 
 use crate::bin_util::{BIN, Daemon, PATIENCE, Scratch, coverd, files_under};
 use crate::fake_kie::FakeKie;
@@ -20,8 +23,8 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
-/// `coverd serve --config …` started by a shell that first sets the umask to 000.
-fn serve_under_umask_000(scratch: &Scratch) -> Command {
+/// `coverd serve --config …` started by a shell that first runs `setup` (e.g. `umask 000`).
+fn serve_after(setup: &str, scratch: &Scratch) -> Command {
     let clean = coverd(); // the scrubbed environment, applied to the shell below
     let mut cmd = Command::new("sh");
     for (k, v) in clean.get_envs() {
@@ -31,7 +34,7 @@ fn serve_under_umask_000(scratch: &Scratch) -> Command {
         };
     }
     cmd.arg("-c")
-        .arg(r#"umask 000 && exec "$0" "$@""#)
+        .arg(format!(r#"{setup} && exec "$0" "$@""#))
         .arg(BIN)
         .arg("serve")
         .arg("--config")
@@ -90,7 +93,7 @@ async fn everything_is_private_from_the_start_even_under_umask_000() {
             }
         })
     };
-    let d = Daemon::spawn(serve_under_umask_000(&scratch), data.clone()).await;
+    let d = Daemon::spawn(serve_after("umask 000", &scratch), data.clone()).await;
     let (socket_mode, dir_mode) = watcher.join().unwrap();
     assert_eq!(
         (socket_mode, dir_mode),
@@ -185,5 +188,57 @@ async fn sighup_is_logged_and_the_daemon_keeps_serving() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(d.get("/healthz").await, (200, "ok".into()));
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_listener_sheds_idle_connections_and_recovers() {
+    let fake = FakeKie::start().await;
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    // 48 descriptors, soft and hard: the daemon holds about 15 of its own, so the
+    // connections below run it out of descriptors well before its minimum cap of 64.
+    let d = Daemon::spawn(serve_after("ulimit -n 48", &scratch), scratch.data_dir()).await;
+    let mut crowd = Vec::new();
+    for _ in 0..150 {
+        let mut s = tokio::net::TcpStream::connect(d.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: crowd\r\n\r\n")
+            .await
+            .expect("send");
+        crowd.push(s);
+    }
+    d.wait_for_log("cannot accept connections").await;
+    // Idle connections are shed to free descriptors, so a callback gets through long before
+    // the crowd's idle timeout (10 s) would have freed them.
+    // On a fresh connection (the daemon's test client keeps one from its start-up checks).
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let sent = fresh
+        .post(format!("{}/callbacks/cover", d.base))
+        .header("content-type", "application/json")
+        .body(crate::harness::failure_body("fds1", 501, "failed"))
+        .send();
+    let answer = tokio::time::timeout(PATIENCE, sent)
+        .await
+        .expect("callback answered")
+        .expect("callback sent")
+        .status();
+    let took = started.elapsed();
+    assert_eq!(answer, 200);
+    assert!(
+        took < Duration::from_secs(5),
+        "callback answered after {took:?}"
+    );
+    assert_eq!(d.get("/healthz").await, (200, "ok".into()));
+    // One warning for the episode, not one per try.
+    let warnings = d.logs().matches("cannot accept connections").count();
+    assert!(warnings <= 2, "{warnings} warnings:\n{}", d.logs());
+    drop(crowd);
     d.stop().await;
 }
