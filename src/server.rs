@@ -305,7 +305,7 @@ impl Accept for tokio::net::UnixListener {
 /// until `shutdown` fires; then stops accepting and gives in-flight requests
 /// [`SHUTDOWN_GRACE`].
 ///
-/// With `limits.shed_idle`, a full listener does not stop accepting (that would leave a real callback waiting in the
+/// With `limits.shed_idle`, a (nearly) full listener does not stop accepting (that would leave a real callback waiting in the
 /// kernel's backlog behind a crowd): it closes the least recently active idle connections
 /// first (keep-alive between requests, headers still trickling in, or answers stuck unread
 /// in the socket), never one whose request is being handled. Connections accepted while the
@@ -321,8 +321,10 @@ where
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
     let conns = Arc::new(Conns::default());
-    // Evicting a few at a time keeps the scan for the oldest idle ones rare.
-    let batch = (max_connections / 32).max(1);
+    // Shedding starts when fewer than `batch / 2` slots are free and closes `batch` idle
+    // connections at once: the accept loop rarely has to wait for a slot (the shed ones
+    // free theirs a moment later), and the scan for the oldest idle ones stays rare.
+    let batch = (max_connections / 32).max(2);
     let builder = |header_timeout: Duration| {
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -335,6 +337,9 @@ where
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut failing = AcceptFailures::default();
     loop {
+        if limits.shed_idle && slots.available_permits() < batch / 2 {
+            conns.evict_idle(batch);
+        }
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
