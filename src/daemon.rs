@@ -179,9 +179,10 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         path: data_dir.clone(),
         source,
     })?;
+    let fd_limit = server::raise_fd_limit();
     let max_connections = hooks
         .max_connections
-        .unwrap_or_else(|| server::public_connection_cap(server::raise_fd_limit()));
+        .unwrap_or_else(|| server::public_connection_cap(fd_limit));
     let store = Store::open(&data_dir)?;
     download::recover(&data_dir)?;
 
