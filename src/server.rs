@@ -305,12 +305,13 @@ impl Accept for tokio::net::UnixListener {
 /// until `shutdown` fires; then stops accepting and gives in-flight requests
 /// [`SHUTDOWN_GRACE`].
 ///
-/// With `limits.shed_idle`, a (nearly) full listener does not stop accepting (that would leave a real callback waiting in the
-/// kernel's backlog behind a crowd): it closes the least recently active idle connections
-/// first (keep-alive between requests, headers still trickling in, or answers stuck unread
-/// in the socket), never one whose request is being handled. Connections accepted while the
-/// listener is at least half full get a shorter header/idle timeout, and every connection
-/// whose answers stop moving into the socket for [`WRITE_STALL_TIMEOUT`] is closed.
+/// With `limits.shed_idle`, a (nearly) full listener does not stop accepting (that would
+/// leave a real callback waiting in the kernel's backlog behind a crowd): it closes the
+/// least recently active idle connections first (keep-alive between requests, headers
+/// still trickling in, or answers stuck unread in the socket), never one whose request is
+/// being handled. Connections accepted while the listener is at least half full get a
+/// shorter header/idle timeout, and every connection whose answers stop moving into the
+/// socket for [`WRITE_STALL_TIMEOUT`] is closed.
 pub async fn serve<L, H, F>(listener: L, handler: H, limits: Limits, shutdown: CancellationToken)
 where
     L: Accept,
