@@ -25,6 +25,11 @@ fn mode(path: &Path) -> u32 {
 
 /// `coverd serve --config …` started by a shell that first runs `setup` (e.g. `umask 000`).
 fn serve_after(setup: &str, scratch: &Scratch) -> Command {
+    coverd_after(setup, scratch, &["serve"])
+}
+
+/// `coverd --config … ARGS` started by a shell that first runs `setup`.
+fn coverd_after(setup: &str, scratch: &Scratch, args: &[&str]) -> Command {
     let clean = coverd(); // the scrubbed environment, applied to the shell below
     let mut cmd = Command::new("sh");
     for (k, v) in clean.get_envs() {
@@ -36,9 +41,9 @@ fn serve_after(setup: &str, scratch: &Scratch) -> Command {
     cmd.arg("-c")
         .arg(format!(r#"{setup} && exec "$0" "$@""#))
         .arg(BIN)
-        .arg("serve")
         .arg("--config")
         .arg(scratch.config_path())
+        .args(args)
         .stdin(std::process::Stdio::null());
     cmd
 }
@@ -60,6 +65,21 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Every directory under `data` is 0700 and every other file 0600.
+fn assert_private(data: &Path) {
+    // (sled may replace a snapshot file meanwhile: one that vanished is skipped.)
+    let loose: Vec<String> = tree(data)
+        .iter()
+        .filter_map(|p| {
+            let meta = std::fs::symlink_metadata(p).ok()?;
+            let want = if meta.is_dir() { 0o700 } else { 0o600 };
+            let mode = meta.permissions().mode() & 0o777;
+            (mode != want).then(|| format!("{} {mode:o}", p.display()))
+        })
+        .collect();
+    assert!(loose.is_empty(), "not private under umask 000: {loose:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,18 +159,21 @@ async fn everything_is_private_from_the_start_even_under_umask_000() {
     let all = tree(&data);
     assert!(all.iter().any(|p| p.ends_with("images/modes1/1.png")));
     assert!(all.iter().any(|p| p.starts_with(data.join("db"))));
-    // (sled may replace a snapshot file meanwhile: one that vanished is skipped.)
-    let loose: Vec<String> = all
-        .iter()
-        .filter_map(|p| {
-            let meta = std::fs::symlink_metadata(p).ok()?;
-            let want = if meta.is_dir() { 0o700 } else { 0o600 };
-            let mode = meta.permissions().mode() & 0o777;
-            (mode != want).then(|| format!("{} {mode:o}", p.display()))
-        })
-        .collect();
-    assert!(loose.is_empty(), "not private under umask 000: {loose:#?}");
+    assert_private(&data);
     d.stop().await;
+
+    // The commands that open the store themselves create a data directory privately too.
+    let offline = Scratch::new();
+    offline.write_config(&fake.base_url(), "", "");
+    let out = crate::bin_util::run(coverd_after(
+        "umask 000",
+        &offline,
+        &["admin", "track", "modes2"],
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(offline.data_dir().join("db").is_dir());
+    assert_private(&offline.data_dir());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
