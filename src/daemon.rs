@@ -3,8 +3,8 @@
 //! lifecycle only; each part's behaviour lives in its own module.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -27,6 +27,76 @@ use crate::store::{Store, StoreError};
 
 /// The admin socket's file name inside the data directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";
+/// A private directory inside the data directory where the admin socket is bound and made
+/// 0600 before it is renamed into place (so the path `admin.sock` is never reachable with
+/// looser modes). As short as `admin.sock` so as not to hit the socket path length limit.
+const SOCKET_STAGING: &str = ".admin.d";
+
+/// Sets the process's file-creation mask to 0077, so that everything coverd creates in the
+/// data directory is private (0700 / 0600) from the moment it exists, whatever the umask
+/// it was started with (systemd's `UMask=0077` is not there when run by hand). A mask
+/// rather than modes at each call site because sled creates its own files (db, conf,
+/// blobs, snapshots) with default modes we cannot pass. The mask is process-wide: this is
+/// called once at the start of every command (`main`) and again by [`start`] for callers
+/// that embed the daemon; the daemon itself never wants anything else.
+pub fn private_umask() {
+    use rustix::fs::Mode;
+    rustix::process::umask(Mode::from_raw_mode(0o077));
+}
+
+/// Creates `dir` (and missing parents) as 0700; an existing directory that others can
+/// enter or read is tightened to 0700 with a warning (its files are the daemon's secrets:
+/// signed URLs, images), and one we cannot tighten is left with a warning.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => tracing::warn!(
+                "data directory {} was open to other users (mode {mode:o}); made it 0700",
+                dir.display()
+            ),
+            Err(e) => tracing::warn!(
+                "data directory {} is open to other users (mode {mode:o}) and cannot be made 0700: {e}; run `chmod 700 {}`",
+                dir.display(),
+                dir.display()
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Binds the admin socket at `path` with mode 0600 from the moment it exists at that path:
+/// bound inside a fresh 0700 staging directory, chmod-ed, then renamed into place.
+fn bind_admin_socket(
+    data_dir: &Path,
+    path: &Path,
+) -> Result<tokio::net::UnixListener, DaemonError> {
+    let staging = data_dir.join(SOCKET_STAGING);
+    let setup = |e: std::io::Error| DaemonError::Setup {
+        what: "the admin socket",
+        reason: format!("{}: {e}", staging.display()),
+    };
+    // We hold the store's lock, so leftovers here belong to a dead daemon.
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(setup)?;
+    let staged = staging.join("s");
+    let listener =
+        tokio::net::UnixListener::bind(&staged).map_err(|source| DaemonError::Listen {
+            addr: path.display().to_string(),
+            source,
+        })?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(setup)?;
+    std::fs::rename(&staged, path).map_err(setup)?;
+    let _ = std::fs::remove_dir(&staging);
+    Ok(listener)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -61,6 +131,8 @@ pub struct Hooks {
     /// stamped elsewhere (callbacks, admin) use the wall clock, so a test clock must never
     /// run behind it (see `model::ManualClock`).
     pub clock: Option<Arc<dyn Clock>>,
+    /// The callback listener's connection cap (default: derived from the fd limit).
+    pub max_connections: Option<usize>,
 }
 
 /// A started daemon.
@@ -100,12 +172,17 @@ impl Running {
 
 /// Starts the daemon; returns once it accepts callbacks.
 pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError> {
+    private_umask();
     let config = Arc::new(config);
     let data_dir = config.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).map_err(|source| DaemonError::DataDir {
+    create_private_dir(&data_dir).map_err(|source| DaemonError::DataDir {
         path: data_dir.clone(),
         source,
     })?;
+    let fd_limit = server::raise_fd_limit();
+    let max_connections = hooks
+        .max_connections
+        .unwrap_or_else(|| server::public_connection_cap(fd_limit));
     let store = Store::open(&data_dir)?;
     download::recover(&data_dir)?;
 
@@ -124,17 +201,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     // We hold the store's lock, so a socket file left here belongs to a dead daemon.
     let socket_path = data_dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&socket_path);
-    let admin_listener =
-        tokio::net::UnixListener::bind(&socket_path).map_err(|source| DaemonError::Listen {
-            addr: socket_path.display().to_string(),
-            source,
-        })?;
-    std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600)).map_err(
-        |e| DaemonError::Setup {
-            what: "the admin socket",
-            reason: e.to_string(),
-        },
-    )?;
+    let admin_listener = bind_admin_socket(&data_dir, &socket_path)?;
 
     let metrics = Arc::new(Metrics::new());
     let kie = match &config.kie.api_key {
@@ -212,6 +279,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             let public = public.clone();
             async move { public.route(req).await }
         },
+        server::Limits::public(max_connections),
         shutdown.clone(),
     ));
     let admin = Arc::new(admin::Service::new(
@@ -226,6 +294,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             let admin = admin.clone();
             async move { admin.handle(req).await }
         },
+        server::Limits::ADMIN,
         shutdown.clone(),
     ));
     if let Some(metrics_addr) = config.metrics_listen {
@@ -242,6 +311,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
                 let (metrics, store, now) = (metrics.clone(), store.clone(), clock.now());
                 async move { server::metrics_route(req, &metrics, &store, now).await }
             },
+            server::Limits::METRICS,
             shutdown.clone(),
         ));
     }
@@ -253,6 +323,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         .map_or_else(|| "off".to_string(), |a| format!("http://{a}/metrics"));
     tracing::info!(
         %addr,
+        max_connections,
         metrics = %metrics_at,
         data_dir = %data_dir.display(),
         "coverd is ready: callbacks on http://{addr}/callbacks/cover, metrics {metrics_at}, data in {}",

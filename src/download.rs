@@ -51,11 +51,20 @@ pub enum DownloadError {
     Store(#[from] StoreError),
 }
 
+/// Creates `dir` and missing parents as 0700 (private whatever the process umask).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Prepares the data directory for downloads and removes what a crash left behind: every
 /// file in `tmp/` is a partial download that was never recorded. Call before serving.
 pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
     let prepare = |path: PathBuf| {
-        std::fs::create_dir_all(&path).map_err(|source| DownloadError::Prepare { path, source })
+        create_private_dir(&path).map_err(|source| DownloadError::Prepare { path, source })
     };
     prepare(data_dir.join(IMAGES_DIR))?;
     let tmp = data_dir.join(TMP_DIR);
@@ -526,7 +535,7 @@ async fn install(
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let temp = temp_owned;
         let created = !dir.exists();
-        std::fs::create_dir_all(&dir)?;
+        create_private_dir(&dir)?;
         for other in EXTS.iter().filter(|e| **e != ext) {
             let p = dir.join(format!("{index}.{}", other.as_str()));
             if p.exists() {

@@ -98,6 +98,9 @@ enum AdminCommand {
 }
 
 fn main() -> ExitCode {
+    // First of all: whatever coverd creates (data directory, store, images, admin socket)
+    // is private from the moment it exists, whatever umask it was started with.
+    daemon::private_umask();
     let cli = Cli::parse();
     let overrides = Overrides {
         config_file: cli.global.config.clone(),
@@ -191,8 +194,10 @@ async fn run(command: Command, config: Config) -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    // Handlers first: a SIGTERM during start-up then stops the daemon gracefully too.
+    // Handlers first: a SIGTERM during start-up then stops the daemon gracefully too, and a
+    // SIGHUP never kills it (its default action).
     let signals = install_signal_handlers();
+    warn_on_sighup();
     let running = daemon::start(config, daemon::Hooks::default()).await?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
@@ -256,6 +261,25 @@ fn stderr_is_journal() -> bool {
         return false;
     };
     stream.to_str() == Some(&format!("{}:{}", meta.dev(), meta.ino()))
+}
+
+/// SIGHUP usually means "reload the configuration", which coverd does not do: say so at
+/// warning and keep serving (its default action would end the daemon with no log line and,
+/// under systemd, no restart).
+fn warn_on_sighup() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::warn!("SIGHUP: no configuration reload; restart to apply changes");
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!("cannot install the SIGHUP handler: {e}; SIGHUP would stop coverd")
+        }
+    }
 }
 
 /// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively, its

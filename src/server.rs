@@ -1,12 +1,18 @@
 //! The HTTP plumbing shared by the callback listener and the admin socket: accept loops with a
-//! connection bound, hyper with its timer (without one hyper's header timeout is silently
-//! off), bounded and timed body reads, routing of the public paths, graceful shutdown. Owns
-//! sockets and HTTP framing; must not decide what a callback means (that is `callback`).
+//! connection bound derived from the file-descriptor limit, shedding of idle connections when
+//! a listener is full, hyper with its timer (without one hyper's header timeout is silently
+//! off), header, body and write-stall timeouts, routing of the public paths, graceful
+//! shutdown. Owns sockets and HTTP framing; must not decide what a callback means (that is
+//! `callback`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,8 +24,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
@@ -27,14 +34,102 @@ use crate::metrics::{self, Metrics, Snapshot};
 use crate::model::Millis;
 use crate::store::Store;
 
-/// Open connections per listener; further clients wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 1024;
-/// A client must send its request headers within this time.
+/// File descriptors kept back from the callback listener for everything else: the admin
+/// socket's and the metrics listener's connections (256 + 64), downloads (a socket and a
+/// temp file each, at most 64 at once), the store's files, KIE calls, logs.
+pub const RESERVED_FDS: u64 = 768;
+/// The callback listener never holds more connections than this, whatever the fd limit
+/// (each one can pin two [`MAX_BUF_BYTES`] buffers besides the kernel's).
+pub const MAX_PUBLIC_CONNECTIONS: usize = 16_384;
+/// ... nor fewer than this, even under a tiny fd limit (shedding then does the work).
+pub const MIN_PUBLIC_CONNECTIONS: usize = 64;
+/// How many connections a listener holds, and whether it sheds idle ones when full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Close the least recently active idle connections to make room (a listener that
+    /// strangers can reach); without it a full listener waits for a connection to end.
+    pub shed_idle: bool,
+}
+
+impl Limits {
+    /// The callback listener: reachable by anyone, sheds.
+    pub fn public(max_connections: usize) -> Limits {
+        Limits {
+            max_connections,
+            shed_idle: true,
+        }
+    }
+
+    /// The admin socket: only the daemon's user (and root) can connect, every connection
+    /// is an operator's command that may wait in its handler (a submit behind the rate
+    /// limiter), and one not yet sending must not be taken for a loiterer: no shedding.
+    pub const ADMIN: Limits = Limits {
+        max_connections: 256,
+        shed_idle: false,
+    };
+
+    /// The metrics listener: scrapers, a TCP port; sheds like the public one.
+    pub const METRICS: Limits = Limits {
+        max_connections: 64,
+        shed_idle: true,
+    };
+}
+/// A client must send its request headers within this time; hyper starts the same timer
+/// when a keep-alive connection goes idle, so it is also the idle timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same, for connections accepted while the listener is at least half full.
+const CROWDED_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// A client must send its whole body within this time.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose answers make no progress into the socket for this long (the client
+/// does not read them, e.g. it pipelines requests and never reads) is closed.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's read and write buffers per connection: bounds the memory one client can pin.
+const MAX_BUF_BYTES: usize = 64 * 1024;
 /// In-flight requests get this long to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Back-off after a failed `accept` (out of file descriptors and the like), doubled up to
+/// [`ACCEPT_BACKOFF_MAX`] while it keeps failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (best effort: a sandbox may refuse) and
+/// returns the soft limit now in force (`None`: unlimited).
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return limit.maximum,
+            Err(e) => tracing::warn!(
+                "cannot raise the open-file limit from {} to {}: {e}; fewer callback connections fit",
+                limit.current.unwrap_or(0),
+                limit
+                    .maximum
+                    .map_or("unlimited".to_string(), |m| m.to_string()),
+            ),
+        }
+    }
+    limit.current
+}
+
+/// How many connections the callback listener may hold under a soft fd limit of `fds`:
+/// the limit less [`RESERVED_FDS`], within
+/// [`MIN_PUBLIC_CONNECTIONS`]..=[`MAX_PUBLIC_CONNECTIONS`].
+pub fn public_connection_cap(fds: Option<u64>) -> usize {
+    let Some(fds) = fds else {
+        return MAX_PUBLIC_CONNECTIONS;
+    };
+    let spare = fds.saturating_sub(RESERVED_FDS);
+    usize::try_from(spare)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_PUBLIC_CONNECTIONS, MAX_PUBLIC_CONNECTIONS)
+}
 
 pub type Resp = Response<Full<Bytes>>;
 
@@ -214,49 +309,122 @@ impl Accept for tokio::net::UnixListener {
     }
 }
 
-/// Serves `listener` with `handler` until `shutdown` fires, then stops accepting and gives
-/// in-flight requests [`SHUTDOWN_GRACE`] to finish.
-pub async fn serve<L, H, F>(listener: L, handler: H, shutdown: CancellationToken)
+/// Serves `listener` with `handler`, holding at most `limits.max_connections` connections,
+/// until `shutdown` fires; then stops accepting and gives in-flight requests
+/// [`SHUTDOWN_GRACE`].
+///
+/// With `limits.shed_idle`, a (nearly) full listener does not stop accepting (that would
+/// leave a real callback waiting in the kernel's backlog behind a crowd): it closes the
+/// least recently active idle connections first (keep-alive between requests, headers
+/// still trickling in, or answers stuck unread in the socket), never one whose request is
+/// being handled. Connections accepted while the listener is at least half full get a
+/// shorter header/idle timeout, and every connection whose answers stop moving into the
+/// socket for [`WRITE_STALL_TIMEOUT`] is closed.
+pub async fn serve<L, H, F>(listener: L, handler: H, limits: Limits, shutdown: CancellationToken)
 where
     L: Accept,
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
+    let max_connections = limits.max_connections.max(1);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let conns = Arc::new(Conns::default());
+    // Shedding starts when fewer than `batch / 2` slots are free and closes `batch` idle
+    // connections at once: the accept loop rarely has to wait for a slot (the shed ones
+    // free theirs a moment later), and the scan for the oldest idle ones stays rare.
+    let batch = (max_connections / 32).max(2);
+    let builder = |header_timeout: Duration| {
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(MAX_BUF_BYTES)
+            .keep_alive(true);
+        http
+    };
+    let (http, crowded_http) = (builder(HEADER_TIMEOUT), builder(CROWDED_HEADER_TIMEOUT));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut failing = AcceptFailures::default();
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        if limits.shed_idle && slots.available_permits() < batch / 2 {
+            conns.evict_idle(batch);
+        }
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: make room by closing idle connections, then wait for a slot (a
+                // closed one frees its slot at once; busy ones within the body timeout).
+                if limits.shed_idle {
+                    conns.evict_idle(batch);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let io = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(io) => io,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("cannot accept a connection: {e}; trying again in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            r = listener.accept() => r,
         };
-        let handler = handler.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        });
-        let conn = http.serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
+        let io = match io {
+            Ok(io) => {
+                failing.succeeded();
+                backoff = ACCEPT_BACKOFF_MIN;
+                io
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: free some by shedding idle
+                // connections (the connection stays in the kernel's queue), back off
+                // instead of spinning, and say so once per episode.
+                if limits.shed_idle && is_fd_exhaustion(&e) {
+                    conns.evict_idle(batch.max(EMFILE_SHED));
+                }
+                failing.failed(&e);
+                drop(permit);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let crowded = slots.available_permits() < max_connections / 2;
+        let slot = conns.register();
+        let service = {
+            let (handler, slot) = (handler.clone(), slot.clone());
+            service_fn(move |req| {
+                let (handler, slot) = (handler.clone(), slot.clone());
+                async move {
+                    let Some(_busy) = Busy::begin(&slot) else {
+                        // Shed a moment ago; the connection is being closed.
+                        let mut r = answer(Answer::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many connections; try again",
+                        ));
+                        r.headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                        return Ok::<_, Infallible>(r);
+                    };
+                    Ok::<_, Infallible>(handler(req).await)
+                }
+            })
+        };
+        let io = TokioIo::new(StallTimeout::new(io, WRITE_STALL_TIMEOUT));
+        let http = if crowded { &crowded_http } else { &http };
+        let conn = graceful.watch(http.serve_connection(io, service));
+        let conns = conns.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                // Dropping the connection closes its socket.
+                _ = slot.shed.cancelled() => {}
+            }
+            conns.remove(slot.id);
             drop(permit);
         });
     }
@@ -267,5 +435,324 @@ where
         tracing::warn!(
             "shutting down: some connections did not finish within {SHUTDOWN_GRACE:?}; closed"
         );
+    }
+}
+
+/// Idle connections shed at least, per failed accept for want of file descriptors.
+const EMFILE_SHED: usize = 8;
+/// An episode of failing accepts ends after this long without a failure.
+const ACCEPT_QUIET: Duration = Duration::from_secs(10);
+
+/// Failing accepts, logged once per episode rather than once per try.
+#[derive(Default)]
+struct AcceptFailures {
+    /// (first failure, last failure, failures) of the current episode.
+    episode: Option<(Instant, Instant, u64)>,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        match &mut self.episode {
+            Some((_, last, failures)) => {
+                *last = now;
+                *failures += 1;
+            }
+            None => {
+                tracing::warn!("cannot accept connections: {e}; backing off and retrying");
+                self.episode = Some((now, now, 1));
+            }
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if let Some((first, last, failures)) = self.episode
+            && last.elapsed() >= ACCEPT_QUIET
+        {
+            tracing::info!(
+                "accepting connections again; {failures} accepts had failed over {:.1}s",
+                (last - first).as_secs_f64()
+            );
+            self.episode = None;
+        }
+    }
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let code = e.raw_os_error();
+    [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+        .iter()
+        .any(|errno| code == Some(errno.raw_os_error()))
+}
+
+/// A connection between requests (keep-alive, headers arriving, answer being written).
+const IDLE: u8 = 0;
+/// A connection whose request is in the handler: never shed.
+const BUSY: u8 = 1;
+/// Chosen for shedding; its task drops it.
+const SHED: u8 = 2;
+
+/// One open connection, as the shedder sees it.
+struct Slot {
+    id: u64,
+    epoch: Instant,
+    state: AtomicU8,
+    /// Milliseconds since the listener's epoch at which a request last started or ended.
+    last_active: AtomicU64,
+    shed: CancellationToken,
+}
+
+/// The open connections of one listener.
+struct Conns {
+    epoch: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Slot>>>,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Slot {
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.store(now, Ordering::Relaxed);
+    }
+}
+
+impl Conns {
+    fn register(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            epoch: self.epoch,
+            state: AtomicU8::new(IDLE),
+            last_active: AtomicU64::new(0),
+            shed: CancellationToken::new(),
+        });
+        slot.touch();
+        self.lock().insert(slot.id, slot.clone());
+        slot
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes up to `n` idle connections, least recently active first; returns how many.
+    fn evict_idle(&self, n: usize) -> usize {
+        let mut idle: Vec<(u64, Arc<Slot>)> = self
+            .lock()
+            .values()
+            .filter(|s| s.state.load(Ordering::Acquire) == IDLE)
+            .map(|s| (s.last_active.load(Ordering::Relaxed), s.clone()))
+            .collect();
+        if idle.len() > n {
+            idle.select_nth_unstable_by_key(n, |(at, _)| *at);
+            idle.truncate(n);
+        }
+        let mut shed = 0;
+        for (_, slot) in idle {
+            // A request that started meanwhile keeps its connection.
+            if slot
+                .state
+                .compare_exchange(IDLE, SHED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                slot.shed.cancel();
+                shed += 1;
+            }
+        }
+        if shed > 0 {
+            tracing::debug!(shed, "listener full: closed idle connections");
+        }
+        shed
+    }
+}
+
+/// Marks a connection busy while its request is handled; idle again when dropped.
+struct Busy<'a>(&'a Slot);
+
+impl<'a> Busy<'a> {
+    /// `None` if the connection was shed.
+    fn begin(slot: &'a Slot) -> Option<Busy<'a>> {
+        slot.state
+            .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        slot.touch();
+        Some(Busy(slot))
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        // Recorded before going idle, so a shedder never sees a fresh idle connection as old.
+        self.0.touch();
+        self.0.state.store(IDLE, Ordering::Release);
+    }
+}
+
+/// An IO stream whose writes fail with `TimedOut` once they have made no progress for
+/// `limit`: hyper has no write timeout, and a client that never reads its answers would
+/// otherwise hold its connection (and its buffers) for as long as it likes.
+struct StallTimeout<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> StallTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        StallTimeout {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes a write-side poll through, arming the stall timer while it is pending and
+    /// disarming it on progress.
+    fn guard<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>>
+    where
+        S: Unpin,
+    {
+        match poll(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let timer = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client read none of its answer for {limit:?}"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallTimeout<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallTimeout<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut()
+            .guard(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().guard(cx, |s, cx| s.poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_callback_cap_follows_the_fd_limit_within_bounds() {
+        assert_eq!(public_connection_cap(Some(8192)), 8192 - 768);
+        assert_eq!(public_connection_cap(Some(1024)), 256);
+        assert_eq!(public_connection_cap(Some(512)), MIN_PUBLIC_CONNECTIONS);
+        assert_eq!(public_connection_cap(Some(1 << 20)), MAX_PUBLIC_CONNECTIONS);
+        assert_eq!(public_connection_cap(None), MAX_PUBLIC_CONNECTIONS);
+    }
+
+    #[test]
+    fn shedding_takes_the_least_recently_active_idle_connections_never_a_busy_one() {
+        let conns = Conns::default();
+        let (busy, newer, older) = (conns.register(), conns.register(), conns.register());
+        let in_handler = Busy::begin(&busy).unwrap();
+        for (slot, at) in [(&busy, 1), (&newer, 500), (&older, 300)] {
+            slot.last_active.store(at, Ordering::Relaxed);
+        }
+        assert_eq!(conns.evict_idle(1), 1);
+        assert!(older.shed.is_cancelled() && !newer.shed.is_cancelled());
+        // A request arriving on a shed connection is not handled.
+        assert!(Busy::begin(&older).is_none());
+        assert_eq!(conns.evict_idle(10), 1);
+        assert!(newer.shed.is_cancelled());
+        assert!(
+            !busy.shed.is_cancelled(),
+            "a connection in its handler is never shed"
+        );
+        drop(in_handler);
+        assert_eq!(conns.evict_idle(10), 1);
+        assert!(busy.shed.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_never_reads_times_out_and_progress_resets_the_timer() {
+        let limit = Duration::from_secs(10);
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut io = StallTimeout::new(ours, limit);
+        // Slow but steady reader: a byte every 6 s keeps every stall under the limit.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut b = [0u8; 1];
+            while got < 80 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                got += theirs.read(&mut b).await.unwrap();
+            }
+            theirs
+        });
+        io.write_all(&[7; 80])
+            .await
+            .expect("progress keeps the write alive");
+        let _theirs = reader.await.unwrap();
+        // Nobody reads any more: once the pipe is full, the write fails after the limit.
+        let started = Instant::now();
+        let err = io.write_all(&[7; 200]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= limit);
     }
 }

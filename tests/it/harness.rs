@@ -62,11 +62,22 @@ impl Daemon {
 
     /// Starts a daemon on an existing data dir (a restart).
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Daemon {
+        Daemon::start_with(dir, config, |_| {}).await
+    }
+
+    /// Starts a daemon on `dir`; `tweak` adjusts the test hooks first.
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        config: Config,
+        tweak: impl FnOnce(&mut Hooks),
+    ) -> Daemon {
         let clock = Arc::new(ManualClock::new(now_millis()));
-        let hooks = Hooks {
+        let mut hooks = Hooks {
             trusted_addrs: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             clock: Some(clock.clone()),
+            ..Hooks::default()
         };
+        tweak(&mut hooks);
         let running = daemon::start(config.clone(), hooks)
             .await
             .expect("daemon starts");

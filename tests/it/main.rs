@@ -5,6 +5,7 @@ mod admin;
 mod bin_util;
 mod binary;
 mod crash;
+mod crowd;
 mod downloads;
 mod fake_kie;
 mod fetch;
@@ -14,6 +15,7 @@ mod journal;
 mod kie_client;
 mod kie_flows;
 mod metrics;
+mod process;
 mod quarantine;
 mod smoke;
 
