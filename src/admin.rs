@@ -597,7 +597,10 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
         wake: Vec::new(),
     };
     let reply = exec.execute(req).await;
-    store.flush().await?;
+    // Closed before returning, so the directory is free again at once (for the daemon, or
+    // the next command in the same process): sled's lock goes with the last handle.
+    drop(exec);
+    store.close().await?;
     reply
 }
 

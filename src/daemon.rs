@@ -120,7 +120,42 @@ pub enum DaemonError {
     },
     #[error("cannot set up {what}: {reason}")]
     Setup { what: &'static str, reason: String },
+    #[error(
+        "the store failed ({reason}) and the disk takes writes again; exiting with status 75 so that the service manager restarts coverd, which reopens the store"
+    )]
+    StoreNeedsRestart { reason: String },
 }
+
+impl DaemonError {
+    /// A temporary failure of the store (disk full, a write error sled keeps until restart):
+    /// `serve` exits with status 75, and a restart can fix it.
+    pub fn is_temporary(&self) -> bool {
+        let disk_full = |e: &sled::Error| {
+            matches!(e, sled::Error::Io(io) if matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ))
+        };
+        match self {
+            DaemonError::StoreNeedsRestart { .. } => true,
+            DaemonError::Store(StoreError::Flush(_) | StoreError::Unwritable(_)) => true,
+            DaemonError::Store(StoreError::Io(e) | StoreError::Open { source: e, .. }) => {
+                disk_full(e)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How often the health loop looks at the store (and, after a failure, probes the disk).
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+/// The store is written (a health stamp) and flushed at most this often by the health loop.
+const HEALTH_WRITE_EVERY: Duration = Duration::from_secs(10);
+/// Bytes written and fsynced to probe whether the disk takes writes again: enough for sled
+/// to start a new log segment (512 KiB) after the restart.
+const PROBE_BYTES: usize = 1024 * 1024;
+/// The probe file, in the data directory.
+const PROBE_FILE: &str = ".write-probe";
 
 /// Knobs for tests that run the daemon in-process.
 #[derive(Debug, Default, Clone)]
@@ -144,6 +179,9 @@ pub struct Running {
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
     socket_path: PathBuf,
+    /// Set by the health loop when the store failed for good in this process but the disk
+    /// takes writes again: `wait` then ends with [`DaemonError::StoreNeedsRestart`].
+    restart: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Running {
@@ -163,8 +201,23 @@ impl Running {
         self.shutdown.cancelled().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         while self.tasks.join_next().await.is_some() {}
-        self.store.flush().await?;
         let _ = std::fs::remove_file(&self.socket_path);
+        let restart = self
+            .restart
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(reason) = restart.or_else(|| {
+            self.store
+                .needs_reopen()
+                .then(|| self.store.write_failure())
+                .flatten()
+        }) {
+            // sled keeps the error: nothing more can be flushed in this process. Every write
+            // answered 200 was flushed before its answer.
+            return Err(DaemonError::StoreNeedsRestart { reason });
+        }
+        self.store.flush().await?;
         tracing::info!("coverd stopped cleanly");
         Ok(())
     }
@@ -315,7 +368,14 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             shutdown.clone(),
         ));
     }
-    tasks.spawn(watchdog(store.clone(), health, shutdown.clone()));
+    let restart = Arc::new(std::sync::Mutex::new(None));
+    tasks.spawn(health_loop(
+        store.clone(),
+        health,
+        data_dir.clone(),
+        restart.clone(),
+        shutdown.clone(),
+    ));
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let metrics_at = config
@@ -337,26 +397,80 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         shutdown,
         tasks,
         socket_path,
+        restart,
     })
 }
 
-/// Pings systemd's watchdog only while the store answers and the workers run.
-async fn watchdog(store: Store, health: Arc<Health>, shutdown: CancellationToken) {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
-    };
-    let every = (interval / 2).max(Duration::from_millis(100));
+/// Watches the store's health: writes and flushes a health stamp now and then (so a store
+/// that cannot take writes is noticed even when no callback comes), pings systemd's watchdog
+/// only while the store takes writes and the workers run, and, once sled has failed for good,
+/// probes the disk until it takes writes again, then stops the daemon so that it exits with
+/// status 75 and is restarted (sled keeps a write error until the store is reopened).
+async fn health_loop(
+    store: Store,
+    health: Arc<Health>,
+    data_dir: PathBuf,
+    restart: Arc<std::sync::Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog
+        .map(|w| (w / 2).clamp(Duration::from_millis(100), HEALTH_EVERY))
+        .unwrap_or(HEALTH_EVERY);
+    let mut last_write: Option<tokio::time::Instant> = None;
+    let mut unhealthy_logged = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if store.check_health().await.is_ok() && health.downloads_running.load(Ordering::SeqCst) {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        if store.needs_reopen() {
+            let probe = data_dir.join(PROBE_FILE);
+            let writable = tokio::task::spawn_blocking(move || probe_disk(&probe))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if writable {
+                let reason = store.write_failure().unwrap_or_default();
+                tracing::warn!(
+                    reason,
+                    "the disk takes writes again; restarting to reopen the store (exit status 75)"
+                );
+                *restart.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                shutdown.cancel();
+                return;
+            }
+            continue;
+        }
+        let write_due = last_write.is_none_or(|t| t.elapsed() >= HEALTH_WRITE_EVERY);
+        let store_ok = if write_due || watchdog.is_some() {
+            last_write = Some(tokio::time::Instant::now());
+            store.check_health().await.is_ok()
         } else {
+            store.write_failure().is_none()
+        };
+        let healthy = store_ok && health.downloads_running.load(Ordering::SeqCst);
+        if healthy {
+            unhealthy_logged = false;
+            if watchdog.is_some() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        } else if watchdog.is_some() && !unhealthy_logged {
+            unhealthy_logged = true;
             tracing::error!(
                 "unhealthy (store or download workers down): not pinging the systemd watchdog, which restarts coverd"
             );
         }
     }
+}
+
+/// Writes [`PROBE_BYTES`] to `path`, fsyncs them and removes the file again.
+fn probe_disk(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let result = (|| {
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&vec![0u8; PROBE_BYTES])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(path);
+    result
 }

@@ -24,6 +24,9 @@ use crate::store::{Applied, IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
 const STORE_RETRY_MS: Millis = 1000;
+/// After the disk was full writing an image, downloads wait this long before trying again
+/// (no attempt is counted: the disk's fault is not the image's).
+const DISK_FULL_PAUSE: Duration = Duration::from_secs(10);
 /// Every image type a stored file can have.
 const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
@@ -101,6 +104,10 @@ enum ObtainError {
 }
 
 impl ObtainError {
+    fn is_disk_full(&self) -> bool {
+        matches!(self, ObtainError::Fetch(e) if e.is_disk_full())
+    }
+
     fn is_transient(&self) -> bool {
         match self {
             ObtainError::Fetch(e) => e.is_transient(),
@@ -129,6 +136,8 @@ pub struct Downloader {
     fetch_slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<String>>,
     metrics: Arc<Metrics>,
+    /// Set when the disk was full writing an image: downloads pause until then.
+    disk_full_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Downloader {
@@ -152,6 +161,7 @@ impl Downloader {
             fetch_slots: Arc::new(Semaphore::new(slots)),
             in_flight: Mutex::new(HashSet::new()),
             metrics,
+            disk_full_until: Mutex::new(None),
         })
     }
 
@@ -171,6 +181,32 @@ impl Downloader {
         let mut workers = tokio::task::JoinSet::new();
         loop {
             while workers.try_join_next().is_some() {}
+            // Nothing is fetched or asked of KIE while its result could not be recorded.
+            if let Some(reason) = self.store.write_failure() {
+                tracing::warn!(reason, "downloads paused: the store cannot take writes");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = self.store.writable() => {}
+                }
+                tracing::info!("downloads resumed: the store takes writes again");
+                continue;
+            }
+            let disk_full_until = *self
+                .disk_full_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(until) = disk_full_until {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                *self
+                    .disk_full_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                tracing::info!("downloads resumed after the disk was full");
+                continue;
+            }
             let next = match self.dispatch(&mut workers, &shutdown) {
                 Ok(next) => next,
                 Err(e) => {
@@ -267,6 +303,9 @@ impl Downloader {
                 return;
             }
         };
+        if self.paused() {
+            return;
+        }
         let task = match self.confirm(task).await {
             // Not confirmed yet (deferred): nothing is fetched; the index brings it back.
             Some(t) if !self.needs_confirmation(&t) => t,
@@ -286,13 +325,23 @@ impl Downloader {
                 let Ok(_slot) = this.fetch_slots.acquire().await else {
                     return;
                 };
-                if shutdown.is_cancelled() {
+                if shutdown.is_cancelled() || this.paused() {
                     return;
                 }
                 this.download_image(&task_id, image).await;
             });
         }
         while fetches.join_next().await.is_some() {}
+    }
+
+    /// Whether downloads pause: the store cannot take writes, or the disk was full.
+    fn paused(&self) -> bool {
+        self.store.write_failure().is_some()
+            || self
+                .disk_full_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
     }
 
     /// Applies `event` to an existing task at the scheduling clock's time.
@@ -384,6 +433,25 @@ impl Downloader {
         self.metrics.image_fetch_took(started.elapsed());
         let event = match obtained {
             Ok(stored) => stored,
+            Err(e) if e.is_disk_full() => {
+                // Not the image's fault: nothing recorded, no attempt used; every download
+                // waits a while (one log line per pause).
+                let mut until = self
+                    .disk_full_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if until.is_none() {
+                    tracing::error!(
+                        task_id,
+                        index,
+                        error = %e,
+                        "disk full writing an image; downloads paused for {}s, no attempt counted; free space in the data directory",
+                        DISK_FULL_PAUSE.as_secs()
+                    );
+                    *until = Some(tokio::time::Instant::now() + DISK_FULL_PAUSE);
+                }
+                return;
+            }
             Err(e) => {
                 let retry_at = e.is_transient().then(|| {
                     let d = &self.config.download;

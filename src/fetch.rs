@@ -133,6 +133,15 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// The local disk is full (or the user's quota used up) while writing the temp file:
+    /// the disk's fault, not the image's, so it must not use up an attempt.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, FetchError::Io(e) if matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        ))
+    }
+
     /// Worth retrying with backoff: connect errors, timeouts, cut bodies, 206 (a partial
     /// answer), 408/425/429/5xx and local disk errors.
     pub fn is_transient(&self) -> bool {
@@ -499,6 +508,17 @@ pub fn backoff_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_the_disks_fault_not_the_images() {
+        for errno in [28 /* ENOSPC */, 122 /* EDQUOT */] {
+            let e = FetchError::Io(io::Error::from_raw_os_error(errno));
+            assert!(e.is_disk_full(), "{e}");
+        }
+        let other = FetchError::Io(io::Error::from_raw_os_error(5 /* EIO */));
+        assert!(!other.is_disk_full());
+        assert!(!FetchError::TooLarge { limit: 1 }.is_disk_full());
+    }
 
     #[test]
     fn sniff_table() {

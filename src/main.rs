@@ -1,6 +1,7 @@
 //! The binary's edge: parses the command line (clap), loads the configuration, sets up logs,
 //! runs one command and turns its outcome into an exit code (0 ok, 1 missing/failed, 2 usage
-//! or configuration). Everything else lives in the library.
+//! or configuration, 75 temporary failure of the store in `serve`). Everything else lives in
+//! the library.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -148,7 +149,12 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     // so printing it as well doubled every line. Every error's message names
                     // its cause, so `{e:#}` repeated that too.
                     fatal(&format!("coverd stopped: {e}"));
-                    ExitCode::from(1)
+                    // 75 (EX_TEMPFAIL): the store failed for a reason a restart can fix
+                    // (the unit's Restart=on-failure restarts it; never 0 on a failure).
+                    let temporary = e
+                        .downcast_ref::<daemon::DaemonError>()
+                        .is_some_and(daemon::DaemonError::is_temporary);
+                    ExitCode::from(if temporary { 75 } else { 1 })
                 }
             };
         }

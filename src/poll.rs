@@ -74,6 +74,16 @@ impl Poller {
 
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
+            // No KIE call whose answer cannot be recorded: wait until the store takes writes.
+            if let Some(reason) = self.store.write_failure() {
+                tracing::warn!(reason, "polls paused: the store cannot take writes");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.store.writable() => {}
+                }
+                tracing::info!("polls resumed: the store takes writes again");
+                continue;
+            }
             let next = match self.pass(&shutdown).await {
                 Ok(next) => next,
                 Err(e) => {
@@ -103,6 +113,9 @@ impl Poller {
         let now = self.clock.now();
         let intents_due = now.saturating_sub(self.intents_checked_at.load(Ordering::Relaxed))
             >= INTENT_MIN_AGE_MS;
+        if self.store.write_failure().is_some() {
+            return Ok(Some(now));
+        }
         if let Some(kie) = self.kie.as_ref().filter(|_| intents_due) {
             self.intents_checked_at.store(now, Ordering::Relaxed);
             crate::submit::resolve_intents(
@@ -120,6 +133,10 @@ impl Poller {
             }
             if at > self.clock.now() {
                 return Ok(Some(at));
+            }
+            if self.store.write_failure().is_some() {
+                // `run` pauses; nothing more is asked of KIE until the store recovers.
+                return Ok(Some(self.clock.now()));
             }
             self.poll_one(&task_id).await;
         }

@@ -168,17 +168,19 @@ impl Public {
     }
 
     async fn healthz(&self) -> Resp {
-        let store_ok = self.intake.store.get("").is_ok();
-        let workers_ok = self.health.downloads_running.load(Ordering::SeqCst);
-        if store_ok && workers_ok {
-            text(StatusCode::OK, "ok")
+        let store = &self.intake.store;
+        let problem = if let Some(reason) = store.write_failure() {
+            Some(format!("store cannot take writes: {reason}"))
+        } else if let Err(e) = store.get("") {
+            Some(format!("store unavailable: {e}"))
+        } else if !self.health.downloads_running.load(Ordering::SeqCst) {
+            Some("download workers stopped".to_string())
         } else {
-            let what = if store_ok {
-                "download workers stopped"
-            } else {
-                "store unavailable"
-            };
-            answer(Answer::error(StatusCode::SERVICE_UNAVAILABLE, what))
+            None
+        };
+        match problem {
+            None => text(StatusCode::OK, "ok"),
+            Some(what) => answer(Answer::error(StatusCode::SERVICE_UNAVAILABLE, what)),
         }
     }
 }

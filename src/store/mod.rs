@@ -17,10 +17,12 @@
 //! queues skip it, so workers never pick it again, and scans go on past it.
 
 pub mod codec;
+mod flusher;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -31,6 +33,8 @@ use crate::model::{EventKind, EventRecord, Millis, State, Task};
 /// The schema this build writes and understands. Bump with a migration in `open`.
 pub const SCHEMA_VERSION: u32 = 1;
 const FORMAT_MARKER: &[u8] = b"coverd store";
+/// The reason given while a test injects write failures.
+const INJECTED: &str = "write failure injected by a test";
 /// sled's page cache; its default is 1 GiB.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// Past this many history entries, repetitive notes (duplicates, polls, retries) are dropped;
@@ -57,6 +61,12 @@ pub enum StoreError {
     Foreign { path: PathBuf },
     #[error("store I/O failed: {0}; check disk space and permissions")]
     Io(#[from] sled::Error),
+    #[error("cannot make the store's writes durable: {0}; check disk space and the disk's health")]
+    Flush(String),
+    #[error(
+        "the store cannot take writes since an earlier failure ({0}); free disk space or fix the disk, coverd then restarts to reopen the store"
+    )]
+    Unwritable(String),
     #[error(
         "corrupt record for {what}: {reason}; run `coverd admin verify` and restore from a backup if needed"
     )]
@@ -124,7 +134,10 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+// Field order is drop order: the flusher thread (which holds a `sled::Db` clone) is joined
+// first, then the sled handles are dropped, and `closed` last waits until sled's lock is free.
 struct Inner {
+    flusher: flusher::Flusher,
     path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
@@ -136,26 +149,54 @@ struct Inner {
     by_created: sled::Tree,
     by_music: sled::Tree,
     intents: sled::Tree,
-    commit: GroupCommit,
-    /// Fault injection for tests: every update fails as if the disk were gone.
-    fail_writes: std::sync::atomic::AtomicBool,
     /// Reads of a task record that could not be decoded, for tests: proves that workers
     /// skip a quarantined record instead of reading it again and again.
     undecodable_reads: AtomicU64,
     /// Task records found undecodable since open, by id. The due queues skip them, so the
     /// workers never pick them again. At most one entry per record in `tasks`.
     quarantine: std::sync::Mutex<std::collections::BTreeMap<String, Quarantined>>,
+    /// Tickets handed out: one per update, taken after the update (group commit).
+    written: Arc<AtomicU64>,
+    health: Arc<Health>,
+    _closed: ReleaseOnDrop,
 }
 
-/// Group commit: writers take a ticket after their write; one flush makes every write made
-/// before it durable, so concurrent waiters share it instead of flushing one by one.
-struct GroupCommit {
-    written: AtomicU64,
-    durable: AtomicU64,
-    /// Flushes issued by `durable`, for tests and metrics.
-    flushes: AtomicU64,
-    flushing: tokio::sync::Mutex<()>,
+/// Whether the store can take writes. sled 0.34 keeps an I/O error (a full disk) until the
+/// process restarts, so a real failure is sticky; the test injection is not.
+#[derive(Debug)]
+struct Health {
+    /// The first write or flush failure's reason, if one happened.
+    failed: tokio::sync::watch::Sender<Option<String>>,
+    /// Fault injection for tests: every update fails as if the disk were gone.
+    injected: AtomicBool,
 }
+
+impl Health {
+    fn mark(&self, reason: &str) {
+        self.failed.send_modify(|f| {
+            if f.is_none() {
+                tracing::error!(
+                    reason,
+                    "the store cannot take writes; callbacks get 503, downloads and polls pause"
+                );
+                *f = Some(reason.to_string());
+            }
+        });
+    }
+}
+
+/// Waits, when the store's last handle is gone, until sled has let go of its lock, so the
+/// directory can be opened again at once (in this process too).
+struct ReleaseOnDrop(PathBuf);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        flusher::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
+    }
+}
+
+/// Longest a closing store waits for sled's I/O threads to let go of the lock.
+const LOCK_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 
 impl Store {
     /// Opens (or creates) the store in `<data_dir>/db`.
@@ -179,7 +220,23 @@ impl Store {
                 }
             })?;
         let tree = |name: &str| db.open_tree(name);
+        let written = Arc::new(AtomicU64::new(0));
+        let (failed, _) = tokio::sync::watch::channel(None);
+        let health = Arc::new(Health {
+            failed,
+            injected: AtomicBool::new(false),
+        });
+        let on_failure = {
+            let health = health.clone();
+            Box::new(move |reason: &str| health.mark(reason))
+        };
+        let flusher = flusher::Flusher::start(db.clone(), &path, written.clone(), on_failure)
+            .map_err(|e| StoreError::Open {
+                path: path.clone(),
+                source: sled::Error::Io(e),
+            })?;
         let inner = Inner {
+            flusher,
             meta: tree("meta")?,
             tasks: tree("tasks")?,
             events: tree("events")?,
@@ -189,19 +246,19 @@ impl Store {
             by_created: tree("by_created")?,
             by_music: tree("by_music")?,
             intents: tree("intents")?,
+            _closed: ReleaseOnDrop(path.clone()),
             path,
             db,
-            fail_writes: std::sync::atomic::AtomicBool::new(false),
             undecodable_reads: AtomicU64::new(0),
             quarantine: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-            commit: GroupCommit {
-                written: AtomicU64::new(0),
-                durable: AtomicU64::new(0),
-                flushes: AtomicU64::new(0),
-                flushing: tokio::sync::Mutex::new(()),
-            },
+            written,
+            health,
         };
         inner.check_schema()?;
+        // The schema marker written for a new store: durable soon, without waiting here.
+        inner
+            .flusher
+            .request(inner.written.fetch_add(1, Ordering::SeqCst) + 1);
         Ok(Store {
             inner: Arc::new(inner),
         })
@@ -222,9 +279,9 @@ impl Store {
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
         let i = &*self.inner;
-        if i.fail_writes.load(Ordering::SeqCst) {
+        if i.health.injected.load(Ordering::SeqCst) {
             return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                "write failure injected by a test",
+                INJECTED,
             ))));
         }
         let trees = (
@@ -318,7 +375,7 @@ impl Store {
                 before,
                 task,
                 outcome,
-                ticket: self.inner.commit.written.fetch_add(1, Ordering::SeqCst) + 1,
+                ticket: self.inner.written.fetch_add(1, Ordering::SeqCst) + 1,
             })),
             Ok(None) => Ok(None),
             Err(TransactionError::Abort(e)) => {
@@ -328,7 +385,10 @@ impl Store {
                 }
                 Err(e)
             }
-            Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
+            Err(TransactionError::Storage(e)) => {
+                self.inner.health.mark(&e.to_string());
+                Err(StoreError::Io(e))
+            }
         }
     }
 
@@ -336,7 +396,45 @@ impl Store {
     /// prove what callers do when the store is unavailable. Not used by coverd itself.
     #[doc(hidden)]
     pub fn inject_write_failures(&self, on: bool) {
-        self.inner.fail_writes.store(on, Ordering::SeqCst);
+        self.inner.health.injected.store(on, Ordering::SeqCst);
+        // Wakes whoever waits in `writable`.
+        self.inner.health.failed.send_modify(|_| {});
+    }
+
+    /// Why the store cannot take writes now, if it cannot: a write or flush failed (sticky:
+    /// sled keeps the error until the process restarts), or a test injects failures.
+    pub fn write_failure(&self) -> Option<String> {
+        if self.inner.health.injected.load(Ordering::SeqCst) {
+            return Some(INJECTED.to_string());
+        }
+        self.inner.health.failed.borrow().clone()
+    }
+
+    /// Whether a real write or flush failed: only reopening the store (a restart) clears it.
+    pub fn needs_reopen(&self) -> bool {
+        self.inner.health.failed.borrow().is_some()
+    }
+
+    /// Waits until [`Store::write_failure`] is `None`: at once when the store is fine,
+    /// never in this process after a real failure (see [`Store::needs_reopen`]).
+    pub async fn writable(&self) {
+        let mut rx = self.inner.health.failed.subscribe();
+        while self.write_failure().is_some() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Closes the store: makes every write durable, then drops this handle; when it is the
+    /// last one, sled is closed and its lock released before this returns, so the directory
+    /// can be opened again at once. In-process users (`submit`, offline `admin`) call it
+    /// before they return.
+    pub async fn close(self) -> Result<(), StoreError> {
+        let flushed = self.flush().await;
+        // Joining the flusher thread and waiting for sled's lock block: off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        flushed
     }
 
     /// Stores `bytes` as the record of `task_id`, bypassing the codec and the indexes: lets
@@ -374,38 +472,37 @@ impl Store {
             })
     }
 
-    /// Waits until the update with `ticket` (and every one before it) is flushed to disk.
-    /// Concurrent callers share one flush.
+    /// Waits until the update with `ticket` (and every one before it) is durable, against
+    /// power loss too (see `flusher`). Concurrent callers share one flush round; the round is
+    /// run by the store's flusher thread, so dropping this future (a client gone) cannot
+    /// start a second flush or leave one half done.
     pub async fn durable(&self, ticket: u64) -> Result<(), StoreError> {
-        let gc = &self.inner.commit;
-        if gc.durable.load(Ordering::SeqCst) >= ticket {
-            return Ok(());
-        }
-        let _guard = gc.flushing.lock().await;
-        if gc.durable.load(Ordering::SeqCst) >= ticket {
-            return Ok(());
-        }
-        // Every write that has a ticket ≤ target completed before this flush started.
-        let target = gc.written.load(Ordering::SeqCst);
-        gc.flushes.fetch_add(1, Ordering::SeqCst);
-        self.inner.db.flush_async().await?;
-        gc.durable.fetch_max(target, Ordering::SeqCst);
-        Ok(())
+        self.inner
+            .flusher
+            .durable(ticket)
+            .await
+            .map_err(StoreError::Flush)
     }
 
-    /// Flushes issued since open; fewer than the callers of [`Store::durable`] when group
+    /// Flush rounds run since open; fewer than the callers of [`Store::durable`] when group
     /// commit shares them.
     pub fn group_flushes(&self) -> u64 {
-        self.inner.commit.flushes.load(Ordering::SeqCst)
+        self.inner.flusher.rounds()
+    }
+
+    /// The most flush rounds ever running at once (one flusher thread: at most 1).
+    #[doc(hidden)]
+    pub fn max_concurrent_flushes(&self) -> u32 {
+        self.inner.flusher.max_concurrent_rounds()
     }
 
     /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`
     /// such as submit intents). Shares the group commit: a fresh ticket is covered only by
-    /// a flush that starts after this call, and at most one `flush_async` runs at a time.
-    /// (Unbounded concurrent `flush_async` calls deadlock sled 0.34: each blocks one of its
-    /// global I/O threads until the log is written, and the log write is queued behind them.)
+    /// a round that starts after this call. (Only the flusher thread flushes: unbounded
+    /// concurrent `flush_async` calls deadlock sled 0.34, each blocking one of its global
+    /// I/O threads until the log is written while the log write is queued behind them.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let ticket = self.inner.commit.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let ticket = self.inner.written.fetch_add(1, Ordering::SeqCst) + 1;
         self.durable(ticket).await
     }
 
@@ -725,8 +822,14 @@ impl Store {
 
     /// Health: a write, a flush and a read-back succeed.
     pub async fn check_health(&self) -> Result<(), StoreError> {
+        if let Some(reason) = self.write_failure() {
+            return Err(StoreError::Unwritable(reason));
+        }
         let stamp = crate::model::now_millis().to_be_bytes();
-        self.inner.meta.insert("health", &stamp)?;
+        if let Err(e) = self.inner.meta.insert("health", &stamp) {
+            self.inner.health.mark(&e.to_string());
+            return Err(e.into());
+        }
         self.flush().await?;
         match self.inner.meta.get("health")? {
             Some(v) if v.as_ref() == stamp => Ok(()),
@@ -1152,6 +1255,141 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.counts().unwrap().submitted, 20);
+        store.check_health().await.unwrap();
+    }
+
+    /// Ingest throughput with group commit: 64 concurrent writers, each writing one task and
+    /// waiting until it is durable, for 3 s. Run by hand to measure the cost of durability:
+    /// `cargo test --release --lib ingest_throughput -- --ignored --nocapture`
+    /// (in a directory on the disk to measure: `TMPDIR=/var/tmp`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a test"]
+    async fn ingest_throughput() {
+        let (_d, store) = open();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..64 {
+            let store = store.clone();
+            writers.spawn(async move {
+                let mut n = 0u64;
+                while std::time::Instant::now() < deadline {
+                    let id = format!("w{w}-{n}");
+                    let applied = store
+                        .apply_async(
+                            &id,
+                            Event::Track {
+                                music_task_id: None,
+                            },
+                            ctx(1),
+                            IfMissing::Create,
+                        )
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    store.durable(applied.ticket).await.unwrap();
+                    n += 1;
+                }
+                n
+            });
+        }
+        let mut total = 0;
+        while let Some(n) = writers.join_next().await {
+            total += n.unwrap();
+        }
+        println!(
+            "ingest: {} durable writes/s, {} flushes",
+            total / 3,
+            store.group_flushes()
+        );
+    }
+
+    /// Waiters dropped mid-wait (a client reset, a timeout) never start a second flush: the
+    /// flusher thread owns every flush, one at a time, and the store stays usable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancelled_waiters_never_start_a_second_flush() {
+        let (_d, store) = open();
+        let mut waiters = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let store = store.clone();
+            waiters.spawn(async move {
+                let ticket = track(&store, &format!("c{i}"), 1).ticket;
+                // Polled once or a few times, then dropped while its flush runs.
+                let wait = store.durable(ticket);
+                tokio::pin!(wait);
+                for _ in 0..(i % 4) {
+                    if futures_poll_once(wait.as_mut()).await.is_some() {
+                        return;
+                    }
+                }
+            });
+        }
+        while let Some(r) = waiters.join_next().await {
+            r.unwrap();
+        }
+        // Still working (no deadlock), everything durable, and never two flushes at once.
+        tokio::time::timeout(std::time::Duration::from_secs(60), store.flush())
+            .await
+            .expect("a flush after cancelled waiters finishes")
+            .unwrap();
+        assert_eq!(store.max_concurrent_flushes(), 1);
+        assert_eq!(store.counts().unwrap().submitted, 200);
+    }
+
+    /// Polls `fut` once; `Some` if it finished.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+        let mut fut = fut;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// Dropping the last handle (or `close`) releases sled's lock before it returns, even
+    /// with waiters dropped mid-flush just before: the directory opens again at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_directory_reopens_at_once_after_close_or_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..40 {
+            let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let tickets: Vec<u64> = (0..8)
+                .map(|i| track(&store, &format!("r{round}-{i}"), 1).ticket)
+                .collect();
+            // Some waiters finish, some are dropped while their flush runs.
+            let last = *tickets.last().unwrap();
+            {
+                let abandoned = store.durable(last);
+                tokio::pin!(abandoned);
+                let _ = futures_poll_once(abandoned.as_mut()).await;
+            }
+            if round % 2 == 0 {
+                store.durable(tickets[0]).await.unwrap();
+                drop(store);
+            } else {
+                store.close().await.unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.counts().unwrap().submitted, 40 * 8);
+    }
+
+    #[tokio::test]
+    async fn a_write_failure_is_reported_until_it_is_gone() {
+        let (_d, store) = open();
+        assert_eq!(store.write_failure(), None);
+        store.inject_write_failures(true);
+        assert!(store.write_failure().unwrap().contains("injected"));
+        assert!(store.check_health().await.is_err());
+        let woken = {
+            let store = store.clone();
+            tokio::spawn(async move { store.writable().await })
+        };
+        store.inject_write_failures(false);
+        woken.await.unwrap();
+        assert_eq!(store.write_failure(), None);
+        assert!(!store.needs_reopen());
         store.check_health().await.unwrap();
     }
 
