@@ -651,3 +651,48 @@ async fn a_store_failure_after_the_fetch_is_healed_by_adoption() {
     check_disk(&d);
     d.stop().await;
 }
+
+/// While the store cannot take writes, no image is fetched whose result could not be
+/// recorded, however often its retry falls due; afterwards it goes ahead.
+#[tokio::test]
+async fn downloads_pause_while_the_store_cannot_take_writes() {
+    let fake = FakeKie::start().await;
+    let bytes = png(2500);
+    fake.files.set(
+        "/s/later.png",
+        Behaviour::FailFirst {
+            failures: 1,
+            bytes: bytes.clone(),
+        },
+    );
+    // The retry waits for the test's clock, not for real time.
+    let d = Daemon::start(&fake, |c| {
+        c.download.backoff_base = Duration::from_secs(3600);
+        c.download.backoff_max = Duration::from_secs(3600);
+    })
+    .await;
+    let id = "storepause";
+    deliver(&d, id, &[fake.files.url("/s/later.png")]).await;
+    // The first fetch gets a 500: the image waits for its retry.
+    let t = d.wait_for(id, |t| t.images[0].attempts == 1).await;
+    assert_eq!(t.images[0].state, ImageState::Pending);
+    assert_eq!(fake.files.hits("/s/later.png"), 1);
+
+    d.store.inject_write_failures(true);
+    for _ in 0..4 {
+        d.advance(Duration::from_secs(2 * 3600));
+        d.wake();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        fake.files.hits("/s/later.png"),
+        1,
+        "nothing fetched while its result could not be recorded"
+    );
+
+    d.store.inject_write_failures(false);
+    let t = d.wait_for(id, |t| t.state == State::Downloaded).await;
+    assert_eq!(t.images[0].attempts, 2);
+    assert_eq!(fake.files.hits("/s/later.png"), 2);
+    d.stop().await;
+}

@@ -435,6 +435,40 @@ async fn submit_surfaces_401_and_402_as_clear_errors() {
     assert!(store.intents(10).unwrap().is_empty());
 }
 
+/// While the store cannot take writes, `/healthz` says so (503 with the reason) and polls
+/// pause: no record-info call whose answer could not be recorded. Once it recovers, the poll
+/// goes ahead and the task is downloaded.
+#[tokio::test]
+async fn polls_pause_while_the_store_cannot_take_writes() {
+    let fake = FakeKie::start().await;
+    let d = api_daemon(&fake, |_| {}).await;
+    let (answer, _) = submit(&d.config, "music-storefail").await.expect("submit");
+    let id = answer.task_id;
+    let (urls, bytes) = two_images(&fake, "storefail");
+    fake.api.set_status(&id, Status::Success(urls));
+
+    d.store.inject_write_failures(true);
+    let (status, body) = d.get("/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot take writes"), "{body}");
+    // The poll falls due again and again: nothing is asked of KIE meanwhile.
+    for _ in 0..4 {
+        d.advance(POLL_AFTER + POLL_INTERVAL);
+        d.wake();
+        settle().await;
+    }
+    assert_eq!(fake.api.calls(Endpoint::RecordInfo), 0);
+
+    d.store.inject_write_failures(false);
+    assert_eq!(d.get("/healthz").await.0, 200);
+    d.wake();
+    let t = d.wait_for(&id, downloaded).await;
+    assert_eq!(t.polls, 1);
+    assert_eq!(fake.api.calls(Endpoint::RecordInfo), 1);
+    assert_stored(&d, &t, &bytes);
+    d.stop().await;
+}
+
 // ---- polling ----
 
 #[tokio::test]

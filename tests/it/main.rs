@@ -6,6 +6,7 @@ mod bin_util;
 mod binary;
 mod crash;
 mod crowd;
+mod diskfull;
 mod downloads;
 mod fake_kie;
 mod fetch;

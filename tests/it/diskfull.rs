@@ -1,0 +1,141 @@
+//! Fault test on the real binary: the data directory on a small tmpfs that fills up while
+//! callbacks arrive. Callbacks then get 503 and `/healthz` 503; no callback that got a 200 is
+//! lost; once space is freed the daemon exits with status 75 (never 0), and restarted, as
+//! systemd's `Restart=on-failure` would, it takes callbacks again, all within 30 s.
+//! Mounting needs root (CI has it); where `mount` is refused the test says why and skips.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::bin_util::{Daemon, PATIENCE, Scratch};
+use crate::fake_kie::FakeKie;
+use crate::harness::failure_body;
+
+/// The tmpfs: room for sled's first log segments; a filler file takes the rest.
+const TMPFS_SIZE: &str = "size=24m";
+/// SPEC: callbacks are taken again within this long after the cause is gone.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+/// Unmounts the tmpfs when the test ends, whatever happened.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount_tmpfs(at: &Path) -> Result<Unmount, String> {
+    std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("{TMPFS_SIZE},mode=0700")])
+        .arg("coverd-diskfull")
+        .arg(at)
+        .output()
+        .map_err(|e| format!("cannot run mount: {e}"))?;
+    if out.status.success() {
+        Ok(Unmount(at.to_path_buf()))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Writes zeros to `path` until the file system is full.
+fn fill(path: &Path) {
+    let mut f = std::fs::File::create(path).expect("create filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// One callback for a new task `full<n>` (a failure report: no download, only the store is
+/// exercised); its status, and its id in `acked` on a 200.
+async fn send(daemon: &Daemon, n: &mut u32, acked: &mut BTreeSet<String>) -> u16 {
+    *n += 1;
+    let id = format!("full{n:05}");
+    let (status, _) = daemon
+        .callback(failure_body(&id, 501, "generation failed"))
+        .await
+        .expect("callback answered");
+    if status == 200 {
+        acked.insert(id);
+    }
+    status
+}
+
+#[tokio::test]
+async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
+    let scratch = Scratch::new();
+    let data = scratch.data_dir();
+    let _unmount = match mount_tmpfs(&data) {
+        Ok(guard) => guard,
+        Err(reason) => {
+            eprintln!("skipped: cannot mount a tmpfs at {} ({reason})", data.display());
+            return;
+        }
+    };
+    let fake = FakeKie::start().await;
+    scratch.write_config(&fake.base_url(), "", "");
+    let daemon = scratch.serve().await;
+
+    let mut acked = BTreeSet::new();
+    let mut n = 0;
+    for _ in 0..20 {
+        assert_eq!(send(&daemon, &mut n, &mut acked).await, 200);
+    }
+
+    // The disk fills up while callbacks keep coming: they get 503 (so KIE retries).
+    let filler = data.join("filler");
+    fill(&filler);
+    let deadline = Instant::now() + PATIENCE;
+    let mut refused = 0;
+    while refused < 5 {
+        match send(&daemon, &mut n, &mut acked).await {
+            200 => {}
+            503 => refused += 1,
+            other => panic!("callback answered {other} on a full disk:\n{}", daemon.logs()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no 503 on a full disk after {n} callbacks:\n{}",
+            daemon.logs()
+        );
+    }
+    let (status, body) = daemon.get("/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cannot take writes"), "{body}");
+
+    // Space comes back: the daemon notices and exits 75 to reopen its store.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let freed = Instant::now();
+    let (status, logs) = daemon.wait_exit().await;
+    assert_eq!(status.code(), Some(75), "exit status after a store failure:\n{logs}");
+    for pause in ["polls paused", "downloads paused"] {
+        assert!(logs.matches(pause).count() <= 1, "logged in a loop:\n{logs}");
+    }
+
+    // Restarted (systemd adds RestartSec): callbacks are taken again within 30 s.
+    let daemon = scratch.serve().await;
+    assert_eq!(send(&daemon, &mut n, &mut acked).await, 200);
+    let took = freed.elapsed();
+    assert!(took < RECOVERY, "callbacks taken again only after {took:?}");
+
+    // Every callback that got a 200 is there.
+    let out = scratch.run(&["admin", "export"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let stored: BTreeSet<String> = out
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("export line");
+            v["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let lost: Vec<_> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let logs = daemon.stop().await;
+    assert!(!logs.contains("panicked"), "{logs}");
+}
