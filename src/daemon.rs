@@ -439,6 +439,11 @@ async fn health_loop(
                 shutdown.cancel();
                 return;
             }
+            // Alive and answering 503 while it waits for the disk: not a hang, so the
+            // watchdog (which would restart into the same full disk) keeps being fed.
+            if watchdog.is_some() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
             continue;
         }
         let write_due = last_write.is_none_or(|t| t.elapsed() >= HEALTH_WRITE_EVERY);

@@ -1352,7 +1352,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_directory_reopens_at_once_after_close_or_drop() {
         let dir = tempfile::tempdir().unwrap();
-        for round in 0..40 {
+        for round in 0..100 {
             let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e}"));
             let tickets: Vec<u64> = (0..8)
                 .map(|i| track(&store, &format!("r{round}-{i}"), 1).ticket)
@@ -1372,7 +1372,7 @@ mod tests {
             }
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.counts().unwrap().submitted, 40 * 8);
+        assert_eq!(store.counts().unwrap().submitted, 100 * 8);
     }
 
     #[tokio::test]

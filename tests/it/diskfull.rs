@@ -73,7 +73,10 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
     let _unmount = match mount_tmpfs(&data) {
         Ok(guard) => guard,
         Err(reason) => {
-            eprintln!("skipped: cannot mount a tmpfs at {} ({reason})", data.display());
+            eprintln!(
+                "skipped: cannot mount a tmpfs at {} ({reason})",
+                data.display()
+            );
             return;
         }
     };
@@ -96,7 +99,10 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
         match send(&daemon, &mut n, &mut acked).await {
             200 => {}
             503 => refused += 1,
-            other => panic!("callback answered {other} on a full disk:\n{}", daemon.logs()),
+            other => panic!(
+                "callback answered {other} on a full disk:\n{}",
+                daemon.logs()
+            ),
         }
         assert!(
             Instant::now() < deadline,
@@ -112,9 +118,16 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
     std::fs::remove_file(&filler).expect("remove filler");
     let freed = Instant::now();
     let (status, logs) = daemon.wait_exit().await;
-    assert_eq!(status.code(), Some(75), "exit status after a store failure:\n{logs}");
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "exit status after a store failure:\n{logs}"
+    );
     for pause in ["polls paused", "downloads paused"] {
-        assert!(logs.matches(pause).count() <= 1, "logged in a loop:\n{logs}");
+        assert!(
+            logs.matches(pause).count() <= 1,
+            "logged in a loop:\n{logs}"
+        );
     }
 
     // Restarted (systemd adds RestartSec): callbacks are taken again within 30 s.
