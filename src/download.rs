@@ -26,7 +26,7 @@ use crate::store::{Applied, IfMissing, Store, StoreError};
 const STORE_RETRY_MS: Millis = 1000;
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
-const DISK_FULL_PAUSE: Duration = Duration::from_secs(10);
+const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
 /// Every image type a stored file can have.
 const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.

@@ -1,8 +1,9 @@
-//! Fault test on the real binary: the data directory on a small tmpfs that fills up while
-//! callbacks arrive. Callbacks then get 503 and `/healthz` 503; no callback that got a 200 is
-//! lost; once space is freed the daemon exits with status 75 (never 0), and restarted, as
-//! systemd's `Restart=on-failure` would, it takes callbacks again, all within 30 s.
-//! Mounting needs root (CI has it); where `mount` is refused the test says why and skips.
+//! Full disks, on real small tmpfs mounts. With the real binary: the data directory fills up
+//! while callbacks arrive; callbacks then get 503 and `/healthz` 503; no callback that got a
+//! 200 is lost; once space is freed the daemon exits with status 75 (never 0), and
+//! restarted, as systemd's `Restart=on-failure` would, it takes callbacks again, all within
+//! 30 s. In process: a full `tmp/` while an image is written uses up no attempt.
+//! Mounting needs root (CI has it); where `mount` is refused a test says why and skips.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -10,9 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use coverd::model::{ImageState, State};
+
 use crate::bin_util::{Daemon, PATIENCE, Scratch};
 use crate::fake_kie::FakeKie;
-use crate::harness::failure_body;
+use crate::fake_kie::files::{Behaviour, png};
+use crate::harness::{self, failure_body, success_body, test_config};
 
 /// The tmpfs: room for sled's first log segments; a filler file takes the rest.
 const TMPFS_SIZE: &str = "size=24m";
@@ -28,10 +32,10 @@ impl Drop for Unmount {
     }
 }
 
-fn mount_tmpfs(at: &Path) -> Result<Unmount, String> {
+fn mount_tmpfs(at: &Path, size: &str) -> Result<Unmount, String> {
     std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
     let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("{TMPFS_SIZE},mode=0700")])
+        .args(["-t", "tmpfs", "-o", &format!("{size},mode=0700")])
         .arg("coverd-diskfull")
         .arg(at)
         .output()
@@ -70,7 +74,7 @@ async fn send(daemon: &Daemon, n: &mut u32, acked: &mut BTreeSet<String>) -> u16
 async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
     let scratch = Scratch::new();
     let data = scratch.data_dir();
-    let _unmount = match mount_tmpfs(&data) {
+    let _unmount = match mount_tmpfs(&data, TMPFS_SIZE) {
         Ok(guard) => guard,
         Err(reason) => {
             eprintln!(
@@ -151,4 +155,67 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     let logs = daemon.stop().await;
     assert!(!logs.contains("panicked"), "{logs}");
+}
+
+/// ENOSPC while an image's temp file is written is the disk's fault: with
+/// `download.max_attempts = 1` the image is neither failed nor charged an attempt; downloads
+/// pause and try again, and once there is room the image is stored.
+#[tokio::test]
+async fn a_full_disk_writing_an_image_uses_up_no_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let unmount = match mount_tmpfs(dir.path(), TMPFS_SIZE) {
+        Ok(guard) => guard,
+        Err(reason) => {
+            eprintln!(
+                "skipped: cannot mount a tmpfs at {} ({reason})",
+                dir.path().display()
+            );
+            return;
+        }
+    };
+    let fake = FakeKie::start().await;
+    let bytes = png(2 * 1024 * 1024);
+    fake.files
+        .set("/s/big.png", Behaviour::Image(bytes.clone()));
+    let mut config = test_config(dir.path(), &fake);
+    config.download.max_attempts = 1;
+    config.accept_unknown_tasks = true;
+    let filler = dir.path().join("filler");
+    let d = harness::Daemon::start_in(dir, config).await;
+    // Room for the store's few writes, not for the image.
+    fill(&filler);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&filler)
+        .and_then(|f| f.set_len(full.saturating_sub(512 * 1024)))
+        .expect("shrink filler");
+    let id = "tmpfull";
+    let (status, body) = d
+        .callback(&success_body(id, &[fake.files.url("/s/big.png")]))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Tried, hit the full disk, paused, tried again: not one attempt used.
+    let deadline = Instant::now() + PATIENCE;
+    while fake.files.hits("/s/big.png") < 2 {
+        let t = d.task(id).unwrap();
+        assert_eq!(t.images[0].state, ImageState::Pending, "{t:?}");
+        assert!(Instant::now() < deadline, "no second try: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = d.task(id).unwrap();
+    assert_eq!(
+        (t.images[0].state, t.images[0].attempts),
+        (ImageState::Pending, 0)
+    );
+    assert_eq!(d.store.write_failure(), None, "the store itself had room");
+
+    // Room again: stored at the next try.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let t = d.wait_for(id, |t| t.state == State::Downloaded).await;
+    assert_eq!(t.images[0].attempts, 1);
+    let (dir, _) = d.stop().await;
+    drop(unmount);
+    drop(dir);
 }
