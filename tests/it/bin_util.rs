@@ -123,6 +123,25 @@ timeout = "30s"
         serde_json::from_str(&out.stdout)
             .unwrap_or_else(|e| panic!("coverd {all:?} printed no JSON ({e}): {out:?}"))
     }
+
+    /// Every task as `coverd admin export` prints it (one JSON object per line, events
+    /// included), or why the export failed (exit status other than 0, or a line that is not
+    /// JSON). Works with the daemon running (admin socket) or stopped (store opened directly).
+    pub async fn export(&self) -> Result<Vec<Value>, String> {
+        let out = self.run(&["admin", "export"]).await;
+        if out.code != Some(0) {
+            return Err(format!("coverd admin export failed: {out:?}"));
+        }
+        out.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| {
+                    format!("coverd admin export printed a line that is not JSON ({e}): {l}")
+                })
+            })
+            .collect()
+    }
 }
 
 /// What a finished command did.
@@ -417,4 +436,11 @@ pub fn files_under(base: &Path, dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+/// The entries of the data directory's `tmp/` (partial downloads), unsorted.
+pub fn tmp_entries(data_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(data_dir.join("tmp"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }

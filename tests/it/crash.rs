@@ -5,7 +5,7 @@
 //! lacks a record (nothing partial at a final path), and `tmp/` is empty.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::bin_util::{Daemon, PATIENCE, Scratch, files_under, wait_status};
+use crate::bin_util::{Daemon, PATIENCE, Scratch, files_under, tmp_entries, wait_status};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png, sha256_hex};
 use crate::harness::success_body;
@@ -115,12 +115,6 @@ struct KillReport {
     parts: usize,
     /// Files at final paths right after the kill.
     stored: usize,
-}
-
-fn tmp_entries(data_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(data_dir.join("tmp"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default()
 }
 
 /// When a burst SIGKILLs the daemon.

@@ -15,6 +15,7 @@ mod intake;
 mod journal;
 mod kie_client;
 mod kie_flows;
+mod kill_loop;
 mod metrics;
 mod process;
 mod quarantine;

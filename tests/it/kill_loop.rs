@@ -1,0 +1,883 @@
+//! The kill loop: mixed load against the real binary, SIGKILLed at random moments for N
+//! cycles, with every promise of SPEC checked after each crash and at the end.
+//!
+//! One data directory and one fake KIE live through the whole loop. Each cycle adds tasks of
+//! every kind — callbacks for unknown tasks (`accept_unknown_tasks`), for tasks tracked with
+//! `coverd admin track` and for tasks made with `coverd submit`; tracked and submitted tasks
+//! whose callback never comes (the poll fallback must find their result); tasks KIE is still
+//! generating until the next cycle; failures — with images served at once, after one to
+//! three transient 500s, trickled or stalled. It sends the callbacks KIE would (again, for
+//! those not yet acknowledged, plus a few duplicates), and SIGKILLs the daemon after a random
+//! delay. Then, with the daemon stopped, `coverd admin export` must show:
+//! - every callback that got 200 stored with its delivery (`callbacks` ≥ its 200s), and every
+//!   task whose `track`/`submit` answered 0;
+//! - under `images/` only complete images at final paths (`<task>/<i>.<ext>`), each byte for
+//!   byte the fake's image, and hashing to its record's sha256 once recorded;
+//! - a settled task never changes its final state.
+//!
+//! After each restart no partial download from before the crash is left in `tmp/`. After the
+//! last cycle, a run without kill must settle every task (`downloaded` with every image, or
+//! `failed` as KIE said) within [`SETTLE_BOUND`]; a SIGTERM then leaves `tmp/` empty and
+//! `admin verify` clean. Violations are collected (not the first one only) and the summary
+//! printed before the test fails.
+//!
+//! `COVERD_KILL_CYCLES` (default 3) and `COVERD_KILL_SEED` (default: from the clock, printed)
+//! drive it; `scripts/kill-loop N` runs it in release mode. The seed replays the workload and
+//! the kill delays; where a kill lands in the daemon's work still depends on the machine.
+//! It owns no daemon code; it reuses `bin_util` (the binary) and `fake_kie` (KIE, files).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::bin_util::{Daemon, Scratch, files_under, tmp_entries};
+use crate::fake_kie::FakeKie;
+use crate::fake_kie::api::Status;
+use crate::fake_kie::files::{Behaviour, gif, jpeg, png, sha256_hex, webp};
+use crate::harness::{failure_body, success_body};
+
+const CYCLES_VAR: &str = "COVERD_KILL_CYCLES";
+const SEED_VAR: &str = "COVERD_KILL_SEED";
+/// Cycles when `COVERD_KILL_CYCLES` is not set (what `cargo test` runs).
+const DEFAULT_CYCLES: usize = 3;
+/// New tasks per cycle.
+const TASKS_PER_CYCLE: usize = 12;
+/// Steps (track, submit, callback) in flight at once.
+const PARALLEL: usize = 8;
+/// Each step of a cycle's load starts this long after the daemon is up, uniformly at random
+/// (milliseconds), so that callbacks, tracks and submits keep arriving during the cycle.
+const ARRIVAL_MS: std::ops::Range<u64> = 0..1200;
+/// The kill comes this long after the daemon is up, uniformly at random (milliseconds).
+const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 30..=1500;
+/// Duplicate deliveries of already acknowledged callbacks per cycle, at most.
+const DUPLICATES_PER_CYCLE: usize = 3;
+/// Every task must be final this long after the last (unkilled) start.
+const SETTLE_BOUND: Duration = Duration::from_secs(60);
+/// KIE's answer to a failed generation, in callbacks and record-info.
+const FAILURE_CODE: i64 = 501;
+const FAILURE_MSG: &str = "Cover generation failed";
+const RECEIVED: &str = r#"{"status":"received"}"#;
+
+/// How coverd learns of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intake {
+    /// Only through its callback (`accept_unknown_tasks = true`).
+    Unknown,
+    /// `coverd admin track ID --music-task-id M`.
+    Track,
+    /// `coverd submit M` (KIE's fake makes the id).
+    Submit,
+}
+
+/// One image of a task on the fake file host.
+struct Img {
+    path: String,
+    ext: &'static str,
+    bytes: Bytes,
+}
+
+/// A task of the workload: what KIE will say about it, and what the loop got so far.
+struct Plan {
+    /// Unique name: the task id for `Unknown`/`Track`, the base of the music id for `Submit`.
+    label: String,
+    music: String,
+    intake: Intake,
+    success: bool,
+    /// Whether KIE sends a callback at all (else only the poll fallback finds the result).
+    callback: bool,
+    images: Vec<Img>,
+    /// Known for `Unknown`/`Track` from the start, for `Submit` once `submit` answered.
+    task_id: Option<String>,
+    /// `track`/`submit` answered 0 (always true for `Unknown`).
+    registered: bool,
+    /// KIE has finished the task (record-info answers its result, the callback may be sent).
+    kie_done: bool,
+    /// 200 `{"status":"received"}` answers to this task's callbacks, duplicates included.
+    acks: u64,
+    /// The final state first seen in the store; it must never change.
+    settled: Option<String>,
+}
+
+impl Plan {
+    fn urls(&self, fake: &FakeKie) -> Vec<String> {
+        self.images
+            .iter()
+            .map(|i| fake.files.url(&i.path))
+            .collect()
+    }
+
+    fn kie_status(&self, fake: &FakeKie) -> Status {
+        match (self.kie_done, self.success) {
+            (false, _) => Status::Generating,
+            (true, true) => Status::Success(self.urls(fake)),
+            (true, false) => Status::Failed {
+                code: FAILURE_CODE,
+                message: FAILURE_MSG.into(),
+            },
+        }
+    }
+
+    fn callback_body(&self, fake: &FakeKie, task_id: &str) -> String {
+        if self.success {
+            success_body(task_id, &self.urls(fake))
+        } else {
+            failure_body(task_id, FAILURE_CODE, FAILURE_MSG)
+        }
+    }
+
+    fn expected_state(&self) -> &'static str {
+        if self.success { "downloaded" } else { "failed" }
+    }
+
+    /// Whether this task still needs a `track`/`submit` or its first acknowledged callback.
+    fn needs_work(&self) -> bool {
+        !self.registered || (self.callback && self.kie_done && self.acks == 0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    cycles: usize,
+    kills: usize,
+    /// 200 answers to callbacks, and how many of those were duplicate deliveries.
+    acks: u64,
+    duplicate_acks: u64,
+    /// Requests and commands cut short by a kill (expected).
+    cut: usize,
+    /// Partial downloads in `tmp/`, and installed images without a record yet, at the kills.
+    parts_at_kill: usize,
+    unrecorded_at_kill: usize,
+    /// Images adopted after a restart (installed before the kill, recorded after it).
+    adopted: usize,
+    max_recovery: Duration,
+    settle: Duration,
+    images: usize,
+}
+
+/// Everything the loop knows, shared by the steps running at once.
+#[derive(Default)]
+struct World {
+    plans: Vec<Plan>,
+    stats: Stats,
+    violations: Vec<String>,
+    /// Which cycle (for messages); `None` in the final run.
+    cycle: Option<usize>,
+}
+
+impl World {
+    fn violation(&mut self, what: String) {
+        let when = match self.cycle {
+            Some(c) => format!("cycle {c}"),
+            None => "final run".into(),
+        };
+        eprintln!("kill loop VIOLATION ({when}): {what}");
+        self.violations.push(format!("{when}: {what}"));
+    }
+
+    /// The plan a stored task belongs to: by task id, else by its music task id (a submit
+    /// whose answer was cut by the kill).
+    fn plan_of(&self, task_id: &str, task: Option<&Value>) -> Option<usize> {
+        let music = task.and_then(|t| t["music_task_id"].as_str());
+        self.plans
+            .iter()
+            .position(|p| p.task_id.as_deref() == Some(task_id))
+            .or_else(|| {
+                self.plans
+                    .iter()
+                    .position(|p| p.intake == Intake::Submit && Some(p.music.as_str()) == music)
+            })
+    }
+}
+
+/// What every step needs; cheap to clone.
+#[derive(Clone)]
+struct Cx {
+    scratch: Arc<Scratch>,
+    fake: Arc<FakeKie>,
+    world: Arc<Mutex<World>>,
+    daemon: Arc<Daemon>,
+    killed: Arc<AtomicBool>,
+    slots: Arc<Semaphore>,
+}
+
+impl Cx {
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A step that did not succeed: expected once the kill is decided, a violation before.
+    fn failed(&self, what: String) {
+        let killed = self.killed.load(Ordering::SeqCst);
+        let mut w = self.world();
+        if killed {
+            w.stats.cut += 1;
+        } else {
+            w.violation(what);
+        }
+    }
+
+    /// Tells the fake KIE what it knows about plan `i` (once the plan has a task id).
+    fn sync_kie(&self, i: usize) {
+        let w = self.world();
+        let plan = &w.plans[i];
+        if let Some(id) = &plan.task_id
+            && self.fake.api.task(id).is_some()
+        {
+            self.fake.api.set_status(id, plan.kie_status(&self.fake));
+        }
+    }
+
+    /// At `at` after the start of the load, brings plan `i` one step further: `track` or
+    /// `submit` if not done, then its callback (again, as a duplicate delivery, with
+    /// `duplicate`).
+    async fn drive(self, i: usize, duplicate: bool, at: Duration) {
+        // Arrivals spread over the cycle, like KIE's callbacks over time.
+        tokio::time::sleep(at).await;
+        let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        if self.killed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (intake, registered, label, music) = {
+            let w = self.world();
+            let p = &w.plans[i];
+            (p.intake, p.registered, p.label.clone(), p.music.clone())
+        };
+        if !registered {
+            match intake {
+                Intake::Unknown => {}
+                Intake::Track => {
+                    let args = ["admin", "track", &label, "--music-task-id", &music];
+                    let out = self.scratch.run(&args).await;
+                    if out.code != Some(0) {
+                        return self.failed(format!("coverd {args:?}: {out:?}"));
+                    }
+                    self.world().plans[i].registered = true;
+                }
+                Intake::Submit => {
+                    let args = ["submit", &music, "--json"];
+                    let out = self.scratch.run(&args).await;
+                    let id = serde_json::from_str::<Value>(&out.stdout)
+                        .ok()
+                        .and_then(|v| v["task_id"].as_str().map(str::to_string));
+                    let (Some(0), Some(id)) = (out.code, id) else {
+                        return self.failed(format!("coverd {args:?}: {out:?}"));
+                    };
+                    {
+                        let mut w = self.world();
+                        let known = w.plans[i].task_id.clone();
+                        if known.as_ref().is_some_and(|known| *known != id) {
+                            w.violation(format!(
+                                "submit {music} answered {id}, an earlier submit {known:?}: two covers for one song"
+                            ));
+                            return;
+                        }
+                        w.plans[i].task_id = Some(id);
+                        w.plans[i].registered = true;
+                    }
+                    self.sync_kie(i);
+                }
+            }
+        }
+        let body = {
+            let w = self.world();
+            let p = &w.plans[i];
+            let send = p.callback && p.kie_done && (p.acks == 0 || duplicate);
+            match (&p.task_id, send) {
+                (Some(id), true) => Some((id.clone(), p.callback_body(&self.fake, id), p.acks > 0)),
+                _ => None,
+            }
+        };
+        let Some((id, body, repeat)) = body else {
+            return;
+        };
+        if self.killed.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.daemon.callback(body).await {
+            Ok((200, answer)) if answer == RECEIVED => {
+                let mut w = self.world();
+                w.plans[i].acks += 1;
+                w.stats.acks += 1;
+                if repeat {
+                    w.stats.duplicate_acks += 1;
+                }
+            }
+            other => self.failed(format!("callback for {id}: {other:?}")),
+        }
+    }
+}
+
+/// Distinct image bytes of the given format (0 png, 1 jpg, 2 webp, 3 gif): the fake's
+/// image with the task's label and index written after the magic, so no two are alike.
+fn image_bytes(format: u32, label: &str, index: usize, len: usize) -> (&'static str, Bytes) {
+    let (ext, base) = match format {
+        0 => ("png", png(len)),
+        1 => ("jpg", jpeg(len)),
+        2 => ("webp", webp(len)),
+        _ => ("gif", gif(len)),
+    };
+    let mut v = base.to_vec();
+    let tag = format!("{label}/{index}");
+    v[32..32 + tag.len()].copy_from_slice(tag.as_bytes());
+    (ext, Bytes::from(v))
+}
+
+/// How the fake serves one image: mostly at once, else after transient 500s, trickled over
+/// about 0.6 s, or stalled for 0.4 s after its first kilobyte.
+fn behaviour(rng: &mut StdRng, bytes: Bytes) -> Behaviour {
+    match rng.random_range(0..100) {
+        0..55 => Behaviour::Image(bytes),
+        55..75 => Behaviour::FailFirst {
+            failures: rng.random_range(1..=3),
+            bytes,
+        },
+        75..90 => Behaviour::Trickle {
+            chunk: bytes.len() / 10 + 1,
+            every: Duration::from_millis(60),
+            bytes,
+        },
+        _ => Behaviour::SlowBody {
+            bytes,
+            first: 1024,
+            stall: Duration::from_millis(400),
+        },
+    }
+}
+
+/// Adds `TASKS_PER_CYCLE` new plans for cycle `cycle`, registering their images (and, for
+/// tasks KIE made elsewhere, the task itself) with the fake.
+fn add_plans(rng: &mut StdRng, fake: &FakeKie, world: &mut World, cycle: usize) {
+    for n in 0..TASKS_PER_CYCLE {
+        let label = format!("kl{cycle:03}x{n:02}");
+        let intake = match rng.random_range(0..10) {
+            0..4 => Intake::Unknown,
+            4..8 => Intake::Track,
+            _ => Intake::Submit,
+        };
+        let success = rng.random_bool(0.85);
+        let callback = intake == Intake::Unknown || rng.random_bool(0.6);
+        let late = intake != Intake::Unknown && rng.random_bool(0.25);
+        let mut images = Vec::new();
+        for index in 0..rng.random_range(1..=2) {
+            let len = rng.random_range(2_000..60_000);
+            let (ext, bytes) = image_bytes(rng.random_range(0..4), &label, index, len);
+            let path = format!("/img/{label}/{index}.{ext}");
+            fake.files.set(&path, behaviour(rng, bytes.clone()));
+            images.push(Img { path, ext, bytes });
+        }
+        let music = format!("music{label}");
+        let task_id = (intake != Intake::Submit).then(|| label.clone());
+        let plan = Plan {
+            label,
+            music,
+            intake,
+            success,
+            callback,
+            images,
+            task_id,
+            registered: intake == Intake::Unknown,
+            kie_done: !late,
+            acks: 0,
+            settled: None,
+        };
+        if let Some(id) = &plan.task_id {
+            // Made at KIE (elsewhere, for unknown and tracked tasks): record-info knows it.
+            fake.api.add_task(id, &plan.music);
+            fake.api.set_status(id, plan.kie_status(fake));
+        }
+        world.plans.push(plan);
+    }
+}
+
+fn config(scratch: &Scratch, fake: &FakeKie) -> String {
+    format!(
+        r#"data_dir = {data:?}
+listen = "127.0.0.1:0"
+accept_unknown_tasks = true
+# Only `submit` reads it; the fake KIE never calls back.
+public_url = "http://127.0.0.1:9"
+
+[kie]
+base_url = {base:?}
+api_key = "kill-loop-key"
+requests_per_10s = 1000
+
+[download]
+concurrency = 4
+allow_http = true
+allowed_hosts = []
+allow_private_networks = true
+backoff_base = "10ms"
+backoff_max = "50ms"
+timeout = "30s"
+
+[poll]
+after = "1s"
+interval = "1s"
+give_up_after = "1h"
+"#,
+        data = scratch.data_dir().display().to_string(),
+        base = fake.base_url(),
+    )
+}
+
+/// Starts the daemon and checks that no partial download from before the crash is left.
+async fn restart(scratch: &Scratch, world: &Mutex<World>, tmp_before: &[PathBuf]) -> Daemon {
+    let started = Instant::now();
+    let d = scratch.serve().await;
+    let took = started.elapsed();
+    let mut w = world.lock().unwrap();
+    w.stats.max_recovery = w.stats.max_recovery.max(took);
+    for left in tmp_before.iter().filter(|p| p.exists()) {
+        w.violation(format!(
+            "{} (a partial download from before the kill) survived the restart",
+            left.display()
+        ));
+    }
+    d
+}
+
+/// Starts one step for every plan that needs one and for every plan in `duplicates`, each
+/// at the offset `arrival` picks; returns the steps.
+fn launch(
+    cx: &Cx,
+    duplicates: &[usize],
+    mut arrival: impl FnMut() -> Duration,
+) -> tokio::task::JoinSet<()> {
+    let todo: Vec<usize> = {
+        let w = cx.world();
+        (0..w.plans.len())
+            .filter(|&i| w.plans[i].needs_work())
+            .collect()
+    };
+    let mut steps = tokio::task::JoinSet::new();
+    for i in todo {
+        steps.spawn(cx.clone().drive(i, false, arrival()));
+    }
+    for &i in duplicates {
+        steps.spawn(cx.clone().drive(i, true, arrival()));
+    }
+    steps
+}
+
+/// The checks on the store and `images/` (after a kill with the daemon stopped, or at the
+/// end with `final_run`). Returns how many images sat at a final path without a record.
+fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: bool) -> usize {
+    let by_id: HashMap<&str, &Value> = tasks
+        .iter()
+        .filter_map(|t| Some((t["task_id"].as_str()?, t)))
+        .collect();
+    let mut problems = Vec::new();
+
+    // Every acknowledged callback, track and submit is stored; a final state never changes.
+    for plan in &mut world.plans {
+        let Some(id) = plan.task_id.as_deref() else {
+            continue;
+        };
+        let task = by_id.get(id);
+        let answered = plan.acks > 0 || (plan.registered && plan.intake != Intake::Unknown);
+        if answered && task.is_none() {
+            problems.push(format!(
+                "task {id} ({:?}, {} callbacks acknowledged) is not in the store",
+                plan.intake, plan.acks
+            ));
+            continue;
+        }
+        let Some(task) = task else { continue };
+        let stored = task["callbacks"].as_u64().unwrap_or(0);
+        if stored < plan.acks {
+            problems.push(format!(
+                "task {id}: {} callbacks acknowledged but {stored} stored",
+                plan.acks
+            ));
+        }
+        let state = task["state"].as_str().unwrap_or("?").to_string();
+        if state == "downloaded" || state == "failed" {
+            if state != plan.expected_state() {
+                problems.push(format!(
+                    "task {id} is {state}, but KIE reported it {}: {task}",
+                    if plan.success { "done" } else { "failed" }
+                ));
+            }
+            match &plan.settled {
+                Some(before) if *before != state => problems.push(format!(
+                    "task {id} was {before} and is now {state}: a final state changed"
+                )),
+                Some(_) => {}
+                None => plan.settled = Some(state.clone()),
+            }
+        } else if final_run {
+            problems.push(format!("task {id} is still {state}: {task}"));
+        } else if plan.settled.is_some() {
+            problems.push(format!("task {id} was settled and is now {state}: {task}"));
+        }
+    }
+
+    // Every file under images/ is a complete image of its task at its final path, and its
+    // record (once written) names that file and its hash.
+    let images = data_dir.join("images");
+    let mut recorded = BTreeMap::new();
+    for task in tasks {
+        for img in task["images"].as_array().into_iter().flatten() {
+            if img["state"] == "downloaded" {
+                let path = img["path"].as_str().unwrap_or("?").to_string();
+                recorded.insert(path, task["task_id"].to_string());
+            }
+        }
+    }
+    let mut unrecorded = 0;
+    let mut on_disk = BTreeSet::new();
+    for rel in files_under(data_dir, &images) {
+        on_disk.insert(rel.clone());
+        let parts: Vec<&str> = rel.split('/').collect();
+        let [_, task_id, name] = parts[..] else {
+            problems.push(format!(
+                "{rel}: not at a final path images/<task>/<i>.<ext>"
+            ));
+            continue;
+        };
+        let task = by_id.get(task_id).copied();
+        let Some(plan) = world.plan_of(task_id, task).map(|i| &world.plans[i]) else {
+            problems.push(format!("{rel}: belongs to no task of the workload"));
+            continue;
+        };
+        let Some(task) = task else {
+            problems.push(format!("{rel}: its task {task_id} is not in the store"));
+            continue;
+        };
+        let index = name
+            .split_once('.')
+            .and_then(|(i, ext)| Some((i.parse::<usize>().ok()?, ext)));
+        let Some((img, index)) =
+            index.and_then(|(i, ext)| plan.images.get(i).filter(|m| m.ext == ext).zip(Some(i)))
+        else {
+            problems.push(format!("{rel}: no such image in task {task_id}"));
+            continue;
+        };
+        let bytes = match std::fs::read(data_dir.join(&rel)) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(format!("{rel}: unreadable: {e}"));
+                continue;
+            }
+        };
+        if bytes != img.bytes[..] {
+            problems.push(format!(
+                "{rel}: {} bytes that are not the image ({} bytes): a partial or corrupt file at a final path",
+                bytes.len(),
+                img.bytes.len()
+            ));
+            continue;
+        }
+        let record = &task["images"][index];
+        if record["state"] == "downloaded" {
+            if record["path"] != rel.as_str() || record["sha256"] != sha256_hex(&bytes).as_str() {
+                problems.push(format!(
+                    "{rel}: its record does not match the file: {record}"
+                ));
+            }
+        } else {
+            // Installed, not yet recorded: the kill came between rename and record.
+            unrecorded += 1;
+        }
+    }
+    for (path, task_id) in &recorded {
+        if !on_disk.contains(path) {
+            problems.push(format!(
+                "{path}: recorded as downloaded for {task_id} but missing"
+            ));
+        }
+    }
+
+    if final_run {
+        let count = by_id.len();
+        if count != world.plans.len() {
+            problems.push(format!(
+                "{count} tasks in the store, {} in the workload",
+                world.plans.len()
+            ));
+        }
+        for plan in world.plans.iter().filter(|p| p.success) {
+            let Some(task) = plan.task_id.as_deref().and_then(|id| by_id.get(id)) else {
+                continue;
+            };
+            let images = task["images"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            if images.len() != plan.images.len() {
+                problems.push(format!("task {}: wrong images: {task}", plan.label));
+            }
+            for (i, (img, want)) in images.iter().zip(&plan.images).enumerate() {
+                let id = &task["task_id"];
+                let path = format!("images/{}/{i}.{}", id.as_str().unwrap_or("?"), want.ext);
+                let ok = img["state"] == "downloaded"
+                    && img["path"] == path.as_str()
+                    && img["sha256"] == sha256_hex(&want.bytes).as_str()
+                    && img["bytes"] == want.bytes.len();
+                if !ok {
+                    problems.push(format!("{path}: record is not the image: {img}"));
+                }
+            }
+        }
+        if unrecorded > 0 {
+            problems.push(format!(
+                "{unrecorded} images at final paths without a record"
+            ));
+        }
+    }
+    for p in problems {
+        world.violation(p);
+    }
+    unrecorded
+}
+
+fn env_number(var: &str) -> Option<u64> {
+    let value = std::env::var(var).ok()?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}={value:?}: expected a whole number")),
+    )
+}
+
+/// The kill loop (see the module docs). `COVERD_KILL_CYCLES=N` for more cycles,
+/// `COVERD_KILL_SEED=S` to replay a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_keeps_every_promise() {
+    let cycles = env_number(CYCLES_VAR).map_or(DEFAULT_CYCLES, |n| n as usize);
+    let seed = env_number(SEED_VAR).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    eprintln!(
+        "kill loop: {cycles} cycles, seed {seed} (replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles})"
+    );
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let fake = Arc::new(FakeKie::start().await);
+    let scratch = Arc::new(Scratch::new());
+    scratch.write_raw_config(&config(&scratch, &fake));
+    let data_dir = scratch.data_dir();
+    let world = Arc::new(Mutex::new(World::default()));
+    let mut tmp_at_kill: Vec<PathBuf> = Vec::new();
+
+    for cycle in 0..cycles {
+        {
+            let mut w = world.lock().unwrap();
+            w.cycle = Some(cycle);
+            // What KIE was still generating is done now.
+            for p in &mut w.plans {
+                p.kie_done = true;
+            }
+            add_plans(&mut rng, &fake, &mut w, cycle);
+        }
+        let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
+        let cx = Cx {
+            scratch: scratch.clone(),
+            fake: fake.clone(),
+            world: world.clone(),
+            daemon: d.clone(),
+            killed: Arc::new(AtomicBool::new(false)),
+            slots: Arc::new(Semaphore::new(PARALLEL)),
+        };
+        let n = world.lock().unwrap().plans.len();
+        for i in 0..n {
+            cx.sync_kie(i);
+        }
+        let duplicates: Vec<usize> = {
+            let w = cx.world();
+            let acked: Vec<usize> = (0..n).filter(|&i| w.plans[i].acks > 0).collect();
+            (0..DUPLICATES_PER_CYCLE.min(acked.len()))
+                .map(|_| acked[rng.random_range(0..acked.len())])
+                .collect()
+        };
+        let delay = Duration::from_millis(rng.random_range(KILL_DELAY_MS));
+        let mut steps = launch(&cx, &duplicates, || {
+            Duration::from_millis(rng.random_range(ARRIVAL_MS))
+        });
+        // The random moment: whatever the daemon is doing then (taking callbacks, tracking,
+        // submitting, confirming, polling, fetching, installing, recording) is cut.
+        tokio::time::sleep(delay).await;
+        cx.killed.store(true, Ordering::SeqCst);
+        d.kill();
+        let parts = tmp_entries(&data_dir).len();
+        while let Some(r) = steps.join_next().await {
+            r.expect("load step");
+        }
+        let logs = d.logs();
+        drop(cx);
+        drop(Arc::try_unwrap(d).unwrap_or_else(|_| panic!("daemon still shared")));
+        tmp_at_kill = tmp_entries(&data_dir);
+
+        let export = scratch.export().await;
+        let mut w = world.lock().unwrap();
+        w.stats.cycles += 1;
+        w.stats.kills += 1;
+        w.stats.parts_at_kill += parts;
+        w.stats.adopted += logs
+            .matches("adopted an image stored before a restart")
+            .count();
+        let unrecorded = match export {
+            Ok(tasks) => check_store(&mut w, &tasks, &data_dir, false),
+            Err(e) => {
+                w.violation(e);
+                0
+            }
+        };
+        w.stats.unrecorded_at_kill += unrecorded;
+        eprintln!(
+            "kill loop cycle {cycle}: SIGKILL after {delay:?} with {parts} partial downloads in tmp/ and {unrecorded} installed images not yet recorded; {} acks so far, {} steps cut, {:?} since start",
+            w.stats.acks,
+            w.stats.cut,
+            started.elapsed()
+        );
+    }
+
+    // The last run: no kill. KIE finishes everything; every callback is delivered.
+    {
+        let mut w = world.lock().unwrap();
+        w.cycle = None;
+        for p in &mut w.plans {
+            p.kie_done = true;
+        }
+    }
+    let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
+    let settle_from = Instant::now();
+    let cx = Cx {
+        scratch: scratch.clone(),
+        fake: fake.clone(),
+        world: world.clone(),
+        daemon: d.clone(),
+        killed: Arc::new(AtomicBool::new(false)),
+        slots: Arc::new(Semaphore::new(PARALLEL)),
+    };
+    let n = world.lock().unwrap().plans.len();
+    for i in 0..n {
+        cx.sync_kie(i);
+    }
+    let mut steps = launch(&cx, &[], || Duration::ZERO);
+    while let Some(r) = steps.join_next().await {
+        r.expect("load step");
+    }
+    let still = cx.world().plans.iter().filter(|p| p.needs_work()).count();
+    if still > 0 {
+        cx.world().violation(format!(
+            "{still} tasks could not be tracked, submitted or called back"
+        ));
+    }
+    // Every task final within the bound.
+    let tasks = loop {
+        let tasks = match scratch.export().await {
+            Ok(t) => t,
+            Err(e) => {
+                cx.world().violation(e);
+                Vec::new()
+            }
+        };
+        let open = tasks
+            .iter()
+            .filter(|t| !matches!(t["state"].as_str(), Some("downloaded" | "failed")))
+            .count();
+        if open == 0 && tasks.len() >= n {
+            break tasks;
+        }
+        if settle_from.elapsed() > SETTLE_BOUND {
+            cx.world().violation(format!(
+                "{open} of {} tasks not final {SETTLE_BOUND:?} after the last start",
+                tasks.len()
+            ));
+            break tasks;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let settle = settle_from.elapsed();
+    {
+        let mut w = world.lock().unwrap();
+        w.stats.settle = settle;
+        check_store(&mut w, &tasks, &data_dir, true);
+    }
+    drop(cx);
+    let d = Arc::try_unwrap(d).unwrap_or_else(|_| panic!("daemon still shared"));
+    let logs = d.stop().await;
+    {
+        let mut w = world.lock().unwrap();
+        w.stats.adopted += logs
+            .matches("adopted an image stored before a restart")
+            .count();
+        let left = tmp_entries(&data_dir);
+        if !left.is_empty() {
+            w.violation(format!("tmp/ not empty after a clean stop: {left:?}"));
+        }
+    }
+    let verify = scratch.run(&["admin", "verify", "--json"]).await;
+    let v: Value = serde_json::from_str(&verify.stdout).unwrap_or(Value::Null);
+    let images: usize = world
+        .lock()
+        .unwrap()
+        .plans
+        .iter()
+        .filter(|p| p.success)
+        .map(|p| p.images.len())
+        .sum();
+    {
+        let mut w = world.lock().unwrap();
+        w.stats.images = images;
+        let clean = verify.code == Some(0)
+            && v["checked"] == images
+            && v["ok"] == images
+            && v["missing"].as_array().is_some_and(Vec::is_empty)
+            && v["corrupt"].as_array().is_some_and(Vec::is_empty);
+        if !clean {
+            w.violation(format!("admin verify after the loop: {verify:?}"));
+        }
+    }
+
+    let w = world.lock().unwrap();
+    let s = &w.stats;
+    eprintln!(
+        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  max recovery (start to healthy): {:?}; every task final {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
+        s.cycles,
+        s.kills,
+        w.plans.len(),
+        w.plans
+            .iter()
+            .filter(|p| p.intake == Intake::Unknown)
+            .count(),
+        w.plans.iter().filter(|p| p.intake == Intake::Track).count(),
+        w.plans
+            .iter()
+            .filter(|p| p.intake == Intake::Submit)
+            .count(),
+        w.plans.iter().filter(|p| !p.callback).count(),
+        s.acks,
+        s.duplicate_acks,
+        s.cut,
+        s.images,
+        s.parts_at_kill,
+        s.unrecorded_at_kill,
+        s.adopted,
+        s.max_recovery,
+        s.settle,
+        w.violations.len(),
+        started.elapsed(),
+    );
+    if !w.violations.is_empty() {
+        let kept = Arc::try_unwrap(scratch).ok().map(|s| s.dir.keep());
+        panic!(
+            "kill loop (seed {seed}, replay with {SEED_VAR}={seed} {CYCLES_VAR}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
+            w.violations.len(),
+            w.violations.join("\n")
+        );
+    }
+}
