@@ -664,7 +664,6 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
         "kill loop: {cycles} cycles, seed {seed} (replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles})"
     );
     let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
     let fake = Arc::new(FakeKie::start().await);
     let scratch = Arc::new(Scratch::new());
     scratch.write_raw_config(&config(&scratch, &fake));
@@ -673,6 +672,11 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     let mut tmp_at_kill: Vec<PathBuf> = Vec::new();
 
     for cycle in 0..cycles {
+        // One generator per cycle, drawn first for the new tasks and the kill delay: the seed
+        // replays those exactly, whatever the timing of earlier cycles did to later draws.
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ (cycle as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let delay = Duration::from_millis(rng.random_range(KILL_DELAY_MS));
         {
             let mut w = world.lock().unwrap();
             w.cycle = Some(cycle);
@@ -702,7 +706,6 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
                 .map(|_| acked[rng.random_range(0..acked.len())])
                 .collect()
         };
-        let delay = Duration::from_millis(rng.random_range(KILL_DELAY_MS));
         let mut steps = launch(&cx, &duplicates, || {
             Duration::from_millis(rng.random_range(ARRIVAL_MS))
         });
