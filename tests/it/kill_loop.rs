@@ -7,7 +7,8 @@
 //! whose callback never comes (the poll fallback must find their result); tasks KIE is still
 //! generating until the next cycle; failures — with images served at once, after one to
 //! three transient 500s, trickled or stalled. It sends the callbacks KIE would (again, for
-//! those not yet acknowledged, plus a few duplicates), and SIGKILLs the daemon after a random
+//! those not yet acknowledged, while duplicates of acknowledged ones stream in back to back),
+//! and SIGKILLs the daemon after a random
 //! delay. Then, with the daemon stopped, `coverd admin export` must show:
 //! - every callback that got 200 stored with its delivery (`callbacks` ≥ its 200s), and every
 //!   task whose `track`/`submit` answered 0;
@@ -57,8 +58,10 @@ const PARALLEL: usize = 8;
 const ARRIVAL_MS: std::ops::Range<u64> = 0..1200;
 /// The kill comes this long after the daemon is up, uniformly at random (milliseconds).
 const KILL_DELAY_MS: std::ops::RangeInclusive<u64> = 30..=1500;
-/// Duplicate deliveries of already acknowledged callbacks per cycle, at most.
-const DUPLICATES_PER_CYCLE: usize = 3;
+/// Streams of duplicate deliveries (of callbacks acknowledged in earlier cycles), each
+/// sending one after the other until the kill: a kill often lands between a delivery's
+/// write and its 200.
+const DUPLICATE_STREAMS: u64 = 2;
 /// Every task must be final this long after the last (unkilled) start.
 const SETTLE_BOUND: Duration = Duration::from_secs(60);
 /// KIE's answer to a failed generation, in callbacks and record-info.
@@ -447,12 +450,15 @@ async fn restart(scratch: &Scratch, world: &Mutex<World>, tmp_before: &[PathBuf]
     d
 }
 
-/// Starts one step for every plan that needs one and for every plan in `duplicates`, each
-/// at the offset `arrival` picks; returns the steps.
+/// Starts one step for every plan that needs one, each at the offset `arrival` picks, and
+/// `streams` streams of duplicate deliveries of the callbacks in `acked` (seeded by
+/// `seed`); returns the steps.
 fn launch(
     cx: &Cx,
-    duplicates: &[usize],
     mut arrival: impl FnMut() -> Duration,
+    acked: &[usize],
+    streams: u64,
+    seed: u64,
 ) -> tokio::task::JoinSet<()> {
     let todo: Vec<usize> = {
         let w = cx.world();
@@ -464,8 +470,15 @@ fn launch(
     for i in todo {
         steps.spawn(cx.clone().drive(i, false, arrival()));
     }
-    for &i in duplicates {
-        steps.spawn(cx.clone().drive(i, true, arrival()));
+    for stream in (0..streams).filter(|_| !acked.is_empty()) {
+        let (cx, acked) = (cx.clone(), acked.to_vec());
+        let mut rng = StdRng::seed_from_u64(seed ^ stream);
+        steps.spawn(async move {
+            while !cx.killed.load(Ordering::SeqCst) {
+                let i = acked[rng.random_range(0..acked.len())];
+                cx.clone().drive(i, true, Duration::ZERO).await;
+            }
+        });
     }
     steps
 }
@@ -699,16 +712,18 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
         for i in 0..n {
             cx.sync_kie(i);
         }
-        let duplicates: Vec<usize> = {
+        let acked: Vec<usize> = {
             let w = cx.world();
-            let acked: Vec<usize> = (0..n).filter(|&i| w.plans[i].acks > 0).collect();
-            (0..DUPLICATES_PER_CYCLE.min(acked.len()))
-                .map(|_| acked[rng.random_range(0..acked.len())])
-                .collect()
+            (0..n).filter(|&i| w.plans[i].acks > 0).collect()
         };
-        let mut steps = launch(&cx, &duplicates, || {
-            Duration::from_millis(rng.random_range(ARRIVAL_MS))
-        });
+        let arrivals_seed = rng.random();
+        let mut steps = launch(
+            &cx,
+            || Duration::from_millis(rng.random_range(ARRIVAL_MS)),
+            &acked,
+            DUPLICATE_STREAMS,
+            arrivals_seed,
+        );
         // The random moment: whatever the daemon is doing then (taking callbacks, tracking,
         // submitting, confirming, polling, fetching, installing, recording) is cut.
         tokio::time::sleep(delay).await;
@@ -769,7 +784,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     for i in 0..n {
         cx.sync_kie(i);
     }
-    let mut steps = launch(&cx, &[], || Duration::ZERO);
+    let mut steps = launch(&cx, || Duration::ZERO, &[], 0, 0);
     while let Some(r) = steps.join_next().await {
         r.expect("load step");
     }
