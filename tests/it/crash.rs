@@ -346,7 +346,7 @@ async fn scenario(prefix: &str, kills: &[KillAt], slow_runs: usize) {
             b.acked.len(),
             b.cut,
             d.logs()
-                .matches("adopted an image stored before a restart")
+                .matches("adopting the file stored before a restart")
                 .count(),
             started.elapsed()
         );

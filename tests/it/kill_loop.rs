@@ -68,6 +68,8 @@ const SETTLE_BOUND: Duration = Duration::from_secs(60);
 const FAILURE_CODE: i64 = 501;
 const FAILURE_MSG: &str = "Cover generation failed";
 const RECEIVED: &str = r#"{"status":"received"}"#;
+/// What the daemon logs when it adopts an image installed before a crash (`download`).
+const ADOPTED_LOG: &str = "adopting the file stored before a restart";
 
 /// How coverd learns of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -743,9 +745,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
         w.stats.cycles += 1;
         w.stats.kills += 1;
         w.stats.parts_at_kill += parts;
-        w.stats.adopted += logs
-            .matches("adopted an image stored before a restart")
-            .count();
+        w.stats.adopted += logs.matches(ADOPTED_LOG).count();
         let unrecorded = match export {
             Ok(tasks) => check_store(&mut w, &tasks, &data_dir, false),
             Err(e) => {
@@ -830,9 +830,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     let logs = d.stop().await;
     {
         let mut w = world.lock().unwrap();
-        w.stats.adopted += logs
-            .matches("adopted an image stored before a restart")
-            .count();
+        w.stats.adopted += logs.matches(ADOPTED_LOG).count();
         let left = tmp_entries(&data_dir);
         if !left.is_empty() {
             w.violation(format!("tmp/ not empty after a clean stop: {left:?}"));
