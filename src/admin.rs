@@ -61,6 +61,9 @@ pub enum Request {
     },
     Verify,
     Export,
+    Redeliver {
+        task_id: String,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -78,10 +81,20 @@ pub struct TaskCounts {
     pub failed: u64,
 }
 
+/// Outbound notifications waiting to be delivered, and those given up on.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NotificationCounts {
+    /// `notify.url` is set.
+    pub enabled: bool,
+    pub pending: u64,
+    pub undeliverable: u64,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct StatusJson {
     pub daemon: String,
     pub tasks: TaskCounts,
+    pub notifications: NotificationCounts,
     pub oldest_unfinished: Option<Oldest>,
     pub data_dir: String,
     pub data_bytes: u64,
@@ -230,7 +243,10 @@ impl Exec {
                 let limit = limit.clamp(1, MAX_LIST_LIMIT);
                 let tasks = self.store.list(state, limit)?;
                 Reply::Tasks {
-                    tasks: tasks.iter().map(|t| TaskJson::new(t, None)).collect(),
+                    tasks: tasks
+                        .iter()
+                        .map(|t| self.json(t, None))
+                        .collect::<Result<_, _>>()?,
                 }
             }
             Request::Show { task_id } => Reply::Task {
@@ -307,6 +323,36 @@ impl Exec {
                     .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
                 Reply::Export { tasks, quarantined }
             }
+            Request::Redeliver { task_id } => {
+                if self.config.notify.url.is_none() {
+                    return Err(AdminError::usage(format!(
+                        "cannot redeliver {task_id}: notifications are off; set notify.url (and its secret) and restart coverd"
+                    )));
+                }
+                let task = self
+                    .store
+                    .get(&task_id)?
+                    .ok_or_else(|| not_found(&task_id))?;
+                let n = self
+                    .store
+                    .redeliver(&task_id, now_millis())?
+                    .ok_or_else(|| {
+                        AdminError::missing(format!(
+                            "task {task_id} has no notification: it has not settled yet ({}), or notifications were off when it did",
+                            task.state.as_str()
+                        ))
+                    })?;
+                self.store.flush().await?;
+                let message = format!(
+                    "{} notification of {task_id} queued again (webhook-id {}, the same as before, so receivers can drop it if they already have it)",
+                    n.kind.as_str(),
+                    n.webhook_id
+                );
+                Reply::Task {
+                    task: self.json(&task, None)?,
+                    message,
+                }
+            }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
                 let (submitted, message) = submit::submit(self, &music_task_id).await?;
@@ -334,13 +380,23 @@ impl Exec {
         for wake in &self.wake {
             wake.notify_one();
         }
-        Ok((applied.before.is_none(), TaskJson::new(&applied.task, None)))
+        Ok((applied.before.is_none(), self.json(&applied.task, None)?))
+    }
+
+    /// A task as SPEC's JSON, with its latest notification.
+    fn json(
+        &self,
+        task: &crate::model::Task,
+        events: Option<&[crate::model::EventRecord]>,
+    ) -> Result<TaskJson, StoreError> {
+        let n = self.store.latest_notification(&task.task_id)?;
+        Ok(TaskJson::new(task, events).with_notify(n.as_ref()))
     }
 
     fn show(&self, task_id: &str) -> Result<TaskJson, AdminError> {
         let task = self.store.get(task_id)?.ok_or_else(|| not_found(task_id))?;
         let events = self.store.events(task_id)?;
-        Ok(TaskJson::new(&task, Some(&events)))
+        Ok(self.json(&task, Some(&events))?)
     }
 
     async fn status(&self) -> Result<StatusJson, AdminError> {
@@ -350,6 +406,7 @@ impl Exec {
             .await
             .map_err(|e| AdminError::missing(format!("status failed: {e}")))??;
         let c = self.store.counts()?;
+        let n = self.store.notify_counts()?;
         let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
             task_id: t.task_id,
             state: t.state.as_str().into(),
@@ -367,6 +424,11 @@ impl Exec {
                 received: c.received,
                 downloaded: c.downloaded,
                 failed: c.failed,
+            },
+            notifications: NotificationCounts {
+                enabled: self.config.notify.url.is_some(),
+                pending: n.pending,
+                undeliverable: n.undeliverable,
             },
             oldest_unfinished: oldest,
             data_dir: self.config.data_dir.display().to_string(),
@@ -395,7 +457,15 @@ fn export(store: &Store) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreE
                     task_id: t.task_id.clone(),
                     reason,
                 }));
-                tasks.push(TaskJson::new(&t, Some(&events)));
+                // A damaged notification record is named, not fatal to the export.
+                let notify = store.latest_notification(&t.task_id).unwrap_or_else(|e| {
+                    quarantined.push(QuarantinedJson {
+                        task_id: t.task_id.clone(),
+                        reason: e.to_string(),
+                    });
+                    None
+                });
+                tasks.push(TaskJson::new(&t, Some(&events)).with_notify(notify.as_ref()));
             }
             Scanned::Quarantined(q) => quarantined.push(q.into()),
         }
@@ -560,7 +630,10 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
     }
     let writes = matches!(
         req,
-        Request::Track { .. } | Request::Submit { .. } | Request::Retry { .. }
+        Request::Track { .. }
+            | Request::Submit { .. }
+            | Request::Retry { .. }
+            | Request::Redeliver { .. }
     );
     if !writes && !config.data_dir.join("db").exists() {
         return Err(AdminError::missing(format!(
@@ -672,6 +745,17 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 }
                 None => out += "oldest unfinished: none\n",
             }
+            let n = &status.notifications;
+            out += &format!(
+                "notifications: {}{} pending, {} undeliverable\n",
+                if n.enabled {
+                    ""
+                } else {
+                    "off (notify.url is empty); "
+                },
+                n.pending,
+                n.undeliverable
+            );
             out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
             out += &format!(
                 "polling: {}",
@@ -727,6 +811,12 @@ pub fn render(reply: &Reply, json: bool) -> String {
             );
             if let Some(e) = &task.error {
                 out += &format!("  error: {e}\n");
+            }
+            if let Some(n) = &task.notify {
+                out += &format!(
+                    "  notification: {} after {} attempt(s)\n",
+                    n.state, n.attempts
+                );
             }
             for i in &task.images {
                 out += &format!(

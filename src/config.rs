@@ -19,20 +19,25 @@ pub const ENV_LISTEN: &str = "COVERD_LISTEN";
 pub const ENV_API_KEY: &str = "KIE_API_KEY";
 /// Environment variable holding the webhook HMAC key.
 pub const ENV_WEBHOOK_HMAC_KEY: &str = "KIE_WEBHOOK_HMAC_KEY";
+/// Environment variable holding the signing secret of outbound notifications.
+pub const ENV_NOTIFY_SECRET: &str = "COVERD_NOTIFY_SECRET";
 /// Set by systemd (`LoadCredential=`): directory holding credential files.
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 /// systemd credential name of the KIE API key.
 pub const CREDENTIAL_API_KEY: &str = "kie-api-key";
 /// systemd credential name of the webhook HMAC key.
 pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "kie-webhook-hmac-key";
+/// systemd credential name of the notification signing secret.
+pub const CREDENTIAL_NOTIFY_SECRET: &str = "notify-secret";
 
 /// Every environment variable [`load`] reads.
-const ENV_VARS: [&str; 6] = [
+const ENV_VARS: [&str; 7] = [
     ENV_CONFIG,
     ENV_DATA_DIR,
     ENV_LISTEN,
     ENV_API_KEY,
     ENV_WEBHOOK_HMAC_KEY,
+    ENV_NOTIFY_SECRET,
     ENV_CREDENTIALS_DIRECTORY,
 ];
 
@@ -67,6 +72,18 @@ pub struct Config {
     pub kie: KieConfig,
     pub download: DownloadConfig,
     pub poll: PollConfig,
+    pub notify: NotifyConfig,
+}
+
+/// `[notify]`: outbound notifications when a task settles (SPEC "Notifications (outbound)").
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// Where to POST; `None` (empty in the file) turns notifications off.
+    pub url: Option<String>,
+    /// `whsec_` + base64; always set when `url` is (checked at load).
+    pub secret: Option<Secret>,
+    pub timeout: Duration,
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +151,12 @@ impl Default for Config {
                 after: Duration::from_secs(2 * 60),
                 interval: Duration::from_secs(30),
                 give_up_after: Duration::from_secs(24 * 3600),
+            },
+            notify: NotifyConfig {
+                url: None,
+                secret: None,
+                timeout: Duration::from_secs(10),
+                max_attempts: 12,
             },
         }
     }
@@ -250,6 +273,16 @@ struct RawFile {
     kie: Option<RawKie>,
     download: Option<RawDownload>,
     poll: Option<RawPoll>,
+    notify: Option<RawNotify>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    url: Option<String>,
+    secret_file: Option<String>,
+    timeout: Option<String>,
+    max_attempts: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -301,7 +334,7 @@ fn read_file(path: &Path) -> Result<RawFile, ConfigError> {
 
 /// Keys whose values are secrets: their values are never echoed.
 fn is_secret_key(key: &str) -> bool {
-    key.ends_with("api_key") || key.ends_with("webhook_hmac_key")
+    key.ends_with("api_key") || key.ends_with("webhook_hmac_key") || key == "notify.secret"
 }
 
 /// toml's message with "line L, column C (`dotted.key`)" in front, string values removed
@@ -413,6 +446,7 @@ fn resolve(
     let kie = raw.kie.unwrap_or_default();
     let download = raw.download.unwrap_or_default();
     let poll = raw.poll.unwrap_or_default();
+    let notify = raw.notify.unwrap_or_default();
 
     let data_dir = if let Some(dir) = &overrides.data_dir {
         dir.clone()
@@ -584,6 +618,8 @@ fn resolve(
         )?,
     };
 
+    let notify = notify_config(notify, env, d.notify)?;
+
     Ok(Config {
         data_dir,
         listen,
@@ -593,7 +629,105 @@ fn resolve(
         kie,
         download,
         poll,
+        notify,
     })
+}
+
+/// `[notify]`: the URL may be any http(s) address (the image URL guard does not apply: it
+/// is the operator's own receiver); with a URL, the signing secret must be there and be
+/// `whsec_` + base64.
+fn notify_config(
+    raw: RawNotify,
+    env: &dyn Fn(&str) -> Option<String>,
+    d: NotifyConfig,
+) -> Result<NotifyConfig, ConfigError> {
+    let url = match raw.url {
+        Some(value) if !value.is_empty() => Some(notify_url(&value)?),
+        _ => None,
+    };
+    let secret = secret(
+        env,
+        SecretSource {
+            env_var: ENV_NOTIFY_SECRET,
+            // The secret has no inline key in the file, only `secret_file`.
+            inline_key: "notify.secret_file",
+            inline: None,
+            file_key: "notify.secret_file",
+            file: raw.secret_file,
+            credential: CREDENTIAL_NOTIFY_SECRET,
+        },
+    )?;
+    let where_from = format!(
+        "(from `notify.secret_file`, {ENV_NOTIFY_SECRET} or the credential `{CREDENTIAL_NOTIFY_SECRET}`)"
+    );
+    match &secret {
+        Some(s) if notify_key(s).is_none() => {
+            return Err(invalid(
+                "notify.secret_file",
+                None,
+                format!(
+                    "the notification secret {where_from} must be \"whsec_\" followed by base64; make one with `echo whsec_$(head -c 32 /dev/urandom | base64)`"
+                ),
+            ));
+        }
+        None if url.is_some() => {
+            return Err(invalid(
+                "notify.secret_file",
+                None,
+                format!(
+                    "`notify.url` is set but there is no signing secret {where_from}; make one with `echo whsec_$(head -c 32 /dev/urandom | base64)`"
+                ),
+            ));
+        }
+        _ => {}
+    }
+    Ok(NotifyConfig {
+        url,
+        secret,
+        timeout: duration(
+            "notify.timeout",
+            raw.timeout,
+            d.timeout,
+            Duration::from_millis(1),
+        )?,
+        max_attempts: int_in(
+            "notify.max_attempts",
+            raw.max_attempts,
+            d.max_attempts,
+            1,
+            100,
+        )?,
+    })
+}
+
+/// The HMAC key of a notification secret: the base64 after `whsec_`, decoded; `None` when
+/// the secret is not of that form.
+pub fn notify_key(secret: &Secret) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = secret.expose().strip_prefix("whsec_")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
+/// An http(s) URL; queries are allowed (receivers often carry a token there).
+fn notify_url(value: &str) -> Result<String, ConfigError> {
+    let bad = |reason: &str| {
+        invalid(
+            "notify.url",
+            Some(format!("{value:?}")),
+            format!("{reason} (use e.g. \"http://127.0.0.1:9000/coverd\")"),
+        )
+    };
+    if value.chars().any(char::is_whitespace) {
+        return Err(bad("must not contain spaces"));
+    }
+    let url = url::Url::parse(value).map_err(|e| bad(&format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(bad("must start with http:// or https:// and name a host"));
+    }
+    Ok(value.to_string())
 }
 
 const ADDR_HINT: &str = "not a socket address (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")";
@@ -907,6 +1041,12 @@ user_agent = "coverd/<version>"   # KIE's file hosts reject requests without one
 after = "2m"                      # wait this long for a callback before polling record-info
 interval = "30s"
 give_up_after = "24h"             # then the task fails with "no result from KIE"
+
+[notify]
+url = ""                  # POST here when a task settles (downloaded or failed); off when empty
+secret_file = ""          # signing key ("whsec_" + base64), or env COVERD_NOTIFY_SECRET, or credential "notify-secret"
+timeout = "10s"
+max_attempts = 12         # backoff with jitter from 5 s, doubling, at most 1 h apart
 "#;
 
     #[test]
@@ -1533,5 +1673,59 @@ give_up_after = "30d"
             redact_strings(r#"x string "a\"b", y string "c""#),
             "x a string, y a string"
         );
+    }
+
+    #[test]
+    fn notify_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let file = dir.path().join("notify-secret");
+        std::fs::write(&file, format!("{good}\n")).unwrap();
+        let cred_dir = dir.path().to_str().unwrap();
+
+        // Off by default.
+        let c = load_ok("");
+        assert_eq!(c.notify.url, None);
+        assert_eq!(c.notify.timeout, Duration::from_secs(10));
+        assert_eq!(c.notify.max_attempts, 12);
+
+        // Every source of the secret.
+        let url = "[notify]\nurl = \"http://127.0.0.1:9/hook?t=1\"\n";
+        for (text, env) in [
+            (format!("{url}secret_file = {file:?}"), vec![]),
+            (url.to_string(), vec![(ENV_NOTIFY_SECRET, good)]),
+            (url.to_string(), vec![(ENV_CREDENTIALS_DIRECTORY, cred_dir)]),
+        ] {
+            let c = load_toml(&text, &env).unwrap();
+            assert_eq!(c.notify.url.as_deref(), Some("http://127.0.0.1:9/hook?t=1"));
+            assert_eq!(c.notify.secret.as_ref().map(Secret::expose), Some(good));
+            assert!(notify_key(c.notify.secret.as_ref().unwrap()).is_some());
+        }
+
+        // A URL without a secret, a malformed secret, a bad URL: errors naming the key,
+        // never showing the secret.
+        let err = load_toml(url, &[]).unwrap_err();
+        assert_eq!(invalid_key(&err), "notify.secret_file");
+        for bad in [
+            "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "whsec_",
+            "whsec_not base64!",
+        ] {
+            let err = load_toml(url, &[(ENV_NOTIFY_SECRET, bad)]).unwrap_err();
+            assert_eq!(invalid_key(&err), "notify.secret_file", "{bad}");
+            assert!(!err.to_string().contains("MfKQ"), "{err}");
+        }
+        let err =
+            load_toml("[notify]\nurl = \"ftp://x\"", &[(ENV_NOTIFY_SECRET, good)]).unwrap_err();
+        assert_eq!(invalid_key(&err), "notify.url");
+        let err = load_toml("[notify]\nmax_attempts = 0", &[]).unwrap_err();
+        assert_eq!(invalid_key(&err), "notify.max_attempts");
+        let err = load_toml("[notify]\ntimeout = \"soon\"", &[]).unwrap_err();
+        assert_eq!(invalid_key(&err), "notify.timeout");
+        let err = load_toml("[notify]\nsecret = \"x\"", &[]).unwrap_err();
+        assert!(err.to_string().contains("secret"), "{err}");
+        // Debug never shows it.
+        let c = load_toml(url, &[(ENV_NOTIFY_SECRET, good)]).unwrap();
+        assert!(!format!("{c:?}").contains("MfKQ"));
     }
 }

@@ -21,6 +21,7 @@ use crate::guard::UrlGuard;
 use crate::kie::KieClient;
 use crate::metrics::Metrics;
 use crate::model::{Clock, SystemClock};
+use crate::notify::Notifier;
 use crate::poll::Poller;
 use crate::server::{self, Health, Public};
 use crate::store::{Store, StoreError};
@@ -190,10 +191,12 @@ impl Running {
         self.shutdown.clone()
     }
 
-    /// Makes the poller and the downloader look at their indexes now (tests move the clock).
+    /// Makes the poller, the downloader and the notifier look at their indexes now (tests
+    /// move the clock).
     pub fn wake(&self) {
         self.wake_polls.notify_one();
         self.wake_downloads.notify_one();
+        self.store.outbox_waker().notify_one();
     }
 
     /// Waits for shutdown to be requested, then for every part to stop, then flushes.
@@ -302,6 +305,19 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             downloader.run(shutdown.clone()).await;
             health.downloads_running.store(false, Ordering::SeqCst);
         });
+    }
+    match Notifier::new(store.clone(), &config, clock.clone(), metrics.clone()) {
+        Ok(Some(notifier)) => {
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { notifier.run(shutdown).await });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return Err(DaemonError::Setup {
+                what: "outbound notifications",
+                reason: e.to_string(),
+            });
+        }
     }
     {
         let poller = Poller::new(

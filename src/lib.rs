@@ -13,6 +13,7 @@ pub mod kie;
 pub mod machine;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod poll;
 pub mod server;
 pub mod signature;

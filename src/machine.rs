@@ -3,7 +3,10 @@
 //! Must not do I/O, read clocks or draw random numbers: time and backoff arrive in the event
 //! and the [`Ctx`], so every transition is unit-testable.
 
-use crate::model::{EventKind, Failure, Image, ImageState, Millis, Source, State, Task};
+use crate::model::{
+    EventKind, Failure, Image, ImageState, Millis, Notification, NotifyState, NotifyType, Source,
+    State, Task,
+};
 
 /// Facts the machine needs besides the task and the event.
 #[derive(Debug, Clone, Copy)]
@@ -13,6 +16,8 @@ pub struct Ctx {
     pub max_attempts: u32,
     /// `poll.after` in milliseconds: how long a submitted task waits before its first poll.
     pub poll_after_ms: Millis,
+    /// `notify.url` is set: a settle enqueues an outbound notification.
+    pub notify: bool,
 }
 
 impl Ctx {
@@ -21,6 +26,7 @@ impl Ctx {
             now,
             max_attempts: config.download.max_attempts,
             poll_after_ms: crate::model::millis(config.poll.after),
+            notify: config.notify.url.is_some(),
         }
     }
 }
@@ -462,6 +468,77 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
     out
 }
 
+// ---- outbound notifications ----
+
+/// Whether a change of `before` into `after` settles the task, and as what: entering
+/// `downloaded` or `failed` from any other state (or as a new task) does; staying there
+/// (a duplicate, a failure reason replaced) does not.
+pub fn settle_notice(before: Option<State>, after: &Task) -> Option<NotifyType> {
+    if before == Some(after.state) {
+        return None;
+    }
+    match after.state {
+        State::Downloaded => Some(NotifyType::Downloaded),
+        State::Failed => Some(NotifyType::Failed),
+        State::Submitted | State::Received => None,
+    }
+}
+
+/// What one delivery attempt of a notification found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The receiver answered 2xx.
+    Delivered { detail: String },
+    /// The receiver answered 410 Gone: it wants no more.
+    Gone,
+    /// Anything else, or no answer; the next attempt may be at `retry_at`.
+    Failed { reason: String, retry_at: Millis },
+}
+
+/// Records one attempt's result on a notification. A pending notification becomes
+/// `delivered`, `undeliverable` (410, or `max_attempts` used since creation or the last
+/// redeliver), or stays pending until `retry_at`. A result for a notification that is no
+/// longer pending (a redeliver raced it) still counts the attempt and a success.
+pub fn notify_attempted(n: &mut Notification, result: Delivery, max_attempts: u32, now: Millis) {
+    n.attempts += 1;
+    n.updated_at = now;
+    match result {
+        Delivery::Delivered { .. } => {
+            n.state = NotifyState::Delivered;
+            n.error = None;
+        }
+        Delivery::Gone => {
+            n.state = NotifyState::Undeliverable;
+            n.error = Some("410 Gone".into());
+        }
+        Delivery::Failed { reason, retry_at } => {
+            if n.state != NotifyState::Pending {
+                return;
+            }
+            if n.budget_used() >= max_attempts {
+                n.state = NotifyState::Undeliverable;
+                n.error = Some(format!(
+                    "{reason} (gave up after {} attempts)",
+                    n.budget_used()
+                ));
+            } else {
+                n.next_attempt_at = retry_at;
+                n.error = Some(reason);
+            }
+        }
+    }
+}
+
+/// `admin redeliver`: the same message (same webhook-id and body) is due again at once, with
+/// a fresh budget of attempts.
+pub fn notify_redeliver(n: &mut Notification, now: Millis) {
+    n.state = NotifyState::Pending;
+    n.attempts_budget_start = n.attempts;
+    n.next_attempt_at = now;
+    n.updated_at = now;
+    n.error = None;
+}
+
 fn pending(task: &Task, index: u32) -> bool {
     task.images
         .get(index as usize)
@@ -562,6 +639,7 @@ mod tests {
             now: NOW,
             max_attempts: 3,
             poll_after_ms: 120_000,
+            notify: true,
         }
     }
 
@@ -982,5 +1060,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn settles_are_entering_downloaded_or_failed() {
+        use State::*;
+        let mut t = Task::new("t".into(), None, NOW);
+        assert_eq!(settle_notice(None, &t), None);
+        t.state = Received;
+        assert_eq!(settle_notice(Some(Submitted), &t), None);
+        t.state = Downloaded;
+        assert_eq!(
+            settle_notice(Some(Received), &t),
+            Some(NotifyType::Downloaded)
+        );
+        assert_eq!(settle_notice(Some(Downloaded), &t), None);
+        t.state = Failed;
+        assert_eq!(settle_notice(Some(Submitted), &t), Some(NotifyType::Failed));
+        assert_eq!(settle_notice(None, &t), Some(NotifyType::Failed));
+        assert_eq!(settle_notice(Some(Failed), &t), None);
+    }
+
+    #[test]
+    fn notification_attempts() {
+        let t = Task::new("t".into(), None, NOW);
+        let mut n = Notification::new(&t, 1, NotifyType::Failed, NOW);
+        let fail = |at| Delivery::Failed {
+            reason: "HTTP 500".into(),
+            retry_at: at,
+        };
+        notify_attempted(&mut n, fail(NOW + 5), 2, NOW + 1);
+        assert_eq!(
+            (n.state, n.attempts, n.next_attempt_at),
+            (NotifyState::Pending, 1, NOW + 5)
+        );
+        notify_attempted(&mut n, fail(NOW + 50), 2, NOW + 6);
+        assert_eq!(n.state, NotifyState::Undeliverable);
+        assert!(
+            n.error
+                .as_deref()
+                .unwrap()
+                .contains("gave up after 2 attempts")
+        );
+        // Redeliver: a fresh budget, same message.
+        notify_redeliver(&mut n, NOW + 100);
+        assert_eq!(
+            (n.state, n.budget_used(), n.next_attempt_at),
+            (NotifyState::Pending, 0, NOW + 100)
+        );
+        notify_attempted(&mut n, fail(NOW + 105), 2, NOW + 101);
+        assert_eq!((n.state, n.attempts), (NotifyState::Pending, 3));
+        notify_attempted(&mut n, Delivery::Gone, 2, NOW + 106);
+        assert_eq!(
+            (n.state, n.error.as_deref()),
+            (NotifyState::Undeliverable, Some("410 Gone"))
+        );
+        notify_redeliver(&mut n, NOW + 200);
+        notify_attempted(
+            &mut n,
+            Delivery::Delivered {
+                detail: "HTTP 204".into(),
+            },
+            2,
+            NOW + 201,
+        );
+        assert_eq!(
+            (n.state, n.attempts, n.error),
+            (NotifyState::Delivered, 5, None)
+        );
+        assert_eq!(n.webhook_id, format!("msg_t_1_{NOW}"));
     }
 }

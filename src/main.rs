@@ -96,6 +96,8 @@ enum AdminCommand {
     },
     /// Every task, with its history, as one JSON object per line.
     Export,
+    /// Send the task's outbound notification again (same webhook-id).
+    Redeliver { task_id: String },
 }
 
 fn main() -> ExitCode {
@@ -179,6 +181,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Retry { task_id } => (Request::Retry { task_id }, false),
             AdminCommand::Verify { json } => (Request::Verify, json),
             AdminCommand::Export => (Request::Export, false),
+            AdminCommand::Redeliver { task_id } => (Request::Redeliver { task_id }, false),
         },
     };
     match admin::run(config, request).await {

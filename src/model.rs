@@ -350,6 +350,128 @@ impl Clock for ManualClock {
     }
 }
 
+// ---- outbound notifications (SPEC "Notifications (outbound)") ----
+
+/// Which settle a notification announces.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyType {
+    Downloaded,
+    Failed,
+}
+
+impl NotifyType {
+    /// The `type` of the webhook body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyType::Downloaded => "cover.downloaded",
+            NotifyType::Failed => "cover.failed",
+        }
+    }
+}
+
+/// Where one notification's delivery stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyState {
+    Pending,
+    Delivered,
+    Undeliverable,
+}
+
+impl NotifyState {
+    pub const ALL: [NotifyState; 3] = [
+        NotifyState::Pending,
+        NotifyState::Delivered,
+        NotifyState::Undeliverable,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyState::Pending => "pending",
+            NotifyState::Delivered => "delivered",
+            NotifyState::Undeliverable => "undeliverable",
+        }
+    }
+
+    /// A stable one-byte code, used in counter keys.
+    pub fn code(self) -> u8 {
+        match self {
+            NotifyState::Pending => 0,
+            NotifyState::Delivered => 1,
+            NotifyState::Undeliverable => 2,
+        }
+    }
+}
+
+/// One outbound notification: created in the same transaction as the settle it announces
+/// (see `store::apply`), delivered by `notify`. Its `webhook_id` and `body` are fixed at
+/// creation, so every attempt (and every restart) sends the same message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    pub task_id: String,
+    /// Settles of this task so far, this one included (1 for the first settle).
+    pub seq: u32,
+    /// `webhook-id`: `msg_<task id>_<seq>_<settled at, ms>`, the same for every attempt of
+    /// this message. The time keeps it unique even if the task is forgotten (prune) and its
+    /// id comes back: a receiver must never drop a new message as a repeat.
+    pub webhook_id: String,
+    pub kind: NotifyType,
+    pub created_at: Millis,
+    /// The exact JSON body sent (type, timestamp, data).
+    pub body: String,
+    pub state: NotifyState,
+    /// Every delivery attempt, the successful one included.
+    pub attempts: u32,
+    /// Attempts that count toward `notify.max_attempts` start here (moved by `admin redeliver`).
+    pub attempts_budget_start: u32,
+    /// Earliest time of the next attempt while `Pending`.
+    pub next_attempt_at: Millis,
+    pub updated_at: Millis,
+    /// Why the last attempt failed, or why the notification is undeliverable.
+    pub error: Option<String>,
+}
+
+impl Notification {
+    /// A new pending notification of `task`'s settle, due at once.
+    pub fn new(task: &Task, seq: u32, kind: NotifyType, now: Millis) -> Notification {
+        let mut data = serde_json::to_value(TaskJson::new(task, None)).unwrap_or_default();
+        if let Some(obj) = data.as_object_mut() {
+            // The delivery's own state is not part of the task's news.
+            obj.remove("notify");
+            obj.remove("events");
+        }
+        let body = serde_json::json!({
+            "type": kind.as_str(),
+            "timestamp": format_time(now),
+            "data": data,
+        })
+        .to_string();
+        Notification {
+            task_id: task.task_id.clone(),
+            seq,
+            webhook_id: format!("msg_{}_{seq}_{now}", task.task_id),
+            kind,
+            created_at: now,
+            body,
+            state: NotifyState::Pending,
+            attempts: 0,
+            attempts_budget_start: 0,
+            next_attempt_at: now,
+            updated_at: now,
+            error: None,
+        }
+    }
+
+    /// Attempts made since creation or the last `admin redeliver`.
+    pub fn budget_used(&self) -> u32 {
+        self.attempts.saturating_sub(self.attempts_budget_start)
+    }
+
+    /// When the notifier should next try, if at all.
+    pub fn due(&self) -> Option<Millis> {
+        (self.state == NotifyState::Pending).then_some(self.next_attempt_at)
+    }
+}
+
 // ---- JSON views (SPEC "JSON shapes") ----
 
 #[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -383,11 +505,36 @@ pub struct TaskJson {
     pub polls: u32,
     pub error: Option<String>,
     pub images: Vec<ImageJson>,
+    /// The latest notification of this task; `null` when none was made (notifications off).
+    #[serde(default)]
+    pub notify: Option<NotifyJson>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub events: Option<Vec<EventJson>>,
 }
 
+/// `"notify"` of the task JSON.
+#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NotifyJson {
+    pub state: String,
+    pub attempts: u32,
+}
+
+impl NotifyJson {
+    pub fn new(n: &Notification) -> NotifyJson {
+        NotifyJson {
+            state: n.state.as_str().into(),
+            attempts: n.attempts,
+        }
+    }
+}
+
 impl TaskJson {
+    /// Adds the task's latest notification (`None`: `"notify": null`).
+    pub fn with_notify(mut self, n: Option<&Notification>) -> TaskJson {
+        self.notify = n.map(NotifyJson::new);
+        self
+    }
+
     pub fn new(task: &Task, events: Option<&[EventRecord]>) -> TaskJson {
         TaskJson {
             task_id: task.task_id.clone(),
@@ -413,6 +560,7 @@ impl TaskJson {
                     error: i.error.clone(),
                 })
                 .collect(),
+            notify: None,
             events: events.map(|evs| {
                 evs.iter()
                     .map(|e| EventJson {

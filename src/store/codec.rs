@@ -2,17 +2,20 @@
 //! Owns the byte format and its evolution; must not open trees or know about keys.
 //!
 //! Rules (bincode is not self-describing):
-//! - every stored value is an envelope enum (`StoredTask`, `StoredEvent`); variants are only
+//! - every stored value is an envelope enum (`StoredTask`, `StoredEvent`,
+//!   `StoredNotification`); variants are only
 //!   ever appended, never reordered or removed;
 //! - when `model::Task` changes shape, freeze the old shape here as `TaskV1` (a copy of the
 //!   struct), point `V1` at it, add `V2(Task)` and an upgrade from `TaskV1` in `decode_task`;
+//! - a `Notification` holds no `Task` (its body is already JSON), so a change of `Task` does
+//!   not touch it; its own changes follow the same rule (`NotificationV1`, `V2`, upgrade);
 //! - the fixtures in `fixtures/` are bytes written by released versions and must decode
 //!   forever (see the tests below).
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{EventRecord, Task};
+use crate::model::{EventRecord, Notification, Task};
 
 /// Largest value the decoder accepts; a task with 16 images and long URLs is a few KiB.
 const MAX_VALUE_BYTES: u64 = 1 << 20;
@@ -27,7 +30,13 @@ enum StoredEvent {
     V1(EventRecord),
 }
 
-/// Envelope versions this build reads: `StoredTask` and `StoredEvent` have one variant each.
+#[derive(Serialize, Deserialize)]
+enum StoredNotification {
+    V1(Notification),
+}
+
+/// Envelope versions this build reads: `StoredTask`, `StoredEvent` and `StoredNotification`
+/// have one variant each.
 /// A newer coverd appends `V2`, whose bincode variant index is 1.
 pub const ENVELOPE_VERSION: u32 = 1;
 /// Variant indexes this far past the known ones still read as "a newer coverd": bincode
@@ -112,6 +121,16 @@ pub fn decode_event(bytes: &[u8]) -> Result<EventRecord, CodecError> {
     }
 }
 
+pub fn encode_notification(n: &Notification) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredNotification::V1(n.clone()))
+}
+
+pub fn decode_notification(bytes: &[u8]) -> Result<Notification, CodecError> {
+    match decode::<StoredNotification>(bytes, "notification")? {
+        StoredNotification::V1(n) => Ok(n),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -186,6 +205,54 @@ pub(crate) mod tests {
             };
             assert_eq!(decode_event(&encode_event(&e).unwrap()).unwrap(), e);
         }
+    }
+
+    /// A notification with every field set.
+    pub fn sample_notification() -> Notification {
+        let mut n = Notification::new(&sample_task(), 3, NotifyType::Failed, 1_795_775_590_000);
+        n.state = NotifyState::Undeliverable;
+        n.attempts = 14;
+        n.attempts_budget_start = 2;
+        n.next_attempt_at = 1_795_775_600_000;
+        n.updated_at = 1_795_775_601_000;
+        n.error = Some("410 Gone".into());
+        n
+    }
+
+    #[test]
+    fn notifications_round_trip() {
+        let n = sample_notification();
+        assert_eq!(
+            decode_notification(&encode_notification(&n).unwrap()).unwrap(),
+            n
+        );
+        for state in NotifyState::ALL {
+            for kind in [NotifyType::Downloaded, NotifyType::Failed] {
+                let mut m = n.clone();
+                m.state = state;
+                m.kind = kind;
+                m.error = None;
+                assert_eq!(
+                    decode_notification(&encode_notification(&m).unwrap()).unwrap(),
+                    m
+                );
+            }
+        }
+        assert!(decode_notification(&[]).is_err());
+        assert!(decode_notification(&encode_task(&sample_task()).unwrap()[..10]).is_err());
+    }
+
+    /// Bytes of the first notification format. If this fails, the stored format changed:
+    /// add a new envelope variant instead.
+    #[test]
+    fn notification_v1_fixture_decodes_forever() {
+        let n = decode_notification(include_bytes!("fixtures/notification_v1.bin"))
+            .expect("v1 notification");
+        assert_eq!(n, sample_notification());
+        assert_eq!(
+            n.webhook_id,
+            "msg_21aee3c3c2a01fa5e030b3799fa4dd56_3_1795775590000"
+        );
     }
 
     #[test]
@@ -263,5 +330,10 @@ pub(crate) mod tests {
             detail: "image 0 stored".into(),
         };
         std::fs::write(dir.join("event_v1.bin"), encode_event(&e).unwrap()).unwrap();
+        std::fs::write(
+            dir.join("notification_v1.bin"),
+            encode_notification(&sample_notification()).unwrap(),
+        )
+        .unwrap();
     }
 }

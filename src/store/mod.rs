@@ -11,7 +11,17 @@
 //! - `by_state`: state code (u8), created ms (u64), task id → () — listings and "oldest";
 //! - `by_created`: created ms (u64), task id → () — newest-first listing;
 //! - `by_music`: music task id → cover task id — idempotent `submit`;
-//! - `intents`: music task id → ms — covers requested from KIE whose answer is not stored yet.
+//! - `intents`: music task id → ms — covers requested from KIE whose answer is not stored yet;
+//! - `outbox`: outbound notifications, written in the same transaction as the settle they
+//!   announce, in three key spaces (first byte):
+//!   - `n`, task id, 0x00, seq (u32) → `StoredNotification`, one per settle;
+//!   - `h`, task id → latest seq (u32): the next settle's seq and the latest notification
+//!     are point reads;
+//!   - `d`, due ms (u64), task id, 0x00, seq → () — the due-index of pending notifications
+//!     (`due_notify`), derived from the record in the same transaction. (One tree, not two:
+//!     `apply` already spans sled's largest transactional tuple.)
+//!
+//! `meta` also holds notification counters `notify/<code>` (u64) per `NotifyState`.
 //!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
 //! queues skip it, so workers never pick it again, and scans go on past it.
@@ -27,8 +37,8 @@ use std::time::Duration;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-use crate::machine::{self, Ctx, Event, Outcome};
-use crate::model::{EventKind, EventRecord, Millis, State, Task};
+use crate::machine::{self, Ctx, Delivery, Event, Outcome};
+use crate::model::{EventKind, EventRecord, Millis, Notification, NotifyState, State, Task};
 
 /// The schema this build writes and understands. Bump with a migration in `open`.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -120,6 +130,14 @@ pub struct Applied {
     pub ticket: u64,
 }
 
+/// Notifications per delivery state.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NotifyCounts {
+    pub pending: u64,
+    pub delivered: u64,
+    pub undeliverable: u64,
+}
+
 /// Per-state task counts.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -149,6 +167,9 @@ struct Inner {
     by_created: sled::Tree,
     by_music: sled::Tree,
     intents: sled::Tree,
+    outbox: sled::Tree,
+    /// Woken after a transaction that made a notification due (new settle, redeliver).
+    outbox_wake: Arc<tokio::sync::Notify>,
     /// Reads of a task record that could not be decoded, for tests: proves that workers
     /// skip a quarantined record instead of reading it again and again.
     undecodable_reads: AtomicU64,
@@ -247,6 +268,8 @@ impl Store {
             by_music: tree("by_music")?,
             intents: tree("intents")?,
             _closed: ReleaseOnDrop(path.clone()),
+            outbox: tree("outbox")?,
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
             path,
             db,
             undecodable_reads: AtomicU64::new(0),
@@ -293,10 +316,11 @@ impl Store {
             &i.by_state,
             &i.by_created,
             &i.by_music,
+            &i.outbox,
         );
         let undecodable = std::cell::Cell::new(false);
         let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox)| {
                 let before = match tasks.get(task_id.as_bytes())? {
                     Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
                         undecodable.set(true);
@@ -363,6 +387,13 @@ impl Store {
                     by_music.insert(music.as_bytes(), task_id.as_bytes())?;
                 }
 
+                // The outbox: a settle and its notification are one write.
+                if ctx.notify
+                    && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
+                {
+                    enqueue(outbox, meta, &task, kind, ctx.now)?;
+                }
+
                 tasks.insert(
                     task_id.as_bytes(),
                     encode(codec::encode_task(&task), task_id)?,
@@ -370,6 +401,12 @@ impl Store {
                 Ok(Some((before.map(|t| t.state), task, outcome)))
             },
         );
+        if let Ok(Some((before, task, _))) = &result
+            && ctx.notify
+            && machine::settle_notice(*before, task).is_some()
+        {
+            self.inner.outbox_wake.notify_one();
+        }
         match result {
             Ok(Some((before, task, outcome))) => Ok(Some(Applied {
                 before,
@@ -815,6 +852,156 @@ impl Store {
         Ok(oldest)
     }
 
+    // ---- the outbox ----
+
+    /// Woken whenever a notification becomes due (a settle, a redeliver); the notifier
+    /// waits on it.
+    pub fn outbox_waker(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.outbox_wake.clone()
+    }
+
+    /// Notifications due at or before `now` as (task id, seq), earliest first, at most `limit`.
+    pub fn due_notifications(
+        &self,
+        now: Millis,
+        limit: usize,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
+        let start = [OUTBOX_DUE].to_vec();
+        let mut end = start.clone();
+        end.extend_from_slice(&ms_bytes(now.saturating_add(1)));
+        let mut out = Vec::new();
+        for kv in self.inner.outbox.range(start..end).take(limit) {
+            let (k, _) = kv?;
+            if let Some(key) = k.get(9..).and_then(split_record_key) {
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The earliest due time of any pending notification.
+    pub fn next_notification_due(&self) -> Result<Option<Millis>, StoreError> {
+        match self.inner.outbox.scan_prefix([OUTBOX_DUE]).next() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                Ok(Some(i64::try_from(u64_from(&k[1..])).unwrap_or(i64::MAX)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// One notification of a task.
+    pub fn notification(
+        &self,
+        task_id: &str,
+        seq: u32,
+    ) -> Result<Option<Notification>, StoreError> {
+        match self.inner.outbox.get(record_key(task_id, seq))? {
+            Some(v) => Ok(Some(decode_notification(&v, task_id)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The notification of the task's latest settle, if one was made.
+    pub fn latest_notification(&self, task_id: &str) -> Result<Option<Notification>, StoreError> {
+        match self.inner.outbox.get(head_key(task_id))? {
+            Some(v) => self.notification(task_id, u32_from(&v)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records one delivery attempt of notification (`task_id`, `seq`) through
+    /// `machine::notify_attempted`, atomically with its due-index entry and the counters.
+    /// Returns the updated notification (`None` if it is gone).
+    pub fn record_delivery(
+        &self,
+        task_id: &str,
+        seq: u32,
+        result: &Delivery,
+        max_attempts: u32,
+        now: Millis,
+    ) -> Result<Option<Notification>, StoreError> {
+        self.update_notification(task_id, Some(seq), |n| {
+            machine::notify_attempted(n, result.clone(), max_attempts, now)
+        })
+    }
+
+    /// `admin redeliver`: the task's latest notification is due again now (same webhook-id).
+    /// `None` when the task has no notification.
+    pub fn redeliver(
+        &self,
+        task_id: &str,
+        now: Millis,
+    ) -> Result<Option<Notification>, StoreError> {
+        let n = self.update_notification(task_id, None, |n| machine::notify_redeliver(n, now))?;
+        if n.is_some() {
+            self.inner.outbox_wake.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Notifications per delivery state.
+    pub fn notify_counts(&self) -> Result<NotifyCounts, StoreError> {
+        let get = |s: NotifyState| -> Result<u64, StoreError> {
+            Ok(self
+                .inner
+                .meta
+                .get(notify_count_key(s))?
+                .map(|v| u64_from(&v))
+                .unwrap_or(0))
+        };
+        Ok(NotifyCounts {
+            pending: get(NotifyState::Pending)?,
+            delivered: get(NotifyState::Delivered)?,
+            undeliverable: get(NotifyState::Undeliverable)?,
+        })
+    }
+
+    /// Read–change–write of one notification (`seq`, or the latest) in one transaction.
+    fn update_notification(
+        &self,
+        task_id: &str,
+        seq: Option<u32>,
+        change: impl Fn(&mut Notification),
+    ) -> Result<Option<Notification>, StoreError> {
+        let i = &*self.inner;
+        if i.health.injected.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
+                INJECTED,
+            ))));
+        }
+        let result = (&i.meta, &i.outbox).transaction(|(meta, outbox)| {
+            let seq = match seq {
+                Some(s) => s,
+                None => match outbox.get(head_key(task_id))? {
+                    Some(v) => u32_from(&v),
+                    None => return Ok(None),
+                },
+            };
+            let Some(bytes) = outbox.get(record_key(task_id, seq))? else {
+                return Ok(None);
+            };
+            let old = decode_notification(&bytes, task_id)
+                .map_err(ConflictableTransactionError::Abort)?;
+            let mut n = old.clone();
+            change(&mut n);
+            write_notification(outbox, meta, Some(&old), &n)?;
+            Ok(Some(n))
+        });
+        let n = match result {
+            Ok(n) => n,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => {
+                self.inner.health.mark(&e.to_string());
+                return Err(StoreError::Io(e));
+            }
+        };
+        if n.is_some() {
+            self.inner.written.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(n)
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.inner.db.size_on_disk()?)
@@ -951,11 +1138,122 @@ fn reindex(
 }
 
 fn bump(meta: &TransactionalTree, state: State, delta: i64) -> TxResult<()> {
-    let key = count_key(state);
+    bump_key(meta, count_key(state), delta)
+}
+
+fn bump_key(meta: &TransactionalTree, key: Vec<u8>, delta: i64) -> TxResult<()> {
     let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
     let next = current.saturating_add_signed(delta);
     meta.insert(key, &next.to_be_bytes())?;
     Ok(())
+}
+
+/// First bytes of the outbox's key spaces (see the module doc).
+const OUTBOX_RECORD: u8 = b'n';
+const OUTBOX_HEAD: u8 = b'h';
+const OUTBOX_DUE: u8 = b'd';
+
+/// Enqueues the notification of `task`'s settle: the next seq, the record, its due entry.
+fn enqueue(
+    outbox: &TransactionalTree,
+    meta: &TransactionalTree,
+    task: &Task,
+    kind: crate::model::NotifyType,
+    now: Millis,
+) -> TxResult<()> {
+    let head = head_key(&task.task_id);
+    let seq = outbox
+        .get(&head)?
+        .map(|v| u32_from(&v))
+        .unwrap_or(0)
+        .saturating_add(1);
+    outbox.insert(head, &seq.to_be_bytes())?;
+    write_notification(outbox, meta, None, &Notification::new(task, seq, kind, now))
+}
+
+/// Writes notification `n` (replacing `old`), keeping its due entry and the per-state
+/// counters in step.
+fn write_notification(
+    outbox: &TransactionalTree,
+    meta: &TransactionalTree,
+    old: Option<&Notification>,
+    n: &Notification,
+) -> TxResult<()> {
+    let key = record_key(&n.task_id, n.seq);
+    let due_key = |at: Millis| {
+        let mut k = vec![OUTBOX_DUE];
+        k.extend_from_slice(&ms_bytes(at));
+        k.extend_from_slice(&key[1..]);
+        k
+    };
+    let (old_due, new_due) = (old.and_then(Notification::due), n.due());
+    if old_due != new_due {
+        if let Some(at) = old_due {
+            outbox.remove(due_key(at))?;
+        }
+        if let Some(at) = new_due {
+            outbox.insert(due_key(at), &[])?;
+        }
+    }
+    if old.map(|o| o.state) != Some(n.state) {
+        if let Some(o) = old {
+            bump_key(meta, notify_count_key(o.state), -1)?;
+        }
+        bump_key(meta, notify_count_key(n.state), 1)?;
+    }
+    outbox.insert(key, encode(codec::encode_notification(n), &n.task_id)?)?;
+    Ok(())
+}
+
+fn record_key(task_id: &str, seq: u32) -> Vec<u8> {
+    let mut k = vec![OUTBOX_RECORD];
+    k.extend_from_slice(&event_key(task_id, seq));
+    k
+}
+
+fn head_key(task_id: &str) -> Vec<u8> {
+    let mut k = vec![OUTBOX_HEAD];
+    k.extend_from_slice(task_id.as_bytes());
+    k
+}
+
+/// (task id, seq) from the part of a key after its tag (and due time): task id, 0x00, seq.
+fn split_record_key(k: &[u8]) -> Option<(String, u32)> {
+    let (rest, seq) = k.split_last_chunk::<4>()?;
+    let (0, id) = rest.split_last()? else {
+        return None;
+    };
+    Some((
+        String::from_utf8_lossy(id).into_owned(),
+        u32::from_be_bytes(*seq),
+    ))
+}
+
+fn notify_count_key(state: NotifyState) -> Vec<u8> {
+    let mut k = b"notify/".to_vec();
+    k.push(state.code());
+    k
+}
+
+fn decode_notification(bytes: &[u8], task_id: &str) -> Result<Notification, StoreError> {
+    codec::decode_notification(bytes).map_err(|e| match e {
+        codec::CodecError::Newer { found, .. } => StoreError::Newer {
+            what: format!("notification of task {task_id}"),
+            found,
+        },
+        other => StoreError::Corrupt {
+            what: format!("notification of task {task_id}"),
+            reason: other.to_string(),
+        },
+    })
+}
+
+fn u32_from(bytes: &[u8]) -> u32 {
+    bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0)
 }
 
 fn count_key(state: State) -> Vec<u8> {
@@ -1008,6 +1306,7 @@ mod tests {
             now,
             max_attempts: 3,
             poll_after_ms: 1000,
+            notify: true,
         }
     }
 
@@ -1035,6 +1334,124 @@ mod tests {
         Event::Callback(Report::Success {
             images: (0..n).map(|i| format!("https://h/{i}.png")).collect(),
         })
+    }
+
+    fn stored(index: u32) -> Event {
+        Event::ImageStored {
+            index,
+            path: format!("images/a/{index}.png"),
+            bytes: 1,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn a_settle_enqueues_its_notification_in_the_same_write() {
+        let (_d, store) = open();
+        track(&store, "a", 1);
+        store
+            .apply("a", &callback(1), &ctx(2), IfMissing::Reject)
+            .unwrap();
+        assert_eq!(store.latest_notification("a").unwrap(), None);
+        assert_eq!(store.next_notification_due().unwrap(), None);
+        store
+            .apply("a", &stored(0), &ctx(3), IfMissing::Reject)
+            .unwrap();
+
+        let n = store.latest_notification("a").unwrap().unwrap();
+        assert_eq!((n.seq, n.webhook_id.as_str()), (1, "msg_a_1_3"));
+        assert_eq!(n.kind, crate::model::NotifyType::Downloaded);
+        assert_eq!(n.state, NotifyState::Pending);
+        let body: serde_json::Value = serde_json::from_str(&n.body).unwrap();
+        assert_eq!(body["type"], "cover.downloaded");
+        assert_eq!(body["data"]["state"], "downloaded");
+        assert!(body["data"].get("events").is_none() && body["data"].get("notify").is_none());
+        assert_eq!(
+            store.due_notifications(3, 10).unwrap(),
+            vec![("a".to_string(), 1)]
+        );
+        assert!(store.due_notifications(2, 10).unwrap().is_empty());
+        assert_eq!(store.notify_counts().unwrap().pending, 1);
+
+        // A duplicate callback on the settled task enqueues nothing.
+        store
+            .apply("a", &callback(1), &ctx(4), IfMissing::Reject)
+            .unwrap();
+        assert_eq!(store.latest_notification("a").unwrap().unwrap().seq, 1);
+
+        // A failed attempt: still pending, due later; then delivered: out of the index.
+        let failed = Delivery::Failed {
+            reason: "HTTP 500".into(),
+            retry_at: 100,
+        };
+        let n = store
+            .record_delivery("a", 1, &failed, 3, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!((n.state, n.attempts), (NotifyState::Pending, 1));
+        assert!(store.due_notifications(99, 10).unwrap().is_empty());
+        assert_eq!(store.next_notification_due().unwrap(), Some(100));
+        let ok = Delivery::Delivered {
+            detail: "HTTP 200".into(),
+        };
+        let n = store.record_delivery("a", 1, &ok, 3, 100).unwrap().unwrap();
+        assert_eq!((n.state, n.attempts), (NotifyState::Delivered, 2));
+        assert_eq!(store.next_notification_due().unwrap(), None);
+        let c = store.notify_counts().unwrap();
+        assert_eq!((c.pending, c.delivered, c.undeliverable), (0, 1, 0));
+
+        // Redeliver: the same message is due again.
+        let n = store.redeliver("a", 200).unwrap().unwrap();
+        assert_eq!(
+            (n.webhook_id.as_str(), n.state),
+            ("msg_a_1_3", NotifyState::Pending)
+        );
+        assert_eq!(
+            store.due_notifications(200, 10).unwrap(),
+            vec![("a".to_string(), 1)]
+        );
+        assert_eq!(store.redeliver("nope", 200).unwrap(), None);
+
+        // A second settle (retry of a damaged image, stored again) is a new message.
+        store
+            .apply(
+                "a",
+                &Event::Retry { damaged: vec![0] },
+                &ctx(300),
+                IfMissing::Reject,
+            )
+            .unwrap();
+        store
+            .apply("a", &stored(0), &ctx(301), IfMissing::Reject)
+            .unwrap();
+        let n = store.latest_notification("a").unwrap().unwrap();
+        assert_eq!((n.seq, n.webhook_id.as_str()), (2, "msg_a_2_301"));
+        assert_eq!(store.notify_counts().unwrap().pending, 2);
+        assert_eq!(
+            store.notification("a", 1).unwrap().unwrap().webhook_id,
+            "msg_a_1_3"
+        );
+    }
+
+    #[test]
+    fn notifications_off_enqueue_nothing() {
+        let (_d, store) = open();
+        let off = Ctx {
+            notify: false,
+            ..ctx(1)
+        };
+        store
+            .apply(
+                "a",
+                &Event::Callback(Report::Failure { reason: "x".into() }),
+                &off,
+                IfMissing::Create,
+            )
+            .unwrap();
+        assert_eq!(store.get("a").unwrap().unwrap().state, State::Failed);
+        assert_eq!(store.latest_notification("a").unwrap(), None);
+        assert_eq!(store.next_notification_due().unwrap(), None);
+        assert_eq!(store.notify_counts().unwrap(), NotifyCounts::default());
     }
 
     #[test]

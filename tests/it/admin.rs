@@ -32,6 +32,7 @@ const TASK_KEYS: &[&str] = &[
     "polls",
     "error",
     "images",
+    "notify",
 ];
 const IMAGE_KEYS: &[&str] = &[
     "index", "url", "state", "attempts", "path", "bytes", "sha256", "error",

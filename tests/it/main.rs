@@ -17,6 +17,7 @@ mod kie_client;
 mod kie_flows;
 mod kill_loop;
 mod metrics;
+mod notify;
 mod process;
 mod quarantine;
 mod smoke;

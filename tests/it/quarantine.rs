@@ -51,6 +51,7 @@ fn ctx(now: Millis) -> Ctx {
         now,
         max_attempts: 8,
         poll_after_ms: 120_000,
+        notify: false,
     }
 }
 
