@@ -12,9 +12,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use std::io::Write as _;
 use url::Url;
 
 use crate::config::DownloadConfig;
@@ -230,8 +231,8 @@ impl Fetcher {
         let content_type = describe_content_type(resp.headers());
         let final_url = resp.url().to_string();
 
-        let mut part = PartFile::create(tmp_dir).await?;
-        let mut hasher = Sha256::new();
+        let part = PartFile::create(tmp_dir).await?;
+        let mut writer = part.writer()?;
         let mut received: u64 = 0;
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_LEN);
         let mut ext: Option<Ext> = None;
@@ -253,8 +254,7 @@ impl Fetcher {
                     ext = Some(sniff_or_refuse(&head, &content_type)?);
                 }
             }
-            hasher.update(&chunk);
-            part.file.write_all(&chunk).await?;
+            writer.write(chunk).await?;
             received += len;
         }
         if expected.is_some_and(|len| received < len) {
@@ -264,14 +264,13 @@ impl Fetcher {
             Some(ext) => ext,
             None => sniff_or_refuse(&head, &content_type)?,
         };
-        part.file.flush().await?;
-        part.file.sync_all().await?;
+        let (sha256, part) = writer.finish().await?;
         let temp_path = part.keep();
         tracing::debug!("fetched image {}: {received} bytes", display_url(&url));
         Ok(Fetched {
             temp_path,
             bytes: received,
-            sha256: hex::encode(hasher.finalize()),
+            sha256,
             ext,
             final_url,
         })
@@ -452,7 +451,7 @@ fn innermost_reason(err: reqwest::Error) -> String {
 /// A `.part` file that is removed when dropped, unless kept.
 struct PartFile {
     path: PathBuf,
-    file: tokio::fs::File,
+    file: Option<std::fs::File>,
     keep: bool,
 }
 
@@ -464,11 +463,29 @@ impl PartFile {
             .write(true)
             .create_new(true)
             .open(&path)
-            .await?;
+            .await?
+            .into_std()
+            .await;
         Ok(PartFile {
             path,
-            file,
+            file: Some(file),
             keep: false,
+        })
+    }
+
+    /// Hands the file to its own blocking writer; the guard keeps removing it on error.
+    fn writer(self) -> io::Result<PartWriter> {
+        let mut this = self;
+        let file = this
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("part file taken"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_CHUNKS);
+        let done = tokio::task::spawn_blocking(move || write_part(file, rx));
+        Ok(PartWriter {
+            part: this,
+            tx: Some(tx),
+            done,
         })
     }
 
@@ -485,6 +502,79 @@ impl Drop for PartFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Chunks queued for one file's writer (each at most hyper's read buffer, ~400 KiB; usually
+/// 16–64 KiB): the bound on what a fetch holds in memory beyond the write buffer.
+const WRITE_QUEUE_CHUNKS: usize = 2;
+/// Bytes gathered before one `write` system call.
+const WRITE_BUF_BYTES: usize = 128 * 1024;
+
+/// The async side of a `.part` file's blocking writer: one blocking-pool hop per file
+/// instead of one per chunk (`tokio::fs`), and the hashing off the async workers.
+struct PartWriter {
+    part: PartFile,
+    /// `Some(chunk)` to write; `None` to finish (flush, `sync_all`). Dropping the sender
+    /// without `None` (an error or a cancelled fetch) makes the writer stop and return.
+    tx: Option<tokio::sync::mpsc::Sender<Option<Bytes>>>,
+    done: tokio::task::JoinHandle<io::Result<String>>,
+}
+
+impl PartWriter {
+    async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(Some(chunk)).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            // The writer stopped: it failed; its error says why.
+            self.tx = None;
+            Err(self
+                .join()
+                .await
+                .err()
+                .unwrap_or_else(|| io::Error::other("writer stopped")))
+        }
+    }
+
+    /// Flushes and syncs the file; returns its sha256 (hex) and the kept path's guard.
+    async fn finish(mut self) -> io::Result<(String, PartFile)> {
+        if let Some(tx) = self.tx.take() {
+            // A closed channel means the writer failed; `join` reports its error.
+            let _ = tx.send(None).await;
+        }
+        let sha256 = self.join().await?;
+        Ok((sha256, self.part))
+    }
+
+    async fn join(&mut self) -> io::Result<String> {
+        (&mut self.done).await.map_err(io::Error::other)?
+    }
+}
+
+/// The blocking side: hash and write every chunk through a large buffer; on the finish
+/// marker flush and `sync_all`. Returns the sha256 in hex.
+fn write_part(
+    file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<Option<Bytes>>,
+) -> io::Result<String> {
+    let mut out = io::BufWriter::with_capacity(WRITE_BUF_BYTES, file);
+    let mut hasher = Sha256::new();
+    loop {
+        match rx.blocking_recv() {
+            Some(Some(chunk)) => {
+                hasher.update(&chunk);
+                out.write_all(&chunk)?;
+            }
+            Some(None) => break,
+            None => return Err(io::Error::other("fetch abandoned")),
+        }
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The wait before retry number `attempt` (1 = the first retry): uniform in

@@ -1,0 +1,915 @@
+//! coverd's benchmarks (issue 9, `docs/benchmarks.md`). Each subcommand starts the real
+//! `coverd` binary (build it with `cargo build --release` first) in a scratch data
+//! directory on the same disk as the repository, and measures it against a baseline in the
+//! same run, so that the figure that matters is a ratio rather than an absolute number:
+//!
+//! - `ingest`: failure callbacks for new task ids (`accept_unknown_tasks = true`) over
+//!   keep-alive connections, at a fixed concurrency (closed loop) or a fixed rate (open
+//!   loop, latency measured from the intended send time), against a no-op hyper server
+//!   answering the same 200; throughput, p50/p99/p99.9 and the ratio.
+//! - `downloads`: images from a local file server at concurrency 4, against
+//!   `curl --parallel --parallel-max 4` into files followed by `sync` of those files.
+//! - `footprint`: idle RSS (empty store), peak RSS while ingesting N callbacks, store bytes
+//!   per task, time to `/healthz` 200 after a restart (warm and with the store's pages
+//!   dropped from the page cache), idle RSS after that restart.
+//!
+//! Helper processes (`noop-server`, `file-server`) are this binary started again, so that
+//! the baselines run in their own process like coverd does. Nothing here is run by
+//! `cargo test`; it owns no part of coverd and must not link it.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+#[command(about = "coverd benchmarks against same-run baselines")]
+struct Cli {
+    /// The coverd binary to measure.
+    #[arg(long, global = true, default_value = "target/release/coverd")]
+    coverd: PathBuf,
+    /// Scratch directory (made and removed); keep it on the disk coverd will use.
+    #[arg(long, global = true, default_value = "target/bench-work")]
+    work_dir: PathBuf,
+    /// Repetitions; the summary gives the median and the range.
+    #[arg(long, global = true, default_value_t = 3)]
+    runs: usize,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Callback ingest vs a no-op hyper server.
+    Ingest {
+        /// Open connections (keep-alive).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Fixed rate in requests per second (open loop); without it, closed loop.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Seconds of load per target and run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Image downloads vs curl --parallel.
+    Downloads {
+        #[arg(long, default_value_t = 200)]
+        images: usize,
+        #[arg(long, default_value_t = 5 * 1024 * 1024)]
+        image_bytes: usize,
+        /// Images per task (tasks = images / per_task).
+        #[arg(long, default_value_t = 2)]
+        per_task: usize,
+    },
+    /// RSS, store bytes per task and restart time at `tasks` finished tasks.
+    Footprint {
+        #[arg(long, default_value_t = 100_000)]
+        tasks: u64,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// (helper) A hyper server answering every request 200 `{"status":"received"}`.
+    NoopServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// (helper) Serves `GET /img/<anything>` as `bytes` of a PNG-looking body.
+    FileServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Cmd::NoopServer { listen } => rt.block_on(noop_server(listen)),
+        Cmd::FileServer { listen, bytes } => rt.block_on(file_server(listen, bytes)),
+        Cmd::Ingest {
+            concurrency,
+            rate,
+            seconds,
+        } => rt.block_on(ingest(&cli, concurrency, rate, seconds)),
+        Cmd::Downloads {
+            images,
+            image_bytes,
+            per_task,
+        } => rt.block_on(downloads(&cli, images, image_bytes, per_task)),
+        Cmd::Footprint { tasks, concurrency } => rt.block_on(footprint(&cli, tasks, concurrency)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+
+/// A child process stopped with SIGTERM (then waited for) when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait; the exit status.
+    fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn spawn_self(args: &[String]) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting a helper process")?;
+    Ok(Proc { child })
+}
+
+struct Coverd {
+    proc: Proc,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    data_dir: PathBuf,
+}
+
+/// Writes the config for a coverd in `dir` (data in `dir/data`) and returns it.
+fn coverd_config(dir: &Path, extra: &str) -> anyhow::Result<(PathBuf, SocketAddr, SocketAddr)> {
+    std::fs::create_dir_all(dir)?;
+    let listen = free_addr()?;
+    let metrics = free_addr()?;
+    let data = dir.join("data");
+    let config = dir.join("coverd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\nlisten = \"{listen}\"\nmetrics_listen = \"{metrics}\"\n\
+             accept_unknown_tasks = true\n{extra}\n"
+        ),
+    )?;
+    Ok((config, listen, metrics))
+}
+
+/// Starts coverd with `config` and waits for `/healthz` 200; also returns the time that took.
+async fn start_coverd(
+    cli: &Cli,
+    dir: &Path,
+    config: &Path,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+) -> anyhow::Result<(Coverd, Duration)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("coverd.log"))?;
+    let started = Instant::now();
+    let child = Command::new(&cli.coverd)
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (build it first: cargo build --release)",
+                cli.coverd.display()
+            )
+        })?;
+    let proc = Proc { child };
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        if let Ok(resp) = get(listen, "/healthz").await
+            && resp.0 == 200
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("coverd not healthy after 120 s; see {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let took = started.elapsed();
+    Ok((
+        Coverd {
+            proc,
+            listen,
+            metrics,
+            data_dir: dir.join("data"),
+        },
+        took,
+    ))
+}
+
+/// User + system CPU seconds used so far by `pid` (from `/proc/<pid>/stat`, 100 ticks/s).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`, which may contain spaces: state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, in bytes.
+fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            dir_bytes(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
+}
+
+/// Drops the page cache of every file under `dir` (a cold start without root).
+fn drop_cache(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.metadata()?.is_dir() {
+            drop_cache(&entry.path())?;
+        } else {
+            let f = std::fs::File::open(entry.path())?;
+            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 keep-alive client (no allocation per request beyond the buffer).
+
+struct Conn {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(addr: SocketAddr) -> Conn {
+        Conn {
+            addr,
+            stream: None,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Sends `request` (a complete HTTP/1.1 request) and returns the status and body.
+    async fn send(&mut self, request: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        for attempt in 0..2 {
+            if self.stream.is_none() {
+                let s = TcpStream::connect(self.addr).await?;
+                s.set_nodelay(true)?;
+                self.stream = Some(s);
+                self.buf.clear();
+            }
+            match self.exchange(request).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if attempt == 0 => {
+                    // A closed keep-alive connection: reconnect once.
+                    self.stream = None;
+                    let _ = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!()
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        let stream = self.stream.as_mut().expect("connected");
+        stream.write_all(request).await?;
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = std::str::from_utf8(&self.buf[..end])?;
+                let status: u16 = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .context("bad status line")?;
+                let mut len = 0usize;
+                let mut close = false;
+                for line in head.lines().skip(1) {
+                    let (k, v) = line.split_once(':').unwrap_or((line, ""));
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.trim().parse()?;
+                    } else if k.eq_ignore_ascii_case("connection")
+                        && v.trim().eq_ignore_ascii_case("close")
+                    {
+                        close = true;
+                    }
+                }
+                let total = end + 4 + len;
+                while self.buf.len() < total {
+                    read_more(stream, &mut self.buf).await?;
+                }
+                let body = self.buf[end + 4..total].to_vec();
+                self.buf.drain(..total);
+                if close {
+                    self.stream = None;
+                }
+                return Ok((status, body));
+            }
+            read_more(stream, &mut self.buf).await?;
+        }
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut chunk = [0u8; 8192];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        bail!("connection closed");
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn post_request(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut c = Conn::new(addr);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    c.send(req.as_bytes()).await
+}
+
+fn failure_callback(task_id: &str) -> String {
+    format!(
+        r#"{{"code":501,"msg":"Cover generation failed","data":{{"taskId":"{task_id}","images":null}}}}"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Load generation
+
+#[derive(Default)]
+struct Load {
+    /// Latencies in microseconds.
+    latencies: Vec<u32>,
+    ok: u64,
+    other: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Load {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i] as f64 / 1000.0
+    }
+}
+
+/// Until what the load runs: a time, or a number of requests in total.
+#[derive(Clone, Copy)]
+enum Until {
+    Time(Duration),
+    Count(u64),
+}
+
+/// Failure callbacks with fresh task ids `<prefix>-<n>` to `addr`.
+async fn load(
+    addr: SocketAddr,
+    concurrency: usize,
+    rate: Option<u64>,
+    until: Until,
+    prefix: &str,
+) -> Load {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for conn_no in 0..concurrency {
+        let next = next.clone();
+        let prefix = prefix.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr);
+            let mut out = Load::default();
+            // Open loop: this connection's share of the rate, its own schedule.
+            let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r as f64));
+            let offset = interval.map(|i| i.mul_f64(conn_no as f64 / concurrency as f64));
+            let mut k: u32 = 0;
+            loop {
+                let intended = match (interval, offset) {
+                    (Some(i), Some(o)) => {
+                        let at = start + o + i * k;
+                        k += 1;
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    _ => Instant::now(),
+                };
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let done = match until {
+                    Until::Time(d) => intended.duration_since(start) >= d,
+                    Until::Count(c) => n >= c,
+                };
+                if done {
+                    break;
+                }
+                let req = post_request(
+                    "/callbacks/cover",
+                    &failure_callback(&format!("{prefix}-{n}")),
+                );
+                match conn.send(&req).await {
+                    Ok((200, _)) => {
+                        out.ok += 1;
+                        let us = intended.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        out.latencies.push(us);
+                    }
+                    Ok(_) => out.other += 1,
+                    Err(_) => {
+                        out.errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut total = Load::default();
+    for h in handles {
+        let part = h.await.expect("load task");
+        total.latencies.extend(part.latencies);
+        total.ok += part.ok;
+        total.other += part.other;
+        total.errors += part.errors;
+    }
+    total.elapsed = start.elapsed();
+    total.latencies.sort_unstable();
+    total
+}
+
+fn describe(name: &str, l: &Load) -> String {
+    format!(
+        "{name:>8}: {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  p99.9 {:>7.2} ms  \
+         (200: {}, other: {}, errors: {})",
+        l.rps(),
+        l.pct(0.5),
+        l.pct(0.99),
+        l.pct(0.999),
+        l.ok,
+        l.other,
+        l.errors
+    )
+}
+
+/// "median (min–max)" of `values`.
+fn summary(values: &mut [f64], digits: usize) -> String {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let med = values[values.len() / 2];
+    format!(
+        "{med:.digits$} (range {:.digits$}–{:.digits$}, n={})",
+        values[0],
+        values[values.len() - 1],
+        values.len()
+    )
+}
+
+async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("helper at {addr} did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn ingest(
+    cli: &Cli,
+    concurrency: usize,
+    rate: Option<u64>,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let work = cli.work_dir.join("ingest");
+    let _ = std::fs::remove_dir_all(&work);
+    let noop_addr = free_addr()?;
+    let _noop = spawn_self(&[
+        "noop-server".into(),
+        "--listen".into(),
+        noop_addr.to_string(),
+    ])?;
+    wait_ready(noop_addr).await?;
+    let (config, listen, metrics) = coverd_config(&work, "")?;
+    let (mut coverd, _) = start_coverd(cli, &work, &config, listen, metrics).await?;
+    let mode = match rate {
+        Some(r) => format!("fixed rate {r}/s over {concurrency} connections"),
+        None => format!("fixed concurrency {concurrency}"),
+    };
+    println!("ingest: {mode}, {seconds} s per target, {} runs", cli.runs);
+    let until = Until::Time(Duration::from_secs(seconds));
+    let (mut ratios, mut c_rps, mut n_rps, mut p50, mut p99, mut p999) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..cli.runs {
+        let noop = load(noop_addr, concurrency, rate, until, &format!("n{run}")).await;
+        let real = load(listen, concurrency, rate, until, &format!("r{run}")).await;
+        println!(
+            "run {run}:\n{}\n{}",
+            describe("no-op", &noop),
+            describe("coverd", &real)
+        );
+        let ratio = real.rps() / noop.rps();
+        println!("   ratio coverd/no-op: {ratio:.3}");
+        ratios.push(ratio);
+        c_rps.push(real.rps());
+        n_rps.push(noop.rps());
+        p50.push(real.pct(0.5));
+        p99.push(real.pct(0.99));
+        p999.push(real.pct(0.999));
+    }
+    let (_, hwm) = rss(coverd.proc.pid())?;
+    let cpu = cpu_seconds(coverd.proc.pid())?;
+    let status = coverd.proc.stop()?;
+    println!("\nsummary ({mode}):");
+    println!("  coverd req/s      {}", summary(&mut c_rps, 0));
+    println!("  no-op req/s       {}", summary(&mut n_rps, 0));
+    println!("  ratio             {}", summary(&mut ratios, 3));
+    println!("  coverd p50 ms     {}", summary(&mut p50, 2));
+    println!("  coverd p99 ms     {}", summary(&mut p99, 2));
+    println!("  coverd p99.9 ms   {}", summary(&mut p999, 2));
+    println!("  coverd peak RSS   {:.1} MiB", hwm as f64 / MIB);
+    println!("  coverd CPU s      {cpu:.1} (whole run, all loads)");
+    println!("  coverd exit       {status}");
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+// ---------------------------------------------------------------------------------------
+// Downloads
+
+async fn metric(addr: SocketAddr, line_prefix: &str) -> anyhow::Result<f64> {
+    let (status, body) = get(addr, "/metrics").await?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    let text = String::from_utf8(body)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+async fn downloads(
+    cli: &Cli,
+    images: usize,
+    image_bytes: usize,
+    per_task: usize,
+) -> anyhow::Result<()> {
+    let work = cli.work_dir.join("downloads");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let files = free_addr()?;
+    let _server = spawn_self(&[
+        "file-server".into(),
+        "--listen".into(),
+        files.to_string(),
+        "--bytes".into(),
+        image_bytes.to_string(),
+    ])?;
+    wait_ready(files).await?;
+    let has_curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_curl {
+        bail!("curl is needed for the baseline (apt-get install curl)");
+    }
+    let tasks = images.div_ceil(per_task);
+    println!(
+        "downloads: {} images of {image_bytes} bytes ({tasks} tasks of {per_task}), \
+         concurrency 4, {} runs",
+        tasks * per_task,
+        cli.runs
+    );
+    let (mut ratios, mut curl_s, mut coverd_s, mut hwms, mut cpus) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..cli.runs {
+        let urls: Vec<Vec<String>> = (0..tasks)
+            .map(|t| {
+                (0..per_task)
+                    .map(|i| format!("http://{files}/img/{run}-{t}-{i}.png"))
+                    .collect()
+            })
+            .collect();
+
+        // Baseline: curl, 4 in parallel, into files, then fsync of every file and the dir.
+        let out = work.join(format!("curl-{run}"));
+        std::fs::create_dir_all(&out)?;
+        let mut cfg = std::fs::File::create(work.join("curl.cfg"))?;
+        let mut names = Vec::new();
+        for (n, url) in urls.iter().flatten().enumerate() {
+            let name = out.join(format!("{n}.png"));
+            writeln!(cfg, "url = \"{url}\"\noutput = \"{}\"", name.display())?;
+            names.push(name);
+        }
+        drop(cfg);
+        let started = Instant::now();
+        let status = Command::new("curl")
+            .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
+            .arg("--config")
+            .arg(work.join("curl.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("curl failed: {status}");
+        }
+        let status = Command::new("sync").args(&names).arg(&out).status()?;
+        if !status.success() {
+            bail!("sync failed: {status}");
+        }
+        let curl = started.elapsed();
+        std::fs::remove_dir_all(&out)?;
+
+        // coverd: success callbacks, then wait until every task is downloaded.
+        let dir = work.join(format!("coverd-{run}"));
+        let (config, listen, metrics) = coverd_config(
+            &dir,
+            "[kie]\nconfirm_callbacks = false\n[download]\nconcurrency = 4\n\
+             allowed_hosts = []\nallow_http = true\nallow_private_networks = true\n",
+        )?;
+        let (mut coverd, _) = start_coverd(cli, &dir, &config, listen, metrics).await?;
+        let started = Instant::now();
+        let mut conn = Conn::new(coverd.listen);
+        for (t, urls) in urls.iter().enumerate() {
+            let list = urls
+                .iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(",");
+            let body = format!(
+                r#"{{"code":200,"msg":"success","data":{{"taskId":"dl-{run}-{t}","images":[{list}]}}}}"#
+            );
+            let (status, _) = conn.send(&post_request("/callbacks/cover", &body)).await?;
+            if status != 200 {
+                bail!("callback answered {status}");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let done = metric(coverd.metrics, "coverd_tasks{state=\"downloaded\"}").await?;
+            if done as usize >= tasks {
+                break;
+            }
+            let failed = metric(coverd.metrics, "coverd_tasks{state=\"failed\"}").await?;
+            if failed > 0.0 || Instant::now() > deadline {
+                bail!("downloads failed or stalled; see {}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        let (_, hwm) = rss(coverd.proc.pid())?;
+        let cpu = cpu_seconds(coverd.proc.pid())?;
+        coverd.proc.stop()?;
+        let stored = dir_bytes(&coverd.data_dir.join("images"))?;
+        if stored != (tasks * per_task * image_bytes) as u64 {
+            bail!("coverd stored {stored} bytes of images, expected more");
+        }
+        std::fs::remove_dir_all(&dir)?;
+        let ratio = curl.as_secs_f64() / took.as_secs_f64();
+        println!(
+            "run {run}: curl {:.2} s, coverd {:.2} s, speed ratio coverd/curl {ratio:.3}, \
+             coverd peak RSS {:.1} MiB, coverd CPU {cpu:.2} s",
+            curl.as_secs_f64(),
+            took.as_secs_f64(),
+            hwm as f64 / MIB
+        );
+        cpus.push(cpu);
+        ratios.push(ratio);
+        curl_s.push(curl.as_secs_f64());
+        coverd_s.push(took.as_secs_f64());
+        hwms.push(hwm as f64 / MIB);
+    }
+    println!("\nsummary:");
+    println!("  curl seconds          {}", summary(&mut curl_s, 2));
+    println!("  coverd seconds        {}", summary(&mut coverd_s, 2));
+    println!(
+        "  ratio (curl time / coverd time)  {}",
+        summary(&mut ratios, 3)
+    );
+    println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
+    println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Footprint
+
+async fn footprint(cli: &Cli, tasks: u64, concurrency: usize) -> anyhow::Result<()> {
+    let work = cli.work_dir.join("footprint");
+    println!(
+        "footprint: {tasks} failed tasks, ingest concurrency {concurrency}, {} runs",
+        cli.runs
+    );
+    let (mut idle_empty, mut peak, mut per_task, mut warm, mut cold, mut idle_after) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..cli.runs {
+        let _ = std::fs::remove_dir_all(&work);
+        let (config, listen, metrics) = coverd_config(&work, "")?;
+        let (mut coverd, _) = start_coverd(cli, &work, &config, listen, metrics).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (empty_rss, _) = rss(coverd.proc.pid())?;
+        let sampler_pid = coverd.proc.pid();
+        let l = load(coverd.listen, concurrency, None, Until::Count(tasks), "f").await;
+        let (_, hwm) = rss(sampler_pid)?;
+        if l.ok != tasks {
+            bail!("only {} of {tasks} callbacks answered 200", l.ok);
+        }
+        let status = coverd.proc.stop()?;
+        if !status.success() {
+            bail!("coverd exited {status}");
+        }
+        let bytes = dir_bytes(&coverd.data_dir.join("db"))?;
+
+        let (mut again, warm_took) = start_coverd(cli, &work, &config, listen, metrics).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (after_rss, _) = rss(again.proc.pid())?;
+        again.proc.stop()?;
+        drop_cache(&work.join("data"))?;
+        let (mut third, cold_took) = start_coverd(cli, &work, &config, listen, metrics).await?;
+        third.proc.stop()?;
+
+        println!(
+            "run {run}: idle RSS empty {:.1} MiB; ingest {:.0}/s, peak RSS {:.1} MiB; \
+             store {:.1} MiB = {:.0} B/task; ready after restart {:.3} s warm, {:.3} s cold; \
+             idle RSS after restart {:.1} MiB",
+            empty_rss as f64 / MIB,
+            l.rps(),
+            hwm as f64 / MIB,
+            bytes as f64 / MIB,
+            bytes as f64 / tasks as f64,
+            warm_took.as_secs_f64(),
+            cold_took.as_secs_f64(),
+            after_rss as f64 / MIB,
+        );
+        idle_empty.push(empty_rss as f64 / MIB);
+        peak.push(hwm as f64 / MIB);
+        per_task.push(bytes as f64 / tasks as f64);
+        warm.push(warm_took.as_secs_f64());
+        cold.push(cold_took.as_secs_f64());
+        idle_after.push(after_rss as f64 / MIB);
+    }
+    println!("\nsummary ({tasks} tasks):");
+    println!(
+        "  idle RSS, empty store MiB      {}",
+        summary(&mut idle_empty, 1)
+    );
+    println!("  peak RSS while ingesting MiB   {}", summary(&mut peak, 1));
+    println!(
+        "  store bytes per task           {}",
+        summary(&mut per_task, 0)
+    );
+    println!("  ready after restart, warm s    {}", summary(&mut warm, 3));
+    println!("  ready after restart, cold s    {}", summary(&mut cold, 3));
+    println!(
+        "  idle RSS after restart MiB     {}",
+        summary(&mut idle_after, 1)
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Helper servers
+
+async fn serve<F, Fut>(listen: SocketAddr, handler: F) -> anyhow::Result<()>
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn noop_server(listen: SocketAddr) -> anyhow::Result<()> {
+    serve(
+        listen,
+        |req: hyper::Request<hyper::body::Incoming>| async move {
+            // Read the body, as coverd must.
+            let _ = req.into_body().collect().await;
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"{\"status\":\"received\"}")))
+                .expect("static response")
+        },
+    )
+    .await
+}
+
+async fn file_server(listen: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    // A PNG signature, then pseudo-random bytes (incompressible, like an image).
+    let mut body = Vec::with_capacity(bytes);
+    body.extend_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while body.len() < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        body.extend_from_slice(&x.to_le_bytes());
+    }
+    body.truncate(bytes);
+    let body = Bytes::from(body);
+    serve(listen, move |req: hyper::Request<hyper::body::Incoming>| {
+        let body = body.clone();
+        async move {
+            let ok = req.uri().path().starts_with("/img/");
+            hyper::Response::builder()
+                .status(if ok { 200 } else { 404 })
+                .header("content-type", "image/png")
+                .body(Full::new(if ok { body } else { Bytes::new() }))
+                .expect("static response")
+        }
+    })
+    .await
+}
