@@ -71,6 +71,10 @@ enum Cmd {
         /// Images per task (tasks = images / per_task).
         #[arg(long, default_value_t = 2)]
         per_task: usize,
+        /// End the curl baseline with a plain `sync` (every dirty page of the machine, the
+        /// issue's recipe) instead of `sync FILE…` (an fsync of each downloaded file).
+        #[arg(long)]
+        global_sync: bool,
     },
     /// RSS, store bytes per task and restart time at `tasks` finished tasks.
     Footprint {
@@ -78,6 +82,19 @@ enum Cmd {
         tasks: u64,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+    },
+    /// sled's own floor: bytes per key of a bare sled (coverd's cache and flush settings)
+    /// holding `keys` keys like coverd's per failed task, one transaction each.
+    SledFloor {
+        #[arg(long, default_value_t = 100_000)]
+        keys: u64,
+        /// Value bytes of the main record (coverd's failed-task record is about this size).
+        #[arg(long, default_value_t = 120)]
+        record_bytes: usize,
+        /// Also write coverd's other keys per task: 2 history events (60 B), a state and a
+        /// creation index key, and the shared counter.
+        #[arg(long)]
+        with_indexes: bool,
     },
     /// (helper) A hyper server answering every request 200 `{"status":"received"}`.
     NoopServer {
@@ -110,7 +127,13 @@ fn main() -> anyhow::Result<()> {
             images,
             image_bytes,
             per_task,
-        } => rt.block_on(downloads(&cli, images, image_bytes, per_task)),
+            global_sync,
+        } => rt.block_on(downloads(&cli, images, image_bytes, per_task, global_sync)),
+        Cmd::SledFloor {
+            keys,
+            record_bytes,
+            with_indexes,
+        } => sled_floor(&cli, keys, record_bytes, with_indexes),
         Cmd::Footprint { tasks, concurrency } => rt.block_on(footprint(&cli, tasks, concurrency)),
     }
 }
@@ -629,6 +652,7 @@ async fn downloads(
     images: usize,
     image_bytes: usize,
     per_task: usize,
+    global_sync: bool,
 ) -> anyhow::Result<()> {
     let work = cli.work_dir.join("downloads");
     let _ = std::fs::remove_dir_all(&work);
@@ -653,9 +677,10 @@ async fn downloads(
     let tasks = images.div_ceil(per_task);
     println!(
         "downloads: {} images of {image_bytes} bytes ({tasks} tasks of {per_task}), \
-         concurrency 4, {} runs",
+         concurrency 4, {} runs; baseline curl + {}",
         tasks * per_task,
-        cli.runs
+        cli.runs,
+        if global_sync { "sync" } else { "sync FILE..." }
     );
     let (mut ratios, mut curl_s, mut coverd_s, mut hwms, mut cpus) =
         (vec![], vec![], vec![], vec![], vec![]);
@@ -690,7 +715,11 @@ async fn downloads(
         if !status.success() {
             bail!("curl failed: {status}");
         }
-        let status = Command::new("sync").args(&names).arg(&out).status()?;
+        let mut sync = Command::new("sync");
+        if !global_sync {
+            sync.args(&names).arg(&out);
+        }
+        let status = sync.status()?;
         if !status.success() {
             bail!("sync failed: {status}");
         }
@@ -843,6 +872,88 @@ async fn footprint(cli: &Cli, tasks: u64, concurrency: usize) -> anyhow::Result<
         summary(&mut idle_after, 1)
     );
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// sled's floor
+
+fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> anyhow::Result<()> {
+    use sled::Transactional as _;
+    let dir = cli.work_dir.join("sled-floor");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut per_key = vec![];
+    for run in 0..cli.runs {
+        let path = dir.join(format!("db-{run}"));
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(8 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()?;
+        let tasks = db.open_tree("tasks")?;
+        let events = db.open_tree("events")?;
+        let by_state = db.open_tree("by_state")?;
+        let by_created = db.open_tree("by_created")?;
+        let meta = db.open_tree("meta")?;
+        let record = vec![0x5au8; record_bytes];
+        let event = [0x33u8; 60];
+        for n in 0..keys {
+            let id = format!("f-{n}");
+            if with_indexes {
+                (&tasks, &events, &by_state, &by_created, &meta)
+                    .transaction(|(t, e, s, c, m)| {
+                        t.insert(id.as_bytes(), record.as_slice())?;
+                        for i in 0u32..2 {
+                            let mut k = id.as_bytes().to_vec();
+                            k.extend_from_slice(&i.to_be_bytes());
+                            e.insert(k, &event[..])?;
+                        }
+                        let mut k = vec![3u8];
+                        k.extend_from_slice(&n.to_be_bytes());
+                        k.extend_from_slice(id.as_bytes());
+                        s.insert(k.clone(), &[])?;
+                        c.insert(&k[1..], &[])?;
+                        m.insert("count/failed", &(n + 1).to_be_bytes())?;
+                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
+            } else {
+                tasks
+                    .transaction(|t| {
+                        t.insert(id.as_bytes(), record.as_slice())?;
+                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
+            }
+        }
+        db.flush()?;
+        drop((tasks, events, by_state, by_created, meta, db));
+        let bytes = dir_bytes(&path)?;
+        // What a reopened sled holds: the RSS growth of this process across the reopen.
+        let (before, _) = rss(std::process::id())?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(8 * 1024 * 1024)
+            .open()?;
+        let tree = db.open_tree("tasks")?;
+        let _ = tree.get("f-0")?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (after, _) = rss(std::process::id())?;
+        drop((tree, db));
+        println!(
+            "run {run}: {keys} keys, record {record_bytes} B, indexes {with_indexes}: \
+             {:.1} MiB = {:.0} B per task; RSS of the reopened sled {:.1} MiB",
+            bytes as f64 / MIB,
+            bytes as f64 / keys as f64,
+            after.saturating_sub(before) as f64 / MIB
+        );
+        per_key.push(bytes as f64 / keys as f64);
+    }
+    println!(
+        "\nsummary: sled bytes per task {}",
+        summary(&mut per_key, 0)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
