@@ -96,6 +96,12 @@ enum Cmd {
         #[arg(long)]
         with_indexes: bool,
     },
+    /// (helper) Opens the sled at `path` like coverd, reads a key, waits 1 s and prints its
+    /// own RSS in MiB.
+    SledOpen {
+        #[arg(long)]
+        path: PathBuf,
+    },
     /// (helper) A hyper server answering every request 200 `{"status":"received"}`.
     NoopServer {
         #[arg(long)]
@@ -134,6 +140,18 @@ fn main() -> anyhow::Result<()> {
             record_bytes,
             with_indexes,
         } => sled_floor(&cli, keys, record_bytes, with_indexes),
+        Cmd::SledOpen { path } => {
+            let db = sled::Config::new()
+                .path(&path)
+                .cache_capacity(8 * 1024 * 1024)
+                .open()?;
+            let tree = db.open_tree("tasks")?;
+            let _ = tree.get("f-0")?;
+            std::thread::sleep(Duration::from_secs(1));
+            let (now, _) = rss(std::process::id())?;
+            println!("{:.1}", now as f64 / MIB);
+            Ok(())
+        }
         Cmd::Footprint { tasks, concurrency } => rt.block_on(footprint(&cli, tasks, concurrency)),
     }
 }
@@ -929,23 +947,19 @@ fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> 
         db.flush()?;
         drop((tasks, events, by_state, by_created, meta, db));
         let bytes = dir_bytes(&path)?;
-        // What a reopened sled holds: the RSS growth of this process across the reopen.
-        let (before, _) = rss(std::process::id())?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(8 * 1024 * 1024)
-            .open()?;
-        let tree = db.open_tree("tasks")?;
-        let _ = tree.get("f-0")?;
-        std::thread::sleep(Duration::from_secs(1));
-        let (after, _) = rss(std::process::id())?;
-        drop((tree, db));
+        // What a reopened sled holds: the RSS of a fresh process that only opens it.
+        let out = Command::new(std::env::current_exe()?)
+            .arg("sled-open")
+            .arg("--path")
+            .arg(&path)
+            .output()?;
+        let reopened: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
         println!(
             "run {run}: {keys} keys, record {record_bytes} B, indexes {with_indexes}: \
-             {:.1} MiB = {:.0} B per task; RSS of the reopened sled {:.1} MiB",
+             {:.1} MiB = {:.0} B per task; RSS of a process that reopens it {:.1} MiB",
             bytes as f64 / MIB,
             bytes as f64 / keys as f64,
-            after.saturating_sub(before) as f64 / MIB
+            reopened
         );
         per_key.push(bytes as f64 / keys as f64);
     }
