@@ -123,6 +123,52 @@ async fn good_png_is_stored_with_its_hash() {
 }
 
 #[tokio::test]
+async fn many_small_chunks_are_written_in_order_with_their_hash() {
+    // 60 chunks of 1000 bytes: each goes through the file's writer thread.
+    let case = Case::new().await;
+    let image = png(60_000);
+    let url = case.set(
+        "/s/chunks.png",
+        Behaviour::Trickle {
+            bytes: image.clone(),
+            chunk: 1000,
+            every: Duration::ZERO,
+        },
+    );
+
+    let fetched = case.ok(&url).await;
+
+    assert_eq!(fetched.bytes, 60_000);
+    assert_eq!(fetched.sha256, sha256_hex(&image));
+    assert_eq!(std::fs::read(&fetched.temp_path).unwrap(), image);
+}
+
+#[tokio::test]
+async fn a_fetch_dropped_mid_body_leaves_no_temp_file() {
+    let case = Case::new().await;
+    let url = case.set(
+        "/s/stalls.png",
+        Behaviour::SlowBody {
+            bytes: png(20_000),
+            first: 1000,
+            stall: Duration::from_secs(600),
+        },
+    );
+    let fetcher = case.fetcher.clone();
+    let dir = case.tmp.path().to_path_buf();
+    let fetch = tokio::spawn(async move { fetcher.fetch(&url, &dir).await });
+    // Wait (bounded) until the body has started and the temp file exists.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leftovers(case.tmp.path()).is_empty() {
+        assert!(Instant::now() < deadline, "no temp file appeared");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fetch.abort();
+    assert!(fetch.await.unwrap_err().is_cancelled());
+    assert_eq!(leftovers(case.tmp.path()), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn each_image_type_gets_its_ext() {
     let case = Case::new().await;
     for (path, bytes, ext) in [
