@@ -953,7 +953,10 @@ fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> 
             .arg("--path")
             .arg(&path)
             .output()?;
-        let reopened: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
+        let reopened: f64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(f64::NAN);
         println!(
             "run {run}: {keys} keys, record {record_bytes} B, indexes {with_indexes}: \
              {:.1} MiB = {:.0} B per task; RSS of a process that reopens it {:.1} MiB",
