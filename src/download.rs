@@ -602,7 +602,6 @@ async fn install(
     let temp_owned = temp.to_path_buf();
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let temp = temp_owned;
-        let created = !dir.exists();
         create_private_dir(&dir)?;
         for other in EXTS.iter().filter(|e| **e != ext) {
             let p = dir.join(format!("{index}.{}", other.as_str()));
@@ -612,9 +611,11 @@ async fn install(
         }
         std::fs::rename(&temp, &final_path)?;
         std::fs::File::open(&dir)?.sync_all()?;
-        if created {
-            std::fs::File::open(&images)?.sync_all()?;
-        }
+        // Always, not only when this call created `dir`: two images of a new task install at
+        // once, and the second must not be recorded before the entry of `dir` in `images/` is
+        // durable, which only the first one's sync would otherwise guarantee. A directory
+        // with no change since its last sync costs next to nothing to sync again.
+        std::fs::File::open(&images)?.sync_all()?;
         Ok(())
     })
     .await
