@@ -4,7 +4,10 @@
 //! ways. Owns the requests, their JSON replies and their printing; must not change a task
 //! except through `store::apply` (the state machine).
 
-use std::path::Path;
+pub mod access;
+pub mod backup;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +67,20 @@ pub enum Request {
     Redeliver {
         task_id: String,
     },
+    /// A consistent copy into `dest` (absolute; absent or empty).
+    Backup {
+        dest: PathBuf,
+    },
+    /// Rebuild the (absent or empty) data directory from the backup in `src` (absolute).
+    /// Only with the daemon stopped.
+    Restore {
+        src: PathBuf,
+    },
+    /// Forget finished tasks whose last change is more than `older_than_secs` ago.
+    Prune {
+        older_than_secs: u64,
+        dry_run: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -98,7 +115,9 @@ pub struct StatusJson {
     pub oldest_unfinished: Option<Oldest>,
     pub data_dir: String,
     pub data_bytes: u64,
-    pub polling: bool,
+    /// Whether the daemon polls KIE (it has an API key); `null` when the daemon is stopped:
+    /// the service's key (e.g. a systemd credential) is not visible from here.
+    pub polling: Option<bool>,
     /// Task records that cannot be decoded (exit 1 when any).
     #[serde(default)]
     pub quarantined: Vec<QuarantinedJson>,
@@ -166,6 +185,17 @@ pub enum Reply {
         #[serde(default)]
         quarantined: Vec<QuarantinedJson>,
     },
+    BackedUp {
+        dest: String,
+        backup: backup::Manifest,
+    },
+    Restored {
+        data_dir: String,
+        backup: backup::Manifest,
+    },
+    Pruned {
+        prune: backup::PruneJson,
+    },
 }
 
 impl Reply {
@@ -223,6 +253,8 @@ pub struct Exec {
     pub daemon_running: bool,
     /// The daemon's loops, woken after a change that may make work due (empty when stopped).
     pub wake: Vec<Arc<Notify>>,
+    /// Progress of whole-store commands (a terminal's progress bar); `None` in the daemon.
+    pub progress: Option<backup::Progress>,
 }
 
 impl Exec {
@@ -264,7 +296,10 @@ impl Exec {
                 let event = Event::Track { music_task_id };
                 let applied = self.apply(&task_id, event, IfMissing::Create).await?;
                 let message = if applied.0 {
-                    format!("tracking {task_id}: it is polled if no callback arrives")
+                    format!(
+                        "tracking {task_id}: {}",
+                        self.who_polls("it is polled if no callback arrives")
+                    )
                 } else {
                     format!(
                         "{task_id} is already known ({}); nothing changed",
@@ -303,7 +338,15 @@ impl Exec {
                 .map_err(|e| AdminError::missing(format!("retry of {task_id} failed: {e}")))??;
                 let event = Event::Retry { damaged };
                 let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
-                let message = format!("{task_id} is now {}", json.state);
+                let message = if json.state == State::Submitted.as_str() {
+                    format!(
+                        "{task_id} is now {}: {}",
+                        json.state,
+                        self.who_polls("it is polled until KIE has its result")
+                    )
+                } else {
+                    format!("{task_id} is now {}", json.state)
+                };
                 Reply::Task {
                     task: json,
                     message,
@@ -311,14 +354,18 @@ impl Exec {
             }
             Request::Verify => {
                 let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
-                let verify = tokio::task::spawn_blocking(move || verify(&store, &data_dir))
-                    .await
-                    .map_err(|e| AdminError::missing(format!("verify failed: {e}")))??;
+                let progress = self.progress.clone();
+                let verify =
+                    tokio::task::spawn_blocking(move || verify(&store, &data_dir, progress))
+                        .await
+                        .map_err(|e| AdminError::missing(format!("verify failed: {e}")))??;
                 Reply::Verified { verify }
             }
             Request::Export => {
                 let store = self.store.clone();
-                let (tasks, quarantined) = tokio::task::spawn_blocking(move || export(&store))
+                let progress = self.progress.clone();
+                let (tasks, quarantined) =
+                    tokio::task::spawn_blocking(move || export(&store, progress))
                     .await
                     .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
                 Reply::Export { tasks, quarantined }
@@ -352,6 +399,44 @@ impl Exec {
                     task: self.json(&task, None)?,
                     message,
                 }
+            }
+            Request::Backup { dest } => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let progress = self.progress.clone();
+                let to = dest.clone();
+                let manifest = tokio::task::spawn_blocking(move || {
+                    backup::backup(&store, &data_dir, &to, progress)
+                })
+                .await
+                .map_err(|e| AdminError::missing(format!("backup failed: {e}")))??;
+                Reply::BackedUp {
+                    dest: dest.display().to_string(),
+                    backup: manifest,
+                }
+            }
+            Request::Restore { .. } => {
+                return Err(AdminError::usage(format!(
+                    "the daemon is running on {}; stop it first (`sudo systemctl stop coverd`), then restore into its empty data directory",
+                    access::shown(&self.config.data_dir).display()
+                )));
+            }
+            Request::Prune {
+                older_than_secs,
+                dry_run,
+            } => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let progress = self.progress.clone();
+                let age = i64::try_from(older_than_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                let cutoff = now_millis().saturating_sub(age);
+                let prune = tokio::task::spawn_blocking(move || {
+                    backup::prune(&store, &data_dir, cutoff, dry_run, progress)
+                })
+                .await
+                .map_err(|e| AdminError::missing(format!("prune failed: {e}")))??;
+                if !dry_run {
+                    self.store.flush().await?;
+                }
+                Reply::Pruned { prune }
             }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
@@ -393,6 +478,15 @@ impl Exec {
         Ok(TaskJson::new(task, events).with_notify(n.as_ref()))
     }
 
+    /// Who will look at a submitted task: `polled` when the daemon runs with an API key.
+    fn who_polls(&self, polled: &str) -> String {
+        match (self.daemon_running, self.kie.is_some()) {
+            (true, true) => polled.to_string(),
+            (true, false) => "the daemon has no KIE API key, so nothing will poll for it: only KIE's callback can move it (give the daemon a key, see docs/configuration.md, \"Secrets\")".to_string(),
+            (false, _) => "the daemon is stopped, so nothing polls for it now; once `coverd serve` runs with a KIE API key, it is polled if no callback arrives".to_string(),
+        }
+    }
+
     fn show(&self, task_id: &str) -> Result<TaskJson, AdminError> {
         let task = self.store.get(task_id)?.ok_or_else(|| not_found(task_id))?;
         let events = self.store.events(task_id)?;
@@ -431,7 +525,7 @@ impl Exec {
                 undeliverable: n.undeliverable,
             },
             oldest_unfinished: oldest,
-            data_dir: self.config.data_dir.display().to_string(),
+            data_dir: access::shown(&self.config.data_dir).display().to_string(),
             data_bytes: {
                 // Walking the data directory is blocking file I/O: keep it off the runtime.
                 let dir = self.config.data_dir.clone();
@@ -439,7 +533,7 @@ impl Exec {
                     .await
                     .unwrap_or(0)
             },
-            polling: self.kie.is_some(),
+            polling: self.daemon_running.then_some(self.kie.is_some()),
             quarantined: quarantined.into_iter().map(Into::into).collect(),
         })
     }
@@ -447,9 +541,18 @@ impl Exec {
 
 /// Every readable task with its readable history; the records that cannot be decoded are
 /// named instead, after the scan went through all the others.
-fn export(store: &Store) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreError> {
+fn export(
+    store: &Store,
+    progress: Option<backup::Progress>,
+) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreError> {
     let (mut tasks, mut quarantined) = (Vec::new(), Vec::new());
-    for scanned in store.all_tasks() {
+    let total = total_tasks(store)?;
+    for (done, scanned) in (1u64..).zip(store.all_tasks()) {
+        if let Some(p) = &progress
+            && done % 256 == 0
+        {
+            p(done, total.max(done));
+        }
         match scanned? {
             Scanned::Task(t) => {
                 let (events, damaged) = store.history(&t.task_id)?;
@@ -474,9 +577,17 @@ fn export(store: &Store) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreE
 }
 
 /// Re-hashes every stored image against its record. Cost grows with all stored images.
-fn verify(store: &Store, data_dir: &Path) -> Result<VerifyJson, StoreError> {
+fn verify(
+    store: &Store,
+    data_dir: &Path,
+    progress: Option<backup::Progress>,
+) -> Result<VerifyJson, StoreError> {
     let mut out = VerifyJson::default();
-    for scanned in store.all_tasks() {
+    let total = total_tasks(store)?;
+    for (done, scanned) in (1..).zip(store.all_tasks()) {
+        if let Some(p) = &progress {
+            p(done, total.max(done));
+        }
         let task = match scanned? {
             Scanned::Task(task) => task,
             Scanned::Quarantined(q) => {
@@ -499,6 +610,11 @@ fn verify(store: &Store, data_dir: &Path) -> Result<VerifyJson, StoreError> {
         }
     }
     Ok(out)
+}
+
+fn total_tasks(store: &Store) -> Result<u64, StoreError> {
+    let c = store.counts()?;
+    Ok(c.submitted + c.received + c.downloaded + c.failed)
 }
 
 /// Stored images whose file is missing or no longer matches its sha256.
@@ -574,6 +690,7 @@ impl Service {
                 kie,
                 daemon_running: true,
                 wake,
+                progress: None,
             },
         }
     }
@@ -611,22 +728,59 @@ impl Service {
 
 /// Runs one request: through the daemon when its socket answers, else on the store directly.
 pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
-    let socket = config.data_dir.join(ADMIN_SOCKET);
-    if let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
-        // Whole-store commands read every task (and every image, for verify).
-        let limit = match req {
-            Request::Verify | Request::Export => WHOLE_STORE_TIMEOUT,
-            _ => CLIENT_TIMEOUT,
-        };
-        return tokio::time::timeout(limit, remote(stream, &req))
-            .await
-            .unwrap_or_else(|_| {
-                Err(AdminError::missing(format!(
-                    "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
-                    limit.as_secs(),
-                    socket.display()
-                )))
-            });
+    run_with(config, req, None).await
+}
+
+/// [`run`], reporting the progress of whole-store commands run here (not in the daemon).
+pub async fn run_with(
+    config: Config,
+    req: Request,
+    progress: Option<backup::Progress>,
+) -> Result<Reply, AdminError> {
+    let dir = config.data_dir.clone();
+    let shown = access::shown(&dir);
+    access::check_readable(&dir)?;
+    let socket = dir.join(ADMIN_SOCKET);
+    let mut not_answering = None;
+    match tokio::net::UnixStream::connect(&socket).await {
+        Ok(stream) => {
+            // Whole-store commands read every task (and every image, for verify).
+            let limit = match req {
+                Request::Verify
+                | Request::Export
+                | Request::Backup { .. }
+                | Request::Prune { .. } => WHOLE_STORE_TIMEOUT,
+                _ => CLIENT_TIMEOUT,
+            };
+            return tokio::time::timeout(limit, remote(stream, &req))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(AdminError::missing(format!(
+                        "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
+                        limit.as_secs(),
+                        shown.join(ADMIN_SOCKET).display()
+                    )))
+                });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(AdminError::missing(format!(
+                "cannot connect to the daemon's {}: permission denied; run as root or as the service's user",
+                shown.join(ADMIN_SOCKET).display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => not_answering = Some(e),
+    }
+    if let Request::Restore { src } = req {
+        let target = dir.clone();
+        let manifest =
+            tokio::task::spawn_blocking(move || backup::restore(&src, &target, progress))
+                .await
+                .map_err(|e| AdminError::missing(format!("restore failed: {e}")))??;
+        return Ok(Reply::Restored {
+            data_dir: shown.display().to_string(),
+            backup: manifest,
+        });
     }
     let writes = matches!(
         req,
@@ -635,24 +789,46 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
             | Request::Retry { .. }
             | Request::Redeliver { .. }
     );
-    if !writes && !config.data_dir.join("db").exists() {
-        return Err(AdminError::missing(format!(
-            "no coverd data in {}; start `coverd serve` first or pass --data-dir",
-            config.data_dir.display()
-        )));
+    if !writes && !dir.join("db").exists() {
+        return Err(AdminError::missing(if config.data_dir_named {
+            format!(
+                "no coverd data in {}; start `coverd serve` first, or check --data-dir / COVERD_DATA_DIR / data_dir",
+                shown.display()
+            )
+        } else {
+            format!(
+                "no coverd data in {} nor in {}; start `coverd serve` first, or name the data directory with --data-dir",
+                access::LOCAL_DATA_DIR,
+                access::SERVICE_DATA_DIR
+            )
+        }));
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        AdminError::missing(format!(
-            "cannot create the data directory {}: {e}",
-            config.data_dir.display()
-        ))
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            access::permission_denied(&dir)
+        } else {
+            AdminError::missing(format!(
+                "cannot create the data directory {}: {e}",
+                shown.display()
+            ))
+        }
     })?;
-    let store = Store::open(&config.data_dir).map_err(|e| match e {
+    let store = Store::open(&dir).map_err(|e| match e {
         StoreError::Locked { .. } => AdminError::missing(format!(
-            "the daemon holds {} but its admin socket {} does not answer; wait until it has started, or check `journalctl -u coverd`",
-            config.data_dir.display(),
-            socket.display()
+            "the daemon holds {} but its admin socket {} does not answer{}; wait until it has started, or check `journalctl -u coverd`",
+            shown.display(),
+            shown.join(ADMIN_SOCKET).display(),
+            not_answering
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
         )),
+        StoreError::Open {
+            source: sled::Error::Io(io),
+            ..
+        } if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            access::permission_denied(&shown.join("db"))
+        }
         other => AdminError::missing(other.to_string()),
     })?;
     let kie = match &config.kie.api_key {
@@ -668,6 +844,7 @@ pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
         kie,
         daemon_running: false,
         wake: Vec::new(),
+        progress,
     };
     let reply = exec.execute(req).await;
     // Closed before returning, so the directory is free again at once (for the daemon, or
@@ -726,6 +903,10 @@ pub fn render(reply: &Reply, json: bool) -> String {
             Reply::Submitted { submitted, .. } => serde_json::to_string(submitted),
             Reply::Verified { verify } => serde_json::to_string_pretty(verify),
             Reply::Export { .. } => Ok(render(reply, false)),
+            Reply::BackedUp { backup, .. } | Reply::Restored { backup, .. } => {
+                serde_json::to_string_pretty(backup)
+            }
+            Reply::Pruned { prune } => serde_json::to_string_pretty(prune),
         };
         return value.unwrap_or_default();
     }
@@ -759,10 +940,10 @@ pub fn render(reply: &Reply, json: bool) -> String {
             out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
             out += &format!(
                 "polling: {}",
-                if status.polling {
-                    "on"
-                } else {
-                    "off (no KIE API key)"
+                match status.polling {
+                    Some(true) => "on",
+                    Some(false) => "off (no KIE API key)",
+                    None => "unknown (daemon stopped)",
                 }
             );
             out += &render_quarantined(&status.quarantined);
@@ -863,6 +1044,25 @@ pub fn render(reply: &Reply, json: bool) -> String {
             .filter_map(|t| serde_json::to_string(t).ok())
             .collect::<Vec<_>>()
             .join("\n"),
+        Reply::BackedUp { dest, backup } => format!(
+            "backed up {} tasks and {} images ({} bytes) to {dest}",
+            backup.tasks, backup.images, backup.bytes
+        ),
+        Reply::Restored { data_dir, backup } => format!(
+            "restored {} tasks and {} images ({} bytes) from the backup of {} into {data_dir}; start the daemon now",
+            backup.tasks, backup.images, backup.bytes, backup.created_at
+        ),
+        Reply::Pruned { prune } => format!(
+            "{} {} finished task(s) last changed before {} and {} bytes of images",
+            if prune.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            prune.tasks,
+            prune.before,
+            prune.bytes
+        ),
         // The id alone on stdout, so scripts can capture it; the message goes to stderr.
         Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variable naming the configuration file (when `--config` is not given).
 pub const ENV_CONFIG: &str = "COVERD_CONFIG";
@@ -64,6 +64,10 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub data_dir: PathBuf,
+    /// Whether `--data-dir`, `COVERD_DATA_DIR` or the file named `data_dir`. When none did,
+    /// `data_dir` is the default `./coverd-data`, and `admin`/`submit` also look for the
+    /// service's `/var/lib/coverd` (SPEC "Binary and commands").
+    pub data_dir_named: bool,
     pub listen: SocketAddr,
     /// How KIE reaches this daemon, without trailing slash; empty when unset.
     pub public_url: String,
@@ -123,6 +127,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("./coverd-data"),
+            data_dir_named: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             public_url: String::new(),
             accept_unknown_tasks: false,
@@ -262,7 +267,7 @@ pub fn load_with_env(
 // The file as written: every key optional, unknown keys rejected. No `Debug`: it may hold
 // secrets.
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     data_dir: Option<String>,
@@ -276,7 +281,7 @@ struct RawFile {
     notify: Option<RawNotify>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawNotify {
     url: Option<String>,
@@ -285,7 +290,7 @@ struct RawNotify {
     max_attempts: Option<i64>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawKie {
     base_url: Option<String>,
@@ -298,7 +303,7 @@ struct RawKie {
     requests_per_10s: Option<i64>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDownload {
     concurrency: Option<i64>,
@@ -313,12 +318,100 @@ struct RawDownload {
     user_agent: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawPoll {
     after: Option<String>,
     interval: Option<String>,
     give_up_after: Option<String>,
+}
+
+/// Every key the configuration file accepts, dotted (`download.concurrency`), sorted.
+/// Derived from the structs the file is parsed into, so it cannot miss a key.
+pub fn keys() -> Vec<String> {
+    let all = RawFile {
+        kie: Some(RawKie::default()),
+        download: Some(RawDownload::default()),
+        poll: Some(RawPoll::default()),
+        notify: Some(RawNotify::default()),
+        ..RawFile::default()
+    };
+    let mut out = Vec::new();
+    if let Ok(serde_json::Value::Object(top)) = serde_json::to_value(&all) {
+        for (key, value) in top {
+            match value {
+                serde_json::Value::Object(section) => {
+                    out.extend(section.keys().map(|k| format!("{key}.{k}")));
+                }
+                _ => out.push(key),
+            }
+        }
+    }
+    out
+}
+
+/// What `<set>` stands for in [`Config::effective_toml`].
+pub const SECRET_SHOWN: &str = "<set>";
+
+impl Config {
+    /// The effective configuration as TOML (`coverd check-config`): every key with the value
+    /// in force after file, environment and flags. Secrets show as `"<set>"` (or `""` when
+    /// unset); the `*_file` keys are left out because the secret they name is already
+    /// resolved into its key.
+    pub fn effective_toml(&self) -> String {
+        let secret = |s: &Option<Secret>| Some(if s.is_some() { SECRET_SHOWN } else { "" }.into());
+        let dur = |d: Duration| Some(humantime::format_duration(d).to_string());
+        let int = |n: u64| Some(i64::try_from(n).unwrap_or(i64::MAX));
+        let (k, dl, p) = (&self.kie, &self.download, &self.poll);
+        // A struct literal without `..`: adding a key to the file without printing it here
+        // does not compile.
+        let raw = RawFile {
+            data_dir: Some(self.data_dir.display().to_string()),
+            listen: Some(self.listen.to_string()),
+            public_url: Some(self.public_url.clone()),
+            accept_unknown_tasks: Some(self.accept_unknown_tasks),
+            metrics_listen: Some(
+                self.metrics_listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            ),
+            kie: Some(RawKie {
+                base_url: Some(k.base_url.clone()),
+                api_key: secret(&k.api_key),
+                api_key_file: None,
+                webhook_hmac_key: secret(&k.webhook_hmac_key),
+                webhook_hmac_key_file: None,
+                signature_tolerance: dur(k.signature_tolerance),
+                confirm_callbacks: Some(k.confirm_callbacks),
+                requests_per_10s: Some(i64::from(k.requests_per_10s)),
+            }),
+            download: Some(RawDownload {
+                concurrency: int(dl.concurrency as u64),
+                max_image_bytes: int(dl.max_image_bytes),
+                max_attempts: Some(i64::from(dl.max_attempts)),
+                backoff_base: dur(dl.backoff_base),
+                backoff_max: dur(dl.backoff_max),
+                timeout: dur(dl.timeout),
+                allowed_hosts: Some(dl.allowed_hosts.clone()),
+                allow_http: Some(dl.allow_http),
+                allow_private_networks: Some(dl.allow_private_networks),
+                user_agent: Some(dl.user_agent.clone()),
+            }),
+            poll: Some(RawPoll {
+                after: dur(p.after),
+                interval: dur(p.interval),
+                give_up_after: dur(p.give_up_after),
+            }),
+            // The signing secret is checked at load whenever `url` is set.
+            notify: Some(RawNotify {
+                url: Some(self.notify.url.clone().unwrap_or_default()),
+                secret_file: None,
+                timeout: dur(self.notify.timeout),
+                max_attempts: Some(i64::from(self.notify.max_attempts)),
+            }),
+        };
+        toml::to_string(&raw).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
 }
 
 fn read_file(path: &Path) -> Result<RawFile, ConfigError> {
@@ -448,6 +541,8 @@ fn resolve(
     let poll = raw.poll.unwrap_or_default();
     let notify = raw.notify.unwrap_or_default();
 
+    let data_dir_named =
+        overrides.data_dir.is_some() || env(ENV_DATA_DIR).is_some() || raw.data_dir.is_some();
     let data_dir = if let Some(dir) = &overrides.data_dir {
         dir.clone()
     } else if let Some(dir) = env(ENV_DATA_DIR) {
@@ -622,6 +717,7 @@ fn resolve(
 
     Ok(Config {
         data_dir,
+        data_dir_named,
         listen,
         public_url,
         accept_unknown_tasks: raw.accept_unknown_tasks.unwrap_or(d.accept_unknown_tasks),

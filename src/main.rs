@@ -3,19 +3,22 @@
 //! or configuration, 75 temporary failure of the store in `serve`). Everything else lives in
 //! the library.
 
-use std::net::SocketAddr;
+use std::io::IsTerminal;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use coverd::admin::{self, DEFAULT_LIST_LIMIT, Request};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use coverd::admin::{self, DEFAULT_LIST_LIMIT, Request, access, backup};
 use coverd::config::{self, Config, Overrides};
 use coverd::daemon;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "coverd",
-    version,
+    version = env!("COVERD_LONG_VERSION"),
     about = "Durable intake of KIE.AI cover callbacks and image downloads"
 )]
 struct Cli {
@@ -30,7 +33,8 @@ struct Global {
     /// Configuration file (TOML); default: $COVERD_CONFIG, else built-in defaults.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Data directory (overrides `data_dir` and $COVERD_DATA_DIR).
+    /// Data directory (overrides `data_dir` and $COVERD_DATA_DIR); admin and submit
+    /// otherwise use ./coverd-data if it exists, else /var/lib/coverd.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -39,14 +43,27 @@ struct Global {
 enum Command {
     /// Run the daemon in the foreground.
     Serve {
-        /// Callback listener address (overrides `listen` and $COVERD_LISTEN).
-        #[arg(long, value_name = "ADDR")]
+        /// Callback listener address, HOST:PORT such as 127.0.0.1:8787 or localhost:8787
+        /// (overrides `listen` and $COVERD_LISTEN).
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
         listen: Option<SocketAddr>,
     },
+    /// Validate the configuration file, environment and secrets as `serve` does, and print
+    /// the effective configuration (secrets as "<set>"); exit 0 when valid, 2 when not.
+    CheckConfig,
+    /// Print a shell completion script.
+    Completions {
+        /// The shell to complete in.
+        shell: Shell,
+    },
+    /// Print the man page (roff) on stdout.
+    Man,
     /// Ask KIE for a cover of a finished song; prints the cover task id.
     Submit {
+        /// KIE's task id of the finished song (music generation).
+        #[arg(value_name = "MUSIC_TASK_ID")]
         music_task_id: String,
-        /// Print {"task_id": …, "music_task_id": …}.
+        /// Print {"task_id": …, "music_task_id": …} instead of the bare id.
         #[arg(long)]
         json: bool,
     },
@@ -57,10 +74,18 @@ enum Command {
     },
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Subcommand, Debug)]
 enum AdminCommand {
     /// Counts per state, oldest unfinished task, data size, daemon up or not.
     Status {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -72,32 +97,98 @@ enum AdminCommand {
         /// At most this many tasks.
         #[arg(long, default_value_t = DEFAULT_LIST_LIMIT)]
         limit: usize,
+        /// Print a JSON array instead of text.
         #[arg(long)]
         json: bool,
     },
     /// One task: record, images, full event history.
     Show {
+        /// The cover task's id (KIE's taskId).
+        #[arg(value_name = "TASK_ID")]
         task_id: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Adopt a cover task that was submitted elsewhere (state submitted).
     Track {
+        /// The cover task's id (KIE's taskId).
+        #[arg(value_name = "TASK_ID")]
         task_id: String,
-        #[arg(long)]
+        /// The song's task id the cover was made for, if known.
+        #[arg(long, value_name = "ID")]
         music_task_id: Option<String>,
     },
     /// Put a failed task back to work; on a downloaded task, re-fetch missing or corrupt images.
-    Retry { task_id: String },
+    Retry {
+        /// The cover task's id (KIE's taskId).
+        #[arg(value_name = "TASK_ID")]
+        task_id: String,
+    },
     /// Re-hash every stored image against its record (exit 1 if any is missing or corrupt).
     Verify {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Every task, with its history, as one JSON object per line.
     Export,
     /// Send the task's outbound notification again (same webhook-id).
-    Redeliver { task_id: String },
+    Redeliver {
+        /// The cover task's id (KIE's taskId).
+        #[arg(value_name = "TASK_ID")]
+        task_id: String,
+    },
+    /// Consistent copy of the whole data directory into DEST, daemon running or stopped.
+    Backup {
+        /// A new or empty directory; with the systemd service running, one it can write,
+        /// such as /var/lib/coverd-backup/NAME.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        /// Print the manifest (backup.json) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild the data directory from a backup (daemon stopped, data directory empty).
+    Restore {
+        /// A directory written by `coverd admin backup`.
+        #[arg(value_name = "SRC")]
+        src: PathBuf,
+        /// Print the backup's manifest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget downloaded and failed tasks (and their images) last changed longer ago than D.
+    Prune {
+        /// Age such as "30d" or "12h".
+        #[arg(long, value_name = "D", value_parser = parse_age)]
+        older_than: Duration,
+        /// Only count what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `--listen`: an IP:PORT, or a host name resolved now (its first address).
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let hint = "use HOST:PORT, e.g. 127.0.0.1:8787, [::1]:8787 or localhost:8787";
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{value:?} resolves to no address; {hint}")),
+        Err(e) => Err(format!("cannot resolve {value:?}: {e}; {hint}")),
+    }
+}
+
+fn parse_age(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{e}; use e.g. \"30d\", \"12h\" or \"90m\""))
 }
 
 fn main() -> ExitCode {
@@ -105,6 +196,27 @@ fn main() -> ExitCode {
     // is private from the moment it exists, whatever umask it was started with.
     daemon::private_umask();
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "coverd", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("coverd: cannot write the man page: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let overrides = Overrides {
         config_file: cli.global.config.clone(),
         data_dir: cli.global.data_dir.clone(),
@@ -115,7 +227,7 @@ fn main() -> ExitCode {
     };
     let daemon = matches!(cli.command, Command::Serve { .. });
     init_logs(daemon);
-    let config = match config::load(&overrides) {
+    let mut config = match config::load(&overrides) {
         Ok(c) => c,
         Err(e) => {
             // The daemon's refusal to start goes to its log at error priority (under
@@ -128,6 +240,34 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::CheckConfig = cli.command {
+        print!("{}", config.effective_toml());
+        eprintln!("coverd: the configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let serve = daemon;
+    let mut command = cli.command;
+    if !serve {
+        // Paths given on the command line are relative to where the operator stands, which
+        // acting as the data directory's owner may change.
+        if let Command::Admin {
+            command: AdminCommand::Backup { dest: p, .. } | AdminCommand::Restore { src: p, .. },
+        } = &mut command
+        {
+            *p = backup::absolute(p);
+        }
+        access::locate(&mut config);
+        match access::act_as_owner(&config.data_dir) {
+            Ok(Some((dir, _owner))) => config.data_dir = dir,
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("coverd: {e}");
+                return ExitCode::from(e.exit);
+            }
+        }
+        // Whatever admin writes (a backup, a restored store) is private to its user.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -138,7 +278,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(cli.command, config))
+    runtime.block_on(run(command, config))
 }
 
 async fn run(command: Command, config: Config) -> ExitCode {
@@ -159,6 +299,9 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     ExitCode::from(if temporary { 75 } else { 1 })
                 }
             };
+        }
+        Command::CheckConfig | Command::Completions { .. } | Command::Man => {
+            return ExitCode::SUCCESS;
         }
         Command::Submit {
             music_task_id,
@@ -182,9 +325,42 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Verify { json } => (Request::Verify, json),
             AdminCommand::Export => (Request::Export, false),
             AdminCommand::Redeliver { task_id } => (Request::Redeliver { task_id }, false),
+            AdminCommand::Backup { dest, json } => (Request::Backup { dest }, json),
+            AdminCommand::Restore { src, json } => (Request::Restore { src }, json),
+            AdminCommand::Prune {
+                older_than,
+                dry_run,
+                json,
+            } => (
+                Request::Prune {
+                    older_than_secs: older_than.as_secs(),
+                    dry_run,
+                },
+                json,
+            ),
         },
     };
-    match admin::run(config, request).await {
+    let bar = progress_bar(&request);
+    let progress = bar.clone().map(|bar| {
+        Arc::new(move |done: u64, total: u64| {
+            if bar.length() != Some(total) {
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:40}] {pos}/{len} tasks ({eta} left)",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_length(total);
+            }
+            bar.set_position(done);
+        }) as backup::Progress
+    });
+    let result = admin::run_with(config, request, progress).await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match result {
         Ok(reply) => {
             let text = admin::render(&reply, json);
             if !text.is_empty() {
@@ -200,6 +376,25 @@ async fn run(command: Command, config: Config) -> ExitCode {
             ExitCode::from(e.exit)
         }
     }
+}
+
+/// A progress bar on stderr for the whole-store commands, only when stderr is a terminal:
+/// a spinner until the command reports its totals (through the daemon it never does).
+fn progress_bar(request: &Request) -> Option<indicatif::ProgressBar> {
+    let what = match request {
+        Request::Verify => "verifying",
+        Request::Export => "exporting",
+        Request::Backup { .. } => "backing up",
+        Request::Restore { .. } => "restoring",
+        Request::Prune { .. } => "pruning",
+        _ => return None,
+    };
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message(what);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

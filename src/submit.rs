@@ -46,7 +46,29 @@ pub async fn submit(exec: &Exec, music_task_id: &str) -> Result<(SubmitJson, Str
     let (task_id, message) = resolve(&exec.store, kie, music_task_id, &callback_url)
         .await
         .map_err(|e| {
-            let message = format!("KIE did not create a cover for {music_task_id}: {e}");
+            // Say who retries what: a refusal is dropped (nothing exists at KIE), anything
+            // else is kept as an intent that the daemon asks KIE about again.
+            let refused = matches!(
+                e,
+                KieError::Unauthorized
+                    | KieError::NoCredits
+                    | KieError::Invalid { .. }
+                    | KieError::NoApiKey
+            );
+            let next = if refused {
+                format!(
+                    "nothing was created and nothing retries it; fix the cause, then run `coverd submit {music_task_id}` again"
+                )
+            } else if exec.daemon_running {
+                format!(
+                    "the request is remembered: the daemon asks KIE about it again within a few minutes, or run `coverd submit {music_task_id}` again"
+                )
+            } else {
+                format!(
+                    "the request is remembered: `coverd serve` asks KIE about it again once it runs, or run `coverd submit {music_task_id}` again"
+                )
+            };
+            let message = format!("KIE did not create a cover for {music_task_id}: {e}; {next}");
             match e {
                 // A key KIE refuses is a configuration error.
                 KieError::Unauthorized | KieError::NoApiKey => AdminError::usage(message),

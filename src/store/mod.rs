@@ -28,6 +28,9 @@
 
 pub mod codec;
 mod flusher;
+mod copy;
+
+pub use copy::TaskCopy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

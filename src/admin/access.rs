@@ -1,0 +1,115 @@
+//! Which data directory `admin` and `submit` work on, and as whom (SPEC "Binary and
+//! commands"): `./coverd-data`, else the service's `/var/lib/coverd`, unless one was named;
+//! run as root on a directory owned by another user, the process becomes that user before
+//! it touches anything, so it never leaves a file the service cannot read or write. Owns
+//! the lookup, the change of identity and the permission messages; must not open the store.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use super::AdminError;
+use crate::config::Config;
+
+/// The systemd unit's state directory (`StateDirectory=coverd`).
+pub const SERVICE_DATA_DIR: &str = "/var/lib/coverd";
+/// Where `serve` keeps its data when nothing names a directory.
+pub const LOCAL_DATA_DIR: &str = "./coverd-data";
+
+/// The data directory's name as the operator knows it, when the process works on it
+/// through its working directory (`.`) instead; see [`act_as_owner`].
+static SHOWN: OnceLock<PathBuf> = OnceLock::new();
+
+/// How to name `dir` in messages: the path the operator gave or the lookup found.
+pub fn shown(dir: &Path) -> PathBuf {
+    match SHOWN.get() {
+        Some(name) if dir == Path::new(".") => name.clone(),
+        _ => dir.to_path_buf(),
+    }
+}
+
+/// Applies SPEC's lookup for `admin` and `submit` when no flag, environment variable or
+/// file named a data directory: `./coverd-data` if it exists, else `/var/lib/coverd` if it
+/// exists, else `./coverd-data` (then reported as missing). `serve` keeps the default.
+pub fn locate(config: &mut Config) {
+    if config.data_dir_named {
+        return;
+    }
+    let exists = |p: &str| {
+        // A directory we may not look into still exists: report that, not "missing".
+        !matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    };
+    config.data_dir = if exists(LOCAL_DATA_DIR) || !exists(SERVICE_DATA_DIR) {
+        PathBuf::from(LOCAL_DATA_DIR)
+    } else {
+        PathBuf::from(SERVICE_DATA_DIR)
+    };
+}
+
+/// "cannot read DIR: permission denied; run as root or as the service's user".
+pub fn permission_denied(what: &Path) -> AdminError {
+    AdminError::missing(format!(
+        "cannot read {}: permission denied; run as root or as the service's user",
+        shown(what).display()
+    ))
+}
+
+/// Whose a directory is: the numeric ids (a systemd dynamic user may have no passwd entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Run as root on an existing data directory owned by another user: becomes that user
+/// (supplementary groups, gid, uid; for good) and returns the directory to work on. That is
+/// `dir` itself (made absolute) when the user can reach it by its path, else `.`: the
+/// working directory is changed to `dir` while still root, because the path may cross a
+/// directory only root may enter (systemd's `/var/lib/private`, 0700 root, under
+/// `DynamicUser=`). Returns `None` (nothing changed) when not root, when `dir` does not
+/// exist, or when root owns it. Must run before any other thread exists.
+pub fn act_as_owner(dir: &Path) -> Result<Option<(PathBuf, Owner)>, AdminError> {
+    use nix::unistd::{Gid, Uid, chdir, geteuid, setgid, setgroups, setuid};
+    if !geteuid().is_root() {
+        return Ok(None);
+    }
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(_) => return Ok(None),
+    };
+    if meta.uid() == 0 || !meta.is_dir() {
+        return Ok(None);
+    }
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+    };
+    let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let fail = |what: &str, e: nix::Error| {
+        AdminError::missing(format!(
+            "cannot act as the owner of {} (uid {}, gid {}): {what} failed: {e}; run as that user instead",
+            dir.display(),
+            owner.uid,
+            owner.gid
+        ))
+    };
+    chdir(&absolute).map_err(|e| fail("chdir", e))?;
+    let gid = Gid::from_raw(owner.gid);
+    setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;
+    setgid(gid).map_err(|e| fail("setgid", e))?;
+    setuid(Uid::from_raw(owner.uid)).map_err(|e| fail("setuid", e))?;
+    if std::fs::read_dir(&absolute).is_ok() {
+        return Ok(Some((absolute, owner)));
+    }
+    let _ = SHOWN.set(dir.to_path_buf());
+    Ok(Some((PathBuf::from("."), owner)))
+}
+
+/// Fails with a permission message when this user cannot look into `dir`; a missing
+/// directory is fine here (commands that need data say so themselves).
+pub fn check_readable(dir: &Path) -> Result<(), AdminError> {
+    match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(permission_denied(dir)),
+        _ => Ok(()),
+    }
+}

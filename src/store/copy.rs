@@ -1,0 +1,272 @@
+//! Whole-store reads and removals for `admin backup`, `admin restore` and `admin prune`:
+//! reading tasks in bounded chunks while the daemon keeps writing, writing them into a fresh
+//! store with their derived indexes, copying the trees this module does not know, and
+//! forgetting finished tasks. Must not touch image files (the caller copies and removes
+//! them) and must not change a task's state.
+
+use std::ops::Bound;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use super::{Store, StoreError, bump, codec, decode, event_key, reindex, state_key, time_key};
+use crate::model::{Millis, Task};
+
+/// Trees whose content is the tasks' (records, history) or derived from the task records;
+/// [`Store::put_copies`] rebuilds them. Every other tree is copied as it is.
+const TASK_TREES: [&str; 7] = [
+    "tasks",
+    "events",
+    "due_download",
+    "due_poll",
+    "by_state",
+    "by_created",
+    "by_music",
+];
+/// sled's own default tree (unused by coverd).
+const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
+/// `meta` keys that belong to the store they are in: written by `open`, or derived.
+fn own_meta_key(key: &[u8]) -> bool {
+    key == b"format" || key == b"schema_version" || key == b"health" || key.starts_with(b"count/")
+}
+
+/// One task as read at one moment: its record and the history that record counts.
+#[derive(Debug, Clone)]
+pub struct TaskCopy {
+    pub task: Task,
+    record: sled::IVec,
+    events: Vec<(sled::IVec, sled::IVec)>,
+}
+
+impl Store {
+    /// Up to `limit` tasks after `after` (exclusive) in id order, each read as one record
+    /// plus the history entries that record counts. History is append-only and written in
+    /// the record's transaction, so every entry it counts is already there: each copy is a
+    /// state the task had at the moment its record was read, even while writes continue.
+    pub fn read_tasks(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<TaskCopy>, StoreError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for kv in self
+            .inner
+            .tasks
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (k, record) = kv?;
+            out.push(self.copy_of(&String::from_utf8_lossy(&k), record)?);
+        }
+        Ok(out)
+    }
+
+    /// One task as [`Store::read_tasks`] reads it, or `None` if it is not (any more) here.
+    pub fn read_task(&self, task_id: &str) -> Result<Option<TaskCopy>, StoreError> {
+        match self.inner.tasks.get(task_id.as_bytes())? {
+            Some(record) => Ok(Some(self.copy_of(task_id, record)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn copy_of(&self, id: &str, record: sled::IVec) -> Result<TaskCopy, StoreError> {
+        let task = decode(&record, id)?;
+        let mut events = Vec::with_capacity(task.event_count as usize);
+        for seq in 0..task.event_count {
+            let key = event_key(id, seq);
+            if let Some(v) = self.inner.events.get(&key)? {
+                events.push((sled::IVec::from(key), v));
+            }
+        }
+        Ok(TaskCopy {
+            task,
+            record,
+            events,
+        })
+    }
+
+    /// Writes tasks read by [`Store::read_tasks`] (from another store) into this one, in one
+    /// transaction, with their history and every index derived from the record. A task
+    /// already here is replaced, indexes included.
+    pub fn put_copies(&self, copies: &[TaskCopy]) -> Result<(), StoreError> {
+        let i = &*self.inner;
+        let trees = (
+            &i.meta,
+            &i.tasks,
+            &i.events,
+            &i.due_download,
+            &i.due_poll,
+            &i.by_state,
+            &i.by_created,
+            &i.by_music,
+        );
+        let result = trees.transaction(
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+                for copy in copies {
+                    let task = &copy.task;
+                    let id = task.task_id.as_str();
+                    let old = match tasks.get(id.as_bytes())? {
+                        Some(bytes) => Some(codec::decode_task(&bytes).map_err(|e| {
+                            ConflictableTransactionError::Abort(StoreError::Corrupt {
+                                what: format!("task {id}"),
+                                reason: e.to_string(),
+                            })
+                        })?),
+                        None => None,
+                    };
+                    let old = old.as_ref();
+                    reindex(
+                        due_dl,
+                        old.and_then(Task::download_due),
+                        task.download_due(),
+                        id,
+                    )?;
+                    reindex(due_poll, old.and_then(Task::poll_due), task.poll_due(), id)?;
+                    if let Some(o) = old {
+                        by_state.remove(state_key(o.state, o.created_at, id))?;
+                        bump(meta, o.state, -1)?;
+                        by_created.remove(time_key(o.created_at, id))?;
+                    }
+                    by_state.insert(state_key(task.state, task.created_at, id), &[])?;
+                    bump(meta, task.state, 1)?;
+                    by_created.insert(time_key(task.created_at, id), &[])?;
+                    if let Some(music) = &task.music_task_id {
+                        by_music.insert(music.as_bytes(), id.as_bytes())?;
+                    }
+                    for (k, v) in &copy.events {
+                        events.insert(k.clone(), v.clone())?;
+                    }
+                    tasks.insert(id.as_bytes(), copy.record.clone())?;
+                }
+                Ok(())
+            },
+        );
+        tx_result(result)
+    }
+
+    /// Copies every tree that is neither task data nor derived from it (`intents`, and
+    /// whatever trees later versions add), and `meta`'s entries other than its own, into
+    /// `dest`. Entry by entry: each entry as it was when read.
+    pub fn copy_other_trees(&self, dest: &Store) -> Result<u64, StoreError> {
+        let mut copied = 0u64;
+        for name in self.inner.db.tree_names() {
+            if name.as_ref() == SLED_DEFAULT_TREE
+                || TASK_TREES.iter().any(|t| t.as_bytes() == name.as_ref())
+            {
+                continue;
+            }
+            let meta = name.as_ref() == b"meta";
+            let from = self.inner.db.open_tree(&name)?;
+            let to = dest.inner.db.open_tree(&name)?;
+            for kv in from.iter() {
+                let (k, v) = kv?;
+                if meta && own_meta_key(&k) {
+                    continue;
+                }
+                to.insert(k, v)?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Flushes synchronously (a store written by backup or restore, not the daemon's).
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    /// Finished tasks (`downloaded`, `failed`) whose last change is before `cutoff`, among
+    /// the next `limit` task records after `after` (exclusive) in id order. Returns them and
+    /// the last id looked at (`None` at the end of the store).
+    pub fn finished_before(
+        &self,
+        cutoff: Millis,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+        let start = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut found = Vec::new();
+        let mut last = None;
+        for kv in self
+            .inner
+            .tasks
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let task = decode(&v, &id)?;
+            if task.state.is_finished() && task.updated_at < cutoff {
+                found.push(task);
+            }
+            last = Some(id);
+        }
+        Ok((found, last))
+    }
+
+    /// Forgets a finished task: record, history and indexes, in one transaction. Only if it
+    /// is still finished and unchanged since `updated_at` (a task that moved meanwhile, e.g.
+    /// by `admin retry`, is kept). Returns whether it was removed. The caller removes its
+    /// images afterwards. Blocking.
+    pub fn forget(&self, task_id: &str, updated_at: Millis) -> Result<bool, StoreError> {
+        let i = &*self.inner;
+        let trees = (
+            &i.meta,
+            &i.tasks,
+            &i.events,
+            &i.due_download,
+            &i.due_poll,
+            &i.by_state,
+            &i.by_created,
+            &i.by_music,
+        );
+        let result = trees.transaction(
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+                let Some(bytes) = tasks.get(task_id.as_bytes())? else {
+                    return Ok(false);
+                };
+                let task = codec::decode_task(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(StoreError::Corrupt {
+                        what: format!("task {task_id}"),
+                        reason: e.to_string(),
+                    })
+                })?;
+                if !task.state.is_finished() || task.updated_at != updated_at {
+                    return Ok(false);
+                }
+                reindex(due_dl, task.download_due(), None, task_id)?;
+                reindex(due_poll, task.poll_due(), None, task_id)?;
+                by_state.remove(state_key(task.state, task.created_at, task_id))?;
+                bump(meta, task.state, -1)?;
+                by_created.remove(time_key(task.created_at, task_id))?;
+                if let Some(music) = &task.music_task_id
+                    && by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
+                {
+                    by_music.remove(music.as_bytes())?;
+                }
+                for seq in 0..task.event_count {
+                    events.remove(event_key(task_id, seq))?;
+                }
+                tasks.remove(task_id.as_bytes())?;
+                Ok(true)
+            },
+        );
+        tx_result(result)
+    }
+}
+
+fn tx_result<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    match result {
+        Ok(v) => Ok(v),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
+    }
+}
