@@ -18,6 +18,7 @@ mod kie_flows;
 mod kill_loop;
 mod metrics;
 mod notify;
+mod ops;
 mod process;
 mod quarantine;
 mod smoke;

@@ -1,0 +1,510 @@
+//! Issue 8 (operations), in-process: `admin backup`, `restore` and `prune` with the daemon
+//! running (over `admin.sock`) and stopped (on the store), the same answers both ways; the
+//! backup under load (callbacks and downloads during a backup of 10,000 tasks: restored,
+//! `verify` clean, every acknowledged task present, the longest ack printed); the config
+//! keys against docs/configuration.md.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coverd::admin::{self, AdminError, Request};
+use coverd::config::Config;
+use coverd::machine::{Ctx, Event, Report};
+use coverd::model::now_millis;
+use coverd::store::{IfMissing, Store};
+use serde_json::Value;
+
+use crate::fake_kie::FakeKie;
+use crate::fake_kie::files::{Behaviour, png, sha256_hex};
+use crate::harness::{Daemon, failure_body, success_body, test_config};
+
+async fn json_of(config: &Config, req: Request) -> Value {
+    let reply = admin::run(config.clone(), req.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{req:?}: {e}"));
+    let text = admin::render(&reply, true);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{req:?}: not JSON ({e}): {text}"))
+}
+
+async fn admin_err(config: &Config, req: Request) -> AdminError {
+    match admin::run(config.clone(), req.clone()).await {
+        Ok(reply) => panic!("{req:?} succeeded: {reply:?}"),
+        Err(e) => e,
+    }
+}
+
+fn at(config: &Config, dir: &Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        ..config.clone()
+    }
+}
+
+/// Every task of `admin export`, by id (JSON objects with their history).
+async fn export(config: &Config) -> std::collections::BTreeMap<String, Value> {
+    let reply = admin::run(config.clone(), Request::Export)
+        .await
+        .expect("export");
+    admin::render(&reply, false)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("export line is JSON");
+            (v["task_id"].as_str().unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+fn prune(secs: u64, dry_run: bool) -> Request {
+    Request::Prune {
+        older_than_secs: secs,
+        dry_run,
+    }
+}
+
+/// Waits until the wall clock has passed every task's last change (prune compares in ms).
+async fn let_a_millisecond_pass() {
+    let start = now_millis();
+    while now_millis() <= start + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn backup_restore_and_prune_running_then_stopped() {
+    let fake = FakeKie::start().await;
+    let (a0, a1) = (png(3000), png(1500));
+    fake.files.set("/b/0.png", Behaviour::Image(a0.clone()));
+    fake.files.set("/b/1.png", Behaviour::Image(a1.clone()));
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    let cfg = d.config.clone();
+    let urls = vec![fake.files.url("/b/0.png"), fake.files.url("/b/1.png")];
+    assert_eq!(d.callback(&success_body("ops-done", &urls)).await.0, 200);
+    assert_eq!(
+        d.callback(&failure_body("ops-failed", 501, "generation failed"))
+            .await
+            .0,
+        200
+    );
+    crate::admin_track(&d, "ops-waiting").await;
+    d.wait_for("ops-done", |t| t.state.is_finished()).await;
+    let before = export(&cfg).await;
+    assert_eq!(before.len(), 3);
+
+    // Backup while running (through admin.sock).
+    let scratch = tempfile::tempdir().unwrap();
+    let dest_running = scratch.path().join("running");
+    let m1 = json_of(
+        &cfg,
+        Request::Backup {
+            dest: dest_running.clone(),
+        },
+    )
+    .await;
+    assert_eq!(m1["format"], "coverd-backup/1");
+    assert_eq!(m1["version"], env!("CARGO_PKG_VERSION"));
+    assert!(m1["created_at"].is_string());
+    assert_eq!(
+        (&m1["tasks"], &m1["images"], &m1["bytes"]),
+        (
+            &Value::from(3),
+            &Value::from(2),
+            &Value::from(a0.len() + a1.len())
+        )
+    );
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(dest_running.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(on_disk, m1);
+    // A non-empty destination is refused.
+    let e = admin_err(
+        &cfg,
+        Request::Backup {
+            dest: dest_running.clone(),
+        },
+    )
+    .await;
+    assert_eq!(e.exit, 2, "{e:?}");
+    assert!(e.message.contains("not empty"), "{e:?}");
+    // Restore refuses while the daemon runs.
+    let e = admin_err(
+        &cfg,
+        Request::Restore {
+            src: dest_running.clone(),
+        },
+    )
+    .await;
+    assert!(e.message.contains("daemon is running"), "{e:?}");
+
+    // Prune, dry run, running: the two finished tasks and their images' bytes.
+    let_a_millisecond_pass().await;
+    let dry_running = json_of(&cfg, prune(0, true)).await;
+    assert_eq!(dry_running["tasks"], 2, "{dry_running}");
+    assert_eq!(dry_running["bytes"], a0.len() + a1.len());
+    assert_eq!(dry_running["dry_run"], true);
+
+    let (dir, cfg) = d.stop().await;
+
+    // The same answers with the daemon stopped.
+    let dest_stopped = scratch.path().join("stopped");
+    let m2 = json_of(
+        &cfg,
+        Request::Backup {
+            dest: dest_stopped.clone(),
+        },
+    )
+    .await;
+    for k in ["format", "version", "tasks", "images", "bytes"] {
+        assert_eq!(m1[k], m2[k], "{k}");
+    }
+    let dry_stopped = json_of(&cfg, prune(0, true)).await;
+    assert_eq!(dry_stopped["tasks"], dry_running["tasks"]);
+    assert_eq!(dry_stopped["bytes"], dry_running["bytes"]);
+
+    // Restore each backup into an empty directory: the same tasks, images verified.
+    for src in [&dest_running, &dest_stopped] {
+        let target = scratch.path().join(format!(
+            "restored-{}",
+            src.file_name().unwrap().to_string_lossy()
+        ));
+        let rcfg = at(&cfg, &target);
+        let m = json_of(&rcfg, Request::Restore { src: src.clone() }).await;
+        assert_eq!(m["tasks"], 3);
+        let v = json_of(&rcfg, Request::Verify).await;
+        assert_eq!(
+            (
+                &v["checked"],
+                &v["ok"],
+                v["missing"].as_array().unwrap().len(),
+                v["corrupt"].as_array().unwrap().len()
+            ),
+            (&Value::from(2), &Value::from(2), 0, 0),
+            "{v}"
+        );
+        assert_eq!(
+            export(&rcfg).await,
+            before,
+            "restored from {}",
+            src.display()
+        );
+        let status = json_of(&rcfg, Request::Status).await;
+        assert_eq!(
+            status["tasks"],
+            serde_json::json!({"submitted": 1, "received": 0, "downloaded": 1, "failed": 1})
+        );
+        // A second restore into the now non-empty directory is refused.
+        let e = admin_err(&rcfg, Request::Restore { src: src.clone() }).await;
+        assert!(e.message.contains("not empty"), "{e:?}");
+    }
+
+    // A damaged backup (an image changed) is refused, and leaves the target as it was.
+    let img = dest_stopped.join("images/ops-done/0.png");
+    std::fs::write(&img, b"not the image").unwrap();
+    let target = scratch.path().join("from-damaged");
+    let e = admin_err(
+        &at(&cfg, &target),
+        Request::Restore {
+            src: dest_stopped.clone(),
+        },
+    )
+    .await;
+    assert!(e.message.contains("sha256"), "{e:?}");
+    assert!(!target.exists(), "a failed restore leaves nothing behind");
+    // Not a backup at all.
+    let e = admin_err(
+        &at(&cfg, &target),
+        Request::Restore {
+            src: scratch.path().to_path_buf(),
+        },
+    )
+    .await;
+    assert!(e.message.contains("backup.json"), "{e:?}");
+
+    // Prune for real (stopped): finished tasks and their images go, the unfinished stays.
+    let pruned = json_of(&cfg, prune(0, false)).await;
+    assert_eq!(
+        (&pruned["tasks"], &pruned["dry_run"]),
+        (&Value::from(2), &Value::from(false))
+    );
+    assert_eq!(pruned["bytes"], a0.len() + a1.len());
+    assert!(!dir.path().join("images/ops-done").exists());
+    let left = export(&cfg).await;
+    assert_eq!(left.keys().collect::<Vec<_>>(), ["ops-waiting"]);
+    let status = json_of(&cfg, Request::Status).await;
+    assert_eq!(
+        status["tasks"],
+        serde_json::json!({"submitted": 1, "received": 0, "downloaded": 0, "failed": 0})
+    );
+    // A long age removes nothing; nor does a second run.
+    assert_eq!(json_of(&cfg, prune(3600, false)).await["tasks"], 0);
+    assert_eq!(json_of(&cfg, prune(0, false)).await["tasks"], 0);
+}
+
+#[tokio::test]
+async fn prune_running_removes_finished_tasks_only() {
+    let fake = FakeKie::start().await;
+    let img = png(1000);
+    fake.files.set("/p/0.png", Behaviour::Image(img.clone()));
+    // Keeps its task `received` for an hour.
+    fake.files.set(
+        "/p/slow.png",
+        Behaviour::StatusRetryAfter(503, "3600".into()),
+    );
+    let d = Daemon::start(&fake, |c| {
+        c.accept_unknown_tasks = true;
+        c.download.backoff_max = Duration::from_secs(3600);
+    })
+    .await;
+    let cfg = d.config.clone();
+    assert_eq!(
+        d.callback(&success_body("pr-done", &[fake.files.url("/p/0.png")]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        d.callback(&success_body(
+            "pr-pending",
+            &[fake.files.url("/p/slow.png")]
+        ))
+        .await
+        .0,
+        200
+    );
+    crate::admin_track(&d, "pr-submitted").await;
+    d.wait_for("pr-done", |t| t.state.is_finished()).await;
+    d.wait_for("pr-pending", |t| t.images[0].attempts >= 1)
+        .await;
+    let_a_millisecond_pass().await;
+
+    let pruned = json_of(&cfg, prune(0, false)).await;
+    assert_eq!(
+        (&pruned["tasks"], &pruned["bytes"]),
+        (&Value::from(1), &Value::from(img.len()))
+    );
+    assert!(d.task("pr-done").is_none());
+    assert!(d.task("pr-pending").is_some() && d.task("pr-submitted").is_some());
+    assert!(!d.dir.path().join("images/pr-done").exists());
+    // The forgotten task can come back (e.g. KIE delivers again): it is new then.
+    assert_eq!(
+        d.callback(&success_body("pr-done", &[fake.files.url("/p/0.png")]))
+            .await
+            .0,
+        200
+    );
+    let t = d.wait_for("pr-done", |t| t.state.is_finished()).await;
+    assert_eq!(t.callbacks, 1);
+    d.stop().await;
+}
+
+/// How many tasks the backup-under-load test stores. 2,000 keeps the debug build's run in
+/// CI to seconds; the issue's measurement is with 10,000, in a release build
+/// (`COVERD_TEST_BACKUP_TASKS=10000 cargo test --release --test it backup_under_load --
+/// --nocapture`; the figure is quoted in docs/operations.md).
+fn load_tasks() -> usize {
+    std::env::var("COVERD_TEST_BACKUP_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// Stores `n` tasks through the store API before the daemon starts: every tenth one
+/// downloaded (with a real image file), every tenth failed, the rest submitted or received.
+fn seed(dir: &Path, config: &Config, n: usize) -> (usize, usize) {
+    let store = Store::open(dir).unwrap();
+    let ctx = Ctx::from_config(config, now_millis());
+    let image = png(600);
+    let sha = sha256_hex(&image);
+    let mut images = 0;
+    for i in 0..n {
+        let id = format!("seed-{i:05}");
+        let event = match i % 10 {
+            0 | 1 => Event::Callback(Report::Success {
+                images: vec![format!("https://h.example/{id}.png")],
+            }),
+            2 => Event::Callback(Report::Failure {
+                reason: "KIE code 501: failed".into(),
+            }),
+            _ => Event::Track {
+                music_task_id: Some(format!("m-{id}")),
+            },
+        };
+        store.apply(&id, &event, &ctx, IfMissing::Create).unwrap();
+        if i % 10 == 0 {
+            let rel = format!("images/{id}/0.png");
+            std::fs::create_dir_all(dir.join("images").join(&id)).unwrap();
+            std::fs::write(dir.join(&rel), &image).unwrap();
+            let stored = Event::ImageStored {
+                index: 0,
+                path: rel,
+                bytes: image.len() as u64,
+                sha256: sha.clone(),
+            };
+            store.apply(&id, &stored, &ctx, IfMissing::Reject).unwrap();
+            images += 1;
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(store.flush()).unwrap();
+    (n, images)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backup_under_load_is_consistent_and_callbacks_keep_being_answered() {
+    let n = load_tasks();
+    let fake = FakeKie::start().await;
+    for i in 0..4 {
+        fake.files
+            .set(&format!("/l/{i}.png"), Behaviour::Image(png(800 + i)));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &fake);
+    config.accept_unknown_tasks = true;
+    let seeding = Instant::now();
+    let cfg_for_seed = config.clone();
+    let path = dir.path().to_path_buf();
+    let (tasks, images) = tokio::task::spawn_blocking(move || seed(&path, &cfg_for_seed, n))
+        .await
+        .unwrap();
+    eprintln!(
+        "seeded {tasks} tasks ({images} images) in {:?}",
+        seeding.elapsed()
+    );
+    let d = Daemon::start_in(dir, config).await;
+    let cfg = d.config.clone();
+    let d = Arc::new(d);
+
+    // Callbacks (each with an image to download) from 4 senders until told to stop; each
+    // records when it was acknowledged and how long the ack took.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acks: Arc<Mutex<Vec<(String, Instant, Duration)>>> = Arc::default();
+    let mut senders = Vec::new();
+    for s in 0..4 {
+        let (d, stop, acks) = (d.clone(), stop.clone(), acks.clone());
+        let url = fake.files.url(&format!("/l/{s}.png"));
+        senders.push(tokio::spawn(async move {
+            let mut k = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let id = format!("load-{s}-{k:05}");
+                let sent = Instant::now();
+                let (status, body) = d.callback(&success_body(&id, &[url.clone()])).await;
+                assert_eq!(status, 200, "{id}: {body}");
+                acks.lock()
+                    .unwrap()
+                    .push((id, Instant::now(), sent.elapsed()));
+                k += 1;
+            }
+        }));
+    }
+    // Load is running before the backup starts.
+    while acks.lock().unwrap().len() < 8 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let backup_dir = tempfile::tempdir().unwrap();
+    let dest = backup_dir.path().join("b");
+    let started = Instant::now();
+    let manifest = json_of(&cfg, Request::Backup { dest: dest.clone() }).await;
+    let ended = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acks = acks.lock().unwrap().clone();
+    // Acks whose request was in flight at some moment of the backup.
+    let during: Vec<&(String, Instant, Duration)> = acks
+        .iter()
+        .filter(|(_, acked, took)| *acked >= started && *acked - *took <= ended)
+        .collect();
+    let longest = during
+        .iter()
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    println!(
+        "backup of {} tasks ({} images) under load took {:?}; {} callbacks answered during it, the longest ack took {:?}",
+        manifest["tasks"],
+        manifest["images"],
+        ended - started,
+        during.len(),
+        longest
+    );
+    assert!(
+        !during.is_empty(),
+        "no callback was answered during the backup"
+    );
+    // SPEC: no pause over 0.5 s. Bounded generously here: CI machines are shared and this
+    // is often a debug build; the figure printed above is the measurement.
+    assert!(longest < Duration::from_secs(5), "an ack took {longest:?}");
+    let before_backup: BTreeSet<String> = acks
+        .iter()
+        .filter(|(_, acked, _)| *acked < started)
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    let d = Arc::try_unwrap(d).unwrap_or_else(|_| panic!("daemon still shared"));
+    d.stop().await;
+
+    // Restore into an empty directory; verify; every task acknowledged before the backup
+    // began is there; the seeded ones too.
+    let target = backup_dir.path().join("restored");
+    let rcfg = at(&cfg, &target);
+    json_of(&rcfg, Request::Restore { src: dest.clone() }).await;
+    let v = json_of(&rcfg, Request::Verify).await;
+    assert!(
+        v["missing"].as_array().unwrap().is_empty() && v["corrupt"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
+    assert_eq!(v["checked"], manifest["images"]);
+    let restored = export(&rcfg).await;
+    assert_eq!(restored.len() as u64, manifest["tasks"].as_u64().unwrap());
+    for id in &before_backup {
+        assert!(restored.contains_key(id), "acknowledged task {id} missing");
+    }
+    for i in 0..n {
+        assert!(restored.contains_key(&format!("seed-{i:05}")));
+    }
+    // Record-level consistency: each task's history ends with a state it has.
+    for (id, t) in &restored {
+        let events = t["events"].as_array().unwrap();
+        assert!(!events.is_empty(), "{id}");
+        if t["state"] == "downloaded" {
+            assert!(
+                t["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|i| i["state"] == "downloaded"),
+                "{t}"
+            );
+        }
+    }
+}
+
+/// Every key the code accepts is documented in docs/configuration.md's key table, and the
+/// table names no key the code does not accept.
+#[test]
+fn config_keys_match_the_documentation() {
+    let doc = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .unwrap();
+    let table = doc
+        .split("\n## ")
+        .find(|s| s.starts_with("Keys"))
+        .expect("docs/configuration.md has a \"## Keys\" section");
+    let documented: BTreeSet<String> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    let code: BTreeSet<String> = coverd::config::keys().into_iter().collect();
+    let undocumented: Vec<_> = code.difference(&documented).collect();
+    let unknown: Vec<_> = documented.difference(&code).collect();
+    assert!(
+        undocumented.is_empty() && unknown.is_empty(),
+        "keys in the code but not in docs/configuration.md: {undocumented:?}; documented but not in the code: {unknown:?}"
+    );
+    assert!(code.contains("download.concurrency") && code.contains("data_dir"));
+}
