@@ -19,6 +19,7 @@ mod kill_loop;
 mod metrics;
 mod notify;
 mod ops;
+mod ops_binary;
 mod process;
 mod quarantine;
 mod smoke;

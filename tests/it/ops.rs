@@ -508,3 +508,51 @@ fn config_keys_match_the_documentation() {
     );
     assert!(code.contains("download.concurrency") && code.contains("data_dir"));
 }
+
+#[tokio::test]
+async fn track_retry_and_submit_say_who_does_what_next() {
+    use crate::fake_kie::api::Endpoint;
+    // No API key: track says nothing will poll.
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    let reply = admin::run(
+        d.config.clone(),
+        Request::Track {
+            task_id: "who-1".into(),
+            music_task_id: None,
+        },
+    )
+    .await
+    .unwrap();
+    let admin::Reply::Task { message, .. } = reply else {
+        panic!("{reply:?}")
+    };
+    assert!(message.contains("nothing will poll"), "{message}");
+    d.stop().await;
+
+    // With a key: a transient KIE failure is remembered and retried by the daemon; a
+    // refusal is not retried by anyone.
+    let d = Daemon::start(&fake, crate::harness::with_api).await;
+    fake.api.fail_next(Endpoint::Generate, 500, 100);
+    let req = Request::Submit {
+        music_task_id: "song-1".into(),
+    };
+    let e = admin_err(&d.config, req).await;
+    assert!(
+        e.message.contains("remembered") && e.message.contains("daemon asks KIE"),
+        "{e:?}"
+    );
+    d.stop().await;
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, crate::harness::with_api).await;
+    fake.api.fail_next(Endpoint::Generate, 401, 100);
+    let e = admin_err(
+        &d.config,
+        Request::Submit {
+            music_task_id: "song-2".into(),
+        },
+    )
+    .await;
+    assert!(e.message.contains("nothing retries it"), "{e:?}");
+    d.stop().await;
+}

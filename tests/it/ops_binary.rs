@@ -1,0 +1,420 @@
+//! Issue 8 (operations) with the real binary: `check-config`, completions, the man page,
+//! `--version`, help on every argument, `serve --listen HOST:PORT`, the data-directory
+//! lookup, and — as root — acting as the data directory's owner (no root-owned file left)
+//! and the permission errors a non-root user gets.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::bin_util::{Daemon, Outcome, Scratch, coverd, run};
+
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    nix_like_geteuid() == 0
+}
+
+/// The effective uid, from /proc (no extra dependency in the tests).
+fn nix_like_geteuid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+        })
+        .and_then(|u| u.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+async fn coverd_in(cwd: &Path, args: &[&str]) -> Outcome {
+    let mut cmd = coverd();
+    cmd.current_dir(cwd).args(args);
+    run(cmd).await
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_configuration_and_fails_with_2() {
+    let s = Scratch::new();
+    s.write_raw_config(
+        "listen = \"127.0.0.1:9999\"\n[kie]\napi_key = \"sk-very-secret-value\"\n[download]\nconcurrency = 7\n",
+    );
+    let mut cmd = coverd();
+    cmd.arg("check-config")
+        .arg("--config")
+        .arg(s.config_path())
+        .env("KIE_WEBHOOK_HMAC_KEY", "hmac-secret-value");
+    let out = run(cmd).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(!out.stdout.contains("very-secret") && !out.stdout.contains("hmac-secret"));
+    let v: toml::Table = toml::from_str(&out.stdout).expect("check-config prints TOML");
+    assert_eq!(v["listen"].as_str(), Some("127.0.0.1:9999"));
+    assert_eq!(v["download"]["concurrency"].as_integer(), Some(7));
+    assert_eq!(v["kie"]["api_key"].as_str(), Some("<set>"));
+    assert_eq!(v["kie"]["webhook_hmac_key"].as_str(), Some("<set>"));
+    assert_eq!(v["poll"]["interval"].as_str(), Some("30s"));
+    // Every key of the file is printed, but the *_file ones (resolved into their secret).
+    let mut printed = Vec::new();
+    for (k, val) in &v {
+        match val.as_table() {
+            Some(t) => printed.extend(t.keys().map(|kk| format!("{k}.{kk}"))),
+            None => printed.push(k.clone()),
+        }
+    }
+    let mut want: Vec<String> = coverd::config::keys()
+        .into_iter()
+        .filter(|k| !k.ends_with("_file"))
+        .collect();
+    printed.sort();
+    want.sort();
+    assert_eq!(printed, want);
+
+    // Invalid: the same error and exit status as `serve`.
+    s.write_raw_config("[download]\nconcurrency = 0\n");
+    let check = s.run(&["check-config"]).await;
+    assert_eq!(check.code, Some(2), "{check:?}");
+    assert!(check.stderr.contains("download.concurrency"), "{check:?}");
+    let serve = s.run(&["serve"]).await;
+    assert_eq!(serve.code, Some(2));
+    assert!(serve.stderr.contains("download.concurrency"), "{serve:?}");
+    // An unreadable key file is caught too.
+    s.write_raw_config("[kie]\napi_key_file = \"/nonexistent/key\"\n");
+    let check = s.run(&["check-config"]).await;
+    assert_eq!(check.code, Some(2), "{check:?}");
+    assert!(check.stderr.contains("kie.api_key_file"), "{check:?}");
+}
+
+#[tokio::test]
+async fn completions_man_page_and_version() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run({
+            let mut c = coverd();
+            c.args(["completions", shell]);
+            c
+        })
+        .await;
+        assert_eq!(out.code, Some(0), "{shell}: {out:?}");
+        assert!(
+            out.stdout.contains("backup") && out.stdout.contains("check-config"),
+            "{shell}"
+        );
+    }
+    let out = run({
+        let mut c = coverd();
+        c.arg("man");
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0));
+    assert!(
+        out.stdout.contains(".TH coverd"),
+        "{}",
+        &out.stdout[..200.min(out.stdout.len())]
+    );
+
+    let out = run({
+        let mut c = coverd();
+        c.arg("--version");
+        c
+    })
+    .await;
+    let version = out.stdout.trim();
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        // Built from a checkout: the commit the binary was built from (HEAD when tests run).
+        Some(commit) => assert_eq!(
+            version,
+            format!("coverd {} ({commit})", env!("CARGO_PKG_VERSION"))
+        ),
+        None => assert_eq!(version, format!("coverd {}", env!("CARGO_PKG_VERSION"))),
+    }
+}
+
+/// `coverd … --help` of every command: each argument and option has a description.
+#[tokio::test]
+async fn every_argument_has_help() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["serve"],
+        &["check-config"],
+        &["completions"],
+        &["man"],
+        &["submit"],
+        &["admin"],
+        &["admin", "status"],
+        &["admin", "list"],
+        &["admin", "show"],
+        &["admin", "track"],
+        &["admin", "retry"],
+        &["admin", "verify"],
+        &["admin", "export"],
+        &["admin", "backup"],
+        &["admin", "restore"],
+        &["admin", "prune"],
+    ];
+    for args in commands {
+        let mut cmd = coverd();
+        cmd.args(*args).arg("--help");
+        let out = run(cmd).await;
+        assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+        let mut section = "";
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if !line.starts_with(' ') && line.ends_with(':') {
+                section = line;
+                continue;
+            }
+            if !["Arguments:", "Options:"].contains(&section) {
+                continue;
+            }
+            // An entry: "  <NAME>  help" or "  -x, --flag <V>  help" (or help on the next,
+            // further indented line when long).
+            if line.starts_with("  ") && !line.starts_with("   ") {
+                let entry = line.trim_start();
+                let described = entry.contains("  ")
+                    || lines
+                        .get(i + 1)
+                        .is_some_and(|next| next.starts_with("          "));
+                assert!(described, "coverd {args:?}: no help for `{entry}`");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_listen_takes_a_host_name() {
+    let s = Scratch::new();
+    s.write_config("http://127.0.0.1:9", "", "");
+    let mut cmd = s.serve_command();
+    cmd.args(["--listen", "localhost:0"]);
+    let d = Daemon::spawn(cmd, s.data_dir()).await;
+    assert!(d.addr.ip().is_loopback(), "{}", d.addr);
+    d.stop().await;
+    // A malformed one says which form to use.
+    let out = s.run(&["serve", "--listen", "localhost"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("HOST:PORT"), "{out:?}");
+}
+
+#[tokio::test]
+async fn admin_finds_the_data_directory_without_flags() {
+    let s = Scratch::new();
+    let cwd = s.dir.path();
+    if !Path::new("/var/lib/coverd").exists() {
+        let out = coverd_in(cwd, &["admin", "status"]).await;
+        assert_eq!(out.code, Some(1), "{out:?}");
+        assert!(
+            out.stderr.contains("./coverd-data") && out.stderr.contains("/var/lib/coverd"),
+            "{out:?}"
+        );
+    } else {
+        eprintln!("skipped the no-data case: /var/lib/coverd exists on this machine");
+    }
+    // ./coverd-data is found with no flag at all.
+    let out = coverd_in(
+        cwd,
+        &["admin", "--data-dir", "coverd-data", "track", "look-1"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = coverd_in(cwd, &["admin", "status"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("data: ./coverd-data"), "{out:?}");
+    assert!(
+        out.stdout.contains("polling: unknown (daemon stopped)"),
+        "{out:?}"
+    );
+    let out = coverd_in(cwd, &["admin", "status", "--json"]).await;
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["daemon"], &v["polling"]),
+        (&Value::from("stopped"), &Value::Null)
+    );
+    assert_eq!(v["tasks"]["submitted"], 1);
+    // The daemon's answer says whether it polls.
+    let mut cmd = coverd();
+    cmd.current_dir(cwd)
+        .args(["serve", "--listen", "127.0.0.1:0"]);
+    let d = Daemon::spawn(cmd, cwd.join("coverd-data")).await;
+    let out = coverd_in(cwd, &["admin", "status", "--json"]).await;
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["daemon"], &v["polling"]),
+        (&Value::from("running"), &Value::from(false))
+    );
+    // Without an API key, track says that nothing will poll.
+    let out = coverd_in(cwd, &["admin", "track", "look-2"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("nothing will poll"), "{out:?}");
+    d.stop().await;
+}
+
+/// Every path under `dir` (itself included) whose owner is not `uid`.
+fn not_owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
+    let mut bad = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.uid() != uid {
+            bad.push(p.clone());
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap().flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    bad
+}
+
+#[tokio::test]
+async fn root_acts_as_the_data_directory_owner() {
+    if !is_root() {
+        eprintln!(
+            "skipped: acting as the owner needs root (this test runs as uid {})",
+            nix_like_geteuid()
+        );
+        return;
+    }
+    // Stopped: the scratch directory is 0700 root, so `nobody` cannot reach the data by its
+    // path, as with systemd's /var/lib/private: admin works through its working directory.
+    let s = Scratch::new();
+    let data = s.data_dir();
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+    let d = data.to_str().unwrap();
+    for args in [
+        &["admin", "--data-dir", d, "track", "own-1"][..],
+        &["admin", "--data-dir", d, "status"],
+        &["admin", "--data-dir", d, "verify"],
+        &["admin", "--data-dir", d, "export"],
+        &["admin", "--data-dir", d, "prune", "--older-than", "1d"],
+    ] {
+        let out = run({
+            let mut c = coverd();
+            c.args(args);
+            c
+        })
+        .await;
+        assert_eq!(out.code, Some(0), "{args:?}: {out:?}");
+    }
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d, "status"]);
+        c
+    })
+    .await;
+    assert!(out.stdout.contains(&format!("data: {d}")), "{out:?}");
+    let bad = not_owned_by(&data, NOBODY);
+    assert!(
+        bad.is_empty(),
+        "root-owned files left in the data directory: {bad:?}"
+    );
+
+    // Running as nobody: root's admin goes through the socket, as nobody.
+    let s2 = Scratch::new();
+    std::fs::set_permissions(s2.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data2 = s2.data_dir();
+    std::fs::create_dir(&data2).unwrap();
+    std::os::unix::fs::chown(&data2, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut serve = coverd();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data2)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let daemon = Daemon::spawn(serve, data2.clone()).await;
+    let d2 = data2.to_str().unwrap();
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d2, "track", "own-2"]);
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let backup = s2.dir.path().join("bk");
+    std::fs::create_dir(&backup).unwrap();
+    std::os::unix::fs::chown(&backup, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d2, "backup"])
+            .arg(backup.join("one"));
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    daemon.stop().await;
+    // Stopped now: root's offline admin on nobody's directory.
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d2, "backup"])
+            .arg(backup.join("two"));
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let bad = not_owned_by(&data2, NOBODY);
+    assert!(
+        bad.is_empty(),
+        "root-owned files in the data directory: {bad:?}"
+    );
+    let bad = not_owned_by(&backup, NOBODY);
+    assert!(bad.is_empty(), "root-owned files in the backups: {bad:?}");
+}
+
+#[tokio::test]
+async fn a_user_without_access_is_told_so() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run commands as another user");
+        return;
+    }
+    // A daemon run by root; its socket is 0600 root.
+    let s = Scratch::new();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    s.write_config("http://127.0.0.1:9", "", "");
+    std::fs::set_permissions(s.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::create_dir(s.data_dir()).unwrap();
+    std::fs::set_permissions(s.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = s.serve().await;
+    let as_nobody = |args: &[&str]| {
+        let mut c = coverd();
+        c.arg("--data-dir")
+            .arg(s.data_dir())
+            .args(args)
+            .current_dir("/")
+            .uid(NOBODY)
+            .gid(NOBODY);
+        c
+    };
+    let out = run(as_nobody(&["admin", "status"])).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("admin.sock") && out.stderr.contains("permission denied"),
+        "{out:?}"
+    );
+    assert!(!out.stderr.contains("store I/O"), "{out:?}");
+    d.stop().await;
+    // The directory closed to others: a permission problem, not "no data".
+    std::fs::set_permissions(s.data_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run(as_nobody(&["admin", "status"])).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot read {}: permission denied; run as root or as the service's user",
+            s.data_dir().display()
+        )),
+        "{out:?}"
+    );
+}
