@@ -410,7 +410,7 @@ impl Exec {
                 .await
                 .map_err(|e| AdminError::missing(format!("backup failed: {e}")))??;
                 Reply::BackedUp {
-                    dest: dest.display().to_string(),
+                    dest: access::shown(&dest).display().to_string(),
                     backup: manifest,
                 }
             }

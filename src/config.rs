@@ -1172,6 +1172,9 @@ max_attempts = 12         # backoff with jitter from 5 s, doubling, at most 1 h 
         let mut config = load_ok(SPEC_EXAMPLE);
         assert_eq!(config.download.user_agent, "coverd/<version>");
         config.download.user_agent = Config::default().download.user_agent;
+        // The example names `data_dir` (its default value), so it counts as named.
+        assert!(config.data_dir_named);
+        config.data_dir_named = false;
         assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
     }
 

@@ -250,14 +250,16 @@ fn main() -> ExitCode {
     if !serve {
         // Paths given on the command line are relative to where the operator stands, which
         // acting as the data directory's owner may change.
+        access::locate(&mut config);
+        let mut others: Vec<&mut PathBuf> = Vec::new();
         if let Command::Admin {
             command: AdminCommand::Backup { dest: p, .. } | AdminCommand::Restore { src: p, .. },
         } = &mut command
         {
             *p = backup::absolute(p);
+            others.push(p);
         }
-        access::locate(&mut config);
-        match access::act_as_owner(&config.data_dir) {
+        match access::act_as_owner(&config.data_dir, &mut others) {
             Ok(Some((dir, _owner))) => config.data_dir = dir,
             Ok(None) => {}
             Err(e) => {

@@ -16,16 +16,22 @@ pub const SERVICE_DATA_DIR: &str = "/var/lib/coverd";
 /// Where `serve` keeps its data when nothing names a directory.
 pub const LOCAL_DATA_DIR: &str = "./coverd-data";
 
-/// The data directory's name as the operator knows it, when the process works on it
-/// through its working directory (`.`) instead; see [`act_as_owner`].
-static SHOWN: OnceLock<PathBuf> = OnceLock::new();
+/// Names the operator knows for paths this process reaches another way (its working
+/// directory `.`, or `/proc/self/fd/N/…`); see [`act_as_owner`].
+static SHOWN: OnceLock<Vec<(PathBuf, PathBuf)>> = OnceLock::new();
 
-/// How to name `dir` in messages: the path the operator gave or the lookup found.
-pub fn shown(dir: &Path) -> PathBuf {
-    match SHOWN.get() {
-        Some(name) if dir == Path::new(".") => name.clone(),
-        _ => dir.to_path_buf(),
+/// How to name `path` in messages: the path the operator gave or the lookup found.
+pub fn shown(path: &Path) -> PathBuf {
+    for (alias, original) in SHOWN.get().into_iter().flatten() {
+        if alias == Path::new(".") {
+            if path == alias {
+                return original.clone();
+            }
+        } else if let Ok(rest) = path.strip_prefix(alias) {
+            return original.join(rest);
+        }
     }
+    path.to_path_buf()
 }
 
 /// Applies SPEC's lookup for `admin` and `submit` when no flag, environment variable or
@@ -66,9 +72,15 @@ pub struct Owner {
 /// `dir` itself (made absolute) when the user can reach it by its path, else `.`: the
 /// working directory is changed to `dir` while still root, because the path may cross a
 /// directory only root may enter (systemd's `/var/lib/private`, 0700 root, under
-/// `DynamicUser=`). Returns `None` (nothing changed) when not root, when `dir` does not
-/// exist, or when root owns it. Must run before any other thread exists.
-pub fn act_as_owner(dir: &Path) -> Result<Option<(PathBuf, Owner)>, AdminError> {
+/// `DynamicUser=`). `others` (absolute paths a command names, e.g. a backup's destination,
+/// which may sit in such a directory too) are opened as root before the change, and those
+/// the user cannot reach by path are rewritten to `/proc/self/fd/N/…`. Returns `None`
+/// (nothing changed) when not root, when `dir` does not exist, or when root owns it. Must
+/// run before any other thread exists.
+pub fn act_as_owner(
+    dir: &Path,
+    others: &mut [&mut PathBuf],
+) -> Result<Option<(PathBuf, Owner)>, AdminError> {
     use nix::unistd::{Gid, Uid, chdir, geteuid, setgid, setgroups, setuid};
     if !geteuid().is_root() {
         return Ok(None);
@@ -93,16 +105,60 @@ pub fn act_as_owner(dir: &Path) -> Result<Option<(PathBuf, Owner)>, AdminError> 
             owner.gid
         ))
     };
+    // The nearest existing directory of each other path, held open (never closed: the
+    // process is short-lived and the path must stay usable to its end).
+    let held: Vec<Option<(std::fs::File, PathBuf, PathBuf)>> = others
+        .iter()
+        .map(|p| {
+            let mut base = p.as_path();
+            loop {
+                if let Ok(f) = std::fs::File::open(base)
+                    && base.is_dir()
+                {
+                    let rest = p.strip_prefix(base).unwrap_or(Path::new("")).to_path_buf();
+                    return Some((f, base.to_path_buf(), rest));
+                }
+                base = base.parent()?;
+            }
+        })
+        .collect();
     chdir(&absolute).map_err(|e| fail("chdir", e))?;
     let gid = Gid::from_raw(owner.gid);
     setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;
     setgid(gid).map_err(|e| fail("setgid", e))?;
     setuid(Uid::from_raw(owner.uid)).map_err(|e| fail("setuid", e))?;
-    if std::fs::read_dir(&absolute).is_ok() {
-        return Ok(Some((absolute, owner)));
+    let mut names = Vec::new();
+    for (path, held) in others.iter_mut().zip(held) {
+        let Some((file, base, rest)) = held else {
+            continue;
+        };
+        if std::fs::read_dir(&base).is_ok() {
+            continue;
+        }
+        // The kernel made this process undumpable at the uid change, which hides
+        // /proc/self/fd from it; it runs as the owner alone now, so allow it again.
+        nix::sys::prctl::set_dumpable(true).map_err(|e| fail("prctl(PR_SET_DUMPABLE)", e))?;
+        let alias = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ));
+        std::mem::forget(file);
+        names.push((alias.clone(), base));
+        **path = alias.join(rest);
     }
-    let _ = SHOWN.set(dir.to_path_buf());
-    Ok(Some((PathBuf::from("."), owner)))
+    let dir_reachable = std::fs::read_dir(&absolute).is_ok();
+    if !dir_reachable {
+        names.push((PathBuf::from("."), dir.to_path_buf()));
+    }
+    let _ = SHOWN.set(names);
+    Ok(Some((
+        if dir_reachable {
+            absolute
+        } else {
+            PathBuf::from(".")
+        },
+        owner,
+    )))
 }
 
 /// Fails with a permission message when this user cannot look into `dir`; a missing

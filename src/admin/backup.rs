@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::AdminError;
+use super::access::shown;
 use crate::download::IMAGES_DIR;
 use crate::model::{ImageState, Millis, Task, format_time, now_millis};
 use crate::store::{Store, TaskCopy};
@@ -76,7 +77,10 @@ fn io_error(what: &str, path: &Path, e: &std::io::Error) -> AdminError {
     } else {
         ""
     };
-    AdminError::missing(format!("cannot {what} {}: {e}{hint}", path.display()))
+    AdminError::missing(format!(
+        "cannot {what} {}: {e}{hint}",
+        shown(path).display()
+    ))
 }
 
 /// Refuses a target that exists and is not an empty directory.
@@ -86,7 +90,7 @@ pub fn check_empty_target(dir: &Path, what: &str) -> Result<(), AdminError> {
             if entries.next().is_some() {
                 Err(AdminError::usage(format!(
                     "{what} {} is not empty; give a new or empty directory",
-                    dir.display()
+                    shown(dir).display()
                 )))
             } else {
                 Ok(())
@@ -95,7 +99,7 @@ pub fn check_empty_target(dir: &Path, what: &str) -> Result<(), AdminError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(AdminError::usage(format!(
             "{what} {} is a file; give a directory",
-            dir.display()
+            shown(dir).display()
         ))),
         Err(e) => Err(io_error("read", dir, &e)),
     }
@@ -133,7 +137,7 @@ pub fn backup(
     body.push(b'\n');
     write_private(&dest.join(MANIFEST), &body)?;
     sync_dir(dest)?;
-    tracing::info!(dest = %dest.display(), tasks = manifest.tasks, images = manifest.images, "backup written");
+    tracing::info!(dest = %shown(dest).display(), tasks = manifest.tasks, images = manifest.images, "backup written");
     Ok(manifest)
 }
 
@@ -144,7 +148,7 @@ pub fn read_manifest(src: &Path) -> Result<Manifest, AdminError> {
         if e.kind() == std::io::ErrorKind::NotFound {
             AdminError::missing(format!(
                 "{} has no {MANIFEST}: it is not a coverd backup, or an incomplete one; use a directory written by `coverd admin backup`",
-                src.display()
+                shown(src).display()
             ))
         } else {
             io_error("read", &path, &e)
@@ -153,13 +157,13 @@ pub fn read_manifest(src: &Path) -> Result<Manifest, AdminError> {
     let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
         AdminError::missing(format!(
             "{} is damaged ({e}); use another backup",
-            path.display()
+            shown(&path).display()
         ))
     })?;
     if manifest.format != FORMAT {
         return Err(AdminError::missing(format!(
             "{} has format {:?}, which this coverd does not read ({FORMAT}); use a matching coverd version",
-            path.display(),
+            shown(&path).display(),
             manifest.format
         )));
     }
@@ -181,7 +185,7 @@ pub fn restore(
         let source = Store::open(src).map_err(|e| {
             AdminError::missing(format!(
                 "cannot open the backup's store in {}: {e}",
-                src.display()
+                shown(src).display()
             ))
         })?;
         let copied = copy_store(&source, src, target, progress)?;
@@ -190,7 +194,7 @@ pub fn restore(
         {
             return Err(AdminError::missing(format!(
                 "the backup in {} holds {} tasks and {} images ({} bytes) but its manifest says {}, {} ({} bytes); it is damaged, use another backup",
-                src.display(),
+                shown(src).display(),
                 copied.tasks,
                 copied.images,
                 copied.bytes,
@@ -215,7 +219,7 @@ pub fn restore(
         }
         return Err(e);
     }
-    tracing::info!(src = %src.display(), target = %target.display(), tasks = manifest.tasks, "backup restored");
+    tracing::info!(src = %shown(src).display(), target = %shown(target).display(), tasks = manifest.tasks, "backup restored");
     Ok(manifest)
 }
 
@@ -230,7 +234,10 @@ fn copy_store(
 ) -> Result<Copied, AdminError> {
     private_dir(dest)?;
     let target = Store::open(dest).map_err(|e| {
-        AdminError::missing(format!("cannot create a store in {}: {e}", dest.display()))
+        AdminError::missing(format!(
+            "cannot create a store in {}: {e}",
+            shown(dest).display()
+        ))
     })?;
     let c = store.counts()?;
     let total = c.submitted + c.received + c.downloaded + c.failed;
@@ -384,7 +391,7 @@ pub fn prune(
                     return Err(AdminError::missing(format!(
                         "forgot task {} but cannot remove {}: {e}; remove it by hand",
                         task.task_id,
-                        dir.display()
+                        shown(&dir).display()
                     )));
                 }
             }

@@ -322,6 +322,47 @@ async fn root_acts_as_the_data_directory_owner() {
         "root-owned files left in the data directory: {bad:?}"
     );
 
+    // Backup and restore beside it, as with /var/lib/private/coverd-backup: the owner
+    // cannot reach those paths either, but they are opened before root becomes the owner.
+    let backups = s.dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    std::os::unix::fs::chown(&backups, Some(NOBODY), Some(NOBODY)).unwrap();
+    let one = backups.join("one");
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d, "backup"]).arg(&one);
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains(&one.display().to_string()), "{out:?}");
+    let restored = s.dir.path().join("restored");
+    std::fs::create_dir(&restored).unwrap();
+    std::os::unix::fs::chown(&restored, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = run({
+        let mut c = coverd();
+        c.arg("--data-dir")
+            .arg(&restored)
+            .args(["admin", "restore"])
+            .arg(&one);
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let out = run({
+        let mut c = coverd();
+        c.arg("--data-dir")
+            .arg(&restored)
+            .args(["admin", "show", "own-1"]);
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for dir in [&backups, &restored] {
+        let bad = not_owned_by(dir, NOBODY);
+        assert!(bad.is_empty(), "root-owned files: {bad:?}");
+    }
+
     // Running as nobody: root's admin goes through the socket, as nobody.
     let s2 = Scratch::new();
     std::fs::set_permissions(s2.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
