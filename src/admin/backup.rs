@@ -105,11 +105,21 @@ pub fn check_empty_target(dir: &Path, what: &str) -> Result<(), AdminError> {
     }
 }
 
+/// Where a directory is to be created: `path`, or where it points if it is a dangling
+/// symlink (systemd's /var/lib/coverd → private/coverd after the directory was moved aside).
+fn unlinked(path: &Path) -> PathBuf {
+    match std::fs::read_link(path) {
+        Ok(link) if !path.exists() => path.parent().unwrap_or(Path::new("/")).join(link),
+        _ => path.to_path_buf(),
+    }
+}
+
 fn private_dir(path: &Path) -> Result<(), AdminError> {
+    let target = unlinked(path);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(path)
+        .create(&target)
         .map_err(|e| io_error("create", path, &e))
 }
 
@@ -181,6 +191,7 @@ pub fn restore(
     let manifest = read_manifest(src)?;
     check_empty_target(target, "the data directory")?;
     let existed = target.exists();
+    let created = unlinked(target);
     let result = (|| {
         let source = Store::open(src).map_err(|e| {
             AdminError::missing(format!(
@@ -215,7 +226,7 @@ pub fn restore(
                 }
             }
         } else {
-            let _ = std::fs::remove_dir_all(target);
+            let _ = std::fs::remove_dir_all(&created);
         }
         return Err(e);
     }
