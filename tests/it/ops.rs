@@ -389,7 +389,9 @@ async fn backup_under_load_is_consistent_and_callbacks_keep_being_answered() {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let id = format!("load-{s}-{k:05}");
                 let sent = Instant::now();
-                let (status, body) = d.callback(&success_body(&id, &[url.clone()])).await;
+                let (status, body) = d
+                    .callback(&success_body(&id, std::slice::from_ref(&url)))
+                    .await;
                 assert_eq!(status, 200, "{id}: {body}");
                 acks.lock()
                     .unwrap()
