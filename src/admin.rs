@@ -752,6 +752,14 @@ pub async fn run_with(
                 | Request::Prune { .. } => WHOLE_STORE_TIMEOUT,
                 _ => CLIENT_TIMEOUT,
             };
+            // The daemon resolves paths itself: send the operator's, not this process's
+            // `/proc/self/fd/N/…` alias (see `access::act_as_owner`).
+            let req = match req {
+                Request::Backup { dest } => Request::Backup {
+                    dest: access::shown(&dest),
+                },
+                other => other,
+            };
             return tokio::time::timeout(limit, remote(stream, &req))
                 .await
                 .unwrap_or_else(|_| {
