@@ -270,3 +270,101 @@ fn tx_result<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, St
         Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::{Ctx, Event, Report};
+    use crate::model::State;
+    use crate::store::IfMissing;
+
+    fn ctx(now: Millis) -> Ctx {
+        Ctx {
+            now,
+            max_attempts: 3,
+            poll_after_ms: 1000,
+        }
+    }
+
+    fn fill(store: &Store) {
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let event = Event::Track {
+                music_task_id: Some(format!("m-{id}")),
+            };
+            store
+                .apply(id, &event, &ctx(10 + i as i64), IfMissing::Create)
+                .unwrap();
+        }
+        let failure = Event::Callback(Report::Failure {
+            reason: "KIE code 501: no".into(),
+        });
+        store
+            .apply("b", &failure, &ctx(20), IfMissing::Reject)
+            .unwrap();
+        store.inner.intents.insert("song", &[0u8; 8]).unwrap();
+    }
+
+    #[test]
+    fn copies_rebuild_indexes_counts_and_other_trees() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (
+            Store::open(d1.path()).unwrap(),
+            Store::open(d2.path()).unwrap(),
+        );
+        fill(&src);
+        let first = src.read_tasks(None, 2).unwrap();
+        assert_eq!(first.len(), 2);
+        let rest = src.read_tasks(Some(&first[1].task.task_id), 10).unwrap();
+        assert_eq!(rest.len(), 1);
+        dst.put_copies(&first).unwrap();
+        dst.put_copies(&rest).unwrap();
+        // Putting the same copy again changes nothing (indexes and counts replaced).
+        dst.put_copies(&rest).unwrap();
+        src.copy_other_trees(&dst).unwrap();
+        assert_eq!(dst.counts().unwrap(), src.counts().unwrap());
+        assert_eq!(dst.poll_queue(10).unwrap(), src.poll_queue(10).unwrap());
+        let ids = |s: &Store, st| {
+            s.list(st, 10)
+                .unwrap()
+                .into_iter()
+                .map(|t| t.task_id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&dst, None), ids(&src, None));
+        assert_eq!(ids(&dst, Some(State::Failed)), vec!["b"]);
+        assert_eq!(dst.events("b").unwrap(), src.events("b").unwrap());
+        assert_eq!(dst.task_for_music("m-c").unwrap().as_deref(), Some("c"));
+        assert_eq!(dst.intents(10).unwrap(), src.intents(10).unwrap());
+        assert_eq!(dst.read_task("zzz").unwrap().map(|c| c.task), None);
+    }
+
+    #[test]
+    fn forget_takes_only_unchanged_finished_tasks() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        fill(&store);
+        let (found, last) = store.finished_before(i64::MAX, None, 10).unwrap();
+        assert_eq!(last.as_deref(), Some("c"));
+        let ids: Vec<_> = found.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        let b = &found[0];
+        assert!(
+            store
+                .finished_before(b.updated_at, None, 10)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        // Unfinished, or changed since it was read: kept.
+        let a = store.get("a").unwrap().unwrap();
+        assert!(!store.forget("a", a.updated_at).unwrap());
+        assert!(!store.forget("b", b.updated_at - 1).unwrap());
+        assert!(store.forget("b", b.updated_at).unwrap());
+        assert!(store.get("b").unwrap().is_none());
+        assert!(store.events("b").unwrap().is_empty());
+        assert_eq!(store.task_for_music("m-b").unwrap(), None);
+        assert_eq!(store.counts().unwrap().failed, 0);
+        assert_eq!(store.counts().unwrap().submitted, 2);
+        assert!(!store.forget("b", b.updated_at).unwrap());
+    }
+}
