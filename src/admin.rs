@@ -366,8 +366,8 @@ impl Exec {
                 let progress = self.progress.clone();
                 let (tasks, quarantined) =
                     tokio::task::spawn_blocking(move || export(&store, progress))
-                    .await
-                    .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
+                        .await
+                        .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
                 Reply::Export { tasks, quarantined }
             }
             Request::Redeliver { task_id } => {

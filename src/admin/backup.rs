@@ -257,7 +257,7 @@ fn copy_store(
     loop {
         let chunk = store.read_tasks(after.as_deref(), CHUNK)?;
         let Some(last) = chunk.last() else { break };
-        after = Some(last.task.task_id.clone());
+        after = Some(last.task_id.clone());
         let mut keep = Vec::with_capacity(chunk.len());
         for copy in chunk {
             if let Some((copy, images, bytes)) = copy_images(store, data_dir, dest, copy)? {
@@ -288,11 +288,15 @@ fn copy_images(
 ) -> Result<Option<(TaskCopy, u64, u64)>, AdminError> {
     let mut last_error = None;
     for _ in 0..REREADS {
-        match copy_task_images(data_dir, dest, &copy.task) {
+        // A quarantined record names no images that could be checked.
+        let Some(task) = &copy.task else {
+            return Ok(Some((copy, 0, 0)));
+        };
+        match copy_task_images(data_dir, dest, task) {
             Ok((images, bytes)) => return Ok(Some((copy, images, bytes))),
             Err(e) => last_error = Some(e),
         }
-        match store.read_task(&copy.task.task_id)? {
+        match store.read_task(&copy.task_id)? {
             Some(again) => copy = again,
             None => return Ok(None),
         }

@@ -9,7 +9,9 @@ use std::ops::Bound;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use super::{Store, StoreError, bump, codec, decode, event_key, reindex, state_key, time_key};
+use super::{
+    MAX_EVENTS_PER_TASK, Store, StoreError, bump, codec, event_key, reindex, state_key, time_key,
+};
 use crate::model::{Millis, Task};
 
 /// Trees whose content is the tasks' (records, history) or derived from the task records;
@@ -33,7 +35,11 @@ fn own_meta_key(key: &[u8]) -> bool {
 /// One task as read at one moment: its record and the history that record counts.
 #[derive(Debug, Clone)]
 pub struct TaskCopy {
-    pub task: Task,
+    pub task_id: String,
+    /// `None` when the record cannot be decoded (quarantined: damaged, or written by a newer
+    /// coverd): it is copied byte for byte, with every history entry under its id, and
+    /// without index entries (the workers skip it anyway).
+    pub task: Option<Task>,
     record: sled::IVec,
     events: Vec<(sled::IVec, sled::IVec)>,
 }
@@ -74,7 +80,26 @@ impl Store {
     }
 
     fn copy_of(&self, id: &str, record: sled::IVec) -> Result<TaskCopy, StoreError> {
-        let task = decode(&record, id)?;
+        let task = match self.decode_checked(&record, id) {
+            Ok(task) => task,
+            Err(e) if e.is_undecodable() => {
+                let mut prefix = id.as_bytes().to_vec();
+                prefix.push(0);
+                let events = self
+                    .inner
+                    .events
+                    .scan_prefix(prefix)
+                    .take(MAX_EVENTS_PER_TASK as usize)
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(TaskCopy {
+                    task_id: id.to_string(),
+                    task: None,
+                    record,
+                    events,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let mut events = Vec::with_capacity(task.event_count as usize);
         for seq in 0..task.event_count {
             let key = event_key(id, seq);
@@ -83,7 +108,8 @@ impl Store {
             }
         }
         Ok(TaskCopy {
-            task,
+            task_id: id.to_string(),
+            task: Some(task),
             record,
             events,
         })
@@ -107,8 +133,14 @@ impl Store {
         let result = trees.transaction(
             |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
                 for copy in copies {
-                    let task = &copy.task;
-                    let id = task.task_id.as_str();
+                    let id = copy.task_id.as_str();
+                    let Some(task) = &copy.task else {
+                        for (k, v) in &copy.events {
+                            events.insert(k.clone(), v.clone())?;
+                        }
+                        tasks.insert(id.as_bytes(), copy.record.clone())?;
+                        continue;
+                    };
                     let old = match tasks.get(id.as_bytes())? {
                         Some(bytes) => Some(codec::decode_task(&bytes).map_err(|e| {
                             ConflictableTransactionError::Abort(StoreError::Corrupt {
@@ -203,9 +235,14 @@ impl Store {
         {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k).into_owned();
-            let task = decode(&v, &id)?;
-            if task.state.is_finished() && task.updated_at < cutoff {
-                found.push(task);
+            match self.decode_checked(&v, &id) {
+                Ok(task) if task.state.is_finished() && task.updated_at < cutoff => {
+                    found.push(task)
+                }
+                Ok(_) => {}
+                // A quarantined record is never pruned: what it holds is unknown.
+                Err(e) if e.is_undecodable() => {}
+                Err(e) => return Err(e),
             }
             last = Some(id);
         }
@@ -314,7 +351,7 @@ mod tests {
         fill(&src);
         let first = src.read_tasks(None, 2).unwrap();
         assert_eq!(first.len(), 2);
-        let rest = src.read_tasks(Some(&first[1].task.task_id), 10).unwrap();
+        let rest = src.read_tasks(Some(&first[1].task_id), 10).unwrap();
         assert_eq!(rest.len(), 1);
         dst.put_copies(&first).unwrap();
         dst.put_copies(&rest).unwrap();
@@ -335,7 +372,7 @@ mod tests {
         assert_eq!(dst.events("b").unwrap(), src.events("b").unwrap());
         assert_eq!(dst.task_for_music("m-c").unwrap().as_deref(), Some("c"));
         assert_eq!(dst.intents(10).unwrap(), src.intents(10).unwrap());
-        assert_eq!(dst.read_task("zzz").unwrap().map(|c| c.task), None);
+        assert!(dst.read_task("zzz").unwrap().is_none());
     }
 
     #[test]

@@ -558,3 +558,38 @@ async fn track_retry_and_submit_say_who_does_what_next() {
     assert!(e.message.contains("nothing retries it"), "{e:?}");
     d.stop().await;
 }
+
+/// A quarantined (undecodable) record is carried through backup and restore byte for
+/// byte, and never pruned.
+#[tokio::test]
+async fn quarantined_records_survive_backup_restore_and_prune() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    let cfg = d.config.clone();
+    crate::admin_track(&d, "q-good").await;
+    d.store
+        .put_raw_task("q-bad", b"\xff\xfe not a record")
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dest = scratch.path().join("b");
+    let m = json_of(&cfg, Request::Backup { dest: dest.clone() }).await;
+    assert_eq!(m["tasks"], 2, "{m}");
+    let_a_millisecond_pass().await;
+    assert_eq!(json_of(&cfg, prune(0, false)).await["tasks"], 0);
+    d.stop().await;
+
+    let rcfg = at(&cfg, &scratch.path().join("restored"));
+    json_of(&rcfg, Request::Restore { src: dest }).await;
+    let reply = admin::run(rcfg.clone(), Request::Status).await.unwrap();
+    let admin::Reply::Status { status } = &reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(status.tasks.submitted, 1);
+    let bad: Vec<_> = status
+        .quarantined
+        .iter()
+        .map(|q| q.task_id.as_str())
+        .collect();
+    assert_eq!(bad, ["q-bad"]);
+    assert_eq!(reply.exit_code(), 1);
+}
