@@ -1675,7 +1675,17 @@ mod tests {
                 Err(StoreError::Locked { .. })
             ));
         }
-        let store = Store::open(dir.path()).unwrap();
+        // sled releases its lock when its background threads let go of the db, which can
+        // be a moment after the last handle is dropped on a loaded machine.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let store = loop {
+            match Store::open(dir.path()) {
+                Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert_eq!(store.counts().unwrap().submitted, 20);
         store.check_health().await.unwrap();
     }
