@@ -330,6 +330,40 @@ else
   skip "root acting as the service user is not in this build"
 fi
 
+step "backup running and stopped into /var/lib/coverd-backup; restore into a moved-aside data directory; prune"
+if has_admin_lookup; then
+  sbx systemctl start coverd
+  wait_active || fail "not active"
+  before=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status --json' | json_field '["tasks"]')
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin backup /var/lib/coverd-backup/running --json 2>&1') ||
+    fail "backup while running: $out"
+  expect "backup format" "$(json_field '["format"]' <<<"$out")" coverd-backup/1
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin restore /var/lib/coverd-backup/running 2>&1') &&
+    fail "restore while running was not refused"
+  grep -q "daemon is running" <<<"$out" && ok "restore refused while running" || fail "restore while running: $out"
+  sbx systemctl stop coverd
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin backup /var/lib/coverd-backup/stopped 2>&1') ||
+    fail "backup while stopped, as root: $out"
+  ok "$out"
+  expect "files not owned by uid $uid in the data dir" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
+  expect "files not owned by uid $uid in the backups" "$(sbx find /var/lib/private/coverd-backup ! -uid "$uid" | wc -l)" 0
+  sbx mv /var/lib/private/coverd /var/lib/private/coverd.old
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin restore /var/lib/coverd-backup/stopped 2>&1') ||
+    fail "restore: $out"
+  ok "$out"
+  sbx sh -c 'cd / && /usr/local/bin/coverd admin verify' || fail "verify after restore"
+  sbx systemctl start coverd
+  wait_active || fail "not active after the restore"
+  expect "tasks after the restore" "$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status --json' | json_field '["tasks"]')" "$before"
+  uid=$(sbx stat -c %u /var/lib/private/coverd)
+  expect "restored files not owned by uid $uid (re-owned by systemd)" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin prune --older-than 0s --dry-run 2>&1') || fail "prune: $out"
+  ok "$out"
+  sbx rm -rf /var/lib/private/coverd.old
+else
+  skip "backup and restore are not in this build"
+fi
+
 step "systemd-analyze security"
 sbx systemd-analyze security coverd --no-pager | grep -v '✓'
 

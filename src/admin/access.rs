@@ -16,19 +16,19 @@ pub const SERVICE_DATA_DIR: &str = "/var/lib/coverd";
 /// Where `serve` keeps its data when nothing names a directory.
 pub const LOCAL_DATA_DIR: &str = "./coverd-data";
 
-/// Names the operator knows for paths this process reaches another way (its working
-/// directory `.`, or `/proc/self/fd/N/…`); see [`act_as_owner`].
+/// Names the operator knows for paths this process reaches another way
+/// (`/proc/self/fd/N/…`); see [`act_as_owner`].
 static SHOWN: OnceLock<Vec<(PathBuf, PathBuf)>> = OnceLock::new();
 
 /// How to name `path` in messages: the path the operator gave or the lookup found.
 pub fn shown(path: &Path) -> PathBuf {
     for (alias, original) in SHOWN.get().into_iter().flatten() {
-        if alias == Path::new(".") {
-            if path == alias {
-                return original.clone();
-            }
-        } else if let Ok(rest) = path.strip_prefix(alias) {
-            return original.join(rest);
+        if let Ok(rest) = path.strip_prefix(alias) {
+            return if rest.as_os_str().is_empty() {
+                original.clone()
+            } else {
+                original.join(rest)
+            };
         }
     }
     path.to_path_buf()
@@ -69,10 +69,10 @@ pub struct Owner {
 
 /// Run as root on an existing data directory owned by another user: becomes that user
 /// (supplementary groups, gid, uid; for good) and returns the directory to work on. That is
-/// `dir` itself (made absolute) when the user can reach it by its path, else `.`: the
-/// working directory is changed to `dir` while still root, because the path may cross a
-/// directory only root may enter (systemd's `/var/lib/private`, 0700 root, under
-/// `DynamicUser=`). `others` (absolute paths a command names, e.g. a backup's destination,
+/// `dir` itself (made absolute) when the user can reach it by its path, else
+/// `/proc/self/fd/N`, the directory opened while still root: the path may cross a directory
+/// only root may enter (systemd's `/var/lib/private`, 0700 root, under `DynamicUser=`). The
+/// working directory is changed to `dir` too. `others` (absolute paths a command names, e.g. a backup's destination,
 /// which may sit in such a directory too) are opened as root before the change, and those
 /// the user cannot reach by path are rewritten to `/proc/self/fd/N/…`. Returns `None`
 /// (nothing changed) when not root, when `dir` does not exist, or when root owns it. Must
@@ -122,6 +122,9 @@ pub fn act_as_owner(
             }
         })
         .collect();
+    let dir_file = std::fs::File::open(&absolute).map_err(|e| {
+        AdminError::missing(format!("cannot open {}: {e}", dir.display()))
+    })?;
     chdir(&absolute).map_err(|e| fail("chdir", e))?;
     let gid = Gid::from_raw(owner.gid);
     setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;
@@ -146,19 +149,23 @@ pub fn act_as_owner(
         names.push((alias.clone(), base));
         **path = alias.join(rest);
     }
-    let dir_reachable = std::fs::read_dir(&absolute).is_ok();
-    if !dir_reachable {
-        names.push((PathBuf::from("."), dir.to_path_buf()));
-    }
+    // The data directory itself: by its path if the owner can reach it, else through the
+    // directory opened as root. (Not `.`: sled makes paths absolute with the working
+    // directory's path, which crosses the closed directory again.)
+    let work_dir = if std::fs::read_dir(&absolute).is_ok() {
+        absolute
+    } else {
+        nix::sys::prctl::set_dumpable(true).map_err(|e| fail("prctl(PR_SET_DUMPABLE)", e))?;
+        let alias = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&dir_file)
+        ));
+        std::mem::forget(dir_file);
+        names.push((alias.clone(), dir.to_path_buf()));
+        alias
+    };
     let _ = SHOWN.set(names);
-    Ok(Some((
-        if dir_reachable {
-            absolute
-        } else {
-            PathBuf::from(".")
-        },
-        owner,
-    )))
+    Ok(Some((work_dir, owner)))
 }
 
 /// Fails with a permission message when this user cannot look into `dir`; a missing
