@@ -122,9 +122,8 @@ pub fn act_as_owner(
             }
         })
         .collect();
-    let dir_file = std::fs::File::open(&absolute).map_err(|e| {
-        AdminError::missing(format!("cannot open {}: {e}", dir.display()))
-    })?;
+    let dir_file = std::fs::File::open(&absolute)
+        .map_err(|e| AdminError::missing(format!("cannot open {}: {e}", dir.display())))?;
     chdir(&absolute).map_err(|e| fail("chdir", e))?;
     let gid = Gid::from_raw(owner.gid);
     setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;

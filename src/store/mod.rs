@@ -27,8 +27,8 @@
 //! queues skip it, so workers never pick it again, and scans go on past it.
 
 pub mod codec;
-mod flusher;
 mod copy;
+mod flusher;
 
 pub use copy::TaskCopy;
 
