@@ -437,6 +437,9 @@ async fn a_user_without_access_is_told_so() {
     std::fs::create_dir(s.data_dir()).unwrap();
     std::fs::set_permissions(s.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let d = s.serve().await;
+    // The daemon makes its data directory 0700 at start; open it again so that only the
+    // socket's own permissions stand in the way.
+    std::fs::set_permissions(s.data_dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |args: &[&str]| {
         let mut c = coverd();
         c.arg("--data-dir")
