@@ -332,6 +332,7 @@ fi
 
 step "backup running and stopped into /var/lib/coverd-backup; restore into a moved-aside data directory; prune"
 if has_admin_lookup; then
+  sbx rm -rf /var/lib/private/coverd-backup/running /var/lib/private/coverd-backup/stopped
   sbx systemctl start coverd
   wait_active || fail "not active"
   before=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status --json' | json_field '["tasks"]')
