@@ -320,6 +320,7 @@ mod tests {
             now,
             max_attempts: 3,
             poll_after_ms: 1000,
+            notify: false,
         }
     }
 
