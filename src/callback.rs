@@ -13,16 +13,12 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machine::{Ctx, Event, Report};
-use crate::model::{now_millis, valid_task_id};
+use crate::model::{MAX_IMAGES, MAX_URL_BYTES, now_millis, valid_task_id};
 use crate::signature;
 use crate::store::{IfMissing, Store};
 
 /// Largest accepted callback body (SPEC: 413 above it).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// More image URLs than KIE ever sends for one cover.
-pub const MAX_IMAGES: usize = 16;
-/// Longest accepted image URL.
-pub const MAX_URL_BYTES: usize = 4096;
 /// Storing and flushing a delivery must finish well inside KIE's 15 s, or the answer is 503.
 const STORE_BUDGET: Duration = Duration::from_secs(10);
 

@@ -60,6 +60,77 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// KIE's API base URL, validated once when the config is read: an http(s) URL with a host,
+/// no query or fragment, without trailing slash, e.g. `https://api.kie.ai`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KieBaseUrl(String);
+
+impl KieBaseUrl {
+    /// Checks `value` as the setting `key` (e.g. `kie.base_url`).
+    pub fn parse(key: &str, value: &str) -> Result<KieBaseUrl, ConfigError> {
+        http_url(key, value).map(KieBaseUrl)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<&str> for KieBaseUrl {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The User-Agent of every outgoing request, validated once when the config is read: not
+/// empty, visible ASCII and spaces only (so it is always a valid HTTP header value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAgent(String);
+
+impl UserAgent {
+    pub fn parse(value: String) -> Result<UserAgent, ConfigError> {
+        user_agent(value).map(UserAgent)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<&str> for UserAgent {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The KIE API key, validated once when the config is read: trimmed, not empty, no control
+/// characters (so `Bearer <key>` is always a valid HTTP header value). `Debug` hides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey(Secret);
+
+impl ApiKey {
+    /// Checks `value` as the setting `key` (e.g. `kie.api_key`).
+    pub fn parse(key: &str, value: &Secret) -> Result<ApiKey, ConfigError> {
+        let trimmed = value.expose().trim();
+        if trimmed.is_empty() {
+            return Err(invalid(
+                key,
+                None,
+                "the key is empty; set it or remove the setting",
+            ));
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(invalid(
+                key,
+                None,
+                "the key contains control characters (a line break in the middle?); store it on one line",
+            ));
+        }
+        Ok(ApiKey(Secret::new(trimmed)))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
 /// The fully resolved configuration every other module reads.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -92,9 +163,8 @@ pub struct NotifyConfig {
 
 #[derive(Debug, Clone)]
 pub struct KieConfig {
-    /// Without trailing slash, e.g. `https://api.kie.ai`.
-    pub base_url: String,
-    pub api_key: Option<Secret>,
+    pub base_url: KieBaseUrl,
+    pub api_key: Option<ApiKey>,
     pub webhook_hmac_key: Option<Secret>,
     pub signature_tolerance: Duration,
     pub confirm_callbacks: bool,
@@ -113,7 +183,7 @@ pub struct DownloadConfig {
     pub allowed_hosts: Vec<String>,
     pub allow_http: bool,
     pub allow_private_networks: bool,
-    pub user_agent: String,
+    pub user_agent: UserAgent,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +203,7 @@ impl Default for Config {
             accept_unknown_tasks: false,
             metrics_listen: None,
             kie: KieConfig {
-                base_url: "https://api.kie.ai".into(),
+                base_url: KieBaseUrl("https://api.kie.ai".into()),
                 api_key: None,
                 webhook_hmac_key: None,
                 signature_tolerance: Duration::from_secs(5 * 60),
@@ -150,7 +220,7 @@ impl Default for Config {
                 allowed_hosts: vec!["tempfile.aiquickdraw.com".into()],
                 allow_http: false,
                 allow_private_networks: false,
-                user_agent: concat!("coverd/", env!("CARGO_PKG_VERSION")).into(),
+                user_agent: UserAgent(concat!("coverd/", env!("CARGO_PKG_VERSION")).into()),
             },
             poll: PollConfig {
                 after: Duration::from_secs(2 * 60),
@@ -359,7 +429,7 @@ impl Config {
     /// unset); the `*_file` keys are left out because the secret they name is already
     /// resolved into its key.
     pub fn effective_toml(&self) -> String {
-        let secret = |s: &Option<Secret>| Some(if s.is_some() { SECRET_SHOWN } else { "" }.into());
+        let secret = |set: bool| Some(if set { SECRET_SHOWN } else { "" }.into());
         let dur = |d: Duration| Some(humantime::format_duration(d).to_string());
         let int = |n: u64| Some(i64::try_from(n).unwrap_or(i64::MAX));
         let (k, dl, p) = (&self.kie, &self.download, &self.poll);
@@ -376,10 +446,10 @@ impl Config {
                     .unwrap_or_default(),
             ),
             kie: Some(RawKie {
-                base_url: Some(k.base_url.clone()),
-                api_key: secret(&k.api_key),
+                base_url: Some(k.base_url.as_str().to_owned()),
+                api_key: secret(k.api_key.is_some()),
                 api_key_file: None,
-                webhook_hmac_key: secret(&k.webhook_hmac_key),
+                webhook_hmac_key: secret(k.webhook_hmac_key.is_some()),
                 webhook_hmac_key_file: None,
                 signature_tolerance: dur(k.signature_tolerance),
                 confirm_callbacks: Some(k.confirm_callbacks),
@@ -395,7 +465,7 @@ impl Config {
                 allowed_hosts: Some(dl.allowed_hosts.clone()),
                 allow_http: Some(dl.allow_http),
                 allow_private_networks: Some(dl.allow_private_networks),
-                user_agent: Some(dl.user_agent.clone()),
+                user_agent: Some(dl.user_agent.as_str().to_owned()),
             }),
             poll: Some(RawPoll {
                 after: dur(p.after),
@@ -584,7 +654,7 @@ fn resolve(
 
     let kie = KieConfig {
         base_url: match kie.base_url {
-            Some(value) => http_url("kie.base_url", &value)?,
+            Some(value) => KieBaseUrl::parse("kie.base_url", &value)?,
             None => d.kie.base_url,
         },
         api_key: secret(
@@ -597,7 +667,9 @@ fn resolve(
                 file: kie.api_key_file,
                 credential: CREDENTIAL_API_KEY,
             },
-        )?,
+        )?
+        .map(|key| ApiKey::parse("kie.api_key", &key))
+        .transpose()?,
         webhook_hmac_key: secret(
             env,
             SecretSource {
@@ -692,7 +764,7 @@ fn resolve(
             .allow_private_networks
             .unwrap_or(d.download.allow_private_networks),
         user_agent: match download.user_agent {
-            Some(value) => user_agent(value)?,
+            Some(value) => UserAgent::parse(value)?,
             None => d.download.user_agent,
         },
     };
@@ -1160,7 +1232,7 @@ max_attempts = 12         # backoff with jitter from 5 s, doubling, at most 1 h 
         assert_eq!(c.listen.to_string(), "127.0.0.1:8787");
         assert_eq!(c.data_dir, PathBuf::from("./coverd-data"));
         assert_eq!(
-            c.download.user_agent,
+            c.download.user_agent.as_str(),
             format!("coverd/{}", env!("CARGO_PKG_VERSION"))
         );
         assert_eq!(c.download.allowed_hosts, vec!["tempfile.aiquickdraw.com"]);
@@ -1221,7 +1293,10 @@ give_up_after = "30d"
         assert!(c.accept_unknown_tasks);
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9187".parse().unwrap()));
         assert_eq!(c.kie.base_url, "http://127.0.0.1:4000");
-        assert_eq!(c.kie.api_key, Some(Secret::new("api-secret")));
+        assert_eq!(
+            c.kie.api_key.as_ref().map(ApiKey::expose),
+            Some("api-secret")
+        );
         assert_eq!(c.kie.webhook_hmac_key, Some(Secret::new("hmac-secret")));
         assert_eq!(c.kie.signature_tolerance, Duration::from_secs(90));
         assert!(!c.kie.confirm_callbacks);
@@ -1615,7 +1690,7 @@ give_up_after = "30d"
         for (text, env, expected) in cases {
             let c = load_toml(text, &env).unwrap();
             assert_eq!(
-                c.kie.api_key.as_ref().map(Secret::expose),
+                c.kie.api_key.as_ref().map(ApiKey::expose),
                 expected,
                 "{text:?} {env:?}"
             );
@@ -1706,7 +1781,7 @@ give_up_after = "30d"
         std::fs::write(creds.path().join("kie-api-key"), "cred-api\n").unwrap();
         std::fs::write(creds.path().join("kie-webhook-hmac-key"), "cred-hmac").unwrap();
         let c = load_toml("", &[(ENV_CREDENTIALS_DIRECTORY, cred_dir)]).unwrap();
-        assert_eq!(c.kie.api_key, Some(Secret::new("cred-api")));
+        assert_eq!(c.kie.api_key.as_ref().map(ApiKey::expose), Some("cred-api"));
         assert_eq!(c.kie.webhook_hmac_key, Some(Secret::new("cred-hmac")));
         // Without CREDENTIALS_DIRECTORY the files are not looked at.
         let c = load_toml("", &[]).unwrap();
@@ -1743,7 +1818,7 @@ give_up_after = "30d"
         let debug = format!("{c:?} {c:#?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert_eq!(
-            c.kie.api_key.as_ref().map(Secret::expose),
+            c.kie.api_key.as_ref().map(ApiKey::expose),
             Some("s3cret-api")
         );
 

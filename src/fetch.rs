@@ -321,7 +321,7 @@ fn build_client(
     guard: &UrlGuard,
     read_timeout: Duration,
 ) -> Result<reqwest::Client, FetchSetupError> {
-    if cfg.user_agent.trim().is_empty() {
+    if cfg.user_agent.as_str().trim().is_empty() {
         return Err(FetchSetupError::EmptyUserAgent);
     }
     let client = reqwest::Client::builder()

@@ -15,6 +15,12 @@ pub type Millis = i64;
 /// The longest task id coverd accepts. KIE's ids are 32 hex characters.
 pub const TASK_ID_MAX_LEN: usize = 128;
 
+/// More image URLs than KIE ever sends for one cover: a task never holds more, whether they
+/// came in a callback or in record-info.
+pub const MAX_IMAGES: usize = 16;
+/// Longest image URL a task holds.
+pub const MAX_URL_BYTES: usize = 4096;
+
 /// Task ids become directory names under `images/`, so only a safe alphabet is accepted.
 pub fn valid_task_id(id: &str) -> bool {
     !id.is_empty()

@@ -125,7 +125,7 @@ impl Notifier {
             .and_then(notify_key)
             .ok_or(NotifyError::BadSecret)?;
         let client = reqwest::Client::builder()
-            .user_agent(config.download.user_agent.clone())
+            .user_agent(config.download.user_agent.as_str())
             .timeout(config.notify.timeout)
             .connect_timeout(config.notify.timeout)
             // A redirect is not a delivery (as Standard Webhooks senders do): retried.

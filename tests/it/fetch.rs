@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use coverd::config::{Config, DownloadConfig};
+use coverd::config::{Config, DownloadConfig, UserAgent};
 use coverd::fetch::{Ext, FetchError, Fetched, Fetcher};
 use coverd::guard::UrlGuard;
 use tempfile::TempDir;
@@ -24,7 +24,7 @@ fn open_cfg() -> DownloadConfig {
         allow_private_networks: true,
         max_image_bytes: MAX_BYTES,
         timeout: Duration::from_secs(10),
-        user_agent: UA.into(),
+        user_agent: UserAgent::parse(UA.into()).expect("user agent"),
         ..Config::default().download
     }
 }

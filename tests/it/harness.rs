@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use coverd::config::{Config, Secret};
+use coverd::config::{ApiKey, Config, KieBaseUrl, Secret};
 use coverd::daemon::{self, Hooks};
 use coverd::model::{ManualClock, Task, now_millis};
 use coverd::store::Store;
@@ -34,7 +34,7 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
-    c.kie.base_url = fake.base_url();
+    c.kie.base_url = KieBaseUrl::parse("kie.base_url", &fake.base_url()).expect("base url");
     c.download.allow_http = true;
     c.download.allowed_hosts = vec![];
     c.download.allow_private_networks = false;
@@ -47,7 +47,7 @@ pub fn test_config(dir: &std::path::Path, fake: &FakeKie) -> Config {
 /// Adds an API key and a public URL, turning on polling, submit, confirmation and refresh.
 #[allow(dead_code)] // for the poll, submit and refresh tests
 pub fn with_api(c: &mut Config) {
-    c.kie.api_key = Some(Secret::new("test-api-key"));
+    c.kie.api_key = Some(ApiKey::parse("kie.api_key", &Secret::new("test-api-key")).expect("key"));
     c.public_url = "https://coverd.example".into();
 }
 

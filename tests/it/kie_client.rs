@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use coverd::config::{KieConfig, Secret};
+use coverd::config::{ApiKey, KieBaseUrl, KieConfig, Secret, UserAgent};
 use coverd::kie::{CoverStatus, KieClient, KieError, RateLimiter};
 use serde_json::json;
 use tokio::time::Instant;
@@ -17,8 +17,8 @@ const CALLBACK: &str = "https://coverd.example.org/callbacks/cover";
 
 fn config(base_url: &str, limit: u32) -> KieConfig {
     KieConfig {
-        base_url: base_url.to_string(),
-        api_key: Some(Secret::new(KEY)),
+        base_url: KieBaseUrl::parse("kie.base_url", base_url).expect("base url"),
+        api_key: Some(ApiKey::parse("kie.api_key", &Secret::new(KEY)).expect("key")),
         webhook_hmac_key: None,
         signature_tolerance: Duration::from_secs(300),
         confirm_callbacks: true,
@@ -26,8 +26,12 @@ fn config(base_url: &str, limit: u32) -> KieConfig {
     }
 }
 
+fn ua() -> UserAgent {
+    UserAgent::parse(UA.into()).expect("user agent")
+}
+
 fn client(fake: &FakeKie) -> KieClient {
-    KieClient::new(&config(&fake.base_url(), 18), UA).expect("client")
+    KieClient::new(&config(&fake.base_url(), 18), &ua()).expect("client")
 }
 
 fn assert_no_key(e: &KieError) {
@@ -199,7 +203,7 @@ async fn a_429_pauses_the_client_for_a_whole_window() {
 async fn fake_burst_mode_answers_429_past_the_limit() {
     let fake = FakeKie::start().await;
     fake.api.set_burst_limit(Some(3));
-    let kie = KieClient::new(&config(&fake.base_url(), 20), UA).expect("client");
+    let kie = KieClient::new(&config(&fake.base_url(), 20), &ua()).expect("client");
     for i in 0..3 {
         kie.generate_cover(&format!("music-{i}"), CALLBACK)
             .await
@@ -430,7 +434,7 @@ async fn answer_slower_than_the_timeout_is_a_transient_transport_error() {
         .set_delay(Endpoint::RecordInfo, Duration::from_secs(3));
     let kie = KieClient::with_timeouts(
         &config(&fake.base_url(), 18),
-        UA,
+        &ua(),
         Duration::from_millis(300),
         Duration::from_secs(1),
     )
@@ -446,7 +450,7 @@ async fn unreachable_kie_is_a_transient_transport_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let kie = KieClient::new(&config(&format!("http://{addr}/"), 18), UA).expect("client");
+    let kie = KieClient::new(&config(&format!("http://{addr}/"), 18), &ua()).expect("client");
     let err = kie
         .generate_cover("music-1", CALLBACK)
         .await
