@@ -1,5 +1,8 @@
 //! The task state machine, in one place: a pure function of (task, event) → (changed task,
-//! history notes). Every rule of SPEC's "Task states" lives in the `match` of [`apply`].
+//! history notes). The `match` of [`apply`] over (state, event) is the transition table of
+//! SPEC's "Task states": every pair is decided there, and the longer rules are named
+//! functions below it (`receive`, `fail`, `settle`, `confirm`, `store_image`, `fail_image`,
+//! `refresh_url`, `retry_images`).
 //! Must not do I/O, read clocks or draw random numbers: time and backoff arrive in the event
 //! and the [`Ctx`], so every transition is unit-testable.
 
@@ -125,12 +128,11 @@ impl Outcome {
 /// Applies `event` to `task`. Never fails: an event that does not fit the state is recorded
 /// as ignored (or as a counted duplicate) and changes nothing else.
 pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
-    use State::*;
     let mut out = Outcome::default();
     let revivable = matches!(task.failure, Some(Failure::Generation | Failure::NoResult));
     match (task.state, event) {
         // ---- intake of a task id ----
-        (Submitted, Event::Submit { music_task_id } | Event::Track { music_task_id })
+        (State::Submitted, Event::Submit { music_task_id } | Event::Track { music_task_id })
             if task.event_count == 0 =>
         {
             task.music_task_id = music_task_id;
@@ -146,29 +148,29 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
         }
 
         // ---- KIE's result: callback or poll ----
-        (Submitted, Event::Callback(Report::Success { images })) => {
+        (State::Submitted, Event::Callback(Report::Success { images })) => {
             task.callbacks += 1;
             out.note(EventKind::Callback, "success callback");
             receive(task, images, Source::Callback, ctx, &mut out);
         }
-        (Failed, Event::Callback(Report::Success { images })) if revivable => {
+        (State::Failed, Event::Callback(Report::Success { images })) if revivable => {
             task.callbacks += 1;
             out.note(EventKind::Callback, "success callback after failure");
             receive(task, images, Source::Callback, ctx, &mut out);
         }
-        (Submitted, Event::Callback(Report::Failure { reason })) => {
+        (State::Submitted, Event::Callback(Report::Failure { reason })) => {
             task.callbacks += 1;
             out.note(EventKind::Callback, reason.clone());
             fail(task, Failure::Generation, reason, &mut out);
         }
-        (Failed, Event::Callback(Report::Failure { reason }))
+        (State::Failed, Event::Callback(Report::Failure { reason }))
             if task.failure == Some(Failure::NoResult) =>
         {
             task.callbacks += 1;
             out.note(EventKind::Callback, reason.clone());
             fail(task, Failure::Generation, reason, &mut out);
         }
-        (Received | Downloaded | Failed, Event::Callback(report)) => {
+        (State::Received | State::Downloaded | State::Failed, Event::Callback(report)) => {
             task.callbacks += 1;
             let what = match report {
                 Report::Success { .. } => "success",
@@ -183,18 +185,18 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 ),
             );
         }
-        (Submitted, Event::Polled(Report::Success { images })) => {
+        (State::Submitted, Event::Polled(Report::Success { images })) => {
             task.polls += 1;
             out.note(EventKind::Polled, "record-info reports success");
             receive(task, images, Source::Poll, ctx, &mut out);
         }
-        (Submitted, Event::Polled(Report::Failure { reason })) => {
+        (State::Submitted, Event::Polled(Report::Failure { reason })) => {
             task.polls += 1;
             out.note(EventKind::Polled, reason.clone());
             fail(task, Failure::Generation, reason, &mut out);
         }
         (
-            Submitted,
+            State::Submitted,
             Event::PollPending {
                 detail,
                 next_poll_at,
@@ -204,27 +206,30 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             task.next_poll_at = next_poll_at;
             out.note(EventKind::Polled, detail);
         }
-        (Received | Downloaded | Failed, Event::Polled(_) | Event::PollPending { .. }) => {
+        (
+            State::Received | State::Downloaded | State::Failed,
+            Event::Polled(_) | Event::PollPending { .. },
+        ) => {
             task.polls += 1;
             out.note(
                 EventKind::Ignored,
                 format!("poll answer arrived while {}; ignored", task.state.as_str()),
             );
         }
-        (Submitted, Event::Wait { until }) => {
+        (State::Submitted, Event::Wait { until }) => {
             task.next_poll_at = until;
             out.note(
                 EventKind::Ignored,
                 "no KIE API key: waiting for a callback only",
             );
         }
-        (Received | Downloaded | Failed, Event::Wait { .. }) => {
+        (State::Received | State::Downloaded | State::Failed, Event::Wait { .. }) => {
             out.note(
                 EventKind::Ignored,
                 "wait ignored: task already has a result",
             );
         }
-        (Received, Event::ConfirmLater { until, detail }) if !task.confirmed => {
+        (State::Received, Event::ConfirmLater { until, detail }) if !task.confirmed => {
             task.polls += 1;
             task.confirm_attempts += 1;
             for img in task
@@ -236,43 +241,19 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             }
             out.note(EventKind::Polled, detail);
         }
-        (Submitted | Received | Downloaded | Failed, Event::ConfirmLater { .. }) => {
+        (
+            State::Submitted | State::Received | State::Downloaded | State::Failed,
+            Event::ConfirmLater { .. },
+        ) => {
             out.note(
                 EventKind::Ignored,
                 "confirmation retry ignored: task not awaiting one",
             );
         }
-        (Received, Event::Confirm { images, detail }) if !task.confirmed => {
-            task.polls += 1;
-            task.confirmed = true;
-            let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
-            let untouched = task
-                .images
-                .iter()
-                .all(|i| i.state == ImageState::Pending && i.attempts == 0);
-            match images {
-                urls if !urls.is_empty()
-                    && urls.iter().map(String::as_str).ne(current.iter().copied())
-                    && untouched =>
-                {
-                    out.note(
-                        EventKind::Mismatch,
-                        format!(
-                            "callback URLs [{}] differ from record-info; using record-info's [{}]",
-                            current.join(", "),
-                            urls.join(", ")
-                        ),
-                    );
-                    task.images = urls
-                        .into_iter()
-                        .zip(0u32..)
-                        .map(|(url, index)| Image::pending(index, url, ctx.now))
-                        .collect();
-                }
-                _ => out.note(EventKind::Received, detail),
-            }
+        (State::Received, Event::Confirm { images, detail }) if !task.confirmed => {
+            confirm(task, images, detail, ctx, &mut out);
         }
-        (Received, Event::ConfirmFailed { reason }) if !task.confirmed => {
+        (State::Received, Event::ConfirmFailed { reason }) if !task.confirmed => {
             task.polls += 1;
             out.note(
                 EventKind::Polled,
@@ -284,7 +265,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             drop_unconfirmed(task);
             fail(task, Failure::Generation, reason, &mut out);
         }
-        (Received, Event::ConfirmGiveUp { detail }) if !task.confirmed => {
+        (State::Received, Event::ConfirmGiveUp { detail }) if !task.confirmed => {
             task.polls += 1;
             out.note(
                 EventKind::Polled,
@@ -302,7 +283,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             );
         }
         (
-            Submitted | Received | Downloaded | Failed,
+            State::Submitted | State::Received | State::Downloaded | State::Failed,
             Event::Confirm { .. } | Event::ConfirmFailed { .. } | Event::ConfirmGiveUp { .. },
         ) => {
             out.note(
@@ -310,7 +291,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 "confirmation ignored: task not awaiting one",
             );
         }
-        (Submitted, Event::GiveUp) => {
+        (State::Submitted, Event::GiveUp) => {
             fail(
                 task,
                 Failure::NoResult,
@@ -318,7 +299,7 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 &mut out,
             );
         }
-        (Received | Downloaded | Failed, Event::GiveUp) => {
+        (State::Received | State::Downloaded | State::Failed, Event::GiveUp) => {
             out.note(
                 EventKind::Ignored,
                 "give-up ignored: task already has a result",
@@ -327,96 +308,35 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
 
         // ---- downloads ----
         (
-            Received,
+            State::Received,
             Event::ImageStored {
                 index,
                 path,
                 bytes,
                 sha256,
             },
-        ) if pending(task, index) => {
-            if let Some(img) = task.images.get_mut(index as usize) {
-                img.attempts += 1;
-                img.state = ImageState::Downloaded;
-                img.error = None;
-                out.note(
-                    EventKind::ImageStored,
-                    format!("image {index}: {bytes} bytes at {path}, sha256 {sha256}"),
-                );
-                img.path = Some(path);
-                img.bytes = Some(bytes);
-                img.sha256 = Some(sha256);
-            }
-            settle(task, &mut out);
-        }
+        ) => store_image(task, index, path, bytes, sha256, &mut out),
         (
-            Received,
+            State::Received,
             Event::ImageFailed {
                 index,
                 reason,
                 retry_at,
             },
-        ) if pending(task, index) => {
-            if let Some(img) = task.images.get_mut(index as usize) {
-                img.attempts += 1;
-                match retry_at {
-                    Some(at) if img.budget_used() < ctx.max_attempts => {
-                        img.next_attempt_at = at;
-                        out.note(
-                            EventKind::ImageRetry,
-                            format!(
-                                "image {index}: attempt {} failed: {reason}; retrying",
-                                img.budget_used()
-                            ),
-                        );
-                        img.error = Some(reason);
-                    }
-                    Some(_) => {
-                        let reason =
-                            format!("{reason} (gave up after {} attempts)", img.budget_used());
-                        out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
-                        img.state = ImageState::Failed;
-                        img.error = Some(reason);
-                    }
-                    None => {
-                        out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
-                        img.state = ImageState::Failed;
-                        img.error = Some(reason);
-                    }
-                }
-            }
-            settle(task, &mut out);
-        }
-        (Received, Event::UrlRefreshed { index, url }) if pending(task, index) => {
-            if let Some(img) = task.images.get_mut(index as usize) {
-                out.note(
-                    EventKind::UrlRefreshed,
-                    format!(
-                        "image {index}: KIE's download-url gave {url} for {}",
-                        img.url
-                    ),
-                );
-                img.refreshed_url = Some(url);
-            }
+        ) => fail_image(task, index, reason, retry_at, ctx, &mut out),
+        (State::Received, Event::UrlRefreshed { index, url }) => {
+            refresh_url(task, index, url, &mut out);
         }
         (
-            Submitted | Received | Downloaded | Failed,
+            State::Submitted | State::Downloaded | State::Failed,
             Event::ImageStored { index, .. }
             | Event::ImageFailed { index, .. }
             | Event::UrlRefreshed { index, .. },
-        ) => {
-            out.note(
-                EventKind::Ignored,
-                format!(
-                    "download result for image {index} ignored: task is {} and the image is not pending",
-                    task.state.as_str()
-                ),
-            );
-        }
+        ) => ignore_download_result(task, index, &mut out),
 
         // ---- admin retry ----
-        (Failed, Event::Retry { .. }) if revivable => {
-            task.state = Submitted;
+        (State::Failed, Event::Retry { .. }) if revivable => {
+            task.state = State::Submitted;
             task.failure = None;
             task.error = None;
             task.submitted_at = ctx.now;
@@ -426,35 +346,10 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 "generation failure retried: polling KIE again",
             );
         }
-        (Failed | Downloaded, Event::Retry { damaged }) => {
-            let mut revived = Vec::new();
-            for img in &mut task.images {
-                if img.state == ImageState::Failed || damaged.contains(&img.index) {
-                    img.state = ImageState::Pending;
-                    img.attempts_budget_start = img.attempts;
-                    img.next_attempt_at = ctx.now;
-                    // A refreshed link lives 20 minutes; start again from KIE's URL.
-                    img.refreshed_url = None;
-                    img.path = None;
-                    img.bytes = None;
-                    img.sha256 = None;
-                    img.error = None;
-                    revived.push(img.index.to_string());
-                }
-            }
-            if revived.is_empty() {
-                out.note(EventKind::Ignored, "retry: nothing to repair");
-            } else {
-                task.state = Received;
-                task.failure = None;
-                task.error = None;
-                out.note(
-                    EventKind::Retried,
-                    format!("fetching image(s) {} again", revived.join(", ")),
-                );
-            }
+        (State::Failed | State::Downloaded, Event::Retry { damaged }) => {
+            retry_images(task, &damaged, ctx, &mut out);
         }
-        (Submitted | Received, Event::Retry { .. }) => {
+        (State::Submitted | State::Received, Event::Retry { .. }) => {
             out.note(
                 EventKind::Ignored,
                 format!(
@@ -539,10 +434,169 @@ pub fn notify_redeliver(n: &mut Notification, now: Millis) {
     n.error = None;
 }
 
-fn pending(task: &Task, index: u32) -> bool {
+/// The image `index` while a download result for it is still awaited.
+fn pending_image(task: &mut Task, index: u32) -> Option<&mut Image> {
     task.images
-        .get(index as usize)
-        .is_some_and(|i| i.state == ImageState::Pending)
+        .get_mut(index as usize)
+        .filter(|i| i.state == ImageState::Pending)
+}
+
+/// A download result for an image that is not pending (or a task not downloading) changes
+/// nothing: a late or duplicate worker report.
+fn ignore_download_result(task: &Task, index: u32, out: &mut Outcome) {
+    out.note(
+        EventKind::Ignored,
+        format!(
+            "download result for image {index} ignored: task is {} and the image is not pending",
+            task.state.as_str()
+        ),
+    );
+}
+
+/// record-info confirmed a success callback. Its URLs replace the callback's when they
+/// differ and nothing was fetched yet.
+fn confirm(task: &mut Task, images: Vec<String>, detail: String, ctx: &Ctx, out: &mut Outcome) {
+    task.polls += 1;
+    task.confirmed = true;
+    let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
+    let untouched = task
+        .images
+        .iter()
+        .all(|i| i.state == ImageState::Pending && i.attempts == 0);
+    match images {
+        urls if !urls.is_empty()
+            && urls.iter().map(String::as_str).ne(current.iter().copied())
+            && untouched =>
+        {
+            out.note(
+                EventKind::Mismatch,
+                format!(
+                    "callback URLs [{}] differ from record-info; using record-info's [{}]",
+                    current.join(", "),
+                    urls.join(", ")
+                ),
+            );
+            task.images = urls
+                .into_iter()
+                .zip(0u32..)
+                .map(|(url, index)| Image::pending(index, url, ctx.now))
+                .collect();
+        }
+        _ => out.note(EventKind::Received, detail),
+    }
+}
+
+/// Image `index` is complete at its final path; the task settles when none is pending.
+fn store_image(
+    task: &mut Task,
+    index: u32,
+    path: String,
+    bytes: u64,
+    sha256: String,
+    out: &mut Outcome,
+) {
+    let Some(img) = pending_image(task, index) else {
+        return ignore_download_result(task, index, out);
+    };
+    img.attempts += 1;
+    img.state = ImageState::Downloaded;
+    img.error = None;
+    out.note(
+        EventKind::ImageStored,
+        format!("image {index}: {bytes} bytes at {path}, sha256 {sha256}"),
+    );
+    img.path = Some(path);
+    img.bytes = Some(bytes);
+    img.sha256 = Some(sha256);
+    settle(task, out);
+}
+
+/// A fetch of image `index` failed: retried at `retry_at` while its budget lasts, else the
+/// image fails for good (at once when `retry_at` is `None`); the task settles when none is
+/// pending.
+fn fail_image(
+    task: &mut Task,
+    index: u32,
+    reason: String,
+    retry_at: Option<Millis>,
+    ctx: &Ctx,
+    out: &mut Outcome,
+) {
+    let Some(img) = pending_image(task, index) else {
+        return ignore_download_result(task, index, out);
+    };
+    img.attempts += 1;
+    match retry_at {
+        Some(at) if img.budget_used() < ctx.max_attempts => {
+            img.next_attempt_at = at;
+            out.note(
+                EventKind::ImageRetry,
+                format!(
+                    "image {index}: attempt {} failed: {reason}; retrying",
+                    img.budget_used()
+                ),
+            );
+            img.error = Some(reason);
+        }
+        Some(_) => {
+            let reason = format!("{reason} (gave up after {} attempts)", img.budget_used());
+            out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+            img.state = ImageState::Failed;
+            img.error = Some(reason);
+        }
+        None => {
+            out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+            img.state = ImageState::Failed;
+            img.error = Some(reason);
+        }
+    }
+    settle(task, out);
+}
+
+/// KIE's download-url gave a fresh link for pending image `index`.
+fn refresh_url(task: &mut Task, index: u32, url: String, out: &mut Outcome) {
+    let Some(img) = pending_image(task, index) else {
+        return ignore_download_result(task, index, out);
+    };
+    out.note(
+        EventKind::UrlRefreshed,
+        format!(
+            "image {index}: KIE's download-url gave {url} for {}",
+            img.url
+        ),
+    );
+    img.refreshed_url = Some(url);
+}
+
+/// `admin retry` of a downloaded or download-failed task: failed and `damaged` images are
+/// fetched again with a fresh budget; with none, nothing changes.
+fn retry_images(task: &mut Task, damaged: &[u32], ctx: &Ctx, out: &mut Outcome) {
+    let mut revived = Vec::new();
+    for img in &mut task.images {
+        if img.state == ImageState::Failed || damaged.contains(&img.index) {
+            img.state = ImageState::Pending;
+            img.attempts_budget_start = img.attempts;
+            img.next_attempt_at = ctx.now;
+            // A refreshed link lives 20 minutes; start again from KIE's URL.
+            img.refreshed_url = None;
+            img.path = None;
+            img.bytes = None;
+            img.sha256 = None;
+            img.error = None;
+            revived.push(img.index.to_string());
+        }
+    }
+    if revived.is_empty() {
+        out.note(EventKind::Ignored, "retry: nothing to repair");
+    } else {
+        task.state = State::Received;
+        task.failure = None;
+        task.error = None;
+        out.note(
+            EventKind::Retried,
+            format!("fetching image(s) {} again", revived.join(", ")),
+        );
+    }
 }
 
 fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out: &mut Outcome) {
