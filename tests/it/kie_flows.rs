@@ -122,6 +122,96 @@ fn assert_stored(d: &Daemon, t: &Task, bytes: &[bytes::Bytes]) {
     }
 }
 
+/// Sends a success callback for `id` listing `urls`; coverd must accept it.
+async fn deliver_success(d: &Daemon, id: &str, urls: &[String]) {
+    assert_eq!(d.callback(&success_body(id, urls)).await.0, 200, "{id}");
+}
+
+/// Submits `music` through `d` and returns the new cover task's id.
+async fn submitted(d: &Daemon, music: &str) -> String {
+    submit(&d.config, music).await.expect("submit").0.task_id
+}
+
+/// None of `urls` was ever fetched from the fake's file host.
+fn assert_never_fetched(fake: &FakeKie, urls: &[String]) {
+    for url in urls {
+        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
+    }
+}
+
+/// Moves the daemon's clock by `by`, lets its loops look, and counts KIE's calls at
+/// `endpoint` since the start: for checks that nothing more was asked.
+async fn calls_after(d: &Daemon, fake: &FakeKie, by: Duration, endpoint: Endpoint) -> usize {
+    d.advance(by);
+    settle().await;
+    fake.api.calls(endpoint)
+}
+
+/// A config with an API key and a public URL in a fresh data directory, for `submit`
+/// without a running daemon.
+fn direct_config(fake: &FakeKie) -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), fake);
+    with_api(&mut config);
+    (dir, config)
+}
+
+/// `t` is a submitted task made from `music`.
+fn assert_submitted(t: &Task, music: &str) {
+    assert_eq!(
+        (t.state, t.music_task_id.as_deref()),
+        (State::Submitted, Some(music))
+    );
+}
+
+/// KIE's record-info status for a failed generation (code 501), and the error the task
+/// records for it.
+fn failed_501() -> Status {
+    Status::Failed {
+        code: 501,
+        message: "Cover generation failed".into(),
+    }
+}
+const FAILED_501: &str = "KIE code 501: Cover generation failed";
+
+/// A cover task `id` that KIE knows in `status`, tracked by coverd, and a success callback
+/// for it listing two images that record-info does not list. Returns the callback's URLs.
+async fn forged_callback(fake: &FakeKie, d: &Daemon, id: &str, status: Status) -> Vec<String> {
+    fake.api.add_task(id, &format!("music-{id}"));
+    fake.api.set_status(id, status);
+    crate::admin_track(d, id).await;
+    let (forged, _) = two_images(fake, &format!("{id}-forged"));
+    deliver_success(d, id, &forged).await;
+    forged
+}
+
+/// The task's images are at `urls`, in order.
+fn assert_urls(t: &Task, urls: &[String]) {
+    let got: Vec<&str> = t.images.iter().map(|i| i.url.as_str()).collect();
+    assert_eq!(got, urls.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// A daemon that fetches a callback's URLs without confirming them, with task `id` tracked.
+async fn unconfirmed_daemon(fake: &FakeKie, id: &str, tweak: impl FnOnce(&mut Config)) -> Daemon {
+    let d = api_daemon(fake, |c| {
+        c.kie.confirm_callbacks = false;
+        tweak(c);
+    })
+    .await;
+    crate::admin_track(&d, id).await;
+    d
+}
+
+/// An image at `path` on the fake's file host whose link has expired, and the fresh copy
+/// KIE's download-url points at (`/fresh` + `path`). Returns the expired URL.
+fn expired_image(fake: &FakeKie, path: &str, bytes: &bytes::Bytes) -> String {
+    fake.files.set(path, Behaviour::Image(bytes.clone()));
+    fake.files.expire(path);
+    fake.files
+        .set(&format!("/fresh{path}"), Behaviour::Image(bytes.clone()));
+    fake.files.url(path)
+}
+
 // ---- submit ----
 
 #[tokio::test]
@@ -143,8 +233,7 @@ async fn submit_through_the_daemon_records_the_task_and_sends_the_callback_url()
     assert_eq!(req.json()["callBackUrl"], CALLBACK_URL);
     assert_eq!(req.json()["taskId"], "music-happy");
     let t = d.task(&answer.task_id).expect("task recorded");
-    assert_eq!(t.state, State::Submitted);
-    assert_eq!(t.music_task_id.as_deref(), Some("music-happy"));
+    assert_submitted(&t, "music-happy");
     assert!(has_event(&d, &answer.task_id, EventKind::Submitted, ""));
     // `--json` prints exactly SPEC's object.
     let json = admin::render(
@@ -166,18 +255,17 @@ async fn submit_through_the_daemon_records_the_task_and_sends_the_callback_url()
     .await;
     d.advance(INTENT_AGE);
     settle().await;
-    d.advance(INTENT_AGE);
-    settle().await;
-    assert_eq!(fake.api.calls(Endpoint::Generate), 1);
+    assert_eq!(
+        calls_after(&d, &fake, INTENT_AGE, Endpoint::Generate).await,
+        1
+    );
     d.stop().await;
 }
 
 #[tokio::test]
 async fn submit_without_a_daemon_works_directly_and_the_daemon_takes_over() {
     let fake = FakeKie::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (dir, config) = direct_config(&fake);
 
     let (answer, _) = submit(&config, "music-direct").await.expect("submit");
     assert_eq!(fake.api.calls(Endpoint::Generate), 1);
@@ -186,17 +274,15 @@ async fn submit_without_a_daemon_works_directly_and_the_daemon_takes_over() {
     let t = d
         .task(&answer.task_id)
         .expect("recorded by the direct submit");
-    assert_eq!(
-        (t.state, t.music_task_id.as_deref()),
-        (State::Submitted, Some("music-direct"))
-    );
+    assert_submitted(&t, "music-direct");
     assert!(
         d.store.intents(10).unwrap().is_empty(),
         "intent left behind"
     );
-    d.advance(INTENT_AGE);
-    settle().await;
-    assert_eq!(fake.api.calls(Endpoint::Generate), 1);
+    assert_eq!(
+        calls_after(&d, &fake, INTENT_AGE, Endpoint::Generate).await,
+        1
+    );
     d.stop().await;
 }
 
@@ -205,9 +291,7 @@ async fn submit_refuses_without_public_url_or_api_key() {
     let fake = FakeKie::start().await;
 
     // No public_url (directly, daemon stopped).
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (_dir, mut config) = direct_config(&fake);
     config.public_url = String::new();
     let err = submit(&config, "music-1").await.expect_err("refused");
     assert_eq!(err.exit, 2, "{err:?}");
@@ -256,8 +340,7 @@ async fn submit_adopts_the_cover_kie_already_has_on_409_and_400() {
         assert_eq!(answer.task_id, existing, "{code}");
         assert!(message.contains("adopted"), "{message}");
         let t = d.task(existing).expect("adopted task recorded");
-        assert_eq!(t.state, State::Submitted);
-        assert_eq!(t.music_task_id.as_deref(), Some(music));
+        assert_submitted(&t, music);
     }
     assert_eq!(fake.api.calls(Endpoint::Generate), 2);
     assert_eq!(fake.api.task_ids().len(), 2, "no duplicate cover at KIE");
@@ -267,9 +350,7 @@ async fn submit_adopts_the_cover_kie_already_has_on_409_and_400() {
 #[tokio::test]
 async fn crash_after_kie_created_the_cover_is_resolved_by_adoption() {
     let fake = FakeKie::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (dir, config) = direct_config(&fake);
     // `submit` stored its intent, KIE created the cover, the process died before the answer
     // was stored.
     {
@@ -290,8 +371,7 @@ async fn crash_after_kie_created_the_cover_is_resolved_by_adoption() {
 
     d.advance(INTENT_AGE);
     let t = d.wait_for("coverfromcrash", |_| true).await;
-    assert_eq!(t.state, State::Submitted);
-    assert_eq!(t.music_task_id.as_deref(), Some("music-crash"));
+    assert_submitted(&t, "music-crash");
     assert_eq!(fake.api.calls(Endpoint::Generate), 1, "asked once, got 409");
     assert_eq!(fake.api.task_ids(), vec!["coverfromcrash".to_string()]);
     eventually("intent dropped", || d.store.intents(10).unwrap().is_empty()).await;
@@ -307,9 +387,7 @@ async fn crash_after_kie_created_the_cover_is_resolved_by_adoption() {
 #[tokio::test]
 async fn crash_while_generate_is_in_flight_leaves_exactly_one_cover() {
     let fake = FakeKie::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (dir, config) = direct_config(&fake);
     fake.api
         .set_delay(Endpoint::Generate, Duration::from_secs(3));
     // The process dies while KIE is still answering: the intent is on disk, the task is not.
@@ -334,24 +412,20 @@ async fn crash_while_generate_is_in_flight_leaves_exactly_one_cover() {
     let id = fake.api.cover_task_for("music-inflight").unwrap();
     assert_eq!(fake.api.task_ids(), vec![id.clone()], "one cover at KIE");
     let t = d.task(&id).unwrap();
-    assert_eq!(
-        (t.state, t.music_task_id.as_deref()),
-        (State::Submitted, Some("music-inflight"))
-    );
+    assert_submitted(&t, "music-inflight");
     assert_eq!(fake.api.calls(Endpoint::Generate), 2);
     eventually("intent dropped", || d.store.intents(10).unwrap().is_empty()).await;
-    d.advance(INTENT_AGE);
-    settle().await;
-    assert_eq!(fake.api.calls(Endpoint::Generate), 2);
+    assert_eq!(
+        calls_after(&d, &fake, INTENT_AGE, Endpoint::Generate).await,
+        2
+    );
     d.stop().await;
 }
 
 #[tokio::test]
 async fn transient_kie_failure_during_submit_is_resolved_by_the_daemon() {
     let fake = FakeKie::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (dir, config) = direct_config(&fake);
     // An HTTP-200 answer with an error envelope: KIE's usual way of saying 500.
     fake.api.fail_next(Endpoint::Generate, 500, 1);
     let err = submit(&config, "music-5xx").await.expect_err("500");
@@ -393,10 +467,7 @@ async fn a_song_whose_cover_failed_can_be_submitted_again() {
     assert_ne!(second.task_id, first.task_id, "{message}");
     assert_eq!(fake.api.calls(Endpoint::Generate), 2);
     let t = d.task(&second.task_id).unwrap();
-    assert_eq!(
-        (t.state, t.music_task_id.as_deref()),
-        (State::Submitted, Some("music-531"))
-    );
+    assert_submitted(&t, "music-531");
     // The song now maps to the new task: a repeat does not ask KIE again.
     let (third, _) = submit(&d.config, "music-531").await.expect("repeat");
     assert_eq!(third.task_id, second.task_id);
@@ -407,9 +478,7 @@ async fn a_song_whose_cover_failed_can_be_submitted_again() {
 #[tokio::test]
 async fn submit_surfaces_401_and_402_as_clear_errors() {
     let fake = FakeKie::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    with_api(&mut config);
+    let (dir, config) = direct_config(&fake);
     for (code, hints) in [
         (401, ["401", "check kie.api_key"]),
         (402, ["402", "top up"]),
@@ -481,8 +550,7 @@ async fn poll_success_downloads_with_source_poll() {
         omit_response: false,
     });
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-poll").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-poll").await;
     let (urls, bytes) = two_images(&fake, "poll");
     fake.api.set_status(&id, Status::Success(urls.clone()));
 
@@ -506,10 +574,11 @@ async fn poll_success_downloads_with_source_poll() {
         assert_eq!(fake.files.hits(&path_of(url)), 1);
     }
     assert!(has_event(&d, &id, EventKind::Received, "from poll"));
-    // Finished: never polled again.
-    d.advance(POLL_INTERVAL * 4);
-    settle().await;
-    assert_eq!(fake.api.calls(Endpoint::RecordInfo), 1);
+    assert_eq!(
+        calls_after(&d, &fake, POLL_INTERVAL * 4, Endpoint::RecordInfo).await,
+        1,
+        "finished: never polled again",
+    );
     d.stop().await;
 }
 
@@ -517,27 +586,15 @@ async fn poll_success_downloads_with_source_poll() {
 async fn poll_failure_records_kies_error() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-fail").await.expect("submit");
-    let id = answer.task_id;
-    fake.api.set_status(
-        &id,
-        Status::Failed {
-            code: 501,
-            message: "Cover generation failed".into(),
-        },
-    );
+    let id = submitted(&d, "music-fail").await;
+    fake.api.set_status(&id, failed_501());
     d.advance(POLL_AFTER + SLACK);
     let t = d.wait_for(&id, failed).await;
     assert_eq!(t.failure, Some(Failure::Generation));
-    assert_eq!(
-        t.error.as_deref(),
-        Some("KIE code 501: Cover generation failed")
-    );
+    assert_eq!(t.error.as_deref(), Some(FAILED_501));
     assert_eq!(t.polls, 1);
-    d.advance(POLL_INTERVAL * 4);
-    settle().await;
     assert_eq!(
-        fake.api.calls(Endpoint::RecordInfo),
+        calls_after(&d, &fake, POLL_INTERVAL * 4, Endpoint::RecordInfo).await,
         1,
         "failed: polling stops"
     );
@@ -548,8 +605,7 @@ async fn poll_failure_records_kies_error() {
 async fn poll_gives_up_after_give_up_after() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-never").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-never").await;
     d.advance(POLL_AFTER + SLACK);
     d.wait_for(&id, |t| t.polls == 1).await;
     d.advance(GIVE_UP_AFTER);
@@ -557,13 +613,15 @@ async fn poll_gives_up_after_give_up_after() {
     assert_eq!(t.failure, Some(Failure::NoResult));
     assert_eq!(t.error.as_deref(), Some("no result from KIE"));
     let polls = fake.api.calls(Endpoint::RecordInfo);
-    d.advance(POLL_INTERVAL * 4);
-    settle().await;
-    assert_eq!(fake.api.calls(Endpoint::RecordInfo), polls);
+    assert_eq!(
+        calls_after(&d, &fake, POLL_INTERVAL * 4, Endpoint::RecordInfo).await,
+        polls,
+        "polled after giving up",
+    );
     // A late success callback still revives it (SPEC: failed (generation) → received).
     let (urls, bytes) = two_images(&fake, "late");
     fake.api.set_status(&id, Status::Success(urls.clone()));
-    assert_eq!(d.callback(&success_body(&id, &urls)).await.0, 200);
+    deliver_success(&d, &id, &urls).await;
     let t = d.wait_for(&id, downloaded).await;
     assert_stored(&d, &t, &bytes);
     d.stop().await;
@@ -627,8 +685,7 @@ async fn pending_not_found_and_api_errors_keep_waiting_and_count_polls() {
 async fn a_429_on_record_info_pauses_kie_calls_and_the_task_keeps_waiting() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-429").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-429").await;
     fake.api.fail_next(Endpoint::RecordInfo, 429, 1);
     d.advance(POLL_AFTER + SLACK);
     let t = d.wait_for(&id, |t| t.polls == 1).await;
@@ -658,8 +715,7 @@ async fn a_429_on_record_info_pauses_kie_calls_and_the_task_keeps_waiting() {
 async fn callback_during_a_poll_in_flight_gives_one_result_and_one_download() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-race").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-race").await;
     let (urls, bytes) = two_images(&fake, "race");
     fake.api.set_status(&id, Status::Success(urls.clone()));
     fake.api
@@ -723,26 +779,19 @@ async fn confirm_callbacks_downloads_record_infos_urls_and_records_the_mismatch(
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
     let id = "confirmedtask";
-    fake.api.add_task(id, "music-confirm");
     let (kie_urls, bytes) = two_images(&fake, "kie");
-    fake.api.set_status(id, Status::Success(kie_urls.clone()));
-    crate::admin_track(&d, id).await;
     // A replayed delivery with someone else's URLs (the signature does not cover them).
-    let (forged, _) = two_images(&fake, "forged");
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let forged = forged_callback(&fake, &d, id, Status::Success(kie_urls.clone())).await;
 
     let t = d.wait_for(id, downloaded).await;
-    let got: Vec<&str> = t.images.iter().map(|i| i.url.as_str()).collect();
-    assert_eq!(got, kie_urls.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_urls(&t, &kie_urls);
     assert_stored(&d, &t, &bytes);
-    for url in &forged {
-        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
-    }
+    assert_never_fetched(&fake, &forged);
     assert!(has_event(&d, id, EventKind::Mismatch, &forged[0]));
     assert!(has_event(&d, id, EventKind::Mismatch, &kie_urls[0]));
     assert_eq!(fake.api.calls(Endpoint::RecordInfo), 1);
     // Replayed again after the download: counted, never processed.
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    deliver_success(&d, id, &forged).await;
     let t = d.wait_for(id, |t| t.callbacks == 2).await;
     assert_eq!(t.state, State::Downloaded);
     assert!(has_event(&d, id, EventKind::DuplicateCallback, "success"));
@@ -755,7 +804,7 @@ async fn confirm_callbacks_downloads_record_infos_urls_and_records_the_mismatch(
     let (urls, bytes) = two_images(&fake, "same");
     fake.api.set_status(same, Status::Success(urls.clone()));
     crate::admin_track(&d, same).await;
-    assert_eq!(d.callback(&success_body(same, &urls)).await.0, 200);
+    deliver_success(&d, same, &urls).await;
     let t = d.wait_for(same, downloaded).await;
     assert_stored(&d, &t, &bytes);
     assert!(!has_event(&d, same, EventKind::Mismatch, ""));
@@ -768,13 +817,9 @@ async fn confirmation_waits_out_a_kie_hiccup_before_fetching_anything() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
     let id = "confirmlater";
-    fake.api.add_task(id, "music-later");
     let (kie_urls, bytes) = two_images(&fake, "laterkie");
-    fake.api.set_status(id, Status::Success(kie_urls.clone()));
-    crate::admin_track(&d, id).await;
     fake.api.fail_next(Endpoint::RecordInfo, 500, 2);
-    let (forged, _) = two_images(&fake, "laterforged");
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let forged = forged_callback(&fake, &d, id, Status::Success(kie_urls.clone())).await;
 
     let t = d.wait_for(id, downloaded).await;
     assert_eq!(
@@ -782,13 +827,7 @@ async fn confirmation_waits_out_a_kie_hiccup_before_fetching_anything() {
         "record-info's URLs, not the callback's"
     );
     assert_stored(&d, &t, &bytes);
-    for url in &forged {
-        assert_eq!(
-            fake.files.hits(&path_of(url)),
-            0,
-            "{url} fetched before confirmation"
-        );
-    }
+    assert_never_fetched(&fake, &forged);
     assert_eq!(t.polls, 3, "two failed confirmations and one good one");
     assert!(has_event(&d, id, EventKind::Polled, "confirming again"));
     assert!(has_event(&d, id, EventKind::Mismatch, &kie_urls[0]));
@@ -804,46 +843,28 @@ async fn confirmation_that_kie_failed_fails_the_task_and_fetches_no_callback_url
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
     let id = "confirmfailed";
-    fake.api.add_task(id, "music-confirm-failed");
-    fake.api.set_status(
-        id,
-        Status::Failed {
-            code: 501,
-            message: "Cover generation failed".into(),
-        },
-    );
-    crate::admin_track(&d, id).await;
-    let (forged, _) = two_images(&fake, "failedforged");
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let forged = forged_callback(&fake, &d, id, failed_501()).await;
 
     let t = d.wait_for(id, failed).await;
     assert_eq!(t.failure, Some(Failure::Generation));
-    assert_eq!(
-        t.error.as_deref(),
-        Some("KIE code 501: Cover generation failed")
-    );
+    assert_eq!(t.error.as_deref(), Some(FAILED_501));
     assert!(t.images.iter().all(|i| i.state != ImageState::Pending));
     assert_eq!(fake.api.calls(Endpoint::RecordInfo), 1);
 
     // The same success body again (a replay, or a forgery without a webhook key).
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    deliver_success(&d, id, &forged).await;
     let t = d
         .wait_for(id, |t| {
             failed(t) && t.callbacks == 2 && fake.api.calls(Endpoint::RecordInfo) == 2
         })
         .await;
-    assert_eq!(
-        t.error.as_deref(),
-        Some("KIE code 501: Cover generation failed")
-    );
+    assert_eq!(t.error.as_deref(), Some(FAILED_501));
     // Nothing comes due later either.
     for _ in 0..3 {
         d.advance(POLL_INTERVAL + SLACK);
         settle().await;
     }
-    for url in &forged {
-        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
-    }
+    assert_never_fetched(&fake, &forged);
     assert_eq!(fake.api.calls(Endpoint::RecordInfo), 2);
     assert_eq!(d.task(id).unwrap().state, State::Failed);
     d.stop().await;
@@ -857,11 +878,7 @@ async fn confirmation_waits_while_kie_is_generating_then_takes_kies_urls() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
     let id = "confirmgenerating";
-    fake.api.add_task(id, "music-confirm-generating");
-    fake.api.set_status(id, Status::Generating);
-    crate::admin_track(&d, id).await;
-    let (forged, _) = two_images(&fake, "generatingforged");
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let forged = forged_callback(&fake, &d, id, Status::Generating).await;
     d.wait_for(id, |t| t.polls == 1).await;
 
     for n in 2..=8 {
@@ -872,9 +889,7 @@ async fn confirmation_waits_while_kie_is_generating_then_takes_kies_urls() {
         let t = d.wait_for(id, |t| t.polls as usize == n).await;
         assert_eq!(t.state, State::Received);
         assert_eq!(fake.api.calls(Endpoint::RecordInfo), n);
-        for url in &forged {
-            assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
-        }
+        assert_never_fetched(&fake, &forged);
     }
     assert!(has_event(&d, id, EventKind::Polled, "generating"));
 
@@ -882,12 +897,9 @@ async fn confirmation_waits_while_kie_is_generating_then_takes_kies_urls() {
     fake.api.set_status(id, Status::Success(kie_urls.clone()));
     d.advance(POLL_INTERVAL + SLACK);
     let t = d.wait_for(id, downloaded).await;
-    let got: Vec<&str> = t.images.iter().map(|i| i.url.as_str()).collect();
-    assert_eq!(got, kie_urls.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_urls(&t, &kie_urls);
     assert_stored(&d, &t, &bytes);
-    for url in &forged {
-        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
-    }
+    assert_never_fetched(&fake, &forged);
     assert!(has_event(&d, id, EventKind::Mismatch, &kie_urls[0]));
     d.stop().await;
 }
@@ -899,11 +911,7 @@ async fn confirmation_gives_up_after_give_up_after_without_fetching() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
     let id = "confirmgiveup";
-    fake.api.add_task(id, "music-confirm-giveup");
-    fake.api.set_status(id, Status::Generating);
-    crate::admin_track(&d, id).await;
-    let (forged, _) = two_images(&fake, "giveupforged");
-    assert_eq!(d.callback(&success_body(id, &forged)).await.0, 200);
+    let forged = forged_callback(&fake, &d, id, Status::Generating).await;
     d.wait_for(id, |t| t.polls == 1).await;
     d.advance(POLL_INTERVAL + SLACK);
     d.wait_for(id, |t| t.polls == 2).await;
@@ -913,16 +921,12 @@ async fn confirmation_gives_up_after_give_up_after_without_fetching() {
     assert_eq!(t.failure, Some(Failure::NoResult));
     assert_eq!(t.error.as_deref(), Some("no result from KIE"));
     let calls = fake.api.calls(Endpoint::RecordInfo);
-    d.advance(POLL_INTERVAL * 4);
-    settle().await;
     assert_eq!(
-        fake.api.calls(Endpoint::RecordInfo),
+        calls_after(&d, &fake, POLL_INTERVAL * 4, Endpoint::RecordInfo).await,
         calls,
-        "asked after giving up"
+        "asked after giving up",
     );
-    for url in &forged {
-        assert_eq!(fake.files.hits(&path_of(url)), 0, "{url} fetched");
-    }
+    assert_never_fetched(&fake, &forged);
     d.stop().await;
 }
 
@@ -937,7 +941,7 @@ async fn without_an_api_key_the_callbacks_urls_are_used() {
     fake.api.set_status(id, Status::Success(kie_urls.clone()));
     crate::admin_track(&d, id).await;
     let (cb_urls, bytes) = two_images(&fake, "callback");
-    assert_eq!(d.callback(&success_body(id, &cb_urls)).await.0, 200);
+    deliver_success(&d, id, &cb_urls).await;
     let t = d.wait_for(id, downloaded).await;
     assert_eq!(t.images[0].url, cb_urls[0]);
     assert_stored(&d, &t, &bytes);
@@ -950,24 +954,13 @@ async fn without_an_api_key_the_callbacks_urls_are_used() {
 #[tokio::test]
 async fn expired_url_is_refreshed_through_download_url() {
     let fake = FakeKie::start().await;
-    let d = api_daemon(&fake, |c| c.kie.confirm_callbacks = false).await;
     let id = "expiredtask";
-    crate::admin_track(&d, id).await;
+    let d = unconfirmed_daemon(&fake, id, |_| {}).await;
     let bytes = png(5000);
-    fake.files
-        .set("/s/old.png", Behaviour::Image(bytes.clone()));
-    fake.files.expire("/s/old.png");
-    fake.files
-        .set("/fresh/s/old.png", Behaviour::Image(bytes.clone()));
-    let old = fake.files.url("/s/old.png");
+    let old = expired_image(&fake, "/s/old.png", &bytes);
     let fresh = fake.files.url("/fresh/s/old.png");
 
-    assert_eq!(
-        d.callback(&success_body(id, std::slice::from_ref(&old)))
-            .await
-            .0,
-        200
-    );
+    deliver_success(&d, id, std::slice::from_ref(&old)).await;
     let t = d.wait_for(id, downloaded).await;
     assert_stored(&d, &t, &[bytes]);
     let img = &t.images[0];
@@ -988,16 +981,10 @@ async fn refused_refresh_fails_the_image_with_the_original_status() {
     let fake = FakeKie::start().await;
     // A file host that is not KIE's: its download-url answers 422.
     let foreign = FakeKie::start().await;
-    let d = api_daemon(&fake, |c| c.kie.confirm_callbacks = false).await;
     let id = "foreigntask";
-    crate::admin_track(&d, id).await;
+    let d = unconfirmed_daemon(&fake, id, |_| {}).await;
     let gone = foreign.files.url("/s/gone.png");
-    assert_eq!(
-        d.callback(&success_body(id, std::slice::from_ref(&gone)))
-            .await
-            .0,
-        200
-    );
+    deliver_success(&d, id, std::slice::from_ref(&gone)).await;
     let t = d.wait_for(id, failed).await;
     assert_eq!(t.failure, Some(Failure::Download));
     assert_eq!(t.images[0].state, ImageState::Failed);
@@ -1013,25 +1000,14 @@ async fn refused_refresh_fails_the_image_with_the_original_status() {
 #[tokio::test]
 async fn a_kie_error_on_download_url_is_retried_not_final() {
     let fake = FakeKie::start().await;
-    let d = api_daemon(&fake, |c| c.kie.confirm_callbacks = false).await;
     let id = "refreshlatertask";
-    crate::admin_track(&d, id).await;
+    let d = unconfirmed_daemon(&fake, id, |_| {}).await;
     let bytes = png(5000);
-    fake.files
-        .set("/s/late.png", Behaviour::Image(bytes.clone()));
-    fake.files.expire("/s/late.png");
-    fake.files
-        .set("/fresh/s/late.png", Behaviour::Image(bytes.clone()));
-    let old = fake.files.url("/s/late.png");
+    let old = expired_image(&fake, "/s/late.png", &bytes);
     // KIE answers 500 (as HTTP 200 + error envelope) once: not KIE's 422 refusal.
     fake.api.fail_next(Endpoint::DownloadUrl, 500, 1);
 
-    assert_eq!(
-        d.callback(&success_body(id, std::slice::from_ref(&old)))
-            .await
-            .0,
-        200
-    );
+    deliver_success(&d, id, std::slice::from_ref(&old)).await;
     let t = d.wait_for(id, downloaded).await;
     assert_stored(&d, &t, &[bytes]);
     assert_eq!(t.images[0].attempts, 2);
@@ -1101,8 +1077,7 @@ async fn a_burst_of_100_submits_stays_under_requests_per_10s() {
 async fn retry_of_a_generation_failure_polls_again() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-retry").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-retry").await;
     fake.api.set_status(
         &id,
         Status::Failed {
@@ -1131,21 +1106,11 @@ async fn retry_of_a_generation_failure_polls_again() {
 #[tokio::test]
 async fn retry_of_a_download_failure_refetches_refreshing_an_expired_url() {
     let fake = FakeKie::start().await;
-    let d = api_daemon(&fake, |c| {
-        c.kie.confirm_callbacks = false;
-        c.download.max_attempts = 2;
-    })
-    .await;
     let id = "dlfailtask";
-    crate::admin_track(&d, id).await;
+    let d = unconfirmed_daemon(&fake, id, |c| c.download.max_attempts = 2).await;
     fake.files.set("/s/flaky.png", Behaviour::Status(500));
     let url = fake.files.url("/s/flaky.png");
-    assert_eq!(
-        d.callback(&success_body(id, std::slice::from_ref(&url)))
-            .await
-            .0,
-        200
-    );
+    deliver_success(&d, id, std::slice::from_ref(&url)).await;
     let t = d.wait_for(id, failed).await;
     assert_eq!(t.failure, Some(Failure::Download));
     assert_eq!(t.images[0].attempts, 2);
@@ -1157,11 +1122,7 @@ async fn retry_of_a_download_failure_refetches_refreshing_an_expired_url() {
 
     // Meanwhile the link expired; KIE's download-url has a fresh one.
     let bytes = png(6000);
-    fake.files
-        .set("/s/flaky.png", Behaviour::Image(bytes.clone()));
-    fake.files.expire("/s/flaky.png");
-    fake.files
-        .set("/fresh/s/flaky.png", Behaviour::Image(bytes.clone()));
+    expired_image(&fake, "/s/flaky.png", &bytes);
     match retry(&d.config, id).await {
         Reply::Task { task, .. } => assert_eq!(task.state, "received"),
         other => panic!("{other:?}"),
@@ -1184,11 +1145,10 @@ async fn retry_of_a_download_failure_refetches_refreshing_an_expired_url() {
 #[tokio::test]
 async fn retry_of_a_downloaded_task_refetches_a_deleted_file() {
     let fake = FakeKie::start().await;
-    let d = api_daemon(&fake, |c| c.kie.confirm_callbacks = false).await;
     let id = "deletedfiletask";
-    crate::admin_track(&d, id).await;
+    let d = unconfirmed_daemon(&fake, id, |_| {}).await;
     let (urls, bytes) = two_images(&fake, "del");
-    assert_eq!(d.callback(&success_body(id, &urls)).await.0, 200);
+    deliver_success(&d, id, &urls).await;
     let t = d.wait_for(id, downloaded).await;
 
     // Nothing damaged: nothing to do.
@@ -1228,18 +1188,14 @@ async fn retry_of_a_downloaded_task_refetches_a_deleted_file() {
 async fn failure_callback_fails_the_task_and_stops_polling() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-cbfail").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-cbfail").await;
     let body = crate::harness::failure_body(&id, 501, "Cover generation failed");
     assert_eq!(d.callback(&body).await.0, 200);
     // KIE retries deliveries: the duplicate is counted, not processed.
     assert_eq!(d.callback(&body).await.0, 200);
     let t = d.wait_for(&id, |t| failed(t) && t.callbacks == 2).await;
     assert_eq!(t.failure, Some(Failure::Generation));
-    assert_eq!(
-        t.error.as_deref(),
-        Some("KIE code 501: Cover generation failed")
-    );
+    assert_eq!(t.error.as_deref(), Some(FAILED_501));
     assert!(has_event(&d, &id, EventKind::DuplicateCallback, "failure"));
     d.advance(POLL_AFTER + SLACK);
     settle().await;
