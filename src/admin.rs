@@ -21,14 +21,17 @@ use tokio::sync::Notify;
 
 use crate::callback::Answer;
 use crate::config::Config;
-use crate::daemon::ADMIN_SOCKET;
 use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event};
 use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
 use crate::server::{self, Resp};
 use crate::store::{IfMissing, Quarantined, Scanned, Store, StoreError};
-use crate::submit;
+use crate::submit::{self, SubmitError, SubmitJson, Submitter};
+
+/// The admin socket's file name in the data directory. `admin` owns both ends: the daemon
+/// binds it for [`Service`], [`run`] connects to it.
+pub const ADMIN_SOCKET: &str = "admin.sock";
 
 /// Largest admin request body.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -153,12 +156,6 @@ pub struct VerifyJson {
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct SubmitJson {
-    pub task_id: String,
-    pub music_task_id: String,
-}
-
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Status {
@@ -235,6 +232,16 @@ impl AdminError {
         AdminError {
             exit: 2,
             message: message.into(),
+        }
+    }
+}
+
+impl From<SubmitError> for AdminError {
+    fn from(e: SubmitError) -> AdminError {
+        match e {
+            SubmitError::Config(message) => AdminError::usage(message),
+            SubmitError::Failed(message) => AdminError::missing(message),
+            SubmitError::Store(e) => e.into(),
         }
     }
 }
@@ -440,7 +447,14 @@ impl Exec {
             }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
-                let (submitted, message) = submit::submit(self, &music_task_id).await?;
+                let submitter = Submitter {
+                    store: &self.store,
+                    kie: self.kie.as_deref(),
+                    config: &self.config,
+                    wake: &self.wake,
+                    daemon_running: self.daemon_running,
+                };
+                let (submitted, message) = submit::submit(&submitter, &music_task_id).await?;
                 Reply::Submitted { submitted, message }
             }
         };

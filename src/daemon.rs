@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
+use crate::admin::{self, ADMIN_SOCKET};
 use crate::callback::Intake;
 use crate::config::Config;
 use crate::download::{self, Downloader};
@@ -26,8 +26,6 @@ use crate::poll::Poller;
 use crate::server::{self, Health, Public};
 use crate::store::{Store, StoreError};
 
-/// The admin socket's file name inside the data directory.
-pub const ADMIN_SOCKET: &str = "admin.sock";
 /// A private directory inside the data directory where the admin socket is bound and made
 /// 0600 before it is renamed into place (so the path `admin.sock` is never reachable with
 /// looser modes). As short as `admin.sock` so as not to hit the socket path length limit.

@@ -4,10 +4,11 @@
 
 use std::time::Duration;
 
-use coverd::admin::{self, AdminError, Reply, Request, SubmitJson};
+use coverd::admin::{self, AdminError, Reply, Request};
 use coverd::config::Config;
 use coverd::model::{EventKind, Failure, ImageState, Source, State, Task, now_millis};
 use coverd::store::Store;
+use coverd::submit::SubmitJson;
 
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::{Endpoint, FlagForm, RecordStyle, Status};
