@@ -1,8 +1,8 @@
 //! The task state machine, in one place: a pure function of (task, event) → (changed task,
 //! history notes). The `match` of [`apply`] over (state, event) is the transition table of
 //! SPEC's "Task states": every pair is decided there, and the longer rules are named
-//! functions below it (`receive`, `fail`, `settle`, `confirm`, `store_image`, `fail_image`,
-//! `refresh_url`, `retry_images`).
+//! functions below it (`receive`, `fail`, `settle`, `confirm`, `refuse_callback`,
+//! `store_image`, `fail_image`, `refresh_url`, `retry_images`).
 //! Must not do I/O, read clocks or draw random numbers: time and backoff arrive in the event
 //! and the [`Ctx`], so every transition is unit-testable.
 
@@ -254,33 +254,19 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
             confirm(task, images, detail, ctx, &mut out);
         }
         (State::Received, Event::ConfirmFailed { reason }) if !task.confirmed => {
-            task.polls += 1;
-            out.note(
-                EventKind::Polled,
-                format!(
-                    "record-info says the task failed; the callback's {} image URL(s) are not fetched",
-                    task.images.len()
-                ),
+            let note = format!(
+                "record-info says the task failed; the callback's {} image URL(s) are not fetched",
+                task.images.len()
             );
-            drop_unconfirmed(task);
-            fail(task, Failure::Generation, reason, &mut out);
+            refuse_callback(task, note, Failure::Generation, reason, &mut out);
         }
         (State::Received, Event::ConfirmGiveUp { detail }) if !task.confirmed => {
-            task.polls += 1;
-            out.note(
-                EventKind::Polled,
-                format!(
-                    "{detail}; the callback's {} image URL(s) are not fetched",
-                    task.images.len()
-                ),
+            let note = format!(
+                "{detail}; the callback's {} image URL(s) are not fetched",
+                task.images.len()
             );
-            drop_unconfirmed(task);
-            fail(
-                task,
-                Failure::NoResult,
-                "no result from KIE".into(),
-                &mut out,
-            );
+            let reason = "no result from KIE".to_string();
+            refuse_callback(task, note, Failure::NoResult, reason, &mut out);
         }
         (
             State::Submitted | State::Received | State::Downloaded | State::Failed,
@@ -484,6 +470,21 @@ fn confirm(task: &mut Task, images: Vec<String>, detail: String, ctx: &Ctx, out:
         }
         _ => out.note(EventKind::Received, detail),
     }
+}
+
+/// record-info did not confirm a callback (it says the task failed, or gave no result in
+/// time): the callback's URLs are dropped unfetched and the task fails.
+fn refuse_callback(
+    task: &mut Task,
+    note: String,
+    failure: Failure,
+    reason: String,
+    out: &mut Outcome,
+) {
+    task.polls += 1;
+    out.note(EventKind::Polled, note);
+    drop_unconfirmed(task);
+    fail(task, failure, reason, out);
 }
 
 /// Image `index` is complete at its final path; the task settles when none is pending.

@@ -512,8 +512,7 @@ async fn submit_surfaces_401_and_402_as_clear_errors() {
 async fn polls_pause_while_the_store_cannot_take_writes() {
     let fake = FakeKie::start().await;
     let d = api_daemon(&fake, |_| {}).await;
-    let (answer, _) = submit(&d.config, "music-storefail").await.expect("submit");
-    let id = answer.task_id;
+    let id = submitted(&d, "music-storefail").await;
     let (urls, bytes) = two_images(&fake, "storefail");
     fake.api.set_status(&id, Status::Success(urls));
 
