@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::bin_util::Scratch;
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png};
 use crate::harness::{Daemon, success_body, test_config};
@@ -191,15 +192,15 @@ fn addr(d: &Daemon) -> std::net::SocketAddr {
         .expect("daemon address")
 }
 
-/// Sends three callbacks at once, each on a fresh connection, while the crowd is open:
-/// every one must be answered 200 within [`BOUND`] (a locked-out listener makes them wait
-/// for the crowd's timeouts, 10 s or more).
-async fn assert_callbacks_answered(d: &Daemon, fake: &FakeKie, what: &str) {
+/// Sends three callbacks at once, each on a fresh connection, to the listener at `base`
+/// while the crowd is open: every one must be answered 200 within [`BOUND`] (a locked-out
+/// listener makes them wait for the crowd's timeouts, 10 s or more). Returns their task ids.
+async fn callbacks_answered_in_time(base: &str, fake: &FakeKie, what: &str) -> Vec<String> {
     let mut set = JoinSet::new();
     for i in 0..3 {
         let id = format!("crowd{i}");
         let body = success_body(&id, &[fake.files.url("/crowd.png")]);
-        let url = format!("{}/callbacks/cover", d.base);
+        let url = format!("{base}/callbacks/cover");
         set.spawn(async move {
             let http = reqwest::Client::builder()
                 .no_proxy()
@@ -217,20 +218,29 @@ async fn assert_callbacks_answered(d: &Daemon, fake: &FakeKie, what: &str) {
         });
     }
     let mut timings = Vec::new();
+    let mut ids = Vec::new();
     while let Some(joined) = set.join_next().await {
         let (id, took, resp) = joined.expect("callback task");
         let resp = resp
             .unwrap_or_else(|_| panic!("{what}: callback {id} not answered within {PATIENCE:?}"))
             .unwrap_or_else(|e| panic!("{what}: callback {id} failed: {e}"));
         assert_eq!(resp.status(), 200, "{what}: callback {id}");
-        assert!(d.task(&id).is_some(), "{what}: callback {id} not stored");
         timings.push(took);
+        ids.push(id);
     }
     eprintln!("{what}: callbacks answered in {timings:?}");
     assert!(
         timings.iter().all(|t| *t <= BOUND),
         "{what}: callbacks answered in {timings:?}, not all within {BOUND:?}"
     );
+    ids
+}
+
+/// [`callbacks_answered_in_time`] against the in-process daemon, and each one stored.
+async fn assert_callbacks_answered(d: &Daemon, fake: &FakeKie, what: &str) {
+    for id in callbacks_answered_in_time(&d.base, fake, what).await {
+        assert!(d.task(&id).is_some(), "{what}: callback {id} not stored");
+    }
 }
 
 /// The two crowd tests take turns: each one's crowd would otherwise load the machine while
@@ -311,4 +321,34 @@ async fn a_crowd_over_the_connection_cap_is_shed_not_waited_for() {
     assert_eq!(d.get("/healthz").await, (200, "ok".into()));
     drop(crowd);
     d.stop().await;
+}
+
+/// The same crowd against the real binary, with the connection cap it derives from its own
+/// fd limit: the promise holds for the daemon as shipped, not only for the library.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_answers_a_callback_within_2s_among_2000_connections() {
+    if !enough_fds() {
+        return;
+    }
+    let _turn = ONE_CROWD_AT_A_TIME.lock().await;
+    let fake = FakeKie::start().await;
+    fake.files.set("/crowd.png", Behaviour::Image(png(2000)));
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let daemon = scratch.serve().await;
+    let crowd = open_crowd(daemon.addr).await;
+    eprintln!(
+        "binary crowd: {} idle, {} pipelining, {} shed while opening",
+        crowd.idle.len(),
+        crowd.piped.len(),
+        crowd.shed
+    );
+    let ids = callbacks_answered_in_time(&daemon.base, &fake, "real binary").await;
+    assert_eq!(daemon.get("/healthz").await.0, 200);
+    drop(crowd);
+    for id in ids {
+        let task = scratch.admin_json(&["show", &id]).await;
+        assert_eq!(task["task_id"], id.as_str(), "callback {id} stored");
+    }
+    daemon.stop().await;
 }
