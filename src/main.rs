@@ -159,6 +159,9 @@ enum AdminCommand {
         json: bool,
     },
     /// Forget downloaded and failed tasks (and their images) last changed longer ago than D.
+    ///
+    /// A task's sent notifications go with it; a task whose notification is still pending
+    /// is kept until it is delivered or given up on.
     Prune {
         /// Age such as "30d" or "12h".
         #[arg(long, value_name = "D", value_parser = parse_age)]

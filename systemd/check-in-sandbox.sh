@@ -43,7 +43,8 @@ D=/etc/systemd/system/coverd.service.d
 
 sbx() { "$S" run "$R" "$@"; }
 step() { printf '\n== %s\n' "$*"; }
-ok() { printf '   ok: %s\n' "$*"; }
+oks=0 skips=0
+ok() { printf '   ok: %s\n' "$*"; oks=$((oks + 1)); }
 fail() { printf '   FAIL: %s\n' "$*" >&2; exit 1; }
 expect() { # expect WHAT GOT WANT
   if [[ $2 == "$3" ]]; then ok "$1 = $2"; else fail "$1: got '$2', want '$3'"; fi
@@ -71,7 +72,7 @@ admin_as_service() {
     -p StateDirectory=coverd -p StateDirectoryMode=0700 -p UMask=0077 \
     -p Environment=COVERD_DATA_DIR=/var/lib/coverd /usr/local/bin/coverd admin "$@"
 }
-skip() { printf '   SKIP: %s\n' "$*"; }
+skip() { printf '   SKIP: %s\n' "$*"; skips=$((skips + 1)); }
 # The admin work of issue 8 (check-config, data-directory lookup, root acting as the
 # service user) came in one piece: `check-config` tells whether this build has it.
 has_admin_lookup() { sbx /usr/local/bin/coverd check-config --help >/dev/null 2>&1; }
@@ -115,6 +116,10 @@ if [[ -n ${STRICT_SECCOMP:-} ]]; then
   dropin 99-strict-seccomp.conf '[Service]' 'SystemCallErrorNumber='
   expect "SystemCallErrorNumber (2147483646 = kill)" "$(prop SystemCallErrorNumber)" 2147483646
 fi
+sbx chmod 0755 /usr/local/bin/coverd
+sbx chmod 0644 /etc/systemd/system/coverd.service
+expect "installed modes (as docs/operations.md installs them)" \
+  "$(sbx stat -c %a /usr/local/bin/coverd /etc/systemd/system/coverd.service | tr '\n' ' ')" "755 644 "
 sbx systemctl daemon-reload
 sbx systemd-analyze verify /etc/systemd/system/coverd.service && ok "systemd-analyze verify"
 
@@ -360,6 +365,10 @@ if has_admin_lookup; then
   expect "restored files not owned by uid $uid (re-owned by systemd)" "$(sbx find /var/lib/private/coverd ! -uid "$uid" | wc -l)" 0
   out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin prune --older-than 0s --dry-run 2>&1') || fail "prune: $out"
   ok "$out"
+  out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin prune --older-than 0s 2>&1') || fail "prune: $out"
+  ok "$out"
+  left=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin list --state failed --json' | json_field '.__len__()')
+  expect "failed tasks left after prune" "$left" 0
   sbx rm -rf /var/lib/private/coverd.old
 else
   skip "backup and restore are not in this build"
@@ -369,4 +378,4 @@ step "systemd-analyze security"
 sbx systemd-analyze security coverd --no-pager | grep -v '✓'
 
 if [[ -z ${KEEP:-} ]]; then "$S" down "$R"; fi
-printf '\nall checks passed\n'
+printf '\nall checks passed: %s ok, %s skipped\n' "$oks" "$skips"

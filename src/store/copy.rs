@@ -1,8 +1,8 @@
 //! Whole-store reads and removals for `admin backup`, `admin restore` and `admin prune`:
 //! reading tasks in bounded chunks while the daemon keeps writing, writing them into a fresh
 //! store with their derived indexes, copying the trees this module does not know, and
-//! forgetting finished tasks. Must not touch image files (the caller copies and removes
-//! them) and must not change a task's state.
+//! forgetting finished tasks with their outbox entries. Must not touch image files (the
+//! caller copies and removes them) and must not change a task's state.
 
 use std::ops::Bound;
 
@@ -10,7 +10,8 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    MAX_EVENTS_PER_TASK, Store, StoreError, bump, codec, event_key, reindex, state_key, time_key,
+    MAX_EVENTS_PER_TASK, Store, StoreError, bump, codec, drop_notifications, event_key, reindex,
+    state_key, time_key,
 };
 use crate::model::{Millis, Task};
 
@@ -214,7 +215,8 @@ impl Store {
 
     /// Finished tasks (`downloaded`, `failed`) whose last change is before `cutoff`, among
     /// the next `limit` task records after `after` (exclusive) in id order. Returns them and
-    /// the last id looked at (`None` at the end of the store).
+    /// the last id looked at (`None` at the end of the store). A task with a notification
+    /// still pending is left out.
     pub fn finished_before(
         &self,
         cutoff: Millis,
@@ -236,7 +238,11 @@ impl Store {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k).into_owned();
             match self.decode_checked(&v, &id) {
-                Ok(task) if task.state.is_finished() && task.updated_at < cutoff => {
+                Ok(task)
+                    if task.state.is_finished()
+                        && task.updated_at < cutoff
+                        && !self.has_pending_notification(&id)? =>
+                {
                     found.push(task)
                 }
                 Ok(_) => {}
@@ -249,9 +255,11 @@ impl Store {
         Ok((found, last))
     }
 
-    /// Forgets a finished task: record, history and indexes, in one transaction. Only if it
-    /// is still finished and unchanged since `updated_at` (a task that moved meanwhile, e.g.
-    /// by `admin retry`, is kept). Returns whether it was removed. The caller removes its
+    /// Forgets a finished task: record, history, indexes and notifications (outbox entries
+    /// and their counters), in one transaction. Only if it is still finished and unchanged
+    /// since `updated_at` (a task that moved meanwhile, e.g. by `admin retry`, is kept) and
+    /// none of its notifications is still pending (it is not done for the operator yet).
+    /// Returns whether it was removed. The caller removes its
     /// images afterwards. Blocking.
     pub fn forget(&self, task_id: &str, updated_at: Millis) -> Result<bool, StoreError> {
         let i = &*self.inner;
@@ -264,9 +272,10 @@ impl Store {
             &i.by_state,
             &i.by_created,
             &i.by_music,
+            &i.outbox,
         );
         let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox)| {
                 let Some(bytes) = tasks.get(task_id.as_bytes())? else {
                     return Ok(false);
                 };
@@ -277,6 +286,10 @@ impl Store {
                     })
                 })?;
                 if !task.state.is_finished() || task.updated_at != updated_at {
+                    return Ok(false);
+                }
+                // Its notifications go with it; one still pending keeps the task.
+                if !drop_notifications(outbox, meta, task_id)? {
                     return Ok(false);
                 }
                 reindex(due_dl, task.download_due(), None, task_id)?;

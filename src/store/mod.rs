@@ -945,6 +945,28 @@ impl Store {
         Ok(n)
     }
 
+    /// Whether one of the task's notifications is still `pending` (or cannot be read):
+    /// `admin prune` keeps such a task.
+    pub fn has_pending_notification(&self, task_id: &str) -> Result<bool, StoreError> {
+        let Some(latest) = self
+            .inner
+            .outbox
+            .get(head_key(task_id))?
+            .map(|v| u32_from(&v))
+        else {
+            return Ok(false);
+        };
+        for seq in 1..=latest {
+            if let Some(bytes) = self.inner.outbox.get(record_key(task_id, seq))? {
+                match decode_notification(&bytes, task_id) {
+                    Ok(n) if n.state != NotifyState::Pending => {}
+                    _ => return Ok(true),
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Notifications per delivery state.
     pub fn notify_counts(&self) -> Result<NotifyCounts, StoreError> {
         let get = |s: NotifyState| -> Result<u64, StoreError> {
@@ -1208,6 +1230,43 @@ fn write_notification(
     }
     outbox.insert(key, encode(codec::encode_notification(n), &n.task_id)?)?;
     Ok(())
+}
+
+/// Removes all of a task's notifications (records, head, due entries) and takes them off
+/// the counters, for `admin prune`. Removes nothing and returns `false` if one of them is
+/// still `pending` or cannot be read: the task is not finished for the operator yet.
+fn drop_notifications(
+    outbox: &TransactionalTree,
+    meta: &TransactionalTree,
+    task_id: &str,
+) -> TxResult<bool> {
+    let head = head_key(task_id);
+    let Some(latest) = outbox.get(&head)?.map(|v| u32_from(&v)) else {
+        return Ok(true);
+    };
+    let mut found = Vec::new();
+    for seq in 1..=latest {
+        let Some(bytes) = outbox.get(record_key(task_id, seq))? else {
+            continue;
+        };
+        match decode_notification(&bytes, task_id) {
+            Ok(n) if n.state != NotifyState::Pending => found.push(n),
+            _ => return Ok(false),
+        }
+    }
+    for n in found {
+        let key = record_key(task_id, n.seq);
+        if let Some(at) = n.due() {
+            let mut due = vec![OUTBOX_DUE];
+            due.extend_from_slice(&ms_bytes(at));
+            due.extend_from_slice(&key[1..]);
+            outbox.remove(due)?;
+        }
+        bump_key(meta, notify_count_key(n.state), -1)?;
+        outbox.remove(key)?;
+    }
+    outbox.remove(head)?;
+    Ok(true)
 }
 
 fn record_key(task_id: &str, seq: u32) -> Vec<u8> {

@@ -1,7 +1,8 @@
 //! Outbound notifications (SPEC "Notifications (outbound)") against a receiver inside this
 //! crate: signatures checked with the receiver example of docs/notifications.md (its own
 //! HMAC, not coverd's), retries, 410, giving up, redeliver running and stopped, a SIGKILL
-//! between the settling write and the delivery, and notifications off.
+//! between the settling write and the delivery, notifications off, and `admin prune` taking
+//! a task's notifications with it but keeping a task whose notification is still pending.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -411,6 +412,68 @@ async fn gone_stops_at_once() {
         "undeliverable"
     );
     assert_eq!(rx.got().len(), 1);
+    d.stop().await;
+}
+
+/// `admin prune` forgets a finished task's notifications with it (no outbox entry left, the
+/// counters of `admin status` down by them) and keeps a task whose notification is still
+/// pending: it is not done for the operator yet.
+#[tokio::test]
+async fn prune_takes_notifications_along_and_keeps_a_pending_one() {
+    let fake = FakeKie::start().await;
+    let rx = Receiver::start(Answer::Status(200)).await;
+    let d = Daemon::start(&fake, |c| {
+        notify_to(c, &rx.url());
+        c.notify.max_attempts = 1000;
+    })
+    .await;
+    settle_failed(&d, "prune-ok").await;
+    wait_notify(&d, "prune-ok", |n| n.state == NotifyState::Delivered).await;
+    rx.set(Answer::Status(410));
+    settle_failed(&d, "prune-gone").await;
+    wait_notify(&d, "prune-gone", |n| n.state == NotifyState::Undeliverable).await;
+    rx.set(Answer::Status(503));
+    settle_failed(&d, "prune-wait").await;
+    wait_notify(&d, "prune-wait", |n| n.attempts >= 1).await;
+    // `admin status` shows pending and undeliverable; the store counts delivered too.
+    let counts = |st: &Value| {
+        let n = &st["notifications"];
+        let delivered = d.store.notify_counts().unwrap().delivered;
+        [
+            n["pending"].as_u64(),
+            Some(delivered),
+            n["undeliverable"].as_u64(),
+        ]
+    };
+    assert_eq!(counts(&status(&d.config).await), [Some(1); 3]);
+    let start = coverd::model::now_millis();
+    while coverd::model::now_millis() <= start + 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    let prune = |dry_run| Request::Prune {
+        older_than_secs: 0,
+        dry_run,
+    };
+    for dry_run in [true, false] {
+        match admin::run(d.config.clone(), prune(dry_run)).await {
+            Ok(Reply::Pruned { prune }) => assert_eq!(prune.tasks, 2, "dry run {dry_run}"),
+            other => panic!("admin prune: {other:?}"),
+        }
+    }
+    for id in ["prune-ok", "prune-gone"] {
+        assert!(d.task(id).is_none(), "{id} was not pruned");
+        assert_eq!(d.store.latest_notification(id).unwrap(), None, "{id}");
+        assert_eq!(d.store.notification(id, 1).unwrap(), None, "{id}");
+    }
+    assert!(d.task("prune-wait").is_some());
+    let n = d.store.latest_notification("prune-wait").unwrap().unwrap();
+    assert_eq!(n.state, NotifyState::Pending);
+    assert!(d.store.next_notification_due().unwrap().is_some());
+    assert_eq!(
+        counts(&status(&d.config).await),
+        [Some(1), Some(0), Some(0)]
+    );
     d.stop().await;
 }
 
