@@ -213,24 +213,42 @@ impl Reply {
     }
 }
 
-/// An admin failure: one sentence for stderr and the exit code (1 missing/failed, 2 usage).
+/// An admin failure: its kind and one sentence for stderr. `main` maps the kind to the exit
+/// status (SPEC: 1 missing, unhealthy or failed; 2 usage or configuration).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct AdminError {
-    pub exit: u8,
+    pub kind: AdminErrorKind,
     pub message: String,
+}
+
+/// What kind of failure an [`AdminError`] is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminErrorKind {
+    /// The thing asked about does not exist (a task, a notification, a data directory).
+    Missing,
+    /// The command could not be carried out: I/O, permissions, the store, the daemon, KIE.
+    Failed,
+    /// The command or the configuration is wrong; running it again as is cannot help.
+    Usage,
 }
 
 impl AdminError {
     pub fn missing(message: impl Into<String>) -> AdminError {
         AdminError {
-            exit: 1,
+            kind: AdminErrorKind::Missing,
+            message: message.into(),
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> AdminError {
+        AdminError {
+            kind: AdminErrorKind::Failed,
             message: message.into(),
         }
     }
     pub fn usage(message: impl Into<String>) -> AdminError {
         AdminError {
-            exit: 2,
+            kind: AdminErrorKind::Usage,
             message: message.into(),
         }
     }
@@ -240,7 +258,7 @@ impl From<SubmitError> for AdminError {
     fn from(e: SubmitError) -> AdminError {
         match e {
             SubmitError::Config(message) => AdminError::usage(message),
-            SubmitError::Failed(message) => AdminError::missing(message),
+            SubmitError::Failed(message) => AdminError::failed(message),
             SubmitError::Store(e) => e.into(),
         }
     }
@@ -248,7 +266,7 @@ impl From<SubmitError> for AdminError {
 
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> AdminError {
-        AdminError::missing(e.to_string())
+        AdminError::failed(e.to_string())
     }
 }
 
@@ -331,7 +349,7 @@ impl Exec {
                     if task.state.is_finished() {
                         for &index in &damaged {
                             download::discard(&data_dir, &task.task_id, index).map_err(|e| {
-                                AdminError::missing(format!(
+                                AdminError::failed(format!(
                                     "cannot remove the damaged image {index} of {}: {e}; check the permissions of {}",
                                     task.task_id,
                                     data_dir.display()
@@ -342,7 +360,7 @@ impl Exec {
                     Ok(damaged)
                 })
                 .await
-                .map_err(|e| AdminError::missing(format!("retry of {task_id} failed: {e}")))??;
+                .map_err(|e| AdminError::failed(format!("retry of {task_id} failed: {e}")))??;
                 let event = Event::Retry { damaged };
                 let (_, json) = self.apply(&task_id, event, IfMissing::Reject).await?;
                 let message = if json.state == State::Submitted.as_str() {
@@ -365,7 +383,7 @@ impl Exec {
                 let verify =
                     tokio::task::spawn_blocking(move || verify(&store, &data_dir, progress))
                         .await
-                        .map_err(|e| AdminError::missing(format!("verify failed: {e}")))??;
+                        .map_err(|e| AdminError::failed(format!("verify failed: {e}")))??;
                 Reply::Verified { verify }
             }
             Request::Export => {
@@ -374,7 +392,7 @@ impl Exec {
                 let (tasks, quarantined) =
                     tokio::task::spawn_blocking(move || export(&store, progress))
                         .await
-                        .map_err(|e| AdminError::missing(format!("export failed: {e}")))??;
+                        .map_err(|e| AdminError::failed(format!("export failed: {e}")))??;
                 Reply::Export { tasks, quarantined }
             }
             Request::Redeliver { task_id } => {
@@ -415,7 +433,7 @@ impl Exec {
                     backup::backup(&store, &data_dir, &to, progress)
                 })
                 .await
-                .map_err(|e| AdminError::missing(format!("backup failed: {e}")))??;
+                .map_err(|e| AdminError::failed(format!("backup failed: {e}")))??;
                 Reply::BackedUp {
                     dest: access::shown(&dest).display().to_string(),
                     backup: manifest,
@@ -439,7 +457,7 @@ impl Exec {
                     backup::prune(&store, &data_dir, cutoff, dry_run, progress)
                 })
                 .await
-                .map_err(|e| AdminError::missing(format!("prune failed: {e}")))??;
+                .map_err(|e| AdminError::failed(format!("prune failed: {e}")))??;
                 if !dry_run {
                     self.store.flush().await?;
                 }
@@ -512,7 +530,7 @@ impl Exec {
         let store = self.store.clone();
         let quarantined = tokio::task::spawn_blocking(move || store.scan_quarantined())
             .await
-            .map_err(|e| AdminError::missing(format!("status failed: {e}")))??;
+            .map_err(|e| AdminError::failed(format!("status failed: {e}")))??;
         let c = self.store.counts()?;
         let n = self.store.notify_counts()?;
         let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
@@ -777,7 +795,7 @@ pub async fn run_with(
             return tokio::time::timeout(limit, remote(stream, &req))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(AdminError::missing(format!(
+                    Err(AdminError::failed(format!(
                         "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
                         limit.as_secs(),
                         shown.join(ADMIN_SOCKET).display()
@@ -785,7 +803,7 @@ pub async fn run_with(
                 });
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(AdminError::missing(format!(
+            return Err(AdminError::failed(format!(
                 "cannot connect to the daemon's {}: permission denied; run as root or as the service's user",
                 shown.join(ADMIN_SOCKET).display()
             )));
@@ -798,7 +816,7 @@ pub async fn run_with(
         let manifest =
             tokio::task::spawn_blocking(move || backup::restore(&src, &target, progress))
                 .await
-                .map_err(|e| AdminError::missing(format!("restore failed: {e}")))??;
+                .map_err(|e| AdminError::failed(format!("restore failed: {e}")))??;
         return Ok(Reply::Restored {
             data_dir: shown.display().to_string(),
             backup: manifest,
@@ -829,14 +847,14 @@ pub async fn run_with(
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             access::permission_denied(&dir)
         } else {
-            AdminError::missing(format!(
+            AdminError::failed(format!(
                 "cannot create the data directory {}: {e}",
                 shown.display()
             ))
         }
     })?;
     let store = Store::open(&dir).map_err(|e| match e {
-        StoreError::Locked { .. } => AdminError::missing(format!(
+        StoreError::Locked { .. } => AdminError::failed(format!(
             "the daemon holds {} but its admin socket {} does not answer{}; wait until it has started, or check `journalctl -u coverd`",
             shown.display(),
             shown.join(ADMIN_SOCKET).display(),
@@ -851,7 +869,7 @@ pub async fn run_with(
         } if io.kind() == std::io::ErrorKind::PermissionDenied => {
             access::permission_denied(&shown.join("db"))
         }
-        other => AdminError::missing(other.to_string()),
+        other => AdminError::failed(other.to_string()),
     })?;
     let kie = match &config.kie.api_key {
         Some(_) => Some(Arc::new(
@@ -878,7 +896,7 @@ pub async fn run_with(
 
 async fn remote(stream: tokio::net::UnixStream, req: &Request) -> Result<Reply, AdminError> {
     let lost = |e: &dyn std::fmt::Display| {
-        AdminError::missing(format!("lost the connection to the daemon: {e}; retry"))
+        AdminError::failed(format!("lost the connection to the daemon: {e}; retry"))
     };
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -904,7 +922,7 @@ async fn remote(stream: tokio::net::UnixStream, req: &Request) -> Result<Reply, 
     } else {
         Err(
             serde_json::from_slice::<AdminError>(&bytes).unwrap_or_else(|_| {
-                AdminError::missing(format!(
+                AdminError::failed(format!(
                     "the daemon answered {status}: {}",
                     String::from_utf8_lossy(&bytes)
                 ))

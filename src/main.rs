@@ -267,7 +267,7 @@ fn main() -> ExitCode {
             Ok(None) => {}
             Err(e) => {
                 eprintln!("coverd: {e}");
-                return ExitCode::from(e.exit);
+                return ExitCode::from(admin_exit(e.kind));
             }
         }
         // Whatever admin writes (a backup, a restored store) is private to its user.
@@ -378,7 +378,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
         }
         Err(e) => {
             eprintln!("coverd: {e}");
-            ExitCode::from(e.exit)
+            ExitCode::from(admin_exit(e.kind))
         }
     }
 }
@@ -521,5 +521,14 @@ fn init_logs(daemon: bool) {
         builder.without_time().init();
     } else {
         builder.init();
+    }
+}
+
+/// SPEC's exit status for an admin or submit failure: 1 missing, unhealthy or failed; 2 usage
+/// or configuration.
+fn admin_exit(kind: admin::AdminErrorKind) -> u8 {
+    match kind {
+        admin::AdminErrorKind::Missing | admin::AdminErrorKind::Failed => 1,
+        admin::AdminErrorKind::Usage => 2,
     }
 }

@@ -54,7 +54,7 @@ pub fn locate(config: &mut Config) {
 
 /// "cannot read DIR: permission denied; run as root or as the service's user".
 pub fn permission_denied(what: &Path) -> AdminError {
-    AdminError::missing(format!(
+    AdminError::failed(format!(
         "cannot read {}: permission denied; run as root or as the service's user",
         shown(what).display()
     ))
@@ -98,7 +98,7 @@ pub fn act_as_owner(
     };
     let absolute = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let fail = |what: &str, e: nix::Error| {
-        AdminError::missing(format!(
+        AdminError::failed(format!(
             "cannot act as the owner of {} (uid {}, gid {}): {what} failed: {e}; run as that user instead",
             dir.display(),
             owner.uid,
@@ -123,7 +123,7 @@ pub fn act_as_owner(
         })
         .collect();
     let dir_file = std::fs::File::open(&absolute)
-        .map_err(|e| AdminError::missing(format!("cannot open {}: {e}", dir.display())))?;
+        .map_err(|e| AdminError::failed(format!("cannot open {}: {e}", dir.display())))?;
     chdir(&absolute).map_err(|e| fail("chdir", e))?;
     let gid = Gid::from_raw(owner.gid);
     setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;

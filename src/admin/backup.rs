@@ -77,7 +77,7 @@ fn io_error(what: &str, path: &Path, e: &std::io::Error) -> AdminError {
     } else {
         ""
     };
-    AdminError::missing(format!(
+    AdminError::failed(format!(
         "cannot {what} {}: {e}{hint}",
         shown(path).display()
     ))
@@ -143,7 +143,7 @@ pub fn backup(
         bytes: copied.bytes,
     };
     let mut body = serde_json::to_vec_pretty(&manifest)
-        .map_err(|e| AdminError::missing(format!("cannot encode the manifest: {e}")))?;
+        .map_err(|e| AdminError::failed(format!("cannot encode the manifest: {e}")))?;
     body.push(b'\n');
     write_private(&dest.join(MANIFEST), &body)?;
     sync_dir(dest)?;
@@ -165,13 +165,13 @@ pub fn read_manifest(src: &Path) -> Result<Manifest, AdminError> {
         }
     })?;
     let manifest: Manifest = serde_json::from_slice(&text).map_err(|e| {
-        AdminError::missing(format!(
+        AdminError::failed(format!(
             "{} is damaged ({e}); use another backup",
             shown(&path).display()
         ))
     })?;
     if manifest.format != FORMAT {
-        return Err(AdminError::missing(format!(
+        return Err(AdminError::failed(format!(
             "{} has format {:?}, which this coverd does not read ({FORMAT}); use a matching coverd version",
             shown(&path).display(),
             manifest.format
@@ -194,7 +194,7 @@ pub fn restore(
     let created = unlinked(target);
     let result = (|| {
         let source = Store::open(src).map_err(|e| {
-            AdminError::missing(format!(
+            AdminError::failed(format!(
                 "cannot open the backup's store in {}: {e}",
                 shown(src).display()
             ))
@@ -203,7 +203,7 @@ pub fn restore(
         if (copied.tasks, copied.images, copied.bytes)
             != (manifest.tasks, manifest.images, manifest.bytes)
         {
-            return Err(AdminError::missing(format!(
+            return Err(AdminError::failed(format!(
                 "the backup in {} holds {} tasks and {} images ({} bytes) but its manifest says {}, {} ({} bytes); it is damaged, use another backup",
                 shown(src).display(),
                 copied.tasks,
@@ -245,7 +245,7 @@ fn copy_store(
 ) -> Result<Copied, AdminError> {
     private_dir(dest)?;
     let target = Store::open(dest).map_err(|e| {
-        AdminError::missing(format!(
+        AdminError::failed(format!(
             "cannot create a store in {}: {e}",
             shown(dest).display()
         ))
@@ -301,7 +301,7 @@ fn copy_images(
             None => return Ok(None),
         }
     }
-    Err(last_error.unwrap_or_else(|| AdminError::missing("image copy failed")))
+    Err(last_error.unwrap_or_else(|| AdminError::failed("image copy failed")))
 }
 
 fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u64), AdminError> {
@@ -316,13 +316,13 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
         let Some(rel) = &img.path else { continue };
         let from = data_dir.join(rel);
         let data = std::fs::read(&from).map_err(|e| {
-            AdminError::missing(format!(
+            AdminError::failed(format!(
                 "image {} of task {} cannot be read ({e}); run `coverd admin verify`, then `coverd admin retry {}`",
                 rel, task.task_id, task.task_id
             ))
         })?;
         if Some(hex::encode(Sha256::digest(&data))) != img.sha256 {
-            return Err(AdminError::missing(format!(
+            return Err(AdminError::failed(format!(
                 "image {} of task {} does not match its sha256; run `coverd admin retry {}` and back up again",
                 rel, task.task_id, task.task_id
             )));
@@ -403,7 +403,7 @@ pub fn prune(
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(AdminError::missing(format!(
+                    return Err(AdminError::failed(format!(
                         "forgot task {} but cannot remove {}: {e}; remove it by hand",
                         task.task_id,
                         shown(&dir).display()

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use coverd::admin::{self, AdminError, Reply, Request};
+use coverd::admin::{self, AdminError, AdminErrorKind, Reply, Request};
 use coverd::config::Config;
 use coverd::model::State;
 use serde_json::{Value, json};
@@ -272,10 +272,10 @@ fn check_reads(answers: &[Value], daemon: &str, a0: &[u8], a1: &[u8]) {
 /// Unknown id: exit 1; bad state or id: exit 2.
 async fn check_errors(config: &Config) {
     let e = admin_err(config, show("no-such-task")).await;
-    assert_eq!(e.exit, 1, "{e:?}");
+    assert_eq!(e.kind, AdminErrorKind::Missing, "{e:?}");
     assert!(e.message.contains("no-such-task"), "{e:?}");
     let e = admin_err(config, list(Some("bogus"), 10)).await;
-    assert_eq!(e.exit, 2, "{e:?}");
+    assert_eq!(e.kind, AdminErrorKind::Usage, "{e:?}");
     assert!(e.message.contains("bogus"), "{e:?}");
     let e = admin_err(
         config,
@@ -285,7 +285,7 @@ async fn check_errors(config: &Config) {
         },
     )
     .await;
-    assert_eq!(e.exit, 2, "{e:?}");
+    assert_eq!(e.kind, AdminErrorKind::Usage, "{e:?}");
 }
 
 async fn track(config: &Config, id: &str, music: Option<&str>) -> (Value, String) {

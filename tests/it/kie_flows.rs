@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use coverd::admin::{self, AdminError, Reply, Request};
+use coverd::admin::{self, AdminError, AdminErrorKind, Reply, Request};
 use coverd::config::Config;
 use coverd::model::{EventKind, Failure, ImageState, Source, State, Task, now_millis};
 use coverd::store::Store;
@@ -295,13 +295,13 @@ async fn submit_refuses_without_public_url_or_api_key() {
     let (_dir, mut config) = direct_config(&fake);
     config.public_url = String::new();
     let err = submit(&config, "music-1").await.expect_err("refused");
-    assert_eq!(err.exit, 2, "{err:?}");
+    assert_eq!(err.kind, AdminErrorKind::Usage, "{err:?}");
     assert!(err.message.contains("public_url"), "{}", err.message);
 
     // No API key (through the running daemon).
     let d = Daemon::start(&fake, |c| c.public_url = "https://coverd.example".into()).await;
     let err = submit(&d.config, "music-1").await.expect_err("refused");
-    assert_eq!(err.exit, 2, "{err:?}");
+    assert_eq!(err.kind, AdminErrorKind::Usage, "{err:?}");
     for hint in ["kie.api_key", "KIE_API_KEY"] {
         assert!(err.message.contains(hint), "{}", err.message);
     }
@@ -430,7 +430,7 @@ async fn transient_kie_failure_during_submit_is_resolved_by_the_daemon() {
     // An HTTP-200 answer with an error envelope: KIE's usual way of saying 500.
     fake.api.fail_next(Endpoint::Generate, 500, 1);
     let err = submit(&config, "music-5xx").await.expect_err("500");
-    assert_eq!(err.exit, 1);
+    assert_eq!(err.kind, AdminErrorKind::Failed);
     assert!(err.message.contains("music-5xx"), "{}", err.message);
     assert!(err.message.contains("500"), "{}", err.message);
     assert!(fake.api.task_ids().is_empty());
@@ -487,7 +487,15 @@ async fn submit_surfaces_401_and_402_as_clear_errors() {
         fake.api.fail_next(Endpoint::Generate, code, 1);
         let err = submit(&config, "music-auth").await.expect_err("refused");
         // A refused key is a configuration error (2); no credits is a failure (1).
-        assert_eq!(err.exit, if code == 401 { 2 } else { 1 }, "{code}");
+        assert_eq!(
+            err.kind,
+            if code == 401 {
+                AdminErrorKind::Usage
+            } else {
+                AdminErrorKind::Failed
+            },
+            "{code}"
+        );
         assert!(err.message.contains("music-auth"), "{}", err.message);
         for hint in hints {
             assert!(err.message.contains(hint), "{code}: {}", err.message);

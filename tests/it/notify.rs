@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 
-use coverd::admin::{self, Reply, Request};
+use coverd::admin::{self, AdminErrorKind, Reply, Request};
 use coverd::config::{Config, Secret};
 use coverd::model::{Notification, NotifyState};
 
@@ -539,11 +539,11 @@ async fn redeliver_while_stopped_and_its_errors() {
     assert!(message.contains("queued again"), "{message}");
     assert_eq!(task.notify.as_ref().unwrap().state, "pending");
     let err = redeliver_stopped(&config, "nosuchtask").await.unwrap_err();
-    assert_eq!(err.exit, 1, "{err}");
+    assert_eq!(err.kind, AdminErrorKind::Missing, "{err}");
     let err = redeliver_stopped(&config, "notifyunsettled")
         .await
         .unwrap_err();
-    assert_eq!(err.exit, 1, "{err}");
+    assert_eq!(err.kind, AdminErrorKind::Missing, "{err}");
     assert!(err.message.contains("no notification"), "{err}");
 
     rx.set(Answer::Status(200));
@@ -555,9 +555,9 @@ async fn redeliver_while_stopped_and_its_errors() {
     assert!(got.iter().all(|g| g.id == got[0].id));
     // Running: the same errors through the socket.
     let err = redeliver(&d.config, "nosuchtask").await.unwrap_err();
-    assert_eq!(err.exit, 1, "{err}");
+    assert_eq!(err.kind, AdminErrorKind::Missing, "{err}");
     let err = redeliver(&d.config, "notifyunsettled").await.unwrap_err();
-    assert_eq!(err.exit, 1, "{err}");
+    assert_eq!(err.kind, AdminErrorKind::Missing, "{err}");
     d.stop().await;
 }
 
@@ -578,7 +578,7 @@ async fn notifications_off_send_nothing_and_show_null() {
     assert_eq!(st["notifications"]["enabled"], false);
     assert_eq!(st["notifications"]["pending"], 0);
     let err = redeliver(&d.config, id).await.unwrap_err();
-    assert_eq!(err.exit, 2, "{err}");
+    assert_eq!(err.kind, AdminErrorKind::Usage, "{err}");
     assert!(rx.got().is_empty());
     d.stop().await;
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use coverd::admin::{self, AdminError, Request};
+use coverd::admin::{self, AdminError, AdminErrorKind, Request};
 use coverd::config::Config;
 use coverd::machine::{Ctx, Event, Report};
 use coverd::model::now_millis;
@@ -124,7 +124,7 @@ async fn backup_restore_and_prune_running_then_stopped() {
         },
     )
     .await;
-    assert_eq!(e.exit, 2, "{e:?}");
+    assert_eq!(e.kind, AdminErrorKind::Usage, "{e:?}");
     assert!(e.message.contains("not empty"), "{e:?}");
     // Restore refuses while the daemon runs.
     let e = admin_err(
