@@ -23,6 +23,15 @@
 //!
 //! `meta` also holds notification counters `notify/<code>` (u64) per `NotifyState`.
 //!
+//! Blocking: every method here is synchronous. From async code, a sled transaction
+//! (`apply`, through [`Store::apply_async`]) and a scan whose size grows with the store
+//! (`all_tasks` and what is built on it: status, verify, export, backup, prune in `admin`)
+//! run off the runtime's worker threads, with `spawn_blocking`. Single-key reads and writes
+//! (`get`, `counts`, intents, the health stamp) and range reads bounded by a small limit (one
+//! task's `events`, `due_*`/`*_queue`/`next_*_due`, `list` with the caller's limit) may run
+//! inline: they land in sled's cache and in-memory log, and never wait for the disk. The
+//! disk waits are the flusher thread's; [`Store::durable`] only awaits its result.
+//!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
 //! queues skip it, so workers never pick it again, and scans go on past it.
 
@@ -82,6 +91,10 @@ pub enum StoreError {
         "the store cannot take writes since an earlier failure ({0}); free disk space or fix the disk, coverd then restarts to reopen the store"
     )]
     Unwritable(String),
+    #[error(
+        "an update of {what} panicked ({reason}) and was not applied; this is a bug in coverd: please report it with the log"
+    )]
+    Panicked { what: String, reason: String },
     #[error(
         "corrupt record for {what}: {reason}; run `coverd admin verify` and restore from a backup if needed"
     )]
@@ -507,9 +520,9 @@ impl Store {
         tokio::task::spawn_blocking(move || store.apply(&id, &event, &ctx, if_missing))
             .await
             .unwrap_or_else(|e| {
-                Err(StoreError::Corrupt {
+                Err(StoreError::Panicked {
                     what: format!("task {task_id}"),
-                    reason: format!("update panicked: {e}"),
+                    reason: e.to_string(),
                 })
             })
     }
