@@ -14,6 +14,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use coverd::admin::{self, DEFAULT_LIST_LIMIT, Request, access, backup};
 use coverd::config::{self, Config, Overrides};
 use coverd::daemon;
+use coverd::model::State;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,9 +92,9 @@ enum AdminCommand {
     },
     /// Tasks, newest first.
     List {
-        /// Only tasks in this state: submitted, received, downloaded or failed.
-        #[arg(long)]
-        state: Option<String>,
+        /// Only tasks in this state.
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
         /// At most this many tasks.
         #[arg(long, default_value_t = DEFAULT_LIST_LIMIT)]
         limit: usize,
@@ -314,7 +315,13 @@ async fn run(command: Command, config: Config) -> ExitCode {
         } => (Request::Submit { music_task_id }, json),
         Command::Admin { command } => match command {
             AdminCommand::Status { json } => (Request::Status, json),
-            AdminCommand::List { state, limit, json } => (Request::List { state, limit }, json),
+            AdminCommand::List { state, limit, json } => (
+                Request::List {
+                    state: state.map(|s| State::from(s).as_str().to_string()),
+                    limit,
+                },
+                json,
+            ),
             AdminCommand::Show { task_id, json } => (Request::Show { task_id }, json),
             AdminCommand::Track {
                 task_id,
@@ -530,5 +537,25 @@ fn admin_exit(kind: admin::AdminErrorKind) -> u8 {
     match kind {
         admin::AdminErrorKind::Missing | admin::AdminErrorKind::Failed => 1,
         admin::AdminErrorKind::Usage => 2,
+    }
+}
+
+/// `admin list --state`, parsed by clap so a typo is a usage error with the choices listed.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum StateArg {
+    Submitted,
+    Received,
+    Downloaded,
+    Failed,
+}
+
+impl From<StateArg> for State {
+    fn from(s: StateArg) -> State {
+        match s {
+            StateArg::Submitted => State::Submitted,
+            StateArg::Received => State::Received,
+            StateArg::Downloaded => State::Downloaded,
+            StateArg::Failed => State::Failed,
+        }
     }
 }

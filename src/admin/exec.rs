@@ -1,0 +1,462 @@
+//! Executes one admin request against the store (in the daemon, or in the command when the
+//! daemon is stopped). Must not change a task except through `store::apply`.
+
+use super::*;
+
+/// What [`Exec::apply`] did.
+pub struct AppliedJson {
+    /// The event created the task (it was not known before).
+    pub created: bool,
+    /// The task after the event, as SPEC's JSON.
+    pub task: TaskJson,
+}
+
+/// What executing a request needs: the store and, when present, the KIE client.
+pub struct Exec {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub kie: Option<Arc<KieClient>>,
+    pub daemon_running: bool,
+    /// The daemon's loops, woken after a change that may make work due (empty when stopped).
+    pub wake: Vec<Arc<Notify>>,
+    /// Progress of whole-store commands (a terminal's progress bar); `None` in the daemon.
+    pub progress: Option<backup::Progress>,
+}
+
+impl Exec {
+    pub async fn execute(&self, req: Request) -> Result<Reply, AdminError> {
+        let reply = match req {
+            Request::Status => Reply::Status {
+                status: self.status().await?,
+            },
+            Request::List { state, limit } => {
+                let state = match state.as_deref() {
+                    None => None,
+                    Some(s) => Some(State::parse(s).ok_or_else(|| {
+                        AdminError::usage(format!(
+                            "unknown state {s:?}; use one of submitted, received, downloaded, failed"
+                        ))
+                    })?),
+                };
+                let limit = limit.clamp(1, MAX_LIST_LIMIT);
+                let tasks = self.store.list(state, limit)?;
+                Reply::Tasks {
+                    tasks: tasks
+                        .iter()
+                        .map(|t| self.json(t, None))
+                        .collect::<Result<_, _>>()?,
+                }
+            }
+            Request::Show { task_id } => Reply::Task {
+                task: self.show(&task_id)?,
+                message: String::new(),
+            },
+            Request::Track {
+                task_id,
+                music_task_id,
+            } => {
+                check_id(&task_id, "task id")?;
+                if let Some(m) = &music_task_id {
+                    check_id(m, "music task id")?;
+                }
+                let event = Event::Track { music_task_id };
+                let applied = self.apply(&task_id, event, IfMissing::Create).await?;
+                let message = if applied.created {
+                    format!(
+                        "tracking {task_id}: {}",
+                        self.who_polls("it is polled if no callback arrives")
+                    )
+                } else {
+                    format!(
+                        "{task_id} is already known ({}); nothing changed",
+                        applied.task.state
+                    )
+                };
+                Reply::Task {
+                    task: applied.task,
+                    message,
+                }
+            }
+            Request::Retry { task_id } => {
+                let task = self
+                    .store
+                    .get(&task_id)?
+                    .ok_or_else(|| not_found(&task_id))?;
+                // Hashing stored images is blocking file I/O: keep it off the runtime.
+                let data_dir = self.config.data_dir.clone();
+                let damaged = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, AdminError> {
+                    let damaged = damaged_images(&data_dir, &task);
+                    // A damaged file must not be adopted by the re-fetch as a crash leftover.
+                    if task.state.is_finished() {
+                        for &index in &damaged {
+                            download::discard(&data_dir, &task.task_id, index).map_err(|e| {
+                                AdminError::failed(format!(
+                                    "cannot remove the damaged image {index} of {}: {e}; check the permissions of {}",
+                                    task.task_id,
+                                    data_dir.display()
+                                ))
+                            })?;
+                        }
+                    }
+                    Ok(damaged)
+                })
+                .await
+                .map_err(|e| AdminError::failed(format!("retry of {task_id} failed: {e}")))??;
+                let event = Event::Retry { damaged };
+                let json = self.apply(&task_id, event, IfMissing::Reject).await?.task;
+                let message = if json.state == State::Submitted.as_str() {
+                    format!(
+                        "{task_id} is now {}: {}",
+                        json.state,
+                        self.who_polls("it is polled until KIE has its result")
+                    )
+                } else {
+                    format!("{task_id} is now {}", json.state)
+                };
+                Reply::Task {
+                    task: json,
+                    message,
+                }
+            }
+            Request::Verify => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let progress = self.progress.clone();
+                let verify =
+                    tokio::task::spawn_blocking(move || verify(&store, &data_dir, progress))
+                        .await
+                        .map_err(|e| AdminError::failed(format!("verify failed: {e}")))??;
+                Reply::Verified { verify }
+            }
+            Request::Export => {
+                let store = self.store.clone();
+                let progress = self.progress.clone();
+                let (tasks, quarantined) =
+                    tokio::task::spawn_blocking(move || export(&store, progress))
+                        .await
+                        .map_err(|e| AdminError::failed(format!("export failed: {e}")))??;
+                Reply::Export { tasks, quarantined }
+            }
+            Request::Redeliver { task_id } => {
+                if self.config.notify.url.is_none() {
+                    return Err(AdminError::usage(format!(
+                        "cannot redeliver {task_id}: notifications are off; set notify.url (and its secret) and restart coverd"
+                    )));
+                }
+                let task = self
+                    .store
+                    .get(&task_id)?
+                    .ok_or_else(|| not_found(&task_id))?;
+                let n = self
+                    .store
+                    .redeliver(&task_id, now_millis())?
+                    .ok_or_else(|| {
+                        AdminError::missing(format!(
+                            "task {task_id} has no notification: it has not settled yet ({}), or notifications were off when it did",
+                            task.state.as_str()
+                        ))
+                    })?;
+                self.store.flush().await?;
+                let message = format!(
+                    "{} notification of {task_id} queued again (webhook-id {}, the same as before, so receivers can drop it if they already have it)",
+                    n.kind.as_str(),
+                    n.webhook_id
+                );
+                Reply::Task {
+                    task: self.json(&task, None)?,
+                    message,
+                }
+            }
+            Request::Backup { dest } => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let progress = self.progress.clone();
+                let to = dest.clone();
+                let manifest = tokio::task::spawn_blocking(move || {
+                    backup::backup(&store, &data_dir, &to, progress)
+                })
+                .await
+                .map_err(|e| AdminError::failed(format!("backup failed: {e}")))??;
+                Reply::BackedUp {
+                    dest: access::shown(&dest).display().to_string(),
+                    backup: manifest,
+                }
+            }
+            Request::Restore { .. } => {
+                return Err(AdminError::usage(format!(
+                    "the daemon is running on {}; stop it first (`sudo systemctl stop coverd`), then restore into its empty data directory",
+                    access::shown(&self.config.data_dir).display()
+                )));
+            }
+            Request::Prune {
+                older_than_secs,
+                dry_run,
+            } => {
+                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let progress = self.progress.clone();
+                let age = i64::try_from(older_than_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                let cutoff = now_millis().saturating_sub(age);
+                let prune = tokio::task::spawn_blocking(move || {
+                    backup::prune(&store, &data_dir, cutoff, dry_run, progress)
+                })
+                .await
+                .map_err(|e| AdminError::failed(format!("prune failed: {e}")))??;
+                if !dry_run {
+                    self.store.flush().await?;
+                }
+                Reply::Pruned { prune }
+            }
+            Request::Submit { music_task_id } => {
+                check_id(&music_task_id, "music task id")?;
+                let submitter = Submitter {
+                    store: &self.store,
+                    kie: self.kie.as_deref(),
+                    config: &self.config,
+                    wake: &self.wake,
+                    daemon_running: self.daemon_running,
+                };
+                let (submitted, message) = submit::submit(&submitter, &music_task_id).await?;
+                Reply::Submitted { submitted, message }
+            }
+        };
+        Ok(reply)
+    }
+
+    /// Applies one event and makes it durable; wakes the daemon's loops.
+    pub async fn apply(
+        &self,
+        task_id: &str,
+        event: Event,
+        if_missing: IfMissing,
+    ) -> Result<AppliedJson, AdminError> {
+        let ctx = Ctx::from_config(&self.config, now_millis());
+        let applied = self
+            .store
+            .apply_async(task_id, event, ctx, if_missing)
+            .await?
+            .ok_or_else(|| not_found(task_id))?;
+        self.store.durable(applied.ticket).await?;
+        crate::journal::record(&applied, tracing::Level::INFO);
+        for wake in &self.wake {
+            wake.notify_one();
+        }
+        Ok(AppliedJson {
+            created: applied.before.is_none(),
+            task: self.json(&applied.task, None)?,
+        })
+    }
+
+    /// A task as SPEC's JSON, with its latest notification.
+    fn json(
+        &self,
+        task: &crate::model::Task,
+        events: Option<&[crate::model::EventRecord]>,
+    ) -> Result<TaskJson, StoreError> {
+        let n = self.store.latest_notification(&task.task_id)?;
+        Ok(TaskJson::new(task, events).with_notify(n.as_ref()))
+    }
+
+    /// Who will look at a submitted task: `polled` when the daemon runs with an API key.
+    fn who_polls(&self, polled: &str) -> String {
+        match (self.daemon_running, self.kie.is_some()) {
+            (true, true) => polled.to_string(),
+            (true, false) => "the daemon has no KIE API key, so nothing will poll for it: only KIE's callback can move it (give the daemon a key, see docs/configuration.md, \"Secrets\")".to_string(),
+            (false, _) => "the daemon is stopped, so nothing polls for it now; once `coverd serve` runs with a KIE API key, it is polled if no callback arrives".to_string(),
+        }
+    }
+
+    fn show(&self, task_id: &str) -> Result<TaskJson, AdminError> {
+        let task = self.store.get(task_id)?.ok_or_else(|| not_found(task_id))?;
+        let events = self.store.events(task_id)?;
+        Ok(self.json(&task, Some(&events))?)
+    }
+
+    async fn status(&self) -> Result<StatusJson, AdminError> {
+        // Reads every task record: blocking, and proportional to the store.
+        let store = self.store.clone();
+        let quarantined = tokio::task::spawn_blocking(move || store.scan_quarantined())
+            .await
+            .map_err(|e| AdminError::failed(format!("status failed: {e}")))??;
+        let c = self.store.counts()?;
+        let n = self.store.notify_counts()?;
+        let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
+            task_id: t.task_id,
+            state: t.state.as_str().into(),
+            created_at: format_time(t.created_at),
+        });
+        Ok(StatusJson {
+            daemon: if self.daemon_running {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
+            tasks: TaskCounts {
+                submitted: c.submitted,
+                received: c.received,
+                downloaded: c.downloaded,
+                failed: c.failed,
+            },
+            notifications: NotificationCounts {
+                enabled: self.config.notify.url.is_some(),
+                pending: n.pending,
+                undeliverable: n.undeliverable,
+            },
+            oldest_unfinished: oldest,
+            data_dir: access::shown(&self.config.data_dir).display().to_string(),
+            data_bytes: {
+                // Walking the data directory is blocking file I/O: keep it off the runtime.
+                let dir = self.config.data_dir.clone();
+                tokio::task::spawn_blocking(move || dir_size(&dir))
+                    .await
+                    .unwrap_or(0)
+            },
+            polling: self.daemon_running.then_some(self.kie.is_some()),
+            quarantined: quarantined.into_iter().map(Into::into).collect(),
+        })
+    }
+}
+
+/// Every readable task with its readable history; the records that cannot be decoded are
+/// named instead, after the scan went through all the others.
+pub(super) fn export(
+    store: &Store,
+    progress: Option<backup::Progress>,
+) -> Result<(Vec<TaskJson>, Vec<QuarantinedJson>), StoreError> {
+    let (mut tasks, mut quarantined) = (Vec::new(), Vec::new());
+    let total = total_tasks(store)?;
+    for (done, scanned) in (1u64..).zip(store.all_tasks()) {
+        if let Some(p) = &progress
+            && done % 256 == 0
+        {
+            p(done, total.max(done));
+        }
+        match scanned? {
+            Scanned::Task(t) => {
+                let (events, damaged) = store.history(&t.task_id)?;
+                quarantined.extend(damaged.into_iter().map(|reason| QuarantinedJson {
+                    task_id: t.task_id.clone(),
+                    reason,
+                }));
+                // A damaged notification record is named, not fatal to the export.
+                let notify = store.latest_notification(&t.task_id).unwrap_or_else(|e| {
+                    quarantined.push(QuarantinedJson {
+                        task_id: t.task_id.clone(),
+                        reason: e.to_string(),
+                    });
+                    None
+                });
+                tasks.push(TaskJson::new(&t, Some(&events)).with_notify(notify.as_ref()));
+            }
+            Scanned::Quarantined(q) => quarantined.push(q.into()),
+        }
+    }
+    Ok((tasks, quarantined))
+}
+
+/// Re-hashes every stored image against its record. Cost grows with all stored images.
+pub(super) fn verify(
+    store: &Store,
+    data_dir: &Path,
+    progress: Option<backup::Progress>,
+) -> Result<VerifyJson, StoreError> {
+    let mut out = VerifyJson::default();
+    let total = total_tasks(store)?;
+    for (done, scanned) in (1..).zip(store.all_tasks()) {
+        if let Some(p) = &progress {
+            p(done, total.max(done));
+        }
+        let task = match scanned? {
+            Scanned::Task(task) => task,
+            Scanned::Quarantined(q) => {
+                out.quarantined.push(q.into());
+                continue;
+            }
+        };
+        for img in task
+            .images
+            .iter()
+            .filter(|i| i.state == ImageState::Downloaded)
+        {
+            out.checked += 1;
+            let path = img.path.clone().unwrap_or_default();
+            match check_image(data_dir, img) {
+                ImageCheck::Ok => out.ok += 1,
+                ImageCheck::Corrupt => out.corrupt.push(path),
+                ImageCheck::Missing => out.missing.push(path),
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn total_tasks(store: &Store) -> Result<u64, StoreError> {
+    let c = store.counts()?;
+    Ok(c.submitted + c.received + c.downloaded + c.failed)
+}
+
+/// Stored images whose file is missing or no longer matches its sha256.
+pub(super) fn damaged_images(data_dir: &Path, task: &crate::model::Task) -> Vec<u32> {
+    task.images
+        .iter()
+        .filter(|i| i.state == ImageState::Downloaded)
+        .filter(|i| check_image(data_dir, i) != ImageCheck::Ok)
+        .map(|i| i.index)
+        .collect()
+}
+
+/// A stored image's file against its record (`verify` and `retry` share this one check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ImageCheck {
+    Ok,
+    /// The file is there, but its sha256 differs from the record's.
+    Corrupt,
+    /// No file (or no recorded path, or unreadable).
+    Missing,
+}
+
+/// Reads and hashes the file of `img` (blocking file I/O: call off the runtime).
+pub(super) fn check_image(data_dir: &Path, img: &crate::model::Image) -> ImageCheck {
+    let Some(path) = &img.path else {
+        return ImageCheck::Missing;
+    };
+    match std::fs::read(data_dir.join(path)) {
+        Ok(bytes) if Some(hex::encode(Sha256::digest(&bytes))) == img.sha256 => ImageCheck::Ok,
+        Ok(_) => ImageCheck::Corrupt,
+        Err(_) => ImageCheck::Missing,
+    }
+}
+
+pub(super) fn not_found(task_id: &str) -> AdminError {
+    AdminError::missing(format!(
+        "no task {task_id} in this data directory; check the id, or `coverd admin track {task_id}` to adopt it"
+    ))
+}
+
+pub(super) fn check_id(id: &str, what: &str) -> Result<(), AdminError> {
+    if valid_task_id(id) {
+        Ok(())
+    } else {
+        Err(AdminError::usage(format!(
+            "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
+        )))
+    }
+}
+
+/// Total size of the files under `dir` (not following links).
+pub(super) fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,207 @@
+//! Printing replies for people (tables, sentences) and scripts (`--json`). Pure: must not
+//! do I/O.
+
+use super::*;
+
+/// Renders a reply for people (`json = false`) or scripts (`json = true`).
+pub fn render(reply: &Reply, json: bool) -> String {
+    if json {
+        let value = match reply {
+            Reply::Status { status } => serde_json::to_string_pretty(status),
+            Reply::Tasks { tasks } => serde_json::to_string_pretty(tasks),
+            Reply::Task { task, .. } => serde_json::to_string_pretty(task),
+            Reply::Submitted { submitted, .. } => serde_json::to_string(submitted),
+            Reply::Verified { verify } => serde_json::to_string_pretty(verify),
+            Reply::Export { .. } => Ok(render(reply, false)),
+            Reply::BackedUp { backup, .. } | Reply::Restored { backup, .. } => {
+                serde_json::to_string_pretty(backup)
+            }
+            Reply::Pruned { prune } => serde_json::to_string_pretty(prune),
+        };
+        return value.unwrap_or_default();
+    }
+    match reply {
+        Reply::Status { status } => {
+            let t = &status.tasks;
+            let mut out = format!(
+                "daemon: {}\ntasks: {} submitted, {} received, {} downloaded, {} failed\n",
+                status.daemon, t.submitted, t.received, t.downloaded, t.failed
+            );
+            match &status.oldest_unfinished {
+                Some(o) => {
+                    out += &format!(
+                        "oldest unfinished: {} ({}, since {})\n",
+                        o.task_id, o.state, o.created_at
+                    )
+                }
+                None => out += "oldest unfinished: none\n",
+            }
+            let n = &status.notifications;
+            out += &format!(
+                "notifications: {}{} pending, {} undeliverable\n",
+                if n.enabled {
+                    ""
+                } else {
+                    "off (notify.url is empty); "
+                },
+                n.pending,
+                n.undeliverable
+            );
+            out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
+            out += &format!(
+                "polling: {}",
+                match status.polling {
+                    Some(true) => "on",
+                    Some(false) => "off (no KIE API key)",
+                    None => "unknown (daemon stopped)",
+                }
+            );
+            out += &render_quarantined(&status.quarantined);
+            out
+        }
+        Reply::Tasks { tasks } => {
+            if tasks.is_empty() {
+                return "no tasks".into();
+            }
+            tasks
+                .iter()
+                .map(|t| {
+                    let stored = t.images.iter().filter(|i| i.state == "downloaded").count();
+                    format!(
+                        "{}  {:<10}  {}  images {}/{}{}",
+                        t.task_id,
+                        t.state,
+                        t.created_at,
+                        stored,
+                        t.images.len(),
+                        t.error
+                            .as_deref()
+                            .map(|e| format!("  error: {e}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Reply::Task { task, message } => {
+            let mut out = String::new();
+            if !message.is_empty() {
+                out += message;
+                out += "\n";
+            }
+            out += &format!(
+                "task {}\n  music task: {}\n  state: {}\n  source: {}\n  created: {}\n  updated: {}\n  callbacks: {}  polls: {}\n",
+                task.task_id,
+                task.music_task_id.as_deref().unwrap_or("-"),
+                task.state,
+                task.source.as_deref().unwrap_or("-"),
+                task.created_at,
+                task.updated_at,
+                task.callbacks,
+                task.polls
+            );
+            if let Some(e) = &task.error {
+                out += &format!("  error: {e}\n");
+            }
+            if let Some(n) = &task.notify {
+                out += &format!(
+                    "  notification: {} after {} attempt(s)\n",
+                    n.state, n.attempts
+                );
+            }
+            for i in &task.images {
+                out += &format!(
+                    "  image {}: {} after {} attempt(s) {}{}\n",
+                    i.index,
+                    i.state,
+                    i.attempts,
+                    i.path.as_deref().unwrap_or(&i.url),
+                    i.error
+                        .as_deref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                );
+            }
+            for e in task.events.iter().flatten() {
+                out += &format!("  {} {}: {}\n", e.at, e.kind, e.detail);
+            }
+            out.trim_end().to_string()
+        }
+        Reply::Verified { verify } => {
+            let mut out = format!(
+                "checked {} stored image(s): {} ok, {} missing, {} corrupt",
+                verify.checked,
+                verify.ok,
+                verify.missing.len(),
+                verify.corrupt.len()
+            );
+            for p in &verify.missing {
+                out += &format!("\nmissing: {p}");
+            }
+            for p in &verify.corrupt {
+                out += &format!("\ncorrupt: {p}");
+            }
+            if !verify.missing.is_empty() || !verify.corrupt.is_empty() {
+                out += "\n`coverd admin retry TASK_ID` fetches a task's damaged images again";
+            }
+            out += &render_quarantined(&verify.quarantined);
+            out
+        }
+        // One JSON object per line, always (SPEC); quarantined records go to stderr
+        // (see [`notes`]).
+        Reply::Export { tasks, .. } => tasks
+            .iter()
+            .filter_map(|t| serde_json::to_string(t).ok())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Reply::BackedUp { dest, backup } => format!(
+            "backed up {} tasks and {} images ({} bytes) to {dest}",
+            backup.tasks, backup.images, backup.bytes
+        ),
+        Reply::Restored { data_dir, backup } => format!(
+            "restored {} tasks and {} images ({} bytes) from the backup of {} into {data_dir}; start the daemon now",
+            backup.tasks, backup.images, backup.bytes, backup.created_at
+        ),
+        Reply::Pruned { prune } => format!(
+            "{} {} finished task(s) last changed before {} and {} bytes of images",
+            if prune.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            },
+            prune.tasks,
+            prune.before,
+            prune.bytes
+        ),
+        // The id alone on stdout, so scripts can capture it; the message goes to stderr.
+        Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
+    }
+}
+
+/// Lines naming quarantined records (empty when there are none), each after a newline.
+pub(super) fn render_quarantined(quarantined: &[QuarantinedJson]) -> String {
+    if quarantined.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{} quarantined record(s), skipped by the daemon:",
+        quarantined.len()
+    );
+    for q in quarantined {
+        out += &format!("\nquarantined: {}: {}", q.task_id, q.reason);
+    }
+    out += "\nrun the newer coverd that wrote a record, or restore a corrupt one from a backup";
+    out
+}
+
+/// What goes to stderr besides the reply: `submit`'s message, and the records `export`
+/// could not read (its stdout stays one task per line).
+pub fn notes(reply: &Reply, json: bool) -> Option<String> {
+    match reply {
+        Reply::Submitted { message, .. } if !json => Some(message.clone()),
+        Reply::Export { quarantined, .. } if !quarantined.is_empty() => {
+            Some(render_quarantined(quarantined).trim_start().to_string())
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,230 @@
+//! The admin protocol's types: requests, replies and their JSON (SPEC's shapes), and
+//! [`AdminError`] with its kind. Plain data; must not do I/O.
+
+use super::*;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    List {
+        state: Option<String>,
+        limit: usize,
+    },
+    Show {
+        task_id: String,
+    },
+    Track {
+        task_id: String,
+        music_task_id: Option<String>,
+    },
+    Retry {
+        task_id: String,
+    },
+    Submit {
+        music_task_id: String,
+    },
+    Verify,
+    Export,
+    Redeliver {
+        task_id: String,
+    },
+    /// A consistent copy into `dest` (absolute; absent or empty).
+    Backup {
+        dest: PathBuf,
+    },
+    /// Rebuild the (absent or empty) data directory from the backup in `src` (absolute).
+    /// Only with the daemon stopped.
+    Restore {
+        src: PathBuf,
+    },
+    /// Forget finished tasks whose last change is more than `older_than_secs` ago.
+    Prune {
+        older_than_secs: u64,
+        dry_run: bool,
+    },
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Oldest {
+    pub task_id: String,
+    pub state: String,
+    pub created_at: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TaskCounts {
+    pub submitted: u64,
+    pub received: u64,
+    pub downloaded: u64,
+    pub failed: u64,
+}
+
+/// Outbound notifications waiting to be delivered, and those given up on.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NotificationCounts {
+    /// `notify.url` is set.
+    pub enabled: bool,
+    pub pending: u64,
+    pub undeliverable: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatusJson {
+    pub daemon: String,
+    pub tasks: TaskCounts,
+    pub notifications: NotificationCounts,
+    pub oldest_unfinished: Option<Oldest>,
+    pub data_dir: String,
+    pub data_bytes: u64,
+    /// Whether the daemon polls KIE (it has an API key); `null` when the daemon is stopped:
+    /// the service's key (e.g. a systemd credential) is not visible from here.
+    pub polling: Option<bool>,
+    /// Task records that cannot be decoded (exit 1 when any).
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedJson>,
+}
+
+/// A task record that cannot be decoded: damaged, or written by a newer coverd.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedJson {
+    pub task_id: String,
+    pub reason: String,
+}
+
+impl From<Quarantined> for QuarantinedJson {
+    fn from(q: Quarantined) -> QuarantinedJson {
+        QuarantinedJson {
+            task_id: q.task_id,
+            reason: q.reason,
+        }
+    }
+}
+
+/// `admin verify --json` (SPEC): stored images re-hashed against their records; `missing`
+/// and `corrupt` list their paths relative to the data directory.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyJson {
+    pub checked: u64,
+    pub ok: u64,
+    pub missing: Vec<String>,
+    pub corrupt: Vec<String>,
+    /// Task records that cannot be decoded, so their images could not be checked.
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedJson>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Status {
+        status: StatusJson,
+    },
+    Tasks {
+        tasks: Vec<TaskJson>,
+    },
+    Task {
+        task: TaskJson,
+        message: String,
+    },
+    Submitted {
+        submitted: SubmitJson,
+        message: String,
+    },
+    Verified {
+        verify: VerifyJson,
+    },
+    /// Every task with its history, for `admin export`, and the records that could not be
+    /// read.
+    Export {
+        tasks: Vec<TaskJson>,
+        #[serde(default)]
+        quarantined: Vec<QuarantinedJson>,
+    },
+    BackedUp {
+        dest: String,
+        backup: backup::Manifest,
+    },
+    Restored {
+        data_dir: String,
+        backup: backup::Manifest,
+    },
+    Pruned {
+        prune: backup::PruneJson,
+    },
+}
+
+impl Reply {
+    /// The process exit code for a successful exchange: 1 when verification found damage
+    /// or a record is quarantined.
+    pub fn exit_code(&self) -> u8 {
+        let damaged = match self {
+            Reply::Verified { verify } => {
+                !verify.missing.is_empty()
+                    || !verify.corrupt.is_empty()
+                    || !verify.quarantined.is_empty()
+            }
+            Reply::Status { status } => !status.quarantined.is_empty(),
+            Reply::Export { quarantined, .. } => !quarantined.is_empty(),
+            _ => false,
+        };
+        u8::from(damaged)
+    }
+}
+
+/// An admin failure: its kind and one sentence for stderr. `main` maps the kind to the exit
+/// status (SPEC: 1 missing, unhealthy or failed; 2 usage or configuration).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminError {
+    pub kind: AdminErrorKind,
+    pub message: String,
+}
+
+/// What kind of failure an [`AdminError`] is.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminErrorKind {
+    /// The thing asked about does not exist (a task, a notification, a data directory).
+    Missing,
+    /// The command could not be carried out: I/O, permissions, the store, the daemon, KIE.
+    Failed,
+    /// The command or the configuration is wrong; running it again as is cannot help.
+    Usage,
+}
+
+impl AdminError {
+    pub fn missing(message: impl Into<String>) -> AdminError {
+        AdminError {
+            kind: AdminErrorKind::Missing,
+            message: message.into(),
+        }
+    }
+    pub fn failed(message: impl Into<String>) -> AdminError {
+        AdminError {
+            kind: AdminErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+    pub fn usage(message: impl Into<String>) -> AdminError {
+        AdminError {
+            kind: AdminErrorKind::Usage,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<SubmitError> for AdminError {
+    fn from(e: SubmitError) -> AdminError {
+        match e {
+            SubmitError::Config(message) => AdminError::usage(message),
+            SubmitError::Failed(message) => AdminError::failed(message),
+            SubmitError::Store(e) => e.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> AdminError {
+        AdminError::failed(e.to_string())
+    }
+}
