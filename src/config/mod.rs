@@ -9,6 +9,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod keys;
+mod secret;
+mod toml_errors;
+
+pub use secret::Secret;
+use secret::{SecretSource, secret};
+use toml_errors::describe_toml_error;
+
 /// Environment variable naming the configuration file (when `--config` is not given).
 pub const ENV_CONFIG: &str = "COVERD_CONFIG";
 /// Environment variable overriding `data_dir`.
@@ -40,25 +48,6 @@ const ENV_VARS: [&str; 7] = [
     ENV_NOTIFY_SECRET,
     ENV_CREDENTIALS_DIRECTORY,
 ];
-
-/// A secret string (API key, HMAC key). Its `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// KIE's API base URL, validated once when the config is read: an http(s) URL with a host,
 /// no query or fragment, without trailing slash, e.g. `https://api.kie.ai`.
@@ -495,108 +484,6 @@ fn read_file(path: &Path) -> Result<RawFile, ConfigError> {
     })
 }
 
-/// Keys whose values are secrets: their values are never echoed.
-fn is_secret_key(key: &str) -> bool {
-    key.ends_with("api_key") || key.ends_with("webhook_hmac_key") || key == "notify.secret"
-}
-
-/// toml's message with "line L, column C (`dotted.key`)" in front, string values removed
-/// (they might be secrets) and serde's type names put in the file's terms.
-fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let mut out = String::new();
-    let mut key = None;
-    if let Some(before) = err.span().and_then(|span| text.get(..span.start)) {
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        out.push_str(&format!("line {line}, column {column}"));
-        key = key_at(text, before.len());
-        if let Some(key) = &key {
-            out.push_str(&format!(" (`{key}`)"));
-        }
-        out.push_str(": ");
-    }
-    if key.as_deref().is_some_and(is_secret_key) && !err.message().starts_with("unknown field") {
-        out.push_str("invalid value (not shown: it is a secret); it must be a string");
-        return out;
-    }
-    let message = redact_strings(err.message())
-        .replace(" as i128, expected i64", " is out of range")
-        .replace("expected i64", "expected an integer")
-        .replace("unknown field", "unknown key");
-    let message = ["RawFile", "RawKie", "RawDownload", "RawPoll"]
-        .iter()
-        .fold(message, |m, name| {
-            m.replace(&format!("expected struct {name}"), "expected a table")
-        });
-    out.push_str(&message);
-    out
-}
-
-/// Replace every `string "…"` in a serde message by `a string`.
-fn redact_strings(message: &str) -> String {
-    const MARK: &str = "string \"";
-    let mut out = String::new();
-    let mut rest = message;
-    while let Some(i) = rest.find(MARK) {
-        out.push_str(&rest[..i]);
-        out.push_str("a string");
-        let after = &rest[i + MARK.len()..];
-        let mut end = after.len();
-        let mut escaped = false;
-        for (j, c) in after.char_indices() {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                end = j + 1;
-                break;
-            }
-        }
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Best-effort dotted key for the TOML line holding byte `offset`: the nearest `key =` at or
-/// above it, prefixed by the enclosing `[section]`.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let line_end = text
-        .get(offset..)
-        .and_then(|rest| rest.find('\n'))
-        .map_or(text.len(), |i| offset + i);
-    let upto = text.get(..line_end)?;
-    let mut key = None;
-    for (n, line) in upto.lines().rev().enumerate() {
-        let line = line.trim();
-        if line.starts_with("[[") {
-            return None;
-        }
-        if let Some(header) = line.strip_prefix('[') {
-            let section = header.split(']').next()?.trim().replace('"', "");
-            return match key {
-                Some(key) => Some(format!("{section}.{key}")),
-                None if n == 0 => Some(section),
-                None => None,
-            };
-        }
-        if key.is_none() && !line.starts_with('#') {
-            key = key_of_line(line);
-        }
-    }
-    key
-}
-
-fn key_of_line(line: &str) -> Option<String> {
-    let end = line
-        .find(|c: char| !(c.is_ascii_alphanumeric() || "_-.\" ".contains(c)))
-        .unwrap_or(line.len());
-    let (key, rest) = line.split_at(end);
-    let key = key.trim().replace('"', "");
-    (rest.starts_with('=') && !key.is_empty()).then_some(key)
-}
-
 // ---------------------------------------------------------------------------------------
 // Resolution and validation.
 
@@ -1023,110 +910,9 @@ fn user_agent(value: String) -> Result<String, ConfigError> {
     Ok(value)
 }
 
-/// Where one secret may come from, in order of precedence.
-struct SecretSource {
-    env_var: &'static str,
-    inline_key: &'static str,
-    inline: Option<String>,
-    file_key: &'static str,
-    file: Option<String>,
-    credential: &'static str,
-}
-
-/// Trailing whitespace removed; empty means unset.
-fn non_empty_secret(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim_end().to_string())
-        .filter(|v| !v.is_empty())
-}
-
-/// The secret from its first set source; it must fit in an HTTP header (no control
-/// characters), or every KIE call would fail later.
-fn secret(
-    env: &dyn Fn(&str) -> Option<String>,
-    src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
-    let key = src.inline_key;
-    let found = secret_from_sources(env, src)?;
-    if found
-        .as_ref()
-        .is_some_and(|s| s.expose().chars().any(char::is_control))
-    {
-        return Err(invalid(
-            key,
-            None,
-            "the key contains control characters (a line break in the middle?); store it on one line",
-        ));
-    }
-    Ok(found)
-}
-
-fn secret_from_sources(
-    env: &dyn Fn(&str) -> Option<String>,
-    src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
-    let inline = non_empty_secret(src.inline);
-    let file = src.file.filter(|f| !f.is_empty());
-    if inline.is_some() && file.is_some() {
-        return Err(invalid(
-            src.inline_key,
-            None,
-            format!(
-                "`{}` and `{}` are both set; keep only one",
-                src.inline_key, src.file_key
-            ),
-        ));
-    }
-    if let Some(value) = non_empty_secret(env(src.env_var)) {
-        return Ok(Some(Secret::new(value)));
-    }
-    if let Some(value) = inline {
-        return Ok(Some(Secret::new(value)));
-    }
-    if let Some(path) = file {
-        let value = std::fs::read_to_string(&path).map_err(|e| {
-            invalid(
-                src.file_key,
-                Some(format!("{path:?}")),
-                format!("cannot read the key file: {e}"),
-            )
-        })?;
-        return match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
-            None => Err(invalid(
-                src.file_key,
-                Some(format!("{path:?}")),
-                "the key file is empty; put the key in it or remove this setting",
-            )),
-        };
-    }
-    let Some(dir) = env(ENV_CREDENTIALS_DIRECTORY) else {
-        return Ok(None);
-    };
-    let path = Path::new(&dir).join(src.credential);
-    let cred_error = |reason: String| ConfigError::Env {
-        var: ENV_CREDENTIALS_DIRECTORY.into(),
-        value: Some(format!("{dir:?}")),
-        reason,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(value) => match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
-            None => Err(cred_error(format!(
-                "credential `{}` is empty; fill it or drop it from the unit",
-                src.credential
-            ))),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(cred_error(format!(
-            "cannot read credential `{}`: {e}",
-            src.credential
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::toml_errors::{key_at, redact_strings};
     use super::*;
     use std::collections::HashMap;
 

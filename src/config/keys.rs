@@ -1,0 +1,1 @@
+//! The declaration table of every configuration file key.
