@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-mod keys;
+pub mod keys;
 mod secret;
 mod toml_errors;
 
@@ -572,15 +572,12 @@ fn resolve(
             "kie.signature_tolerance",
             kie.signature_tolerance,
             d.kie.signature_tolerance,
-            Duration::from_nanos(1),
         )?,
         confirm_callbacks: kie.confirm_callbacks.unwrap_or(d.kie.confirm_callbacks),
         requests_per_10s: int_in(
             "kie.requests_per_10s",
             kie.requests_per_10s,
             d.kie.requests_per_10s,
-            1,
-            1000,
         )?,
     };
 
@@ -588,13 +585,11 @@ fn resolve(
         "download.backoff_base",
         download.backoff_base,
         d.download.backoff_base,
-        Duration::from_nanos(1),
     )?;
     let backoff_max = duration(
         "download.backoff_max",
         download.backoff_max,
         d.download.backoff_max,
-        Duration::ZERO,
     )?;
     if backoff_base > backoff_max {
         return Err(invalid(
@@ -614,31 +609,20 @@ fn resolve(
             "download.concurrency",
             download.concurrency,
             d.download.concurrency,
-            1,
-            64,
         )?,
         max_image_bytes: int_in(
             "download.max_image_bytes",
             download.max_image_bytes,
             d.download.max_image_bytes,
-            1024,
-            i64::MAX,
         )?,
         max_attempts: int_in(
             "download.max_attempts",
             download.max_attempts,
             d.download.max_attempts,
-            1,
-            100,
         )?,
         backoff_base,
         backoff_max,
-        timeout: duration(
-            "download.timeout",
-            download.timeout,
-            d.download.timeout,
-            Duration::from_secs(1),
-        )?,
+        timeout: duration("download.timeout", download.timeout, d.download.timeout)?,
         allowed_hosts: match download.allowed_hosts {
             Some(hosts) => hosts
                 .iter()
@@ -657,18 +641,12 @@ fn resolve(
     };
 
     let poll = PollConfig {
-        after: duration("poll.after", poll.after, d.poll.after, Duration::ZERO)?,
-        interval: duration(
-            "poll.interval",
-            poll.interval,
-            d.poll.interval,
-            Duration::from_secs(1),
-        )?,
+        after: duration("poll.after", poll.after, d.poll.after)?,
+        interval: duration("poll.interval", poll.interval, d.poll.interval)?,
         give_up_after: duration(
             "poll.give_up_after",
             poll.give_up_after,
             d.poll.give_up_after,
-            Duration::from_nanos(1),
         )?,
     };
 
@@ -739,19 +717,8 @@ fn notify_config(
     Ok(NotifyConfig {
         url,
         secret,
-        timeout: duration(
-            "notify.timeout",
-            raw.timeout,
-            d.timeout,
-            Duration::from_millis(1),
-        )?,
-        max_attempts: int_in(
-            "notify.max_attempts",
-            raw.max_attempts,
-            d.max_attempts,
-            1,
-            100,
-        )?,
+        timeout: duration("notify.timeout", raw.timeout, d.timeout)?,
+        max_attempts: int_in("notify.max_attempts", raw.max_attempts, d.max_attempts)?,
     })
 }
 
@@ -814,12 +781,9 @@ fn http_url(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_string())
 }
 
-fn duration(
-    key: &str,
-    value: Option<String>,
-    default: Duration,
-    min: Duration,
-) -> Result<Duration, ConfigError> {
+/// A duration key's value, or its default; at least the minimum declared in [`keys::KEYS`].
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    let min = keys::duration_min(key);
     let Some(value) = value else {
         return Ok(default);
     };
@@ -841,16 +805,12 @@ fn duration(
     Ok(parsed)
 }
 
-fn int_in<T>(
-    key: &str,
-    value: Option<i64>,
-    default: T,
-    min: i64,
-    max: i64,
-) -> Result<T, ConfigError>
+/// An integer key's value, or its default; within the bounds declared in [`keys::KEYS`].
+fn int_in<T>(key: &str, value: Option<i64>, default: T) -> Result<T, ConfigError>
 where
     T: TryFrom<i64>,
 {
+    let (min, max) = keys::int_bounds(key);
     let Some(value) = value else {
         return Ok(default);
     };
