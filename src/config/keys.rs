@@ -1,7 +1,9 @@
 //! The declaration table of every configuration file key: name, kind, default as written in
 //! the file, environment variable, bounds and the rule's wording, once per key. The bounds
 //! checks in `resolve` and the key table in docs/configuration.md ([`docs_table`]) come from
-//! here. Owns no parsing of values and no I/O.
+//! here, and so do `Config::default()`'s scalar defaults (the unset/off ones, the host list and
+//! the versioned User-Agent stay in `Default`, checked against this table by a unit test).
+//! Owns no parsing of file values and no I/O.
 
 use std::time::Duration;
 
@@ -124,6 +126,39 @@ pub(super) fn duration_min(name: &str) -> Duration {
         Bounds::Duration { min } => min,
         other => panic!("configuration key `{name}` has no duration bounds: {other:?}"),
     }
+}
+
+// The built-in defaults, read from the declarations by `Config::default()`. A declared
+// default that does not parse as its kind panics there; every test builds a default config.
+
+/// The declared default of a string key, without its quotes.
+pub(super) fn default_str(name: &str) -> &'static str {
+    let d = decl(name).default;
+    d.split(" (").next().unwrap_or(d).trim_matches('"')
+}
+
+/// The declared default of a boolean key.
+pub(super) fn default_bool(name: &str) -> bool {
+    match decl(name).default {
+        "true" => true,
+        "false" => false,
+        other => panic!("configuration key `{name}`: default {other:?} is not a boolean"),
+    }
+}
+
+/// The declared default of an integer key.
+pub(super) fn default_int<T: std::str::FromStr>(name: &str) -> T {
+    let d = decl(name).default;
+    d.parse().unwrap_or_else(|_| {
+        panic!("configuration key `{name}`: default {d:?} is not an integer that fits")
+    })
+}
+
+/// The declared default of a duration key.
+pub(super) fn default_duration(name: &str) -> Duration {
+    let d = default_str(name);
+    humantime::parse_duration(d)
+        .unwrap_or_else(|_| panic!("configuration key `{name}`: default {d:?} is not a duration"))
 }
 
 impl KeyDecl {

@@ -185,42 +185,44 @@ pub struct PollConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            data_dir: PathBuf::from("./coverd-data"),
+            data_dir: PathBuf::from(keys::default_str("data_dir")),
             data_dir_named: false,
-            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            listen: keys::default_str("listen")
+                .parse()
+                .expect("the declared default of `listen` is a socket address"),
             public_url: String::new(),
-            accept_unknown_tasks: false,
+            accept_unknown_tasks: keys::default_bool("accept_unknown_tasks"),
             metrics_listen: None,
             kie: KieConfig {
-                base_url: KieBaseUrl("https://api.kie.ai".into()),
+                base_url: KieBaseUrl(keys::default_str("kie.base_url").into()),
                 api_key: None,
                 webhook_hmac_key: None,
-                signature_tolerance: Duration::from_secs(5 * 60),
-                confirm_callbacks: true,
-                requests_per_10s: 18,
+                signature_tolerance: keys::default_duration("kie.signature_tolerance"),
+                confirm_callbacks: keys::default_bool("kie.confirm_callbacks"),
+                requests_per_10s: keys::default_int("kie.requests_per_10s"),
             },
             download: DownloadConfig {
-                concurrency: 4,
-                max_image_bytes: 26_214_400,
-                max_attempts: 8,
-                backoff_base: Duration::from_secs(2),
-                backoff_max: Duration::from_secs(5 * 60),
-                timeout: Duration::from_secs(120),
+                concurrency: keys::default_int("download.concurrency"),
+                max_image_bytes: keys::default_int("download.max_image_bytes"),
+                max_attempts: keys::default_int("download.max_attempts"),
+                backoff_base: keys::default_duration("download.backoff_base"),
+                backoff_max: keys::default_duration("download.backoff_max"),
+                timeout: keys::default_duration("download.timeout"),
                 allowed_hosts: vec!["tempfile.aiquickdraw.com".into()],
                 allow_http: false,
                 allow_private_networks: false,
                 user_agent: UserAgent(concat!("coverd/", env!("CARGO_PKG_VERSION")).into()),
             },
             poll: PollConfig {
-                after: Duration::from_secs(2 * 60),
-                interval: Duration::from_secs(30),
-                give_up_after: Duration::from_secs(24 * 3600),
+                after: keys::default_duration("poll.after"),
+                interval: keys::default_duration("poll.interval"),
+                give_up_after: keys::default_duration("poll.give_up_after"),
             },
             notify: NotifyConfig {
                 url: None,
                 secret: None,
-                timeout: Duration::from_secs(10),
-                max_attempts: 12,
+                timeout: keys::default_duration("notify.timeout"),
+                max_attempts: keys::default_int("notify.max_attempts"),
             },
         }
     }
