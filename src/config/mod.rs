@@ -9,6 +9,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod keys;
+mod secret;
+mod toml_errors;
+mod values;
+
+pub use secret::Secret;
+use secret::{SecretSource, secret};
+use toml_errors::describe_toml_error;
+pub use values::notify_key;
+use values::{
+    ADDR_HINT, allowed_host, duration, http_url, int_in, notify_url, parse_addr, user_agent,
+};
+
 /// Environment variable naming the configuration file (when `--config` is not given).
 pub const ENV_CONFIG: &str = "COVERD_CONFIG";
 /// Environment variable overriding `data_dir`.
@@ -40,25 +53,6 @@ const ENV_VARS: [&str; 7] = [
     ENV_NOTIFY_SECRET,
     ENV_CREDENTIALS_DIRECTORY,
 ];
-
-/// A secret string (API key, HMAC key). Its `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// KIE's API base URL, validated once when the config is read: an http(s) URL with a host,
 /// no query or fragment, without trailing slash, e.g. `https://api.kie.ai`.
@@ -196,42 +190,44 @@ pub struct PollConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            data_dir: PathBuf::from("./coverd-data"),
+            data_dir: PathBuf::from(keys::default_str("data_dir")),
             data_dir_named: false,
-            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            listen: keys::default_str("listen")
+                .parse()
+                .expect("the declared default of `listen` is a socket address"),
             public_url: String::new(),
-            accept_unknown_tasks: false,
+            accept_unknown_tasks: keys::default_bool("accept_unknown_tasks"),
             metrics_listen: None,
             kie: KieConfig {
-                base_url: KieBaseUrl("https://api.kie.ai".into()),
+                base_url: KieBaseUrl(keys::default_str("kie.base_url").into()),
                 api_key: None,
                 webhook_hmac_key: None,
-                signature_tolerance: Duration::from_secs(5 * 60),
-                confirm_callbacks: true,
-                requests_per_10s: 18,
+                signature_tolerance: keys::default_duration("kie.signature_tolerance"),
+                confirm_callbacks: keys::default_bool("kie.confirm_callbacks"),
+                requests_per_10s: keys::default_int("kie.requests_per_10s"),
             },
             download: DownloadConfig {
-                concurrency: 4,
-                max_image_bytes: 26_214_400,
-                max_attempts: 8,
-                backoff_base: Duration::from_secs(2),
-                backoff_max: Duration::from_secs(5 * 60),
-                timeout: Duration::from_secs(120),
+                concurrency: keys::default_int("download.concurrency"),
+                max_image_bytes: keys::default_int("download.max_image_bytes"),
+                max_attempts: keys::default_int("download.max_attempts"),
+                backoff_base: keys::default_duration("download.backoff_base"),
+                backoff_max: keys::default_duration("download.backoff_max"),
+                timeout: keys::default_duration("download.timeout"),
                 allowed_hosts: vec!["tempfile.aiquickdraw.com".into()],
                 allow_http: false,
                 allow_private_networks: false,
                 user_agent: UserAgent(concat!("coverd/", env!("CARGO_PKG_VERSION")).into()),
             },
             poll: PollConfig {
-                after: Duration::from_secs(2 * 60),
-                interval: Duration::from_secs(30),
-                give_up_after: Duration::from_secs(24 * 3600),
+                after: keys::default_duration("poll.after"),
+                interval: keys::default_duration("poll.interval"),
+                give_up_after: keys::default_duration("poll.give_up_after"),
             },
             notify: NotifyConfig {
                 url: None,
                 secret: None,
-                timeout: Duration::from_secs(10),
-                max_attempts: 12,
+                timeout: keys::default_duration("notify.timeout"),
+                max_attempts: keys::default_int("notify.max_attempts"),
             },
         }
     }
@@ -495,108 +491,6 @@ fn read_file(path: &Path) -> Result<RawFile, ConfigError> {
     })
 }
 
-/// Keys whose values are secrets: their values are never echoed.
-fn is_secret_key(key: &str) -> bool {
-    key.ends_with("api_key") || key.ends_with("webhook_hmac_key") || key == "notify.secret"
-}
-
-/// toml's message with "line L, column C (`dotted.key`)" in front, string values removed
-/// (they might be secrets) and serde's type names put in the file's terms.
-fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let mut out = String::new();
-    let mut key = None;
-    if let Some(before) = err.span().and_then(|span| text.get(..span.start)) {
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        out.push_str(&format!("line {line}, column {column}"));
-        key = key_at(text, before.len());
-        if let Some(key) = &key {
-            out.push_str(&format!(" (`{key}`)"));
-        }
-        out.push_str(": ");
-    }
-    if key.as_deref().is_some_and(is_secret_key) && !err.message().starts_with("unknown field") {
-        out.push_str("invalid value (not shown: it is a secret); it must be a string");
-        return out;
-    }
-    let message = redact_strings(err.message())
-        .replace(" as i128, expected i64", " is out of range")
-        .replace("expected i64", "expected an integer")
-        .replace("unknown field", "unknown key");
-    let message = ["RawFile", "RawKie", "RawDownload", "RawPoll"]
-        .iter()
-        .fold(message, |m, name| {
-            m.replace(&format!("expected struct {name}"), "expected a table")
-        });
-    out.push_str(&message);
-    out
-}
-
-/// Replace every `string "…"` in a serde message by `a string`.
-fn redact_strings(message: &str) -> String {
-    const MARK: &str = "string \"";
-    let mut out = String::new();
-    let mut rest = message;
-    while let Some(i) = rest.find(MARK) {
-        out.push_str(&rest[..i]);
-        out.push_str("a string");
-        let after = &rest[i + MARK.len()..];
-        let mut end = after.len();
-        let mut escaped = false;
-        for (j, c) in after.char_indices() {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                end = j + 1;
-                break;
-            }
-        }
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Best-effort dotted key for the TOML line holding byte `offset`: the nearest `key =` at or
-/// above it, prefixed by the enclosing `[section]`.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let line_end = text
-        .get(offset..)
-        .and_then(|rest| rest.find('\n'))
-        .map_or(text.len(), |i| offset + i);
-    let upto = text.get(..line_end)?;
-    let mut key = None;
-    for (n, line) in upto.lines().rev().enumerate() {
-        let line = line.trim();
-        if line.starts_with("[[") {
-            return None;
-        }
-        if let Some(header) = line.strip_prefix('[') {
-            let section = header.split(']').next()?.trim().replace('"', "");
-            return match key {
-                Some(key) => Some(format!("{section}.{key}")),
-                None if n == 0 => Some(section),
-                None => None,
-            };
-        }
-        if key.is_none() && !line.starts_with('#') {
-            key = key_of_line(line);
-        }
-    }
-    key
-}
-
-fn key_of_line(line: &str) -> Option<String> {
-    let end = line
-        .find(|c: char| !(c.is_ascii_alphanumeric() || "_-.\" ".contains(c)))
-        .unwrap_or(line.len());
-    let (key, rest) = line.split_at(end);
-    let key = key.trim().replace('"', "");
-    (rest.starts_with('=') && !key.is_empty()).then_some(key)
-}
-
 // ---------------------------------------------------------------------------------------
 // Resolution and validation.
 
@@ -685,15 +579,12 @@ fn resolve(
             "kie.signature_tolerance",
             kie.signature_tolerance,
             d.kie.signature_tolerance,
-            Duration::from_nanos(1),
         )?,
         confirm_callbacks: kie.confirm_callbacks.unwrap_or(d.kie.confirm_callbacks),
         requests_per_10s: int_in(
             "kie.requests_per_10s",
             kie.requests_per_10s,
             d.kie.requests_per_10s,
-            1,
-            1000,
         )?,
     };
 
@@ -701,13 +592,11 @@ fn resolve(
         "download.backoff_base",
         download.backoff_base,
         d.download.backoff_base,
-        Duration::from_nanos(1),
     )?;
     let backoff_max = duration(
         "download.backoff_max",
         download.backoff_max,
         d.download.backoff_max,
-        Duration::ZERO,
     )?;
     if backoff_base > backoff_max {
         return Err(invalid(
@@ -727,31 +616,20 @@ fn resolve(
             "download.concurrency",
             download.concurrency,
             d.download.concurrency,
-            1,
-            64,
         )?,
         max_image_bytes: int_in(
             "download.max_image_bytes",
             download.max_image_bytes,
             d.download.max_image_bytes,
-            1024,
-            i64::MAX,
         )?,
         max_attempts: int_in(
             "download.max_attempts",
             download.max_attempts,
             d.download.max_attempts,
-            1,
-            100,
         )?,
         backoff_base,
         backoff_max,
-        timeout: duration(
-            "download.timeout",
-            download.timeout,
-            d.download.timeout,
-            Duration::from_secs(1),
-        )?,
+        timeout: duration("download.timeout", download.timeout, d.download.timeout)?,
         allowed_hosts: match download.allowed_hosts {
             Some(hosts) => hosts
                 .iter()
@@ -770,18 +648,12 @@ fn resolve(
     };
 
     let poll = PollConfig {
-        after: duration("poll.after", poll.after, d.poll.after, Duration::ZERO)?,
-        interval: duration(
-            "poll.interval",
-            poll.interval,
-            d.poll.interval,
-            Duration::from_secs(1),
-        )?,
+        after: duration("poll.after", poll.after, d.poll.after)?,
+        interval: duration("poll.interval", poll.interval, d.poll.interval)?,
         give_up_after: duration(
             "poll.give_up_after",
             poll.give_up_after,
             d.poll.give_up_after,
-            Duration::from_nanos(1),
         )?,
     };
 
@@ -852,281 +724,14 @@ fn notify_config(
     Ok(NotifyConfig {
         url,
         secret,
-        timeout: duration(
-            "notify.timeout",
-            raw.timeout,
-            d.timeout,
-            Duration::from_millis(1),
-        )?,
-        max_attempts: int_in(
-            "notify.max_attempts",
-            raw.max_attempts,
-            d.max_attempts,
-            1,
-            100,
-        )?,
+        timeout: duration("notify.timeout", raw.timeout, d.timeout)?,
+        max_attempts: int_in("notify.max_attempts", raw.max_attempts, d.max_attempts)?,
     })
-}
-
-/// The HMAC key of a notification secret: the base64 after `whsec_`, decoded; `None` when
-/// the secret is not of that form.
-pub fn notify_key(secret: &Secret) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let b64 = secret.expose().strip_prefix("whsec_")?;
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .ok()
-        .filter(|k| !k.is_empty())
-}
-
-/// An http(s) URL; queries are allowed (receivers often carry a token there).
-fn notify_url(value: &str) -> Result<String, ConfigError> {
-    let bad = |reason: &str| {
-        invalid(
-            "notify.url",
-            Some(format!("{value:?}")),
-            format!("{reason} (use e.g. \"http://127.0.0.1:9000/coverd\")"),
-        )
-    };
-    if value.chars().any(char::is_whitespace) {
-        return Err(bad("must not contain spaces"));
-    }
-    let url = url::Url::parse(value).map_err(|e| bad(&format!("not a URL ({e})")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(bad("must start with http:// or https:// and name a host"));
-    }
-    Ok(value.to_string())
-}
-
-const ADDR_HINT: &str = "not a socket address (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")";
-
-fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, Some(format!("{value:?}")), ADDR_HINT))
-}
-
-/// An http(s) URL without query or fragment; returned without trailing `/`.
-fn http_url(key: &str, value: &str) -> Result<String, ConfigError> {
-    let bad = |reason: &str| invalid(key, Some(format!("{value:?}")), reason);
-    const HINT: &str = "(use e.g. \"https://coverd.example.com\")";
-    if value.is_empty() {
-        return Err(bad(&format!("must not be empty {HINT}")));
-    }
-    if value.chars().any(char::is_whitespace) {
-        return Err(bad(&format!("must not contain spaces {HINT}")));
-    }
-    let trimmed = value.trim_end_matches('/');
-    let url = url::Url::parse(trimmed).map_err(|e| bad(&format!("not a URL ({e}) {HINT}")))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(bad(&format!("must start with http:// or https:// {HINT}")));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(bad(&format!("must not have a query or fragment {HINT}")));
-    }
-    Ok(trimmed.to_string())
-}
-
-fn duration(
-    key: &str,
-    value: Option<String>,
-    default: Duration,
-    min: Duration,
-) -> Result<Duration, ConfigError> {
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    let parsed = humantime::parse_duration(&value).map_err(|_| {
-        invalid(
-            key,
-            Some(format!("{value:?}")),
-            "not a duration (use e.g. \"30s\", \"2m\")",
-        )
-    })?;
-    if parsed < min {
-        let reason = if min == Duration::from_nanos(1) {
-            "must be greater than zero".to_string()
-        } else {
-            format!("must be at least {}", humantime::format_duration(min))
-        };
-        return Err(invalid(key, Some(format!("{value:?}")), reason));
-    }
-    Ok(parsed)
-}
-
-fn int_in<T>(
-    key: &str,
-    value: Option<i64>,
-    default: T,
-    min: i64,
-    max: i64,
-) -> Result<T, ConfigError>
-where
-    T: TryFrom<i64>,
-{
-    let Some(value) = value else {
-        return Ok(default);
-    };
-    let reason = if max == i64::MAX {
-        format!("must be at least {min}")
-    } else {
-        format!("must be between {min} and {max}")
-    };
-    if value < min || value > max {
-        return Err(invalid(key, Some(value.to_string()), reason));
-    }
-    T::try_from(value).map_err(|_| invalid(key, Some(value.to_string()), reason))
-}
-
-fn allowed_host(value: &str) -> Result<String, ConfigError> {
-    let bad = |reason: &str| {
-        invalid(
-            "download.allowed_hosts",
-            Some(format!("{value:?}")),
-            format!("{reason}; list bare host names such as \"tempfile.aiquickdraw.com\""),
-        )
-    };
-    if value.is_empty() {
-        return Err(bad("an entry is empty"));
-    }
-    if value.contains("://") {
-        return Err(bad("an entry has a scheme"));
-    }
-    if value.contains(['/', '?', '#', '@']) {
-        return Err(bad("an entry has a path"));
-    }
-    let bracketed = value.starts_with('[') && value.ends_with(']');
-    if value.contains(':') && !bracketed {
-        return Err(bad("an entry has a port"));
-    }
-    match url::Host::parse(value) {
-        Ok(host) => Ok(host.to_string().to_ascii_lowercase()),
-        Err(_) => Err(bad("an entry is not a valid host name")),
-    }
-}
-
-fn user_agent(value: String) -> Result<String, ConfigError> {
-    if value.is_empty() {
-        return Err(invalid(
-            "download.user_agent",
-            Some("\"\"".into()),
-            "must not be empty (KIE's file hosts reject requests without one)",
-        ));
-    }
-    if !value.chars().all(|c| c == ' ' || c.is_ascii_graphic()) {
-        return Err(invalid(
-            "download.user_agent",
-            Some(format!("{value:?}")),
-            "may only contain visible ASCII characters and spaces",
-        ));
-    }
-    Ok(value)
-}
-
-/// Where one secret may come from, in order of precedence.
-struct SecretSource {
-    env_var: &'static str,
-    inline_key: &'static str,
-    inline: Option<String>,
-    file_key: &'static str,
-    file: Option<String>,
-    credential: &'static str,
-}
-
-/// Trailing whitespace removed; empty means unset.
-fn non_empty_secret(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim_end().to_string())
-        .filter(|v| !v.is_empty())
-}
-
-/// The secret from its first set source; it must fit in an HTTP header (no control
-/// characters), or every KIE call would fail later.
-fn secret(
-    env: &dyn Fn(&str) -> Option<String>,
-    src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
-    let key = src.inline_key;
-    let found = secret_from_sources(env, src)?;
-    if found
-        .as_ref()
-        .is_some_and(|s| s.expose().chars().any(char::is_control))
-    {
-        return Err(invalid(
-            key,
-            None,
-            "the key contains control characters (a line break in the middle?); store it on one line",
-        ));
-    }
-    Ok(found)
-}
-
-fn secret_from_sources(
-    env: &dyn Fn(&str) -> Option<String>,
-    src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
-    let inline = non_empty_secret(src.inline);
-    let file = src.file.filter(|f| !f.is_empty());
-    if inline.is_some() && file.is_some() {
-        return Err(invalid(
-            src.inline_key,
-            None,
-            format!(
-                "`{}` and `{}` are both set; keep only one",
-                src.inline_key, src.file_key
-            ),
-        ));
-    }
-    if let Some(value) = non_empty_secret(env(src.env_var)) {
-        return Ok(Some(Secret::new(value)));
-    }
-    if let Some(value) = inline {
-        return Ok(Some(Secret::new(value)));
-    }
-    if let Some(path) = file {
-        let value = std::fs::read_to_string(&path).map_err(|e| {
-            invalid(
-                src.file_key,
-                Some(format!("{path:?}")),
-                format!("cannot read the key file: {e}"),
-            )
-        })?;
-        return match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
-            None => Err(invalid(
-                src.file_key,
-                Some(format!("{path:?}")),
-                "the key file is empty; put the key in it or remove this setting",
-            )),
-        };
-    }
-    let Some(dir) = env(ENV_CREDENTIALS_DIRECTORY) else {
-        return Ok(None);
-    };
-    let path = Path::new(&dir).join(src.credential);
-    let cred_error = |reason: String| ConfigError::Env {
-        var: ENV_CREDENTIALS_DIRECTORY.into(),
-        value: Some(format!("{dir:?}")),
-        reason,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(value) => match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
-            None => Err(cred_error(format!(
-                "credential `{}` is empty; fill it or drop it from the unit",
-                src.credential
-            ))),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(cred_error(format!(
-            "cannot read credential `{}`: {e}",
-            src.credential
-        ))),
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::toml_errors::{key_at, redact_strings};
     use super::*;
     use std::collections::HashMap;
 

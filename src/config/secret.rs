@@ -1,0 +1,129 @@
+//! Secrets: the [`Secret`] string whose `Debug` never shows it, and where a secret is read
+//! from (environment, inline key, key file, systemd credential), in that order. Owns no
+//! other key; must not log or echo a secret value.
+
+use std::io;
+use std::path::Path;
+
+use super::{ConfigError, ENV_CREDENTIALS_DIRECTORY, invalid};
+
+/// A secret string (API key, HMAC key). Its `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Where one secret may come from, in order of precedence.
+pub(super) struct SecretSource {
+    pub(super) env_var: &'static str,
+    pub(super) inline_key: &'static str,
+    pub(super) inline: Option<String>,
+    pub(super) file_key: &'static str,
+    pub(super) file: Option<String>,
+    pub(super) credential: &'static str,
+}
+
+/// Trailing whitespace removed; empty means unset.
+fn non_empty_secret(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim_end().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The secret from its first set source; it must fit in an HTTP header (no control
+/// characters), or every KIE call would fail later.
+pub(super) fn secret(
+    env: &dyn Fn(&str) -> Option<String>,
+    src: SecretSource,
+) -> Result<Option<Secret>, ConfigError> {
+    let key = src.inline_key;
+    let found = secret_from_sources(env, src)?;
+    if found
+        .as_ref()
+        .is_some_and(|s| s.expose().chars().any(char::is_control))
+    {
+        return Err(invalid(
+            key,
+            None,
+            "the key contains control characters (a line break in the middle?); store it on one line",
+        ));
+    }
+    Ok(found)
+}
+
+fn secret_from_sources(
+    env: &dyn Fn(&str) -> Option<String>,
+    src: SecretSource,
+) -> Result<Option<Secret>, ConfigError> {
+    let inline = non_empty_secret(src.inline);
+    let file = src.file.filter(|f| !f.is_empty());
+    if inline.is_some() && file.is_some() {
+        return Err(invalid(
+            src.inline_key,
+            None,
+            format!(
+                "`{}` and `{}` are both set; keep only one",
+                src.inline_key, src.file_key
+            ),
+        ));
+    }
+    if let Some(value) = non_empty_secret(env(src.env_var)) {
+        return Ok(Some(Secret::new(value)));
+    }
+    if let Some(value) = inline {
+        return Ok(Some(Secret::new(value)));
+    }
+    if let Some(path) = file {
+        let value = std::fs::read_to_string(&path).map_err(|e| {
+            invalid(
+                src.file_key,
+                Some(format!("{path:?}")),
+                format!("cannot read the key file: {e}"),
+            )
+        })?;
+        return match non_empty_secret(Some(value)) {
+            Some(value) => Ok(Some(Secret::new(value))),
+            None => Err(invalid(
+                src.file_key,
+                Some(format!("{path:?}")),
+                "the key file is empty; put the key in it or remove this setting",
+            )),
+        };
+    }
+    let Some(dir) = env(ENV_CREDENTIALS_DIRECTORY) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(src.credential);
+    let cred_error = |reason: String| ConfigError::Env {
+        var: ENV_CREDENTIALS_DIRECTORY.into(),
+        value: Some(format!("{dir:?}")),
+        reason,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(value) => match non_empty_secret(Some(value)) {
+            Some(value) => Ok(Some(Secret::new(value))),
+            None => Err(cred_error(format!(
+                "credential `{}` is empty; fill it or drop it from the unit",
+                src.credential
+            ))),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(cred_error(format!(
+            "cannot read credential `{}`: {e}",
+            src.credential
+        ))),
+    }
+}
