@@ -10,7 +10,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    MAX_EVENTS_PER_TASK, Store, StoreError, bump, codec, drop_notifications, event_key, reindex,
+    MAX_EVENTS_PER_TASK, Store, StoreError, bump, decode, drop_notifications, event_key, reindex,
     state_key, time_key,
 };
 use crate::model::{Millis, Task};
@@ -143,12 +143,9 @@ impl Store {
                         continue;
                     };
                     let old = match tasks.get(id.as_bytes())? {
-                        Some(bytes) => Some(codec::decode_task(&bytes).map_err(|e| {
-                            ConflictableTransactionError::Abort(StoreError::Corrupt {
-                                what: format!("task {id}"),
-                                reason: e.to_string(),
-                            })
-                        })?),
+                        Some(bytes) => {
+                            Some(decode(&bytes, id).map_err(ConflictableTransactionError::Abort)?)
+                        }
                         None => None,
                     };
                     let old = old.as_ref();
@@ -279,12 +276,7 @@ impl Store {
                 let Some(bytes) = tasks.get(task_id.as_bytes())? else {
                     return Ok(false);
                 };
-                let task = codec::decode_task(&bytes).map_err(|e| {
-                    ConflictableTransactionError::Abort(StoreError::Corrupt {
-                        what: format!("task {task_id}"),
-                        reason: e.to_string(),
-                    })
-                })?;
+                let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
                 if !task.state.is_finished() || task.updated_at != updated_at {
                     return Ok(false);
                 }
