@@ -10,8 +10,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use super::{
-    MAX_EVENTS_PER_TASK, Store, StoreError, bump, decode, drop_notifications, event_key, reindex,
-    state_key, time_key,
+    Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, decode, drop_notifications, event_key,
 };
 use crate::model::{Millis, Task};
 
@@ -133,6 +132,13 @@ impl Store {
         );
         let result = trees.transaction(
             |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+                let indexes = Indexes {
+                    meta,
+                    due_download: due_dl,
+                    due_poll,
+                    by_state,
+                    by_created,
+                };
                 for copy in copies {
                     let id = copy.task_id.as_str();
                     let Some(task) = &copy.task else {
@@ -148,22 +154,7 @@ impl Store {
                         }
                         None => None,
                     };
-                    let old = old.as_ref();
-                    reindex(
-                        due_dl,
-                        old.and_then(Task::download_due),
-                        task.download_due(),
-                        id,
-                    )?;
-                    reindex(due_poll, old.and_then(Task::poll_due), task.poll_due(), id)?;
-                    if let Some(o) = old {
-                        by_state.remove(state_key(o.state, o.created_at, id))?;
-                        bump(meta, o.state, -1)?;
-                        by_created.remove(time_key(o.created_at, id))?;
-                    }
-                    by_state.insert(state_key(task.state, task.created_at, id), &[])?;
-                    bump(meta, task.state, 1)?;
-                    by_created.insert(time_key(task.created_at, id), &[])?;
+                    indexes.derive(id, old.as_ref(), Some(task))?;
                     if let Some(music) = &task.music_task_id {
                         by_music.insert(music.as_bytes(), id.as_bytes())?;
                     }
@@ -284,11 +275,14 @@ impl Store {
                 if !drop_notifications(outbox, meta, task_id)? {
                     return Ok(false);
                 }
-                reindex(due_dl, task.download_due(), None, task_id)?;
-                reindex(due_poll, task.poll_due(), None, task_id)?;
-                by_state.remove(state_key(task.state, task.created_at, task_id))?;
-                bump(meta, task.state, -1)?;
-                by_created.remove(time_key(task.created_at, task_id))?;
+                let indexes = Indexes {
+                    meta,
+                    due_download: due_dl,
+                    due_poll,
+                    by_state,
+                    by_created,
+                };
+                indexes.derive(task_id, Some(&task), None)?;
                 if let Some(music) = &task.music_task_id
                     && by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
                 {

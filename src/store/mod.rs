@@ -372,33 +372,14 @@ impl Store {
 
                 // Indexes, derived from the old and new record.
                 let old = before.as_ref();
-                reindex(
-                    due_dl,
-                    old.and_then(Task::download_due),
-                    task.download_due(),
-                    task_id,
-                )?;
-                reindex(
+                let indexes = Indexes {
+                    meta,
+                    due_download: due_dl,
                     due_poll,
-                    old.and_then(Task::poll_due),
-                    task.poll_due(),
-                    task_id,
-                )?;
-                let old_state = old.map(|t| state_key(t.state, t.created_at, task_id));
-                let new_state = state_key(task.state, task.created_at, task_id);
-                if old_state.as_deref() != Some(new_state.as_slice()) {
-                    if let Some(k) = old_state {
-                        by_state.remove(k)?;
-                    }
-                    by_state.insert(new_state, &[])?;
-                    if let Some(t) = old {
-                        bump(meta, t.state, -1)?;
-                    }
-                    bump(meta, task.state, 1)?;
-                }
-                if old.is_none() {
-                    by_created.insert(time_key(task.created_at, task_id), &[])?;
-                }
+                    by_state,
+                    by_created,
+                };
+                indexes.derive(task_id, old, Some(&task))?;
                 if let Some(music) = &task.music_task_id
                     && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
                 {
@@ -1157,6 +1138,57 @@ fn is_repetitive(kind: EventKind) -> bool {
             | EventKind::Ignored
             | EventKind::ImageRetry
     )
+}
+
+/// The trees derived from a task record: `due_download`, `due_poll`, `by_state` with the
+/// per-state counters in `meta`, and `by_created`. (`by_music` is each caller's: `apply`,
+/// copying and forgetting a task each have their own rule for it.)
+pub(super) struct Indexes<'a> {
+    pub meta: &'a TransactionalTree,
+    pub due_download: &'a TransactionalTree,
+    pub due_poll: &'a TransactionalTree,
+    pub by_state: &'a TransactionalTree,
+    pub by_created: &'a TransactionalTree,
+}
+
+impl Indexes<'_> {
+    /// Moves task `id`'s entries from what record `old` implied to what `new` implies (`None`:
+    /// no record); writes only what changed.
+    pub(super) fn derive(&self, id: &str, old: Option<&Task>, new: Option<&Task>) -> TxResult<()> {
+        reindex(
+            self.due_download,
+            old.and_then(Task::download_due),
+            new.and_then(Task::download_due),
+            id,
+        )?;
+        reindex(
+            self.due_poll,
+            old.and_then(Task::poll_due),
+            new.and_then(Task::poll_due),
+            id,
+        )?;
+        let state = |t: &Task| state_key(t.state, t.created_at, id);
+        if old.map(state) != new.map(state) {
+            if let Some(t) = old {
+                self.by_state.remove(state(t))?;
+                bump(self.meta, t.state, -1)?;
+            }
+            if let Some(t) = new {
+                self.by_state.insert(state(t), &[])?;
+                bump(self.meta, t.state, 1)?;
+            }
+        }
+        let created = |t: &Task| time_key(t.created_at, id);
+        if old.map(created) != new.map(created) {
+            if let Some(t) = old {
+                self.by_created.remove(created(t))?;
+            }
+            if let Some(t) = new {
+                self.by_created.insert(created(t), &[])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn reindex(
