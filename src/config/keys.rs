@@ -1,13 +1,23 @@
-//! The declaration table of every configuration file key: name, kind, default as written in
-//! the file, environment variable, bounds and the rule's wording, once per key. The bounds
-//! checks in `resolve` and the key table in docs/configuration.md ([`docs_table`]) come from
-//! here, and so do `Config::default()`'s scalar defaults (the unset/off ones, the host list and
-//! the versioned User-Agent stay in `Default`, checked against this table by a unit test).
-//! Owns no parsing of file values and no I/O.
+//! The declaration of every configuration file key, once: name, kind, default as written in
+//! the file, environment variable, bounds, the rule's wording, the [`Config`] field it sets
+//! and, where it is not the kind's own, its parser. From it come the structs the file is
+//! parsed into (`RawFile` and one per section, unknown keys rejected), the parsing and bounds
+//! checks of every key with its environment override ([`RawFile::apply_declared`]), what
+//! `check-config` prints ([`RawFile::shown`]), the key table in docs/configuration.md
+//! ([`docs_table`]) and `Config::default()`'s scalar defaults (the unset/off ones, the host
+//! list and the versioned User-Agent stay in `Default`, checked against this table by a unit
+//! test). Owns no precedence beyond key-by-key (flags, secrets and checks across keys are
+//! `config`'s) and no I/O.
 
 use std::time::Duration;
 
-use super::{ENV_API_KEY, ENV_DATA_DIR, ENV_LISTEN, ENV_NOTIFY_SECRET, ENV_WEBHOOK_HMAC_KEY};
+use serde::{Deserialize, Serialize};
+
+use super::values;
+use super::{
+    Config, ConfigError, ENV_API_KEY, ENV_DATA_DIR, ENV_LISTEN, ENV_NOTIFY_SECRET,
+    ENV_WEBHOOK_HMAC_KEY,
+};
 
 /// What kind of value a key takes in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +57,8 @@ pub struct KeyDecl {
     pub bounds: Bounds,
     /// The rule's wording after what `bounds` says (which is printed first).
     pub rule: &'static str,
+    /// Whether the value is a secret (never echoed, shown as set or unset).
+    pub secret: bool,
 }
 
 const NS: Duration = Duration::from_nanos(1);
@@ -58,50 +70,226 @@ const fn at_least(min: Duration) -> Bounds {
 }
 
 macro_rules! keys {
-    ($( $name:literal : $kind:ident = $default:literal, env $env:expr, $bounds:expr, $rule:literal; )*) => {
+    (
+        $Top:ident {
+            $( $tk:ident : $tkind:ident = $tdef:literal, env $tenv:expr, $tb:expr, $trule:literal
+                $(=> $($tpath:ident).+ $(as $tsecret:ident)? $(via $tparse:path)?)? ; )*
+        }
+        $( [$sec:ident] $Sec:ident {
+            $( $k:ident : $kind:ident = $def:literal, env $env:expr, $b:expr, $rule:literal
+                $(=> $($path:ident).+ $(as $secret:ident)? $(via $parse:path)?)? ; )*
+        } )*
+    ) => {
         /// Every key the configuration file accepts, in the docs table's order.
-        pub const KEYS: &[KeyDecl] = &[$(KeyDecl {
-            name: $name,
-            kind: Kind::$kind,
-            default: $default,
-            env: $env,
-            bounds: $bounds,
-            rule: $rule,
-        }),*];
+        pub const KEYS: &[KeyDecl] = &[
+            $(KeyDecl {
+                name: stringify!($tk),
+                kind: Kind::$tkind,
+                default: $tdef,
+                env: $tenv,
+                bounds: $tb,
+                rule: $trule,
+                secret: key!(@is_secret [$($($tsecret)?)?]),
+            },)*
+            $($(KeyDecl {
+                name: concat!(stringify!($sec), ".", stringify!($k)),
+                kind: Kind::$kind,
+                default: $def,
+                env: $env,
+                bounds: $b,
+                rule: $rule,
+                secret: key!(@is_secret [$($($secret)?)?]),
+            },)*)*
+        ];
+
+        /// The file as written: every key optional, unknown keys rejected, each value of its
+        /// declared kind. No `Debug`: it may hold secrets.
+        #[derive(Deserialize, Serialize, Default)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct $Top {
+            $(pub(super) $tk: Option<key!(@raw $tkind)>,)*
+            $(pub(super) $sec: Option<$Sec>,)*
+        }
+
+        $(
+            #[derive(Deserialize, Serialize, Default)]
+            #[serde(deny_unknown_fields)]
+            pub(super) struct $Sec {
+                $(pub(super) $k: Option<key!(@raw $kind)>,)*
+            }
+        )*
+
+        impl $Top {
+            /// Every section present (and every key unset): what [`super::keys`] lists.
+            pub(super) fn all_sections() -> Self {
+                $Top { $($sec: Some($Sec::default()),)* ..$Top::default() }
+            }
+
+            /// Moves every value of a key with a field in [`Config`] out of the file (or,
+            /// where the key has one, out of its environment variable, which wins) into
+            /// `config`, parsed and checked. Keys a flag sets are skipped; secret keys and
+            /// the `*_file` keys stay for the secret step.
+            pub(super) fn apply_declared(
+                &mut self,
+                config: &mut Config,
+                src: &Sources<'_>,
+            ) -> Result<(), ConfigError> {
+                $(key!(@apply config, src, self.$tk.take(), stringify!($tk), $tenv, $tkind,
+                    [$($($tpath).+)?], [$($($tsecret)?)?], [$($($tparse)?)?]);)*
+                $(
+                    let section = self.$sec.get_or_insert_with(Default::default);
+                    $(key!(@apply config, src, section.$k.take(),
+                        concat!(stringify!($sec), ".", stringify!($k)), $env, $kind,
+                        [$($($path).+)?], [$($($secret)?)?], [$($($parse)?)?]);)*
+                )*
+                Ok(())
+            }
+
+            /// `config` as the file would say it (`check-config`): secrets as
+            /// [`super::SECRET_SHOWN`] or `""`, keys without a field of their own (the
+            /// `*_file` keys) left out.
+            pub(super) fn shown(config: &Config) -> Self {
+                $Top {
+                    $($tk: key!(@show config, [$($($tpath).+)?], [$($($tsecret)?)?]),)*
+                    $($sec: Some($Sec {
+                        $($k: key!(@show config, [$($($path).+)?], [$($($secret)?)?]),)*
+                    }),)*
+                }
+            }
+        }
     };
 }
 
+/// The pieces [`keys!`] generates for one key.
+macro_rules! key {
+    (@is_secret []) => { false };
+    (@is_secret [secret]) => { true };
+
+    (@raw Str) => { String };
+    (@raw Bool) => { bool };
+    (@raw Int) => { i64 };
+    (@raw Duration) => { String };
+    (@raw StrList) => { Vec<String> };
+
+    // The parser of a kind, for keys that declare none.
+    (@parser Bool) => { values::boolean };
+    (@parser Int) => { values::int_in };
+    (@parser Duration) => { values::duration };
+
+    // No field of its own, or a secret: read by the secret step.
+    (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,
+        [], [], []) => {};
+    (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,
+        [$($p:ident).+], [secret], []) => {};
+    (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,
+        [$($p:ident).+], [], []) => {
+        key!(@apply $c, $src, $v, $name, $env, $kind, [$($p).+], [], [key!(@parser $kind)])
+    };
+    (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,
+        [$($p:ident).+], [], [$parse:expr]) => {
+        if let Some((value, var)) = $src.value($name, $env, $v) {
+            $c.$($p).+ = $parse($name, value).map_err(|e| e.blamed_on_env(var))?;
+        }
+    };
+
+    (@show $c:ident, [], []) => { None };
+    (@show $c:ident, [$($p:ident).+], [secret]) => { Some(values::secret_shown($c.$($p).+.is_some())) };
+    (@show $c:ident, [$($p:ident).+], []) => { Some(values::Shown::shown(&$c.$($p).+)) };
+}
+
+// One line a key: `name: Kind = default as the docs show it, env VAR, bounds, "the rule's
+// wording after the bounds" => the field of `Config` it sets [as secret] [via parser]`.
+// Without a parser the kind's own is used (bounds checked); `as secret` fields are filled
+// by the secret step and shown as set/unset; keys without a field (`*_file`) only feed the
+// secret step.
 keys! {
-    "data_dir": Str = r#""./coverd-data""#, env Some(ENV_DATA_DIR), Bounds::None, "not empty; flag `--data-dir`";
-    "listen": Str = r#""127.0.0.1:8787""#, env Some(ENV_LISTEN), Bounds::None, "`IP:PORT` (`[::1]:8787` for IPv6); flag `--listen`";
-    "public_url": Str = r#""""#, env None, Bounds::None, "empty, or an `http(s)://` URL without query or fragment; trailing `/` removed";
-    "accept_unknown_tasks": Bool = "false", env None, Bounds::None, "";
-    "metrics_listen": Str = r#""" (off)"#, env None, Bounds::None, "empty, or `IP:PORT`";
-    "kie.base_url": Str = r#""https://api.kie.ai""#, env None, Bounds::None, "an `http(s)://` URL; trailing `/` removed";
-    "kie.api_key": Str = "unset", env Some(ENV_API_KEY), Bounds::None, "secret, see below";
-    "kie.api_key_file": Str = "unset", env None, Bounds::None, "path of a file holding the API key";
-    "kie.webhook_hmac_key": Str = "unset", env Some(ENV_WEBHOOK_HMAC_KEY), Bounds::None, "secret, see below";
-    "kie.webhook_hmac_key_file": Str = "unset", env None, Bounds::None, "path of a file holding the HMAC key";
-    "kie.signature_tolerance": Duration = r#""5m""#, env None, at_least(NS), "";
-    "kie.confirm_callbacks": Bool = "true", env None, Bounds::None, "";
-    "kie.requests_per_10s": Int = "18", env None, int(1, 1000), "";
-    "download.concurrency": Int = "4", env None, int(1, 64), "";
-    "download.max_image_bytes": Int = "26214400", env None, int(1024, i64::MAX), "";
-    "download.max_attempts": Int = "8", env None, int(1, 100), "";
-    "download.backoff_base": Duration = r#""2s""#, env None, at_least(NS), " and ≤ `download.backoff_max`";
-    "download.backoff_max": Duration = r#""5m""#, env None, at_least(Duration::ZERO), "";
-    "download.timeout": Duration = r#""120s""#, env None, at_least(Duration::from_secs(1)), "";
-    "download.allowed_hosts": StrList = r#"["tempfile.aiquickdraw.com"]"#, env None, Bounds::None, "bare host names or IPs, no scheme, path or port; lower-cased; `[]` allows any host";
-    "download.allow_http": Bool = "false", env None, Bounds::None, "";
-    "download.allow_private_networks": Bool = "false", env None, Bounds::None, "";
-    "download.user_agent": Str = r#""coverd/<version>""#, env None, Bounds::None, "not empty; visible ASCII and spaces only";
-    "poll.after": Duration = r#""2m""#, env None, at_least(Duration::ZERO), "";
-    "poll.interval": Duration = r#""30s""#, env None, at_least(Duration::from_secs(1)), "";
-    "poll.give_up_after": Duration = r#""24h""#, env None, at_least(NS), "";
-    "notify.url": Str = r#""" (off)"#, env None, Bounds::None, "empty, or an `http(s)://` URL (a query is kept); the image URL guard does not apply";
-    "notify.secret_file": Str = "unset", env Some(ENV_NOTIFY_SECRET), Bounds::None, "path of a file holding the signing secret, `whsec_` + base64; required when `notify.url` is set; see below";
-    "notify.timeout": Duration = r#""10s""#, env None, at_least(NS), "; per attempt";
-    "notify.max_attempts": Int = "12", env None, int(1, 100), "";
+    RawFile {
+        data_dir: Str = r#""./coverd-data""#, env Some(ENV_DATA_DIR), Bounds::None,
+            "not empty; flag `--data-dir`" => data_dir via values::data_dir;
+        listen: Str = r#""127.0.0.1:8787""#, env Some(ENV_LISTEN), Bounds::None,
+            "`IP:PORT` (`[::1]:8787` for IPv6); flag `--listen`" => listen via values::parse_addr;
+        public_url: Str = r#""""#, env None, Bounds::None,
+            "empty, or an `http(s)://` URL without query or fragment; trailing `/` removed"
+            => public_url via values::public_url;
+        accept_unknown_tasks: Bool = "false", env None, Bounds::None, "" => accept_unknown_tasks;
+        metrics_listen: Str = r#""" (off)"#, env None, Bounds::None, "empty, or `IP:PORT`"
+            => metrics_listen via values::optional_addr;
+    }
+    [kie] RawKie {
+        base_url: Str = r#""https://api.kie.ai""#, env None, Bounds::None,
+            "an `http(s)://` URL; trailing `/` removed" => kie.base_url via values::base_url;
+        api_key: Str = "unset", env Some(ENV_API_KEY), Bounds::None, "secret, see below"
+            => kie.api_key as secret;
+        api_key_file: Str = "unset", env None, Bounds::None, "path of a file holding the API key";
+        webhook_hmac_key: Str = "unset", env Some(ENV_WEBHOOK_HMAC_KEY), Bounds::None,
+            "secret, see below" => kie.webhook_hmac_key as secret;
+        webhook_hmac_key_file: Str = "unset", env None, Bounds::None,
+            "path of a file holding the HMAC key";
+        signature_tolerance: Duration = r#""5m""#, env None, at_least(NS), ""
+            => kie.signature_tolerance;
+        confirm_callbacks: Bool = "true", env None, Bounds::None, "" => kie.confirm_callbacks;
+        requests_per_10s: Int = "18", env None, int(1, 1000), "" => kie.requests_per_10s;
+    }
+    [download] RawDownload {
+        concurrency: Int = "4", env None, int(1, 64), "" => download.concurrency;
+        max_image_bytes: Int = "26214400", env None, int(1024, i64::MAX), ""
+            => download.max_image_bytes;
+        max_attempts: Int = "8", env None, int(1, 100), "" => download.max_attempts;
+        backoff_base: Duration = r#""2s""#, env None, at_least(NS),
+            " and ≤ `download.backoff_max`" => download.backoff_base;
+        backoff_max: Duration = r#""5m""#, env None, at_least(Duration::ZERO), ""
+            => download.backoff_max;
+        timeout: Duration = r#""120s""#, env None, at_least(Duration::from_secs(1)), ""
+            => download.timeout;
+        allowed_hosts: StrList = r#"["tempfile.aiquickdraw.com"]"#, env None, Bounds::None,
+            "bare host names or IPs, no scheme, path or port; lower-cased; `[]` allows any host"
+            => download.allowed_hosts via values::allowed_hosts;
+        allow_http: Bool = "false", env None, Bounds::None, "" => download.allow_http;
+        allow_private_networks: Bool = "false", env None, Bounds::None, ""
+            => download.allow_private_networks;
+        user_agent: Str = r#""coverd/<version>""#, env None, Bounds::None,
+            "not empty; visible ASCII and spaces only" => download.user_agent
+            via values::user_agent_of;
+    }
+    [poll] RawPoll {
+        after: Duration = r#""2m""#, env None, at_least(Duration::ZERO), "" => poll.after;
+        interval: Duration = r#""30s""#, env None, at_least(Duration::from_secs(1)), ""
+            => poll.interval;
+        give_up_after: Duration = r#""24h""#, env None, at_least(NS), "" => poll.give_up_after;
+    }
+    [notify] RawNotify {
+        url: Str = r#""" (off)"#, env None, Bounds::None,
+            "empty, or an `http(s)://` URL (a query is kept); the image URL guard does not apply"
+            => notify.url via values::notify_url;
+        secret_file: Str = "unset", env Some(ENV_NOTIFY_SECRET), Bounds::None,
+            "path of a file holding the signing secret, `whsec_` + base64; required when `notify.url` is set; see below";
+        timeout: Duration = r#""10s""#, env None, at_least(NS), "; per attempt" => notify.timeout;
+        max_attempts: Int = "12", env None, int(1, 100), "" => notify.max_attempts;
+    }
+}
+
+/// Where [`RawFile::apply_declared`] takes a key's value from besides the file.
+pub(super) struct Sources<'a> {
+    pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    /// Whether a command-line flag sets the key (then neither file nor environment count).
+    pub(super) flagged: &'a dyn Fn(&str) -> bool,
+}
+
+impl Sources<'_> {
+    /// The value in force for `name` and the environment variable it came from, if one
+    /// did; `None` when neither is set or a flag decides.
+    fn value<R: values::FromEnv>(
+        &self,
+        name: &str,
+        env: Option<&'static str>,
+        file: Option<R>,
+    ) -> Option<(R, Option<&'static str>)> {
+        if (self.flagged)(name) {
+            return None;
+        }
+        let from_env = env.and_then(|var| Some((R::from_env((self.env)(var)?)?, Some(var))));
+        from_env.or(file.map(|v| (v, None)))
+    }
 }
 
 /// The declaration of `name`. Panics on a name not in [`KEYS`]: callers pass literals, and
@@ -213,6 +401,30 @@ pub fn docs_table() -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    /// An environment variable reaches a key's parser only for string keys
+    /// (`values::FromEnv`), and a secret is the only kind of value shown masked.
+    #[test]
+    fn environment_variables_are_declared_on_string_keys() {
+        for k in KEYS {
+            if k.env.is_some() {
+                assert_eq!(
+                    k.kind,
+                    Kind::Str,
+                    "{} takes an environment variable",
+                    k.name
+                );
+            }
+            if k.secret {
+                assert!(
+                    k.env.is_some(),
+                    "secret {} has no environment variable",
+                    k.name
+                );
+            }
+        }
+        assert_eq!(KEYS.iter().filter(|k| k.secret).count(), 2);
+    }
 
     /// The declared defaults and kinds are the ones `Config::default()` holds, as
     /// `check-config` prints them; secrets and `*_file` keys are declared `unset`.

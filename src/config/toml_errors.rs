@@ -2,9 +2,11 @@
 //! column and dotted key in front, string values removed (they may be secrets) and serde's
 //! type names put in the file's terms. Owns no validation; must not read files.
 
-/// Keys whose values are secrets: their values are never echoed.
+use super::keys::KEYS;
+
+/// Keys declared secret: their values are never echoed.
 fn is_secret_key(key: &str) -> bool {
-    key.ends_with("api_key") || key.ends_with("webhook_hmac_key") || key == "notify.secret"
+    KEYS.iter().any(|k| k.secret && k.name == key)
 }
 
 /// toml's message with "line L, column C (`dotted.key`)" in front, string values removed
@@ -30,12 +32,26 @@ pub(super) fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
         .replace(" as i128, expected i64", " is out of range")
         .replace("expected i64", "expected an integer")
         .replace("unknown field", "unknown key");
-    let message = ["RawFile", "RawKie", "RawDownload", "RawPoll"]
-        .iter()
-        .fold(message, |m, name| {
-            m.replace(&format!("expected struct {name}"), "expected a table")
-        });
-    out.push_str(&message);
+    out.push_str(&tables_by_name(&message));
+    out
+}
+
+/// serde's `expected struct RawKie` (whatever struct a section is parsed into) in the file's
+/// terms: `expected a table`.
+fn tables_by_name(message: &str) -> String {
+    const MARK: &str = "expected struct ";
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        out.push_str("expected a table");
+        let after = &rest[i + MARK.len()..];
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
     out
 }
 

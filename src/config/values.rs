@@ -1,11 +1,136 @@
 //! Checks and parsers for single configuration values (socket addresses, URLs, durations,
 //! bounded integers, download hosts, the User-Agent, the notification secret's key), each
-//! naming its key in the error. Owns no precedence between sources and no I/O.
+//! naming its key in the error, and the checked newtypes `KieBaseUrl`, `UserAgent`, `ApiKey`.
+//! The parsers a key declares in `keys` take `(key, value as written)`; [`Shown`] turns a
+//! resolved value back into the file's terms for `check-config`. Owns no precedence between
+//! sources and no I/O.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ConfigError, Secret, invalid, keys};
+use super::{ConfigError, SECRET_SHOWN, Secret, invalid, keys};
+
+/// KIE's API base URL, validated once when the config is read: an http(s) URL with a host,
+/// no query or fragment, without trailing slash, e.g. `https://api.kie.ai`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KieBaseUrl(pub(super) String);
+
+impl KieBaseUrl {
+    /// Checks `value` as the setting `key` (e.g. `kie.base_url`).
+    pub fn parse(key: &str, value: &str) -> Result<KieBaseUrl, ConfigError> {
+        http_url(key, value).map(KieBaseUrl)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<&str> for KieBaseUrl {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The User-Agent of every outgoing request, validated once when the config is read: not
+/// empty, visible ASCII and spaces only (so it is always a valid HTTP header value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserAgent(pub(super) String);
+
+impl UserAgent {
+    pub fn parse(value: String) -> Result<UserAgent, ConfigError> {
+        user_agent(value).map(UserAgent)
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<&str> for UserAgent {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The KIE API key, validated once when the config is read: trimmed, not empty, no control
+/// characters (so `Bearer <key>` is always a valid HTTP header value). `Debug` hides it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey(Secret);
+
+impl ApiKey {
+    /// Checks `value` as the setting `key` (e.g. `kie.api_key`).
+    pub fn parse(key: &str, value: &Secret) -> Result<ApiKey, ConfigError> {
+        let trimmed = value.expose().trim();
+        if trimmed.is_empty() {
+            return Err(invalid(
+                key,
+                None,
+                "the key is empty; set it or remove the setting",
+            ));
+        }
+        if trimmed.chars().any(char::is_control) {
+            return Err(invalid(
+                key,
+                None,
+                "the key contains control characters (a line break in the middle?); store it on one line",
+            ));
+        }
+        Ok(ApiKey(Secret::new(trimmed)))
+    }
+    pub fn expose(&self) -> &str {
+        self.0.expose()
+    }
+}
+
+// The parsers keys declare: `(key, value as written)`.
+
+pub(super) fn base_url(key: &str, value: String) -> Result<KieBaseUrl, ConfigError> {
+    KieBaseUrl::parse(key, &value)
+}
+
+pub(super) fn user_agent_of(_key: &str, value: String) -> Result<UserAgent, ConfigError> {
+    UserAgent::parse(value)
+}
+
+pub(super) fn boolean(_key: &str, value: bool) -> Result<bool, ConfigError> {
+    Ok(value)
+}
+
+/// A directory path, not empty.
+pub(super) fn data_dir(key: &str, value: String) -> Result<PathBuf, ConfigError> {
+    non_empty_dir(key, PathBuf::from(value))
+}
+
+pub(super) fn non_empty_dir(key: &str, dir: PathBuf) -> Result<PathBuf, ConfigError> {
+    if dir.as_os_str().is_empty() {
+        return Err(invalid(
+            key,
+            Some("\"\"".into()),
+            "must not be empty; give a directory path",
+        ));
+    }
+    Ok(dir)
+}
+
+/// Empty (unset), or an http(s) URL without query or fragment.
+pub(super) fn public_url(key: &str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return Ok(value);
+    }
+    http_url(key, &value)
+}
+
+/// Empty (off), or a socket address.
+pub(super) fn optional_addr(key: &str, value: String) -> Result<Option<SocketAddr>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    parse_addr(key, value).map(Some)
+}
+
+pub(super) fn allowed_hosts(_key: &str, hosts: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    hosts.iter().map(|h| allowed_host(h)).collect()
+}
 
 /// The HMAC key of a notification secret: the base64 after `whsec_`, decoded; `None` when
 /// the secret is not of that form.
@@ -18,8 +143,11 @@ pub fn notify_key(secret: &Secret) -> Option<Vec<u8>> {
         .filter(|k| !k.is_empty())
 }
 
-/// An http(s) URL; queries are allowed (receivers often carry a token there).
-pub(super) fn notify_url(value: &str) -> Result<String, ConfigError> {
+/// Empty (off), or an http(s) URL; queries are allowed (receivers often carry a token there).
+pub(super) fn notify_url(_key: &str, value: String) -> Result<Option<String>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
     let bad = |reason: &str| {
         invalid(
             "notify.url",
@@ -30,17 +158,17 @@ pub(super) fn notify_url(value: &str) -> Result<String, ConfigError> {
     if value.chars().any(char::is_whitespace) {
         return Err(bad("must not contain spaces"));
     }
-    let url = url::Url::parse(value).map_err(|e| bad(&format!("not a URL ({e})")))?;
+    let url = url::Url::parse(&value).map_err(|e| bad(&format!("not a URL ({e})")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(bad("must start with http:// or https:// and name a host"));
     }
-    Ok(value.to_string())
+    Ok(Some(value))
 }
 
 pub(super) const ADDR_HINT: &str =
     "not a socket address (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")";
 
-pub(super) fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+pub(super) fn parse_addr(key: &str, value: String) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
         .map_err(|_| invalid(key, Some(format!("{value:?}")), ADDR_HINT))
@@ -67,16 +195,9 @@ pub(super) fn http_url(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_string())
 }
 
-/// A duration key's value, or its default; at least the minimum declared in [`keys::KEYS`].
-pub(super) fn duration(
-    key: &str,
-    value: Option<String>,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
+/// A duration key's value; at least the minimum declared in [`keys::KEYS`].
+pub(super) fn duration(key: &str, value: String) -> Result<Duration, ConfigError> {
     let min = keys::duration_min(key);
-    let Some(value) = value else {
-        return Ok(default);
-    };
     let parsed = humantime::parse_duration(&value).map_err(|_| {
         invalid(
             key,
@@ -95,15 +216,12 @@ pub(super) fn duration(
     Ok(parsed)
 }
 
-/// An integer key's value, or its default; within the bounds declared in [`keys::KEYS`].
-pub(super) fn int_in<T>(key: &str, value: Option<i64>, default: T) -> Result<T, ConfigError>
+/// An integer key's value; within the bounds declared in [`keys::KEYS`].
+pub(super) fn int_in<T>(key: &str, value: i64) -> Result<T, ConfigError>
 where
     T: TryFrom<i64>,
 {
     let (min, max) = keys::int_bounds(key);
-    let Some(value) = value else {
-        return Ok(default);
-    };
     let reason = if max == i64::MAX {
         format!("must be at least {min}")
     } else {
@@ -158,4 +276,97 @@ pub(super) fn user_agent(value: String) -> Result<String, ConfigError> {
         ));
     }
     Ok(value)
+}
+
+/// A raw value as an environment variable gives it; only string keys take one (`None` for
+/// the others, and `keys`' unit test checks no other kind declares a variable).
+pub(super) trait FromEnv: Sized {
+    fn from_env(value: String) -> Option<Self>;
+}
+
+impl FromEnv for String {
+    fn from_env(value: String) -> Option<Self> {
+        Some(value)
+    }
+}
+
+macro_rules! not_from_env {
+    ($($t:ty),*) => {$(
+        impl FromEnv for $t {
+            fn from_env(_: String) -> Option<Self> {
+                None
+            }
+        }
+    )*};
+}
+not_from_env!(i64, bool, Vec<String>);
+
+/// A resolved value in the file's terms (`check-config`), of the raw type `R` of its kind.
+pub(super) trait Shown<R> {
+    fn shown(&self) -> R;
+}
+
+macro_rules! shown_as_string {
+    ($($t:ty),*) => {$(
+        impl Shown<String> for $t {
+            fn shown(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+shown_as_string!(String, SocketAddr);
+
+impl Shown<String> for PathBuf {
+    fn shown(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl<T: Shown<String>> Shown<String> for Option<T> {
+    /// Unset or off is `""`.
+    fn shown(&self) -> String {
+        self.as_ref().map(Shown::shown).unwrap_or_default()
+    }
+}
+
+impl Shown<String> for Duration {
+    fn shown(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+impl Shown<String> for KieBaseUrl {
+    fn shown(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Shown<String> for UserAgent {
+    fn shown(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl<T: Copy + TryInto<i64>> Shown<i64> for T {
+    fn shown(&self) -> i64 {
+        (*self).try_into().unwrap_or(i64::MAX)
+    }
+}
+
+impl Shown<bool> for bool {
+    fn shown(&self) -> bool {
+        *self
+    }
+}
+
+impl Shown<Vec<String>> for Vec<String> {
+    fn shown(&self) -> Vec<String> {
+        self.clone()
+    }
+}
+
+/// How `check-config` shows a secret: set or not, never the value.
+pub(super) fn secret_shown(set: bool) -> String {
+    if set { SECRET_SHOWN } else { "" }.into()
 }
