@@ -4,7 +4,6 @@
 //! (temp file → fsync → rename → fsync dir → record); must not decide state transitions
 //! (`machine`) or talk HTTP itself (`fetch`).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,10 +19,16 @@ use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
 use crate::poll::{Verdict, interpret};
+use crate::schedule::{self, DueWork, Finished, InFlight, Names};
 use crate::store::{Applied, IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
 const STORE_RETRY_MS: Millis = 1000;
+const NAMES: Names = Names {
+    what: "downloads",
+    index: "the download index",
+    abandoned: "they resume at the next start",
+};
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
@@ -35,11 +40,6 @@ pub const IMAGES_DIR: &str = "images";
 pub const TMP_DIR: &str = "tmp";
 /// Tasks being worked on at once, per unit of `download.concurrency`.
 const TASKS_PER_SLOT: usize = 4;
-/// Longest the scheduler sleeps without looking at the index again.
-const MAX_IDLE: Duration = Duration::from_secs(60);
-/// Downloads still running at shutdown get this long before they are abandoned (their
-/// temp files are removed at the next start, and they are fetched again then).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
@@ -134,7 +134,7 @@ pub struct Downloader {
     /// are read against the same time.
     clock: Arc<dyn Clock>,
     fetch_slots: Arc<Semaphore>,
-    in_flight: Mutex<HashSet<String>>,
+    in_flight: InFlight<String>,
     metrics: Arc<Metrics>,
     /// Set when the disk was full writing an image: downloads pause until then.
     disk_full_until: Mutex<Option<tokio::time::Instant>>,
@@ -159,132 +159,16 @@ impl Downloader {
             wake,
             clock,
             fetch_slots: Arc::new(Semaphore::new(slots)),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: InFlight::new(slots * TASKS_PER_SLOT),
             metrics,
             disk_full_until: Mutex::new(None),
         })
     }
 
-    fn max_tasks(&self) -> usize {
-        self.config.download.concurrency.max(1) * TASKS_PER_SLOT
-    }
-
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        // A poisoned set only means a worker panicked; the set itself is still valid.
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs until `shutdown`: dispatches due tasks, then sleeps until the next due time or a
-    /// wake-up (new callback, finished task).
-    /// Store errors do not stop it: it logs them and tries again.
+    /// Runs until `shutdown`: works on due tasks ([`schedule::run_bounded`]), at most
+    /// `download.concurrency` × [`TASKS_PER_SLOT`] at once.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut workers = tokio::task::JoinSet::new();
-        loop {
-            while workers.try_join_next().is_some() {}
-            // Nothing is fetched or asked of KIE while its result could not be recorded.
-            if let Some(reason) = self.store.write_failure() {
-                tracing::warn!(reason, "downloads paused: the store cannot take writes");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = self.store.writable() => {}
-                }
-                tracing::info!("downloads resumed: the store takes writes again");
-                continue;
-            }
-            let disk_full_until = *self
-                .disk_full_until
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(until) = disk_full_until {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep_until(until) => {}
-                }
-                *self
-                    .disk_full_until
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
-                tracing::info!("downloads resumed after the disk was full");
-                continue;
-            }
-            let next = match self.dispatch(&mut workers, &shutdown) {
-                Ok(next) => next,
-                Err(e) => {
-                    // The store may recover (disk space freed): keep trying, slowly.
-                    tracing::error!(
-                        "downloads paused: cannot read the download index: {e}; retrying"
-                    );
-                    Some(self.clock.now().saturating_add(STORE_RETRY_MS))
-                }
-            };
-            let sleep = match next {
-                Some(at) => {
-                    Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0))
-                        .min(MAX_IDLE)
-                }
-                None => MAX_IDLE,
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
-            }
-        }
-        if !workers.is_empty() {
-            let tasks = workers.len();
-            tracing::info!(
-                tasks,
-                "shutting down: waiting for the downloads of {tasks} task(s)"
-            );
-            if tokio::time::timeout(SHUTDOWN_GRACE, async {
-                while workers.join_next().await.is_some() {}
-            })
-            .await
-            .is_err()
-            {
-                tracing::warn!(
-                    "shutting down: abandoning unfinished downloads after {SHUTDOWN_GRACE:?}; they resume at the next start"
-                );
-                workers.abort_all();
-            }
-        }
-    }
-
-    /// Starts workers for due tasks; returns the earliest due time of a task not in flight.
-    fn dispatch(
-        self: &Arc<Self>,
-        workers: &mut tokio::task::JoinSet<()>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Millis>, DownloadError> {
-        let now = self.clock.now();
-        let busy = self.in_flight().len();
-        let mut earliest = None;
-        // In-flight tasks stay in the index until they finish, so look past them.
-        for (at, task_id) in self.store.download_queue(busy + self.max_tasks())? {
-            if self.in_flight().contains(&task_id) {
-                continue;
-            }
-            if at > now {
-                earliest = Some(at);
-                break;
-            }
-            if self.in_flight().len() >= self.max_tasks() {
-                // Full: a finishing worker wakes the scheduler.
-                break;
-            }
-            self.in_flight().insert(task_id.clone());
-            let this = self.clone();
-            let shutdown = shutdown.clone();
-            workers.spawn(async move {
-                // Released however the worker ends: finished, panicked or aborted.
-                let _slot = InFlight {
-                    downloader: this.clone(),
-                    task_id: task_id.clone(),
-                };
-                this.process(&task_id, &shutdown).await;
-            });
-        }
-        Ok(earliest)
+        schedule::run_bounded(self, shutdown).await;
     }
 
     /// Fetches every due pending image of one task, each in its own fetch slot.
@@ -573,16 +457,48 @@ async fn store_backoff() {
     tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS.unsigned_abs())).await;
 }
 
-/// A task's place in the in-flight set, given back on drop, which wakes the scheduler.
-struct InFlight {
-    downloader: Arc<Downloader>,
-    task_id: String,
-}
+/// Tasks with due images, from the store's download index.
+impl DueWork for Downloader {
+    type Key = String;
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.downloader.in_flight().remove(&self.task_id);
-        self.downloader.wake.notify_one();
+    fn names(&self) -> &Names {
+        &NAMES
+    }
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+    fn in_flight(&self) -> &InFlight<String> {
+        &self.in_flight
+    }
+
+    fn queue(&self, _now: Millis, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {
+        self.store.download_queue(limit)
+    }
+
+    fn paused_until(&self) -> Option<tokio::time::Instant> {
+        *self
+            .disk_full_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn end_pause(&self) {
+        *self
+            .disk_full_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        tracing::info!("downloads resumed after the disk was full");
+    }
+
+    async fn work(self: Arc<Self>, task_id: String, shutdown: CancellationToken) -> Finished {
+        self.process(&task_id, &shutdown).await;
+        Finished::Done
     }
 }
 

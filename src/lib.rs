@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod poll;
+pub mod schedule;
 pub mod server;
 pub mod signature;
 pub mod store;

@@ -8,20 +8,20 @@
 //! recorded, so a crash mid-attempt sends it again after the restart, with the same
 //! `webhook-id` and body (both fixed when it was enqueued).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, notify_key};
 use crate::machine::Delivery;
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, NotifyState, millis, now_millis};
+use crate::schedule::{self, DueWork, Finished, InFlight, Names};
 use crate::store::{Store, StoreError};
 
 /// Deliveries in flight at once.
@@ -30,13 +30,12 @@ pub const CONCURRENCY: usize = 4;
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Retries are at most this far apart.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(3600);
-/// After a store error reading the index, wait this long before it is read again.
-const STORE_RETRY_MS: Millis = 1000;
-/// Longest the scheduler sleeps without looking at the index again.
-const MAX_IDLE: Duration = Duration::from_secs(60);
-/// Deliveries still running at shutdown get this long; unrecorded ones are sent again at
-/// the next start (same webhook-id).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Deliveries abandoned at shutdown are sent again at the next start (same webhook-id).
+const NAMES: Names = Names {
+    what: "notifications",
+    index: "the notification outbox",
+    abandoned: "they are sent again at the next start",
+};
 /// After a store error, a delivery slot waits this long before its notification is looked
 /// at again.
 const STORE_HOLD: Duration = Duration::from_secs(5);
@@ -103,8 +102,7 @@ pub struct Notifier {
     clock: Arc<dyn Clock>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
-    slots: Arc<Semaphore>,
-    in_flight: Mutex<HashSet<(String, u32)>>,
+    in_flight: InFlight<(String, u32)>,
 }
 
 impl Notifier {
@@ -142,14 +140,8 @@ impl Notifier {
             max_attempts: config.notify.max_attempts,
             clock,
             metrics,
-            slots: Arc::new(Semaphore::new(CONCURRENCY)),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: InFlight::new(CONCURRENCY),
         })))
-    }
-
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<(String, u32)>> {
-        // A poisoned set only means a worker panicked; the set itself is still valid.
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs until `shutdown`: sends due notifications, then sleeps until the next due time
@@ -165,106 +157,7 @@ impl Notifier {
             ),
             Err(e) => tracing::error!(error = %e, "cannot count pending notifications"),
         }
-        let mut workers = tokio::task::JoinSet::new();
-        loop {
-            while workers.try_join_next().is_some() {}
-            // Nothing is sent while its result could not be recorded (it would be sent
-            // again and again).
-            if let Some(reason) = self.store.write_failure() {
-                tracing::warn!(reason, "notifications paused: the store cannot take writes");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = self.store.writable() => {}
-                }
-                tracing::info!("notifications resumed: the store takes writes again");
-                continue;
-            }
-            let next = match self.dispatch(&mut workers, &shutdown) {
-                Ok(next) => next,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the notification outbox; retrying");
-                    Some(self.clock.now().saturating_add(STORE_RETRY_MS))
-                }
-            };
-            let sleep = match next {
-                Some(at) => {
-                    Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0))
-                        .min(MAX_IDLE)
-                }
-                None => MAX_IDLE,
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
-            }
-        }
-        if tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while workers.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
-            tracing::warn!(
-                "abandoning notifications in flight; they are sent again at the next start"
-            );
-            workers.abort_all();
-        }
-    }
-
-    /// Starts a delivery for each due notification not in flight (at most [`CONCURRENCY`]);
-    /// returns when to look again.
-    fn dispatch(
-        self: &Arc<Self>,
-        workers: &mut tokio::task::JoinSet<()>,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Millis>, StoreError> {
-        let now = self.clock.now();
-        let free = self.slots.available_permits();
-        if free == 0 {
-            // A finishing delivery wakes the loop.
-            return Ok(None);
-        }
-        let due = self
-            .store
-            .due_notifications(now, free + self.in_flight().len())?;
-        for key in due {
-            if !self.in_flight().insert(key.clone()) {
-                continue;
-            }
-            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                self.in_flight().remove(&key);
-                break;
-            };
-            let me = self.clone();
-            let shutdown = shutdown.clone();
-            workers.spawn(async move {
-                match me.deliver(&key.0, key.1).await {
-                    Next::Done => {}
-                    Next::Hold => {
-                        // The store failed: hold this slot a while instead of resending
-                        // in a loop.
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(STORE_HOLD) => {}
-                        }
-                    }
-                    Next::Skip => {
-                        // Undecodable: stays "in flight" (skipped) until the next start.
-                        drop(permit);
-                        return;
-                    }
-                }
-                me.in_flight().remove(&key);
-                drop(permit);
-                me.wake.notify_one();
-            });
-        }
-        // Something due but in flight is looked at again when its delivery ends.
-        match self.store.next_notification_due()? {
-            Some(at) if at > now => Ok(Some(at)),
-            _ => Ok(None),
-        }
+        schedule::run_bounded(self, shutdown).await;
     }
 
     /// One attempt of one notification, and its recording.
@@ -364,6 +257,53 @@ impl Notifier {
             }
         }
         Next::Done
+    }
+}
+
+/// Due notifications, from the store's outbox.
+impl DueWork for Notifier {
+    type Key = (String, u32);
+
+    fn names(&self) -> &Names {
+        &NAMES
+    }
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+    fn wake(&self) -> &Notify {
+        &self.wake
+    }
+    fn in_flight(&self) -> &InFlight<(String, u32)> {
+        &self.in_flight
+    }
+
+    fn queue(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, Self::Key)>, StoreError> {
+        let due = self.store.due_notifications(now, limit)?;
+        Ok(due.into_iter().map(|key| (now, key)).collect())
+    }
+
+    /// Something due but in flight is looked at again when its delivery ends.
+    fn next_due(&self, now: Millis) -> Result<Option<Millis>, StoreError> {
+        Ok(self.store.next_notification_due()?.filter(|at| *at > now))
+    }
+
+    async fn work(self: Arc<Self>, key: Self::Key, shutdown: CancellationToken) -> Finished {
+        match self.deliver(&key.0, key.1).await {
+            Next::Done => {}
+            Next::Hold => {
+                // The store failed: hold this slot a while instead of resending in a loop.
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(STORE_HOLD) => {}
+                }
+            }
+            // Undecodable: stays "in flight" (skipped) until the next start.
+            Next::Skip => return Finished::KeepOut,
+        }
+        Finished::Done
     }
 }
 

@@ -16,14 +16,13 @@ use crate::kie::{CoverStatus, KieClient, KieError, RecordInfo};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, millis};
+use crate::schedule::{self, Flow};
 use crate::store::{IfMissing, Store};
 
 /// How a poll whose record-info call failed starts its detail.
 pub const RECORD_INFO_FAILED: &str = "record-info failed";
 /// Due tasks handled per pass; the rate limiter paces the calls themselves.
 const BATCH: usize = 64;
-/// Longest the poller sleeps without looking at the index again.
-const MAX_IDLE: Duration = Duration::from_secs(60);
 
 pub struct Poller {
     store: Store,
@@ -75,14 +74,10 @@ impl Poller {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             // No KIE call whose answer cannot be recorded: wait until the store takes writes.
-            if let Some(reason) = self.store.write_failure() {
-                tracing::warn!(reason, "polls paused: the store cannot take writes");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = self.store.writable() => {}
-                }
-                tracing::info!("polls resumed: the store takes writes again");
-                continue;
+            match schedule::wait_while_unwritable(&self.store, "polls", &shutdown).await {
+                Flow::Go => {}
+                Flow::Again => continue,
+                Flow::Stop => return,
             }
             let next = match self.pass(&shutdown).await {
                 Ok(next) => next,
@@ -93,14 +88,10 @@ impl Poller {
                     Some(self.clock.now() + 5_000)
                 }
             };
-            let sleep = next
-                .map(|at| Duration::from_millis(u64::try_from(at - self.clock.now()).unwrap_or(0)))
-                .unwrap_or(MAX_IDLE)
-                .clamp(Duration::from_millis(50), MAX_IDLE);
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => {}
+            let min = Duration::from_millis(50);
+            let (clock, wake) = (self.clock.as_ref(), self.wake.as_ref());
+            if !schedule::sleep_until_due(clock, next, min, wake, &shutdown).await {
+                return;
             }
         }
     }

@@ -1,0 +1,277 @@
+//! The scheduling loop the background workers share: wait while the store cannot take
+//! writes, do what is due, sleep until the next due time or a wake-up, stop at shutdown.
+//! [`run_bounded`] runs it for a due index whose entries are worked on concurrently (the
+//! downloads, the notifications): at most a fixed number at once, each entry once at a time,
+//! the unfinished ones given a grace period at shutdown. Owns no index, no store write and
+//! no decision about an entry (the [`DueWork`] does); must not touch sled.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Clock, Millis};
+use crate::store::{Store, StoreError};
+
+/// After a store error reading an index, wait this long before it is read again.
+const STORE_RETRY_MS: Millis = 1000;
+/// Longest a loop sleeps without looking at its index again.
+pub const MAX_IDLE: Duration = Duration::from_secs(60);
+/// Entries still being worked on at shutdown get this long before they are abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the loop does next after looking at the store's health.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// The store takes writes: go on.
+    Go,
+    /// The loop waited for the store: look again from the top.
+    Again,
+    /// Shutdown.
+    Stop,
+}
+
+/// While the store cannot take writes, waits until it can (nothing is worked on whose
+/// result could not be recorded), logging the pause and the resumption as `what` (`polls`).
+pub async fn wait_while_unwritable(
+    store: &Store,
+    what: &str,
+    shutdown: &CancellationToken,
+) -> Flow {
+    let Some(reason) = store.write_failure() else {
+        return Flow::Go;
+    };
+    tracing::warn!(reason, "{what} paused: the store cannot take writes");
+    tokio::select! {
+        _ = shutdown.cancelled() => return Flow::Stop,
+        _ = store.writable() => {}
+    }
+    tracing::info!("{what} resumed: the store takes writes again");
+    Flow::Again
+}
+
+/// Sleeps until `next` (at least `min`, at most [`MAX_IDLE`]; `MAX_IDLE` when nothing is
+/// due), a wake-up or shutdown; `false` at shutdown.
+pub async fn sleep_until_due(
+    clock: &dyn Clock,
+    next: Option<Millis>,
+    min: Duration,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+) -> bool {
+    let sleep = next
+        .map(|at| Duration::from_millis(u64::try_from(at - clock.now()).unwrap_or(0)))
+        .unwrap_or(MAX_IDLE)
+        .clamp(min, MAX_IDLE);
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = wake.notified() => true,
+        _ = tokio::time::sleep(sleep) => true,
+    }
+}
+
+/// How a worker left its entry.
+pub enum Finished {
+    /// Done with it for now; the index brings it back when it is due again.
+    Done,
+    /// Leave it alone until the next start (its record cannot be decoded).
+    KeepOut,
+}
+
+/// The words [`run_bounded`] logs with.
+pub struct Names {
+    /// The work, plural (`downloads`).
+    pub what: &'static str,
+    /// The index read (`the download index`).
+    pub index: &'static str,
+    /// What becomes of entries abandoned at shutdown.
+    pub abandoned: &'static str,
+}
+
+/// The entries being worked on and the slots that bound them.
+pub struct InFlight<K> {
+    keys: Mutex<HashSet<K>>,
+    slots: Arc<Semaphore>,
+}
+
+impl<K: Eq + Hash> InFlight<K> {
+    /// At most `max` entries at once (at least one).
+    pub fn new(max: usize) -> InFlight<K> {
+        InFlight {
+            keys: Mutex::new(HashSet::new()),
+            slots: Arc::new(Semaphore::new(max.max(1))),
+        }
+    }
+
+    fn keys(&self) -> MutexGuard<'_, HashSet<K>> {
+        // A poisoned set only means a worker panicked; the set itself is still valid.
+        self.keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A due index worked on concurrently by [`run_bounded`].
+pub trait DueWork: Send + Sync + Sized + 'static {
+    /// One entry of the index.
+    type Key: Clone + Eq + Hash + Send + Sync + 'static;
+
+    fn names(&self) -> &Names;
+    fn store(&self) -> &Store;
+    fn clock(&self) -> &dyn Clock;
+    /// Woken when there is new work, and by every worker that finishes.
+    fn wake(&self) -> &Notify;
+    fn in_flight(&self) -> &InFlight<Self::Key>;
+
+    /// The index's entries from the earliest, at most `limit`, each with its due time
+    /// (those due later than `now` may be left out).
+    fn queue(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, Self::Key)>, StoreError>;
+
+    /// When to look again if [`DueWork::queue`] named nothing due later.
+    fn next_due(&self, _now: Millis) -> Result<Option<Millis>, StoreError> {
+        Ok(None)
+    }
+
+    /// Until when nothing is started (beyond the store's health), if anything holds it.
+    fn paused_until(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
+    /// Called when [`DueWork::paused_until`] has passed.
+    fn end_pause(&self) {}
+
+    /// Works on one entry.
+    fn work(
+        self: Arc<Self>,
+        key: Self::Key,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Finished> + Send;
+}
+
+/// Runs `work` until `shutdown`: starts a worker for each due entry not in flight while a
+/// slot is free, then sleeps until the next due time or a wake-up. Store errors do not stop
+/// it: it logs them and tries again.
+pub async fn run_bounded<W: DueWork>(work: Arc<W>, shutdown: CancellationToken) {
+    let names = work.names();
+    let mut workers = JoinSet::new();
+    loop {
+        while workers.try_join_next().is_some() {}
+        match wait_while_unwritable(work.store(), names.what, &shutdown).await {
+            Flow::Go => {}
+            Flow::Again => continue,
+            Flow::Stop => break,
+        }
+        if let Some(until) = work.paused_until() {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(until) => {}
+            }
+            work.end_pause();
+            continue;
+        }
+        let next = match dispatch(&work, &mut workers, &shutdown) {
+            Ok(next) => next,
+            Err(e) => {
+                // The store may recover (disk space freed): keep trying, slowly.
+                tracing::error!(
+                    error = %e,
+                    "{} paused: cannot read {}: {e}; retrying",
+                    names.what,
+                    names.index
+                );
+                Some(work.clock().now().saturating_add(STORE_RETRY_MS))
+            }
+        };
+        if !sleep_until_due(work.clock(), next, Duration::ZERO, work.wake(), &shutdown).await {
+            break;
+        }
+    }
+    if workers.is_empty() {
+        return;
+    }
+    let n = workers.len();
+    tracing::info!(
+        n,
+        "shutting down: waiting for {n} unfinished {}",
+        names.what
+    );
+    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while workers.join_next().await.is_some() {}
+    });
+    if finished.await.is_err() {
+        tracing::warn!(
+            "shutting down: abandoning unfinished {} after {SHUTDOWN_GRACE:?}; {}",
+            names.what,
+            names.abandoned
+        );
+        workers.abort_all();
+    }
+}
+
+/// Starts a worker for each due entry not in flight while a slot is free; returns the
+/// earliest due time of an entry not started.
+fn dispatch<W: DueWork>(
+    work: &Arc<W>,
+    workers: &mut JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Millis>, StoreError> {
+    let now = work.clock().now();
+    let in_flight = work.in_flight();
+    let free = in_flight.slots.available_permits();
+    if free == 0 {
+        // A finishing worker wakes the loop.
+        return Ok(None);
+    }
+    // Entries in flight stay in the index until they finish, so look past them.
+    let busy = in_flight.keys().len();
+    for (at, key) in work.queue(now, free + busy)? {
+        if in_flight.keys().contains(&key) {
+            continue;
+        }
+        if at > now {
+            return Ok(Some(at));
+        }
+        let Ok(permit) = in_flight.slots.clone().try_acquire_owned() else {
+            break;
+        };
+        in_flight.keys().insert(key.clone());
+        let guard = Release {
+            work: work.clone(),
+            key: key.clone(),
+            keep: false,
+            permit: Some(permit),
+        };
+        let (w, shutdown) = (work.clone(), shutdown.clone());
+        workers.spawn(async move {
+            // Released however the worker ends: finished, panicked or aborted.
+            let mut guard = guard;
+            if let Finished::KeepOut = w.work(key, shutdown).await {
+                guard.keep = true;
+            }
+        });
+    }
+    work.next_due(now)
+}
+
+/// Frees an entry's slot and (unless it is kept out) its key when its worker ends, and
+/// wakes the loop.
+struct Release<W: DueWork> {
+    work: Arc<W>,
+    key: W::Key,
+    keep: bool,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<W: DueWork> Drop for Release<W> {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.work.in_flight().keys().remove(&self.key);
+        }
+        // The slot is free before the loop looks again.
+        drop(self.permit.take());
+        self.work.wake().notify_one();
+    }
+}
