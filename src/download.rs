@@ -19,7 +19,7 @@ use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
 use crate::poll::{Verdict, interpret};
-use crate::schedule::{self, DueWork, Finished, InFlight, Names};
+use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::store::{Applied, IfMissing, Store, StoreError};
 
 /// After a store error, wait this long before the same work is tried again.
@@ -129,12 +129,11 @@ pub struct Downloader {
     config: Arc<Config>,
     fetcher: Fetcher,
     kie: Option<Arc<KieClient>>,
-    wake: Arc<Notify>,
     /// The daemon's scheduling clock, shared with the poller: due times written by either
     /// are read against the same time.
     clock: Arc<dyn Clock>,
     fetch_slots: Arc<Semaphore>,
-    in_flight: InFlight<String>,
+    scheduler: Scheduler<String>,
     metrics: Arc<Metrics>,
     /// Set when the disk was full writing an image: downloads pause until then.
     disk_full_until: Mutex<Option<tokio::time::Instant>>,
@@ -152,14 +151,19 @@ impl Downloader {
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
         Arc::new(Downloader {
-            store,
+            store: store.clone(),
             config,
             fetcher,
             kie,
-            wake,
+            scheduler: Scheduler::new(
+                &NAMES,
+                store.clone(),
+                clock.clone(),
+                wake,
+                slots * TASKS_PER_SLOT,
+            ),
             clock,
             fetch_slots: Arc::new(Semaphore::new(slots)),
-            in_flight: InFlight::new(slots * TASKS_PER_SLOT),
             metrics,
             disk_full_until: Mutex::new(None),
         })
@@ -461,20 +465,8 @@ async fn store_backoff() {
 impl DueWork for Downloader {
     type Key = String;
 
-    fn names(&self) -> &Names {
-        &NAMES
-    }
-    fn store(&self) -> &Store {
-        &self.store
-    }
-    fn clock(&self) -> &dyn Clock {
-        self.clock.as_ref()
-    }
-    fn wake(&self) -> &Notify {
-        &self.wake
-    }
-    fn in_flight(&self) -> &InFlight<String> {
-        &self.in_flight
+    fn scheduler(&self) -> &Scheduler<Self::Key> {
+        &self.scheduler
     }
 
     fn queue(&self, _now: Millis, limit: usize) -> Result<Vec<(Millis, String)>, StoreError> {

@@ -14,14 +14,13 @@ use std::time::Duration;
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, notify_key};
 use crate::machine::Delivery;
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, NotifyState, millis, now_millis};
-use crate::schedule::{self, DueWork, Finished, InFlight, Names};
+use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::store::{Store, StoreError};
 
 /// Deliveries in flight at once.
@@ -100,9 +99,8 @@ pub struct Notifier {
     key: Vec<u8>,
     max_attempts: u32,
     clock: Arc<dyn Clock>,
-    wake: Arc<Notify>,
     metrics: Arc<Metrics>,
-    in_flight: InFlight<(String, u32)>,
+    scheduler: Scheduler<(String, u32)>,
 }
 
 impl Notifier {
@@ -132,7 +130,13 @@ impl Notifier {
             .build()
             .map_err(NotifyError::Client)?;
         Ok(Some(Arc::new(Notifier {
-            wake: store.outbox_waker(),
+            scheduler: Scheduler::new(
+                &NAMES,
+                store.clone(),
+                clock.clone(),
+                store.outbox_waker(),
+                CONCURRENCY,
+            ),
             store,
             client,
             url,
@@ -140,7 +144,6 @@ impl Notifier {
             max_attempts: config.notify.max_attempts,
             clock,
             metrics,
-            in_flight: InFlight::new(CONCURRENCY),
         })))
     }
 
@@ -264,20 +267,8 @@ impl Notifier {
 impl DueWork for Notifier {
     type Key = (String, u32);
 
-    fn names(&self) -> &Names {
-        &NAMES
-    }
-    fn store(&self) -> &Store {
-        &self.store
-    }
-    fn clock(&self) -> &dyn Clock {
-        self.clock.as_ref()
-    }
-    fn wake(&self) -> &Notify {
-        &self.wake
-    }
-    fn in_flight(&self) -> &InFlight<(String, u32)> {
-        &self.in_flight
+    fn scheduler(&self) -> &Scheduler<Self::Key> {
+        &self.scheduler
     }
 
     fn queue(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, Self::Key)>, StoreError> {

@@ -93,16 +93,31 @@ pub struct Names {
     pub abandoned: &'static str,
 }
 
-/// The entries being worked on and the slots that bound them.
-pub struct InFlight<K> {
+/// What [`run_bounded`] schedules with: the store and clock the due times are read from,
+/// the wake-up, the entries being worked on and the slots that bound them.
+pub struct Scheduler<K> {
+    names: &'static Names,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    wake: Arc<Notify>,
     keys: Mutex<HashSet<K>>,
     slots: Arc<Semaphore>,
 }
 
-impl<K: Eq + Hash> InFlight<K> {
-    /// At most `max` entries at once (at least one).
-    pub fn new(max: usize) -> InFlight<K> {
-        InFlight {
+impl<K: Eq + Hash> Scheduler<K> {
+    /// At most `max` entries at once (at least one); `wake` is woken when there is new work.
+    pub fn new(
+        names: &'static Names,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        wake: Arc<Notify>,
+        max: usize,
+    ) -> Scheduler<K> {
+        Scheduler {
+            names,
+            store,
+            clock,
+            wake,
             keys: Mutex::new(HashSet::new()),
             slots: Arc::new(Semaphore::new(max.max(1))),
         }
@@ -119,12 +134,7 @@ pub trait DueWork: Send + Sync + Sized + 'static {
     /// One entry of the index.
     type Key: Clone + Eq + Hash + Send + Sync + 'static;
 
-    fn names(&self) -> &Names;
-    fn store(&self) -> &Store;
-    fn clock(&self) -> &dyn Clock;
-    /// Woken when there is new work, and by every worker that finishes.
-    fn wake(&self) -> &Notify;
-    fn in_flight(&self) -> &InFlight<Self::Key>;
+    fn scheduler(&self) -> &Scheduler<Self::Key>;
 
     /// The index's entries from the earliest, at most `limit`, each with its due time
     /// (those due later than `now` may be left out).
@@ -155,11 +165,12 @@ pub trait DueWork: Send + Sync + Sized + 'static {
 /// slot is free, then sleeps until the next due time or a wake-up. Store errors do not stop
 /// it: it logs them and tries again.
 pub async fn run_bounded<W: DueWork>(work: Arc<W>, shutdown: CancellationToken) {
-    let names = work.names();
+    let s = work.scheduler();
+    let names = s.names;
     let mut workers = JoinSet::new();
     loop {
         while workers.try_join_next().is_some() {}
-        match wait_while_unwritable(work.store(), names.what, &shutdown).await {
+        match wait_while_unwritable(&s.store, names.what, &shutdown).await {
             Flow::Go => {}
             Flow::Again => continue,
             Flow::Stop => break,
@@ -182,10 +193,10 @@ pub async fn run_bounded<W: DueWork>(work: Arc<W>, shutdown: CancellationToken) 
                     names.what,
                     names.index
                 );
-                Some(work.clock().now().saturating_add(STORE_RETRY_MS))
+                Some(s.clock.now().saturating_add(STORE_RETRY_MS))
             }
         };
-        if !sleep_until_due(work.clock(), next, Duration::ZERO, work.wake(), &shutdown).await {
+        if !sleep_until_due(s.clock.as_ref(), next, Duration::ZERO, &s.wake, &shutdown).await {
             break;
         }
     }
@@ -218,8 +229,8 @@ fn dispatch<W: DueWork>(
     workers: &mut JoinSet<()>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Millis>, StoreError> {
-    let now = work.clock().now();
-    let in_flight = work.in_flight();
+    let in_flight = work.scheduler();
+    let now = in_flight.clock.now();
     let free = in_flight.slots.available_permits();
     if free == 0 {
         // A finishing worker wakes the loop.
@@ -268,10 +279,10 @@ struct Release<W: DueWork> {
 impl<W: DueWork> Drop for Release<W> {
     fn drop(&mut self) {
         if !self.keep {
-            self.work.in_flight().keys().remove(&self.key);
+            self.work.scheduler().keys().remove(&self.key);
         }
         // The slot is free before the loop looks again.
         drop(self.permit.take());
-        self.work.wake().notify_one();
+        self.work.scheduler().wake.notify_one();
     }
 }
