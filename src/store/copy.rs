@@ -7,7 +7,7 @@
 use std::ops::Bound;
 
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::ConflictableTransactionError;
 
 use super::{
     Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, decode, drop_notifications, event_key,
@@ -166,7 +166,7 @@ impl Store {
                 Ok(())
             },
         );
-        tx_result(result)
+        result.map_err(|e| self.tx_error(e))
     }
 
     /// Copies every tree that is neither task data nor derived from it (`intents`, and
@@ -295,15 +295,7 @@ impl Store {
                 Ok(true)
             },
         );
-        tx_result(result)
-    }
-}
-
-fn tx_result<T>(result: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
-    match result {
-        Ok(v) => Ok(v),
-        Err(TransactionError::Abort(e)) => Err(e),
-        Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
+        result.map_err(|e| self.tx_error(e))
     }
 }
 

@@ -428,6 +428,18 @@ impl Store {
         }
     }
 
+    /// A failed transaction's error; a storage failure marks the store as unable to take
+    /// writes ([`Store::write_failure`]), whichever transaction met it.
+    fn tx_error(&self, e: TransactionError<StoreError>) -> StoreError {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => {
+                self.inner.health.mark(&e.to_string());
+                StoreError::Io(e)
+            }
+        }
+    }
+
     /// Makes every later update fail (`on = true`) until called with `false`: lets tests
     /// prove what callers do when the store is unavailable. Not used by coverd itself.
     #[doc(hidden)]
@@ -1009,14 +1021,7 @@ impl Store {
             write_notification(outbox, meta, Some(&old), &n)?;
             Ok(Some(n))
         });
-        let n = match result {
-            Ok(n) => n,
-            Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => {
-                self.inner.health.mark(&e.to_string());
-                return Err(StoreError::Io(e));
-            }
-        };
+        let n = result.map_err(|e| self.tx_error(e))?;
         if n.is_some() {
             self.inner.written.fetch_add(1, Ordering::SeqCst);
         }
