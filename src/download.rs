@@ -177,19 +177,9 @@ impl Downloader {
 
     /// Fetches every due pending image of one task, each in its own fetch slot.
     async fn process(self: &Arc<Self>, task_id: &str, shutdown: &CancellationToken) {
-        let task = match self.store.get(task_id) {
-            Ok(Some(t)) if t.state == State::Received => t,
-            Ok(_) => return,
-            // Quarantined by the store, which logged it once: the download index skips it
-            // from now on, so returning at once does not bring the scheduler straight back.
-            Err(e) if e.is_undecodable() => return,
-            Err(e) => {
-                tracing::error!(
-                    task_id,
-                    "task {task_id} not downloaded now: cannot read it from the store: {e}"
-                );
-                return;
-            }
+        let task = schedule::task_to_work_on(&self.store, task_id, "downloaded");
+        let Some(task) = task.filter(|t| t.state == State::Received) else {
+            return;
         };
         if self.paused() {
             return;

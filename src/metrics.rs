@@ -104,57 +104,25 @@ impl Metrics {
             "Build of the running coverd (value 1)",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
-        registry.register("coverd_tasks", "Tasks per state", m.tasks.clone());
-        registry.register(
-            "coverd_callbacks",
-            "Callback deliveries by the HTTP status answered",
-            m.callbacks.clone(),
-        );
-        registry.register(
-            "coverd_callback_ack_seconds",
-            "Time from a callback request received to its answer",
-            m.callback_ack.clone(),
-        );
-        registry.register(
-            "coverd_image_fetches",
-            "Image fetch attempts by result (stored, retry, failed)",
-            m.image_fetches.clone(),
-        );
-        registry.register(
-            "coverd_image_bytes",
-            "Bytes of images stored",
-            m.image_bytes.clone(),
-        );
-        registry.register(
-            "coverd_image_fetch_seconds",
-            "Duration of one image fetch attempt, whatever its result",
-            m.image_fetch.clone(),
-        );
-        registry.register(
-            "coverd_kie_requests",
-            "Calls to KIE's API by endpoint and result",
-            m.kie_requests.clone(),
-        );
-        registry.register(
-            "coverd_queue_tasks",
-            "Tasks due now per queue (downloads, polls), counted up to 10000",
-            m.queue.clone(),
-        );
-        registry.register(
-            "coverd_oldest_unfinished_seconds",
-            "Age of the oldest task still submitted or received (0 when none)",
-            m.oldest_unfinished.clone(),
-        );
-        registry.register(
-            "coverd_notifications",
-            "Outbound notifications by result",
-            m.notifications.clone(),
-        );
-        registry.register(
-            "coverd_polls",
-            "record-info polls made by the poller",
-            m.polls.clone(),
-        );
+        // Name, help, metric: in the order they are rendered.
+        macro_rules! register {
+            ($($name:literal, $help:literal => $field:ident;)*) => {
+                $(registry.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            "coverd_tasks", "Tasks per state" => tasks;
+            "coverd_callbacks", "Callback deliveries by the HTTP status answered" => callbacks;
+            "coverd_callback_ack_seconds", "Time from a callback request received to its answer" => callback_ack;
+            "coverd_image_fetches", "Image fetch attempts by result (stored, retry, failed)" => image_fetches;
+            "coverd_image_bytes", "Bytes of images stored" => image_bytes;
+            "coverd_image_fetch_seconds", "Duration of one image fetch attempt, whatever its result" => image_fetch;
+            "coverd_kie_requests", "Calls to KIE's API by endpoint and result" => kie_requests;
+            "coverd_queue_tasks", "Tasks due now per queue (downloads, polls), counted up to 10000" => queue;
+            "coverd_oldest_unfinished_seconds", "Age of the oldest task still submitted or received (0 when none)" => oldest_unfinished;
+            "coverd_notifications", "Outbound notifications by result" => notifications;
+            "coverd_polls", "record-info polls made by the poller" => polls;
+        }
         for result in NOTIFY_RESULTS {
             let _ = m.notifications.get_or_create(&[("result", result)]);
         }
@@ -216,30 +184,37 @@ impl Metrics {
     /// The text exposition, with the gauges set from `snapshot`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let c = &snapshot.tasks;
-        for (state, n) in [
+        let states = [
             ("submitted", c.submitted),
             ("received", c.received),
             ("downloaded", c.downloaded),
             ("failed", c.failed),
-        ] {
-            self.tasks
-                .get_or_create(&[("state", state)])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        for (queue, n) in [
-            ("downloads", snapshot.due_downloads),
-            ("polls", snapshot.due_polls),
-        ] {
-            self.queue
-                .get_or_create(&[("queue", queue)])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
+        ];
+        set_each(&self.tasks, "state", states);
+        let queues = [
+            ("downloads", snapshot.due_downloads as u64),
+            ("polls", snapshot.due_polls as u64),
+        ];
+        set_each(&self.queue, "queue", queues);
         self.oldest_unfinished
             .set(snapshot.oldest_unfinished.as_secs_f64());
         let mut out = String::new();
         // Writing into a String cannot fail; an encoder error would be a bug in a metric.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Sets the gauge of each `(label value, n)` in `family`, labelled `label`.
+fn set_each<const N: usize>(
+    family: &Family<Label, Gauge>,
+    label: &'static str,
+    values: [(&'static str, u64); N],
+) {
+    for (value, n) in values {
+        family
+            .get_or_create(&[(label, value)])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 
@@ -337,43 +312,38 @@ impl Collector for Process {
             (Some((_, start_ticks)), Some(boot)) => boot as f64 + start_ticks as f64 / USER_HZ,
             _ => self.created,
         };
-        gauge(
-            &mut encoder,
-            "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds",
-            start,
-        )?;
-        if let Some(v) = status_bytes("VmRSS") {
-            gauge(
-                &mut encoder,
+        let as_f64 = |v: Option<u64>| v.map(|v| v as f64);
+        let gauges = [
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                Some(start),
+            ),
+            (
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes",
-                v as f64,
-            )?;
-        }
-        if let Some(v) = status_bytes("VmSize") {
-            gauge(
-                &mut encoder,
+                as_f64(status_bytes("VmRSS")),
+            ),
+            (
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes",
-                v as f64,
-            )?;
-        }
-        if let Some(v) = open_fds() {
-            gauge(
-                &mut encoder,
+                as_f64(status_bytes("VmSize")),
+            ),
+            (
                 "process_open_fds",
                 "Number of open file descriptors",
-                v as f64,
-            )?;
-        }
-        if let Some(v) = max_fds() {
-            gauge(
-                &mut encoder,
+                as_f64(open_fds()),
+            ),
+            (
                 "process_max_fds",
                 "Maximum number of open file descriptors",
-                v as f64,
-            )?;
+                as_f64(max_fds()),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                gauge(&mut encoder, name, help, value)?;
+            }
         }
         Ok(())
     }

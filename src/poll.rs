@@ -135,18 +135,8 @@ impl Poller {
     }
 
     async fn poll_one(&self, task_id: &str) {
-        let task = match self.store.get(task_id) {
-            Ok(Some(task)) => task,
-            Ok(None) => return,
-            // Quarantined by the store, which logged it once; the poll index skips it now.
-            Err(e) if e.is_undecodable() => return,
-            Err(e) => {
-                tracing::error!(
-                    task_id,
-                    "task {task_id} not polled now: cannot read it from the store: {e}"
-                );
-                return;
-            }
+        let Some(task) = schedule::task_to_work_on(&self.store, task_id, "polled") else {
+            return;
         };
         let now = self.clock.now();
         let give_up_at = task

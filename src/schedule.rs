@@ -15,7 +15,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Clock, Millis};
+use crate::model::{Clock, Millis, Task};
 use crate::store::{Store, StoreError};
 
 /// After a store error reading an index, wait this long before it is read again.
@@ -72,6 +72,23 @@ pub async fn sleep_until_due(
         _ = shutdown.cancelled() => false,
         _ = wake.notified() => true,
         _ = tokio::time::sleep(sleep) => true,
+    }
+}
+
+/// Task `task_id` as a worker reads it before working on it: `None` when it is gone, or
+/// cannot be read (logged as not `done` now; an undecodable record was logged by the store,
+/// which quarantines it so its index skips it from now on).
+pub fn task_to_work_on(store: &Store, task_id: &str, done: &str) -> Option<Task> {
+    match store.get(task_id) {
+        Ok(task) => task,
+        Err(e) if e.is_undecodable() => None,
+        Err(e) => {
+            tracing::error!(
+                task_id,
+                "task {task_id} not {done} now: cannot read it from the store: {e}"
+            );
+            None
+        }
     }
 }
 

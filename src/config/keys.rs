@@ -82,24 +82,10 @@ macro_rules! keys {
     ) => {
         /// Every key the configuration file accepts, in the docs table's order.
         pub const KEYS: &[KeyDecl] = &[
-            $(KeyDecl {
-                name: stringify!($tk),
-                kind: Kind::$tkind,
-                default: $tdef,
-                env: $tenv,
-                bounds: $tb,
-                rule: $trule,
-                secret: key!(@is_secret [$($($tsecret)?)?]),
-            },)*
-            $($(KeyDecl {
-                name: concat!(stringify!($sec), ".", stringify!($k)),
-                kind: Kind::$kind,
-                default: $def,
-                env: $env,
-                bounds: $b,
-                rule: $rule,
-                secret: key!(@is_secret [$($($secret)?)?]),
-            },)*)*
+            $(key!(@decl stringify!($tk), $tkind, $tdef, $tenv, $tb, $trule,
+                [$($($tsecret)?)?]),)*
+            $($(key!(@decl concat!(stringify!($sec), ".", stringify!($k)), $kind, $def, $env,
+                $b, $rule, [$($($secret)?)?]),)*)*
         ];
 
         /// The file as written: every key optional, unknown keys rejected, each value of its
@@ -162,6 +148,18 @@ macro_rules! keys {
 
 /// The pieces [`keys!`] generates for one key.
 macro_rules! key {
+    (@decl $name:expr, $kind:ident, $default:expr, $env:expr, $bounds:expr, $rule:expr,
+        [$($secret:ident)?]) => {
+        KeyDecl {
+            name: $name,
+            kind: Kind::$kind,
+            default: $default,
+            env: $env,
+            bounds: $bounds,
+            rule: $rule,
+            secret: key!(@is_secret [$($secret)?]),
+        }
+    };
     (@is_secret []) => { false };
     (@is_secret [secret]) => { true };
 

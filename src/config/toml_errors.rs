@@ -39,17 +39,23 @@ pub(super) fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
 /// serde's `expected struct RawKie` (whatever struct a section is parsed into) in the file's
 /// terms: `expected a table`.
 fn tables_by_name(message: &str) -> String {
-    const MARK: &str = "expected struct ";
+    replace_runs(message, "expected struct ", "expected a table", |after| {
+        after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(after.len())
+    })
+}
+
+/// `message` with every run that starts with `mark` and goes on for the length `end` finds
+/// in the text after the mark replaced by `by`.
+fn replace_runs(message: &str, mark: &str, by: &str, end: impl Fn(&str) -> usize) -> String {
     let mut out = String::new();
     let mut rest = message;
-    while let Some(i) = rest.find(MARK) {
+    while let Some(i) = rest.find(mark) {
         out.push_str(&rest[..i]);
-        out.push_str("expected a table");
-        let after = &rest[i + MARK.len()..];
-        let end = after
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(after.len());
-        rest = &after[end..];
+        out.push_str(by);
+        let after = &rest[i + mark.len()..];
+        rest = &after[end(after)..];
     }
     out.push_str(rest);
     out
@@ -57,14 +63,7 @@ fn tables_by_name(message: &str) -> String {
 
 /// Replace every `string "…"` in a serde message by `a string`.
 pub(super) fn redact_strings(message: &str) -> String {
-    const MARK: &str = "string \"";
-    let mut out = String::new();
-    let mut rest = message;
-    while let Some(i) = rest.find(MARK) {
-        out.push_str(&rest[..i]);
-        out.push_str("a string");
-        let after = &rest[i + MARK.len()..];
-        let mut end = after.len();
+    replace_runs(message, "string \"", "a string", |after| {
         let mut escaped = false;
         for (j, c) in after.char_indices() {
             if escaped {
@@ -72,14 +71,11 @@ pub(super) fn redact_strings(message: &str) -> String {
             } else if c == '\\' {
                 escaped = true;
             } else if c == '"' {
-                end = j + 1;
-                break;
+                return j + 1;
             }
         }
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
+        after.len()
+    })
 }
 
 /// Best-effort dotted key for the TOML line holding byte `offset`: the nearest `key =` at or
