@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use coverd::admin::{self, AdminError, AdminErrorKind, Reply, Request};
+use coverd::admin::{self, AdminErrorKind, Reply, Request};
 use coverd::config::Config;
 use coverd::model::State;
 use serde_json::{Value, json};
 
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, jpeg, png, sha256_hex};
-use crate::harness::{Daemon, failure_body, success_body};
+use crate::harness::{Daemon, admin_err, failure_body, json_of, success_body};
 
 const SUBMITTED: &str = "adm-1-submitted";
 const RECEIVED: &str = "adm-2-received";
@@ -114,22 +114,6 @@ fn ids(v: &Value) -> Vec<&str> {
         .iter()
         .map(|t| t["task_id"].as_str().unwrap())
         .collect()
-}
-
-/// Runs a request and returns what `--json` prints, parsed.
-async fn json_of(config: &Config, req: Request) -> Value {
-    let reply = admin::run(config.clone(), req.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{req:?}: {e}"));
-    let text = admin::render(&reply, true);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{req:?}: not JSON ({e}): {text}"))
-}
-
-async fn admin_err(config: &Config, req: Request) -> AdminError {
-    match admin::run(config.clone(), req.clone()).await {
-        Ok(reply) => panic!("{req:?} succeeded: {reply:?}"),
-        Err(e) => e,
-    }
 }
 
 fn list(state: Option<&str>, limit: usize) -> Request {

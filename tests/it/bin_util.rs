@@ -66,13 +66,23 @@ impl Scratch {
     /// plain http to the fake on loopback allowed (the binary has no test hooks), fast
     /// backoff, no API key (so no polling). `extra` is appended verbatim (more tables).
     pub fn write_config(&self, fake_base_url: &str, download_extra: &str, extra: &str) {
-        let text = format!(
+        let text = self.config_text(fake_base_url, ["", "", download_extra], extra);
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// The configuration [`Scratch::write_config`] writes, with `[top, kie, download]`
+    /// lines added to the top level and those tables, and `extra` appended.
+    pub fn config_text(&self, fake_base_url: &str, added: [&str; 3], extra: &str) -> String {
+        let [top, kie, download] = added;
+        format!(
             r#"data_dir = {data:?}
 listen = "127.0.0.1:0"
 accept_unknown_tasks = true
+{top}
 
 [kie]
 base_url = {base:?}
+{kie}
 
 [download]
 allow_http = true
@@ -81,13 +91,12 @@ allow_private_networks = true
 backoff_base = "10ms"
 backoff_max = "50ms"
 timeout = "30s"
-{download_extra}
+{download}
 {extra}
 "#,
             data = self.data_dir().display().to_string(),
             base = fake_base_url,
-        );
-        std::fs::write(self.config_path(), text).expect("write config");
+        )
     }
 
     /// Writes `text` as the whole config file.
@@ -368,16 +377,7 @@ impl Daemon {
 
     /// `GET path`: status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("GET");
-        (
-            resp.status().as_u16(),
-            resp.text().await.unwrap_or_default(),
-        )
+        crate::harness::get_text(&self.http, &format!("{}{path}", self.base)).await
     }
 }
 
@@ -416,9 +416,9 @@ pub async fn wait_status(scratch: &Scratch, what: &str, pred: impl Fn(&Value) ->
     }
 }
 
-/// Every regular file under `dir`, relative to `base`, sorted.
-pub fn files_under(base: &Path, dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
+/// Every directory and file under `dir` (not following links), `dir` included.
+pub fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -426,14 +426,25 @@ pub fn files_under(base: &Path, dir: &Path) -> Vec<String> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(base).unwrap_or(&path);
-                out.push(rel.display().to_string());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path.clone());
             }
+            out.push(path);
         }
     }
+    out
+}
+
+/// Every file under `dir` that is not a directory, relative to `base`, sorted.
+pub fn files_under(base: &Path, dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = tree(dir)
+        .into_iter()
+        .filter(|path| !path.is_dir())
+        .map(|path| {
+            let rel = path.strip_prefix(base).unwrap_or(&path);
+            rel.display().to_string()
+        })
+        .collect();
     out.sort();
     out
 }

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use crate::bin_util::Scratch;
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png};
-use crate::harness::{Daemon, success_body, test_config};
+use crate::harness::{Daemon, callback_on_a_new_connection, success_body, test_config};
 
 /// Other connections open while the callback is sent.
 const CROWD: usize = 2000;
@@ -82,6 +82,27 @@ async fn read_healthz(s: &mut TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens `n` connections with `open`, all at once; returns the ones that opened and adds
+/// those the daemon closed meanwhile to `shed`.
+async fn open_each<F, Fut>(n: usize, what: &str, shed: &mut usize, open: F) -> Vec<TcpStream>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<TcpStream>> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        set.spawn(open());
+    }
+    let mut open = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r.unwrap_or_else(|e| panic!("{what}: {e}")) {
+            Ok(s) => open.push(s),
+            Err(_) => *shed += 1,
+        }
+    }
+    open
+}
+
 /// Opens the crowd against `addr`: idle keep-alive connections that had one answer, then
 /// pipelining ones that never read their answers, then ones whose headers trickle in a byte
 /// every 500 ms (kept up until the crowd is dropped).
@@ -90,32 +111,30 @@ async fn open_crowd(addr: std::net::SocketAddr) -> Crowd {
     let idle_n = CROWD - PIPELINED - slow_n;
     let mut shed = 0;
 
-    let mut set = JoinSet::new();
-    for _ in 0..idle_n {
-        set.spawn(async move {
+    let idle = open_each(
+        idle_n,
+        "idle connection task",
+        &mut shed,
+        move || async move {
             let mut s = TcpStream::connect(addr).await.expect("connect");
             s.write_all(b"GET /healthz HTTP/1.1\r\nhost: crowd\r\n\r\n")
                 .await?;
             tokio::time::timeout(PATIENCE, read_healthz(&mut s))
                 .await
                 .map_err(|_| std::io::Error::other("no answer in time"))??;
-            Ok::<_, std::io::Error>(s)
-        });
-    }
-    let mut idle = Vec::new();
-    while let Some(r) = set.join_next().await {
-        match r.expect("idle connection task") {
-            Ok(s) => idle.push(s),
-            Err(_) => shed += 1,
-        }
-    }
+            Ok(s)
+        },
+    )
+    .await;
 
     // 2,000 requests at once (they fit the kernel's buffers, so the write returns), answers
     // never read: ~340 KB of answers, more than a tiny receive buffer, the daemon's socket
     // buffer and hyper's write buffer together usually hold, so most get stuck writing.
-    let mut set = JoinSet::new();
-    for _ in 0..PIPELINED {
-        set.spawn(async move {
+    let piped = open_each(
+        PIPELINED,
+        "pipelining task",
+        &mut shed,
+        move || async move {
             let socket = TcpSocket::new_v4().expect("socket");
             socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
             let mut s = socket.connect(addr).await.expect("connect");
@@ -125,32 +144,22 @@ async fn open_crowd(addr: std::net::SocketAddr) -> Crowd {
                 // Written, or the daemon stopped reading them: either way, open and unread.
                 Ok(Ok(())) | Err(_) => Ok(s),
             }
-        });
-    }
-    let mut piped = Vec::new();
-    while let Some(r) = set.join_next().await {
-        match r.expect("pipelining task") {
-            Ok(s) => piped.push(s),
-            Err(_) => shed += 1,
-        }
-    }
+        },
+    )
+    .await;
 
-    let mut set = JoinSet::new();
-    for _ in 0..slow_n {
-        set.spawn(async move {
+    let mut slow = open_each(
+        slow_n,
+        "slow connection task",
+        &mut shed,
+        move || async move {
             let mut s = TcpStream::connect(addr).await.expect("connect");
             s.write_all(b"POST /callbacks/cover HTTP/1.1\r\nx-slow: ")
                 .await
                 .map(|()| s)
-        });
-    }
-    let mut slow = Vec::new();
-    while let Some(r) = set.join_next().await {
-        match r.expect("slow connection task") {
-            Ok(s) => slow.push(s),
-            Err(_) => shed += 1,
-        }
-    }
+        },
+    )
+    .await;
     let trickle = tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -158,6 +167,11 @@ async fn open_crowd(addr: std::net::SocketAddr) -> Crowd {
             slow.retain(|s| s.try_write(b"a").is_ok_and(|n| n == 1));
         }
     });
+    eprintln!(
+        "crowd: {} idle, {} pipelining, {shed} shed while opening",
+        idle.len(),
+        piped.len(),
+    );
     Crowd {
         idle,
         piped,
@@ -200,21 +214,10 @@ async fn callbacks_answered_in_time(base: &str, fake: &FakeKie, what: &str) -> V
     for i in 0..3 {
         let id = format!("crowd{i}");
         let body = success_body(&id, &[fake.files.url("/crowd.png")]);
-        let url = format!("{base}/callbacks/cover");
+        let base = base.to_string();
         set.spawn(async move {
-            let http = reqwest::Client::builder()
-                .no_proxy()
-                .pool_max_idle_per_host(0)
-                .build()
-                .unwrap();
-            let started = Instant::now();
-            let sent = http
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send();
-            let resp = tokio::time::timeout(PATIENCE, sent).await;
-            (id, started.elapsed(), resp)
+            let (took, resp) = callback_on_a_new_connection(&base, body, PATIENCE).await;
+            (id, took, resp)
         });
     }
     let mut timings = Vec::new();
@@ -222,7 +225,7 @@ async fn callbacks_answered_in_time(base: &str, fake: &FakeKie, what: &str) -> V
     while let Some(joined) = set.join_next().await {
         let (id, took, resp) = joined.expect("callback task");
         let resp = resp
-            .unwrap_or_else(|_| panic!("{what}: callback {id} not answered within {PATIENCE:?}"))
+            .unwrap_or_else(|| panic!("{what}: callback {id} not answered within {PATIENCE:?}"))
             .unwrap_or_else(|e| panic!("{what}: callback {id} failed: {e}"));
         assert_eq!(resp.status(), 200, "{what}: callback {id}");
         timings.push(took);
@@ -257,12 +260,6 @@ async fn callback_answered_within_2s_while_2000_connections_crowd_the_listener()
     fake.files.set("/crowd.png", Behaviour::Image(png(2000)));
     let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
     let crowd = open_crowd(addr(&d)).await;
-    eprintln!(
-        "crowd: {} idle, {} pipelining, {} shed while opening",
-        crowd.idle.len(),
-        crowd.piped.len(),
-        crowd.shed
-    );
     assert_callbacks_answered(&d, &fake, "derived cap").await;
     assert_eq!(d.get("/healthz").await, (200, "ok".into()));
     drop(crowd);
@@ -283,12 +280,6 @@ async fn a_crowd_over_the_connection_cap_is_shed_not_waited_for() {
     config.accept_unknown_tasks = true;
     let d = Daemon::start_with(dir, config, |h| h.max_connections = Some(CAP)).await;
     let crowd = open_crowd(addr(&d)).await;
-    eprintln!(
-        "crowd: {} idle, {} pipelining, {} shed while opening",
-        crowd.idle.len(),
-        crowd.piped.len(),
-        crowd.shed
-    );
     // The crowd is open, not still connecting: once a probe queued behind it in the kernel's
     // accept queue is answered, the daemon has taken (and mostly shed) every crowd
     // connection, so what is measured below is a callback among open connections.

@@ -5,10 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use coverd::admin::{self, AdminError, Request};
 use coverd::config::{ApiKey, Config, KieBaseUrl, Secret};
 use coverd::daemon::{self, Hooks};
 use coverd::model::{ManualClock, Task, now_millis};
 use coverd::store::Store;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::fake_kie::FakeKie;
@@ -136,16 +138,7 @@ impl Daemon {
     }
 
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        (
-            resp.status().as_u16(),
-            resp.text().await.unwrap_or_default(),
-        )
+        get_text(&self.http, &format!("{}{path}", self.base)).await
     }
 
     pub fn task(&self, id: &str) -> Option<Task> {
@@ -179,6 +172,55 @@ impl Daemon {
         }
         drop(self.store);
         (self.dir, self.config)
+    }
+}
+
+/// `GET url`: status and body.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> (u16, String) {
+    let resp = http.get(url).send().await.expect("GET");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+/// POSTs `body` as a callback to `base` on a new connection (a pooled one could be
+/// answered while new ones are not), waiting at most `patience`; how long the answer took,
+/// and the answer (`None`: none in time).
+pub async fn callback_on_a_new_connection(
+    base: &str,
+    body: String,
+    patience: Duration,
+) -> (Duration, Option<reqwest::Result<reqwest::Response>>) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let sent = http
+        .post(format!("{base}/callbacks/cover"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send();
+    let answer = tokio::time::timeout(patience, sent).await.ok();
+    (started.elapsed(), answer)
+}
+
+/// Runs an admin request in-process and returns what `--json` prints, parsed.
+pub async fn json_of(config: &Config, req: Request) -> Value {
+    let reply = admin::run(config.clone(), req.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{req:?}: {e}"));
+    let text = admin::render(&reply, true);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{req:?}: not JSON ({e}): {text}"))
+}
+
+/// Runs an admin request in-process that must fail; its error.
+pub async fn admin_err(config: &Config, req: Request) -> AdminError {
+    match admin::run(config.clone(), req.clone()).await {
+        Ok(reply) => panic!("{req:?} succeeded: {reply:?}"),
+        Err(e) => e,
     }
 }
 

@@ -214,6 +214,29 @@ struct Cx {
 }
 
 impl Cx {
+    /// The context of one run of `daemon`, with the fake KIE brought up to date for every
+    /// plan; how many plans there are.
+    fn new(
+        scratch: &Arc<Scratch>,
+        fake: &Arc<FakeKie>,
+        world: &Arc<Mutex<World>>,
+        daemon: &Arc<Daemon>,
+    ) -> (Cx, usize) {
+        let cx = Cx {
+            scratch: scratch.clone(),
+            fake: fake.clone(),
+            world: world.clone(),
+            daemon: daemon.clone(),
+            killed: Arc::new(AtomicBool::new(false)),
+            slots: Arc::new(Semaphore::new(PARALLEL)),
+        };
+        let n = cx.world().plans.len();
+        for i in 0..n {
+            cx.sync_kie(i);
+        }
+        (cx, n)
+    }
+
     fn world(&self) -> std::sync::MutexGuard<'_, World> {
         self.world.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -405,35 +428,14 @@ fn add_plans(rng: &mut StdRng, fake: &FakeKie, world: &mut World, cycle: usize) 
 }
 
 fn config(scratch: &Scratch, fake: &FakeKie) -> String {
-    format!(
-        r#"data_dir = {data:?}
-listen = "127.0.0.1:0"
-accept_unknown_tasks = true
-# Only `submit` reads it; the fake KIE never calls back.
-public_url = "http://127.0.0.1:9"
-
-[kie]
-base_url = {base:?}
-api_key = "kill-loop-key"
-requests_per_10s = 1000
-
-[download]
-concurrency = 4
-allow_http = true
-allowed_hosts = []
-allow_private_networks = true
-backoff_base = "10ms"
-backoff_max = "50ms"
-timeout = "30s"
-
-[poll]
-after = "1s"
-interval = "1s"
-give_up_after = "1h"
-"#,
-        data = scratch.data_dir().display().to_string(),
-        base = fake.base_url(),
-    )
+    let added = [
+        // Only `submit` reads it; the fake KIE never calls back.
+        r#"public_url = "http://127.0.0.1:9""#,
+        "api_key = \"kill-loop-key\"\nrequests_per_10s = 1000",
+        "concurrency = 4",
+    ];
+    let poll = "[poll]\nafter = \"1s\"\ninterval = \"1s\"\ngive_up_after = \"1h\"";
+    scratch.config_text(&fake.base_url(), added, poll)
 }
 
 /// Starts the daemon and checks that no partial download from before the crash is left.
@@ -702,18 +704,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
             add_plans(&mut rng, &fake, &mut w, cycle);
         }
         let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
-        let cx = Cx {
-            scratch: scratch.clone(),
-            fake: fake.clone(),
-            world: world.clone(),
-            daemon: d.clone(),
-            killed: Arc::new(AtomicBool::new(false)),
-            slots: Arc::new(Semaphore::new(PARALLEL)),
-        };
-        let n = world.lock().unwrap().plans.len();
-        for i in 0..n {
-            cx.sync_kie(i);
-        }
+        let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
         let acked: Vec<usize> = {
             let w = cx.world();
             (0..n).filter(|&i| w.plans[i].acks > 0).collect()
@@ -772,18 +763,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     }
     let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
     let settle_from = Instant::now();
-    let cx = Cx {
-        scratch: scratch.clone(),
-        fake: fake.clone(),
-        world: world.clone(),
-        daemon: d.clone(),
-        killed: Arc::new(AtomicBool::new(false)),
-        slots: Arc::new(Semaphore::new(PARALLEL)),
-    };
-    let n = world.lock().unwrap().plans.len();
-    for i in 0..n {
-        cx.sync_kie(i);
-    }
+    let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
     let mut steps = launch(&cx, || Duration::ZERO, &[], 0, 0);
     while let Some(r) = steps.join_next().await {
         r.expect("load step");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use coverd::admin::{self, AdminError, AdminErrorKind, Request};
+use coverd::admin::{self, AdminErrorKind, Request};
 use coverd::config::Config;
 use coverd::machine::{Ctx, Event, Report};
 use coverd::model::now_millis;
@@ -18,22 +18,7 @@ use serde_json::Value;
 
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png, sha256_hex};
-use crate::harness::{Daemon, failure_body, success_body, test_config};
-
-async fn json_of(config: &Config, req: Request) -> Value {
-    let reply = admin::run(config.clone(), req.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{req:?}: {e}"));
-    let text = admin::render(&reply, true);
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{req:?}: not JSON ({e}): {text}"))
-}
-
-async fn admin_err(config: &Config, req: Request) -> AdminError {
-    match admin::run(config.clone(), req.clone()).await {
-        Ok(reply) => panic!("{req:?} succeeded: {reply:?}"),
-        Err(e) => e,
-    }
-}
+use crate::harness::{Daemon, admin_err, failure_body, json_of, success_body, test_config};
 
 fn at(config: &Config, dir: &Path) -> Config {
     Config {

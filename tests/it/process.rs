@@ -4,16 +4,16 @@
 //! out of file descriptors, the listener sheds idle connections instead of spinning.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
-use crate::bin_util::{BIN, Daemon, PATIENCE, Scratch, coverd, files_under};
+use crate::bin_util::{BIN, Daemon, PATIENCE, Scratch, coverd, files_under, tree};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png};
-use crate::harness::success_body;
+use crate::harness::{callback_on_a_new_connection, success_body};
 
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
@@ -46,25 +46,6 @@ fn coverd_after(setup: &str, scratch: &Scratch, args: &[&str]) -> Command {
         .args(args)
         .stdin(std::process::Stdio::null());
     cmd
-}
-
-/// Every directory and file under `dir` (not following links), `dir` included.
-fn tree(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path.clone());
-            }
-            out.push(path);
-        }
-    }
-    out
 }
 
 /// Every directory under `data` is 0700 and every other file 0600.
@@ -237,23 +218,12 @@ async fn out_of_file_descriptors_the_listener_sheds_idle_connections_and_recover
     // Idle connections are shed to free descriptors, so a callback gets through long before
     // the crowd's idle timeout (10 s) would have freed them.
     // On a fresh connection (the daemon's test client keeps one from its start-up checks).
-    let fresh = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let started = Instant::now();
-    let sent = fresh
-        .post(format!("{}/callbacks/cover", d.base))
-        .header("content-type", "application/json")
-        .body(crate::harness::failure_body("fds1", 501, "failed"))
-        .send();
-    let answer = tokio::time::timeout(PATIENCE, sent)
-        .await
+    let body = crate::harness::failure_body("fds1", 501, "failed");
+    let (took, answer) = callback_on_a_new_connection(&d.base, body, PATIENCE).await;
+    let answer = answer
         .expect("callback answered")
         .expect("callback sent")
         .status();
-    let took = started.elapsed();
     assert_eq!(answer, 200);
     assert!(
         took < Duration::from_secs(5),
