@@ -292,10 +292,8 @@ async fn track(config: &Config, id: &str, music: Option<&str>) -> (Value, String
 
 #[tokio::test]
 async fn admin_commands_running_then_stopped() {
-    let fake = FakeKie::start().await;
-    let (a0, a1) = (png(3000), jpeg(2000));
-    fake.files.set("/a/0.png", Behaviour::Image(a0.clone()));
-    fake.files.set("/a/1.png", Behaviour::Image(a1.clone()));
+    let (fake, [a0, a1]) =
+        FakeKie::serving([("/a/0.png", png(3000)), ("/a/1.png", jpeg(2000))]).await;
     // Keeps its task `received`: the next attempt is an hour away.
     fake.files
         .set("/d/0.png", Behaviour::StatusRetryAfter(503, "3600".into()));

@@ -525,10 +525,8 @@ async fn built_in_defaults_serve() {
 /// intact, body truncated) or deleted, instead of adopting the damaged file as it stands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_retry_refetches_corrupt_and_missing_images() {
-    let fake = FakeKie::start().await;
-    let (a, b) = (png(20_000), png(30_000));
-    fake.files.set("/r/a.png", Behaviour::Image(a.clone()));
-    fake.files.set("/r/b.png", Behaviour::Image(b.clone()));
+    let (fake, [a, b]) =
+        FakeKie::serving([("/r/a.png", png(20_000)), ("/r/b.png", png(30_000))]).await;
     let scratch = Scratch::new();
     scratch.write_config(&fake.base_url(), "", "");
     let d = scratch.serve().await;

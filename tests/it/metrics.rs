@@ -11,7 +11,7 @@ use coverd::model::State;
 use crate::bin_util::free_port;
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
-use crate::fake_kie::files::{Behaviour, png};
+use crate::fake_kie::files::png;
 use crate::harness::{Daemon, success_body, with_api};
 
 /// Sample lines (`name{labels}` → value) of a text exposition; every other line must be a
@@ -54,10 +54,7 @@ fn get(m: &HashMap<String, f64>, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_under_real_traffic() {
-    let fake = FakeKie::start().await;
-    let (a, b) = (png(3000), png(4000));
-    fake.files.set("/m/a.png", Behaviour::Image(a.clone()));
-    fake.files.set("/m/b.png", Behaviour::Image(b.clone()));
+    let (fake, [a, b]) = FakeKie::serving([("/m/a.png", png(3000)), ("/m/b.png", png(4000))]).await;
     let urls = vec![fake.files.url("/m/a.png"), fake.files.url("/m/b.png")];
     let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let d = Daemon::start(&fake, |c| {

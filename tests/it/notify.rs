@@ -5,7 +5,6 @@
 //! a task's notifications with it but keeping a task whose notification is still pending.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,9 +12,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::Value;
 
 use coverd::admin::{self, AdminErrorKind, Reply, Request};
@@ -73,56 +69,39 @@ impl Receiver {
         let answer = Arc::new(Mutex::new(answer));
         let got = Arc::new(Mutex::new(Vec::new()));
         let (a, g) = (answer.clone(), got.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+        let a2 = a.clone();
+        let take = move || !matches!(*a2.lock().unwrap(), Answer::Close);
+        let task = crate::fake_kie::serve(listener, take, move |req: hyper::Request<Incoming>| {
+            let (a, g) = (a.clone(), g.clone());
+            async move {
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
                 };
-                if matches!(*a.lock().unwrap(), Answer::Close) {
-                    drop(stream);
-                    continue;
-                }
-                let (a, g) = (a.clone(), g.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: hyper::Request<Incoming>| {
-                        let (a, g) = (a.clone(), g.clone());
-                        async move {
-                            let header = |name: &str| {
-                                req.headers()
-                                    .get(name)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or_default()
-                                    .to_string()
-                            };
-                            let mut got = Got {
-                                id: header("webhook-id"),
-                                timestamp: header("webhook-timestamp"),
-                                signature: header("webhook-signature"),
-                                user_agent: header("user-agent"),
-                                body: Vec::new(),
-                            };
-                            got.body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                            let answer = *a.lock().unwrap();
-                            g.lock().unwrap().push(got);
-                            let status = match answer {
-                                Answer::Status(s) => s,
-                                Answer::Close | Answer::Hang => {
-                                    std::future::pending::<()>().await;
-                                    500
-                                }
-                            };
-                            let resp = hyper::Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from_static(b"{}")))
-                                .unwrap();
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                let mut got = Got {
+                    id: header("webhook-id"),
+                    timestamp: header("webhook-timestamp"),
+                    signature: header("webhook-signature"),
+                    user_agent: header("user-agent"),
+                    body: Vec::new(),
+                };
+                got.body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+                let answer = *a.lock().unwrap();
+                g.lock().unwrap().push(got);
+                let status = match answer {
+                    Answer::Status(s) => s,
+                    Answer::Close | Answer::Hang => {
+                        std::future::pending::<()>().await;
+                        500
+                    }
+                };
+                hyper::Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap()
             }
         });
         Receiver {

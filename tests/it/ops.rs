@@ -58,10 +58,8 @@ async fn let_a_millisecond_pass() {
 
 #[tokio::test]
 async fn backup_restore_and_prune_running_then_stopped() {
-    let fake = FakeKie::start().await;
-    let (a0, a1) = (png(3000), png(1500));
-    fake.files.set("/b/0.png", Behaviour::Image(a0.clone()));
-    fake.files.set("/b/1.png", Behaviour::Image(a1.clone()));
+    let (fake, [a0, a1]) =
+        FakeKie::serving([("/b/0.png", png(3000)), ("/b/1.png", png(1500))]).await;
     let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
     let cfg = d.config.clone();
     let urls = vec![fake.files.url("/b/0.png"), fake.files.url("/b/1.png")];

@@ -4,14 +4,11 @@ use coverd::model::{ImageState, State};
 
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png, sha256_hex};
-use crate::harness::{Daemon, success_body};
+use crate::harness::{Daemon, get_text, success_body};
 
 #[tokio::test]
 async fn callback_to_files_on_disk() {
-    let fake = FakeKie::start().await;
-    let (a, b) = (png(5000), png(7000));
-    fake.files.set("/s/a.png", Behaviour::Image(a.clone()));
-    fake.files.set("/s/b.png", Behaviour::Image(b.clone()));
+    let (fake, [a, b]) = FakeKie::serving([("/s/a.png", png(5000)), ("/s/b.png", png(7000))]).await;
     let d = Daemon::start(&fake, |_| {}).await;
     let id = "21aee3c3c2a01fa5e030b3799fa4dd56";
     assert_eq!(
@@ -62,13 +59,8 @@ async fn metrics_listener_serves_prometheus_text() {
     // Counters are bumped just after the store write the wait saw: read until they show.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let text = loop {
-        let resp = http
-            .get(format!("http://{metrics_addr}/metrics"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        let text = resp.text().await.unwrap();
+        let (status, text) = get_text(&http, &format!("http://{metrics_addr}/metrics")).await;
+        assert_eq!(status, 200);
         if text.contains("coverd_image_fetches_total{result=\"stored\"} 1")
             || tokio::time::Instant::now() > deadline
         {
@@ -87,11 +79,7 @@ async fn metrics_listener_serves_prometheus_text() {
             "{line} missing in:\n{text}"
         );
     }
-    let other = http
-        .get(format!("http://{metrics_addr}/nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(other.status(), 404);
+    let other = get_text(&http, &format!("http://{metrics_addr}/nope")).await;
+    assert_eq!(other.0, 404);
     d.stop().await;
 }

@@ -21,6 +21,44 @@ use tokio::net::TcpListener;
 /// Every fake response body: may stream slowly, be cut off, or error mid-way.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+/// Serves HTTP/1 on `listener` until the returned task is aborted: each connection `take`
+/// agrees to (it may drop some) gets `handle` for every request.
+pub fn serve<H, F, B>(
+    listener: TcpListener,
+    take: impl Fn() -> bool + Send + 'static,
+    handle: H,
+) -> tokio::task::JoinHandle<()>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            if !take() {
+                drop(stream);
+                continue;
+            }
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
 pub struct FakeKie {
     pub addr: SocketAddr,
     #[allow(dead_code)] // read by the file-host tests, not by every test build
@@ -31,6 +69,17 @@ pub struct FakeKie {
 }
 
 impl FakeKie {
+    /// A fake KIE whose file host serves each `(path, image)`; the images, for comparing.
+    #[allow(dead_code)] // not every test build serves images
+    pub async fn serving<const N: usize>(images: [(&str, Bytes); N]) -> (FakeKie, [Bytes; N]) {
+        let fake = FakeKie::start().await;
+        let images = images.map(|(path, image)| {
+            fake.files.set(path, files::Behaviour::Image(image.clone()));
+            image
+        });
+        (fake, images)
+    }
+
     /// Binds 127.0.0.1:0 and serves until dropped.
     pub async fn start() -> FakeKie {
         let listener = TcpListener::bind("127.0.0.1:0")
@@ -40,31 +89,20 @@ impl FakeKie {
         let files = Arc::new(files::Files::new(addr));
         let api = Arc::new(api::Api::new(addr));
         let (f, a) = (files.clone(), api.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
+        let task = serve(
+            listener,
+            || true,
+            move |req: Request<Incoming>| {
                 let (f, a) = (f.clone(), a.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let (f, a) = (f.clone(), a.clone());
-                        async move {
-                            let resp = if req.uri().path().starts_with("/api/") {
-                                a.handle(req).await
-                            } else {
-                                f.handle(req).await
-                            };
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+                async move {
+                    if req.uri().path().starts_with("/api/") {
+                        a.handle(req).await
+                    } else {
+                        f.handle(req).await
+                    }
+                }
+            },
+        );
         FakeKie {
             addr,
             files,
