@@ -54,6 +54,14 @@ impl Scratch {
         }
     }
 
+    /// A fake KIE, and a scratch directory whose test configuration points at it.
+    pub async fn with_fake() -> (crate::fake_kie::FakeKie, Scratch) {
+        let fake = crate::fake_kie::FakeKie::start().await;
+        let scratch = Scratch::new();
+        scratch.write_config(&fake.base_url(), "", "");
+        (fake, scratch)
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }

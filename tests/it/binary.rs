@@ -284,9 +284,7 @@ async fn config_errors_exit_2_and_name_the_key() {
 /// file's `data_dir`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_flags_before_and_after_the_subcommand() {
-    let fake = FakeKie::start().await;
-    let scratch = Scratch::new();
-    scratch.write_config(&fake.base_url(), "", "");
+    let (_fake, scratch) = Scratch::with_fake().await;
     let data = scratch.data_dir();
     let other = scratch.dir.path().join("other");
     let (config, other_s) = (
@@ -418,9 +416,7 @@ async fn global_flags_before_and_after_the_subcommand() {
 /// task exits 1 with one sentence on stderr, either way; `--help` works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_status_show_and_help() {
-    let fake = FakeKie::start().await;
-    let scratch = Scratch::new();
-    scratch.write_config(&fake.base_url(), "", "");
+    let (_fake, scratch) = Scratch::with_fake().await;
 
     let unknown_fails = |out: crate::bin_util::Outcome| {
         assert_eq!(out.code, Some(1), "{out:?}");
@@ -476,9 +472,7 @@ async fn admin_status_show_and_help() {
 /// first daemon (and its admin socket) working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_serve_on_the_same_data_dir_is_refused() {
-    let fake = FakeKie::start().await;
-    let scratch = Scratch::new();
-    scratch.write_config(&fake.base_url(), "", "");
+    let (_fake, scratch) = Scratch::with_fake().await;
     let d = scratch.serve().await;
 
     let out = run(scratch.serve_command()).await;

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::bin_util::Scratch;
 use crate::fake_kie::FakeKie;
-use crate::fake_kie::files::{Behaviour, png};
+use crate::fake_kie::files::png;
 use crate::harness::{Daemon, callback_on_a_new_connection, success_body, test_config};
 
 /// Other connections open while the callback is sent.
@@ -250,14 +250,22 @@ async fn assert_callbacks_answered(d: &Daemon, fake: &FakeKie, what: &str) {
 /// the other one measures.
 static ONE_CROWD_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The start of every crowd test: `None` (skip) without enough file descriptors, else this
+/// test's turn and a fake KIE serving `/crowd.png`.
+async fn crowd_test() -> Option<(tokio::sync::MutexGuard<'static, ()>, FakeKie)> {
+    if !enough_fds() {
+        return None;
+    }
+    let turn = ONE_CROWD_AT_A_TIME.lock().await;
+    let (fake, _) = FakeKie::serving([("/crowd.png", png(2000))]).await;
+    Some((turn, fake))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callback_answered_within_2s_while_2000_connections_crowd_the_listener() {
-    if !enough_fds() {
+    let Some((_turn, fake)) = crowd_test().await else {
         return;
-    }
-    let _turn = ONE_CROWD_AT_A_TIME.lock().await;
-    let fake = FakeKie::start().await;
-    fake.files.set("/crowd.png", Behaviour::Image(png(2000)));
+    };
     let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
     let crowd = open_crowd(addr(&d)).await;
     assert_callbacks_answered(&d, &fake, "derived cap").await;
@@ -269,12 +277,9 @@ async fn callback_answered_within_2s_while_2000_connections_crowd_the_listener()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_over_the_connection_cap_is_shed_not_waited_for() {
     const CAP: usize = 300;
-    if !enough_fds() {
+    let Some((_turn, fake)) = crowd_test().await else {
         return;
-    }
-    let _turn = ONE_CROWD_AT_A_TIME.lock().await;
-    let fake = FakeKie::start().await;
-    fake.files.set("/crowd.png", Behaviour::Image(png(2000)));
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &fake);
     config.accept_unknown_tasks = true;
@@ -318,12 +323,9 @@ async fn a_crowd_over_the_connection_cap_is_shed_not_waited_for() {
 /// fd limit: the promise holds for the daemon as shipped, not only for the library.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_binary_answers_a_callback_within_2s_among_2000_connections() {
-    if !enough_fds() {
+    let Some((_turn, fake)) = crowd_test().await else {
         return;
-    }
-    let _turn = ONE_CROWD_AT_A_TIME.lock().await;
-    let fake = FakeKie::start().await;
-    fake.files.set("/crowd.png", Behaviour::Image(png(2000)));
+    };
     let scratch = Scratch::new();
     scratch.write_config(&fake.base_url(), "", "");
     let daemon = scratch.serve().await;

@@ -56,6 +56,12 @@ async fn let_a_millisecond_pass() {
     }
 }
 
+/// `admin backup` to `dest`, as `--json` prints it.
+async fn backup(cfg: &Config, dest: &Path) -> Value {
+    let dest = dest.to_path_buf();
+    json_of(cfg, Request::Backup { dest }).await
+}
+
 #[tokio::test]
 async fn backup_restore_and_prune_running_then_stopped() {
     let (fake, [a0, a1]) =
@@ -78,13 +84,7 @@ async fn backup_restore_and_prune_running_then_stopped() {
     // Backup while running (through admin.sock).
     let scratch = tempfile::tempdir().unwrap();
     let dest_running = scratch.path().join("running");
-    let m1 = json_of(
-        &cfg,
-        Request::Backup {
-            dest: dest_running.clone(),
-        },
-    )
-    .await;
+    let m1 = backup(&cfg, &dest_running).await;
     assert_eq!(m1["format"], "coverd-backup/1");
     assert_eq!(m1["version"], env!("CARGO_PKG_VERSION"));
     assert!(m1["created_at"].is_string());
@@ -130,13 +130,7 @@ async fn backup_restore_and_prune_running_then_stopped() {
 
     // The same answers with the daemon stopped.
     let dest_stopped = scratch.path().join("stopped");
-    let m2 = json_of(
-        &cfg,
-        Request::Backup {
-            dest: dest_stopped.clone(),
-        },
-    )
-    .await;
+    let m2 = backup(&cfg, &dest_stopped).await;
     for k in ["format", "version", "tasks", "images", "bytes"] {
         assert_eq!(m1[k], m2[k], "{k}");
     }

@@ -159,9 +159,7 @@ async fn everything_is_private_from_the_start_even_under_umask_000() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_is_logged_and_the_daemon_keeps_serving() {
-    let fake = FakeKie::start().await;
-    let scratch = Scratch::new();
-    scratch.write_config(&fake.base_url(), "", "");
+    let (_fake, scratch) = Scratch::with_fake().await;
     let d = scratch.serve().await;
     d.signal("HUP");
     d.wait_for_log("no configuration reload; restart to apply changes")
@@ -198,9 +196,7 @@ async fn sighup_is_logged_and_the_daemon_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_listener_sheds_idle_connections_and_recovers() {
-    let fake = FakeKie::start().await;
-    let scratch = Scratch::new();
-    scratch.write_config(&fake.base_url(), "", "");
+    let (_fake, scratch) = Scratch::with_fake().await;
     // 48 descriptors, soft and hard: the daemon holds about 15 of its own, so the
     // connections below run it out of descriptors well before its minimum cap of 64.
     let d = Daemon::spawn(serve_after("ulimit -n 48", &scratch), scratch.data_dir()).await;
