@@ -20,27 +20,7 @@ pub use render::*;
 pub use service::*;
 pub use wire::*;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::{Method, StatusCode};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
-
-use crate::callback::Answer;
-use crate::config::Config;
-use crate::download;
-use crate::kie::KieClient;
-use crate::machine::{Ctx, Event};
-use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
-use crate::server::{self, Resp};
-use crate::store::{IfMissing, Quarantined, Scanned, Store, StoreError};
-use crate::submit::{self, SubmitError, SubmitJson, Submitter};
 
 /// The admin socket's file name in the data directory. `admin` owns both ends: the daemon
 /// binds it for [`Service`], [`run`] connects to it.

@@ -2,7 +2,19 @@
 //! request there, or opens the store and executes it here when the daemon is stopped.
 //! Must not render replies.
 
-use super::*;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::StatusCode;
+
+use super::{
+    ADMIN_SOCKET, AdminError, CLIENT_TIMEOUT, Exec, Reply, Request, WHOLE_STORE_TIMEOUT, access,
+    backup,
+};
+use crate::config::Config;
+use crate::kie::KieClient;
+use crate::store::{Store, StoreError};
 
 /// Runs one request: through the daemon when its socket answers, else on the store directly.
 pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {

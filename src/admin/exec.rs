@@ -1,7 +1,23 @@
 //! Executes one admin request against the store (in the daemon, or in the command when the
 //! daemon is stopped). Must not change a task except through `store::apply`.
 
-use super::*;
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use super::{
+    AdminError, MAX_LIST_LIMIT, NotificationCounts, Oldest, QuarantinedJson, Reply, Request,
+    StatusJson, TaskCounts, VerifyJson, access, backup,
+};
+use crate::config::Config;
+use crate::download;
+use crate::kie::KieClient;
+use crate::machine::{Ctx, Event};
+use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
+use crate::store::{IfMissing, Scanned, Store, StoreError};
+use crate::submit::{self, Submitter};
 
 /// What [`Exec::apply`] did.
 pub struct AppliedJson {

@@ -1,7 +1,7 @@
 //! Printing replies for people (tables, sentences) and scripts (`--json`). Pure: must not
 //! do I/O.
 
-use super::*;
+use super::{QuarantinedJson, Reply};
 
 /// Renders a reply for people (`json = false`) or scripts (`json = true`).
 pub fn render(reply: &Reply, json: bool) -> String {

@@ -1,7 +1,18 @@
 //! The daemon's side of `admin.sock`: `POST /v1` with a JSON [`Request`], answered by
 //! [`Exec`]. Must not print or exit.
 
-use super::*;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, StatusCode};
+use tokio::sync::Notify;
+
+use super::{AdminError, Exec, MAX_REQUEST_BYTES, Request};
+use crate::callback::Answer;
+use crate::config::Config;
+use crate::kie::KieClient;
+use crate::server::{self, Resp};
+use crate::store::Store;
 
 /// Answers admin requests on the daemon's Unix socket: `POST /v1` with a JSON [`Request`].
 pub struct Service {

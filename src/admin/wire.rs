@@ -1,7 +1,14 @@
 //! The admin protocol's types: requests, replies and their JSON (SPEC's shapes), and
 //! [`AdminError`] with its kind. Plain data; must not do I/O.
 
-use super::*;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::backup;
+use crate::model::TaskJson;
+use crate::store::{Quarantined, StoreError};
+use crate::submit::{SubmitError, SubmitJson};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "snake_case")]
