@@ -1,5 +1,6 @@
-//! The download workers: pick due tasks from the store's download index, fetch their pending
-//! images (bounded concurrency), install each complete file at its final path and record it.
+//! The download workers: due tasks from the store's download index, run by
+//! `schedule::run_bounded` (bounded concurrency; a full disk pauses them), fetch their
+//! pending images, install each complete file at its final path and record it.
 //! Owns the data directory's `images/` and `tmp/` and the install order
 //! (temp file → fsync → rename → fsync dir → record); must not decide state transitions
 //! (`machine`) or talk HTTP itself (`fetch`).

@@ -1,6 +1,6 @@
 //! Outbound notifications: delivers the store's outbox (`due_notify` index) to `notify.url`,
-//! signed as Standard Webhooks specifies, with bounded concurrency, timeouts and jittered
-//! exponential backoff. Owns the HTTP client of notifications and the signing; must not
+//! signed as Standard Webhooks specifies, with bounded concurrency (`schedule::run_bounded`),
+//! timeouts and jittered exponential backoff. Owns the HTTP client of notifications and the signing; must not
 //! create notifications (a settle enqueues them in `store::apply`) or decide their state
 //! (`machine::notify_attempted`).
 //!

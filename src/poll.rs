@@ -1,8 +1,9 @@
 //! The poll fallback: tasks still `submitted` are looked up on KIE's record-info when their
 //! poll is due (the store's poll index), until a result arrives or `poll.give_up_after`
-//! passes. Owns the schedule of polls and the reading of a record-info answer
-//! ([`interpret`], shared with the confirmation of callbacks in `download`); must not fetch
-//! images (`download`) or decide transitions (`machine`).
+//! passes; its loop is `schedule`'s (store pause, sleep until due). Owns the schedule of
+//! polls and the reading of a record-info answer ([`interpret`], shared with the
+//! confirmation of callbacks in `download`); must not fetch images (`download`) or decide
+//! transitions (`machine`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
