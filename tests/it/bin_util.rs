@@ -410,17 +410,27 @@ pub fn client() -> reqwest::Client {
 
 /// Waits (polling `coverd admin status --json`) until `pred` holds on the status JSON.
 pub async fn wait_status(scratch: &Scratch, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    wait_admin(scratch, &["status"], what, pred).await
+}
+
+/// Waits (polling `coverd admin <args> --json`) until `pred` holds on what it prints.
+pub async fn wait_admin(
+    scratch: &Scratch,
+    args: &[&str],
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let status = scratch.admin_json(&["status"]).await;
-        if pred(&status) {
-            return status;
+        let shown = scratch.admin_json(args).await;
+        if pred(&shown) {
+            return shown;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: not reached within {PATIENCE:?}; last status {status}"
+            "{what}: not reached within {PATIENCE:?}; last `admin {args:?}`: {shown}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -18,7 +18,7 @@ use coverd::admin::{self, AdminErrorKind, Reply, Request};
 use coverd::config::{Config, Secret};
 use coverd::model::{Notification, NotifyState};
 
-use crate::bin_util::{PATIENCE, Scratch};
+use crate::bin_util::{Scratch, wait_admin};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png};
 use crate::harness::{Daemon, failure_body, success_body};
@@ -590,19 +590,14 @@ async fn sigkill_between_settle_and_delivery_delivers_after_restart_with_one_id(
 
     rx.set(Answer::Status(200));
     let daemon = scratch.serve().await;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let shown = scratch.admin_json(&["show", id]).await;
-        if shown["notify"]["state"] == "delivered" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never delivered: {shown}\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let delivered = |shown: &Value| shown["notify"]["state"] == "delivered";
+    wait_admin(
+        &scratch,
+        &["show", id],
+        "delivered after the restart",
+        delivered,
+    )
+    .await;
     let got = rx.got();
     assert!(got.len() >= 2, "{got:?}");
     let ids: BTreeSet<&str> = got.iter().map(|g| g.id.as_str()).collect();

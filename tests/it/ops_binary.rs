@@ -266,6 +266,14 @@ async fn admin_finds_the_data_directory_without_flags() {
     d.stop().await;
 }
 
+/// `coverd admin --data-dir DATA backup DEST`, which must succeed.
+async fn admin_backup(data: &str, dest: &Path) {
+    let mut c = coverd();
+    c.args(["admin", "--data-dir", data, "backup"]).arg(dest);
+    let out = run(c).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
+
 /// Every path under `dir` (itself included) whose owner is not `uid`.
 fn not_owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
     let mut bad = Vec::new();
@@ -396,24 +404,10 @@ async fn root_acts_as_the_data_directory_owner() {
     let backup = s2.dir.path().join("bk");
     std::fs::create_dir(&backup).unwrap();
     std::os::unix::fs::chown(&backup, Some(NOBODY), Some(NOBODY)).unwrap();
-    let out = run({
-        let mut c = coverd();
-        c.args(["admin", "--data-dir", d2, "backup"])
-            .arg(backup.join("one"));
-        c
-    })
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
+    admin_backup(d2, &backup.join("one")).await;
     daemon.stop().await;
     // Stopped now: root's offline admin on nobody's directory.
-    let out = run({
-        let mut c = coverd();
-        c.args(["admin", "--data-dir", d2, "backup"])
-            .arg(backup.join("two"));
-        c
-    })
-    .await;
-    assert_eq!(out.code, Some(0), "{out:?}");
+    admin_backup(d2, &backup.join("two")).await;
     let bad = not_owned_by(&data2, NOBODY);
     assert!(
         bad.is_empty(),
