@@ -303,3 +303,99 @@ impl<W: DueWork> Drop for Release<W> {
         self.work.scheduler().wake.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::model::ManualClock;
+
+    const NAMES: Names = Names {
+        what: "test entries",
+        index: "the test index",
+        abandoned: "they come back",
+    };
+
+    /// An index of entries all due now; working on one blocks until the test lets it
+    /// finish, then removes it, except the one that is kept out.
+    struct Entries {
+        scheduler: Scheduler<u32>,
+        due: Mutex<Vec<u32>>,
+        gate: Semaphore,
+        running: AtomicUsize,
+        most: AtomicUsize,
+        runs: Mutex<Vec<u32>>,
+        kept_out: u32,
+    }
+
+    impl DueWork for Entries {
+        type Key = u32;
+        fn scheduler(&self) -> &Scheduler<u32> {
+            &self.scheduler
+        }
+        fn queue(&self, now: Millis, limit: usize) -> Result<Vec<(Millis, u32)>, StoreError> {
+            let due = self.due.lock().unwrap();
+            Ok(due.iter().take(limit).map(|k| (now, *k)).collect())
+        }
+        async fn work(self: Arc<Self>, key: u32, _: CancellationToken) -> Finished {
+            self.runs.lock().unwrap().push(key);
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            if key == self.kept_out {
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                return Finished::KeepOut;
+            }
+            self.gate.acquire().await.unwrap().forget();
+            self.due.lock().unwrap().retain(|k| *k != key);
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Finished::Done
+        }
+    }
+
+    /// Every due entry is worked on once, never more than the slots at a time; one kept out
+    /// is not started again, and a finishing worker wakes the loop for the next.
+    #[tokio::test]
+    async fn bounded_runner_works_each_due_entry_once_within_its_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(1_000));
+        let work = Arc::new(Entries {
+            scheduler: Scheduler::new(&NAMES, store, clock, Arc::new(Notify::new()), 2),
+            due: Mutex::new((0..7).collect()),
+            gate: Semaphore::new(0),
+            running: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+            runs: Mutex::new(Vec::new()),
+            kept_out: 0,
+        });
+        let shutdown = CancellationToken::new();
+        let runner = tokio::spawn(run_bounded(work.clone(), shutdown.clone()));
+        // One finish at a time; the loop is woken by each and starts the next entry.
+        for done in 1..=6 {
+            while work.runs.lock().unwrap().len() < (done + 1).min(7) {
+                tokio::task::yield_now().await;
+            }
+            work.gate.add_permits(1);
+            while work.due.lock().unwrap().len() > 7 - done {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Let the loop look at the index once more: only the kept-out entry is left.
+        work.scheduler.wake.notify_one();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        shutdown.cancel();
+        runner.await.unwrap();
+        let mut runs = work.runs.lock().unwrap().clone();
+        runs.sort();
+        assert_eq!(runs, (0..7).collect::<Vec<_>>(), "each entry once");
+        assert_eq!(
+            work.most.load(Ordering::SeqCst),
+            2,
+            "at most the slots at once"
+        );
+        assert_eq!(*work.due.lock().unwrap(), vec![0]);
+    }
+}
