@@ -29,7 +29,8 @@ pub enum Kind {
     StrList,
 }
 
-/// The range a value must lie in; checked by `resolve` and printed in the docs table.
+/// The range a value must lie in; checked by the kind's parser (`values::int_in`,
+/// `values::duration`) and printed in the docs table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bounds {
     None,
@@ -169,7 +170,8 @@ macro_rules! key {
     (@raw Duration) => { String };
     (@raw StrList) => { Vec<String> };
 
-    // The parser of a kind, for keys that declare none.
+    // The parser of a kind, for keys that declare none (a `Str` or `StrList` key with a
+    // field names its own: there is no check every string could share).
     (@parser Bool) => { values::boolean };
     (@parser Int) => { values::int_in };
     (@parser Duration) => { values::duration };
@@ -197,7 +199,8 @@ macro_rules! key {
 
 // One line a key: `name: Kind = default as the docs show it, env VAR, bounds, "the rule's
 // wording after the bounds" => the field of `Config` it sets [as secret] [via parser]`.
-// Without a parser the kind's own is used (bounds checked); `as secret` fields are filled
+// Without a parser the kind's own is used (bounds checked; `Bool`, `Int`, `Duration`);
+// `as secret` fields are filled
 // by the secret step and shown as set/unset; keys without a field (`*_file`) only feed the
 // secret step.
 keys! {
