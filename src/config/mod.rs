@@ -44,17 +44,6 @@ pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "kie-webhook-hmac-key";
 /// systemd credential name of the notification signing secret.
 pub const CREDENTIAL_NOTIFY_SECRET: &str = "notify-secret";
 
-/// Every environment variable [`load`] reads.
-const ENV_VARS: [&str; 7] = [
-    ENV_CONFIG,
-    ENV_DATA_DIR,
-    ENV_LISTEN,
-    ENV_API_KEY,
-    ENV_WEBHOOK_HMAC_KEY,
-    ENV_NOTIFY_SECRET,
-    ENV_CREDENTIALS_DIRECTORY,
-];
-
 /// The fully resolved configuration every other module reads.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -241,7 +230,12 @@ impl ConfigError {
 ///
 /// An environment variable that is not valid UTF-8 is an error rather than silently unset.
 pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
-    for var in ENV_VARS {
+    // Every variable it reads: the file's name, the credentials, and each key's.
+    let keys_vars = keys::KEYS.iter().filter_map(|k| k.env);
+    for var in [ENV_CONFIG, ENV_CREDENTIALS_DIRECTORY]
+        .into_iter()
+        .chain(keys_vars)
+    {
         if let Err(std::env::VarError::NotUnicode(_)) = std::env::var(var) {
             return Err(ConfigError::Env {
                 var: var.to_string(),

@@ -36,6 +36,28 @@ async fn coverd_in(cwd: &Path, args: &[&str]) -> Outcome {
     run(cmd).await
 }
 
+/// Every environment variable coverd reads (the file's name, the credentials directory and
+/// each key's, as declared) refuses a value that is not UTF-8, naming the variable, rather
+/// than counting it as unset.
+#[tokio::test]
+async fn environment_variables_that_are_not_utf8_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let vars = ["COVERD_CONFIG", "CREDENTIALS_DIRECTORY"]
+        .into_iter()
+        .chain(coverd::config::keys::KEYS.iter().filter_map(|k| k.env));
+    for var in vars {
+        let mut cmd = coverd();
+        cmd.arg("check-config")
+            .env(var, std::ffi::OsStr::from_bytes(b"x\xff"));
+        let out = run(cmd).await;
+        assert_eq!(out.code, Some(2), "{var}: {out:?}");
+        assert!(
+            out.stderr.contains(&format!("`{var}`")) && out.stderr.contains("UTF-8"),
+            "{var}: {out:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn check_config_prints_the_effective_configuration_and_fails_with_2() {
     let s = Scratch::new();
