@@ -48,6 +48,47 @@ struct Cli {
     command: Cmd,
 }
 
+/// sled settings for `sled-floor` (coverd's own: 8 MiB cache, sled's defaults otherwise).
+#[derive(clap::Args, Clone)]
+struct SledKnobs {
+    #[arg(long, default_value_t = 8)]
+    cache_mib: u64,
+    /// sled's segment size in bytes (sled's default: 512 KiB).
+    #[arg(long)]
+    segment_size: Option<usize>,
+    /// `Mode::LowSpace` instead of sled's default `HighThroughput`.
+    #[arg(long)]
+    low_space: bool,
+}
+
+impl SledKnobs {
+    fn config(&self, path: &Path) -> sled::Config {
+        let mut c = sled::Config::new()
+            .path(path)
+            .cache_capacity(self.cache_mib * 1024 * 1024)
+            .mode(if self.low_space {
+                sled::Mode::LowSpace
+            } else {
+                sled::Mode::HighThroughput
+            });
+        if let Some(size) = self.segment_size {
+            c = c.segment_size(size);
+        }
+        c
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut a = vec!["--cache-mib".to_string(), self.cache_mib.to_string()];
+        if let Some(size) = self.segment_size {
+            a.extend(["--segment-size".to_string(), size.to_string()]);
+        }
+        if self.low_space {
+            a.push("--low-space".to_string());
+        }
+        a
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Callback ingest vs a no-op hyper server.
@@ -83,24 +124,41 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
-    /// sled's own floor: bytes per key of a bare sled (coverd's cache and flush settings)
-    /// holding `keys` keys like coverd's per failed task, one transaction each.
+    /// sled's own floor: bytes per task of a bare sled (coverd's cache and flush settings)
+    /// holding per task what a layout writes, `batch` tasks per transaction.
     SledFloor {
         #[arg(long, default_value_t = 100_000)]
         keys: u64,
-        /// Value bytes of the main record (coverd's failed-task record is about this size).
+        /// Value bytes of the main record (coverd's failed-task record is about 120 B
+        /// without history, ~170 B with its 2 history events inline).
         #[arg(long, default_value_t = 120)]
         record_bytes: usize,
-        /// Also write coverd's other keys per task: 2 history events (60 B), a state and a
-        /// creation index key, and the shared counter.
+        /// Shorthand for `--layout v1`.
         #[arg(long)]
         with_indexes: bool,
+        /// What is written per task: `record` (one record), `record-index` (+ one by-state
+        /// key), `record-index-counter` (+ a rewrite of the shared counter per transaction),
+        /// `v1` (coverd's schema 1: record, 2 history events of 60 B, a by-state and a
+        /// by-created key, the shared counter).
+        #[arg(long, default_value = "record")]
+        layout: String,
+        /// Tasks per transaction.
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
+        /// Leave the store(s) in `<work-dir>/sled-floor` (e.g. for `heaptrack coverd-bench
+        /// sled-open --path …`).
+        #[arg(long)]
+        keep: bool,
+        #[command(flatten)]
+        sled: SledKnobs,
     },
     /// (helper) Opens the sled at `path` like coverd, reads a key, waits 1 s and prints its
     /// own RSS in MiB.
     SledOpen {
         #[arg(long)]
         path: PathBuf,
+        #[command(flatten)]
+        sled: SledKnobs,
     },
     /// (helper) A hyper server answering every request 200 `{"status":"received"}`.
     NoopServer {
@@ -139,12 +197,23 @@ fn main() -> anyhow::Result<()> {
             keys,
             record_bytes,
             with_indexes,
-        } => sled_floor(&cli, keys, record_bytes, with_indexes),
-        Cmd::SledOpen { path } => {
-            let db = sled::Config::new()
-                .path(&path)
-                .cache_capacity(8 * 1024 * 1024)
-                .open()?;
+            ref layout,
+            batch,
+            keep,
+            ref sled,
+        } => {
+            let layout = if with_indexes { "v1" } else { layout.as_str() };
+            let floor = Floor {
+                keys,
+                record_bytes,
+                layout,
+                batch: batch.max(1),
+                keep,
+            };
+            sled_floor(&cli, &floor, sled)
+        }
+        Cmd::SledOpen { ref path, ref sled } => {
+            let db = sled.config(path).open()?;
             let tree = db.open_tree("tasks")?;
             let _ = tree.get("f-0")?;
             std::thread::sleep(Duration::from_secs(1));
@@ -896,18 +965,36 @@ async fn footprint(cli: &Cli, tasks: u64, concurrency: usize) -> anyhow::Result<
 // ---------------------------------------------------------------------------------------
 // sled's floor
 
-fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> anyhow::Result<()> {
+struct Floor<'a> {
+    keys: u64,
+    record_bytes: usize,
+    layout: &'a str,
+    batch: u64,
+    keep: bool,
+}
+
+fn sled_floor(cli: &Cli, floor: &Floor, knobs: &SledKnobs) -> anyhow::Result<()> {
     use sled::Transactional as _;
+    let &Floor {
+        keys,
+        record_bytes,
+        layout,
+        batch,
+        keep,
+    } = floor;
+    let (index, counter, v1) = match layout {
+        "record" => (false, false, false),
+        "record-index" => (true, false, false),
+        "record-index-counter" => (true, true, false),
+        "v1" => (true, true, true),
+        other => bail!("unknown layout {other:?}: record, record-index, record-index-counter, v1"),
+    };
     let dir = cli.work_dir.join("sled-floor");
     let _ = std::fs::remove_dir_all(&dir);
     let mut per_key = vec![];
     for run in 0..cli.runs {
         let path = dir.join(format!("db-{run}"));
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(8 * 1024 * 1024)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = knobs.config(&path).flush_every_ms(Some(500)).open()?;
         let tasks = db.open_tree("tasks")?;
         let events = db.open_tree("events")?;
         let by_state = db.open_tree("by_state")?;
@@ -915,36 +1002,40 @@ fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> 
         let meta = db.open_tree("meta")?;
         let record = vec![0x5au8; record_bytes];
         let event = [0x33u8; 60];
-        for n in 0..keys {
-            let id = format!("f-{n}");
-            if with_indexes {
-                (&tasks, &events, &by_state, &by_created, &meta)
-                    .transaction(|(t, e, s, c, m)| {
+        let started = Instant::now();
+        let mut n = 0;
+        while n < keys {
+            let end = (n + batch).min(keys);
+            (&tasks, &events, &by_state, &by_created, &meta)
+                .transaction(|(t, e, s, c, m)| {
+                    for n in n..end {
+                        let id = format!("f-{n}");
                         t.insert(id.as_bytes(), record.as_slice())?;
-                        for i in 0u32..2 {
-                            let mut k = id.as_bytes().to_vec();
-                            k.extend_from_slice(&i.to_be_bytes());
-                            e.insert(k, &event[..])?;
-                        }
                         let mut k = vec![3u8];
                         k.extend_from_slice(&n.to_be_bytes());
                         k.extend_from_slice(id.as_bytes());
-                        s.insert(k.clone(), &[])?;
-                        c.insert(&k[1..], &[])?;
-                        m.insert("count/failed", &(n + 1).to_be_bytes())?;
-                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                    })
-                    .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
-            } else {
-                tasks
-                    .transaction(|t| {
-                        t.insert(id.as_bytes(), record.as_slice())?;
-                        Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-                    })
-                    .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
-            }
+                        if index {
+                            s.insert(k.clone(), &[])?;
+                        }
+                        if v1 {
+                            for i in 0u32..2 {
+                                let mut k = id.as_bytes().to_vec();
+                                k.extend_from_slice(&i.to_be_bytes());
+                                e.insert(k, &event[..])?;
+                            }
+                            c.insert(&k[1..], &[])?;
+                        }
+                    }
+                    if counter {
+                        m.insert("count/failed", &end.to_be_bytes())?;
+                    }
+                    Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
+            n = end;
         }
         db.flush()?;
+        let took = started.elapsed();
         drop((tasks, events, by_state, by_created, meta, db));
         let bytes = dir_bytes(&path)?;
         // What a reopened sled holds: the RSS of a fresh process that only opens it.
@@ -952,16 +1043,19 @@ fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> 
             .arg("sled-open")
             .arg("--path")
             .arg(&path)
+            .args(knobs.args())
             .output()?;
         let reopened: f64 = String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
             .unwrap_or(f64::NAN);
         println!(
-            "run {run}: {keys} keys, record {record_bytes} B, indexes {with_indexes}: \
-             {:.1} MiB = {:.0} B per task; RSS of a process that reopens it {:.1} MiB",
+            "run {run}: {keys} tasks, layout {layout}, record {record_bytes} B, batch {batch}: \
+             {:.1} MiB = {:.0} B per task; written in {:.1} s; RSS of a process that \
+             reopens it {:.1} MiB",
             bytes as f64 / MIB,
             bytes as f64 / keys as f64,
+            took.as_secs_f64(),
             reopened
         );
         per_key.push(bytes as f64 / keys as f64);
@@ -970,7 +1064,11 @@ fn sled_floor(cli: &Cli, keys: u64, record_bytes: usize, with_indexes: bool) -> 
         "\nsummary: sled bytes per task {}",
         summary(&mut per_key, 0)
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep {
+        println!("kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
