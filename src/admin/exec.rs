@@ -55,7 +55,11 @@ impl Exec {
                     })?),
                 };
                 let limit = limit.clamp(1, MAX_LIST_LIMIT);
-                let tasks = self.store.list(state, limit)?;
+                // A listing of finished tasks scans the store: off the runtime.
+                let store = self.store.clone();
+                let tasks = tokio::task::spawn_blocking(move || store.list(state, limit))
+                    .await
+                    .map_err(|e| AdminError::failed(format!("listing tasks failed: {e}")))??;
                 Reply::Tasks {
                     tasks: tasks
                         .iter()

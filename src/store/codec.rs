@@ -11,6 +11,10 @@
 //!   not touch it; its own changes follow the same rule (`NotificationV1`, `V2`, upgrade);
 //! - the fixtures in `fixtures/` are bytes written by released versions and must decode
 //!   forever (see the tests below).
+//!
+//! `StoredTask::V2` (schema 2) carries the task's history inline, after the task; a `V1`
+//! record's history is in the schema-1 `events` tree (one `StoredEvent` per entry), which
+//! the store's migration folds into `V2` records.
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
@@ -23,6 +27,11 @@ const MAX_VALUE_BYTES: u64 = 1 << 20;
 #[derive(Serialize, Deserialize)]
 enum StoredTask {
     V1(Task),
+    /// Schema 2: the record and its whole history, oldest first.
+    V2 {
+        task: Task,
+        history: Vec<EventRecord>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -35,10 +44,12 @@ enum StoredNotification {
     V1(Notification),
 }
 
-/// Envelope versions this build reads: `StoredTask`, `StoredEvent` and `StoredNotification`
-/// have one variant each.
-/// A newer coverd appends `V2`, whose bincode variant index is 1.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// The newest envelope version this build reads, of `StoredTask` (`V1`, `V2`); a newer
+/// coverd appends `V3`, whose bincode variant index is 2.
+pub const ENVELOPE_VERSION: u32 = 2;
+/// The newest envelope version of `StoredEvent` and `StoredNotification` (`V1` only).
+pub const EVENT_ENVELOPE_VERSION: u32 = 1;
+pub const NOTIFICATION_ENVELOPE_VERSION: u32 = 1;
 /// Variant indexes this far past the known ones still read as "a newer coverd": bincode
 /// writes the index as the first 4 bytes (u32 LE), so any larger number is damage.
 const PLAUSIBLE_NEWER_VERSIONS: u32 = 64;
@@ -52,9 +63,13 @@ pub enum CodecError {
     Corrupt { what: &'static str, reason: String },
     /// The envelope is a version this build does not know: a newer coverd wrote it.
     #[error(
-        "{what} record in format v{found}, written by a newer coverd (this build reads up to v{ENVELOPE_VERSION})"
+        "{what} record in format v{found}, written by a newer coverd (this build reads up to v{known})"
     )]
-    Newer { what: &'static str, found: u32 },
+    Newer {
+        what: &'static str,
+        found: u32,
+        known: u32,
+    },
 }
 
 /// Fixed-width little-endian integers, no trailing bytes, bounded size: explicit, so a
@@ -80,17 +95,19 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
 fn decode<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     what: &'static str,
+    known: u32,
 ) -> Result<T, CodecError> {
     let index = bytes
         .get(..4)
         .and_then(|b| b.try_into().ok())
         .map(u32::from_le_bytes);
     if let Some(index) = index
-        && (ENVELOPE_VERSION..ENVELOPE_VERSION + PLAUSIBLE_NEWER_VERSIONS).contains(&index)
+        && (known..known + PLAUSIBLE_NEWER_VERSIONS).contains(&index)
     {
         return Err(CodecError::Newer {
             what,
             found: index + 1,
+            known,
         });
     }
     options()
@@ -101,14 +118,39 @@ fn decode<T: serde::de::DeserializeOwned>(
         })
 }
 
-pub fn encode_task(task: &Task) -> Result<Vec<u8>, CodecError> {
-    encode(&StoredTask::V1(task.clone()))
+/// A task record (schema 2: with its history inline).
+pub fn encode_task(task: &Task, history: &[EventRecord]) -> Result<Vec<u8>, CodecError> {
+    #[derive(Serialize)]
+    enum Borrowed<'a> {
+        #[allow(dead_code)]
+        V1(&'a Task),
+        V2 {
+            task: &'a Task,
+            history: &'a [EventRecord],
+        },
+    }
+    // The same bytes as `StoredTask::V2`, without cloning the history.
+    encode(&Borrowed::V2 { task, history })
 }
 
+/// A task record without its history.
 pub fn decode_task(bytes: &[u8]) -> Result<Task, CodecError> {
-    match decode::<StoredTask>(bytes, "task")? {
-        StoredTask::V1(task) => Ok(task),
+    decode_record(bytes).map(|(task, _)| task)
+}
+
+/// A task record and its inline history: `None` for a schema-1 record (`V1`), whose
+/// history is in the schema-1 `events` tree.
+pub fn decode_record(bytes: &[u8]) -> Result<(Task, Option<Vec<EventRecord>>), CodecError> {
+    match decode::<StoredTask>(bytes, "task", ENVELOPE_VERSION)? {
+        StoredTask::V1(task) => Ok((task, None)),
+        StoredTask::V2 { task, history } => Ok((task, Some(history))),
     }
+}
+
+/// A schema-1 record (`V1`), as coverd 0.1 wrote it: for the migration's tests.
+#[cfg(test)]
+pub fn encode_task_v1(task: &Task) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredTask::V1(task.clone()))
 }
 
 pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, CodecError> {
@@ -116,7 +158,7 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_event(bytes: &[u8]) -> Result<EventRecord, CodecError> {
-    match decode::<StoredEvent>(bytes, "event")? {
+    match decode::<StoredEvent>(bytes, "event", EVENT_ENVELOPE_VERSION)? {
         StoredEvent::V1(event) => Ok(event),
     }
 }
@@ -126,7 +168,7 @@ pub fn encode_notification(n: &Notification) -> Result<Vec<u8>, CodecError> {
 }
 
 pub fn decode_notification(bytes: &[u8]) -> Result<Notification, CodecError> {
-    match decode::<StoredNotification>(bytes, "notification")? {
+    match decode::<StoredNotification>(bytes, "notification", NOTIFICATION_ENVELOPE_VERSION)? {
         StoredNotification::V1(n) => Ok(n),
     }
 }
@@ -168,17 +210,29 @@ pub(crate) mod tests {
     #[test]
     fn every_stored_type_round_trips() {
         let task = sample_task();
-        assert_eq!(decode_task(&encode_task(&task).unwrap()).unwrap(), task);
+        assert_eq!(
+            decode_task(&encode_task(&task, &[]).unwrap()).unwrap(),
+            task
+        );
+        let history = sample_history();
+        assert_eq!(
+            decode_record(&encode_task(&task, &history).unwrap()).unwrap(),
+            (task.clone(), Some(history))
+        );
+        assert_eq!(
+            decode_record(&encode_task_v1(&task).unwrap()).unwrap(),
+            (task.clone(), None)
+        );
         for state in State::ALL {
             let mut t = task.clone();
             t.state = state;
-            assert_eq!(decode_task(&encode_task(&t).unwrap()).unwrap(), t);
+            assert_eq!(decode_task(&encode_task(&t, &[]).unwrap()).unwrap(), t);
         }
         for failure in [None, Some(Failure::Generation), Some(Failure::NoResult)] {
             let mut t = task.clone();
             t.failure = failure;
             t.source = Some(Source::Callback);
-            assert_eq!(decode_task(&encode_task(&t).unwrap()).unwrap(), t);
+            assert_eq!(decode_task(&encode_task(&t, &[]).unwrap()).unwrap(), t);
         }
         let kinds = [
             EventKind::Submitted,
@@ -239,7 +293,10 @@ pub(crate) mod tests {
             }
         }
         assert!(decode_notification(&[]).is_err());
-        assert!(decode_notification(&encode_task(&sample_task()).unwrap()[..10]).is_err());
+        assert!(
+            decode_notification(&encode_task(&sample_task(), &sample_history()).unwrap()[..10])
+                .is_err()
+        );
     }
 
     /// Bytes of the first notification format. If this fails, the stored format changed:
@@ -259,7 +316,7 @@ pub(crate) mod tests {
     fn garbage_and_trailing_bytes_are_errors_not_panics() {
         assert!(decode_task(&[]).is_err());
         assert!(decode_task(&[9, 0, 0, 0]).is_err());
-        let mut bytes = encode_task(&sample_task()).unwrap();
+        let mut bytes = encode_task(&sample_task(), &sample_history()).unwrap();
         bytes.push(0);
         assert!(
             decode_task(&bytes).is_err(),
@@ -270,11 +327,11 @@ pub(crate) mod tests {
 
     #[test]
     fn a_newer_envelope_is_told_apart_from_damage() {
-        // The current record with the envelope index of `V2`: what a newer build writes.
-        let mut newer = encode_task(&sample_task()).unwrap();
-        newer[..4].copy_from_slice(&1u32.to_le_bytes());
+        // The current record with the envelope index of `V3`: what a newer build writes.
+        let mut newer = encode_task(&sample_task(), &sample_history()).unwrap();
+        newer[..4].copy_from_slice(&ENVELOPE_VERSION.to_le_bytes());
         let err = decode_task(&newer).unwrap_err();
-        assert!(matches!(err, CodecError::Newer { found: 2, .. }), "{err}");
+        assert!(matches!(err, CodecError::Newer { found: 3, .. }), "{err}");
         assert!(
             err.to_string().contains("written by a newer coverd"),
             "{err}"
@@ -294,7 +351,7 @@ pub(crate) mod tests {
         for bad in [
             b"\xde\xad\xbe\xef garbage".to_vec(),
             vec![0, 0, 0],
-            encode_task(&sample_task()).unwrap()[..20].to_vec(),
+            encode_task(&sample_task(), &sample_history()).unwrap()[..20].to_vec(),
         ] {
             let err = decode_task(&bad).unwrap_err();
             assert!(matches!(err, CodecError::Corrupt { .. }), "{bad:?}: {err}");
@@ -302,18 +359,48 @@ pub(crate) mod tests {
         }
     }
 
+    /// The history `task_v2.bin` carries.
+    pub fn sample_history() -> Vec<EventRecord> {
+        vec![
+            EventRecord {
+                at: 1_795_775_581_000,
+                kind: EventKind::Tracked,
+                detail: "adopted".into(),
+            },
+            EventRecord {
+                at: 1_795_775_590_000,
+                kind: EventKind::Failed,
+                detail: "image 1: HTTP 404".into(),
+            },
+        ]
+    }
+
+    /// Bytes of the schema-2 task record. If this fails, the stored format changed: add a
+    /// new envelope variant instead.
+    #[test]
+    fn task_v2_fixture_decodes_forever() {
+        let (task, history) =
+            decode_record(include_bytes!("fixtures/task_v2.bin")).expect("v2 task");
+        assert_eq!(task, sample_task());
+        assert_eq!(history, Some(sample_history()));
+    }
+
     /// Bytes written by version 0.1.0. If this fails, the stored format changed: add a new
     /// envelope variant instead (see the module doc).
     #[test]
     fn v1_fixtures_decode_forever() {
-        let task = decode_task(include_bytes!("fixtures/task_v1.bin")).expect("v1 task");
+        let (task, history) =
+            decode_record(include_bytes!("fixtures/task_v1.bin")).expect("v1 task");
         assert_eq!(task, sample_task());
+        assert_eq!(history, None);
         let event = decode_event(include_bytes!("fixtures/event_v1.bin")).expect("v1 event");
         assert_eq!(event.kind, EventKind::ImageStored);
         assert_eq!(event.detail, "image 0 stored");
     }
 
     /// Writes the fixtures; run once per release with `cargo test -- --ignored write_fixtures`.
+    /// (The checked-in files are the bytes of the release that introduced each format: do
+    /// not rewrite an existing one.)
     #[test]
     #[ignore]
     fn write_fixtures() {
@@ -321,7 +408,12 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("task_v1.bin"),
-            encode_task(&sample_task()).unwrap(),
+            encode_task_v1(&sample_task()).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("task_v2.bin"),
+            encode_task(&sample_task(), &sample_history()).unwrap(),
         )
         .unwrap();
         let e = EventRecord {

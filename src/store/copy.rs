@@ -9,13 +9,12 @@ use std::ops::Bound;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use super::{
-    Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, decode, drop_notifications, event_key,
-};
+use super::{Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, decode, drop_notifications};
 use crate::model::{Millis, Task};
 
 /// Trees whose content is the tasks' (records, history) or derived from the task records;
-/// [`Store::put_copies`] rebuilds them. Every other tree is copied as it is.
+/// [`Store::put_copies`] rebuilds them. Every other tree is copied as it is. (`by_created`
+/// is schema 1's, gone after the migration.)
 const TASK_TREES: [&str; 7] = [
     "tasks",
     "events",
@@ -32,23 +31,24 @@ fn own_meta_key(key: &[u8]) -> bool {
     key == b"format" || key == b"schema_version" || key == b"health" || key.starts_with(b"count/")
 }
 
-/// One task as read at one moment: its record and the history that record counts.
+/// One task as read at one moment: its record (with its history, schema 2) and any
+/// schema-1 history entries still under its id (see the store's module doc).
 #[derive(Debug, Clone)]
 pub struct TaskCopy {
     pub task_id: String,
     /// `None` when the record cannot be decoded (quarantined: damaged, or written by a newer
-    /// coverd): it is copied byte for byte, with every history entry under its id, and
-    /// without index entries (the workers skip it anyway).
+    /// coverd): it is copied byte for byte, with its schema-1 history entries, and without
+    /// index entries (the workers skip it anyway).
     pub task: Option<Task>,
     record: sled::IVec,
     events: Vec<(sled::IVec, sled::IVec)>,
 }
 
 impl Store {
-    /// Up to `limit` tasks after `after` (exclusive) in id order, each read as one record
-    /// plus the history entries that record counts. History is append-only and written in
-    /// the record's transaction, so every entry it counts is already there: each copy is a
-    /// state the task had at the moment its record was read, even while writes continue.
+    /// Up to `limit` tasks after `after` (exclusive) in id order, each read as one record,
+    /// which holds its history: each copy is a state the task had at the moment its record
+    /// was read, even while writes continue. (Schema-1 entries left in `events` belong to
+    /// records that do not change: undecodable ones, or entries that could not be decoded.)
     pub fn read_tasks(
         &self,
         after: Option<&str>,
@@ -81,35 +81,21 @@ impl Store {
 
     fn copy_of(&self, id: &str, record: sled::IVec) -> Result<TaskCopy, StoreError> {
         let task = match self.decode_checked(&record, id) {
-            Ok(task) => task,
-            Err(e) if e.is_undecodable() => {
-                let mut prefix = id.as_bytes().to_vec();
-                prefix.push(0);
-                let events = self
-                    .inner
-                    .events
-                    .scan_prefix(prefix)
-                    .take(MAX_EVENTS_PER_TASK as usize)
-                    .collect::<Result<Vec<_>, _>>()?;
-                return Ok(TaskCopy {
-                    task_id: id.to_string(),
-                    task: None,
-                    record,
-                    events,
-                });
-            }
+            Ok(task) => Some(task),
+            Err(e) if e.is_undecodable() => None,
             Err(e) => return Err(e),
         };
-        let mut events = Vec::with_capacity(task.event_count as usize);
-        for seq in 0..task.event_count {
-            let key = event_key(id, seq);
-            if let Some(v) = self.inner.events.get(&key)? {
-                events.push((sled::IVec::from(key), v));
-            }
-        }
+        let mut prefix = id.as_bytes().to_vec();
+        prefix.push(0);
+        let events = self
+            .inner
+            .events
+            .scan_prefix(prefix)
+            .take(MAX_EVENTS_PER_TASK as usize)
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(TaskCopy {
             task_id: id.to_string(),
-            task: Some(task),
+            task,
             record,
             events,
         })
@@ -127,17 +113,15 @@ impl Store {
             &i.due_download,
             &i.due_poll,
             &i.by_state,
-            &i.by_created,
             &i.by_music,
         );
         let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music)| {
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_music)| {
                 let indexes = Indexes {
                     meta,
                     due_download: due_dl,
                     due_poll,
                     by_state,
-                    by_created,
                 };
                 for copy in copies {
                     let id = copy.task_id.as_str();
@@ -251,6 +235,14 @@ impl Store {
     /// images afterwards. Blocking.
     pub fn forget(&self, task_id: &str, updated_at: Millis) -> Result<bool, StoreError> {
         let i = &*self.inner;
+        // Schema-1 history entries still under its id (normally none).
+        let mut prefix = task_id.as_bytes().to_vec();
+        prefix.push(0);
+        let legacy = i
+            .events
+            .scan_prefix(prefix)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
         let trees = (
             &i.meta,
             &i.tasks,
@@ -258,12 +250,11 @@ impl Store {
             &i.due_download,
             &i.due_poll,
             &i.by_state,
-            &i.by_created,
             &i.by_music,
             &i.outbox,
         );
         let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox)| {
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox)| {
                 let Some(bytes) = tasks.get(task_id.as_bytes())? else {
                     return Ok(false);
                 };
@@ -280,7 +271,6 @@ impl Store {
                     due_download: due_dl,
                     due_poll,
                     by_state,
-                    by_created,
                 };
                 indexes.derive(task_id, Some(&task), None)?;
                 if let Some(music) = &task.music_task_id
@@ -288,8 +278,8 @@ impl Store {
                 {
                     by_music.remove(music.as_bytes())?;
                 }
-                for seq in 0..task.event_count {
-                    events.remove(event_key(task_id, seq))?;
+                for key in &legacy {
+                    events.remove(key.clone())?;
                 }
                 tasks.remove(task_id.as_bytes())?;
                 Ok(true)
