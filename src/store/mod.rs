@@ -2156,6 +2156,279 @@ mod tests {
         store.check_health().await.unwrap();
     }
 
+    fn quiet(now: Millis) -> Ctx {
+        Ctx {
+            notify: false,
+            ..ctx(now)
+        }
+    }
+
+    /// Tasks in every state (with a tie on `created_at` between states), each a list of
+    /// events applied one ms apart from its creation.
+    fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
+        let track = |m: &str| Event::Track {
+            music_task_id: Some(m.to_string()),
+        };
+        let failure = Event::Callback(Report::Failure {
+            reason: "KIE code 501: no".into(),
+        });
+        vec![
+            ("a", 100, vec![track("m-a")]),
+            ("b", 101, vec![track("m-b"), callback(2)]),
+            ("c", 102, vec![failure.clone(), failure]),
+            ("d", 102, vec![track("m-d"), callback(1), stored(0)]),
+            ("e", 103, vec![track("m-e"), callback(1)]),
+        ]
+    }
+
+    /// What coverd 0.1 (schema 1) wrote for `tasks`, from its `apply`: records in the `V1`
+    /// envelope, the history in `events`, `by_state` for every task, `by_created`, due
+    /// indexes, `by_music`, counters, then `schema_version` = `version`. Ids in `as_v2`
+    /// are written as the migration writes them (a run stopped half way); `raw` records
+    /// are written as given, with one history entry each. A test-only writer rather than a
+    /// directory written by the 0.1 binary: sled's files are large and opaque, while these
+    /// few lines state the schema-1 layout (keys and envelopes) the migration reads.
+    fn write_v1_store(dir: &Path, version: u32, as_v2: &[&str], raw: &[(&str, &[u8])]) {
+        let path = dir.join("db");
+        {
+            let db = sled::open(&path).unwrap();
+            let t = |name: &str| db.open_tree(name).unwrap();
+            let (meta, tasks, events) = (t("meta"), t("tasks"), t("events"));
+            let (due_dl, due_poll, by_state, by_created, by_music) = (
+                t("due_download"),
+                t("due_poll"),
+                t("by_state"),
+                t("by_created"),
+                t("by_music"),
+            );
+            let mut counts = std::collections::BTreeMap::<u8, u64>::new();
+            for (id, created, script) in scripted() {
+                let mut task = Task::new(id.to_string(), None, created);
+                let mut history = Vec::new();
+                for (i, event) in script.into_iter().enumerate() {
+                    let now = created + i as Millis;
+                    let outcome = machine::apply(&mut task, event, &quiet(now));
+                    append_history(&mut task, &mut history, &outcome.notes, now);
+                }
+                if as_v2.contains(&id) {
+                    tasks
+                        .insert(id, codec::encode_task(&task, &history).unwrap())
+                        .unwrap();
+                } else {
+                    tasks
+                        .insert(id, codec::encode_task_v1(&task).unwrap())
+                        .unwrap();
+                    for (seq, e) in history.iter().enumerate() {
+                        events
+                            .insert(
+                                event_key(id, seq as u32),
+                                codec::encode_event(e).unwrap(),
+                            )
+                            .unwrap();
+                    }
+                }
+                if !(as_v2.contains(&id) && task.state.is_finished()) {
+                    by_state
+                        .insert(state_key(task.state, task.created_at, id), &[])
+                        .unwrap();
+                }
+                by_created
+                    .insert(time_key(task.created_at, id), &[])
+                    .unwrap();
+                if let Some(at) = task.download_due() {
+                    due_dl.insert(time_key(at, id), &[]).unwrap();
+                }
+                if let Some(at) = task.poll_due() {
+                    due_poll.insert(time_key(at, id), &[]).unwrap();
+                }
+                if let Some(m) = &task.music_task_id {
+                    by_music.insert(m.as_bytes(), id.as_bytes()).unwrap();
+                }
+                *counts.entry(task.state.code()).or_default() += 1;
+            }
+            for (id, bytes) in raw {
+                tasks.insert(id.as_bytes(), *bytes).unwrap();
+                let e = EventRecord {
+                    at: 1,
+                    kind: EventKind::Tracked,
+                    detail: format!("{id} tracked"),
+                };
+                events
+                    .insert(event_key(id, 0), codec::encode_event(&e).unwrap())
+                    .unwrap();
+            }
+            for (code, n) in counts {
+                meta.insert([b"count/".as_slice(), &[code]].concat(), &n.to_be_bytes())
+                    .unwrap();
+            }
+            meta.insert("format", FORMAT_MARKER).unwrap();
+            meta.insert("schema_version", &version.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        flusher::wait_for_lock_release(&path.join("db"), LOCK_RELEASE_LIMIT);
+    }
+
+    /// The same tasks written by this build's `apply`.
+    fn reference() -> (tempfile::TempDir, Store) {
+        let (dir, store) = open();
+        for (id, created, script) in scripted() {
+            for (i, event) in script.into_iter().enumerate() {
+                store
+                    .apply(id, &event, &quiet(created + i as Millis), IfMissing::Create)
+                    .unwrap();
+            }
+        }
+        (dir, store)
+    }
+
+    fn ids(tasks: Vec<Task>) -> Vec<String> {
+        tasks.into_iter().map(|t| t.task_id).collect()
+    }
+
+    /// `store` reads exactly like `want` (tasks, histories, listings, counts, queues).
+    fn assert_same(store: &Store, want: &Store) {
+        for (id, _, _) in scripted() {
+            assert_eq!(store.get(id).unwrap(), want.get(id).unwrap(), "task {id}");
+            assert_eq!(store.events(id).unwrap(), want.events(id).unwrap(), "{id}");
+            assert!(!store.events(id).unwrap().is_empty(), "{id}");
+        }
+        for limit in [1, 2, 3, 10] {
+            assert_eq!(
+                ids(store.list(None, limit).unwrap()),
+                ids(want.list(None, limit).unwrap())
+            );
+            for s in State::ALL {
+                assert_eq!(
+                    ids(store.list(Some(s), limit).unwrap()),
+                    ids(want.list(Some(s), limit).unwrap()),
+                    "{s:?}"
+                );
+            }
+        }
+        assert_eq!(store.counts().unwrap(), want.counts().unwrap());
+        assert_eq!(
+            store.download_queue(10).unwrap(),
+            want.download_queue(10).unwrap()
+        );
+        assert_eq!(store.poll_queue(10).unwrap(), want.poll_queue(10).unwrap());
+        assert_eq!(
+            store.oldest_unfinished().unwrap().map(|t| t.task_id),
+            want.oldest_unfinished().unwrap().map(|t| t.task_id)
+        );
+        assert_eq!(store.task_for_music("m-d").unwrap().as_deref(), Some("d"));
+    }
+
+    fn schema_of(store: &Store) -> u32 {
+        u32_from(&store.inner.meta.get("schema_version").unwrap().unwrap())
+    }
+
+    fn has_tree(store: &Store, name: &str) -> bool {
+        store
+            .inner
+            .db
+            .tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+    }
+
+    #[test]
+    fn a_schema_1_store_is_migrated_at_open() {
+        let (_r, want) = reference();
+        let dir = tempfile::tempdir().unwrap();
+        let garbage: &[u8] = b"\xff\xff not a record";
+        write_v1_store(dir.path(), 1, &[], &[("zz", garbage)]);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(schema_of(&store), 2);
+        assert!(!has_tree(&store, V1_BY_CREATED));
+        assert_same(&store, &want);
+        // Every record now holds its history; finished tasks lost their `by_state` entry.
+        for kv in store.inner.tasks.iter() {
+            let (k, v) = kv.unwrap();
+            if k.as_ref() != b"zz" {
+                assert!(matches!(codec::decode_record(&v), Ok((_, Some(_)))));
+            }
+        }
+        assert_eq!(store.inner.by_state.len(), 3, "a, b and e");
+        // The undecodable record stays as it was, quarantined, its history still read.
+        assert!(store.get("zz").unwrap_err().is_undecodable());
+        assert_eq!(store.inner.events.len(), 1);
+        let (history, damaged) = store.history("zz").unwrap();
+        assert_eq!((history[0].detail.as_str(), damaged.len()), ("zz tracked", 0));
+        assert_eq!(store.scan_quarantined().unwrap().len(), 1);
+
+        // Reopened: nothing to do; then the tasks go on as usual.
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_same(&store, &want);
+        store
+            .apply("b", &stored(0), &quiet(500), IfMissing::Reject)
+            .unwrap();
+        let kinds: Vec<_> = store.events("b").unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.last(), Some(&EventKind::ImageStored));
+        assert_eq!(kinds.len(), want.events("b").unwrap().len() + 1);
+    }
+
+    #[test]
+    fn a_migration_stopped_half_way_runs_again() {
+        let (_r, want) = reference();
+        // Stopped before the version flip: some records already in schema 2.
+        let dir = tempfile::tempdir().unwrap();
+        write_v1_store(dir.path(), 1, &["a", "c"], &[]);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(schema_of(&store), 2);
+        assert_same(&store, &want);
+        assert!(store.inner.events.is_empty());
+        assert!(!has_tree(&store, V1_BY_CREATED));
+
+        // Stopped after the flip, before `by_created` was dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<&str> = scripted().iter().map(|t| t.0).collect();
+        write_v1_store(dir.path(), 2, &all, &[]);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!has_tree(&store, V1_BY_CREATED));
+        assert_same(&store, &want);
+    }
+
+    /// Newest first across states, ties on `created_at` broken by id (descending), cut at
+    /// the limit: what schema 1's `by_created` index gave.
+    #[test]
+    fn listing_all_states_is_newest_first_with_the_limit() {
+        let (_d, store) = open();
+        let mut want = Vec::new();
+        for i in 0..40i64 {
+            let id = format!("t{:02}", (i * 7) % 40);
+            let created = 1000 + i / 3;
+            let event = match i % 4 {
+                0 => Event::Track {
+                    music_task_id: None,
+                },
+                1 => callback(1),
+                _ => Event::Callback(Report::Failure { reason: "x".into() }),
+            };
+            store
+                .apply(&id, &event, &quiet(created), IfMissing::Create)
+                .unwrap();
+            want.push((created, id));
+        }
+        want.sort();
+        want.reverse();
+        let want: Vec<String> = want.into_iter().map(|(_, id)| id).collect();
+        for limit in [1, 5, 13, 40, 100] {
+            let got = ids(store.list(None, limit).unwrap());
+            assert_eq!(got, want[..limit.min(40)], "limit {limit}");
+        }
+        let failed = ids(store.list(Some(State::Failed), 100).unwrap());
+        assert_eq!(failed.len(), 20);
+        let mut sorted = failed.clone();
+        sorted.sort_by_key(|id| {
+            let t = store.get(id).unwrap().unwrap();
+            std::cmp::Reverse((t.created_at, t.task_id))
+        });
+        assert_eq!(failed, sorted);
+        assert_eq!(store.inner.by_state.len(), 20, "only unfinished tasks indexed");
+    }
+
     #[test]
     fn foreign_and_newer_databases_are_refused() {
         let dir = tempfile::tempdir().unwrap();

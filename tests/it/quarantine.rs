@@ -32,10 +32,12 @@ const BAD_POLL: &str = "bad-garbage-poll";
 const NEWER_POLL: &str = "bad-newer-poll";
 const GOOD: [&str; 2] = ["good-0", "good-1"];
 
-/// A record in the next envelope version (bincode variant index 1, `V2`), as a newer
-/// coverd would write it: this build cannot read it.
+/// A record in the next envelope version (bincode variant index `ENVELOPE_VERSION`, one
+/// past this build's newest), as a newer coverd would write it: this build cannot read it.
 fn newer_record() -> Vec<u8> {
-    let mut bytes = 1u32.to_le_bytes().to_vec();
+    let mut bytes = coverd::store::codec::ENVELOPE_VERSION
+        .to_le_bytes()
+        .to_vec();
     bytes.extend_from_slice(b"fields of a shape this build does not know");
     bytes
 }
