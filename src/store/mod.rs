@@ -2189,6 +2189,16 @@ mod tests {
     /// directory written by the 0.1 binary: sled's files are large and opaque, while these
     /// few lines state the schema-1 layout (keys and envelopes) the migration reads.
     fn write_v1_store(dir: &Path, version: u32, as_v2: &[&str], raw: &[(&str, &[u8])]) {
+        write_v1_tasks(dir, version, as_v2, raw, scripted());
+    }
+
+    fn write_v1_tasks(
+        dir: &Path,
+        version: u32,
+        as_v2: &[&str],
+        raw: &[(&str, &[u8])],
+        script: Vec<(&str, Millis, Vec<Event>)>,
+    ) {
         let path = dir.join("db");
         {
             let db = sled::open(&path).unwrap();
@@ -2202,7 +2212,7 @@ mod tests {
                 t("by_music"),
             );
             let mut counts = std::collections::BTreeMap::<u8, u64>::new();
-            for (id, created, script) in scripted() {
+            for (id, created, script) in script {
                 let mut task = Task::new(id.to_string(), None, created);
                 let mut history = Vec::new();
                 for (i, event) in script.into_iter().enumerate() {
@@ -2388,6 +2398,44 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert!(!has_tree(&store, V1_BY_CREATED));
         assert_same(&store, &want);
+    }
+
+    /// A backup written by coverd 0.1 (schema 1) restores: the backup's store is migrated
+    /// when restore opens it, and the restored store is schema 2 with every task and its
+    /// history.
+    #[test]
+    fn a_schema_1_backup_restores() {
+        use crate::admin::backup;
+        let (_r, want) = reference();
+        let src = tempfile::tempdir().unwrap();
+        // No `downloaded` task: its image file would have to be in the backup too.
+        let script: Vec<_> = scripted().into_iter().filter(|t| t.0 != "d").collect();
+        write_v1_tasks(src.path(), 1, &[], &[], script);
+        let manifest = backup::Manifest {
+            format: backup::FORMAT.into(),
+            version: "0.1.0".into(),
+            created_at: "2026-11-30T05:00:00Z".into(),
+            tasks: 4,
+            images: 0,
+            bytes: 0,
+        };
+        std::fs::write(
+            src.path().join(backup::MANIFEST),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        let target = tempfile::tempdir().unwrap();
+        let data = target.path().join("data");
+        backup::restore(src.path(), &data, None).unwrap();
+        let store = Store::open(&data).unwrap();
+        assert_eq!(schema_of(&store), 2);
+        for id in ["a", "b", "c", "e"] {
+            assert_eq!(store.get(id).unwrap(), want.get(id).unwrap(), "{id}");
+            assert_eq!(store.events(id).unwrap(), want.events(id).unwrap(), "{id}");
+        }
+        assert_eq!(ids(store.list(None, 10).unwrap()), ["e", "c", "b", "a"]);
+        assert_eq!(store.counts().unwrap().failed, 1);
+        assert!(store.inner.events.is_empty() && !has_tree(&store, V1_BY_CREATED));
     }
 
     /// Newest first across states, ties on `created_at` broken by id (descending), cut at
