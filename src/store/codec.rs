@@ -30,8 +30,26 @@ enum StoredTask {
     /// Schema 2: the record and its whole history, oldest first.
     V2 {
         task: Task,
-        history: Vec<EventRecord>,
+        history: Vec<StoredEntry>,
     },
+}
+
+/// One history entry of a `V2` record.
+#[derive(Serialize, Deserialize)]
+struct StoredEntry {
+    at: crate::model::Millis,
+    kind: crate::model::EventKind,
+    detail: Detail,
+}
+
+/// A history entry's detail. A failure's reason is noted twice (the callback or poll that
+/// reported it, then the failure) and is the task's `error` too: a detail equal to the
+/// task's `error` when the record is written is stored as `TaskError`, not repeated (the
+/// whole record is written at once, so it decodes to the same text).
+#[derive(Serialize, Deserialize)]
+enum Detail {
+    Text(String),
+    TaskError,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,16 +138,39 @@ fn decode<T: serde::de::DeserializeOwned>(
 
 /// A task record (schema 2: with its history inline).
 pub fn encode_task(task: &Task, history: &[EventRecord]) -> Result<Vec<u8>, CodecError> {
+    // The same bytes as `StoredTask::V2`, without cloning the task or the history.
     #[derive(Serialize)]
     enum Borrowed<'a> {
         #[allow(dead_code)]
         V1(&'a Task),
         V2 {
             task: &'a Task,
-            history: &'a [EventRecord],
+            history: Vec<Entry<'a>>,
         },
     }
-    // The same bytes as `StoredTask::V2`, without cloning the history.
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        at: crate::model::Millis,
+        kind: crate::model::EventKind,
+        detail: BorrowedDetail<'a>,
+    }
+    #[derive(Serialize)]
+    enum BorrowedDetail<'a> {
+        Text(&'a str),
+        TaskError,
+    }
+    let history = history
+        .iter()
+        .map(|e| Entry {
+            at: e.at,
+            kind: e.kind,
+            detail: if task.error.as_deref() == Some(e.detail.as_str()) {
+                BorrowedDetail::TaskError
+            } else {
+                BorrowedDetail::Text(&e.detail)
+            },
+        })
+        .collect();
     encode(&Borrowed::V2 { task, history })
 }
 
@@ -143,7 +184,20 @@ pub fn decode_task(bytes: &[u8]) -> Result<Task, CodecError> {
 pub fn decode_record(bytes: &[u8]) -> Result<(Task, Option<Vec<EventRecord>>), CodecError> {
     match decode::<StoredTask>(bytes, "task", ENVELOPE_VERSION)? {
         StoredTask::V1(task) => Ok((task, None)),
-        StoredTask::V2 { task, history } => Ok((task, Some(history))),
+        StoredTask::V2 { task, history } => {
+            let history = history
+                .into_iter()
+                .map(|e| EventRecord {
+                    at: e.at,
+                    kind: e.kind,
+                    detail: match e.detail {
+                        Detail::Text(text) => text,
+                        Detail::TaskError => task.error.clone().unwrap_or_default(),
+                    },
+                })
+                .collect();
+            Ok((task, Some(history)))
+        }
     }
 }
 
@@ -373,6 +427,35 @@ pub(crate) mod tests {
                 detail: "image 1: HTTP 404".into(),
             },
         ]
+    }
+
+    /// A failure's reason, noted twice and kept as the task's `error`, is stored once; the
+    /// history decodes to the same text, whatever the details.
+    #[test]
+    fn a_detail_equal_to_the_error_is_not_repeated() {
+        let task = sample_task();
+        let reason = task.error.clone().unwrap();
+        let entry = |detail: &str| EventRecord {
+            at: 1,
+            kind: EventKind::Callback,
+            detail: detail.into(),
+        };
+        let same = vec![entry(&reason), entry("other"), entry(&reason)];
+        let other_text = "x".repeat(reason.len());
+        let different = vec![entry(&other_text), entry("other"), entry(&other_text)];
+        let short = encode_task(&task, &same).unwrap();
+        let long = encode_task(&task, &different).unwrap();
+        assert_eq!(long.len() - short.len(), 2 * (8 + reason.len()));
+        assert_eq!(
+            decode_record(&short).unwrap(),
+            (task.clone(), Some(same.clone()))
+        );
+        let mut no_error = task.clone();
+        no_error.error = None;
+        assert_eq!(
+            decode_record(&encode_task(&no_error, &same).unwrap()).unwrap(),
+            (no_error, Some(same))
+        );
     }
 
     /// Bytes of the schema-2 task record. If this fails, the stored format changed: add a

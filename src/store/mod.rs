@@ -2,8 +2,8 @@
 //! updates, the due-indexes, and group commit (many writers share one flush). Must not do
 //! network or image-file I/O; the rules of what may change live in `machine`, not here.
 //!
-//! Trees (all keys' numbers big-endian so byte order is numeric order):
-//! Trees of schema 2 (`SCHEMA_VERSION`; schema 1 is migrated in `open`, see `migrate`):
+//! Trees of schema 2 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
+//! `Inner::migrate_v1`), all keys' numbers big-endian so byte order is numeric order:
 //! - `meta`: `format` marker, `schema_version` (u32), per-state counters `count/<code>` (u64);
 //! - `tasks`: task id → `StoredTask` (see `codec`): the record with its whole history
 //!   inline (at most `MAX_EVENTS_PER_TASK` entries past which repetitive notes are dropped);
@@ -31,11 +31,11 @@
 //!
 //! Blocking: every method here is synchronous. From async code, a sled transaction
 //! (`apply`, through [`Store::apply_async`]) and a scan whose size grows with the store
-//! (`all_tasks` and what is built on it: status, verify, export, backup, prune in `admin`)
-//! run off the runtime's worker threads, with `spawn_blocking`. Single-key reads and writes
-//! (`get`, `counts`, intents, the health stamp) and range reads bounded by a small limit (one
-//! task's `events`, `due_*`/`*_queue`/`next_*_due`, `list` with the caller's limit) may run
-//! inline: they land in sled's cache and in-memory log, and never wait for the disk. The
+//! (`all_tasks` and what is built on it: status, verify, export, backup, prune in `admin`;
+//! `list` of finished tasks) run off the runtime's worker threads, with `spawn_blocking`.
+//! Single-key reads and writes (`get`, `counts`, one task's `events`, intents, the health
+//! stamp) and range reads bounded by a small limit (`due_*`/`*_queue`/`next_*_due`, `list`
+//! of an unfinished state with the caller's limit) may run inline: they land in sled's cache and in-memory log, and never wait for the disk. The
 //! disk waits are the flusher thread's; [`Store::durable`] only awaits its result.
 //!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
@@ -2398,6 +2398,38 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert!(!has_tree(&store, V1_BY_CREATED));
         assert_same(&store, &want);
+    }
+
+    /// The migration's speed: a schema-1 store of `COVERD_MIGRATE_TASKS` (default 100,000)
+    /// failed tasks, opened. A measurement, not a test:
+    /// `COVERD_MIGRATE_TASKS=100000 cargo test --release --lib migration_throughput -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn migration_throughput() {
+        let n: usize = std::env::var("COVERD_MIGRATE_TASKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let ids: Vec<String> = (0..n).map(|i| format!("f-{i}")).collect();
+        let failure = Event::Callback(Report::Failure {
+            reason: "KIE code 501: Cover generation failed".into(),
+        });
+        let script = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.as_str(), 1_000 + i as Millis, vec![failure.clone()]))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        write_v1_tasks(dir.path(), 1, &[], &[], script);
+        let started = std::time::Instant::now();
+        let store = Store::open(dir.path()).unwrap();
+        let took = started.elapsed();
+        assert_eq!(store.counts().unwrap().failed, n as u64);
+        println!(
+            "migrated {n} tasks in {:.2} s ({:.0} tasks/s)",
+            took.as_secs_f64(),
+            n as f64 / took.as_secs_f64()
+        );
     }
 
     /// A backup written by coverd 0.1 (schema 1) restores: the backup's store is migrated
