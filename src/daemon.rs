@@ -237,7 +237,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let max_connections = hooks
         .max_connections
         .unwrap_or_else(|| server::public_connection_cap(fd_limit));
-    let store = Store::open(&data_dir)?;
+    // A schema migration can outlast systemd's start timeout on a large store: each
+    // progress report extends it.
+    let store = Store::open_with_progress(&data_dir, &|migrated| {
+        tracing::info!(migrated, "store migration in progress");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000)]);
+    })?;
     download::recover(&data_dir)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -246,8 +246,18 @@ impl Drop for ReleaseOnDrop {
 const LOCK_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 
 impl Store {
-    /// Opens (or creates) the store in `<data_dir>/db`.
+    /// Opens (or creates) the store in `<data_dir>/db`, migrating an older schema first.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_progress(data_dir, &|_| {})
+    }
+
+    /// [`Store::open`], calling `progress` with the number of task records migrated so far
+    /// every [`MIGRATION_PROGRESS_EVERY`] while a migration runs (the daemon tells systemd
+    /// that its start is taking longer).
+    pub fn open_with_progress(
+        data_dir: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<Store, StoreError> {
         let path = data_dir.join("db");
         let db = sled::Config::new()
             .path(&path)
@@ -302,7 +312,7 @@ impl Store {
             written,
             health,
         };
-        inner.check_schema()?;
+        inner.check_schema(progress)?;
         // The schema marker written for a new store: durable soon, without waiting here.
         inner
             .flusher
@@ -1113,11 +1123,13 @@ impl Ord for Newest {
 
 /// Task records rewritten per transaction by the schema migration.
 const MIGRATION_CHUNK: usize = 256;
+/// How often a migration reports progress (see [`Store::open_with_progress`]).
+pub const MIGRATION_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Schema 1's newest-first index, dropped by the migration (after the version flip).
 const V1_BY_CREATED: &str = "by_created";
 
 impl Inner {
-    fn check_schema(&self) -> Result<(), StoreError> {
+    fn check_schema(&self, progress: &dyn Fn(u64)) -> Result<(), StoreError> {
         match (self.meta.get("format")?, self.meta.get("schema_version")?) {
             (Some(f), Some(v)) if f.as_ref() == FORMAT_MARKER => {
                 let found =
@@ -1133,7 +1145,7 @@ impl Inner {
                 }
                 // Migrations from older schema versions, one step at a time.
                 if found < 2 {
-                    self.migrate_v1()?;
+                    self.migrate_v1(progress)?;
                 }
                 // Left by a migration that stopped after its version flip.
                 if self
@@ -1168,8 +1180,9 @@ impl Inner {
     /// each record moves with its history and index entry in one transaction. A record that
     /// cannot be decoded is left as it is, with its history in `events` (quarantined as
     /// before). Blocking; at open, before anything else reads the store.
-    fn migrate_v1(&self) -> Result<(), StoreError> {
+    fn migrate_v1(&self, progress: &dyn Fn(u64)) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
+        let mut reported = started;
         let (mut migrated, mut undecodable, mut done_before) = (0u64, 0u64, 0u64);
         let mut after: Option<sled::IVec> = None;
         loop {
@@ -1224,6 +1237,10 @@ impl Inner {
             undecodable += counted.1;
             done_before += counted.2;
             after = Some(last);
+            if reported.elapsed() >= MIGRATION_PROGRESS_EVERY {
+                reported = std::time::Instant::now();
+                progress(migrated);
+            }
         }
         // The flip, after every record it covers (sled's log is written in order).
         self.meta
@@ -2181,12 +2198,12 @@ mod tests {
         ]
     }
 
-    /// What coverd 0.1 (schema 1) wrote for `tasks`, from its `apply`: records in the `V1`
+    /// What coverd wrote before schema 2 for `tasks`, from its `apply`: records in the `V1`
     /// envelope, the history in `events`, `by_state` for every task, `by_created`, due
     /// indexes, `by_music`, counters, then `schema_version` = `version`. Ids in `as_v2`
     /// are written as the migration writes them (a run stopped half way); `raw` records
     /// are written as given, with one history entry each. A test-only writer rather than a
-    /// directory written by the 0.1 binary: sled's files are large and opaque, while these
+    /// directory written by a schema-1 binary: sled's files are large and opaque, while these
     /// few lines state the schema-1 layout (keys and envelopes) the migration reads.
     fn write_v1_store(dir: &Path, version: u32, as_v2: &[&str], raw: &[(&str, &[u8])]) {
         write_v1_tasks(dir, version, as_v2, raw, scripted());
@@ -2230,10 +2247,7 @@ mod tests {
                         .unwrap();
                     for (seq, e) in history.iter().enumerate() {
                         events
-                            .insert(
-                                event_key(id, seq as u32),
-                                codec::encode_event(e).unwrap(),
-                            )
+                            .insert(event_key(id, seq as u32), codec::encode_event(e).unwrap())
                             .unwrap();
                     }
                 }
@@ -2364,7 +2378,10 @@ mod tests {
         assert!(store.get("zz").unwrap_err().is_undecodable());
         assert_eq!(store.inner.events.len(), 1);
         let (history, damaged) = store.history("zz").unwrap();
-        assert_eq!((history[0].detail.as_str(), damaged.len()), ("zz tracked", 0));
+        assert_eq!(
+            (history[0].detail.as_str(), damaged.len()),
+            ("zz tracked", 0)
+        );
         assert_eq!(store.scan_quarantined().unwrap().len(), 1);
 
         // Reopened: nothing to do; then the tasks go on as usual.
@@ -2432,7 +2449,7 @@ mod tests {
         );
     }
 
-    /// A backup written by coverd 0.1 (schema 1) restores: the backup's store is migrated
+    /// A backup written by a schema-1 coverd restores: the backup's store is migrated
     /// when restore opens it, and the restored store is schema 2 with every task and its
     /// history.
     #[test]
@@ -2506,7 +2523,11 @@ mod tests {
             std::cmp::Reverse((t.created_at, t.task_id))
         });
         assert_eq!(failed, sorted);
-        assert_eq!(store.inner.by_state.len(), 20, "only unfinished tasks indexed");
+        assert_eq!(
+            store.inner.by_state.len(),
+            20,
+            "only unfinished tasks indexed"
+        );
     }
 
     #[test]
