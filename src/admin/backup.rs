@@ -273,6 +273,8 @@ fn copy_store(
         }
     }
     store.copy_other_trees(&target)?;
+    // The copies went in id order: the ring of recent tasks is rebuilt from them.
+    target.rebuild_recent()?;
     target.flush_now()?;
     Ok(copied)
 }

@@ -28,7 +28,11 @@ const TASK_TREES: [&str; 7] = [
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
 /// `meta` keys that belong to the store they are in: written by `open`, or derived.
 fn own_meta_key(key: &[u8]) -> bool {
-    key == b"format" || key == b"schema_version" || key == b"health" || key.starts_with(b"count/")
+    key == b"format"
+        || key == b"schema_version"
+        || key == b"health"
+        || key.starts_with(b"count/")
+        || key.starts_with(b"recent/")
 }
 
 /// One task as read at one moment: its record (with its history, schema 2) and any

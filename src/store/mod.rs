@@ -9,10 +9,14 @@
 //!   inline (at most `MAX_EVENTS_PER_TASK` entries past which repetitive notes are dropped);
 //! - `due_download`, `due_poll`: due ms (u64), task id → () — what is due when; derived from
 //!   the task record in the same transaction, so it can never disagree with it;
-//! - `by_state`: state code (u8), created ms (u64), task id → () — unfinished tasks only
-//!   (`submitted`, `received`): their listings and "oldest". Finished tasks have no index
-//!   entry (a key per task costs sled ~120 B on disk and ~33 MiB of RSS per million,
-//!   docs/benchmarks.md); listing them scans `tasks`;
+//! - `by_state`, in two key spaces (first byte):
+//!   - state code (u8), created ms (u64), task id → () — unfinished tasks only
+//!     (`submitted`, `received`): their listings and "oldest". Finished tasks have no entry
+//!     (a key per task costs sled ~120 B on disk and ~33 MiB of RSS per million,
+//!     docs/benchmarks.md);
+//!   - `RECENT` (0xff), seq (u64) → task id: the last `RECENT_TASKS` tasks created, a ring
+//!     (`meta`'s `recent/seq` is the next seq), from which `list` answers newest-first
+//!     listings without a scan; rebuilt from the records after a migration or a restore;
 //! - `events`: schema 1's history, task id, 0x00, seq (u32) → `StoredEvent`: empty after the
 //!   migration except for the history of records it could not decode (quarantined), which
 //!   stays readable (`history`) and is copied with them;
@@ -35,8 +39,9 @@
 //! `list` of finished tasks) run off the runtime's worker threads, with `spawn_blocking`.
 //! Single-key reads and writes (`get`, `counts`, one task's `events`, intents, the health
 //! stamp) and range reads bounded by a small limit (`due_*`/`*_queue`/`next_*_due`, `list`
-//! of an unfinished state with the caller's limit) may run inline: they land in sled's cache and in-memory log, and never wait for the disk. The
-//! disk waits are the flusher thread's; [`Store::durable`] only awaits its result.
+//! of an unfinished state with the caller's limit) may run inline: they land in sled's
+//! cache and in-memory log, and never wait for the disk. The disk waits are the flusher
+//! thread's; [`Store::durable`] only awaits its result.
 //!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
 //! queues skip it, so workers never pick it again, and scans go on past it.
@@ -821,6 +826,9 @@ impl Store {
             }
             return Ok(out);
         }
+        if let Some(out) = self.list_recent(state, limit)? {
+            return Ok(out);
+        }
         let mut newest = std::collections::BinaryHeap::new();
         for scanned in self.all_tasks() {
             let Scanned::Task(task) = scanned? else {
@@ -839,6 +847,68 @@ impl Store {
             .into_iter()
             .map(|std::cmp::Reverse(Newest(t))| *t)
             .collect())
+    }
+
+    /// `list` from the ring of recently created tasks: `None` when it holds fewer than
+    /// `limit` of them (in `state`), and the caller scans. The ring is in creation order,
+    /// which is `created_at` order (one clock); it is read newest first until `limit` tasks
+    /// are found and the next one is older than all of them, so ties are ordered by id as
+    /// a scan orders them.
+    fn list_recent(
+        &self,
+        state: Option<State>,
+        limit: usize,
+    ) -> Result<Option<Vec<Task>>, StoreError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut found: Vec<Task> = Vec::new();
+        let mut oldest_found = Millis::MAX;
+        for kv in self.inner.by_state.scan_prefix([RECENT]).rev() {
+            let (_, id) = kv?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            let task = match self.get(&id) {
+                Ok(Some(task)) => task,
+                Ok(None) => continue,
+                Err(e) if e.is_undecodable() => continue,
+                Err(e) => return Err(e),
+            };
+            if state.is_some_and(|s| s != task.state) {
+                continue;
+            }
+            if found.len() >= limit && task.created_at < oldest_found {
+                break;
+            }
+            oldest_found = oldest_found.min(task.created_at);
+            found.push(task);
+        }
+        if found.len() < limit {
+            return Ok(None);
+        }
+        found.sort_by(|a, b| (b.created_at, &b.task_id).cmp(&(a.created_at, &a.task_id)));
+        found.truncate(limit);
+        Ok(Some(found))
+    }
+
+    /// Rewrites the ring of recently created tasks from the records (the newest
+    /// `RECENT_TASKS` by created, id): after a restore wrote tasks in id order. Reads the
+    /// whole store; blocking.
+    pub fn rebuild_recent(&self) -> Result<(), StoreError> {
+        let mut newest = std::collections::BinaryHeap::new();
+        for kv in self.inner.tasks.iter() {
+            let (k, v) = kv?;
+            if let Ok(task) = codec::decode_task(&v) {
+                newest.push(std::cmp::Reverse((
+                    task.created_at,
+                    String::from_utf8_lossy(&k).into_owned(),
+                )));
+                if newest.len() as u64 > RECENT_TASKS {
+                    newest.pop();
+                }
+            }
+        }
+        self.inner.write_recent(newest)
     }
 
     /// Every task record in id order, for export and verify: a record that cannot be
@@ -1127,6 +1197,18 @@ const MIGRATION_CHUNK: usize = 256;
 pub const MIGRATION_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Schema 1's newest-first index, dropped by the migration (after the version flip).
 const V1_BY_CREATED: &str = "by_created";
+/// First byte of the ring of recently created tasks in `by_state` (see the module doc).
+const RECENT: u8 = 0xff;
+/// Tasks the ring remembers: `admin list`'s largest `--limit`.
+pub const RECENT_TASKS: u64 = 10_000;
+/// `meta` key: the ring's next seq.
+const RECENT_SEQ: &str = "recent/seq";
+
+fn recent_key(seq: u64) -> [u8; 9] {
+    let mut k = [RECENT; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
 
 impl Inner {
     fn check_schema(&self, progress: &dyn Fn(u64)) -> Result<(), StoreError> {
@@ -1173,6 +1255,25 @@ impl Inner {
 }
 
 impl Inner {
+    /// Replaces the ring with the tasks in `newest` (oldest first).
+    fn write_recent(
+        &self,
+        newest: std::collections::BinaryHeap<std::cmp::Reverse<(Millis, String)>>,
+    ) -> Result<(), StoreError> {
+        for k in self.by_state.scan_prefix([RECENT]).keys() {
+            self.by_state.remove(k?)?;
+        }
+        let mut seq = 0u64;
+        for std::cmp::Reverse((_, id)) in newest.into_sorted_vec().into_iter().rev() {
+            self.by_state.insert(recent_key(seq), id.as_bytes())?;
+            seq += 1;
+        }
+        self.meta.insert(RECENT_SEQ, &seq.to_be_bytes())?;
+        Ok(())
+    }
+}
+
+impl Inner {
     /// Schema 1 → 2: every task record gets its history inline (moved out of `events`) and
     /// finished tasks lose their `by_state` entry, one transaction per chunk of records;
     /// then `schema_version` is set to 2, and last `by_created` is dropped. Safe to stop at
@@ -1184,6 +1285,8 @@ impl Inner {
         let started = std::time::Instant::now();
         let mut reported = started;
         let (mut migrated, mut undecodable, mut done_before) = (0u64, 0u64, 0u64);
+        // The newest tasks, for the ring of recently created tasks.
+        let mut newest = std::collections::BinaryHeap::new();
         let mut after: Option<sled::IVec> = None;
         loop {
             let start = match &after {
@@ -1199,6 +1302,16 @@ impl Inner {
             let Some(last) = ids.last().cloned() else {
                 break;
             };
+            for id in &ids {
+                if let Some(v) = self.tasks.get(id)?
+                    && let Ok(task) = codec::decode_task(&v)
+                {
+                    newest.push(std::cmp::Reverse((task.created_at, task.task_id)));
+                    if newest.len() as u64 > RECENT_TASKS {
+                        newest.pop();
+                    }
+                }
+            }
             let counted = (&self.tasks, &self.events, &self.by_state)
                 .transaction(|(tasks, events, by_state)| {
                     let mut counted = (0u64, 0u64, 0u64);
@@ -1242,6 +1355,7 @@ impl Inner {
                 progress(migrated);
             }
         }
+        self.write_recent(newest)?;
         // The flip, after every record it covers (sled's log is written in order).
         self.meta
             .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
@@ -1418,6 +1532,18 @@ impl Indexes<'_> {
             if let Some(k) = new_entry {
                 self.by_state.insert(k, &[])?;
             }
+        }
+        if old.is_none() && new.is_some() {
+            let seq = self
+                .meta
+                .get(RECENT_SEQ)?
+                .map(|v| u64_from(&v))
+                .unwrap_or(0);
+            self.by_state.insert(&recent_key(seq), id.as_bytes())?;
+            if let Some(gone) = seq.checked_sub(RECENT_TASKS) {
+                self.by_state.remove(&recent_key(gone))?;
+            }
+            self.meta.insert(RECENT_SEQ, &(seq + 1).to_be_bytes())?;
         }
         let (old_state, new_state) = (old.map(|t| t.state), new.map(|t| t.state));
         if old_state != new_state {
@@ -2343,6 +2469,17 @@ mod tests {
         assert_eq!(store.task_for_music("m-d").unwrap().as_deref(), Some("d"));
     }
 
+    /// `by_state` entries that index a state (not the ring of recent tasks).
+    fn state_entries(store: &Store) -> usize {
+        store
+            .inner
+            .by_state
+            .iter()
+            .keys()
+            .filter(|k| k.as_ref().unwrap()[0] != RECENT)
+            .count()
+    }
+
     fn schema_of(store: &Store) -> u32 {
         u32_from(&store.inner.meta.get("schema_version").unwrap().unwrap())
     }
@@ -2373,7 +2510,7 @@ mod tests {
                 assert!(matches!(codec::decode_record(&v), Ok((_, Some(_)))));
             }
         }
-        assert_eq!(store.inner.by_state.len(), 3, "a, b and e");
+        assert_eq!(state_entries(&store), 3, "a, b and e");
         // The undecodable record stays as it was, quarantined, its history still read.
         assert!(store.get("zz").unwrap_err().is_undecodable());
         assert_eq!(store.inner.events.len(), 1);
@@ -2446,6 +2583,13 @@ mod tests {
             "migrated {n} tasks in {:.2} s ({:.0} tasks/s)",
             took.as_secs_f64(),
             n as f64 / took.as_secs_f64()
+        );
+        // What listing finished tasks costs now that it scans.
+        let started = std::time::Instant::now();
+        assert_eq!(store.list(None, 20).unwrap().len(), 20.min(n));
+        println!(
+            "list of the newest 20 of {n}: {:.2} s",
+            started.elapsed().as_secs_f64()
         );
     }
 
@@ -2523,11 +2667,14 @@ mod tests {
             std::cmp::Reverse((t.created_at, t.task_id))
         });
         assert_eq!(failed, sorted);
-        assert_eq!(
-            store.inner.by_state.len(),
-            20,
-            "only unfinished tasks indexed"
-        );
+        assert_eq!(state_entries(&store), 20, "only unfinished tasks indexed");
+        // A task gone from the ring's newest end (pruned): the next ones fill in.
+        let gone = &want[0];
+        let t = store.get(gone).unwrap().unwrap();
+        assert!(t.state.is_finished(), "{t:?}");
+        assert!(store.forget(gone, t.updated_at).unwrap());
+        assert_eq!(ids(store.list(None, 5).unwrap()), want[1..6]);
+        assert_eq!(ids(store.list(None, 100).unwrap()), want[1..]);
     }
 
     #[test]
