@@ -167,6 +167,9 @@ pub struct Hooks {
     pub clock: Option<Arc<dyn Clock>>,
     /// The callback listener's connection cap (default: derived from the fd limit).
     pub max_connections: Option<usize>,
+    /// Room in the store writer's queue (default: the store's); a tiny one shows what a full
+    /// queue does.
+    pub write_queue: Option<usize>,
 }
 
 /// A started daemon.
@@ -237,7 +240,10 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let max_connections = hooks
         .max_connections
         .unwrap_or_else(|| server::public_connection_cap(fd_limit));
-    let store = Store::open(&data_dir)?;
+    let store = match hooks.write_queue {
+        Some(queue) => Store::open_with_queue(&data_dir, queue)?,
+        None => Store::open(&data_dir)?,
+    };
     download::recover(&data_dir)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -37,9 +37,10 @@
 
 pub mod codec;
 mod copy;
-mod flusher;
+mod writer;
 
 pub use copy::TaskCopy;
+pub use writer::WritesPaused;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,7 +48,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 
 use crate::machine::{self, Ctx, Delivery, Event, Outcome};
 use crate::model::{EventKind, EventRecord, Millis, Notification, NotifyState, State, Task};
@@ -91,6 +94,11 @@ pub enum StoreError {
         "the store cannot take writes since an earlier failure ({0}); free disk space or fix the disk, coverd then restarts to reopen the store"
     )]
     Unwritable(String),
+    /// The writer's queue is full: the store takes updates more slowly than they come.
+    #[error(
+        "the store's write queue is full ({queued} updates waiting); retry later, or spread the load"
+    )]
+    Busy { queued: usize },
     #[error(
         "an update of {what} panicked ({reason}) and was not applied; this is a bug in coverd: please report it with the log"
     )]
@@ -170,10 +178,24 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-// Field order is drop order: the flusher thread (which holds a `sled::Db` clone) is joined
-// first, then the sled handles are dropped, and `closed` last waits until sled's lock is free.
+// Field order is drop order: the writer thread (which holds the `Core`, with its `sled::Db`
+// and trees) is joined first, then the `Core` (sled's handles) is dropped, and `closed` last
+// waits until sled's lock is free.
 struct Inner {
-    flusher: flusher::Flusher,
+    writer: writer::Writer,
+    core: Arc<Core>,
+    _closed: ReleaseOnDrop,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// Everything but the writer: shared by the store's handles and the writer thread.
+struct Core {
     path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
@@ -197,7 +219,6 @@ struct Inner {
     /// Tickets handed out: one per update, taken after the update (group commit).
     written: Arc<AtomicU64>,
     health: Arc<Health>,
-    _closed: ReleaseOnDrop,
 }
 
 /// Whether the store can take writes. sled 0.34 keeps an I/O error (a full disk) until the
@@ -230,7 +251,7 @@ struct ReleaseOnDrop(PathBuf);
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        flusher::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
+        writer::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
     }
 }
 
@@ -240,6 +261,13 @@ const LOCK_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 impl Store {
     /// Opens (or creates) the store in `<data_dir>/db`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_queue(data_dir, writer::QUEUE)
+    }
+
+    /// [`Store::open`] with room for `queue` updates waiting for the writer (tests: a tiny
+    /// queue shows what a full one does). Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn open_with_queue(data_dir: &Path, queue: usize) -> Result<Store, StoreError> {
         let path = data_dir.join("db");
         let db = sled::Config::new()
             .path(&path)
@@ -258,24 +286,15 @@ impl Store {
                     }
                 }
             })?;
+        // Dropped last on every path out of here: waits until sled has let go of its lock.
+        let closed = ReleaseOnDrop(path.clone());
         let tree = |name: &str| db.open_tree(name);
-        let written = Arc::new(AtomicU64::new(0));
         let (failed, _) = tokio::sync::watch::channel(None);
         let health = Arc::new(Health {
             failed,
             injected: AtomicBool::new(false),
         });
-        let on_failure = {
-            let health = health.clone();
-            Box::new(move |reason: &str| health.mark(reason))
-        };
-        let flusher = flusher::Flusher::start(db.clone(), &path, written.clone(), on_failure)
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                source: sled::Error::Io(e),
-            })?;
-        let inner = Inner {
-            flusher,
+        let core = Arc::new(Core {
             meta: tree("meta")?,
             tasks: tree("tasks")?,
             events: tree("events")?,
@@ -285,23 +304,41 @@ impl Store {
             by_created: tree("by_created")?,
             by_music: tree("by_music")?,
             intents: tree("intents")?,
-            _closed: ReleaseOnDrop(path.clone()),
             outbox: tree("outbox")?,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
-            path,
-            db,
+            path: path.clone(),
+            db: db.clone(),
             undecodable_reads: AtomicU64::new(0),
             quarantine: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-            written,
-            health,
+            written: Arc::new(AtomicU64::new(0)),
+            health: health.clone(),
+        });
+        core.check_schema()?;
+        let on_failure = Box::new(move |reason: &str| health.mark(reason));
+        let apply = {
+            let core = core.clone();
+            Box::new(move |writes: &[writer::Write]| core.apply_batch(writes))
         };
-        inner.check_schema()?;
-        // The schema marker written for a new store: durable soon, without waiting here.
-        inner
-            .flusher
-            .request(inner.written.fetch_add(1, Ordering::SeqCst) + 1);
+        // Its first round makes what sled wrote at open (the schema marker of a new store,
+        // `conf`, the directories) durable before the store is used.
+        let writer = writer::Writer::start(
+            db,
+            &path,
+            core.written.clone(),
+            queue,
+            apply,
+            on_failure,
+        )
+        .map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: sled::Error::Io(e),
+        })?;
         Ok(Store {
-            inner: Arc::new(inner),
+            inner: Arc::new(Inner {
+                writer,
+                core,
+                _closed: closed,
+            }),
         })
     }
 
@@ -311,7 +348,8 @@ impl Store {
 
     /// Applies `event` to task `task_id` through the state machine, atomically with its
     /// history and indexes. Returns `None` for an unknown task with [`IfMissing::Reject`].
-    /// Blocking (sled); call from `spawn_blocking` in async code, or use [`Store::apply_async`].
+    /// Blocking (sled), on the calling thread, in a transaction of its own; in async code use
+    /// [`Store::apply_async`], which goes through the writer's batches.
     pub fn apply(
         &self,
         task_id: &str,
@@ -319,113 +357,17 @@ impl Store {
         ctx: &Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        let i = &*self.inner;
-        if i.health.injected.load(Ordering::SeqCst) {
-            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                INJECTED,
-            ))));
-        }
-        let trees = (
-            &i.meta,
-            &i.tasks,
-            &i.events,
-            &i.due_download,
-            &i.due_poll,
-            &i.by_state,
-            &i.by_created,
-            &i.by_music,
-            &i.outbox,
-        );
-        let undecodable = std::cell::Cell::new(false);
-        let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox)| {
-                let before = match tasks.get(task_id.as_bytes())? {
-                    Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
-                        undecodable.set(true);
-                        ConflictableTransactionError::Abort(e)
-                    })?),
-                    None => None,
-                };
-                let mut task = match (&before, if_missing) {
-                    (Some(t), _) => t.clone(),
-                    (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
-                    (None, IfMissing::Reject) => return Ok(None),
-                };
-                let outcome = machine::apply(&mut task, event.clone(), ctx);
-
-                // History.
-                for (kind, detail) in &outcome.notes {
-                    if task.event_count >= MAX_EVENTS_PER_TASK && is_repetitive(*kind) {
-                        continue;
-                    }
-                    let record = EventRecord {
-                        at: ctx.now,
-                        kind: *kind,
-                        detail: detail.clone(),
-                    };
-                    events.insert(
-                        event_key(task_id, task.event_count),
-                        encode(codec::encode_event(&record), task_id)?,
-                    )?;
-                    task.event_count += 1;
-                }
-
-                // Indexes, derived from the old and new record.
-                let old = before.as_ref();
-                let indexes = Indexes {
-                    meta,
-                    due_download: due_dl,
-                    due_poll,
-                    by_state,
-                    by_created,
-                };
-                indexes.derive(task_id, old, Some(&task))?;
-                if let Some(music) = &task.music_task_id
-                    && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
-                {
-                    by_music.insert(music.as_bytes(), task_id.as_bytes())?;
-                }
-
-                // The outbox: a settle and its notification are one write.
-                if ctx.notify
-                    && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
-                {
-                    enqueue(outbox, meta, &task, kind, ctx.now)?;
-                }
-
-                tasks.insert(
-                    task_id.as_bytes(),
-                    encode(codec::encode_task(&task), task_id)?,
-                )?;
-                Ok(Some((before.map(|t| t.state), task, outcome)))
-            },
-        );
-        if let Ok(Some((before, task, _))) = &result
-            && ctx.notify
-            && machine::settle_notice(*before, task).is_some()
-        {
-            self.inner.outbox_wake.notify_one();
-        }
-        match result {
-            Ok(Some((before, task, outcome))) => Ok(Some(Applied {
-                before,
-                task,
-                outcome,
-                ticket: self.inner.written.fetch_add(1, Ordering::SeqCst) + 1,
-            })),
-            Ok(None) => Ok(None),
-            Err(TransactionError::Abort(e)) => {
-                if undecodable.get() {
-                    self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-                    self.quarantine(task_id, &e);
-                }
-                Err(e)
-            }
-            Err(TransactionError::Storage(e)) => {
-                self.inner.health.mark(&e.to_string());
-                Err(StoreError::Io(e))
-            }
-        }
+        let write = writer::Write {
+            task_id: task_id.to_string(),
+            event: event.clone(),
+            ctx: *ctx,
+            if_missing,
+        };
+        self.inner
+            .apply_batch(std::slice::from_ref(&write))
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(None))
     }
 
     /// A failed transaction's error; a storage failure marks the store as unable to take
@@ -480,7 +422,7 @@ impl Store {
     /// before they return.
     pub async fn close(self) -> Result<(), StoreError> {
         let flushed = self.flush().await;
-        // Joining the flusher thread and waiting for sled's lock block: off the runtime.
+        // Joining the writer thread and waiting for sled's lock block: off the runtime.
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         flushed
     }
@@ -500,7 +442,10 @@ impl Store {
         self.inner.undecodable_reads.load(Ordering::SeqCst)
     }
 
-    /// [`Store::apply`] off the async runtime's worker threads.
+    /// [`Store::apply`] through the store's writer thread: waits for room in its queue, then
+    /// until the batch holding this update is applied and flushed, so [`Store::durable`]
+    /// answers at once for its ticket (an error there if that flush failed). Dropping the
+    /// future only stops waiting: the update is applied anyway if it was queued.
     pub async fn apply_async(
         &self,
         task_id: &str,
@@ -508,25 +453,45 @@ impl Store {
         ctx: Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        let store = self.clone();
-        let id = task_id.to_string();
-        tokio::task::spawn_blocking(move || store.apply(&id, &event, &ctx, if_missing))
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Panicked {
-                    what: format!("task {task_id}"),
-                    reason: e.to_string(),
-                })
+        self.inner
+            .writer
+            .apply(writer::Write {
+                task_id: task_id.to_string(),
+                event,
+                ctx,
+                if_missing,
             })
+            .await
+    }
+
+    /// [`Store::apply_async`], but a full queue is [`StoreError::Busy`] at once instead of a
+    /// wait: the callback intake answers 503 then, so KIE retries.
+    pub async fn try_apply_async(
+        &self,
+        task_id: &str,
+        event: Event,
+        ctx: Ctx,
+        if_missing: IfMissing,
+    ) -> Result<Option<Applied>, StoreError> {
+        self.inner
+            .writer
+            .try_apply(writer::Write {
+                task_id: task_id.to_string(),
+                event,
+                ctx,
+                if_missing,
+            })
+            .await
     }
 
     /// Waits until the update with `ticket` (and every one before it) is durable, against
-    /// power loss too (see `flusher`). Concurrent callers share one flush round; the round is
-    /// run by the store's flusher thread, so dropping this future (a client gone) cannot
-    /// start a second flush or leave one half done.
+    /// power loss too (see `writer`): at once for a ticket of [`Store::apply_async`], whose
+    /// batch was flushed before it answered. Concurrent callers share one flush round; the
+    /// round is run by the store's writer thread, so dropping this future (a client gone)
+    /// cannot start a second flush or leave one half done.
     pub async fn durable(&self, ticket: u64) -> Result<(), StoreError> {
         self.inner
-            .flusher
+            .writer
             .durable(ticket)
             .await
             .map_err(StoreError::Flush)
@@ -535,18 +500,42 @@ impl Store {
     /// Flush rounds run since open; fewer than the callers of [`Store::durable`] when group
     /// commit shares them.
     pub fn group_flushes(&self) -> u64 {
-        self.inner.flusher.rounds()
+        self.inner.writer.rounds()
     }
 
-    /// The most flush rounds ever running at once (one flusher thread: at most 1).
+    /// Batches the writer applied since open, one transaction each; fewer than the updates
+    /// of [`Store::apply_async`] ([`Store::batched_writes`]) when they share batches.
+    pub fn write_batches(&self) -> u64 {
+        self.inner.writer.batches()
+    }
+
+    /// Updates applied through the writer since open.
+    pub fn batched_writes(&self) -> u64 {
+        self.inner.writer.applied()
+    }
+
+    /// Updates waiting in the writer's queue (not yet taken into a batch).
+    pub fn queued_writes(&self) -> usize {
+        self.inner.writer.queued()
+    }
+
+    /// Stops the writer from taking updates until the guard is dropped (it finishes the
+    /// batch it is in, and holds at most one update it took): lets tests fill its queue or
+    /// form one batch from many updates. Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn pause_writes(&self) -> WritesPaused {
+        self.inner.writer.pause()
+    }
+
+    /// The most flush rounds ever running at once (one writer thread: at most 1).
     #[doc(hidden)]
     pub fn max_concurrent_flushes(&self) -> u32 {
-        self.inner.flusher.max_concurrent_rounds()
+        self.inner.writer.max_concurrent_rounds()
     }
 
     /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`
     /// such as submit intents). Shares the group commit: a fresh ticket is covered only by
-    /// a round that starts after this call. (Only the flusher thread flushes: unbounded
+    /// a round that starts after this call. (Only the writer thread flushes: unbounded
     /// concurrent `flush_async` calls deadlock sled 0.34, each blocking one of its global
     /// I/O threads until the log is written while the log write is queued behind them.)
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -566,43 +555,12 @@ impl Store {
     fn decode_checked(&self, bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
         decode(bytes, task_id).inspect_err(|e| {
             self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-            self.quarantine(task_id, e);
+            self.inner.quarantine_task(task_id, e);
         })
     }
 
-    fn quarantined_ids(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
-        // A poisoned map is still a valid map.
-        self.inner
-            .quarantine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
-    /// due queues skip it from now on, so no worker picks it again.
-    fn quarantine(&self, task_id: &str, err: &StoreError) {
-        let reason = quarantine_reason(err);
-        let mut map = self.quarantined_ids();
-        if map.contains_key(task_id) {
-            return;
-        }
-        tracing::warn!(
-            task_id,
-            "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
-        );
-        map.insert(
-            task_id.to_string(),
-            Quarantined {
-                task_id: task_id.to_string(),
-                reason,
-            },
-        );
-    }
-
     fn is_quarantined(&self, task_id: &[u8]) -> bool {
-        let map = self.quarantined_ids();
+        let map = self.inner.quarantined_ids();
         !map.is_empty() && map.contains_key(String::from_utf8_lossy(task_id).as_ref())
     }
 
@@ -999,9 +957,7 @@ impl Store {
     ) -> Result<Option<Notification>, StoreError> {
         let i = &*self.inner;
         if i.health.injected.load(Ordering::SeqCst) {
-            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                INJECTED,
-            ))));
+            return Err(injected());
         }
         let result = (&i.meta, &i.outbox).transaction(|(meta, outbox)| {
             let seq = match seq {
@@ -1054,7 +1010,158 @@ impl Store {
     }
 }
 
-impl Inner {
+impl Core {
+    fn quarantined_ids(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
+        // A poisoned map is still a valid map.
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
+    /// due queues skip it from now on, so no worker picks it again.
+    fn quarantine_task(&self, task_id: &str, err: &StoreError) {
+        let reason = quarantine_reason(err);
+        let mut map = self.quarantined_ids();
+        if map.contains_key(task_id) {
+            return;
+        }
+        tracing::warn!(
+            task_id,
+            "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
+        );
+        map.insert(
+            task_id.to_string(),
+            Quarantined {
+                task_id: task_id.to_string(),
+                reason,
+            },
+        );
+    }
+
+    /// Applies `writes` in one transaction (a batch of the writer; [`Store::apply`] is a
+    /// batch of one), each update seeing the ones before it, and the per-state counters
+    /// written once. Per-update isolation: one whose record cannot be decoded (it is
+    /// quarantined) or that names an unknown task with [`IfMissing::Reject`] changes nothing
+    /// and does not stop the others; one that fails after it began to write, or panics, is
+    /// left out and the transaction runs again without it. A storage error fails them all
+    /// (and marks the store's health).
+    fn apply_batch(&self, writes: &[writer::Write]) -> Vec<writer::Outcome> {
+        if self.health.injected.load(Ordering::SeqCst) {
+            return writes.iter().map(|_| Err(injected())).collect();
+        }
+        let trees = (
+            &self.meta,
+            &self.tasks,
+            &self.events,
+            &self.due_download,
+            &self.due_poll,
+            &self.by_state,
+            &self.by_created,
+            &self.by_music,
+            &self.outbox,
+        );
+        // Updates left out, with why; decided between runs of the transaction.
+        let mut left_out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
+        loop {
+            let result = trees.transaction(|trees| {
+                // sled may run this closure again: everything it accumulates starts here.
+                let mut batch = BatchState::default();
+                let mut out = Vec::with_capacity(writes.len());
+                for (n, w) in writes.iter().enumerate() {
+                    if left_out[n].is_some() {
+                        out.push(Ok(None));
+                        continue;
+                    }
+                    batch.undecodable = false;
+                    let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        apply_one(trees, &w.task_id, &w.event, &w.ctx, w.if_missing, &mut batch)
+                    }));
+                    match one {
+                        Ok(Ok(applied)) => out.push(Ok(applied)),
+                        // Found at its first read, before it wrote anything.
+                        Ok(Err(ConflictableTransactionError::Abort(e))) if batch.undecodable => {
+                            out.push(Err(e))
+                        }
+                        Ok(Err(ConflictableTransactionError::Abort(e))) => {
+                            return Err(ConflictableTransactionError::Abort((n, e)));
+                        }
+                        Ok(Err(ConflictableTransactionError::Conflict)) => {
+                            return Err(ConflictableTransactionError::Conflict);
+                        }
+                        Ok(Err(ConflictableTransactionError::Storage(e))) => {
+                            return Err(ConflictableTransactionError::Storage(e));
+                        }
+                        Err(panic) => {
+                            let reason = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a panic".to_string());
+                            let what = format!("task {}", w.task_id);
+                            return Err(ConflictableTransactionError::Abort((
+                                n,
+                                StoreError::Panicked { what, reason },
+                            )));
+                        }
+                    }
+                }
+                batch.counts.write(&trees.0)?;
+                Ok(out)
+            });
+            match result {
+                Ok(out) => return self.applied(writes, out, left_out),
+                Err(TransactionError::Abort((n, e))) => left_out[n] = Some(e),
+                Err(TransactionError::Storage(e)) => {
+                    self.health.mark(&e.to_string());
+                    return writes
+                        .iter()
+                        .map(|_| Err(StoreError::Io(e.clone())))
+                        .collect();
+                }
+            }
+        }
+    }
+
+    /// The outcomes of a committed batch: tickets for what was applied (taken after the
+    /// commit, so a round that starts later covers them), quarantine for what could not be
+    /// decoded, the notifier woken for a settle.
+    fn applied(
+        &self,
+        writes: &[writer::Write],
+        out: Vec<Result<AppliedOne, StoreError>>,
+        left_out: Vec<Option<StoreError>>,
+    ) -> Vec<writer::Outcome> {
+        let mut settled = false;
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for ((one, w), left) in out.into_iter().zip(writes).zip(left_out) {
+            outcomes.push(match (left, one) {
+                (Some(e), _) => Err(e),
+                (None, Ok(Some((before, task, outcome)))) => {
+                    settled |= w.ctx.notify && machine::settle_notice(before, &task).is_some();
+                    Ok(Some(Applied {
+                        before,
+                        task,
+                        outcome,
+                        ticket: self.written.fetch_add(1, Ordering::SeqCst) + 1,
+                    }))
+                }
+                (None, Ok(None)) => Ok(None),
+                (None, Err(e)) => {
+                    self.undecodable_reads.fetch_add(1, Ordering::SeqCst);
+                    self.quarantine_task(&w.task_id, &e);
+                    Err(e)
+                }
+            });
+        }
+        if settled {
+            self.outbox_wake.notify_one();
+        }
+        outcomes
+    }
+
     fn check_schema(&self) -> Result<(), StoreError> {
         match (self.meta.get("format")?, self.meta.get("schema_version")?) {
             (Some(f), Some(v)) if f.as_ref() == FORMAT_MARKER => {
@@ -1087,6 +1194,109 @@ impl Inner {
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// The trees an update writes, as its transaction sees them.
+type TxTrees = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
+/// What one update did: the state before, the new record, the machine's outcome; `None` for
+/// an unknown task refused.
+type AppliedOne = Option<(Option<State>, Task, Outcome)>;
+
+/// What a run of a batch's transaction accumulates; reset when sled runs it again.
+#[derive(Default)]
+struct BatchState {
+    /// Changes of the per-state counters, written once at the end of the batch.
+    counts: Deltas,
+    /// Set when the update being applied found its record undecodable (at its first read,
+    /// before it wrote anything).
+    undecodable: bool,
+}
+
+/// One update inside a batch's transaction: the record, its history, the indexes derived
+/// from it, `by_music`, the outbox. Sees the writes of the updates before it in the batch.
+fn apply_one(
+    trees: &TxTrees,
+    task_id: &str,
+    event: &Event,
+    ctx: &Ctx,
+    if_missing: IfMissing,
+    batch: &mut BatchState,
+) -> TxResult<AppliedOne> {
+    let (meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox) = trees;
+        let before = match tasks.get(task_id.as_bytes())? {
+            Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
+                batch.undecodable = true;
+                ConflictableTransactionError::Abort(e)
+            })?),
+            None => None,
+        };
+        let mut task = match (&before, if_missing) {
+            (Some(t), _) => t.clone(),
+            (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
+            (None, IfMissing::Reject) => return Ok(None),
+        };
+        let outcome = machine::apply(&mut task, event.clone(), ctx);
+
+        // History.
+        for (kind, detail) in &outcome.notes {
+            if task.event_count >= MAX_EVENTS_PER_TASK && is_repetitive(*kind) {
+                continue;
+            }
+            let record = EventRecord {
+                at: ctx.now,
+                kind: *kind,
+                detail: detail.clone(),
+            };
+            events.insert(
+                event_key(task_id, task.event_count),
+                encode(codec::encode_event(&record), task_id)?,
+            )?;
+            task.event_count += 1;
+        }
+
+        // Indexes, derived from the old and new record.
+        let old = before.as_ref();
+        let indexes = Indexes {
+            meta,
+            due_download: due_dl,
+            due_poll,
+            by_state,
+            by_created,
+        };
+        indexes.derive_into(task_id, old, Some(&task), &mut batch.counts)?;
+        if let Some(music) = &task.music_task_id
+            && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
+        {
+            by_music.insert(music.as_bytes(), task_id.as_bytes())?;
+        }
+
+        // The outbox: a settle and its notification are one write.
+        if ctx.notify
+            && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
+        {
+            enqueue(outbox, meta, &task, kind, ctx.now)?;
+        }
+
+        tasks.insert(
+            task_id.as_bytes(),
+            encode(codec::encode_task(&task), task_id)?,
+        )?;
+        Ok(Some((before.map(|t| t.state), task, outcome)))
+}
+
+fn injected() -> StoreError {
+    StoreError::Io(sled::Error::Io(std::io::Error::other(INJECTED)))
+}
 
 fn encode(bytes: Result<Vec<u8>, codec::CodecError>, task_id: &str) -> TxResult<Vec<u8>> {
     bytes.map_err(|e| {
@@ -1160,6 +1370,21 @@ impl Indexes<'_> {
     /// Moves task `id`'s entries from what record `old` implied to what `new` implies (`None`:
     /// no record); writes only what changed.
     pub(super) fn derive(&self, id: &str, old: Option<&Task>, new: Option<&Task>) -> TxResult<()> {
+        let mut counts = Deltas::default();
+        self.derive_into(id, old, new, &mut counts)?;
+        counts.write(self.meta)?;
+        Ok(())
+    }
+
+    /// [`Indexes::derive`], but the counter changes are added to `counts` (a batch writes
+    /// each counter once, at its end).
+    fn derive_into(
+        &self,
+        id: &str,
+        old: Option<&Task>,
+        new: Option<&Task>,
+        counts: &mut Deltas,
+    ) -> TxResult<()> {
         reindex(
             self.due_download,
             old.and_then(Task::download_due),
@@ -1176,11 +1401,11 @@ impl Indexes<'_> {
         if old.map(state) != new.map(state) {
             if let Some(t) = old {
                 self.by_state.remove(state(t))?;
-                bump(self.meta, t.state, -1)?;
+                counts.add(t.state, -1);
             }
             if let Some(t) = new {
                 self.by_state.insert(state(t), &[])?;
-                bump(self.meta, t.state, 1)?;
+                counts.add(t.state, 1);
             }
         }
         let created = |t: &Task| time_key(t.created_at, id);
@@ -1214,8 +1439,29 @@ fn reindex(
     Ok(())
 }
 
-fn bump(meta: &TransactionalTree, state: State, delta: i64) -> TxResult<()> {
-    bump_key(meta, count_key(state), delta)
+/// Changes of the per-state counters (`count/<code>` in `meta`) not written yet.
+#[derive(Default)]
+pub(super) struct Deltas(Vec<(State, i64)>);
+
+impl Deltas {
+    fn add(&mut self, state: State, delta: i64) {
+        match self.0.iter_mut().find(|(s, _)| *s == state) {
+            Some((_, d)) => *d += delta,
+            None => self.0.push((state, delta)),
+        }
+    }
+
+    /// Writes each counter that changed, once.
+    fn write(&self, meta: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
+        for &(state, delta) in &self.0 {
+            if delta != 0 {
+                let key = count_key(state);
+                let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
+                meta.insert(key, &current.saturating_add_signed(delta).to_be_bytes())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn bump_key(meta: &TransactionalTree, key: Vec<u8>, delta: i64) -> TxResult<()> {
@@ -1845,7 +2091,7 @@ mod tests {
     }
 
     /// Waiters dropped mid-wait (a client reset, a timeout) never start a second flush: the
-    /// flusher thread owns every flush, one at a time, and the store stays usable.
+    /// writer thread owns every flush, one at a time, and the store stays usable.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_waiters_never_start_a_second_flush() {
         let (_d, store) = open();
