@@ -195,10 +195,7 @@ impl Intake {
                     task_id,
                     "task {task_id} callback answered 503: not stored: {e}; KIE retries"
                 );
-                return Answer::error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store busy; retry later",
-                );
+                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store busy; retry later");
             }
             Err(e) => {
                 tracing::warn!(

@@ -321,18 +321,12 @@ impl Store {
         };
         // Its first round makes what sled wrote at open (the schema marker of a new store,
         // `conf`, the directories) durable before the store is used.
-        let writer = writer::Writer::start(
-            db,
-            &path,
-            core.written.clone(),
-            queue,
-            apply,
-            on_failure,
-        )
-        .map_err(|e| StoreError::Open {
-            path: path.clone(),
-            source: sled::Error::Io(e),
-        })?;
+        let writer =
+            writer::Writer::start(db, &path, core.written.clone(), queue, apply, on_failure)
+                .map_err(|e| StoreError::Open {
+                    path: path.clone(),
+                    source: sled::Error::Io(e),
+                })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 writer,
@@ -1015,9 +1009,7 @@ impl Core {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
         // A poisoned map is still a valid map.
-        self.quarantine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.quarantine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
@@ -1077,7 +1069,14 @@ impl Core {
                     }
                     batch.undecodable = false;
                     let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        apply_one(trees, &w.task_id, &w.event, &w.ctx, w.if_missing, &mut batch)
+                        apply_one(
+                            trees,
+                            &w.task_id,
+                            &w.event,
+                            &w.ctx,
+                            w.if_missing,
+                            &mut batch,
+                        )
                     }));
                     match one {
                         Ok(Ok(applied)) => out.push(Ok(applied)),
@@ -1233,65 +1232,65 @@ fn apply_one(
     batch: &mut BatchState,
 ) -> TxResult<AppliedOne> {
     let (meta, tasks, events, due_dl, due_poll, by_state, by_created, by_music, outbox) = trees;
-        let before = match tasks.get(task_id.as_bytes())? {
-            Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
-                batch.undecodable = true;
-                ConflictableTransactionError::Abort(e)
-            })?),
-            None => None,
-        };
-        let mut task = match (&before, if_missing) {
-            (Some(t), _) => t.clone(),
-            (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
-            (None, IfMissing::Reject) => return Ok(None),
-        };
-        let outcome = machine::apply(&mut task, event.clone(), ctx);
+    let before = match tasks.get(task_id.as_bytes())? {
+        Some(bytes) => Some(decode(&bytes, task_id).map_err(|e| {
+            batch.undecodable = true;
+            ConflictableTransactionError::Abort(e)
+        })?),
+        None => None,
+    };
+    let mut task = match (&before, if_missing) {
+        (Some(t), _) => t.clone(),
+        (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
+        (None, IfMissing::Reject) => return Ok(None),
+    };
+    let outcome = machine::apply(&mut task, event.clone(), ctx);
 
-        // History.
-        for (kind, detail) in &outcome.notes {
-            if task.event_count >= MAX_EVENTS_PER_TASK && is_repetitive(*kind) {
-                continue;
-            }
-            let record = EventRecord {
-                at: ctx.now,
-                kind: *kind,
-                detail: detail.clone(),
-            };
-            events.insert(
-                event_key(task_id, task.event_count),
-                encode(codec::encode_event(&record), task_id)?,
-            )?;
-            task.event_count += 1;
+    // History.
+    for (kind, detail) in &outcome.notes {
+        if task.event_count >= MAX_EVENTS_PER_TASK && is_repetitive(*kind) {
+            continue;
         }
-
-        // Indexes, derived from the old and new record.
-        let old = before.as_ref();
-        let indexes = Indexes {
-            meta,
-            due_download: due_dl,
-            due_poll,
-            by_state,
-            by_created,
+        let record = EventRecord {
+            at: ctx.now,
+            kind: *kind,
+            detail: detail.clone(),
         };
-        indexes.derive_into(task_id, old, Some(&task), &mut batch.counts)?;
-        if let Some(music) = &task.music_task_id
-            && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
-        {
-            by_music.insert(music.as_bytes(), task_id.as_bytes())?;
-        }
-
-        // The outbox: a settle and its notification are one write.
-        if ctx.notify
-            && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
-        {
-            enqueue(outbox, meta, &task, kind, ctx.now)?;
-        }
-
-        tasks.insert(
-            task_id.as_bytes(),
-            encode(codec::encode_task(&task), task_id)?,
+        events.insert(
+            event_key(task_id, task.event_count),
+            encode(codec::encode_event(&record), task_id)?,
         )?;
-        Ok(Some((before.map(|t| t.state), task, outcome)))
+        task.event_count += 1;
+    }
+
+    // Indexes, derived from the old and new record.
+    let old = before.as_ref();
+    let indexes = Indexes {
+        meta,
+        due_download: due_dl,
+        due_poll,
+        by_state,
+        by_created,
+    };
+    indexes.derive_into(task_id, old, Some(&task), &mut batch.counts)?;
+    if let Some(music) = &task.music_task_id
+        && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
+    {
+        by_music.insert(music.as_bytes(), task_id.as_bytes())?;
+    }
+
+    // The outbox: a settle and its notification are one write.
+    if ctx.notify
+        && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
+    {
+        enqueue(outbox, meta, &task, kind, ctx.now)?;
+    }
+
+    tasks.insert(
+        task_id.as_bytes(),
+        encode(codec::encode_task(&task), task_id)?,
+    )?;
+    Ok(Some((before.map(|t| t.state), task, outcome)))
 }
 
 fn injected() -> StoreError {
@@ -2160,6 +2159,114 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.counts().unwrap().submitted, 100 * 8);
+    }
+
+    fn write(id: &str, event: Event, now: Millis, if_missing: IfMissing) -> writer::Write {
+        writer::Write {
+            task_id: id.to_string(),
+            event,
+            ctx: ctx(now),
+            if_missing,
+        }
+    }
+
+    /// One batch, one transaction: an update whose record cannot be decoded and one for an
+    /// unknown task refused change nothing and stop nothing; two updates of one task see each
+    /// other; the counters end where one update at a time would have left them.
+    #[test]
+    fn a_batch_goes_on_past_a_quarantined_record_and_a_refused_task() {
+        let (_d, store) = open();
+        track(&store, "bad", 1);
+        store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
+        let failure = Event::Callback(Report::Failure { reason: "x".into() });
+        let out = store.inner.apply_batch(&[
+            write("a", callback(1), 2, IfMissing::Create),
+            write("bad", callback(1), 2, IfMissing::Reject),
+            write("unknown", callback(1), 2, IfMissing::Reject),
+            write("a", stored(0), 3, IfMissing::Reject),
+            write("b", failure, 4, IfMissing::Create),
+        ]);
+        let applied = |n: usize| match &out[n] {
+            Ok(Some(a)) => (a.before, a.task.state, a.ticket),
+            other => panic!("update {n}: {other:?}"),
+        };
+        let (a1, a2, b) = (applied(0), applied(3), applied(4));
+        assert_eq!((a1.0, a1.1), (None, State::Received));
+        assert_eq!((a2.0, a2.1), (Some(State::Received), State::Downloaded));
+        assert_eq!((b.0, b.1), (None, State::Failed));
+        assert!(a1.2 < a2.2 && a2.2 < b.2, "tickets in order: {out:?}");
+        assert!(matches!(&out[1], Err(e) if e.is_undecodable()), "{out:?}");
+        assert!(matches!(&out[2], Ok(None)), "{out:?}");
+
+        assert_eq!(store.get("unknown").unwrap(), None);
+        assert_eq!(store.undecodable_reads(), 1);
+        assert_eq!(store.scan_quarantined().unwrap()[0].task_id, "bad");
+        let kinds: Vec<_> = store.events("a").unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.first(), Some(&EventKind::Callback));
+        assert_eq!(kinds.last(), Some(&EventKind::Downloaded));
+        assert_eq!(
+            store.counts().unwrap(),
+            Counts {
+                submitted: 1,
+                received: 0,
+                downloaded: 1,
+                failed: 1
+            }
+        );
+        assert_eq!(store.notify_counts().unwrap().pending, 2);
+        assert!(store.due_polls(i64::MAX - 1, 10).unwrap().is_empty());
+    }
+
+    /// Updates queued while the writer is busy are applied as one batch: one transaction and
+    /// one flush round for all of them, each answered only after that round, so their
+    /// tickets are durable at once. The writer is held (test hook) while they queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_updates_share_one_transaction_and_one_round() {
+        let (_d, store) = open();
+        track(&store, "bad", 1);
+        store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
+        store.flush().await.unwrap();
+        let (batches, rounds) = (store.write_batches(), store.group_flushes());
+        let paused = store.pause_writes();
+        let mut set = tokio::task::JoinSet::new();
+        let updates = [
+            ("w0", IfMissing::Create),
+            ("bad", IfMissing::Reject),
+            ("nope", IfMissing::Reject),
+            ("w1", IfMissing::Create),
+            ("w2", IfMissing::Create),
+        ];
+        for (id, if_missing) in updates {
+            let store = store.clone();
+            set.spawn(async move {
+                let r = store.apply_async(id, callback(1), ctx(5), if_missing).await;
+                (id, r)
+            });
+        }
+        // The held writer took one update; the other four wait in its queue.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.queued_writes() < updates.len() - 1 {
+            assert!(std::time::Instant::now() < deadline, "updates never queued");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(store.write_batches(), batches, "nothing applied while held");
+        drop(paused);
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                ("bad", r) => assert!(r.unwrap_err().is_undecodable()),
+                ("nope", r) => assert!(r.unwrap().is_none()),
+                (id, r) => {
+                    let applied = r.unwrap().unwrap_or_else(|| panic!("{id} applied"));
+                    let durable = store.durable(applied.ticket);
+                    tokio::pin!(durable);
+                    let ready = futures_poll_once(durable.as_mut()).await;
+                    assert!(matches!(ready, Some(Ok(()))), "{id}: durable at once");
+                }
+            }
+        }
+        assert_eq!(store.write_batches() - batches, 1, "one transaction");
+        assert_eq!(store.group_flushes() - rounds, 1, "one flush round");
+        assert_eq!(store.counts().unwrap().received, 3);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -365,69 +366,119 @@ impl Thread {
 
 /// The fsyncs that sled leaves out.
 struct Syncer {
-    dir: PathBuf,
     /// `db/db`, sled's log; opened read-only (fdatasync works on any descriptor, and a second
     /// descriptor does not touch sled's lock on its own).
     log: File,
-    /// Names seen in `db/` and `db/blobs/` at the last round that synced them.
-    names: BTreeSet<String>,
-    blobs: BTreeSet<String>,
+    /// `db/blobs/` and `db/`, in that order (a blob's directory entry before the directory
+    /// that holds `blobs`).
+    dirs: [Watched; 2],
 }
 
 impl Syncer {
     fn new(dir: &Path) -> std::io::Result<Syncer> {
         Ok(Syncer {
-            dir: dir.to_path_buf(),
             log: File::open(dir.join("db"))?,
-            names: BTreeSet::new(),
-            blobs: BTreeSet::new(),
+            dirs: [
+                Watched::new(dir.join("blobs")),
+                Watched::new(dir.to_path_buf()),
+            ],
         })
     }
 
     fn round(&mut self) -> std::io::Result<()> {
         self.log.sync_data()?;
-        self.round_files()
-    }
-
-    /// fsyncs every file that appeared in `db/` or `db/blobs/` since the last round, then
-    /// the directory (creations, renames and removals are entries of the directory).
-    fn round_files(&mut self) -> std::io::Result<()> {
-        let blob_dir = self.dir.join("blobs");
-        if sync_new(&blob_dir, &mut self.blobs)? {
-            sync_dir(&blob_dir)?;
-        }
-        let dir = self.dir.clone();
-        if sync_new(&dir, &mut self.names)? {
-            sync_dir(&dir)?;
+        for dir in &mut self.dirs {
+            dir.sync_new()?;
         }
         Ok(())
     }
 }
 
-/// fsyncs the files in `dir` not in `seen`; returns whether the set of names changed.
-fn sync_new(dir: &Path, seen: &mut BTreeSet<String>) -> std::io::Result<bool> {
-    let mut now = BTreeSet::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !seen.contains(&name) && entry.file_type()?.is_file() {
-            match File::open(entry.path()) {
-                Ok(f) => f.sync_all()?,
-                // Renamed or removed by sled meanwhile: the directory sync covers it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+/// A directory of sled's whose new files and changed entries each round makes durable. Kept
+/// open between rounds: a round reads it again from the start (no open, no allocation while
+/// nothing changes).
+struct Watched {
+    path: PathBuf,
+    /// `None` until the directory exists.
+    dir: Option<rustix::fs::Dir>,
+    /// Names seen at the last round that synced them.
+    seen: BTreeSet<Vec<u8>>,
+}
+
+impl Watched {
+    fn new(path: PathBuf) -> Watched {
+        Watched {
+            path,
+            dir: None,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// fsyncs every file that appeared since the last round, then the directory itself if
+    /// its set of names changed (creations, renames and removals are entries of the
+    /// directory).
+    fn sync_new(&mut self) -> std::io::Result<()> {
+        let dir = match &mut self.dir {
+            Some(dir) => dir,
+            None => match File::open(&self.path) {
+                Ok(f) => self.dir.insert(rustix::fs::Dir::new(f)?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
                 Err(e) => return Err(e),
+            },
+        };
+        // The common case, checked without allocating: every name is known, none is gone.
+        dir.rewind();
+        let mut count = 0;
+        let mut changed = false;
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            count += 1;
+            if !self.seen.contains(name) {
+                changed = true;
+                break;
             }
         }
-        now.insert(name);
+        if !changed && count == self.seen.len() {
+            return Ok(());
+        }
+        // Read it again, syncing each name not seen before.
+        dir.rewind();
+        let mut now = BTreeSet::new();
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            if !self.seen.contains(name) {
+                sync_new_file(&self.path.join(std::ffi::OsStr::from_bytes(name)))?;
+            }
+            now.insert(name.to_vec());
+        }
+        self.seen = now;
+        rustix::fs::fsync(dir.fd()?)?;
+        Ok(())
     }
-    let changed = now != *seen;
-    *seen = now;
-    Ok(changed)
+}
+
+/// fsyncs `path` if it is a regular file; one renamed or removed by sled meanwhile is left
+/// to the directory's fsync.
+fn sync_new_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match File::open(path) {
+        Ok(f) => f.sync_all(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
