@@ -104,7 +104,8 @@ pub(super) struct Writer {
     shared: Arc<Shared>,
     written: Arc<AtomicU64>,
     progress: watch::Receiver<Progress>,
-    thread: Option<JoinHandle<()>>,
+    /// The applying thread, then the flushing one (joined in that order).
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// While held, the writer applies nothing (tests: fill the queue, form one batch).
@@ -139,27 +140,43 @@ impl Writer {
         let shared = Arc::new(Shared::default());
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (tx, rx) = mpsc::channel(queue.max(1));
-        let thread = std::thread::Builder::new()
-            .name("coverd-writer".into())
+        // At most one batch waits between the two threads: an applier ahead of the disk
+        // blocks, the queue fills, and callbacks get 503.
+        let (handoff, handed) = std::sync::mpsc::sync_channel(1);
+        let flusher = std::thread::Builder::new()
+            .name("coverd-flusher".into())
             .spawn({
-                let mut thread = Thread {
+                let mut flusher = Flusher {
                     shared: shared.clone(),
                     written: written.clone(),
                     db,
                     syncer,
                     progress: progress_tx,
                     on_failure,
-                    apply,
                     done: 0,
                 };
-                move || thread.run(rx)
+                move || flusher.run(&handed)
             })?;
+        let applier = std::thread::Builder::new()
+            .name("coverd-writer".into())
+            .spawn({
+                let shared = shared.clone();
+                move || apply_loop(&shared, rx, apply, &handoff)
+            });
+        let applier = match applier {
+            Ok(a) => a,
+            Err(e) => {
+                // The flusher ends when its handoff sender (dropped with the closure) is gone.
+                let _ = flusher.join();
+                return Err(e);
+            }
+        };
         Ok(Writer {
             tx: Some(tx),
             shared,
             written,
             progress,
-            thread: Some(thread),
+            threads: vec![applier, flusher],
         })
     }
 
@@ -269,60 +286,87 @@ impl Drop for Writer {
         drop(self.tx.take());
         *self.shared.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.shared.resume.notify_all();
-        if let Some(thread) = self.thread.take() {
-            // The thread holds a clone of the `sled::Db` and the store's trees; joining it is
-            // what lets the store's last handle really close sled.
+        // The threads hold a clone of the `sled::Db` and the store's trees; joining them is
+        // what lets the store's last handle really close sled. The applier ends first; the
+        // flusher then sees its handoff closed, runs a last round and ends.
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-/// The writer thread's state.
-struct Thread {
+/// A batch handed from the applying thread to the flushing one: its answers, sent after the
+/// round that covers its tickets (none for a flush request).
+type Handoff = Vec<(oneshot::Sender<Outcome>, Outcome)>;
+
+/// The applying thread: takes the first request, drains what else is queued, applies the
+/// updates in one transaction and hands their answers to the flusher, which flushes while
+/// this thread goes on with the next batch.
+fn apply_loop(
+    shared: &Shared,
+    mut rx: mpsc::Receiver<Request>,
+    mut apply: ApplyBatch,
+    handoff: &std::sync::mpsc::SyncSender<Handoff>,
+) {
+    let mut requests = Vec::with_capacity(MAX_BATCH);
+    let mut writes = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        shared.wait_while_paused();
+        requests.push(first);
+        while requests.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(requests.len());
+        for request in requests.drain(..) {
+            if let Request::Apply(write, reply) = request {
+                writes.push(write);
+                replies.push(reply);
+            }
+        }
+        let outcomes = if writes.is_empty() {
+            Vec::new()
+        } else {
+            shared.batches.fetch_add(1, Ordering::SeqCst);
+            shared
+                .applied
+                .fetch_add(writes.len() as u64, Ordering::SeqCst);
+            apply(&writes)
+        };
+        writes.clear();
+        // Every ticket of the batch is taken by now: the next round covers them.
+        if handoff
+            .send(replies.into_iter().zip(outcomes).collect())
+            .is_err()
+        {
+            // The flusher is gone (it panicked): waiters see the store closed.
+            return;
+        }
+    }
+}
+
+/// The flushing thread's state.
+struct Flusher {
     shared: Arc<Shared>,
     written: Arc<AtomicU64>,
     db: sled::Db,
     syncer: Syncer,
     progress: watch::Sender<Progress>,
     on_failure: OnFailure,
-    apply: ApplyBatch,
     /// Tickets covered by the last round (durable, or failed).
     done: u64,
 }
 
-impl Thread {
-    fn run(&mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut requests = Vec::with_capacity(MAX_BATCH);
-        let mut writes = Vec::with_capacity(MAX_BATCH);
-        let mut replies = Vec::with_capacity(MAX_BATCH);
-        while let Some(first) = rx.blocking_recv() {
-            self.shared.wait_while_paused();
-            requests.push(first);
-            while requests.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => requests.push(r),
-                    Err(_) => break,
-                }
+impl Flusher {
+    fn run(&mut self, handed: &std::sync::mpsc::Receiver<Handoff>) {
+        while let Ok(mut answers) = handed.recv() {
+            while let Ok(more) = handed.try_recv() {
+                answers.extend(more);
             }
-            for request in requests.drain(..) {
-                if let Request::Apply(write, reply) = request {
-                    writes.push(write);
-                    replies.push(reply);
-                }
-            }
-            let outcomes = if writes.is_empty() {
-                Vec::new()
-            } else {
-                self.shared.batches.fetch_add(1, Ordering::SeqCst);
-                self.shared
-                    .applied
-                    .fetch_add(writes.len() as u64, Ordering::SeqCst);
-                (self.apply)(&writes)
-            };
-            writes.clear();
-            // Every ticket of the batch is taken by now: the round covers them.
             self.round();
-            for (reply, outcome) in replies.drain(..).zip(outcomes) {
+            for (reply, outcome) in answers {
                 // A waiter that went away only stops waiting.
                 let _ = reply.send(outcome);
             }
