@@ -1,6 +1,8 @@
 //! The store: the only module that touches sled. Owns the trees, their keys, atomic multi-tree
-//! updates, the due-indexes, and group commit (many writers share one flush). Must not do
-//! network or image-file I/O; the rules of what may change live in `machine`, not here.
+//! updates (one update, or a batch of them in one transaction: `apply_one` inside
+//! `Core::apply_batch`), the due-indexes, and group commit (`writer`: many writers share one
+//! transaction and one flush). Must not do network or image-file I/O; the rules of what may
+//! change live in `machine`, not here.
 //!
 //! Trees (all keys' numbers big-endian so byte order is numeric order):
 //! - `meta`: `format` marker, `schema_version` (u32), per-state counters `count/<code>` (u64);
@@ -23,14 +25,17 @@
 //!
 //! `meta` also holds notification counters `notify/<code>` (u64) per `NotifyState`.
 //!
-//! Blocking: every method here is synchronous. From async code, a sled transaction
-//! (`apply`, through [`Store::apply_async`]) and a scan whose size grows with the store
-//! (`all_tasks` and what is built on it: status, verify, export, backup, prune in `admin`)
-//! run off the runtime's worker threads, with `spawn_blocking`. Single-key reads and writes
-//! (`get`, `counts`, intents, the health stamp) and range reads bounded by a small limit (one
-//! task's `events`, `due_*`/`*_queue`/`next_*_due`, `list` with the caller's limit) may run
-//! inline: they land in sled's cache and in-memory log, and never wait for the disk. The
-//! disk waits are the flusher thread's; [`Store::durable`] only awaits its result.
+//! Blocking: every method here is synchronous except the writer's. From async code, an update
+//! goes through [`Store::apply_async`] (or [`Store::try_apply_async`], which refuses when the
+//! writer's queue is full): the writer thread applies it in its next batch, off the runtime.
+//! A scan whose size grows with the store (`all_tasks` and what is built on it: status,
+//! verify, export, backup, prune in `admin`) runs off the runtime's worker threads, with
+//! `spawn_blocking`. Single-key reads and writes (`get`, `counts`, intents, the health stamp)
+//! and range reads bounded by a small limit (one task's `events`, `due_*`/`*_queue`/
+//! `next_*_due`, `list` with the caller's limit) may run inline: they land in sled's cache and
+//! in-memory log, and never wait for the disk. The disk waits are the flusher thread's;
+//! [`Store::durable`] only awaits its result. [`Store::apply`] (tests, offline tools) runs its
+//! own transaction on the calling thread; sled serializes it with the writer's.
 //!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
 //! queues skip it, so workers never pick it again, and scans go on past it.
@@ -178,8 +183,8 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-// Field order is drop order: the writer thread (which holds the `Core`, with its `sled::Db`
-// and trees) is joined first, then the `Core` (sled's handles) is dropped, and `closed` last
+// Field order is drop order: the writer's threads (which hold the `Core`, with its `sled::Db`
+// and trees) are joined first, then the `Core` (sled's handles) is dropped, and `closed` last
 // waits until sled's lock is free.
 struct Inner {
     writer: writer::Writer,
@@ -194,7 +199,7 @@ impl std::ops::Deref for Inner {
     }
 }
 
-/// Everything but the writer: shared by the store's handles and the writer thread.
+/// Everything but the writer: shared by the store's handles and the writer's threads.
 struct Core {
     path: PathBuf,
     db: sled::Db,
@@ -416,7 +421,7 @@ impl Store {
     /// before they return.
     pub async fn close(self) -> Result<(), StoreError> {
         let flushed = self.flush().await;
-        // Joining the writer thread and waiting for sled's lock block: off the runtime.
+        // Joining the writer's threads and waiting for sled's lock block: off the runtime.
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         flushed
     }
@@ -481,7 +486,7 @@ impl Store {
     /// Waits until the update with `ticket` (and every one before it) is durable, against
     /// power loss too (see `writer`): at once for a ticket of [`Store::apply_async`], whose
     /// batch was flushed before it answered. Concurrent callers share one flush round; the
-    /// round is run by the store's writer thread, so dropping this future (a client gone)
+    /// round is run by the store's flusher thread, so dropping this future (a client gone)
     /// cannot start a second flush or leave one half done.
     pub async fn durable(&self, ticket: u64) -> Result<(), StoreError> {
         self.inner
@@ -521,7 +526,7 @@ impl Store {
         self.inner.writer.pause()
     }
 
-    /// The most flush rounds ever running at once (one writer thread: at most 1).
+    /// The most flush rounds ever running at once (one flusher thread: at most 1).
     #[doc(hidden)]
     pub fn max_concurrent_flushes(&self) -> u32 {
         self.inner.writer.max_concurrent_rounds()
@@ -529,7 +534,7 @@ impl Store {
 
     /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`
     /// such as submit intents). Shares the group commit: a fresh ticket is covered only by
-    /// a round that starts after this call. (Only the writer thread flushes: unbounded
+    /// a round that starts after this call. (Only the flusher thread flushes: unbounded
     /// concurrent `flush_async` calls deadlock sled 0.34, each blocking one of its global
     /// I/O threads until the log is written while the log write is queued behind them.)
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -2090,7 +2095,7 @@ mod tests {
     }
 
     /// Waiters dropped mid-wait (a client reset, a timeout) never start a second flush: the
-    /// writer thread owns every flush, one at a time, and the store stays usable.
+    /// flusher thread owns every flush, one at a time, and the store stays usable.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cancelled_waiters_never_start_a_second_flush() {
         let (_d, store) = open();

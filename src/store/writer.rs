@@ -1,20 +1,24 @@
-//! The store's writer thread: the one thread that applies the updates of `Store::apply_async`
-//! and the one owner of every flush. Updates arrive over a bounded queue; the thread takes the
-//! first, drains what else is queued (at most [`MAX_BATCH`]), has the store apply them all in
-//! one sled transaction, runs one flush round, publishes the durable ticket on a `watch`, and
-//! only then answers every update of the batch. So N concurrent writers share one transaction
-//! and one round (group commit) instead of N blocking-pool hops, N transactions and N
-//! rewrites of the shared counter keys. A full queue is refused at once to whoever uses
-//! [`Writer::try_apply`] (the callback intake answers 503), never queued without bound.
-//! Flush requests (writes made outside `apply`: intents, notification updates, the health
-//! stamp, `Store::flush`) go through the same queue, so no waiter ever flushes by itself, and
-//! one that goes away (client reset, timeout) cannot start or stop anything.
+//! The store's writer: the one place that applies the updates of `Store::apply_async` and
+//! the one owner of every flush, on two threads. Updates arrive over a bounded queue. The
+//! writer thread (`coverd-writer`) takes the first, drains what else is queued (at most
+//! [`MAX_BATCH`]), has the store apply them all in one sled transaction, and hands the batch's
+//! answers to the flusher thread (`coverd-flusher`, at most one batch waiting between them),
+//! then goes on with the next batch. The flusher runs one round covering every ticket handed
+//! out so far, publishes the durable ticket on a `watch`, and only then answers every update
+//! of the batches it took. So N concurrent writers share one transaction and one round
+//! (group commit) instead of N blocking-pool hops, N transactions and N rewrites of the
+//! shared counter keys, and the transaction of one batch overlaps the fsync of the one
+//! before. A full queue is refused at once to whoever uses [`Writer::try_apply`] (the callback
+//! intake answers 503), never queued without bound. Flush requests (writes made outside
+//! `apply`: intents, notification updates, the health stamp, `Store::flush`) go through the
+//! same queue, so no waiter ever flushes by itself, and one that goes away (client reset,
+//! timeout) cannot start or stop anything.
 //!
 //! A round makes the writes durable against power loss, not only against a crash: sled 0.34
 //! flushes its log with `sync_file_range`, which neither writes the file's metadata nor
 //! flushes the disk's cache, so after sled's own flush the round `fdatasync`s the log file
 //! (`db/db`), `fsync`s every file sled created since the last round (blobs, snapshots, `conf`)
-//! and the directories whose names changed. Owns this thread, its queue, the batching and
+//! and the directories whose names changed. Owns these threads, the queue, the batching and
 //! those fsyncs; must not touch trees or keys (the batch is applied by the closure the store
 //! gives it: `Core::apply_batch` in `store`).
 
