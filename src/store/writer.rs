@@ -101,8 +101,8 @@ impl Shared {
     }
 }
 
-/// The handle the store keeps; dropping it lets the thread finish what is queued, then joins
-/// it.
+/// The handle the store keeps; dropping it lets the threads finish what is queued, then
+/// joins them.
 pub(super) struct Writer {
     tx: Option<mpsc::Sender<Request>>,
     shared: Arc<Shared>,
@@ -124,8 +124,8 @@ impl Drop for WritesPaused {
 
 impl Writer {
     /// Runs a first round at once (so `conf`, the directories and everything written at open
-    /// are durable before the store is used), then starts the thread with a queue of `queue`
-    /// updates.
+    /// are durable before the store is used), then starts the writer and flusher threads with
+    /// a queue of `queue` updates.
     pub fn start(
         db: sled::Db,
         db_dir: &Path,
