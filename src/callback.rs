@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::machine::{Ctx, Event, Report};
 use crate::model::{MAX_IMAGES, MAX_URL_BYTES, now_millis, valid_task_id};
 use crate::signature;
-use crate::store::{IfMissing, Store};
+use crate::store::{IfMissing, Store, StoreError};
 
 /// Largest accepted callback body (SPEC: 413 above it).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -164,7 +164,8 @@ impl Intake {
                 "store too slow; retry later",
             )
         };
-        let stored = self.store.apply_async(
+        // A full writer queue is refused at once (503, KIE retries), never waited on.
+        let stored = self.store.try_apply_async(
             task_id,
             Event::Callback(delivery.report.clone()),
             ctx,
@@ -189,6 +190,13 @@ impl Intake {
                     format!("unknown task {task_id}: not submitted or tracked here"),
                 );
             }
+            Err(e @ StoreError::Busy { .. }) => {
+                tracing::warn!(
+                    task_id,
+                    "task {task_id} callback answered 503: not stored: {e}; KIE retries"
+                );
+                return Answer::error(StatusCode::SERVICE_UNAVAILABLE, "store busy; retry later");
+            }
             Err(e) => {
                 tracing::warn!(
                     task_id,
@@ -200,6 +208,7 @@ impl Intake {
                 );
             }
         };
+        // The writer answers after the flush covering the update: this returns at once.
         match tokio::time::timeout_at(deadline, self.store.durable(applied.ticket)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {

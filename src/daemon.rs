@@ -167,6 +167,9 @@ pub struct Hooks {
     pub clock: Option<Arc<dyn Clock>>,
     /// The callback listener's connection cap (default: derived from the fd limit).
     pub max_connections: Option<usize>,
+    /// Room in the store writer's queue (default: the store's); a tiny one shows what a full
+    /// queue does.
+    pub write_queue: Option<usize>,
 }
 
 /// A started daemon.
@@ -239,10 +242,14 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         .unwrap_or_else(|| server::public_connection_cap(fd_limit));
     // A schema migration can outlast systemd's start timeout on a large store: each
     // progress report extends it.
-    let store = Store::open_with_progress(&data_dir, &|migrated| {
+    let progress = |migrated| {
         tracing::info!(migrated, "store migration in progress");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000)]);
-    })?;
+    };
+    let store = match hooks.write_queue {
+        Some(queue) => Store::open_with_queue(&data_dir, queue)?,
+        None => Store::open_with_progress(&data_dir, &progress)?,
+    };
     download::recover(&data_dir)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -1,6 +1,8 @@
 //! The store: the only module that touches sled. Owns the trees, their keys, atomic multi-tree
-//! updates, the due-indexes, and group commit (many writers share one flush). Must not do
-//! network or image-file I/O; the rules of what may change live in `machine`, not here.
+//! updates (one update, or a batch of them in one transaction: `apply_one` inside
+//! `Core::apply_batch`), the due-indexes, and group commit (`writer`: many writers share one
+//! transaction and one flush). Must not do network or image-file I/O; the rules of what may
+//! change live in `machine`, not here.
 //!
 //! Trees of schema 2 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
 //! `Inner::migrate_v1`), all keys' numbers big-endian so byte order is numeric order:
@@ -33,24 +35,28 @@
 //!
 //! `meta` also holds notification counters `notify/<code>` (u64) per `NotifyState`.
 //!
-//! Blocking: every method here is synchronous. From async code, a sled transaction
-//! (`apply`, through [`Store::apply_async`]) and a scan whose size grows with the store
-//! (`all_tasks` and what is built on it: status, verify, export, backup, prune in `admin`;
-//! `list` of finished tasks) run off the runtime's worker threads, with `spawn_blocking`.
-//! Single-key reads and writes (`get`, `counts`, one task's `events`, intents, the health
-//! stamp) and range reads bounded by a small limit (`due_*`/`*_queue`/`next_*_due`, `list`
-//! of an unfinished state with the caller's limit) may run inline: they land in sled's
-//! cache and in-memory log, and never wait for the disk. The disk waits are the flusher
-//! thread's; [`Store::durable`] only awaits its result.
+//! Blocking: every method here is synchronous except the writer's. From async code, an update
+//! goes through [`Store::apply_async`] (or [`Store::try_apply_async`], which refuses when the
+//! writer's queue is full): the writer thread applies it in its next batch, off the runtime.
+//! A scan whose size grows with the store (`all_tasks` and what is built on it: status,
+//! verify, export, backup, prune in `admin`; `list` of finished tasks) runs off the runtime's
+//! worker threads, with `spawn_blocking`. Single-key reads and writes (`get`, `counts`, one
+//! task's history, intents, the health stamp) and range reads bounded by a small limit
+//! (`due_*`/`*_queue`/`next_*_due`, `list` of an unfinished state with the caller's limit)
+//! may run inline: they land in sled's cache and in-memory log, and never wait for the disk.
+//! The disk waits are the flusher thread's; [`Store::durable`] only awaits its result.
+//! [`Store::apply`] (tests, offline tools) runs its own transaction on the calling thread;
+//! sled serializes it with the writer's.
 //!
 //! A task record that cannot be decoded is quarantined (in memory, logged once): the due
 //! queues skip it, so workers never pick it again, and scans go on past it.
 
 pub mod codec;
 mod copy;
-mod flusher;
+mod writer;
 
 pub use copy::TaskCopy;
+pub use writer::WritesPaused;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,7 +64,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
 
 use crate::machine::{self, Ctx, Delivery, Event, Outcome};
 use crate::model::{EventKind, EventRecord, Millis, Notification, NotifyState, State, Task};
@@ -102,6 +110,11 @@ pub enum StoreError {
         "the store cannot take writes since an earlier failure ({0}); free disk space or fix the disk, coverd then restarts to reopen the store"
     )]
     Unwritable(String),
+    /// The writer's queue is full: the store takes updates more slowly than they come.
+    #[error(
+        "the store's write queue is full ({queued} updates waiting); retry later, or spread the load"
+    )]
+    Busy { queued: usize },
     #[error(
         "an update of {what} panicked ({reason}) and was not applied; this is a bug in coverd: please report it with the log"
     )]
@@ -184,10 +197,24 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
-// Field order is drop order: the flusher thread (which holds a `sled::Db` clone) is joined
-// first, then the sled handles are dropped, and `closed` last waits until sled's lock is free.
+// Field order is drop order: the writer's threads (which hold the `Core`, with its `sled::Db`
+// and trees) are joined first, then the `Core` (sled's handles) is dropped, and `closed` last
+// waits until sled's lock is free.
 struct Inner {
-    flusher: flusher::Flusher,
+    writer: writer::Writer,
+    core: Arc<Core>,
+    _closed: ReleaseOnDrop,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// Everything but the writer: shared by the store's handles and the writer's threads.
+struct Core {
     path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
@@ -210,7 +237,6 @@ struct Inner {
     /// Tickets handed out: one per update, taken after the update (group commit).
     written: Arc<AtomicU64>,
     health: Arc<Health>,
-    _closed: ReleaseOnDrop,
 }
 
 /// Whether the store can take writes. sled 0.34 keeps an I/O error (a full disk) until the
@@ -243,7 +269,7 @@ struct ReleaseOnDrop(PathBuf);
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        flusher::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
+        writer::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
     }
 }
 
@@ -253,7 +279,7 @@ const LOCK_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 impl Store {
     /// Opens (or creates) the store in `<data_dir>/db`, migrating an older schema first.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with_progress(data_dir, &|_| {})
+        Store::open_with(data_dir, writer::QUEUE, &|_| {})
     }
 
     /// [`Store::open`], calling `progress` with the number of task records migrated so far
@@ -261,6 +287,21 @@ impl Store {
     /// that its start is taking longer).
     pub fn open_with_progress(
         data_dir: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, writer::QUEUE, progress)
+    }
+
+    /// [`Store::open`] with room for `queue` updates waiting for the writer (tests: a tiny
+    /// queue shows what a full one does). Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn open_with_queue(data_dir: &Path, queue: usize) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, queue, &|_| {})
+    }
+
+    fn open_with(
+        data_dir: &Path,
+        queue: usize,
         progress: &dyn Fn(u64),
     ) -> Result<Store, StoreError> {
         let path = data_dir.join("db");
@@ -281,24 +322,15 @@ impl Store {
                     }
                 }
             })?;
+        // Dropped last on every path out of here: waits until sled has let go of its lock.
+        let closed = ReleaseOnDrop(path.clone());
         let tree = |name: &str| db.open_tree(name);
-        let written = Arc::new(AtomicU64::new(0));
         let (failed, _) = tokio::sync::watch::channel(None);
         let health = Arc::new(Health {
             failed,
             injected: AtomicBool::new(false),
         });
-        let on_failure = {
-            let health = health.clone();
-            Box::new(move |reason: &str| health.mark(reason))
-        };
-        let flusher = flusher::Flusher::start(db.clone(), &path, written.clone(), on_failure)
-            .map_err(|e| StoreError::Open {
-                path: path.clone(),
-                source: sled::Error::Io(e),
-            })?;
-        let inner = Inner {
-            flusher,
+        let core = Arc::new(Core {
             meta: tree("meta")?,
             tasks: tree("tasks")?,
             events: tree("events")?,
@@ -307,23 +339,35 @@ impl Store {
             by_state: tree("by_state")?,
             by_music: tree("by_music")?,
             intents: tree("intents")?,
-            _closed: ReleaseOnDrop(path.clone()),
             outbox: tree("outbox")?,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
-            path,
-            db,
+            path: path.clone(),
+            db: db.clone(),
             undecodable_reads: AtomicU64::new(0),
             quarantine: std::sync::Mutex::new(std::collections::BTreeMap::new()),
-            written,
-            health,
+            written: Arc::new(AtomicU64::new(0)),
+            health: health.clone(),
+        });
+        core.check_schema(progress)?;
+        let on_failure = Box::new(move |reason: &str| health.mark(reason));
+        let apply = {
+            let core = core.clone();
+            Box::new(move |writes: &[writer::Write]| core.apply_batch(writes))
         };
-        inner.check_schema(progress)?;
-        // The schema marker written for a new store: durable soon, without waiting here.
-        inner
-            .flusher
-            .request(inner.written.fetch_add(1, Ordering::SeqCst) + 1);
+        // Its first round makes what sled wrote at open (the schema marker of a new store,
+        // `conf`, the directories) durable before the store is used.
+        let writer =
+            writer::Writer::start(db, &path, core.written.clone(), queue, apply, on_failure)
+                .map_err(|e| StoreError::Open {
+                    path: path.clone(),
+                    source: sled::Error::Io(e),
+                })?;
         Ok(Store {
-            inner: Arc::new(inner),
+            inner: Arc::new(Inner {
+                writer,
+                core,
+                _closed: closed,
+            }),
         })
     }
 
@@ -333,7 +377,8 @@ impl Store {
 
     /// Applies `event` to task `task_id` through the state machine, atomically with its
     /// history and indexes. Returns `None` for an unknown task with [`IfMissing::Reject`].
-    /// Blocking (sled); call from `spawn_blocking` in async code, or use [`Store::apply_async`].
+    /// Blocking (sled), on the calling thread, in a transaction of its own; in async code use
+    /// [`Store::apply_async`], which goes through the writer's batches.
     pub fn apply(
         &self,
         task_id: &str,
@@ -341,103 +386,17 @@ impl Store {
         ctx: &Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        let i = &*self.inner;
-        if i.health.injected.load(Ordering::SeqCst) {
-            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                INJECTED,
-            ))));
-        }
-        let trees = (
-            &i.meta,
-            &i.tasks,
-            &i.events,
-            &i.due_download,
-            &i.due_poll,
-            &i.by_state,
-            &i.by_music,
-            &i.outbox,
-        );
-        let undecodable = std::cell::Cell::new(false);
-        let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox)| {
-                let (before, mut history) = match tasks.get(task_id.as_bytes())? {
-                    Some(bytes) => {
-                        let (task, history) =
-                            read_record(&bytes, task_id, events).map_err(|e| {
-                                if let ConflictableTransactionError::Abort(_) = e {
-                                    undecodable.set(true);
-                                }
-                                e
-                            })?;
-                        (Some(task), history)
-                    }
-                    None => (None, Vec::new()),
-                };
-                let mut task = match (&before, if_missing) {
-                    (Some(t), _) => t.clone(),
-                    (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
-                    (None, IfMissing::Reject) => return Ok(None),
-                };
-                let outcome = machine::apply(&mut task, event.clone(), ctx);
-
-                // History, kept in the record.
-                append_history(&mut task, &mut history, &outcome.notes, ctx.now);
-
-                // Indexes, derived from the old and new record.
-                let old = before.as_ref();
-                let indexes = Indexes {
-                    meta,
-                    due_download: due_dl,
-                    due_poll,
-                    by_state,
-                };
-                indexes.derive(task_id, old, Some(&task))?;
-                if let Some(music) = &task.music_task_id
-                    && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
-                {
-                    by_music.insert(music.as_bytes(), task_id.as_bytes())?;
-                }
-
-                // The outbox: a settle and its notification are one write.
-                if ctx.notify
-                    && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
-                {
-                    enqueue(outbox, meta, &task, kind, ctx.now)?;
-                }
-
-                tasks.insert(
-                    task_id.as_bytes(),
-                    encode(codec::encode_task(&task, &history), task_id)?,
-                )?;
-                Ok(Some((before.map(|t| t.state), task, outcome)))
-            },
-        );
-        if let Ok(Some((before, task, _))) = &result
-            && ctx.notify
-            && machine::settle_notice(*before, task).is_some()
-        {
-            self.inner.outbox_wake.notify_one();
-        }
-        match result {
-            Ok(Some((before, task, outcome))) => Ok(Some(Applied {
-                before,
-                task,
-                outcome,
-                ticket: self.inner.written.fetch_add(1, Ordering::SeqCst) + 1,
-            })),
-            Ok(None) => Ok(None),
-            Err(TransactionError::Abort(e)) => {
-                if undecodable.get() {
-                    self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-                    self.quarantine(task_id, &e);
-                }
-                Err(e)
-            }
-            Err(TransactionError::Storage(e)) => {
-                self.inner.health.mark(&e.to_string());
-                Err(StoreError::Io(e))
-            }
-        }
+        let write = writer::Write {
+            task_id: task_id.to_string(),
+            event: event.clone(),
+            ctx: *ctx,
+            if_missing,
+        };
+        self.inner
+            .apply_batch(std::slice::from_ref(&write))
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(None))
     }
 
     /// A failed transaction's error; a storage failure marks the store as unable to take
@@ -492,7 +451,7 @@ impl Store {
     /// before they return.
     pub async fn close(self) -> Result<(), StoreError> {
         let flushed = self.flush().await;
-        // Joining the flusher thread and waiting for sled's lock block: off the runtime.
+        // Joining the writer's threads and waiting for sled's lock block: off the runtime.
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         flushed
     }
@@ -512,7 +471,10 @@ impl Store {
         self.inner.undecodable_reads.load(Ordering::SeqCst)
     }
 
-    /// [`Store::apply`] off the async runtime's worker threads.
+    /// [`Store::apply`] through the store's writer thread: waits for room in its queue, then
+    /// until the batch holding this update is applied and flushed, so [`Store::durable`]
+    /// answers at once for its ticket (an error there if that flush failed). Dropping the
+    /// future only stops waiting: the update is applied anyway if it was queued.
     pub async fn apply_async(
         &self,
         task_id: &str,
@@ -520,25 +482,45 @@ impl Store {
         ctx: Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        let store = self.clone();
-        let id = task_id.to_string();
-        tokio::task::spawn_blocking(move || store.apply(&id, &event, &ctx, if_missing))
-            .await
-            .unwrap_or_else(|e| {
-                Err(StoreError::Panicked {
-                    what: format!("task {task_id}"),
-                    reason: e.to_string(),
-                })
+        self.inner
+            .writer
+            .apply(writer::Write {
+                task_id: task_id.to_string(),
+                event,
+                ctx,
+                if_missing,
             })
+            .await
+    }
+
+    /// [`Store::apply_async`], but a full queue is [`StoreError::Busy`] at once instead of a
+    /// wait: the callback intake answers 503 then, so KIE retries.
+    pub async fn try_apply_async(
+        &self,
+        task_id: &str,
+        event: Event,
+        ctx: Ctx,
+        if_missing: IfMissing,
+    ) -> Result<Option<Applied>, StoreError> {
+        self.inner
+            .writer
+            .try_apply(writer::Write {
+                task_id: task_id.to_string(),
+                event,
+                ctx,
+                if_missing,
+            })
+            .await
     }
 
     /// Waits until the update with `ticket` (and every one before it) is durable, against
-    /// power loss too (see `flusher`). Concurrent callers share one flush round; the round is
-    /// run by the store's flusher thread, so dropping this future (a client gone) cannot
-    /// start a second flush or leave one half done.
+    /// power loss too (see `writer`): at once for a ticket of [`Store::apply_async`], whose
+    /// batch was flushed before it answered. Concurrent callers share one flush round; the
+    /// round is run by the store's flusher thread, so dropping this future (a client gone)
+    /// cannot start a second flush or leave one half done.
     pub async fn durable(&self, ticket: u64) -> Result<(), StoreError> {
         self.inner
-            .flusher
+            .writer
             .durable(ticket)
             .await
             .map_err(StoreError::Flush)
@@ -547,13 +529,37 @@ impl Store {
     /// Flush rounds run since open; fewer than the callers of [`Store::durable`] when group
     /// commit shares them.
     pub fn group_flushes(&self) -> u64 {
-        self.inner.flusher.rounds()
+        self.inner.writer.rounds()
+    }
+
+    /// Batches the writer applied since open, one transaction each; fewer than the updates
+    /// of [`Store::apply_async`] ([`Store::batched_writes`]) when they share batches.
+    pub fn write_batches(&self) -> u64 {
+        self.inner.writer.batches()
+    }
+
+    /// Updates applied through the writer since open.
+    pub fn batched_writes(&self) -> u64 {
+        self.inner.writer.applied()
+    }
+
+    /// Updates waiting in the writer's queue (not yet taken into a batch).
+    pub fn queued_writes(&self) -> usize {
+        self.inner.writer.queued()
+    }
+
+    /// Stops the writer from taking updates until the guard is dropped (it finishes the
+    /// batch it is in, and holds at most one update it took): lets tests fill its queue or
+    /// form one batch from many updates. Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn pause_writes(&self) -> WritesPaused {
+        self.inner.writer.pause()
     }
 
     /// The most flush rounds ever running at once (one flusher thread: at most 1).
     #[doc(hidden)]
     pub fn max_concurrent_flushes(&self) -> u32 {
-        self.inner.flusher.max_concurrent_rounds()
+        self.inner.writer.max_concurrent_rounds()
     }
 
     /// Flushes everything written so far (shutdown, admin writes, writes outside `apply`
@@ -578,43 +584,12 @@ impl Store {
     fn decode_checked(&self, bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
         decode(bytes, task_id).inspect_err(|e| {
             self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-            self.quarantine(task_id, e);
+            self.inner.quarantine_task(task_id, e);
         })
     }
 
-    fn quarantined_ids(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
-        // A poisoned map is still a valid map.
-        self.inner
-            .quarantine
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
-    /// due queues skip it from now on, so no worker picks it again.
-    fn quarantine(&self, task_id: &str, err: &StoreError) {
-        let reason = quarantine_reason(err);
-        let mut map = self.quarantined_ids();
-        if map.contains_key(task_id) {
-            return;
-        }
-        tracing::warn!(
-            task_id,
-            "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
-        );
-        map.insert(
-            task_id.to_string(),
-            Quarantined {
-                task_id: task_id.to_string(),
-                reason,
-            },
-        );
-    }
-
     fn is_quarantined(&self, task_id: &[u8]) -> bool {
-        let map = self.quarantined_ids();
+        let map = self.inner.quarantined_ids();
         !map.is_empty() && map.contains_key(String::from_utf8_lossy(task_id).as_ref())
     }
 
@@ -1107,9 +1082,7 @@ impl Store {
     ) -> Result<Option<Notification>, StoreError> {
         let i = &*self.inner;
         if i.health.injected.load(Ordering::SeqCst) {
-            return Err(StoreError::Io(sled::Error::Io(std::io::Error::other(
-                INJECTED,
-            ))));
+            return Err(injected());
         }
         let result = (&i.meta, &i.outbox).transaction(|(meta, outbox)| {
             let seq = match seq {
@@ -1210,7 +1183,162 @@ fn recent_key(seq: u64) -> [u8; 9] {
     k
 }
 
-impl Inner {
+impl Core {
+    fn quarantined_ids(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, Quarantined>> {
+        // A poisoned map is still a valid map.
+        self.quarantine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
+    /// due queues skip it from now on, so no worker picks it again.
+    fn quarantine_task(&self, task_id: &str, err: &StoreError) {
+        let reason = quarantine_reason(err);
+        let mut map = self.quarantined_ids();
+        if map.contains_key(task_id) {
+            return;
+        }
+        tracing::warn!(
+            task_id,
+            "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
+        );
+        map.insert(
+            task_id.to_string(),
+            Quarantined {
+                task_id: task_id.to_string(),
+                reason,
+            },
+        );
+    }
+
+    /// Applies `writes` in one transaction (a batch of the writer; [`Store::apply`] is a
+    /// batch of one), each update seeing the ones before it, and the per-state counters
+    /// written once. Per-update isolation: one whose record cannot be decoded (it is
+    /// quarantined) or that names an unknown task with [`IfMissing::Reject`] changes nothing
+    /// and does not stop the others; one that fails after it began to write, or panics, is
+    /// left out and the transaction runs again without it. A storage error fails them all
+    /// (and marks the store's health).
+    fn apply_batch(&self, writes: &[writer::Write]) -> Vec<writer::Outcome> {
+        if self.health.injected.load(Ordering::SeqCst) {
+            return writes.iter().map(|_| Err(injected())).collect();
+        }
+        let trees = (
+            &self.meta,
+            &self.tasks,
+            &self.events,
+            &self.due_download,
+            &self.due_poll,
+            &self.by_state,
+            &self.by_music,
+            &self.outbox,
+        );
+        // Updates left out, with why; decided between runs of the transaction.
+        let mut left_out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
+        loop {
+            let result = trees.transaction(|trees| {
+                // sled may run this closure again: everything it accumulates starts here.
+                let mut batch = BatchState::default();
+                let mut out = Vec::with_capacity(writes.len());
+                for (n, w) in writes.iter().enumerate() {
+                    if left_out[n].is_some() {
+                        out.push(Ok(None));
+                        continue;
+                    }
+                    batch.undecodable = false;
+                    let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        apply_one(
+                            trees,
+                            &w.task_id,
+                            &w.event,
+                            &w.ctx,
+                            w.if_missing,
+                            &mut batch,
+                        )
+                    }));
+                    match one {
+                        Ok(Ok(applied)) => out.push(Ok(applied)),
+                        // Found at its first read, before it wrote anything.
+                        Ok(Err(ConflictableTransactionError::Abort(e))) if batch.undecodable => {
+                            out.push(Err(e))
+                        }
+                        Ok(Err(ConflictableTransactionError::Abort(e))) => {
+                            return Err(ConflictableTransactionError::Abort((n, e)));
+                        }
+                        Ok(Err(ConflictableTransactionError::Conflict)) => {
+                            return Err(ConflictableTransactionError::Conflict);
+                        }
+                        Ok(Err(ConflictableTransactionError::Storage(e))) => {
+                            return Err(ConflictableTransactionError::Storage(e));
+                        }
+                        Err(panic) => {
+                            let reason = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a panic".to_string());
+                            let what = format!("task {}", w.task_id);
+                            return Err(ConflictableTransactionError::Abort((
+                                n,
+                                StoreError::Panicked { what, reason },
+                            )));
+                        }
+                    }
+                }
+                batch.counts.write(&trees.0)?;
+                Ok(out)
+            });
+            match result {
+                Ok(out) => return self.applied(writes, out, left_out),
+                Err(TransactionError::Abort((n, e))) => left_out[n] = Some(e),
+                Err(TransactionError::Storage(e)) => {
+                    self.health.mark(&e.to_string());
+                    return writes
+                        .iter()
+                        .map(|_| Err(StoreError::Io(e.clone())))
+                        .collect();
+                }
+            }
+        }
+    }
+
+    /// The outcomes of a committed batch: tickets for what was applied (taken after the
+    /// commit, so a round that starts later covers them), quarantine for what could not be
+    /// decoded, the notifier woken for a settle.
+    fn applied(
+        &self,
+        writes: &[writer::Write],
+        out: Vec<Result<AppliedOne, StoreError>>,
+        left_out: Vec<Option<StoreError>>,
+    ) -> Vec<writer::Outcome> {
+        let mut settled = false;
+        let mut outcomes = Vec::with_capacity(writes.len());
+        for ((one, w), left) in out.into_iter().zip(writes).zip(left_out) {
+            outcomes.push(match (left, one) {
+                (Some(e), _) => Err(e),
+                (None, Ok(Some((before, task, outcome)))) => {
+                    settled |= w.ctx.notify && machine::settle_notice(before, &task).is_some();
+                    Ok(Some(Applied {
+                        before,
+                        task,
+                        outcome,
+                        ticket: self.written.fetch_add(1, Ordering::SeqCst) + 1,
+                    }))
+                }
+                (None, Ok(None)) => Ok(None),
+                (None, Err(e)) => {
+                    self.undecodable_reads.fetch_add(1, Ordering::SeqCst);
+                    self.quarantine_task(&w.task_id, &e);
+                    Err(e)
+                }
+            });
+        }
+        if settled {
+            self.outbox_wake.notify_one();
+        }
+        outcomes
+    }
+
     fn check_schema(&self, progress: &dyn Fn(u64)) -> Result<(), StoreError> {
         match (self.meta.get("format")?, self.meta.get("schema_version")?) {
             (Some(f), Some(v)) if f.as_ref() == FORMAT_MARKER => {
@@ -1254,7 +1382,7 @@ impl Inner {
     }
 }
 
-impl Inner {
+impl Core {
     /// Replaces the ring with the tasks in `newest` (oldest first).
     fn write_recent(
         &self,
@@ -1273,7 +1401,7 @@ impl Inner {
     }
 }
 
-impl Inner {
+impl Core {
     /// Schema 1 → 2: every task record gets its history inline (moved out of `events`) and
     /// finished tasks lose their `by_state` entry, one transaction per chunk of records;
     /// then `schema_version` is set to 2, and last `by_created` is dropped. Safe to stop at
@@ -1431,6 +1559,98 @@ fn append_history(
     }
 }
 
+/// The trees an update writes, as its transaction sees them.
+type TxTrees = (
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+    TransactionalTree,
+);
+
+/// What one update did: the state before, the new record, the machine's outcome; `None` for
+/// an unknown task refused.
+type AppliedOne = Option<(Option<State>, Task, Outcome)>;
+
+/// What a run of a batch's transaction accumulates; reset when sled runs it again.
+#[derive(Default)]
+struct BatchState {
+    /// Changes of the per-state counters, written once at the end of the batch.
+    counts: Deltas,
+    /// Set when the update being applied found its record undecodable (at its first read,
+    /// before it wrote anything).
+    undecodable: bool,
+}
+
+/// One update inside a batch's transaction: the record, its history, the indexes derived
+/// from it, `by_music`, the outbox. Sees the writes of the updates before it in the batch.
+fn apply_one(
+    trees: &TxTrees,
+    task_id: &str,
+    event: &Event,
+    ctx: &Ctx,
+    if_missing: IfMissing,
+    batch: &mut BatchState,
+) -> TxResult<AppliedOne> {
+    let (meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox) = trees;
+    let (before, mut history) = match tasks.get(task_id.as_bytes())? {
+        Some(bytes) => {
+            let (task, history) = read_record(&bytes, task_id, events).map_err(|e| {
+                if let ConflictableTransactionError::Abort(_) = e {
+                    batch.undecodable = true;
+                }
+                e
+            })?;
+            (Some(task), history)
+        }
+        None => (None, Vec::new()),
+    };
+    let mut task = match (&before, if_missing) {
+        (Some(t), _) => t.clone(),
+        (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
+        (None, IfMissing::Reject) => return Ok(None),
+    };
+    let outcome = machine::apply(&mut task, event.clone(), ctx);
+
+    // History, kept in the record.
+    append_history(&mut task, &mut history, &outcome.notes, ctx.now);
+
+    // Indexes, derived from the old and new record.
+    let old = before.as_ref();
+    let indexes = Indexes {
+        meta,
+        due_download: due_dl,
+        due_poll,
+        by_state,
+    };
+    indexes.derive_into(task_id, old, Some(&task), &mut batch.counts)?;
+    if let Some(music) = &task.music_task_id
+        && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
+    {
+        by_music.insert(music.as_bytes(), task_id.as_bytes())?;
+    }
+
+    // The outbox: a settle and its notification are one write.
+    if ctx.notify
+        && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
+    {
+        enqueue(outbox, meta, &task, kind, ctx.now)?;
+    }
+
+    tasks.insert(
+        task_id.as_bytes(),
+        encode(codec::encode_task(&task, &history), task_id)?,
+    )?;
+    Ok(Some((before.map(|t| t.state), task, outcome)))
+}
+
+fn injected() -> StoreError {
+    StoreError::Io(sled::Error::Io(std::io::Error::other(INJECTED)))
+}
+
 fn encode(bytes: Result<Vec<u8>, codec::CodecError>, task_id: &str) -> TxResult<Vec<u8>> {
     bytes.map_err(|e| {
         ConflictableTransactionError::Abort(StoreError::Corrupt {
@@ -1509,6 +1729,21 @@ impl Indexes<'_> {
     /// Moves task `id`'s entries from what record `old` implied to what `new` implies (`None`:
     /// no record); writes only what changed.
     pub(super) fn derive(&self, id: &str, old: Option<&Task>, new: Option<&Task>) -> TxResult<()> {
+        let mut counts = Deltas::default();
+        self.derive_into(id, old, new, &mut counts)?;
+        counts.write(self.meta)?;
+        Ok(())
+    }
+
+    /// [`Indexes::derive`], but the counter changes are added to `counts` (a batch writes
+    /// each counter once, at its end).
+    fn derive_into(
+        &self,
+        id: &str,
+        old: Option<&Task>,
+        new: Option<&Task>,
+        counts: &mut Deltas,
+    ) -> TxResult<()> {
         reindex(
             self.due_download,
             old.and_then(Task::download_due),
@@ -1548,10 +1783,10 @@ impl Indexes<'_> {
         let (old_state, new_state) = (old.map(|t| t.state), new.map(|t| t.state));
         if old_state != new_state {
             if let Some(s) = old_state {
-                bump(self.meta, s, -1)?;
+                counts.add(s, -1);
             }
             if let Some(s) = new_state {
-                bump(self.meta, s, 1)?;
+                counts.add(s, 1);
             }
         }
         Ok(())
@@ -1576,8 +1811,29 @@ fn reindex(
     Ok(())
 }
 
-fn bump(meta: &TransactionalTree, state: State, delta: i64) -> TxResult<()> {
-    bump_key(meta, count_key(state), delta)
+/// Changes of the per-state counters (`count/<code>` in `meta`) not written yet.
+#[derive(Default)]
+pub(super) struct Deltas(Vec<(State, i64)>);
+
+impl Deltas {
+    fn add(&mut self, state: State, delta: i64) {
+        match self.0.iter_mut().find(|(s, _)| *s == state) {
+            Some((_, d)) => *d += delta,
+            None => self.0.push((state, delta)),
+        }
+    }
+
+    /// Writes each counter that changed, once.
+    fn write(&self, meta: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
+        for &(state, delta) in &self.0 {
+            if delta != 0 {
+                let key = count_key(state);
+                let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
+                meta.insert(key, &current.saturating_add_signed(delta).to_be_bytes())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn bump_key(meta: &TransactionalTree, key: Vec<u8>, delta: i64) -> TxResult<()> {
@@ -2281,6 +2537,114 @@ mod tests {
         assert_eq!(store.counts().unwrap().submitted, 100 * 8);
     }
 
+    fn write(id: &str, event: Event, now: Millis, if_missing: IfMissing) -> writer::Write {
+        writer::Write {
+            task_id: id.to_string(),
+            event,
+            ctx: ctx(now),
+            if_missing,
+        }
+    }
+
+    /// One batch, one transaction: an update whose record cannot be decoded and one for an
+    /// unknown task refused change nothing and stop nothing; two updates of one task see each
+    /// other; the counters end where one update at a time would have left them.
+    #[test]
+    fn a_batch_goes_on_past_a_quarantined_record_and_a_refused_task() {
+        let (_d, store) = open();
+        track(&store, "bad", 1);
+        store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
+        let failure = Event::Callback(Report::Failure { reason: "x".into() });
+        let out = store.inner.apply_batch(&[
+            write("a", callback(1), 2, IfMissing::Create),
+            write("bad", callback(1), 2, IfMissing::Reject),
+            write("unknown", callback(1), 2, IfMissing::Reject),
+            write("a", stored(0), 3, IfMissing::Reject),
+            write("b", failure, 4, IfMissing::Create),
+        ]);
+        let applied = |n: usize| match &out[n] {
+            Ok(Some(a)) => (a.before, a.task.state, a.ticket),
+            other => panic!("update {n}: {other:?}"),
+        };
+        let (a1, a2, b) = (applied(0), applied(3), applied(4));
+        assert_eq!((a1.0, a1.1), (None, State::Received));
+        assert_eq!((a2.0, a2.1), (Some(State::Received), State::Downloaded));
+        assert_eq!((b.0, b.1), (None, State::Failed));
+        assert!(a1.2 < a2.2 && a2.2 < b.2, "tickets in order: {out:?}");
+        assert!(matches!(&out[1], Err(e) if e.is_undecodable()), "{out:?}");
+        assert!(matches!(&out[2], Ok(None)), "{out:?}");
+
+        assert_eq!(store.get("unknown").unwrap(), None);
+        assert_eq!(store.undecodable_reads(), 1);
+        assert_eq!(store.scan_quarantined().unwrap()[0].task_id, "bad");
+        let kinds: Vec<_> = store.events("a").unwrap().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds.first(), Some(&EventKind::Callback));
+        assert_eq!(kinds.last(), Some(&EventKind::Downloaded));
+        assert_eq!(
+            store.counts().unwrap(),
+            Counts {
+                submitted: 1,
+                received: 0,
+                downloaded: 1,
+                failed: 1
+            }
+        );
+        assert_eq!(store.notify_counts().unwrap().pending, 2);
+        assert!(store.due_polls(i64::MAX - 1, 10).unwrap().is_empty());
+    }
+
+    /// Updates queued while the writer is busy are applied as one batch: one transaction and
+    /// one flush round for all of them, each answered only after that round, so their
+    /// tickets are durable at once. The writer is held (test hook) while they queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_updates_share_one_transaction_and_one_round() {
+        let (_d, store) = open();
+        track(&store, "bad", 1);
+        store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
+        store.flush().await.unwrap();
+        let (batches, rounds) = (store.write_batches(), store.group_flushes());
+        let paused = store.pause_writes();
+        let mut set = tokio::task::JoinSet::new();
+        let updates = [
+            ("w0", IfMissing::Create),
+            ("bad", IfMissing::Reject),
+            ("nope", IfMissing::Reject),
+            ("w1", IfMissing::Create),
+            ("w2", IfMissing::Create),
+        ];
+        for (id, if_missing) in updates {
+            let store = store.clone();
+            set.spawn(async move {
+                let r = store.apply_async(id, callback(1), ctx(5), if_missing).await;
+                (id, r)
+            });
+        }
+        // The held writer took one update; the other four wait in its queue.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while store.queued_writes() < updates.len() - 1 {
+            assert!(std::time::Instant::now() < deadline, "updates never queued");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(store.write_batches(), batches, "nothing applied while held");
+        drop(paused);
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                ("bad", r) => assert!(r.unwrap_err().is_undecodable()),
+                ("nope", r) => assert!(r.unwrap().is_none()),
+                (id, r) => {
+                    let applied = r.unwrap().unwrap_or_else(|| panic!("{id} applied"));
+                    let durable = store.durable(applied.ticket);
+                    tokio::pin!(durable);
+                    let ready = futures_poll_once(durable.as_mut()).await;
+                    assert!(matches!(ready, Some(Ok(()))), "{id}: durable at once");
+                }
+            }
+        }
+        assert_eq!(store.write_batches() - batches, 1, "one transaction");
+        assert_eq!(store.group_flushes() - rounds, 1, "one flush round");
+        assert_eq!(store.counts().unwrap().received, 3);
+    }
+
     #[tokio::test]
     async fn a_write_failure_is_reported_until_it_is_gone() {
         let (_d, store) = open();
@@ -2416,7 +2780,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        flusher::wait_for_lock_release(&path.join("db"), LOCK_RELEASE_LIMIT);
+        writer::wait_for_lock_release(&path.join("db"), LOCK_RELEASE_LIMIT);
     }
 
     /// The same tasks written by this build's `apply`.

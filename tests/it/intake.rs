@@ -544,6 +544,7 @@ async fn concurrent_deliveries_share_flushes() {
     let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
     const N: usize = 128;
     let before = d.store.group_flushes();
+    let (batches_before, written_before) = (d.store.write_batches(), d.store.batched_writes());
     let d = std::sync::Arc::new(d);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..N {
@@ -558,10 +559,81 @@ async fn concurrent_deliveries_share_flushes() {
         assert_eq!(status.unwrap(), 200);
     }
     let flushes = d.store.group_flushes() - before;
-    println!("{N} deliveries, {flushes} flushes");
+    let batches = d.store.write_batches() - batches_before;
+    let written = d.store.batched_writes() - written_before;
+    println!("{N} deliveries, {batches} write batches (transactions), {flushes} flushes");
     assert!(
         flushes <= (N / 4) as u64,
         "{flushes} flushes for {N} concurrent deliveries"
     );
+    // One writer: the deliveries share transactions too, not only flushes.
+    assert_eq!(written, N as u64, "every delivery went through the writer");
+    assert!(
+        batches <= (N / 4) as u64,
+        "{batches} transactions for {N} concurrent deliveries"
+    );
     assert_eq!(d.store.counts().unwrap().failed, N as u64);
+}
+
+/// Backpressure: when the store's writer queue is full, a delivery is answered 503 at once
+/// (KIE retries) instead of waiting in an unbounded queue; every delivery answered 200 is
+/// stored and survives a restart. The writer is held (test hook) and its queue is tiny
+/// (test knob), so the queue fills without timing.
+#[tokio::test]
+async fn a_full_write_queue_answers_503_and_loses_nothing_acknowledged() {
+    let fake = FakeKie::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = crate::harness::test_config(dir.path(), &fake);
+    config.accept_unknown_tasks = true;
+    let d = Daemon::start_with(dir, config, |h| h.write_queue = Some(2)).await;
+    const N: usize = 16;
+    let paused = d.store.pause_writes();
+    let d = std::sync::Arc::new(d);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let d = d.clone();
+        set.spawn(async move {
+            let id = format!("bp{i}");
+            let (status, body) = d.callback(&failure_body(&id, 501, "failed")).await;
+            (id, status, body)
+        });
+    }
+    // Nothing can be acknowledged while the writer is held: the first answer is a refusal.
+    let (_, status, body) = set.join_next().await.unwrap().unwrap();
+    assert_eq!(status, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("busy"), "{body}");
+    let mut answers = vec![];
+    // Once the writer goes on, the queued deliveries are stored and answered.
+    drop(paused);
+    while let Some(r) = set.join_next().await {
+        answers.push(r.unwrap());
+    }
+    // And the writer takes deliveries again.
+    let late = failure_body("bp-late", 501, "failed");
+    assert_eq!(d.callback(&late).await, (200, RECEIVED.to_string()));
+    answers.push(("bp-late".to_string(), 200, RECEIVED.to_string()));
+    let acked: Vec<String> = answers
+        .iter()
+        .filter(|(_, s, _)| *s == 200)
+        .map(|(id, _, _)| id.clone())
+        .collect();
+    let refused = answers.iter().filter(|(_, s, _)| *s == 503).count() + 1;
+    assert_eq!(acked.len() + refused, N + 1, "{answers:?}");
+    // At most the queue (2) and the one update the held writer took, and the late one.
+    assert!(acked.len() <= 4, "{answers:?}");
+    for (id, status, body) in &answers {
+        match status {
+            200 => assert_eq!(body, RECEIVED),
+            _ => assert_eq!(d.task(id), None, "a 503 stores nothing: {id}"),
+        }
+    }
+    let d = std::sync::Arc::into_inner(d).unwrap();
+    let (dir, config) = d.stop().await;
+    let d = Daemon::start_in(dir, config).await;
+    for id in &acked {
+        assert_eq!(d.task(id).unwrap().state, State::Failed, "{id}");
+    }
+    assert_eq!(d.store.counts().unwrap().failed, acked.len() as u64);
+    d.stop().await;
 }
