@@ -3,6 +3,20 @@
 //! or configuration, 75 temporary failure of the store in `serve`). Everything else lives in
 //! the library.
 
+/// jemalloc instead of glibc's malloc: sled allocates, copies and frees nodes on every write,
+/// across threads, and under glibc that was the writer thread's largest cost; ingest went from
+/// ~19k to ~30k callbacks/s with it (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read by name when it starts: two arenas (two cores), and pages freed
+/// for half a second go back to the OS, from a background thread also while coverd is idle,
+/// so a burst of callbacks does not leave its peak resident (docs/benchmarks.md).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] =
+    b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0,narenas:2\0";
+
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
