@@ -145,6 +145,11 @@ enum Cmd {
         /// Tasks per transaction.
         #[arg(long, default_value_t = 1)]
         batch: u64,
+        /// Flush (sled's `flush`, as the first step of coverd's durability round) after
+        /// every transaction, as coverd does per batch, instead of once at the end: with it,
+        /// the CPU per task is sled's floor for durable ingest.
+        #[arg(long)]
+        flush_each_batch: bool,
         /// Leave the store(s) in `<work-dir>/sled-floor` (e.g. for `heaptrack coverd-bench
         /// sled-open --path …`).
         #[arg(long)]
@@ -199,6 +204,7 @@ fn main() -> anyhow::Result<()> {
             with_indexes,
             ref layout,
             batch,
+            flush_each_batch,
             keep,
             ref sled,
         } => {
@@ -208,6 +214,7 @@ fn main() -> anyhow::Result<()> {
                 record_bytes,
                 layout,
                 batch: batch.max(1),
+                flush_each_batch,
                 keep,
             };
             sled_floor(&cli, &floor, sled)
@@ -970,6 +977,7 @@ struct Floor<'a> {
     record_bytes: usize,
     layout: &'a str,
     batch: u64,
+    flush_each_batch: bool,
     keep: bool,
 }
 
@@ -980,6 +988,7 @@ fn sled_floor(cli: &Cli, floor: &Floor, knobs: &SledKnobs) -> anyhow::Result<()>
         record_bytes,
         layout,
         batch,
+        flush_each_batch,
         keep,
     } = floor;
     let (index, counter, v1) = match layout {
@@ -1003,6 +1012,7 @@ fn sled_floor(cli: &Cli, floor: &Floor, knobs: &SledKnobs) -> anyhow::Result<()>
         let record = vec![0x5au8; record_bytes];
         let event = [0x33u8; 60];
         let started = Instant::now();
+        let cpu_before = cpu_seconds(std::process::id())?;
         let mut n = 0;
         while n < keys {
             let end = (n + batch).min(keys);
@@ -1032,10 +1042,15 @@ fn sled_floor(cli: &Cli, floor: &Floor, knobs: &SledKnobs) -> anyhow::Result<()>
                     Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
                 })
                 .map_err(|e| anyhow::anyhow!("transaction: {e:?}"))?;
+            if flush_each_batch {
+                db.flush()?;
+            }
             n = end;
         }
         db.flush()?;
         let took = started.elapsed();
+        // This process's CPU (all threads: the writing one and sled's I/O threads).
+        let cpu_us = (cpu_seconds(std::process::id())? - cpu_before) * 1e6 / keys as f64;
         drop((tasks, events, by_state, by_created, meta, db));
         let bytes = dir_bytes(&path)?;
         // What a reopened sled holds: the RSS of a fresh process that only opens it.
@@ -1051,11 +1066,16 @@ fn sled_floor(cli: &Cli, floor: &Floor, knobs: &SledKnobs) -> anyhow::Result<()>
             .unwrap_or(f64::NAN);
         println!(
             "run {run}: {keys} tasks, layout {layout}, record {record_bytes} B, batch {batch}: \
-             {:.1} MiB = {:.0} B per task; written in {:.1} s; RSS of a process that \
-             reopens it {:.1} MiB",
+             {:.1} MiB = {:.0} B per task; written in {:.1} s with {cpu_us:.1} µs of CPU per \
+             task{}; RSS of a process that reopens it {:.1} MiB",
             bytes as f64 / MIB,
             bytes as f64 / keys as f64,
             took.as_secs_f64(),
+            if flush_each_batch {
+                " (a flush per batch)"
+            } else {
+                ""
+            },
             reopened
         );
         per_key.push(bytes as f64 / keys as f64);
