@@ -14,6 +14,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::dirsync::DirSyncs;
 use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
@@ -138,6 +139,8 @@ pub struct Downloader {
     metrics: Arc<Metrics>,
     /// Set when the disk was full writing an image: downloads pause until then.
     disk_full_until: Mutex<Option<tokio::time::Instant>>,
+    /// The directory fsyncs of installs, shared by images landing at once.
+    dir_syncs: Arc<DirSyncs>,
 }
 
 impl Downloader {
@@ -167,6 +170,7 @@ impl Downloader {
             fetch_slots: Arc::new(Semaphore::new(slots)),
             metrics,
             disk_full_until: Mutex::new(None),
+            dir_syncs: Arc::new(DirSyncs::default()),
         })
     }
 
@@ -412,6 +416,7 @@ impl Downloader {
             fetched.ext.as_str()
         );
         install(
+            self.dir_syncs.clone(),
             data_dir,
             &fetched.temp_path,
             task_id,
@@ -487,8 +492,11 @@ impl DueWork for Downloader {
 
 /// Moves a complete, synced temp file to `images/<task>/<index>.<ext>` and syncs the
 /// directories, so that after this returns the file survives a crash. Files of the same
-/// index with another extension (an earlier attempt) are removed first.
+/// index with another extension (an earlier attempt) are removed first. Each directory
+/// fsync starts after the rename and is shared with installs landing at the same time
+/// (`dirsync`).
 async fn install(
+    syncs: Arc<DirSyncs>,
     data_dir: &Path,
     temp: &Path,
     task_id: &str,
@@ -509,12 +517,12 @@ async fn install(
             }
         }
         std::fs::rename(&temp, &final_path)?;
-        std::fs::File::open(&dir)?.sync_all()?;
+        syncs.sync(&dir)?;
         // Always, not only when this call created `dir`: two images of a new task install at
         // once, and the second must not be recorded before the entry of `dir` in `images/` is
-        // durable, which only the first one's sync would otherwise guarantee. A directory
-        // with no change since its last sync costs next to nothing to sync again.
-        std::fs::File::open(&images)?.sync_all()?;
+        // durable, which only the first one's sync would otherwise guarantee. Installs at the
+        // same time share this sync.
+        syncs.sync(&images)?;
         Ok(())
     })
     .await

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod callback;
 pub mod config;
 pub mod daemon;
+pub mod dirsync;
 pub mod download;
 pub mod fetch;
 pub mod guard;
