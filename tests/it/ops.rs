@@ -463,6 +463,30 @@ async fn backup_under_load_is_consistent_and_callbacks_keep_being_answered() {
 /// docs/configuration.md's key table is exactly the one generated from the key declarations
 /// (`config::keys::docs_table`), and those declare every key the file accepts. On a
 /// difference, paste the generated table (printed) into the "## Keys" section.
+/// The README's first command, `cargo run --release -- serve`, needs `cargo run` to pick the
+/// daemon although the workspace also builds `coverd-bench`: without `default-run` cargo
+/// refuses ("could not determine which binary to run").
+#[test]
+fn cargo_run_runs_the_daemon() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo run --release -- serve"),
+        "the README's first command changed: check that it still runs the daemon"
+    );
+    let manifest: toml::Table = std::fs::read_to_string(root.join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        manifest["package"]
+            .get("default-run")
+            .and_then(|v| v.as_str()),
+        Some("coverd"),
+        "Cargo.toml's [package] needs default-run = \"coverd\" for `cargo run -- serve`"
+    );
+}
+
 #[test]
 fn config_keys_match_the_documentation() {
     let doc = std::fs::read_to_string(
