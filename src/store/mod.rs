@@ -386,12 +386,7 @@ impl Store {
         ctx: &Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        let write = writer::Write {
-            task_id: task_id.to_string(),
-            event: event.clone(),
-            ctx: *ctx,
-            if_missing,
-        };
+        let write = writer::Write::new(task_id, event.clone(), *ctx, if_missing);
         self.inner
             .apply_batch(std::slice::from_ref(&write))
             .into_iter()
@@ -482,15 +477,8 @@ impl Store {
         ctx: Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        self.inner
-            .writer
-            .apply(writer::Write {
-                task_id: task_id.to_string(),
-                event,
-                ctx,
-                if_missing,
-            })
-            .await
+        let write = writer::Write::new(task_id, event, ctx, if_missing);
+        self.inner.writer.apply(write).await
     }
 
     /// [`Store::apply_async`], but a full queue is [`StoreError::Busy`] at once instead of a
@@ -502,15 +490,8 @@ impl Store {
         ctx: Ctx,
         if_missing: IfMissing,
     ) -> Result<Option<Applied>, StoreError> {
-        self.inner
-            .writer
-            .try_apply(writer::Write {
-                task_id: task_id.to_string(),
-                event,
-                ctx,
-                if_missing,
-            })
-            .await
+        let write = writer::Write::new(task_id, event, ctx, if_missing);
+        self.inner.writer.try_apply(write).await
     }
 
     /// Waits until the update with `ticket` (and every one before it) is durable, against
@@ -804,7 +785,7 @@ impl Store {
         if let Some(out) = self.list_recent(state, limit)? {
             return Ok(out);
         }
-        let mut newest = std::collections::BinaryHeap::new();
+        let mut newest = TopN::new(limit);
         for scanned in self.all_tasks() {
             let Scanned::Task(task) = scanned? else {
                 continue;
@@ -812,15 +793,12 @@ impl Store {
             if state.is_some_and(|s| s != task.state) {
                 continue;
             }
-            newest.push(std::cmp::Reverse(Newest(task)));
-            if newest.len() > limit {
-                newest.pop();
-            }
+            newest.push(Newest(task));
         }
         Ok(newest
-            .into_sorted_vec()
+            .into_greatest_first()
             .into_iter()
-            .map(|std::cmp::Reverse(Newest(t))| *t)
+            .map(|Newest(t)| *t)
             .collect())
     }
 
@@ -870,17 +848,11 @@ impl Store {
     /// `RECENT_TASKS` by created, id): after a restore wrote tasks in id order. Reads the
     /// whole store; blocking.
     pub fn rebuild_recent(&self) -> Result<(), StoreError> {
-        let mut newest = std::collections::BinaryHeap::new();
+        let mut newest = TopN::new(RECENT_TASKS as usize);
         for kv in self.inner.tasks.iter() {
             let (k, v) = kv?;
             if let Ok(task) = codec::decode_task(&v) {
-                newest.push(std::cmp::Reverse((
-                    task.created_at,
-                    String::from_utf8_lossy(&k).into_owned(),
-                )));
-                if newest.len() as u64 > RECENT_TASKS {
-                    newest.pop();
-                }
+                newest.push((task.created_at, String::from_utf8_lossy(&k).into_owned()));
             }
         }
         self.inner.write_recent(newest)
@@ -1135,6 +1107,37 @@ impl Store {
     }
 }
 
+/// The `limit` greatest items pushed into it: a bounded min-heap, so keeping the newest N
+/// of a scan holds N items, not the scan.
+struct TopN<T: Ord> {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<T>>,
+    limit: usize,
+}
+
+impl<T: Ord> TopN<T> {
+    fn new(limit: usize) -> TopN<T> {
+        TopN {
+            heap: std::collections::BinaryHeap::new(),
+            limit,
+        }
+    }
+
+    fn push(&mut self, item: T) {
+        self.heap.push(std::cmp::Reverse(item));
+        if self.heap.len() > self.limit {
+            self.heap.pop();
+        }
+    }
+
+    fn into_greatest_first(self) -> Vec<T> {
+        self.heap
+            .into_sorted_vec()
+            .into_iter()
+            .map(|std::cmp::Reverse(t)| t)
+            .collect()
+    }
+}
+
 /// A task ordered by (created, id), as `list` orders them.
 struct Newest(Box<Task>);
 
@@ -1383,25 +1386,20 @@ impl Core {
 }
 
 impl Core {
-    /// Replaces the ring with the tasks in `newest` (oldest first).
-    fn write_recent(
-        &self,
-        newest: std::collections::BinaryHeap<std::cmp::Reverse<(Millis, String)>>,
-    ) -> Result<(), StoreError> {
+    /// Replaces the ring with the tasks in `newest` (written oldest first).
+    fn write_recent(&self, newest: TopN<(Millis, String)>) -> Result<(), StoreError> {
         for k in self.by_state.scan_prefix([RECENT]).keys() {
             self.by_state.remove(k?)?;
         }
         let mut seq = 0u64;
-        for std::cmp::Reverse((_, id)) in newest.into_sorted_vec().into_iter().rev() {
+        for (_, id) in newest.into_greatest_first().into_iter().rev() {
             self.by_state.insert(recent_key(seq), id.as_bytes())?;
             seq += 1;
         }
         self.meta.insert(RECENT_SEQ, &seq.to_be_bytes())?;
         Ok(())
     }
-}
 
-impl Core {
     /// Schema 1 → 2: every task record gets its history inline (moved out of `events`) and
     /// finished tasks lose their `by_state` entry, one transaction per chunk of records;
     /// then `schema_version` is set to 2, and last `by_created` is dropped. Safe to stop at
@@ -1414,7 +1412,7 @@ impl Core {
         let mut reported = started;
         let (mut migrated, mut undecodable, mut done_before) = (0u64, 0u64, 0u64);
         // The newest tasks, for the ring of recently created tasks.
-        let mut newest = std::collections::BinaryHeap::new();
+        let mut newest = TopN::new(RECENT_TASKS as usize);
         let mut after: Option<sled::IVec> = None;
         loop {
             let start = match &after {
@@ -1434,10 +1432,7 @@ impl Core {
                 if let Some(v) = self.tasks.get(id)?
                     && let Ok(task) = codec::decode_task(&v)
                 {
-                    newest.push(std::cmp::Reverse((task.created_at, task.task_id)));
-                    if newest.len() as u64 > RECENT_TASKS {
-                        newest.pop();
-                    }
+                    newest.push((task.created_at, task.task_id));
                 }
             }
             let counted = (&self.tasks, &self.events, &self.by_state)
@@ -1827,16 +1822,19 @@ impl Deltas {
     fn write(&self, meta: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
         for &(state, delta) in &self.0 {
             if delta != 0 {
-                let key = count_key(state);
-                let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
-                meta.insert(key, &current.saturating_add_signed(delta).to_be_bytes())?;
+                bump_key(meta, count_key(state), delta)?;
             }
         }
         Ok(())
     }
 }
 
-fn bump_key(meta: &TransactionalTree, key: Vec<u8>, delta: i64) -> TxResult<()> {
+/// Adds `delta` to the u64 counter at `key` in `meta` (saturating; absent reads as 0).
+fn bump_key(
+    meta: &TransactionalTree,
+    key: Vec<u8>,
+    delta: i64,
+) -> Result<(), UnabortableTransactionError> {
     let current = meta.get(&key)?.map(|v| u64_from(&v)).unwrap_or(0);
     let next = current.saturating_add_signed(delta);
     meta.insert(key, &next.to_be_bytes())?;
@@ -2538,12 +2536,7 @@ mod tests {
     }
 
     fn write(id: &str, event: Event, now: Millis, if_missing: IfMissing) -> writer::Write {
-        writer::Write {
-            task_id: id.to_string(),
-            event,
-            ctx: ctx(now),
-            if_missing,
-        }
+        writer::Write::new(id, event, ctx(now), if_missing)
     }
 
     /// One batch, one transaction: an update whose record cannot be decoded and one for an

@@ -50,6 +50,17 @@ pub(super) struct Write {
     pub if_missing: IfMissing,
 }
 
+impl Write {
+    pub fn new(task_id: &str, event: Event, ctx: Ctx, if_missing: IfMissing) -> Write {
+        Write {
+            task_id: task_id.to_string(),
+            event,
+            ctx,
+            if_missing,
+        }
+    }
+}
+
 /// What `Store::apply` returns for one update.
 pub(super) type Outcome = Result<Option<Applied>, StoreError>;
 
