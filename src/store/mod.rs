@@ -1410,7 +1410,8 @@ impl Core {
     fn migrate_v1(&self, progress: &dyn Fn(u64)) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let mut reported = started;
-        let (mut migrated, mut undecodable, mut done_before) = (0u64, 0u64, 0u64);
+        let (mut migrated, mut undecodable, mut done_before, mut trimmed) =
+            (0u64, 0u64, 0u64, 0u64);
         // The newest tasks, for the ring of recently created tasks.
         let mut newest = TopN::new(RECENT_TASKS as usize);
         let mut after: Option<sled::IVec> = None;
@@ -1437,7 +1438,7 @@ impl Core {
             }
             let counted = (&self.tasks, &self.events, &self.by_state)
                 .transaction(|(tasks, events, by_state)| {
-                    let mut counted = (0u64, 0u64, 0u64);
+                    let mut counted = (0u64, 0u64, 0u64, 0u64);
                     for id in &ids {
                         let task_id = String::from_utf8_lossy(id);
                         let Some(bytes) = tasks.get(id)? else {
@@ -1446,7 +1447,19 @@ impl Core {
                         match codec::decode_record(&bytes) {
                             Ok((_, Some(_))) => counted.2 += 1,
                             Ok((_, None)) => {
-                                let (task, history) = read_record(&bytes, &task_id, events)?;
+                                let (task, mut history) =
+                                    read_record(&bytes, &task_id, events)?;
+                                // Schema 1 kept details whole: inlined, a long history
+                                // could pass the record's limit and block the migration.
+                                let dropped = fit_history(&mut history);
+                                if dropped > 0 {
+                                    counted.3 += 1;
+                                    tracing::warn!(
+                                        task_id = %task_id,
+                                        dropped,
+                                        "task {task_id}: history too large for one record; its {dropped} oldest entries were dropped and long details cut during the migration"
+                                    );
+                                }
                                 if task.state.is_finished() {
                                     by_state.remove(state_key(
                                         task.state,
@@ -1472,6 +1485,7 @@ impl Core {
             migrated += counted.0;
             undecodable += counted.1;
             done_before += counted.2;
+            trimmed += counted.3;
             after = Some(last);
             if reported.elapsed() >= MIGRATION_PROGRESS_EVERY {
                 reported = std::time::Instant::now();
@@ -1489,8 +1503,9 @@ impl Core {
             migrated,
             undecodable,
             done_before,
+            trimmed,
             took_ms = started.elapsed().as_millis() as u64,
-            "store migrated from schema 1 to 2: {migrated} task records now hold their history ({undecodable} undecodable left as they were, {done_before} done by an earlier run)"
+            "store migrated from schema 1 to 2: {migrated} task records now hold their history ({trimmed} of them trimmed to fit, {undecodable} undecodable left as they were, {done_before} done by an earlier run)"
         );
         Ok(())
     }
@@ -1554,6 +1569,51 @@ fn append_history(
     }
 }
 
+/// Bytes a record's history may take: the codec's value limit (1 MiB) less room for the
+/// task itself (at most 16 images with 4 KiB URLs, a few KiB of error and ids).
+const MAX_HISTORY_BYTES: usize = 768 * 1024;
+/// What a history entry costs in the record besides its detail: time, kind, detail tag and
+/// length (bincode, fixed-width integers), rounded up.
+const ENTRY_OVERHEAD: usize = 24;
+
+/// Keeps a history within [`MAX_HISTORY_BYTES`], so that its record can always be written:
+/// details longer than [`MAX_DETAIL_BYTES`] are cut (schema 1 did not cut them, so a
+/// migrated record may carry them); past the budget the oldest repetitive entries go first,
+/// then the oldest of any kind but the first (how the task began). Returns how many entries
+/// were dropped. Costs one pass over the entries' lengths while the history is small.
+fn fit_history(history: &mut Vec<EventRecord>) -> usize {
+    for entry in history.iter_mut() {
+        if entry.detail.len() > MAX_DETAIL_BYTES {
+            let mut end = MAX_DETAIL_BYTES;
+            while !entry.detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            entry.detail.truncate(end);
+        }
+    }
+    let cost = |e: &EventRecord| e.detail.len() + ENTRY_OVERHEAD;
+    let mut total: usize = history.iter().map(cost).sum();
+    if total <= MAX_HISTORY_BYTES {
+        return 0;
+    }
+    let before = history.len();
+    let mut keep = vec![true; history.len()];
+    for pass_repetitive_only in [true, false] {
+        for (i, entry) in history.iter().enumerate().skip(1) {
+            if total <= MAX_HISTORY_BYTES {
+                break;
+            }
+            if keep[i] && (!pass_repetitive_only || is_repetitive(entry.kind)) {
+                keep[i] = false;
+                total -= cost(entry);
+            }
+        }
+    }
+    let mut flags = keep.into_iter();
+    history.retain(|_| flags.next().unwrap_or(true));
+    before - history.len()
+}
+
 /// The trees an update writes, as its transaction sees them.
 type TxTrees = (
     TransactionalTree,
@@ -1610,8 +1670,9 @@ fn apply_one(
     };
     let outcome = machine::apply(&mut task, event.clone(), ctx);
 
-    // History, kept in the record.
+    // History, kept in the record, within the record's limit.
     append_history(&mut task, &mut history, &outcome.notes, ctx.now);
+    fit_history(&mut history);
 
     // Indexes, derived from the old and new record.
     let old = before.as_ref();
@@ -2888,6 +2949,97 @@ mod tests {
         let kinds: Vec<_> = store.events("b").unwrap().iter().map(|e| e.kind).collect();
         assert_eq!(kinds.last(), Some(&EventKind::ImageStored));
         assert_eq!(kinds.len(), want.events("b").unwrap().len() + 1);
+    }
+
+    /// Issue 14 item 3: schema 1 kept history details whole, so one task's history inlined
+    /// could pass the codec's 1 MiB limit and make the migration (and so every start) fail.
+    #[test]
+    fn a_schema_1_record_with_a_huge_history_is_migrated_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = vec![(
+            "big1",
+            100,
+            vec![Event::Track {
+                music_task_id: Some("m-big".into()),
+            }],
+        )];
+        write_v1_tasks(dir.path(), 1, &[], &[], script);
+        // 20 history entries of 60 KB each beside the record, as schema 1 wrote them.
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let (tasks, events) = (
+                db.open_tree("tasks").unwrap(),
+                db.open_tree("events").unwrap(),
+            );
+            let mut task = codec::decode_task(&tasks.get("big1").unwrap().unwrap()).unwrap();
+            for seq in 0..20u32 {
+                let e = EventRecord {
+                    at: 100 + Millis::from(seq),
+                    kind: if seq == 0 {
+                        EventKind::Tracked
+                    } else {
+                        EventKind::Polled
+                    },
+                    detail: format!("{seq:02}{}", "é".repeat(30_000)),
+                };
+                events
+                    .insert(event_key("big1", seq), codec::encode_event(&e).unwrap())
+                    .unwrap();
+            }
+            task.event_count = 20;
+            tasks
+                .insert("big1", codec::encode_task_v1(&task).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        writer::wait_for_lock_release(&dir.path().join("db"), LOCK_RELEASE_LIMIT);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(schema_of(&store), 2);
+        let history = store.events("big1").unwrap();
+        assert_eq!(history.len(), 20, "every entry kept, its detail cut");
+        for (seq, e) in history.iter().enumerate() {
+            assert!(e.detail.len() <= MAX_DETAIL_BYTES, "entry {seq}");
+            assert!(e.detail.starts_with(&format!("{seq:02}é")), "entry {seq}");
+        }
+        // The task goes on as usual.
+        store
+            .apply("big1", &callback(1), &quiet(500), IfMissing::Reject)
+            .unwrap();
+        assert!(store.events("big1").unwrap().len() > 20);
+    }
+
+    #[test]
+    fn a_history_past_the_record_budget_loses_its_oldest_repetitive_entries_first() {
+        let entry = |kind, detail: &str| EventRecord {
+            at: 1,
+            kind,
+            detail: detail.to_string(),
+        };
+        let long = "x".repeat(MAX_DETAIL_BYTES);
+        let mut history = vec![entry(EventKind::Tracked, "first")];
+        for _ in 0..1200 {
+            history.push(entry(EventKind::Polled, &long));
+        }
+        history.push(entry(EventKind::Failed, &long));
+        let dropped = fit_history(&mut history);
+        assert!(dropped > 0);
+        assert_eq!(history[0].detail, "first", "how the task began stays");
+        assert_eq!(history.last().unwrap().kind, EventKind::Failed);
+        let bytes: usize = history
+            .iter()
+            .map(|e| e.detail.len() + ENTRY_OVERHEAD)
+            .sum();
+        assert!(bytes <= MAX_HISTORY_BYTES);
+        let task = Task::new("t".into(), None, 1);
+        assert!(codec::encode_task(&task, &history).is_ok());
+        // Small histories are left alone.
+        let mut small = vec![
+            entry(EventKind::Tracked, "a"),
+            entry(EventKind::Polled, "b"),
+        ];
+        assert_eq!(fit_history(&mut small), 0);
+        assert_eq!(small.len(), 2);
     }
 
     #[test]
