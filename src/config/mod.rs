@@ -290,10 +290,15 @@ pub const SECRET_SHOWN: &str = "<set>";
 impl Config {
     /// The effective configuration as TOML (`coverd check-config`): every key with the value
     /// in force after file, environment and flags. Secrets show as `"<set>"` (or `""` when
-    /// unset); the `*_file` keys are left out because the secret they name is already
-    /// resolved into its key.
+    /// unset), and so do `notify.url`'s query and password; the `*_file` keys are left out
+    /// because the secret they name is already resolved into its key.
     pub fn effective_toml(&self) -> String {
-        toml::to_string(&RawFile::shown(self))
+        let mut shown = RawFile::shown(self);
+        // A receiver's token often rides in notify.url's query: shown like a secret.
+        if let Some(url) = shown.notify.as_mut().and_then(|n| n.url.as_mut()) {
+            *url = values::url_shown(url);
+        }
+        toml::to_string(&shown)
             .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 }

@@ -775,3 +775,28 @@ fn notify_section() {
     let c = load_toml(url, &[(ENV_NOTIFY_SECRET, good)]).unwrap();
     assert!(!format!("{c:?}").contains("MfKQ"));
 }
+
+/// Issue 14 item 8: a receiver's token in notify.url's query (or its password) is a secret
+/// to `check-config` and to error messages, as it is to the notifier's logs.
+#[test]
+fn notify_url_token_is_never_shown() {
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let text = "[notify]\nurl = \"https://bob:hunter2@app.example:8443/hook?token=s3cr3t&x=1\"\n";
+    let c = load_toml(text, &[(ENV_NOTIFY_SECRET, good)]).unwrap();
+    let shown = c.effective_toml();
+    assert!(
+        shown.contains(r#"url = "https://bob:<set>@app.example:8443/hook?<set>""#),
+        "{shown}"
+    );
+    assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+    // The value in force is untouched.
+    assert!(c.notify.url.unwrap().ends_with("token=s3cr3t&x=1"));
+    let err = load_toml(
+        "[notify]\nurl = \"ftp://h/x?token=s3cr3t\"",
+        &[(ENV_NOTIFY_SECRET, good)],
+    )
+    .unwrap_err();
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    assert_eq!(values::url_shown("http://h/p"), "http://h/p");
+    assert_eq!(values::url_shown("http://u@h/p?"), "http://u@h/p?<set>");
+}

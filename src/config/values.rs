@@ -151,7 +151,7 @@ pub(super) fn notify_url(_key: &str, value: String) -> Result<Option<String>, Co
     let bad = |reason: &str| {
         invalid(
             "notify.url",
-            Some(format!("{value:?}")),
+            Some(format!("{:?}", url_shown(&value))),
             format!("{reason} (use e.g. \"http://127.0.0.1:9000/coverd\")"),
         )
     };
@@ -163,6 +163,34 @@ pub(super) fn notify_url(_key: &str, value: String) -> Result<Option<String>, Co
         return Err(bad("must start with http:// or https:// and name a host"));
     }
     Ok(Some(value))
+}
+
+/// A URL as `check-config` and error messages show it: its query and password may carry a
+/// receiver's token (the notifier treats them as secret), so each is replaced by
+/// [`SECRET_SHOWN`](super::SECRET_SHOWN); the rest (scheme, host, path) is printed as given.
+pub(super) fn url_shown(value: &str) -> String {
+    let (base, query) = match value.split_once('?') {
+        Some((base, _)) => (base, Some(super::SECRET_SHOWN)),
+        None => (value, None),
+    };
+    // `scheme://user:password@host…`: hide the password, keep the user name.
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:{}@{host}{path}", super::SECRET_SHOWN)
+                }
+                _ => base.to_string(),
+            }
+        }
+        None => base.to_string(),
+    };
+    match query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
+    }
 }
 
 pub(super) const ADDR_HINT: &str =
