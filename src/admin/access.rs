@@ -129,6 +129,13 @@ pub fn act_as_owner(
     setgroups(&[gid]).map_err(|e| fail("setgroups", e))?;
     setgid(gid).map_err(|e| fail("setgid", e))?;
     setuid(Uid::from_raw(owner.uid)).map_err(|e| fail("setuid", e))?;
+    // This process holds what root read (configuration, secrets): no process of the owner's
+    // may read its memory or ptrace it. The kernel already makes it undumpable at the uid
+    // change unless `fs.suid_dumpable` says otherwise; say it explicitly. It still reaches
+    // `/proc/self/fd/N` below: the kernel lets a process into its own fd directory and
+    // links whatever its dumpable flag (`proc_fd_permission`, `ptrace_may_access` of its
+    // own thread group), for every thread, so sled opening files lazily keeps working.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| fail("prctl(PR_SET_DUMPABLE)", e))?;
     let mut names = Vec::new();
     for (path, held) in others.iter_mut().zip(held) {
         let Some((file, base, rest)) = held else {
@@ -137,9 +144,6 @@ pub fn act_as_owner(
         if std::fs::read_dir(&base).is_ok() {
             continue;
         }
-        // The kernel made this process undumpable at the uid change, which hides
-        // /proc/self/fd from it; it runs as the owner alone now, so allow it again.
-        nix::sys::prctl::set_dumpable(true).map_err(|e| fail("prctl(PR_SET_DUMPABLE)", e))?;
         let alias = PathBuf::from(format!(
             "/proc/self/fd/{}",
             std::os::fd::AsRawFd::as_raw_fd(&file)
@@ -154,7 +158,6 @@ pub fn act_as_owner(
     let work_dir = if std::fs::read_dir(&absolute).is_ok() {
         absolute
     } else {
-        nix::sys::prctl::set_dumpable(true).map_err(|e| fail("prctl(PR_SET_DUMPABLE)", e))?;
         let alias = PathBuf::from(format!(
             "/proc/self/fd/{}",
             std::os::fd::AsRawFd::as_raw_fd(&dir_file)

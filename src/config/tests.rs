@@ -788,7 +788,10 @@ fn notify_url_token_is_never_shown() {
         shown.contains(r#"url = "https://bob:<set>@app.example:8443/hook?<set>""#),
         "{shown}"
     );
-    assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+    assert!(
+        !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+        "{shown}"
+    );
     // The value in force is untouched.
     assert!(c.notify.url.unwrap().ends_with("token=s3cr3t&x=1"));
     let err = load_toml(

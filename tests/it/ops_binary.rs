@@ -486,3 +486,80 @@ async fn a_user_without_access_is_told_so() {
         "{out:?}"
     );
 }
+
+/// Issue 14 item 8: root's admin acting as the owner of a data directory it reaches only
+/// through a directory opened as root (`/proc/self/fd/N`, as under systemd's
+/// `/var/lib/private`) stays undumpable, so other processes of the service's user cannot
+/// read its memory (which holds what root read: configuration, secrets). Shown on a live
+/// admin process: it waits on a SIGSTOPped daemon's socket while the test looks at it.
+#[tokio::test]
+async fn admin_acting_as_the_owner_stays_undumpable() {
+    if !is_root() {
+        eprintln!(
+            "skipped: acting as the owner needs root (this test runs as uid {})",
+            nix_like_geteuid()
+        );
+        return;
+    }
+    let s = Scratch::new();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = s.data_dir();
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut serve = coverd();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let daemon = Daemon::spawn(serve, data.clone()).await;
+    daemon.signal("STOP");
+    // Now only root may cross the parent: the owner reaches the data through the alias.
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut admin = coverd()
+        .args(["admin", "--data-dir"])
+        .arg(&data)
+        .arg("status")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{}", admin.id()));
+    // Wait until it acts as nobody and has connected to the (stopped) daemon's socket.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let connected = loop {
+        let status = std::fs::read_to_string(proc_dir.join("status")).unwrap_or_default();
+        let as_nobody = status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("65534"));
+        let socket = std::fs::read_dir(proc_dir.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            });
+        if as_nobody && socket {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || admin.try_wait().unwrap().is_some() {
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // /proc/PID/environ belongs to the process's user while it is dumpable, to root if not.
+    let environ_owner = std::fs::metadata(proc_dir.join("environ")).map(|m| m.uid());
+    let _ = admin.kill();
+    let _ = admin.wait();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    daemon.signal("CONT");
+    daemon.stop().await;
+    assert!(connected, "admin never connected to the daemon as nobody");
+    assert_eq!(
+        environ_owner.unwrap(),
+        0,
+        "the admin process acting as nobody is dumpable: nobody's processes could read its memory"
+    );
+}
