@@ -190,6 +190,9 @@ impl Intake {
                     format!("unknown task {task_id}: not submitted or tracked here"),
                 );
             }
+            Err(e) if e.is_undecodable() => {
+                return self.keep_aside(task_id, body, &e, deadline).await;
+            }
             Err(e @ StoreError::Busy { .. }) => {
                 tracing::warn!(
                     task_id,
@@ -230,6 +233,100 @@ impl Intake {
         }
         Answer::received()
     }
+
+    /// A delivery for a task whose record cannot be decoded (quarantined): kept aside
+    /// durably as it arrived (200), to be applied once the record can be read
+    /// ([`replay_parked`]). A 503 would have KIE retry three times and then drop it.
+    async fn keep_aside(
+        &self,
+        task_id: &str,
+        body: &[u8],
+        why: &StoreError,
+        deadline: tokio::time::Instant,
+    ) -> Answer {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(
+                task_id,
+                "task {task_id} callback answered 503: its record cannot be read ({why}) and the delivery could not be kept aside: {e}"
+            );
+            Answer::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable; retry later",
+            )
+        };
+        if let Err(e) = self.store.park(task_id, ROUTE, body, now_millis()) {
+            return unavailable(&e);
+        }
+        match tokio::time::timeout_at(deadline, self.store.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return unavailable(&e),
+            Err(_) => return unavailable(&"the store did not flush it in time"),
+        }
+        tracing::warn!(
+            task_id,
+            "task {task_id} callback kept aside: its record cannot be read ({why}); applied once it can (after an upgrade or a repair)"
+        );
+        Answer::received()
+    }
+}
+
+/// The task kind of `POST /callbacks/cover`, recorded with a delivery kept aside.
+pub const ROUTE: &str = "cover";
+
+/// Applies the callbacks kept aside for quarantined records whose record can be read now
+/// (after an upgrade or a repair), in arrival order, each durably before it is forgotten;
+/// those whose record still cannot be read stay. A crash in between applies one again,
+/// which is a duplicate callback: harmless. Runs at the daemon's start, before the
+/// workers. Returns how many were applied.
+pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, StoreError> {
+    let mut applied = 0;
+    for parked in store.parked()? {
+        let task_id = parked.task_id.as_str();
+        match store.get(task_id) {
+            Err(e) if e.is_undecodable() => continue,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        if parked.route != ROUTE {
+            // A route of a newer coverd: left for it.
+            continue;
+        }
+        match parse(&parked.body) {
+            Ok(delivery) if delivery.task_id == task_id => {
+                let if_missing = if config.accept_unknown_tasks {
+                    IfMissing::Create
+                } else {
+                    IfMissing::Reject
+                };
+                let ctx = Ctx::from_config(config, now_millis());
+                let event = Event::Callback(delivery.report);
+                match store.apply_async(task_id, event, ctx, if_missing).await? {
+                    Some(done) => {
+                        store.durable(done.ticket).await?;
+                        crate::journal::record(&done, tracing::Level::INFO);
+                        applied += 1;
+                    }
+                    None => tracing::warn!(
+                        task_id,
+                        "task {task_id}: a callback kept aside was dropped: the task is no longer known here"
+                    ),
+                }
+            }
+            _ => tracing::warn!(
+                task_id,
+                "task {task_id}: a callback kept aside was dropped: it no longer parses as this task's callback"
+            ),
+        }
+        store.unpark(&parked)?;
+    }
+    store.flush().await?;
+    if applied > 0 {
+        tracing::info!(
+            applied,
+            "applied {applied} callback(s) kept aside while their records could not be read"
+        );
+    }
+    Ok(applied)
 }
 
 #[cfg(test)]

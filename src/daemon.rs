@@ -251,6 +251,8 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         None => Store::open_with_progress(&data_dir, &progress)?,
     };
     download::recover(&data_dir)?;
+    // Callbacks kept aside while their records could not be read, applied now if they can.
+    crate::callback::replay_parked(&store, &config).await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -330,7 +330,15 @@ impl Exec {
                     .unwrap_or(0)
             },
             polling: self.daemon_running.then_some(self.kie.is_some()),
-            quarantined: quarantined.into_iter().map(Into::into).collect(),
+            quarantined: {
+                let mut named: Vec<QuarantinedJson> =
+                    quarantined.into_iter().map(Into::into).collect();
+                // Beside each record, the callbacks kept aside for it (SPEC).
+                for q in &mut named {
+                    q.kept_callbacks = self.store.parked_count(&q.task_id)?;
+                }
+                named
+            },
         })
     }
 }
@@ -355,12 +363,14 @@ pub(super) fn export(
                 quarantined.extend(damaged.into_iter().map(|reason| QuarantinedJson {
                     task_id: t.task_id.clone(),
                     reason,
+                    kept_callbacks: 0,
                 }));
                 // A damaged notification record is named, not fatal to the export.
                 let notify = store.latest_notification(&t.task_id).unwrap_or_else(|e| {
                     quarantined.push(QuarantinedJson {
                         task_id: t.task_id.clone(),
                         reason: e.to_string(),
+                        kept_callbacks: 0,
                     });
                     None
                 });

@@ -189,6 +189,12 @@ pub(super) fn render_quarantined(quarantined: &[QuarantinedJson]) -> String {
     );
     for q in quarantined {
         out += &format!("\nquarantined: {}: {}", q.task_id, q.reason);
+        if q.kept_callbacks > 0 {
+            out += &format!(
+                " ({} callback(s) kept aside, applied once the record can be read)",
+                q.kept_callbacks
+            );
+        }
     }
     out += "\nrun the newer coverd that wrote a record, or restore a corrupt one from a backup";
     out

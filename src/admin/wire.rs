@@ -97,6 +97,13 @@ pub struct StatusJson {
 pub struct QuarantinedJson {
     pub task_id: String,
     pub reason: String,
+    /// Callbacks for this task kept aside until its record can be read (`admin status`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kept_callbacks: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<Quarantined> for QuarantinedJson {
@@ -104,6 +111,7 @@ impl From<Quarantined> for QuarantinedJson {
         QuarantinedJson {
             task_id: q.task_id,
             reason: q.reason,
+            kept_callbacks: 0,
         }
     }
 }

@@ -62,6 +62,26 @@ enum StoredNotification {
     V1(Notification),
 }
 
+/// A callback kept aside because its task's record could not be decoded (SPEC "Signals,
+/// failures, exit status"): the body exactly as it arrived and the route it came on.
+#[derive(Serialize, Deserialize)]
+enum StoredParked {
+    V1(ParkedV1),
+}
+
+/// `StoredParked::V1`'s fields, frozen: its own type, not a domain type, so that nothing
+/// changes these bytes but a new version here.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ParkedV1 {
+    /// The task kind of the route it came on (`cover` for `/callbacks/cover`).
+    pub route: String,
+    pub received_at: crate::model::Millis,
+    pub body: Vec<u8>,
+}
+
+/// The newest envelope version of `StoredParked` (`V1` only).
+pub const PARKED_ENVELOPE_VERSION: u32 = 1;
+
 /// The newest envelope version this build reads, of `StoredTask` (`V1`, `V2`); a newer
 /// coverd appends `V3`, whose bincode variant index is 2.
 pub const ENVELOPE_VERSION: u32 = 2;
@@ -214,6 +234,16 @@ pub fn encode_event(event: &EventRecord) -> Result<Vec<u8>, CodecError> {
 pub fn decode_event(bytes: &[u8]) -> Result<EventRecord, CodecError> {
     match decode::<StoredEvent>(bytes, "event", EVENT_ENVELOPE_VERSION)? {
         StoredEvent::V1(event) => Ok(event),
+    }
+}
+
+pub fn encode_parked(p: &ParkedV1) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredParked::V1(p.clone()))
+}
+
+pub fn decode_parked(bytes: &[u8]) -> Result<ParkedV1, CodecError> {
+    match decode::<StoredParked>(bytes, "kept delivery", PARKED_ENVELOPE_VERSION)? {
+        StoredParked::V1(p) => Ok(p),
     }
 }
 

@@ -33,6 +33,9 @@
 //!     (`due_notify`), derived from the record in the same transaction. (One tree, not two:
 //!     `apply` already spans sled's largest transactional tuple.)
 //!
+//! - `parked`: task id, 0x00, id (u64) → `StoredParked`: callbacks for task records that
+//!   cannot be decoded, kept as they arrived until the record can be read (`parked`).
+//!
 //! `meta` also holds notification counters `notify/<code>` (u64) per `NotifyState`.
 //!
 //! Blocking: every method here is synchronous except the writer's. From async code, an update
@@ -53,9 +56,11 @@
 
 pub mod codec;
 mod copy;
+mod parked;
 mod writer;
 
 pub use copy::TaskCopy;
+pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
 pub use writer::WritesPaused;
 
 use std::path::{Path, PathBuf};
@@ -110,6 +115,11 @@ pub enum StoreError {
         "the store cannot take writes since an earlier failure ({0}); free disk space or fix the disk, coverd then restarts to reopen the store"
     )]
     Unwritable(String),
+    /// No room left to keep another callback for a quarantined task aside.
+    #[error(
+        "cannot keep the callback for task {task_id} aside: {why}; repair or restore its record (`coverd admin status` names it)"
+    )]
+    ParkFull { task_id: String, why: String },
     /// The writer's queue is full: the store takes updates more slowly than they come.
     #[error(
         "the store's write queue is full ({queued} updates waiting); retry later, or spread the load"
@@ -226,6 +236,7 @@ struct Core {
     by_music: sled::Tree,
     intents: sled::Tree,
     outbox: sled::Tree,
+    parked: sled::Tree,
     /// Woken after a transaction that made a notification due (new settle, redeliver).
     outbox_wake: Arc<tokio::sync::Notify>,
     /// Reads of a task record that could not be decoded, for tests: proves that workers
@@ -340,6 +351,7 @@ impl Store {
             by_music: tree("by_music")?,
             intents: tree("intents")?,
             outbox: tree("outbox")?,
+            parked: tree("parked")?,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             path: path.clone(),
             db: db.clone(),

@@ -349,3 +349,54 @@ async fn the_real_binary_quarantines_and_admin_names_the_records_running_and_sto
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stdout.contains(NEWER_POLL), "{out:?}");
 }
+
+/// SPEC "Signals, failures, exit status" (issue 14 item 8): a callback for a quarantined
+/// task is kept durably as it arrived (200, not a 503 that KIE retries three times and then
+/// drops), counted beside the record in `admin status`, kept across restarts while the
+/// record still cannot be read, and applied once it can (here: the record repaired).
+#[tokio::test]
+async fn a_callback_for_a_quarantined_task_is_kept_aside_and_applied_once_readable() {
+    use crate::harness::{json_of, success_body};
+    use coverd::admin::{self, Request};
+    let fake = FakeKie::start().await;
+    fake.files.set("/q/1.png", Behaviour::Image(png(2100)));
+    let url = fake.files.url("/q/1.png");
+    let d = Daemon::start(&fake, |c| c.kie.confirm_callbacks = false).await;
+    let id = "quarantined-1";
+    let task = track(&d.store, id, now_millis());
+    let readable = coverd::store::codec::encode_task(&task, &d.store.events(id).unwrap()).unwrap();
+    d.store.put_raw_task(id, &newer_record()).unwrap();
+
+    for n in 1..=2 {
+        let (status, body) = d
+            .callback(&success_body(id, std::slice::from_ref(&url)))
+            .await;
+        assert_eq!((status, body.as_str()), (200, r#"{"status":"received"}"#));
+        assert_eq!(d.store.parked_count(id).unwrap(), n);
+    }
+    let status = json_of(&d.config, Request::Status).await;
+    let q = &status["quarantined"][0];
+    assert_eq!(
+        (q["task_id"].as_str(), q["kept_callbacks"].as_u64()),
+        (Some(id), Some(2))
+    );
+    let reply = admin::run(d.config.clone(), Request::Status).await.unwrap();
+    let text = admin::render(&reply, false);
+    assert!(text.contains("2 callback(s) kept aside"), "{text}");
+
+    // Restarted with the record still unreadable: both stay kept.
+    let (dir, config) = d.stop().await;
+    let d = Daemon::start_in(dir, config).await;
+    assert_eq!(d.store.parked_count(id).unwrap(), 2);
+    let (dir, config) = d.stop().await;
+
+    // Repaired (as an upgrade would make it readable): applied at the next start.
+    let store = Store::open(dir.path()).unwrap();
+    store.put_raw_task(id, &readable).unwrap();
+    store.close().await.unwrap();
+    let d = Daemon::start_in(dir, config).await;
+    assert_eq!(d.store.parked_count(id).unwrap(), 0);
+    let t = d.wait_for(id, |t| t.state == State::Downloaded).await;
+    assert_eq!(t.images.len(), 1);
+    d.stop().await;
+}

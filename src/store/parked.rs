@@ -1,0 +1,130 @@
+//! Callbacks kept aside for task records that cannot be decoded (SPEC "Signals, failures,
+//! exit status"): a delivery for a quarantined task is stored as it arrived, with the route
+//! (task kind) it came on, and answered 200, instead of a 503 that KIE would retry three
+//! times and then give up on. `callback::replay_parked` applies each once its record can be
+//! read again (after an upgrade or a repair), at the daemon's start. Owns the `parked` tree
+//! and its bounds; must not parse callbacks or decide anything about a task.
+//!
+//! Key: task id, 0x00, sled id (u64, big-endian: arrival order) → `StoredParked`.
+
+use super::{Store, StoreError, codec};
+use crate::model::Millis;
+
+/// Deliveries kept aside per task: KIE sends a task's callback a few times at most (its
+/// stages and retries); past this, more are answered 503 as before.
+pub const MAX_PARKED_PER_TASK: usize = 16;
+/// Deliveries kept aside in all (64 KiB each at most: 256 MiB on disk at the very worst).
+pub const MAX_PARKED: usize = 4096;
+
+/// One delivery kept aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    key: Vec<u8>,
+    pub task_id: String,
+    /// The task kind of the route it came on (`cover`).
+    pub route: String,
+    pub received_at: Millis,
+    /// The body exactly as it arrived.
+    pub body: Vec<u8>,
+}
+
+fn prefix(task_id: &str) -> Vec<u8> {
+    let mut key = task_id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+impl Store {
+    /// Keeps a delivery for `task_id` aside. Not durable until the next flush: the caller
+    /// awaits [`Store::flush`] before it answers. Refused ([`StoreError::ParkFull`]) past
+    /// [`MAX_PARKED_PER_TASK`] for the task or [`MAX_PARKED`] in all.
+    pub fn park(
+        &self,
+        task_id: &str,
+        route: &str,
+        body: &[u8],
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        if let Some(reason) = self.write_failure() {
+            return Err(StoreError::Unwritable(reason));
+        }
+        let tree = &self.inner.parked;
+        let full = |why: String| StoreError::ParkFull {
+            task_id: task_id.to_string(),
+            why,
+        };
+        if tree
+            .scan_prefix(prefix(task_id))
+            .take(MAX_PARKED_PER_TASK)
+            .count()
+            >= MAX_PARKED_PER_TASK
+        {
+            return Err(full(format!("{MAX_PARKED_PER_TASK} already kept for it")));
+        }
+        if tree.iter().take(MAX_PARKED).count() >= MAX_PARKED {
+            return Err(full(format!("{MAX_PARKED} already kept in all")));
+        }
+        let value = codec::encode_parked(&codec::ParkedV1 {
+            route: route.to_string(),
+            received_at: now,
+            body: body.to_vec(),
+        })
+        .map_err(|e| StoreError::Corrupt {
+            what: format!("kept delivery for task {task_id}"),
+            reason: e.to_string(),
+        })?;
+        let mut key = prefix(task_id);
+        key.extend_from_slice(&self.inner.db.generate_id()?.to_be_bytes());
+        tree.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Every delivery kept aside, oldest first per task (at most [`MAX_PARKED`]). An entry
+    /// that cannot be decoded is skipped with a warning (it stays where it is).
+    pub fn parked(&self) -> Result<Vec<Parked>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.parked.iter().take(MAX_PARKED) {
+            let (key, value) = kv?;
+            let Some(split) = key.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let task_id = String::from_utf8_lossy(&key[..split]).into_owned();
+            match codec::decode_parked(&value) {
+                Ok(p) => out.push(Parked {
+                    key: key.to_vec(),
+                    task_id,
+                    route: p.route,
+                    received_at: p.received_at,
+                    body: p.body,
+                }),
+                Err(e) => tracing::warn!(
+                    task_id = %task_id,
+                    "task {task_id}: a callback kept aside cannot be read ({e}); left as it is"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many deliveries are kept aside for `task_id`.
+    pub fn parked_count(&self, task_id: &str) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for kv in self.inner.parked.scan_prefix(prefix(task_id)).keys() {
+            kv?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// How many deliveries are kept aside in all.
+    pub fn parked_total(&self) -> Result<u64, StoreError> {
+        Ok(self.inner.parked.len() as u64)
+    }
+
+    /// Forgets a delivery once it was applied (durably) or found unusable. Not durable until
+    /// the next flush; applying it twice is harmless (a duplicate callback).
+    pub fn unpark(&self, parked: &Parked) -> Result<(), StoreError> {
+        self.inner.parked.remove(&parked.key)?;
+        Ok(())
+    }
+}
