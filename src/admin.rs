@@ -36,3 +36,52 @@ const WHOLE_STORE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_LIST_LIMIT: usize = 100;
 /// `admin list --limit` at most.
 pub const MAX_LIST_LIMIT: usize = 10_000;
+
+/// `admin prune --older-than D`. A bare `m` or `M` is refused (SPEC "Configuration"):
+/// humantime reads `m` as minutes and `M` as months, and "prune older than 6m" meant as six
+/// months would forget nearly everything.
+pub fn parse_age(value: &str) -> Result<Duration, String> {
+    // Each number's unit: the letters after it.
+    let mut rest = value.trim();
+    while let Some(start) = rest.find(|c: char| c.is_ascii_digit()) {
+        let after = &rest[start..];
+        let digits = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (number, tail) = after.split_at(digits);
+        let tail = tail.trim_start();
+        let unit_len = tail
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(tail.len());
+        if matches!(&tail[..unit_len], "m" | "M") {
+            return Err(format!(
+                "{number}{} is ambiguous: \"m\" is minutes and \"M\" months; write {number}min, or {}d for about {number} month(s)",
+                &tail[..unit_len],
+                number.parse::<u64>().unwrap_or(0).saturating_mul(30)
+            ));
+        }
+        rest = &tail[unit_len..];
+    }
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{e}; use e.g. \"30d\", \"12h\" or \"90min\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_age;
+    use std::time::Duration;
+
+    #[test]
+    fn prune_ages_refuse_a_bare_m() {
+        for ok in ["30d", "12h", "90min", "2months", "1d 6h", "3w", "45s"] {
+            assert!(parse_age(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(parse_age("90min").unwrap(), Duration::from_secs(5400));
+        for bad in ["6m", "6M", "1d 6m", "6 m"] {
+            let e = parse_age(bad).unwrap_err();
+            assert!(e.contains("ambiguous") && e.contains("min"), "{bad}: {e}");
+        }
+        assert!(parse_age("6m").unwrap_err().contains("180d"));
+        assert!(parse_age("soon").is_err());
+    }
+}

@@ -178,7 +178,7 @@ enum AdminCommand {
     /// A task's sent notifications go with it; a task whose notification is still pending
     /// is kept until it is delivered or given up on.
     Prune {
-        /// Age such as "30d" or "12h".
+        /// Age such as "30d", "12h" or "90min" (a bare "m" is refused: minutes or months?).
         #[arg(long, value_name = "D", value_parser = parse_age)]
         older_than: Duration,
         /// Only count what would be removed.
@@ -205,8 +205,7 @@ fn parse_listen(value: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_age(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("{e}; use e.g. \"30d\", \"12h\" or \"90m\""))
+    admin::parse_age(value)
 }
 
 fn main() -> ExitCode {

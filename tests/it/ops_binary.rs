@@ -563,3 +563,38 @@ async fn admin_acting_as_the_owner_stays_undumpable() {
         "the admin process acting as nobody is dumpable: nobody's processes could read its memory"
     );
 }
+
+/// Issue 15 item 5 (SPEC "Configuration"): `prune --older-than 6m` is refused (minutes or
+/// months?) before anything is touched, and the cutoff is printed as a date, in
+/// `--dry-run` too.
+#[tokio::test]
+async fn prune_refuses_a_bare_m_and_prints_its_cutoff_as_a_date() {
+    let s = Scratch::new();
+    let d = s.data_dir();
+    let d = d.to_str().unwrap();
+    let admin = |args: &[&str]| {
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d]).args(args);
+        run(c)
+    };
+    let out = admin(&["track", "p-1"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for age in ["6m", "6M"] {
+        let out = admin(&["prune", "--older-than", age]).await;
+        assert_eq!(out.code, Some(2), "{out:?}");
+        assert!(
+            out.stderr.contains("ambiguous") && out.stderr.contains("6min"),
+            "{out:?}"
+        );
+    }
+    let out = admin(&["prune", "--older-than", "180d", "--dry-run"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let year = time::OffsetDateTime::now_utc().year() - 1;
+    assert!(
+        out.stdout
+            .contains("would remove 0 finished task(s) last changed before")
+            && (out.stdout.contains(&format!("before {year}-"))
+                || out.stdout.contains(&format!("before {}-", year + 1))),
+        "{out:?}"
+    );
+}
