@@ -208,6 +208,23 @@ fn parse_age(value: &str) -> Result<Duration, String> {
     admin::parse_age(value)
 }
 
+/// Writes a command's output to stdout. A reader that stopped early (`| head`: EPIPE, as
+/// Rust ignores SIGPIPE) is not an error: the command ends with `code` as if it had read it
+/// all, as `ls | head` does; `println!` would panic (exit 101). Any other write error is
+/// exit 1.
+fn to_stdout(bytes: &[u8], what: &str, code: ExitCode) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => {
+            eprintln!("coverd: cannot write {what} to stdout: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // First of all: whatever coverd creates (data directory, store, images, admin socket)
     // is private from the moment it exists, whatever umask it was started with.
@@ -220,12 +237,14 @@ fn main() -> ExitCode {
                 Shell::Zsh => clap_complete::Shell::Zsh,
                 Shell::Fish => clap_complete::Shell::Fish,
             };
-            clap_complete::generate(shell, &mut Cli::command(), "coverd", &mut std::io::stdout());
-            return ExitCode::SUCCESS;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "coverd", &mut script);
+            return to_stdout(&script, "the completions", ExitCode::SUCCESS);
         }
         Command::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+            let mut page = Vec::new();
+            return match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => to_stdout(&page, "the man page", ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("coverd: cannot write the man page: {e}");
                     ExitCode::from(1)
@@ -258,9 +277,9 @@ fn main() -> ExitCode {
         }
     };
     if let Command::CheckConfig = cli.command {
-        print!("{}", config.effective_toml());
+        let shown = config.effective_toml();
         eprintln!("coverd: the configuration is valid");
-        return ExitCode::SUCCESS;
+        return to_stdout(shown.as_bytes(), "the configuration", ExitCode::SUCCESS);
     }
     let serve = daemon;
     let mut command = cli.command;
@@ -388,13 +407,15 @@ async fn run(command: Command, config: Config) -> ExitCode {
     match result {
         Ok(reply) => {
             let text = admin::render(&reply, json);
-            if !text.is_empty() {
-                println!("{text}");
-            }
             if let Some(note) = admin::notes(&reply, json) {
                 eprintln!("{note}");
             }
-            ExitCode::from(reply.exit_code())
+            let code = ExitCode::from(reply.exit_code());
+            if text.is_empty() {
+                code
+            } else {
+                to_stdout(format!("{text}\n").as_bytes(), "the reply", code)
+            }
         }
         Err(e) => {
             eprintln!("coverd: {e}");

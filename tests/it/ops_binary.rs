@@ -598,3 +598,38 @@ async fn prune_refuses_a_bare_m_and_prints_its_cutoff_as_a_date() {
         "{out:?}"
     );
 }
+
+/// Issue 15 item 7: a reader that stops early (`coverd admin list | head -1`) ends the
+/// command quietly with its usual status, not a panic ("failed printing to stdout: Broken
+/// pipe", exit 101). The pipe's read end is closed before the command writes.
+#[tokio::test]
+async fn output_into_a_closed_pipe_is_not_a_panic() {
+    let s = Scratch::new();
+    let d = s.data_dir();
+    let d = d.to_str().unwrap();
+    let mut track = coverd();
+    track.args(["admin", "--data-dir", d, "track", "pipe-1"]);
+    assert_eq!(run(track).await.code, Some(0));
+    for args in [
+        &["admin", "--data-dir", d, "list", "--limit", "3000"][..],
+        &["admin", "--data-dir", d, "export"],
+        &["admin", "--data-dir", d, "status", "--json"],
+        &["completions", "zsh"],
+        &["man"],
+    ] {
+        let mut child = coverd()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
