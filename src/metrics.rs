@@ -28,6 +28,29 @@ pub const QUEUE_COUNT_LIMIT: usize = 10_000;
 /// attempt's outcome. Each is rendered from the start, at 0.
 pub const NOTIFY_RESULTS: [&str; 4] = ["delivered", "retry", "gone", "undeliverable"];
 
+/// The `answer` label values of `coverd_callbacks_total` (docs/operations.md).
+pub const CALLBACK_ANSWERS: [&str; 7] = ["200", "400", "401", "404", "408", "413", "503"];
+/// The `result` label values of `coverd_image_fetches_total`.
+pub const FETCH_RESULTS: [&str; 3] = ["stored", "retry", "failed"];
+/// The `endpoint` label values of `coverd_kie_requests_total` (`kie::wire::Endpoint::name`).
+pub const KIE_ENDPOINTS: [&str; 3] = ["cover/generate", "cover/record-info", "common/download-url"];
+/// The `result` label values of `coverd_kie_requests_total`: `ok` and every
+/// `KieError::kind` that a call can end with (a test in `kie` keeps them in step).
+pub const KIE_RESULTS: [&str; 12] = [
+    "ok",
+    "unauthorized",
+    "no_credits",
+    "rate_limited",
+    "maintenance",
+    "server_error",
+    "already_exists",
+    "not_found",
+    "not_kie_file",
+    "invalid",
+    "transport",
+    "bad_response",
+];
+
 type Label = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 
@@ -123,8 +146,23 @@ impl Metrics {
             "coverd_notifications", "Outbound notifications by result" => notifications;
             "coverd_polls", "record-info polls made by the poller" => polls;
         }
+        // Every documented label value from the start, at 0, so that `increase(…)` and
+        // alert rules see the first occurrence (Prometheus' instrumentation advice).
         for result in NOTIFY_RESULTS {
             let _ = m.notifications.get_or_create(&[("result", result)]);
+        }
+        for answer in CALLBACK_ANSWERS {
+            let _ = m.callbacks.get_or_create(&[("answer", answer)]);
+        }
+        for result in FETCH_RESULTS {
+            let _ = m.image_fetches.get_or_create(&[("result", result)]);
+        }
+        for endpoint in KIE_ENDPOINTS {
+            for result in KIE_RESULTS {
+                let _ = m
+                    .kie_requests
+                    .get_or_create(&[("endpoint", endpoint), ("result", result)]);
+            }
         }
         registry.register_collector(Box::new(Process::new()));
         Metrics { registry, ..m }

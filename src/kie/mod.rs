@@ -156,6 +156,48 @@ pub struct RecordInfo {
 mod tests {
     use super::*;
 
+    /// `metrics` exports every result a call can end with from the start, at 0: its list
+    /// must name each kind (all but the two that never reach a call) and each endpoint.
+    #[test]
+    fn metrics_know_every_call_result_and_endpoint() {
+        let reachable = [
+            KieError::Unauthorized,
+            KieError::NoCredits,
+            KieError::RateLimited,
+            KieError::Maintenance,
+            KieError::Server {
+                code: 500,
+                msg: String::new(),
+            },
+            KieError::AlreadyExists {
+                task_id: "t".into(),
+            },
+            KieError::NotFound,
+            KieError::NotKieFile,
+            KieError::Invalid {
+                code: 422,
+                msg: String::new(),
+            },
+            KieError::Transport(String::new()),
+            KieError::BadResponse(String::new()),
+        ];
+        for e in &reachable {
+            // Exhaustive: a new variant must be placed here or among the unreachable.
+            match e {
+                KieError::NoApiKey | KieError::Setup(_) => unreachable!(),
+                _ => assert!(crate::metrics::KIE_RESULTS.contains(&e.kind()), "{e:?}"),
+            }
+        }
+        assert_eq!(crate::metrics::KIE_RESULTS.len(), reachable.len() + 1);
+        for endpoint in [
+            wire::Endpoint::Generate,
+            wire::Endpoint::RecordInfo,
+            wire::Endpoint::DownloadUrl,
+        ] {
+            assert!(crate::metrics::KIE_ENDPOINTS.contains(&endpoint.name()));
+        }
+    }
+
     #[test]
     fn transient_classification() {
         assert!(KieError::Transport("x".into()).is_transient());

@@ -164,3 +164,53 @@ async fn metrics_move_under_real_traffic() {
     }
     d.stop().await;
 }
+
+/// SPEC "Metrics" (issue 15 item 8): every label value docs/operations.md names is exported
+/// from the start, at 0, before any traffic, so that `increase(…[5m]) > 0` alerts see the
+/// first occurrence. The values are read from the docs' metric table itself.
+#[tokio::test]
+async fn every_documented_label_value_is_exported_at_zero_before_any_traffic() {
+    let fake = FakeKie::start().await;
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let d = Daemon::start(&fake, |c| c.metrics_listen = Some(metrics_addr)).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let m = scrape(&http, metrics_addr).await;
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let mut checked = 0;
+    for row in docs.lines().filter(|l| l.starts_with("| `coverd_")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let name_cell = cells[0].trim_start_matches("| ").trim_matches('`');
+        let Some((name, label)) = name_cell.split_once('{') else {
+            continue;
+        };
+        let label = label.trim_end_matches('}');
+        if label.contains(',') || name == "coverd_build_info" {
+            continue; // two labels (KIE requests: below); the version is not a fixed set
+        }
+        let what = cells.last().unwrap();
+        let values: Vec<&str> = what.split('`').skip(1).step_by(2).collect();
+        assert!(!values.is_empty(), "no values documented for {name}: {row}");
+        for value in values {
+            let sample = format!("{name}{{{label}=\"{value}\"}}");
+            assert_eq!(m.get(&sample), Some(&0.0), "{sample} not exported at 0");
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 7 + 3 + 4 + 4 + 2,
+        "only {checked} label values found in the docs"
+    );
+    for endpoint in coverd::metrics::KIE_ENDPOINTS {
+        assert!(
+            docs.contains(&format!("`{endpoint}`")),
+            "{endpoint} not in the docs"
+        );
+        for result in coverd::metrics::KIE_RESULTS {
+            let sample =
+                format!("coverd_kie_requests_total{{endpoint=\"{endpoint}\",result=\"{result}\"}}");
+            assert_eq!(m.get(&sample), Some(&0.0), "{sample} not exported at 0");
+        }
+    }
+    d.stop().await;
+}
