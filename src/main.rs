@@ -18,7 +18,7 @@ pub static malloc_conf: &[u8] =
     b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0,narenas:2\0";
 
 use std::io::IsTerminal;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -192,16 +192,7 @@ enum AdminCommand {
 
 /// `--listen`: an IP:PORT, or a host name resolved now (its first address).
 fn parse_listen(value: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = value.parse() {
-        return Ok(addr);
-    }
-    let hint = "use HOST:PORT, e.g. 127.0.0.1:8787, [::1]:8787 or localhost:8787";
-    match value.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("{value:?} resolves to no address; {hint}")),
-        Err(e) => Err(format!("cannot resolve {value:?}: {e}; {hint}")),
-    }
+    config::resolve_addr(value).map_err(|e| format!("{value:?} {e}"))
 }
 
 fn parse_age(value: &str) -> Result<Duration, String> {

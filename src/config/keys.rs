@@ -208,12 +208,12 @@ keys! {
         data_dir: Str = r#""./coverd-data""#, env Some(ENV_DATA_DIR), Bounds::None,
             "not empty; flag `--data-dir`" => data_dir via values::data_dir;
         listen: Str = r#""127.0.0.1:8787""#, env Some(ENV_LISTEN), Bounds::None,
-            "`IP:PORT` (`[::1]:8787` for IPv6); flag `--listen`" => listen via values::parse_addr;
+            "`IP:PORT` (`[::1]:8787` for IPv6) or `HOST:PORT`, resolved at start; flag `--listen`" => listen via values::parse_addr;
         public_url: Str = r#""""#, env None, Bounds::None,
             "empty, or an `http(s)://` URL without query or fragment; trailing `/` removed"
             => public_url via values::public_url;
         accept_unknown_tasks: Bool = "false", env None, Bounds::None, "" => accept_unknown_tasks;
-        metrics_listen: Str = r#""" (off)"#, env None, Bounds::None, "empty, or `IP:PORT`"
+        metrics_listen: Str = r#""" (off)"#, env None, Bounds::None, "empty, or `IP:PORT` or `HOST:PORT`"
             => metrics_listen via values::optional_addr;
     }
     [kie] RawKie {

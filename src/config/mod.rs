@@ -21,7 +21,7 @@ use keys::{RawFile, Sources};
 pub use secret::Secret;
 use secret::{SecretSource, secret};
 use toml_errors::describe_toml_error;
-pub use values::{ApiKey, KieBaseUrl, UserAgent, notify_key};
+pub use values::{ApiKey, KieBaseUrl, UserAgent, notify_key, resolve_addr};
 
 /// Environment variable naming the configuration file (when `--config` is not given).
 pub const ENV_CONFIG: &str = "COVERD_CONFIG";

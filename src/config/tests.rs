@@ -351,6 +351,16 @@ fn bad_duration_names_the_key() {
 }
 
 #[test]
+fn listen_takes_a_host_name_from_the_environment_too() {
+    let c = load_toml("", &[(ENV_LISTEN, "localhost:1234")]).unwrap();
+    assert!(
+        c.listen.ip().is_loopback() && c.listen.port() == 1234,
+        "{}",
+        c.listen
+    );
+}
+
+#[test]
 fn validation_bounds() {
     // (file text, Some(rejected key) or None when accepted)
     let cases: &[(&str, Option<&str>)] = &[
@@ -358,6 +368,10 @@ fn validation_bounds() {
         ("listen = \"localhost\"", Some("listen")),
         ("listen = \"\"", Some("listen")),
         ("listen = \"0.0.0.0:80\"", None),
+        // A host name is resolved at load (SPEC), as `serve --listen` always did.
+        ("listen = \"localhost:8787\"", None),
+        ("listen = \"no-such-host.invalid:8787\"", Some("listen")),
+        ("metrics_listen = \"localhost:9187\"", None),
         ("metrics_listen = \"\"", None),
         ("metrics_listen = \"9187\"", Some("metrics_listen")),
         ("public_url = \"\"", None),
@@ -491,8 +505,8 @@ fn bad_env_values_name_the_variable() {
     assert!(matches!(&err, ConfigError::Env { var, .. } if var == ENV_LISTEN));
     assert_eq!(
         err.to_string(),
-        "invalid environment variable `COVERD_LISTEN` = \"nope\": not a socket address \
-         (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")"
+        "invalid environment variable `COVERD_LISTEN` = \"nope\": not a socket address; \
+         use HOST:PORT, e.g. 127.0.0.1:8787, [::1]:8787 or localhost:8787"
     );
     // A flag makes a bad environment value irrelevant.
     let flags = Overrides {

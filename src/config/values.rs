@@ -193,13 +193,27 @@ pub(super) fn url_shown(value: &str) -> String {
     }
 }
 
-pub(super) const ADDR_HINT: &str =
-    "not a socket address (use e.g. \"127.0.0.1:8787\" or \"[::1]:8787\")";
+/// `IP:PORT`, or `HOST:PORT` resolved now (its first address): `listen`, `metrics_listen`,
+/// `COVERD_LISTEN` and `serve --listen` (SPEC: "a host name (localhost:8787) is resolved at
+/// start"). The error says what is wrong and how to write it.
+pub fn resolve_addr(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let hint = "use HOST:PORT, e.g. 127.0.0.1:8787, [::1]:8787 or localhost:8787";
+    if !value.contains(':') || value.chars().any(char::is_whitespace) {
+        return Err(format!("not a socket address; {hint}"));
+    }
+    match std::net::ToSocketAddrs::to_socket_addrs(value) {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("resolves to no address; {hint}")),
+        Err(e) => Err(format!("cannot be resolved ({e}); {hint}")),
+    }
+}
 
 pub(super) fn parse_addr(key: &str, value: String) -> Result<SocketAddr, ConfigError> {
-    value
-        .parse()
-        .map_err(|_| invalid(key, Some(format!("{value:?}")), ADDR_HINT))
+    resolve_addr(&value).map_err(|reason| invalid(key, Some(format!("{value:?}")), reason))
 }
 
 /// An http(s) URL without query or fragment; returned without trailing `/`.
