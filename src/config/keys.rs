@@ -137,9 +137,9 @@ macro_rules! keys {
             /// `*_file` keys) left out.
             pub(super) fn shown(config: &Config) -> Self {
                 $Top {
-                    $($tk: key!(@show config, [$($($tpath).+)?], [$($($tsecret)?)?]),)*
+                    $($tk: key!(@show config, [$($($tpath).+)?], [$($($tsecret)?)?], $tdef),)*
                     $($sec: Some($Sec {
-                        $($k: key!(@show config, [$($($path).+)?], [$($($secret)?)?]),)*
+                        $($k: key!(@show config, [$($($path).+)?], [$($($secret)?)?], $def),)*
                     }),)*
                 }
             }
@@ -192,9 +192,9 @@ macro_rules! key {
         }
     };
 
-    (@show $c:ident, [], []) => { None };
-    (@show $c:ident, [$($p:ident).+], [secret]) => { Some(values::secret_shown($c.$($p).+.is_some())) };
-    (@show $c:ident, [$($p:ident).+], []) => { Some(values::Shown::shown(&$c.$($p).+)) };
+    (@show $c:ident, [], [], $def:literal) => { None };
+    (@show $c:ident, [$($p:ident).+], [secret], $def:literal) => { Some(values::secret_shown($c.$($p).+.is_some())) };
+    (@show $c:ident, [$($p:ident).+], [], $def:literal) => { Some(values::Shown::shown_as(&$c.$($p).+, $def)) };
 }
 
 // One line a key: `name: Kind = default as the docs show it, env VAR, bounds, "the rule's

@@ -817,3 +817,33 @@ fn notify_url_token_is_never_shown() {
     assert_eq!(values::url_shown("http://h/p"), "http://h/p");
     assert_eq!(values::url_shown("http://u@h/p?"), "http://u@h/p?<set>");
 }
+
+/// SPEC "Configuration" (issue 15 item 10): durations are printed back in the style they
+/// are written in: a default as the docs write it, another value with one unit.
+#[test]
+fn check_config_prints_durations_as_they_are_written() {
+    let shown = Config::default().effective_toml();
+    for line in [
+        "give_up_after = \"24h\"",
+        "timeout = \"120s\"",
+        "after = \"2m\"",
+        "backoff_base = \"2s\"",
+    ] {
+        assert!(shown.contains(line), "{line} missing in:\n{shown}");
+    }
+    assert!(!shown.contains("day"), "{shown}");
+    let c = load_toml(
+        "[poll]\ngive_up_after = \"2days\"\ninterval = \"1h 30m\"\nafter = \"90s\"\n[download]\nbackoff_base = \"250ms\"",
+        &[],
+    )
+    .unwrap();
+    let shown = c.effective_toml();
+    for line in [
+        "give_up_after = \"2d\"",
+        "interval = \"90m\"",
+        "after = \"90s\"",
+        "backoff_base = \"250ms\"",
+    ] {
+        assert!(shown.contains(line), "{line} missing in:\n{shown}");
+    }
+}

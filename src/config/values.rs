@@ -251,7 +251,7 @@ pub(super) fn duration(key: &str, value: String) -> Result<Duration, ConfigError
         let reason = if min == Duration::from_nanos(1) {
             "must be greater than zero".to_string()
         } else {
-            format!("must be at least {}", humantime::format_duration(min))
+            format!("must be at least {}", Shown::<String>::shown(&min))
         };
         return Err(invalid(key, Some(format!("{value:?}")), reason));
     }
@@ -346,6 +346,11 @@ not_from_env!(i64, bool, Vec<String>);
 /// A resolved value in the file's terms (`check-config`), of the raw type `R` of its kind.
 pub(super) trait Shown<R> {
     fn shown(&self) -> R;
+    /// As `check-config` prints the value of a key whose default the docs write as
+    /// `default_doc`; the same as [`Shown::shown`] but for durations.
+    fn shown_as(&self, _default_doc: &str) -> R {
+        self.shown()
+    }
 }
 
 macro_rules! shown_as_string {
@@ -373,8 +378,37 @@ impl<T: Shown<String>> Shown<String> for Option<T> {
 }
 
 impl Shown<String> for Duration {
+    /// In the style durations are written in (SPEC "Configuration": `"24h"`, not
+    /// `"1day"`): one number and the largest unit that holds it exactly — `d` from two
+    /// days, `h`, `m`, `s`, `ms` — else humantime's longer form.
     fn shown(&self) -> String {
-        humantime::format_duration(*self).to_string()
+        let (secs, nanos) = (self.as_secs(), self.subsec_nanos());
+        if nanos == 0 {
+            let exact = |unit: u64| secs > 0 && secs % unit == 0;
+            if exact(86_400) && secs >= 2 * 86_400 {
+                format!("{}d", secs / 86_400)
+            } else if exact(3600) {
+                format!("{}h", secs / 3600)
+            } else if exact(60) {
+                format!("{}m", secs / 60)
+            } else {
+                format!("{secs}s")
+            }
+        } else if nanos % 1_000_000 == 0 && secs < 10 {
+            format!("{}ms", self.as_millis())
+        } else {
+            humantime::format_duration(*self).to_string()
+        }
+    }
+
+    /// The default as the docs write it (`"120s"`, `"24h"`) when the value is the default.
+    fn shown_as(&self, default_doc: &str) -> String {
+        let default = default_doc.trim_matches('"');
+        if humantime::parse_duration(default).ok() == Some(*self) {
+            default.to_string()
+        } else {
+            self.shown()
+        }
     }
 }
 
