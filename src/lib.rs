@@ -12,6 +12,7 @@ pub mod guard;
 pub mod journal;
 pub mod kie;
 pub mod machine;
+pub mod manual;
 pub mod metrics;
 pub mod model;
 pub mod notify;

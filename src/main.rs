@@ -233,9 +233,8 @@ fn main() -> ExitCode {
             return to_stdout(&script, "the completions", ExitCode::SUCCESS);
         }
         Command::Man => {
-            let mut page = Vec::new();
-            return match clap_mangen::Man::new(Cli::command()).render(&mut page) {
-                Ok(()) => to_stdout(&page, "the man page", ExitCode::SUCCESS),
+            return match coverd::manual::render(Cli::command()) {
+                Ok(page) => to_stdout(&page, "the man page", ExitCode::SUCCESS),
                 Err(e) => {
                     eprintln!("coverd: cannot write the man page: {e}");
                     ExitCode::from(1)

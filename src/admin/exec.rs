@@ -278,7 +278,7 @@ impl Exec {
     fn who_polls(&self, polled: &str) -> String {
         match (self.daemon_running, self.kie.is_some()) {
             (true, true) => polled.to_string(),
-            (true, false) => "the daemon has no KIE API key, so nothing will poll for it: only KIE's callback can move it (give the daemon a key, see docs/configuration.md, \"Secrets\")".to_string(),
+            (true, false) => "the daemon has no KIE API key, so nothing will poll for it: only KIE's callback can move it (give the daemon a key: `man coverd`, CONFIGURATION)".to_string(),
             (false, _) => "the daemon is stopped, so nothing polls for it now; once `coverd serve` runs with a KIE API key, it is polled if no callback arrives".to_string(),
         }
     }

@@ -176,7 +176,7 @@ pub enum ConfigError {
     /// The configuration file is not valid TOML, has an unknown key or a value of the wrong
     /// type. `message` gives line, column and, where it can be found, the dotted key.
     #[error(
-        "cannot parse config file {}: {message}; fix the file (every key is listed in docs/configuration.md)",
+        "cannot parse config file {}: {message}; fix the file (every key is listed in `man coverd`, CONFIGURATION)",
         path.display()
     )]
     Parse { path: PathBuf, message: String },

@@ -633,3 +633,82 @@ async fn output_into_a_closed_pipe_is_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// Issue 15 item 9: the man page is complete enough for error messages to point to it: the
+/// sections an operator looks for, every configuration key, every admin command by its
+/// full name, and no page it names that does not exist (`coverd-admin(1)`).
+#[tokio::test]
+async fn the_man_page_has_every_section_key_and_command() {
+    let out = run({
+        let mut c = coverd();
+        c.arg("man");
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let page = out.stdout;
+    for section in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS"]
+        .into_iter()
+        .chain(coverd::manual::SECTIONS)
+    {
+        let heading = if section.contains(' ') {
+            format!(".SH \"{section}\"")
+        } else {
+            format!(".SH {section}")
+        };
+        assert!(
+            page.contains(&heading) || page.contains(&format!(".SH {section}\n")),
+            "no {section} section"
+        );
+    }
+    for key in coverd::config::keys::KEYS {
+        assert!(
+            page.contains(&format!("\\fB{}\\fR", key.name)),
+            "key {} missing",
+            key.name
+        );
+    }
+    for command in [
+        "coverd serve",
+        "coverd check-config",
+        "coverd submit",
+        "coverd admin status",
+        "coverd admin list",
+        "coverd admin show",
+        "coverd admin track",
+        "coverd admin retry",
+        "coverd admin verify",
+        "coverd admin export",
+        "coverd admin redeliver",
+        "coverd admin backup",
+        "coverd admin restore",
+        "coverd admin prune",
+    ] {
+        assert!(
+            page.contains(&format!("\\fB{command}")),
+            "{command} missing"
+        );
+    }
+    for code in ["0", "1", "2", "70", "75"] {
+        assert!(
+            page.contains(&format!(".TP\n\\fB{code}\\fR\n")),
+            "exit status {code} missing"
+        );
+    }
+    assert!(
+        !page.contains("coverd-admin(1)") && !page.contains("(1)\n.TP\ncoverd-"),
+        "names pages that do not exist"
+    );
+    // Error messages point here, not to docs/ (not installed with the binary).
+    let sources = ["src/config/mod.rs", "src/admin/exec.rs"];
+    for file in sources {
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+            assert!(
+                !line.contains("docs/"),
+                "{file} points a user to docs/: {line}"
+            );
+        }
+    }
+}
