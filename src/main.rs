@@ -268,6 +268,9 @@ fn main() -> ExitCode {
     };
     if let Command::CheckConfig = cli.command {
         let shown = config.effective_toml();
+        for line in config.secret_report(nix::unistd::geteuid().is_root()) {
+            eprintln!("coverd: {line}");
+        }
         eprintln!("coverd: the configuration is valid");
         return to_stdout(shown.as_bytes(), "the configuration", ExitCode::SUCCESS);
     }

@@ -18,7 +18,7 @@ mod toml_errors;
 mod values;
 
 use keys::{RawFile, Sources};
-pub use secret::Secret;
+pub use secret::{Origin, Secret};
 use secret::{SecretSource, secret};
 use toml_errors::describe_toml_error;
 pub use values::{ApiKey, KieBaseUrl, UserAgent, notify_key, resolve_addr};
@@ -61,6 +61,9 @@ pub struct Config {
     pub download: DownloadConfig,
     pub poll: PollConfig,
     pub notify: NotifyConfig,
+    /// Where each secret was found (`check-config` says so): key, then the source in words
+    /// ("the credential `kie-api-key` in /run/credentials/coverd.service", …) or `None`.
+    pub secret_origins: Vec<(&'static str, Option<secret::Origin>)>,
 }
 
 /// `[notify]`: outbound notifications when a task settles (SPEC "Notifications (outbound)").
@@ -148,6 +151,7 @@ impl Default for Config {
                 timeout: keys::default_duration("notify.timeout"),
                 max_attempts: keys::default_int("notify.max_attempts"),
             },
+            secret_origins: Vec::new(),
         }
     }
 }
@@ -288,6 +292,25 @@ pub fn keys() -> Vec<String> {
 pub const SECRET_SHOWN: &str = "<set>";
 
 impl Config {
+    /// `check-config`'s lines about the secrets: where each was found, or that it is not
+    /// set; run as root, a warning for a key file the service's user will not be able to
+    /// read (the service then fails to start with status 2).
+    pub fn secret_report(&self, as_root: bool) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (key, origin) in &self.secret_origins {
+            match origin {
+                Some(o) => {
+                    lines.push(format!("{key}: found in {}", o.text));
+                    if as_root && let Some(why) = o.unreadable_by_service() {
+                        lines.push(format!("warning: {key}: {why}"));
+                    }
+                }
+                None => lines.push(format!("{key}: not set")),
+            }
+        }
+        lines
+    }
+
     /// The effective configuration as TOML (`coverd check-config`): every key with the value
     /// in force after file, environment and flags. Secrets show as `"<set>"` (or `""` when
     /// unset), and so do `notify.url`'s query and password; the `*_file` keys are left out
@@ -359,7 +382,12 @@ fn resolve_secrets(
 ) -> Result<(), ConfigError> {
     let kie = raw.kie.unwrap_or_default();
     let notify = raw.notify.unwrap_or_default();
-    config.kie.api_key = secret(
+    let mut origins = Vec::new();
+    let mut note = |key: &'static str, found: Option<(Secret, secret::Origin)>| {
+        origins.push((key, found.as_ref().map(|(_, from)| from.clone())));
+        found.map(|(s, _)| s)
+    };
+    let api_key = secret(
         env,
         SecretSource {
             env_var: ENV_API_KEY,
@@ -369,10 +397,11 @@ fn resolve_secrets(
             file: kie.api_key_file,
             credential: CREDENTIAL_API_KEY,
         },
-    )?
-    .map(|key| ApiKey::parse("kie.api_key", &key))
-    .transpose()?;
-    config.kie.webhook_hmac_key = secret(
+    )?;
+    config.kie.api_key = note("kie.api_key", api_key)
+        .map(|key| ApiKey::parse("kie.api_key", &key))
+        .transpose()?;
+    let hmac = secret(
         env,
         SecretSource {
             env_var: ENV_WEBHOOK_HMAC_KEY,
@@ -383,7 +412,8 @@ fn resolve_secrets(
             credential: CREDENTIAL_WEBHOOK_HMAC_KEY,
         },
     )?;
-    config.notify.secret = secret(
+    config.kie.webhook_hmac_key = note("kie.webhook_hmac_key", hmac);
+    let notify_secret = secret(
         env,
         SecretSource {
             env_var: ENV_NOTIFY_SECRET,
@@ -395,6 +425,8 @@ fn resolve_secrets(
             credential: CREDENTIAL_NOTIFY_SECRET,
         },
     )?;
+    config.notify.secret = note("notify secret", notify_secret);
+    config.secret_origins = origins;
     Ok(())
 }
 

@@ -26,6 +26,51 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Where a secret was found, in words; for a key file, its path and the credential that
+/// would do the same job under systemd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub text: String,
+    pub file: Option<std::path::PathBuf>,
+    pub credential: &'static str,
+}
+
+impl Origin {
+    fn named(text: String) -> Origin {
+        Origin {
+            text,
+            file: None,
+            credential: "",
+        }
+    }
+
+    /// Why the service's user, a systemd `DynamicUser` with `ProtectHome=` and
+    /// `PrivateTmp=`, would not be able to read this key file, as far as root can tell.
+    pub fn unreadable_by_service(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let file = self.file.as_ref()?;
+        let hidden = ["/home", "/root", "/tmp", "/var/tmp", "/run/user"]
+            .into_iter()
+            .find(|dir| file.starts_with(dir));
+        let why = if let Some(dir) = hidden {
+            format!("it is under {dir}, which the unit hides from the service")
+        } else {
+            match std::fs::metadata(file) {
+                Ok(m) if m.permissions().mode() & 0o004 == 0 => format!(
+                    "it is not readable by others (mode {:o}), and the service runs as its own dynamic user",
+                    m.permissions().mode() & 0o7777
+                ),
+                _ => return None,
+            }
+        };
+        Some(format!(
+            "the service will not be able to read {}: {why}; give it as the credential `{}` instead (LoadCredential=, see `man coverd`, CONFIGURATION)",
+            file.display(),
+            self.credential
+        ))
+    }
+}
+
 /// Where one secret may come from, in order of precedence.
 pub(super) struct SecretSource {
     pub(super) env_var: &'static str,
@@ -45,15 +90,16 @@ fn non_empty_secret(value: Option<String>) -> Option<String> {
 
 /// The secret from its first set source; it must fit in an HTTP header (no control
 /// characters), or every KIE call would fail later.
+/// Returns it with where it was found, in words (`check-config` says so).
 pub(super) fn secret(
     env: &dyn Fn(&str) -> Option<String>,
     src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
+) -> Result<Option<(Secret, Origin)>, ConfigError> {
     let key = src.inline_key;
     let found = secret_from_sources(env, src)?;
     if found
         .as_ref()
-        .is_some_and(|s| s.expose().chars().any(char::is_control))
+        .is_some_and(|(s, _)| s.expose().chars().any(char::is_control))
     {
         return Err(invalid(
             key,
@@ -67,7 +113,7 @@ pub(super) fn secret(
 fn secret_from_sources(
     env: &dyn Fn(&str) -> Option<String>,
     src: SecretSource,
-) -> Result<Option<Secret>, ConfigError> {
+) -> Result<Option<(Secret, Origin)>, ConfigError> {
     let inline = non_empty_secret(src.inline);
     let file = src.file.filter(|f| !f.is_empty());
     if inline.is_some() && file.is_some() {
@@ -81,10 +127,12 @@ fn secret_from_sources(
         ));
     }
     if let Some(value) = non_empty_secret(env(src.env_var)) {
-        return Ok(Some(Secret::new(value)));
+        let from = format!("the environment variable {}", src.env_var);
+        return Ok(Some((Secret::new(value), Origin::named(from))));
     }
     if let Some(value) = inline {
-        return Ok(Some(Secret::new(value)));
+        let from = format!("`{}` in the configuration file", src.inline_key);
+        return Ok(Some((Secret::new(value), Origin::named(from))));
     }
     if let Some(path) = file {
         let value = std::fs::read_to_string(&path).map_err(|e| {
@@ -95,7 +143,14 @@ fn secret_from_sources(
             )
         })?;
         return match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
+            Some(value) => Ok(Some((
+                Secret::new(value),
+                Origin {
+                    text: format!("the file {path} (`{}`)", src.file_key),
+                    file: Some(path.into()),
+                    credential: src.credential,
+                },
+            ))),
             None => Err(invalid(
                 src.file_key,
                 Some(format!("{path:?}")),
@@ -114,7 +169,10 @@ fn secret_from_sources(
     };
     match std::fs::read_to_string(&path) {
         Ok(value) => match non_empty_secret(Some(value)) {
-            Some(value) => Ok(Some(Secret::new(value))),
+            Some(value) => Ok(Some((
+                Secret::new(value),
+                Origin::named(format!("the credential `{}` in {dir}", src.credential)),
+            ))),
             None => Err(cred_error(format!(
                 "credential `{}` is empty; fill it or drop it from the unit",
                 src.credential

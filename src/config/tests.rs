@@ -847,3 +847,63 @@ fn check_config_prints_durations_as_they_are_written() {
         assert!(shown.contains(line), "{line} missing in:\n{shown}");
     }
 }
+
+/// Issue 15 items 4 and 10: check-config says where each secret was found (or that it is
+/// not set), and as root warns of a key file the service's user will not be able to read.
+#[test]
+fn check_config_says_where_each_secret_was_found() {
+    use std::os::unix::fs::PermissionsExt;
+    let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("kie-api-key"), "key-from-credential\n").unwrap();
+    // Outside /tmp, so that only the file's mode speaks.
+    let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let file = here.path().join("notify-secret");
+    std::fs::write(&file, good).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = format!("[notify]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = {file:?}\n");
+    let c = load_toml(
+        &text,
+        &[(ENV_CREDENTIALS_DIRECTORY, creds.path().to_str().unwrap())],
+    )
+    .unwrap();
+    let report = c.secret_report(true);
+    assert_eq!(
+        report[0],
+        format!(
+            "kie.api_key: found in the credential `kie-api-key` in {}",
+            creds.path().display()
+        )
+    );
+    assert_eq!(report[1], "kie.webhook_hmac_key: not set");
+    assert!(
+        report[2].starts_with("notify secret: found in the file "),
+        "{report:?}"
+    );
+    assert!(
+        report[3].contains("not readable by others (mode 600)")
+            && report[3].contains("credential `notify-secret`"),
+        "{report:?}"
+    );
+    assert!(
+        !report.join("\n").contains("MfKQ"),
+        "a secret value was shown"
+    );
+    // Not as root (nobody else runs it), or world-readable: no warning.
+    assert_eq!(c.secret_report(false).len(), 3);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(c.secret_report(true).len(), 3);
+    // Under /tmp: hidden from the unit whatever its mode.
+    let tmp = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    std::fs::write(tmp.path(), good).unwrap();
+    let text = format!(
+        "[notify]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = {:?}\n",
+        tmp.path()
+    );
+    let c = load_toml(&text, &[]).unwrap();
+    assert!(
+        c.secret_report(true)[3].contains("under /tmp"),
+        "{:?}",
+        c.secret_report(true)
+    );
+}
