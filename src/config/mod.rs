@@ -151,7 +151,7 @@ impl Default for Config {
                 timeout: keys::default_duration("notify.timeout"),
                 max_attempts: keys::default_int("notify.max_attempts"),
             },
-            secret_origins: Vec::new(),
+            secret_origins: SECRET_KEYS.iter().map(|k| (*k, None)).collect(),
         }
     }
 }
@@ -288,6 +288,9 @@ pub fn keys() -> Vec<String> {
     out
 }
 
+/// The secrets, as `check-config` names them in [`Config::secret_report`].
+const SECRET_KEYS: [&str; 3] = ["kie.api_key", "kie.webhook_hmac_key", "notify secret"];
+
 /// What `<set>` stands for in [`Config::effective_toml`].
 pub const SECRET_SHOWN: &str = "<set>";
 
@@ -398,7 +401,7 @@ fn resolve_secrets(
             credential: CREDENTIAL_API_KEY,
         },
     )?;
-    config.kie.api_key = note("kie.api_key", api_key)
+    config.kie.api_key = note(SECRET_KEYS[0], api_key)
         .map(|key| ApiKey::parse("kie.api_key", &key))
         .transpose()?;
     let hmac = secret(
@@ -412,7 +415,7 @@ fn resolve_secrets(
             credential: CREDENTIAL_WEBHOOK_HMAC_KEY,
         },
     )?;
-    config.kie.webhook_hmac_key = note("kie.webhook_hmac_key", hmac);
+    config.kie.webhook_hmac_key = note(SECRET_KEYS[1], hmac);
     let notify_secret = secret(
         env,
         SecretSource {
@@ -425,7 +428,7 @@ fn resolve_secrets(
             credential: CREDENTIAL_NOTIFY_SECRET,
         },
     )?;
-    config.notify.secret = note("notify secret", notify_secret);
+    config.notify.secret = note(SECRET_KEYS[2], notify_secret);
     config.secret_origins = origins;
     Ok(())
 }
