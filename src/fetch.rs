@@ -231,8 +231,7 @@ impl Fetcher {
         let content_type = describe_content_type(resp.headers());
         let final_url = resp.url().to_string();
 
-        let part = PartFile::create(tmp_dir).await?;
-        let mut writer = part.writer()?;
+        let mut writer = PartWriter::start(tmp_dir);
         let mut received: u64 = 0;
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_LEN);
         let mut ext: Option<Ext> = None;
@@ -449,44 +448,24 @@ fn innermost_reason(err: reqwest::Error) -> String {
 }
 
 /// A `.part` file that is removed when dropped, unless kept.
+///
+/// Each `.part` file has two: the fetch's, in its [`PartWriter`], which removes the file at
+/// once when the fetch is dropped; and the blocking writer's, made by [`write_part`] in the
+/// statement right after the `open` succeeded (no await, so no cancellation, can come
+/// between the file appearing and that guard existing), which removes the file when the
+/// fetch went away before the open even ran. (The file used to be opened through
+/// `tokio::fs` on the blocking pool, the only guard made when the open's result came back:
+/// a fetch cancelled in between left a `.part` file that nobody removed until the next
+/// start. A guard made before the open is not enough alone either: an open already queued
+/// on the blocking pool still runs after the fetch and its guard are gone.)
 struct PartFile {
     path: PathBuf,
-    file: Option<std::fs::File>,
     keep: bool,
 }
 
 impl PartFile {
-    async fn create(dir: &Path) -> io::Result<PartFile> {
-        let name = format!("{}.part", hex::encode(rand::random::<[u8; 16]>()));
-        let path = dir.join(name);
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?
-            .into_std()
-            .await;
-        Ok(PartFile {
-            path,
-            file: Some(file),
-            keep: false,
-        })
-    }
-
-    /// Hands the file to its own blocking writer; the guard keeps removing it on error.
-    fn writer(self) -> io::Result<PartWriter> {
-        let mut this = self;
-        let file = this
-            .file
-            .take()
-            .ok_or_else(|| io::Error::other("part file taken"))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_CHUNKS);
-        let done = tokio::task::spawn_blocking(move || write_part(file, rx));
-        Ok(PartWriter {
-            part: this,
-            tx: Some(tx),
-            done,
-        })
+    fn new(path: PathBuf) -> PartFile {
+        PartFile { path, keep: false }
     }
 
     fn keep(mut self) -> PathBuf {
@@ -498,7 +477,8 @@ impl PartFile {
 impl Drop for PartFile {
     fn drop(&mut self) {
         if !self.keep {
-            // Blocking, but a single unlink; it also runs when a fetch is cancelled.
+            // Blocking, but a single unlink; it also runs when a fetch is cancelled. The
+            // name is random and the file created with `create_new`, so it is ours.
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -512,15 +492,36 @@ const WRITE_BUF_BYTES: usize = 128 * 1024;
 
 /// The async side of a `.part` file's blocking writer: one blocking-pool hop per file
 /// instead of one per chunk (`tokio::fs`), and the hashing off the async workers.
+///
+/// The writer thread creates the file. Dropping a `PartWriter` (a failed or cancelled
+/// fetch) removes the file at once if it exists; if the writer has not opened it yet, the
+/// writer removes it itself when it finds the fetch gone (the channel closed without the
+/// finish marker). A finished file comes back inside the writer's guard, in the task's
+/// result, which is dropped, and so removes the file, if nobody takes it.
 struct PartWriter {
     part: PartFile,
     /// `Some(chunk)` to write; `None` to finish (flush, `sync_all`). Dropping the sender
     /// without `None` (an error or a cancelled fetch) makes the writer stop and return.
     tx: Option<tokio::sync::mpsc::Sender<Option<Bytes>>>,
-    done: tokio::task::JoinHandle<io::Result<String>>,
+    done: tokio::task::JoinHandle<io::Result<(String, PartFile)>>,
 }
 
 impl PartWriter {
+    /// Starts the writer of a new `<random hex>.part` file in `dir`. A failure to create
+    /// it is reported by the next [`PartWriter::write`] or [`PartWriter::finish`].
+    fn start(dir: &Path) -> PartWriter {
+        let name = format!("{}.part", hex::encode(rand::random::<[u8; 16]>()));
+        let path = dir.join(name);
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_CHUNKS);
+        let part = PartFile::new(path.clone());
+        let done = tokio::task::spawn_blocking(move || write_part(path, rx));
+        PartWriter {
+            part,
+            tx: Some(tx),
+            done,
+        }
+    }
+
     async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
         let sent = match &self.tx {
             Some(tx) => tx.send(Some(chunk)).await.is_ok(),
@@ -545,21 +546,32 @@ impl PartWriter {
             // A closed channel means the writer failed; `join` reports its error.
             let _ = tx.send(None).await;
         }
-        let sha256 = self.join().await?;
+        let (sha256, writers) = self.join().await?;
+        // One guard is enough from here on.
+        writers.keep();
         Ok((sha256, self.part))
     }
 
-    async fn join(&mut self) -> io::Result<String> {
+    async fn join(&mut self) -> io::Result<(String, PartFile)> {
         (&mut self.done).await.map_err(io::Error::other)?
     }
 }
 
-/// The blocking side: hash and write every chunk through a large buffer; on the finish
-/// marker flush and `sync_all`. Returns the sha256 in hex.
+/// The blocking side: create the file at `path` (it must not exist), hash and write every
+/// chunk through a large buffer; on the finish marker flush and `sync_all`. Returns the
+/// sha256 in hex and the file's guard; on any error, or when the sender goes away without
+/// the finish marker, the guard is dropped and the file removed.
 fn write_part(
-    file: std::fs::File,
+    path: PathBuf,
     mut rx: tokio::sync::mpsc::Receiver<Option<Bytes>>,
-) -> io::Result<String> {
+) -> io::Result<(String, PartFile)> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    // Nothing between the open and the guard: from here on the file is always removed
+    // unless handed over finished.
+    let part = PartFile::new(path);
     let mut out = io::BufWriter::with_capacity(WRITE_BUF_BYTES, file);
     let mut hasher = Sha256::new();
     loop {
@@ -574,7 +586,8 @@ fn write_part(
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(hex::encode(hasher.finalize()))
+    drop(file);
+    Ok((hex::encode(hasher.finalize()), part))
 }
 
 /// The wait before retry number `attempt` (1 = the first retry): uniform in
@@ -598,6 +611,117 @@ pub fn backoff_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A runtime whose blocking pool has one thread, so a `spawn_blocking` awaited after a
+    /// writer was started runs only once that writer has returned.
+    fn one_blocking_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    /// Waits until every blocking task queued so far has run.
+    async fn blocking_pool_drained() {
+        tokio::task::spawn_blocking(|| ()).await.unwrap();
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_fetch_cancelled_before_its_file_is_created_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        one_blocking_thread().block_on(async {
+            // The only blocking thread is busy, so the writer's open is still queued when
+            // the fetch goes away; it runs afterwards all the same.
+            let (release, gate) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || gate.recv());
+            drop(PartWriter::start(dir.path()));
+            release.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            blocking_pool_drained().await;
+        });
+        assert_eq!(entries(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_fetch_cancelled_after_its_file_was_created_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        one_blocking_thread().block_on(async {
+            let mut writer = PartWriter::start(dir.path());
+            // One chunk more than the queue holds: the last send returns only once the
+            // writer has taken the first, which it does after creating the file.
+            for _ in 0..=WRITE_QUEUE_CHUNKS {
+                writer.write(Bytes::from_static(b"chunk")).await.unwrap();
+            }
+            assert_eq!(entries(dir.path()).len(), 1, "the file exists");
+            drop(writer);
+            // Removed by the drop itself, not later by the writer thread.
+            assert_eq!(entries(dir.path()), Vec::<String>::new());
+            blocking_pool_drained().await;
+        });
+        assert_eq!(entries(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_fetch_cancelled_while_its_file_is_synced_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        one_blocking_thread().block_on(async {
+            let mut writer = PartWriter::start(dir.path());
+            writer.write(Bytes::from_static(b"chunk")).await.unwrap();
+            // The finish marker is queued (there is room), then `finish` waits for the
+            // writer's result; the fetch goes away there, before it takes the file.
+            let mut finish = Box::pin(writer.finish());
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let early = finish.as_mut().poll(&mut cx);
+            drop(early);
+            drop(finish);
+            blocking_pool_drained().await;
+        });
+        assert_eq!(entries(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_finished_file_is_kept_with_its_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = one_blocking_thread().block_on(async {
+            let mut writer = PartWriter::start(dir.path());
+            writer.write(Bytes::from_static(b"abc")).await.unwrap();
+            let (sha256, part) = writer.finish().await.unwrap();
+            assert_eq!(
+                sha256,
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            );
+            part.keep()
+        });
+        assert_eq!(std::fs::read(path).unwrap(), b"abc");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_created_fails_the_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        one_blocking_thread().block_on(async {
+            let mut writer = PartWriter::start(&missing);
+            let mut failed = None;
+            for _ in 0..=WRITE_QUEUE_CHUNKS {
+                if let Err(e) = writer.write(Bytes::from_static(b"chunk")).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let err = match failed {
+                Some(e) => e,
+                None => writer.finish().await.err().expect("finish fails"),
+            };
+            assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        });
+    }
 
     #[test]
     fn a_full_disk_is_the_disks_fault_not_the_images() {

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -80,8 +82,12 @@ impl Limits {
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same, for connections accepted while the listener is at least half full.
 const CROWDED_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
-/// A client must send its whole body within this time.
+/// A client must send its whole body within this time, counted from the end of its headers.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The same, for requests that start while the listener is at least half full. A genuine
+/// callback (a few KiB of JSON, 64 KiB at most) arrives in one or two segments; 3 s for
+/// 64 KiB is 22 KiB/s, far below any real client's rate.
+const CROWDED_BODY_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection whose answers make no progress into the socket for this long (the client
 /// does not read them, e.g. it pipelines requests and never reads) is closed.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -152,7 +158,7 @@ impl Public {
             (&Method::POST, "/callbacks/cover") => {
                 let received = std::time::Instant::now();
                 let (parts, body) = req.into_parts();
-                let resp = match read_body(&parts.headers, body, MAX_BODY_BYTES).await {
+                let resp = match read_body(&parts, body, MAX_BODY_BYTES).await {
                     Ok(bytes) => answer(self.intake.handle(&parts.headers, &bytes).await),
                     Err(resp) => resp,
                 };
@@ -185,13 +191,14 @@ impl Public {
     }
 }
 
-/// Reads a whole request body, at most `limit` bytes, within [`BODY_TIMEOUT`]. On failure
-/// returns the answer to send (413 without reading the rest, 408, 400).
-pub async fn read_body(
-    headers: &hyper::HeaderMap,
-    body: Incoming,
-    limit: usize,
-) -> Result<Bytes, Resp> {
+/// Reads a whole request body, at most `limit` bytes, within [`BODY_TIMEOUT`] (or
+/// [`CROWDED_BODY_TIMEOUT`]: the deadline `serve` put in the request's extensions). On
+/// failure returns the answer to send (413 without reading the rest, 408, 400, 503 if the
+/// connection was shed meanwhile).
+///
+/// While the body arrives the connection may be shed (nothing has been done with the
+/// request yet); once it is complete the request is in its handler and never shed.
+pub async fn read_body(parts: &Parts, body: Incoming, limit: usize) -> Result<Bytes, Resp> {
     let too_large = || {
         let mut r = answer(Answer::error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,15 +209,23 @@ pub async fn read_body(
             .insert(CONNECTION, HeaderValue::from_static("close"));
         r
     };
-    let declared = headers
+    let declared = parts
+        .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, limit).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    let arrival = parts.extensions.get::<BodyArrival>();
+    let deadline = arrival.map_or(BODY_TIMEOUT, |a| a.timeout);
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+        Ok(Ok(collected)) => {
+            if arrival.is_some_and(|a| !a.complete()) {
+                return Err(shed_answer());
+            }
+            Ok(collected.to_bytes())
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(answer(Answer::error(
             StatusCode::BAD_REQUEST,
@@ -226,6 +241,17 @@ pub async fn read_body(
             Err(r)
         }
     }
+}
+
+/// The answer on a connection shed a moment ago (it is being closed; usually never sent).
+fn shed_answer() -> Resp {
+    let mut r = answer(Answer::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many connections; try again",
+    ));
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 pub fn answer(a: Answer) -> Resp {
@@ -318,10 +344,24 @@ impl Accept for tokio::net::UnixListener {
 /// With `limits.shed_idle`, a (nearly) full listener does not stop accepting (that would
 /// leave a real callback waiting in the kernel's backlog behind a crowd): it closes the
 /// least recently active idle connections first (keep-alive between requests, headers
-/// still trickling in, or answers stuck unread in the socket), never one whose request is
-/// being handled. Connections accepted while the listener is at least half full get a
-/// shorter header/idle timeout, and every connection whose answers stop moving into the
-/// socket for [`WRITE_STALL_TIMEOUT`] is closed.
+/// still trickling in, a body still arriving, or answers stuck unread in the socket),
+/// never one whose request is being handled.
+///
+/// A request is "being handled" from the moment its whole body has arrived ([`read_body`]
+/// has it) or, without a body, from the end of its headers: only then has the daemon
+/// started to act on it, so only then would closing the connection lose work or leave
+/// the client unsure what happened. Until then the client has only sent bytes and must
+/// send them again anyway, as after any reset. So a client trickling its body (say
+/// `Content-Length: 60000` at a byte a second) holds no more than one trickling its
+/// headers: it is shed when room is needed, oldest request first (its age counts from the
+/// end of its headers, not from its last byte, so trickling does not keep it young).
+/// The body's deadline ([`BODY_TIMEOUT`], [`CROWDED_BODY_TIMEOUT`] for a request that
+/// starts while the listener is at least half full) bounds it even when nobody needs the
+/// room; no separate minimum rate is enforced, as a whole-body deadline is stricter.
+///
+/// Connections accepted while the listener is at least half full get a shorter
+/// header/idle timeout, and every connection whose answers stop moving into the socket
+/// for [`WRITE_STALL_TIMEOUT`] is closed.
 pub async fn serve<L, H, F>(listener: L, handler: H, limits: Limits, shutdown: CancellationToken)
 where
     L: Accept,
@@ -398,20 +438,26 @@ where
         let crowded = slots.available_permits() < max_connections / 2;
         let slot = conns.register();
         let service = {
-            let (handler, slot) = (handler.clone(), slot.clone());
-            service_fn(move |req| {
+            let (handler, slot, slots) = (handler.clone(), slot.clone(), slots.clone());
+            service_fn(move |mut req: Request<Incoming>| {
                 let (handler, slot) = (handler.clone(), slot.clone());
+                let crowded = slots.available_permits() < max_connections / 2;
                 async move {
-                    let Some(_busy) = Busy::begin(&slot) else {
+                    let has_body = !req.body().is_end_stream();
+                    let Some(_request) = InFlight::begin(&slot, has_body) else {
                         // Shed a moment ago; the connection is being closed.
-                        let mut r = answer(Answer::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "too many connections; try again",
-                        ));
-                        r.headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                        return Ok::<_, Infallible>(r);
+                        return Ok::<_, Infallible>(shed_answer());
                     };
+                    if has_body {
+                        req.extensions_mut().insert(BodyArrival {
+                            slot: slot.clone(),
+                            timeout: if crowded {
+                                CROWDED_BODY_TIMEOUT
+                            } else {
+                                BODY_TIMEOUT
+                            },
+                        });
+                    }
                     Ok::<_, Infallible>(handler(req).await)
                 }
             })
@@ -490,17 +536,21 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 
 /// A connection between requests (keep-alive, headers arriving, answer being written).
 const IDLE: u8 = 0;
-/// A connection whose request is in the handler: never shed.
+/// A connection whose request is in the handler, its body (if any) complete: never shed.
 const BUSY: u8 = 1;
 /// Chosen for shedding; its task drops it.
 const SHED: u8 = 2;
+/// A connection whose request's headers have arrived but whose body is still arriving:
+/// nothing has been done with the request yet, so it may be shed like an idle one.
+const RECEIVING: u8 = 3;
 
 /// One open connection, as the shedder sees it.
 struct Slot {
     id: u64,
     epoch: Instant,
     state: AtomicU8,
-    /// Milliseconds since the listener's epoch at which a request last started or ended.
+    /// Milliseconds since the listener's epoch at which a request last started (its headers
+    /// arrived) or ended; body bytes do not count, so a trickled body does not stay young.
     last_active: AtomicU64,
     shed: CancellationToken,
 }
@@ -551,12 +601,13 @@ impl Conns {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Closes up to `n` idle connections, least recently active first; returns how many.
+    /// Closes up to `n` sheddable connections (idle, or receiving a body), least recently
+    /// active first; returns how many.
     fn evict_idle(&self, n: usize) -> usize {
         let mut idle: Vec<(u64, Arc<Slot>)> = self
             .lock()
             .values()
-            .filter(|s| s.state.load(Ordering::Acquire) == IDLE)
+            .filter(|s| sheddable(s.state.load(Ordering::Acquire)))
             .map(|s| (s.last_active.load(Ordering::Relaxed), s.clone()))
             .collect();
         if idle.len() > n {
@@ -565,12 +616,14 @@ impl Conns {
         }
         let mut shed = 0;
         for (_, slot) in idle {
-            // A request that started meanwhile keeps its connection.
-            if slot
+            // A request that entered its handler meanwhile keeps its connection.
+            let taken = slot
                 .state
-                .compare_exchange(IDLE, SHED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    sheddable(s).then_some(SHED)
+                })
+                .is_ok();
+            if taken {
                 slot.shed.cancel();
                 shed += 1;
             }
@@ -582,25 +635,56 @@ impl Conns {
     }
 }
 
-/// Marks a connection busy while its request is handled; idle again when dropped.
-struct Busy<'a>(&'a Slot);
+fn sheddable(state: u8) -> bool {
+    state == IDLE || state == RECEIVING
+}
 
-impl<'a> Busy<'a> {
+/// Marks a connection's request as started (receiving its body, or in its handler if it
+/// has none); idle again when dropped.
+struct InFlight<'a>(&'a Slot);
+
+impl<'a> InFlight<'a> {
     /// `None` if the connection was shed.
-    fn begin(slot: &'a Slot) -> Option<Busy<'a>> {
+    fn begin(slot: &'a Slot, has_body: bool) -> Option<InFlight<'a>> {
+        let state = if has_body { RECEIVING } else { BUSY };
         slot.state
-            .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(IDLE, state, Ordering::AcqRel, Ordering::Acquire)
             .ok()?;
         slot.touch();
-        Some(Busy(slot))
+        Some(InFlight(slot))
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         // Recorded before going idle, so a shedder never sees a fresh idle connection as old.
         self.0.touch();
-        self.0.state.store(IDLE, Ordering::Release);
+        // A shed connection stays shed.
+        let _ = self
+            .0
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s != SHED).then_some(IDLE)
+            });
+    }
+}
+
+/// Put in a request's extensions by [`serve`] while its body is arriving: the body's
+/// deadline, and the connection to mark busy once the body is complete.
+#[derive(Clone)]
+struct BodyArrival {
+    slot: Arc<Slot>,
+    timeout: Duration,
+}
+
+impl BodyArrival {
+    /// The body is complete: the request enters its handler and its connection can no
+    /// longer be shed. `false` if it was shed first.
+    fn complete(&self) -> bool {
+        self.slot
+            .state
+            .compare_exchange(RECEIVING, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 }
 
@@ -713,14 +797,14 @@ mod tests {
     fn shedding_takes_the_least_recently_active_idle_connections_never_a_busy_one() {
         let conns = Conns::default();
         let (busy, newer, older) = (conns.register(), conns.register(), conns.register());
-        let in_handler = Busy::begin(&busy).unwrap();
+        let in_handler = InFlight::begin(&busy, false).unwrap();
         for (slot, at) in [(&busy, 1), (&newer, 500), (&older, 300)] {
             slot.last_active.store(at, Ordering::Relaxed);
         }
         assert_eq!(conns.evict_idle(1), 1);
         assert!(older.shed.is_cancelled() && !newer.shed.is_cancelled());
         // A request arriving on a shed connection is not handled.
-        assert!(Busy::begin(&older).is_none());
+        assert!(InFlight::begin(&older, false).is_none());
         assert_eq!(conns.evict_idle(10), 1);
         assert!(newer.shed.is_cancelled());
         assert!(
@@ -730,6 +814,38 @@ mod tests {
         drop(in_handler);
         assert_eq!(conns.evict_idle(10), 1);
         assert!(busy.shed.is_cancelled());
+    }
+
+    #[test]
+    fn a_body_still_arriving_is_shed_oldest_first_and_a_complete_one_never() {
+        let conns = Conns::default();
+        let (trickling, fresh, complete) = (conns.register(), conns.register(), conns.register());
+        let arrival = |slot: &Arc<Slot>| BodyArrival {
+            slot: slot.clone(),
+            timeout: BODY_TIMEOUT,
+        };
+        let _t = InFlight::begin(&trickling, true).unwrap();
+        let _f = InFlight::begin(&fresh, true).unwrap();
+        let c = InFlight::begin(&complete, true).unwrap();
+        assert!(arrival(&complete).complete(), "its body arrived");
+        // Headers long ago, a byte a moment ago: the age counts from the headers.
+        for (slot, at) in [(&trickling, 1), (&fresh, 900), (&complete, 0)] {
+            slot.last_active.store(at, Ordering::Relaxed);
+        }
+        assert_eq!(conns.evict_idle(1), 1);
+        assert!(trickling.shed.is_cancelled() && !fresh.shed.is_cancelled());
+        // The shed body completes too late: the request is not handled.
+        assert!(!arrival(&trickling).complete());
+        assert_eq!(
+            conns.evict_idle(10),
+            1,
+            "only the other body still arriving"
+        );
+        assert!(fresh.shed.is_cancelled() && !complete.shed.is_cancelled());
+        // Once handled, the connection is idle again and sheddable.
+        drop(c);
+        assert_eq!(conns.evict_idle(10), 1);
+        assert!(complete.shed.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]

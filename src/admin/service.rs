@@ -43,7 +43,7 @@ impl Service {
             return server::answer(Answer::error(StatusCode::NOT_FOUND, "use POST /v1"));
         }
         let (parts, body) = req.into_parts();
-        let bytes = match server::read_body(&parts.headers, body, MAX_REQUEST_BYTES).await {
+        let bytes = match server::read_body(&parts, body, MAX_REQUEST_BYTES).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };

@@ -4,6 +4,10 @@
 //! still answered within 2 s. Once with the connection cap the daemon derives from the fd
 //! limit, once with a cap far below the crowd, where only shedding idle connections helps.
 //!
+//! A third crowd trickles request bodies (600 connections declaring 60,000 bytes and sending
+//! one a second, reconnecting whenever the daemon closes them): a body still arriving must
+//! not make its connection count as "in its handler".
+//!
 //! The test process holds both ends of every connection (the daemon runs in-process), so it
 //! raises its own RLIMIT_NOFILE and skips, saying why, when the hard limit is too low.
 
@@ -210,9 +214,19 @@ fn addr(d: &Daemon) -> std::net::SocketAddr {
 /// while the crowd is open: every one must be answered 200 within [`BOUND`] (a locked-out
 /// listener makes them wait for the crowd's timeouts, 10 s or more). Returns their task ids.
 async fn callbacks_answered_in_time(base: &str, fake: &FakeKie, what: &str) -> Vec<String> {
+    callbacks_named_answered_in_time(base, fake, what, "crowd").await
+}
+
+/// [`callbacks_answered_in_time`] with task ids `<prefix>0`, `<prefix>1`, `<prefix>2`.
+async fn callbacks_named_answered_in_time(
+    base: &str,
+    fake: &FakeKie,
+    what: &str,
+    prefix: &str,
+) -> Vec<String> {
     let mut set = JoinSet::new();
     for i in 0..3 {
-        let id = format!("crowd{i}");
+        let id = format!("{prefix}{i}");
         let body = success_body(&id, &[fake.files.url("/crowd.png")]);
         let base = base.to_string();
         set.spawn(async move {
@@ -339,6 +353,145 @@ async fn the_real_binary_answers_a_callback_within_2s_among_2000_connections() {
     let ids = callbacks_answered_in_time(&daemon.base, &fake, "real binary").await;
     assert_eq!(daemon.get("/healthz").await.0, 200);
     drop(crowd);
+    for id in ids {
+        let task = scratch.admin_json(&["show", &id]).await;
+        assert_eq!(task["task_id"], id.as_str(), "callback {id} stored");
+    }
+    daemon.stop().await;
+}
+
+/// Connections of the slow-body crowd.
+const SLOW_BODIES: usize = 600;
+/// What each of them sends at once: a callback's headers declaring a 60,000-byte body
+/// (under the 64 KiB cap, so it is not refused at once); then a byte a second.
+const SLOW_BODY_HEAD: &[u8] = b"POST /callbacks/cover HTTP/1.1\r\nhost: crowd\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n";
+/// The pause before a closed slow-body connection connects again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
+/// Connections one slow-body client opens at most (the test ends long before).
+const MAX_RECONNECTS: usize = 10_000;
+/// The listener's cap in the in-process run: below the slow-body crowd, as in the report
+/// that found it (a cap of 332, from an fd limit of 1,100).
+const SLOW_BODY_CAP: usize = 300;
+
+/// The slow-body crowd; dropping it closes every connection.
+struct SlowBodies {
+    _clients: JoinSet<()>,
+    /// Requests started so far (headers sent), reconnections included.
+    started: tokio::sync::watch::Receiver<usize>,
+}
+
+/// Starts [`SLOW_BODIES`] clients against `addr`, each sending [`SLOW_BODY_HEAD`] and then
+/// a byte of body a second, and when the daemon closes the connection (shed, or its body
+/// timed out) connecting again after [`RECONNECT_PAUSE`].
+fn trickle_bodies(addr: std::net::SocketAddr) -> SlowBodies {
+    let (count, started) = tokio::sync::watch::channel(0usize);
+    let mut clients = JoinSet::new();
+    for _ in 0..SLOW_BODIES {
+        let count = count.clone();
+        clients.spawn(async move {
+            for _ in 0..MAX_RECONNECTS {
+                if let Ok(mut s) = TcpStream::connect(addr).await
+                    && s.write_all(SLOW_BODY_HEAD).await.is_ok()
+                {
+                    count.send_modify(|n| *n += 1);
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    tick.tick().await;
+                    let mut answer = [0u8; 1024];
+                    loop {
+                        tokio::select! {
+                            // An answer (408, 503) or the close: either way it ends here.
+                            r = s.read(&mut answer) => if !matches!(r, Ok(n) if n > 0) { break },
+                            _ = tick.tick() => if s.write_all(b" ").await.is_err() { break },
+                        }
+                    }
+                }
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+            }
+        });
+    }
+    SlowBodies {
+        _clients: clients,
+        started,
+    }
+}
+
+impl SlowBodies {
+    /// Waits (bounded) until at least `n` requests have started.
+    async fn started(&mut self, n: usize) {
+        let reached = tokio::time::timeout(PATIENCE, self.started.wait_for(|s| *s >= n))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(
+            reached,
+            "only {} slow-body requests started within {PATIENCE:?}, expected {n}",
+            *self.started.borrow()
+        );
+    }
+}
+
+/// Genuine callbacks sent in three rounds while the slow-body crowd keeps the listener
+/// full: once every slow client has sent its headers, and twice more after as many
+/// reconnections again (the crowd churning, as an attacker who reconnects would). Every
+/// callback must be answered 200 within [`BOUND`]. Returns the task ids.
+async fn callbacks_among_slow_bodies(
+    base: &str,
+    addr: std::net::SocketAddr,
+    fake: &FakeKie,
+    what: &str,
+) -> Vec<String> {
+    let mut crowd = trickle_bodies(addr);
+    let mut ids = Vec::new();
+    for round in 1..=3 {
+        crowd.started(round * SLOW_BODIES).await;
+        let what = format!("{what}, round {round}");
+        let prefix = format!("slow{round}-");
+        ids.extend(callbacks_named_answered_in_time(base, fake, &what, &prefix).await);
+    }
+    eprintln!(
+        "{what}: {} slow-body requests started in all",
+        *crowd.started.borrow()
+    );
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_answered_within_2s_while_600_connections_trickle_bodies() {
+    let Some((_turn, fake)) = crowd_test().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &fake);
+    config.accept_unknown_tasks = true;
+    let d = Daemon::start_with(dir, config, |h| h.max_connections = Some(SLOW_BODY_CAP)).await;
+    let ids = callbacks_among_slow_bodies(&d.base, addr(&d), &fake, "slow bodies").await;
+    for id in ids {
+        assert!(d.task(&id).is_some(), "callback {id} not stored");
+    }
+    assert_eq!(d.get("/healthz").await, (200, "ok".into()));
+    d.stop().await;
+}
+
+/// The same against the real binary under an fd limit of 1,100, so that the cap it derives
+/// itself is the 332 of the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binary_sheds_slow_bodies_under_its_own_cap() {
+    let Some((_turn, fake)) = crowd_test().await else {
+        return;
+    };
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let daemon = crate::bin_util::Daemon::spawn(
+        crate::process::serve_after("ulimit -n 1100", &scratch),
+        scratch.data_dir(),
+    )
+    .await;
+    assert!(
+        daemon.logs().contains("max_connections=332"),
+        "the derived cap:\n{}",
+        daemon.logs()
+    );
+    let ids = callbacks_among_slow_bodies(&daemon.base, daemon.addr, &fake, "real binary").await;
+    assert_eq!(daemon.get("/healthz").await.0, 200);
     for id in ids {
         let task = scratch.admin_json(&["show", &id]).await;
         assert_eq!(task["task_id"], id.as_str(), "callback {id} stored");

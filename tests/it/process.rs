@@ -24,7 +24,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// `coverd serve --config …` started by a shell that first runs `setup` (e.g. `umask 000`).
-fn serve_after(setup: &str, scratch: &Scratch) -> Command {
+pub(crate) fn serve_after(setup: &str, scratch: &Scratch) -> Command {
     coverd_after(setup, scratch, &["serve"])
 }
 
