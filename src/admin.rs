@@ -30,6 +30,11 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Longest an admin command waits for the daemon.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest an admin command waits for the daemon's first sign of life, and between two of
+/// them: a stopped (SIGSTOP) or stuck daemon is reported within this, whatever the command.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the daemon says it is still working on a request (`Frame::Alive`).
+const ALIVE_EVERY: Duration = Duration::from_secs(2);
 /// Longest `admin verify` or `admin export` waits for the daemon.
 const WHOLE_STORE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// `admin list` without `--limit`.

@@ -420,14 +420,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
 /// A progress bar on stderr for the whole-store commands, only when stderr is a terminal:
 /// a spinner until the command reports its totals (through the daemon it never does).
 fn progress_bar(request: &Request) -> Option<indicatif::ProgressBar> {
-    let what = match request {
-        Request::Verify => "verifying",
-        Request::Export => "exporting",
-        Request::Backup { .. } => "backing up",
-        Request::Restore { .. } => "restoring",
-        Request::Prune { .. } => "pruning",
-        _ => return None,
-    };
+    let what = request.progress_label()?;
     if !std::io::stderr().is_terminal() {
         return None;
     }

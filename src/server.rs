@@ -137,7 +137,15 @@ pub fn public_connection_cap(fds: Option<u64>) -> usize {
         .clamp(MIN_PUBLIC_CONNECTIONS, MAX_PUBLIC_CONNECTIONS)
 }
 
-pub type Resp = Response<Full<Bytes>>;
+/// An answer's body: whole (`full`) or streamed (the admin socket's `/v2`).
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+pub type Resp = Response<Body>;
+
+/// A whole body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    Full::new(bytes.into()).boxed_unsync()
+}
 
 /// Liveness of the parts `/healthz` reports on.
 #[derive(Debug, Default)]
@@ -255,7 +263,7 @@ fn shed_answer() -> Resp {
 }
 
 pub fn answer(a: Answer) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from(a.body)));
+    let mut r = Response::new(full(a.body));
     *r.status_mut() = a.status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -263,7 +271,7 @@ pub fn answer(a: Answer) -> Resp {
 }
 
 pub fn text(status: StatusCode, body: &'static str) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -290,7 +298,7 @@ pub async fn metrics_route(
     }
     match Snapshot::read(store, now) {
         Ok(snapshot) => {
-            let mut r = Response::new(Full::new(Bytes::from(metrics.render(&snapshot))));
+            let mut r = Response::new(full(metrics.render(&snapshot)));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),

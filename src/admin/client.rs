@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 
 use super::{
-    ADMIN_SOCKET, AdminError, CLIENT_TIMEOUT, Exec, Reply, Request, WHOLE_STORE_TIMEOUT, access,
-    backup,
+    ADMIN_SOCKET, ANSWER_TIMEOUT, AdminError, CLIENT_TIMEOUT, Exec, Frame, Reply, Request,
+    WHOLE_STORE_TIMEOUT, access, backup,
 };
 use crate::config::Config;
 use crate::kie::KieClient;
@@ -35,12 +35,10 @@ pub async fn run_with(
     match tokio::net::UnixStream::connect(&socket).await {
         Ok(stream) => {
             // Whole-store commands read every task (and every image, for verify).
-            let limit = match req {
-                Request::Verify
-                | Request::Export
-                | Request::Backup { .. }
-                | Request::Prune { .. } => WHOLE_STORE_TIMEOUT,
-                _ => CLIENT_TIMEOUT,
+            let limit = if req.whole_store() {
+                WHOLE_STORE_TIMEOUT
+            } else {
+                CLIENT_TIMEOUT
             };
             // The daemon resolves paths itself: send the operator's, not this process's
             // `/proc/self/fd/N/…` alias (see `access::act_as_owner`).
@@ -50,13 +48,14 @@ pub async fn run_with(
                 },
                 other => other,
             };
-            return tokio::time::timeout(limit, remote(stream, &req))
+            let socket_shown = shown.join(ADMIN_SOCKET);
+            return tokio::time::timeout(limit, remote(stream, &req, progress, &socket_shown))
                 .await
                 .unwrap_or_else(|_| {
                     Err(AdminError::failed(format!(
-                        "the daemon did not answer within {}s on {}; check `journalctl -u coverd`",
+                        "the daemon did not finish within {}s on {}; check `journalctl -u coverd`",
                         limit.as_secs(),
-                        shown.join(ADMIN_SOCKET).display()
+                        socket_shown.display()
                     )))
                 });
         }
@@ -152,12 +151,30 @@ pub async fn run_with(
     reply
 }
 
+/// Sends `req` to the daemon on `POST /v2` and reads its frames: a sign of life at least
+/// every [`ANSWER_TIMEOUT`] (else the daemon is stopped or stuck, and the command says so
+/// instead of waiting), progress (handed to `progress`, the same bar as offline), then the
+/// reply or the error.
 pub(super) async fn remote(
     stream: tokio::net::UnixStream,
     req: &Request,
+    progress: Option<backup::Progress>,
+    socket: &std::path::Path,
 ) -> Result<Reply, AdminError> {
     let lost = |e: &dyn std::fmt::Display| {
         AdminError::failed(format!("lost the connection to the daemon: {e}; retry"))
+    };
+    let silent = || {
+        let maybe = if req.writes() {
+            " It may still carry the request out once it runs again."
+        } else {
+            ""
+        };
+        AdminError::failed(format!(
+            "the daemon holding {} did not answer within {}s: it is stopped (SIGSTOP) or stuck; check `systemctl status coverd` and `journalctl -u coverd`.{maybe}",
+            socket.display(),
+            ANSWER_TIMEOUT.as_secs()
+        ))
     };
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -165,29 +182,58 @@ pub(super) async fn remote(
             .map_err(|e| lost(&e))?;
     tokio::spawn(conn);
     let body = serde_json::to_vec(req).map_err(|e| lost(&e))?;
-    let request = hyper::Request::post("/v1")
+    let request = hyper::Request::post("/v2")
         .header("host", "coverd")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| lost(&e))?;
-    let resp = sender.send_request(request).await.map_err(|e| lost(&e))?;
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
+    let resp = tokio::time::timeout(ANSWER_TIMEOUT, sender.send_request(request))
         .await
-        .map_err(|e| lost(&e))?
-        .to_bytes();
-    if status == StatusCode::OK {
-        serde_json::from_slice(&bytes).map_err(|e| lost(&e))
-    } else {
-        Err(
+        .map_err(|_| silent())?
+        .map_err(|e| lost(&e))?;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if status != StatusCode::OK {
+        let bytes = tokio::time::timeout(ANSWER_TIMEOUT, body.collect())
+            .await
+            .map_err(|_| silent())?
+            .map_err(|e| lost(&e))?
+            .to_bytes();
+        return Err(
             serde_json::from_slice::<AdminError>(&bytes).unwrap_or_else(|_| {
                 AdminError::failed(format!(
                     "the daemon answered {status}: {}",
                     String::from_utf8_lossy(&bytes)
                 ))
             }),
-        )
+        );
+    }
+    // Newline-delimited frames; a frame is at most a reply (an export can be large).
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let Some(frame) = tokio::time::timeout(ANSWER_TIMEOUT, body.frame())
+            .await
+            .map_err(|_| silent())?
+        else {
+            return Err(lost(&"the daemon closed the answer before its end"));
+        };
+        let frame = frame.map_err(|e| lost(&e))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            match serde_json::from_slice::<Frame>(&line).map_err(|e| lost(&e))? {
+                Frame::Alive => {}
+                Frame::Progress { done, total } => {
+                    if let Some(p) = &progress {
+                        p(done, total);
+                    }
+                }
+                Frame::Reply(reply) => return Ok(*reply),
+                Frame::Error(e) => return Err(e),
+            }
+        }
     }
 }

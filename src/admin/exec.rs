@@ -28,6 +28,7 @@ pub struct AppliedJson {
 }
 
 /// What executing a request needs: the store and, when present, the KIE client.
+#[derive(Clone)]
 pub struct Exec {
     pub store: Store,
     pub config: Arc<Config>,

@@ -243,3 +243,74 @@ impl From<StoreError> for AdminError {
         AdminError::failed(e.to_string())
     }
 }
+
+impl Request {
+    /// Whether the request changes the store (tasks, notifications, images). Exhaustive:
+    /// a new request must say.
+    pub fn writes(&self) -> bool {
+        match self {
+            Request::Track { .. }
+            | Request::Retry { .. }
+            | Request::Submit { .. }
+            | Request::Redeliver { .. }
+            | Request::Restore { .. }
+            | Request::Prune { .. } => true,
+            Request::Status
+            | Request::List { .. }
+            | Request::Show { .. }
+            | Request::Verify
+            | Request::Export
+            | Request::Backup { .. } => false,
+        }
+    }
+
+    /// Whether it reads the whole store (every task, every image for verify): such a
+    /// request gets the long overall timeout through the daemon.
+    pub fn whole_store(&self) -> bool {
+        match self {
+            Request::Verify
+            | Request::Export
+            | Request::Backup { .. }
+            | Request::Prune { .. }
+            | Request::Restore { .. } => true,
+            Request::Status
+            | Request::List { .. }
+            | Request::Show { .. }
+            | Request::Track { .. }
+            | Request::Retry { .. }
+            | Request::Submit { .. }
+            | Request::Redeliver { .. } => false,
+        }
+    }
+
+    /// What a progress bar says while it runs; `None`: no bar (a quick request).
+    pub fn progress_label(&self) -> Option<&'static str> {
+        match self {
+            Request::Verify => Some("verifying"),
+            Request::Export => Some("exporting"),
+            Request::Backup { .. } => Some("backing up"),
+            Request::Restore { .. } => Some("restoring"),
+            Request::Prune { .. } => Some("pruning"),
+            Request::Status
+            | Request::List { .. }
+            | Request::Show { .. }
+            | Request::Track { .. }
+            | Request::Retry { .. }
+            | Request::Submit { .. }
+            | Request::Redeliver { .. } => None,
+        }
+    }
+}
+
+/// One line of the daemon's streamed answer on `POST /v2` (newline-delimited JSON): the
+/// daemon sends [`Frame::Alive`] every [`ALIVE_EVERY`](super::ALIVE_EVERY) and progress
+/// as it goes, so the command can tell a working daemon from a stopped one, and ends with
+/// the reply or the error.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Frame {
+    Alive,
+    Progress { done: u64, total: u64 },
+    Reply(Box<Reply>),
+    Error(AdminError),
+}

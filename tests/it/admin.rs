@@ -453,3 +453,42 @@ async fn verify_and_export() {
     assert_eq!(export(config.clone()).await, lines);
     drop(dir);
 }
+
+/// Issue 15 item 6: through the daemon, a whole-store command streams its progress (the
+/// same callback, so the same bar, as offline), then its reply.
+#[tokio::test]
+async fn progress_of_a_whole_store_command_streams_from_the_daemon() {
+    use coverd::machine::{Ctx, Event};
+    use coverd::store::IfMissing;
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |_| {}).await;
+    let ctx = Ctx::from_config(&d.config, coverd::model::now_millis());
+    for i in 0..600 {
+        let event = Event::Track {
+            music_task_id: None,
+        };
+        d.store
+            .apply(&format!("p-{i:03}"), &event, &ctx, IfMissing::Create)
+            .unwrap();
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress = {
+        let seen = seen.clone();
+        std::sync::Arc::new(move |done: u64, total: u64| seen.lock().unwrap().push((done, total)))
+            as coverd::admin::backup::Progress
+    };
+    let reply = admin::run_with(d.config.clone(), Request::Export, Some(progress))
+        .await
+        .unwrap();
+    let Reply::Export { tasks, .. } = reply else {
+        panic!("not an export: {reply:?}");
+    };
+    assert_eq!(tasks.len(), 600);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![(256, 600), (512, 600)],
+        "progress frames from the daemon"
+    );
+    d.stop().await;
+}

@@ -560,3 +560,30 @@ async fn admin_retry_refetches_corrupt_and_missing_images() {
     );
     d.stop().await;
 }
+
+/// Issue 15 item 6: a stopped (SIGSTOP) daemon makes an admin command fail within 10 s,
+/// saying so, instead of hanging for 120 s (3,600 s for verify, export, backup, prune);
+/// continued, the daemon answers again.
+#[tokio::test]
+async fn admin_on_a_stopped_daemon_answers_within_10s() {
+    let (fake, s) = Scratch::with_fake().await;
+    s.write_config(&fake.base_url(), "", "");
+    let d = s.serve().await;
+    d.signal("STOP");
+    for args in [&["admin", "status"][..], &["admin", "verify"]] {
+        let started = std::time::Instant::now();
+        let out = s.run(args).await;
+        let took = started.elapsed();
+        assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains("did not answer within 10s")
+                && out.stderr.contains("stopped (SIGSTOP) or stuck"),
+            "{args:?}: {out:?}"
+        );
+        assert!(took < Duration::from_secs(15), "{args:?} took {took:?}");
+    }
+    d.signal("CONT");
+    let out = s.run(&["admin", "status"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    d.stop().await;
+}
