@@ -1,6 +1,7 @@
 //! `coverd serve`: starts every part in order (store, crash recovery, listeners, workers),
-//! tells systemd when it is ready, and stops them in reverse order on shutdown. Owns the
-//! lifecycle only; each part's behaviour lives in its own module.
+//! tells systemd when it is ready, and stops them in reverse order on shutdown. Watches the
+//! workers: one that stops or panics is named on `/healthz` and ends the daemon (exit 70).
+//! Owns the lifecycle only; each part's behaviour lives in its own module.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -21,6 +21,13 @@
 //! and the directories whose names changed. Owns these threads, the queue, the batching and
 //! those fsyncs; must not touch trees or keys (the batch is applied by the closure the store
 //! gives it: `Core::apply_batch` in `store`).
+//!
+//! A failed round is final ("fsyncgate"): the kernel reports a writeback error once, so a
+//! later round that succeeds proves nothing about the pages it dropped. The flusher keeps the
+//! first failure's reason and fails every later round with it, without I/O; the store marks
+//! itself unable to take writes (`OnFailure`) and refuses every later update. A thread that
+//! stops or panics before the store closes is reported (`Writer::stopped`), so the daemon
+//! can say so and exit rather than answer 503 forever behind a healthy `/healthz`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -158,7 +165,8 @@ impl Shared {
     }
 
     /// Called when `thread` ends: unless the store is closing, it stopped early (returned, or
-    /// panicked with `panic`); the first such stop is kept and logged.
+    /// panicked with `panic`); the first such stop is kept (the daemon logs it, and every
+    /// later update is refused with it).
     fn ended(&self, thread: StoreThread, panic: Option<Box<dyn std::any::Any + Send>>) {
         if panic.is_none() && self.closing.load(Ordering::SeqCst) {
             return;
@@ -171,7 +179,6 @@ impl Shared {
             if s.is_some() {
                 return false;
             }
-            tracing::error!("{how}; the store takes no more writes");
             *s = Some(how);
             true
         });
