@@ -1,15 +1,18 @@
 //! `coverd serve`: starts every part in order (store, crash recovery, listeners, workers),
-//! tells systemd when it is ready, and stops them in reverse order on shutdown. Owns the
-//! lifecycle only; each part's behaviour lives in its own module.
+//! tells systemd when it is ready, and stops them in reverse order on shutdown. Watches the
+//! workers: one that stops or panics is named on `/healthz` and ends the daemon (exit 70).
+//! Owns the lifecycle only; each part's behaviour lives in its own module.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::task::{Id, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, ADMIN_SOCKET};
@@ -24,7 +27,7 @@ use crate::model::{Clock, SystemClock};
 use crate::notify::Notifier;
 use crate::poll::Poller;
 use crate::server::{self, Health, Public};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreThread};
 
 /// A private directory inside the data directory where the admin socket is bound and made
 /// 0600 before it is renamed into place (so the path `admin.sock` is never reachable with
@@ -123,9 +126,24 @@ pub enum DaemonError {
         "the store failed ({reason}) and the disk takes writes again; exiting with status 75 so that the service manager restarts coverd, which reopens the store"
     )]
     StoreNeedsRestart { reason: String },
+    /// A worker stopped or panicked: `serve` exits with status 70 (SPEC).
+    #[error("{how}; exiting with status 70 so that the service manager restarts coverd")]
+    WorkerStopped { how: String },
 }
 
 impl DaemonError {
+    /// `serve`'s exit status for this error: 70 a worker died, 75 a temporary failure of
+    /// the store, else 1.
+    pub fn exit_status(&self) -> u8 {
+        if matches!(self, DaemonError::WorkerStopped { .. }) {
+            70
+        } else if self.is_temporary() {
+            75
+        } else {
+            1
+        }
+    }
+
     /// A temporary failure of the store (disk full, a write error sled keeps until restart):
     /// `serve` exits with status 75, and a restart can fix it.
     pub fn is_temporary(&self) -> bool {
@@ -156,6 +174,105 @@ const PROBE_BYTES: usize = 1024 * 1024;
 /// The probe file, in the data directory.
 const PROBE_FILE: &str = ".write-probe";
 
+/// After a worker died, the daemon serves on this long, `/healthz` answering 503 with the
+/// worker's name and callbacks answered by what the store can do, then stops; in all it
+/// exits with status 70 within SPEC's 5 s: this, [`WORKER_DEATH_GRACE`],
+/// [`WORKER_DEATH_FLUSH`] and `main`'s runtime shutdown (0.5 s) add up to 4 s.
+const WORKER_DEATH_LINGER: Duration = Duration::from_secs(1);
+/// Requests and workers still running when the daemon stops after a worker died get this
+/// long before they are abandoned.
+const WORKER_DEATH_GRACE: Duration = Duration::from_secs(2);
+/// The last flush after a worker died gets this long (every 200 was flushed before it).
+const WORKER_DEATH_FLUSH: Duration = Duration::from_millis(500);
+
+/// The daemon's workers: one that stops or panics while the daemon runs makes `/healthz`
+/// 503 naming it, and the daemon exit with status 70.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Worker {
+    Downloads,
+    Polls,
+    Notifications,
+    StoreWriter,
+    StoreFlusher,
+}
+
+impl Worker {
+    pub const ALL: [Worker; 5] = [
+        Worker::Downloads,
+        Worker::Polls,
+        Worker::Notifications,
+        Worker::StoreWriter,
+        Worker::StoreFlusher,
+    ];
+
+    /// How `/healthz` and the logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Worker::Downloads => "download loop",
+            Worker::Polls => "poll loop",
+            Worker::Notifications => "notify loop",
+            Worker::StoreWriter => StoreThread::Writer.name(),
+            Worker::StoreFlusher => StoreThread::Flusher.name(),
+        }
+    }
+
+    /// The short name of `COVERD_TEST_STOP_WORKER` (`download`, `poll`, `notify`, `writer`,
+    /// `flusher`).
+    pub fn parse(short: &str) -> Option<Worker> {
+        match short {
+            "download" => Some(Worker::Downloads),
+            "poll" => Some(Worker::Polls),
+            "notify" => Some(Worker::Notifications),
+            "writer" => Some(Worker::StoreWriter),
+            "flusher" => Some(Worker::StoreFlusher),
+            _ => None,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Test hook ([`Hooks::faults`]): makes a worker panic on demand, as a bug would. A loop
+/// panics in its own task (the loop's future is dropped by the unwinding); the store's
+/// threads panic when they next wake up. Not used by coverd itself, except through the
+/// test-only `COVERD_TEST_STOP_WORKER` of `main.rs`.
+#[derive(Debug)]
+pub struct Faults {
+    requested: tokio::sync::watch::Sender<u8>,
+}
+
+impl Default for Faults {
+    fn default() -> Faults {
+        Faults {
+            requested: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Faults {
+    /// Makes `worker` panic now.
+    pub fn stop(&self, worker: Worker) {
+        self.requested.send_modify(|m| *m |= worker.bit());
+    }
+
+    async fn requested(&self, worker: Worker) {
+        let mut rx = self.requested.subscribe();
+        if rx.wait_for(|m| m & worker.bit() != 0).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Waits until a test asks `worker` to stop; never without [`Faults`].
+async fn fault(faults: &Option<Arc<Faults>>, worker: Worker) {
+    match faults {
+        Some(f) => f.requested(worker).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Knobs for tests that run the daemon in-process.
 #[derive(Debug, Default, Clone)]
 pub struct Hooks {
@@ -170,6 +287,8 @@ pub struct Hooks {
     /// Room in the store writer's queue (default: the store's); a tiny one shows what a full
     /// queue does.
     pub write_queue: Option<usize>,
+    /// Makes workers panic on demand (tests of `/healthz` and exit status 70).
+    pub faults: Option<Arc<Faults>>,
 }
 
 /// A started daemon.
@@ -184,6 +303,9 @@ pub struct Running {
     /// Set by the health loop when the store failed for good in this process but the disk
     /// takes writes again: `wait` then ends with [`DaemonError::StoreNeedsRestart`].
     restart: Arc<std::sync::Mutex<Option<String>>>,
+    /// Set by the workers' watcher when one stopped: `wait` then ends with
+    /// [`DaemonError::WorkerStopped`] within [`WORKER_DEATH_GRACE`].
+    died: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Running {
@@ -204,8 +326,25 @@ impl Running {
     pub async fn wait(mut self) -> Result<(), DaemonError> {
         self.shutdown.cancelled().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        while self.tasks.join_next().await.is_some() {}
+        let slot = self.died.clone();
+        let died = move || slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if died().is_some() {
+            // A worker died: stop as SIGTERM would, but within SPEC's 5 s.
+            let joined = tokio::time::timeout(WORKER_DEATH_GRACE, async {
+                while self.tasks.join_next().await.is_some() {}
+            });
+            if joined.await.is_err() {
+                self.tasks.abort_all();
+                while self.tasks.join_next().await.is_some() {}
+            }
+        } else {
+            while self.tasks.join_next().await.is_some() {}
+        }
         let _ = std::fs::remove_file(&self.socket_path);
+        if let Some(how) = died() {
+            let _ = tokio::time::timeout(WORKER_DEATH_FLUSH, self.store.flush()).await;
+            return Err(DaemonError::WorkerStopped { how });
+        }
         let restart = self
             .restart
             .lock()
@@ -299,6 +438,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let wake_polls = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
+    let mut workers = Workers::new(hooks.faults.clone());
 
     let clock = hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
     let downloader = Downloader::new(
@@ -310,18 +450,18 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         clock.clone(),
         metrics.clone(),
     );
-    health.downloads_running.store(true, Ordering::SeqCst);
     {
-        let (health, shutdown) = (health.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            downloader.run(shutdown.clone()).await;
-            health.downloads_running.store(false, Ordering::SeqCst);
+        let shutdown = shutdown.clone();
+        workers.spawn(Worker::Downloads, async move {
+            downloader.run(shutdown).await;
         });
     }
     match Notifier::new(store.clone(), &config, clock.clone(), metrics.clone()) {
         Ok(Some(notifier)) => {
             let shutdown = shutdown.clone();
-            tasks.spawn(async move { notifier.run(shutdown).await });
+            workers.spawn(Worker::Notifications, async move {
+                notifier.run(shutdown).await
+            });
         }
         Ok(None) => {}
         Err(e) => {
@@ -342,8 +482,15 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         )
         .with_metrics(metrics.clone());
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { poller.run(shutdown).await });
+        workers.spawn(Worker::Polls, async move { poller.run(shutdown).await });
     }
+    let died = Arc::new(std::sync::Mutex::new(None));
+    tasks.spawn(workers.watch(
+        store.clone(),
+        health.clone(),
+        died.clone(),
+        shutdown.clone(),
+    ));
 
     let public = Arc::new(Public {
         intake: Intake {
@@ -426,7 +573,124 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         tasks,
         socket_path,
         restart,
+        died,
     })
+}
+
+/// The workers whose death is fatal: the loops, in a set of their own, and (through the
+/// store) the store's two threads.
+struct Workers {
+    set: JoinSet<()>,
+    names: HashMap<Id, Worker>,
+    faults: Option<Arc<Faults>>,
+}
+
+impl Workers {
+    fn new(faults: Option<Arc<Faults>>) -> Workers {
+        Workers {
+            set: JoinSet::new(),
+            names: HashMap::new(),
+            faults,
+        }
+    }
+
+    /// Runs `run`, the loop of `worker`, until it ends (at shutdown).
+    fn spawn(&mut self, worker: Worker, run: impl Future<Output = ()> + Send + 'static) {
+        let faults = self.faults.clone();
+        let handle = self.set.spawn(async move {
+            tokio::select! {
+                _ = run => {}
+                _ = fault(&faults, worker) => panic!("{} stopped by a test hook", worker.name()),
+            }
+        });
+        self.names.insert(handle.id(), worker);
+    }
+
+    /// Watches the workers until they have all ended at shutdown: the first that returns
+    /// before shutdown or panics (a loop; or the store's writer or flusher thread) is named
+    /// on `/healthz` at once and logged, and [`WORKER_DEATH_LINGER`] later stops the daemon,
+    /// which then exits with status 70.
+    async fn watch(
+        mut self,
+        store: Store,
+        health: Arc<Health>,
+        died: Arc<std::sync::Mutex<Option<String>>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut stop_at: Option<tokio::time::Instant> = None;
+        let (mut store_seen, mut writer_asked, mut flusher_asked) = (false, false, false);
+        loop {
+            let stop = async {
+                match stop_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let how = tokio::select! {
+                _ = stop => {
+                    stop_at = None;
+                    shutdown.cancel();
+                    None
+                }
+                joined = self.set.join_next_with_id() => {
+                    let Some(joined) = joined else {
+                        // Every loop has ended: wait out the linger of a death, if any.
+                        if let Some(at) = stop_at {
+                            tokio::time::sleep_until(at).await;
+                            shutdown.cancel();
+                        }
+                        return;
+                    };
+                    let (id, failure) = match joined {
+                        Ok((id, ())) => (id, None),
+                        Err(e) => (e.id(), Some(e)),
+                    };
+                    let name = self.names.get(&id).map_or("a worker", |w| w.name());
+                    match failure {
+                        None if shutdown.is_cancelled() => None,
+                        None => Some(format!("{name} stopped")),
+                        Some(e) if e.is_panic() => {
+                            Some(format!("{name} panicked: {}", panic_message(e.into_panic())))
+                        }
+                        Some(_) if shutdown.is_cancelled() => None,
+                        Some(_) => Some(format!("{name} was cancelled")),
+                    }
+                }
+                how = store.thread_stopped(), if !store_seen => {
+                    store_seen = true;
+                    Some(how)
+                }
+                _ = fault(&self.faults, Worker::StoreWriter), if !writer_asked => {
+                    writer_asked = true;
+                    store.stop_thread_for_test(StoreThread::Writer);
+                    None
+                }
+                _ = fault(&self.faults, Worker::StoreFlusher), if !flusher_asked => {
+                    flusher_asked = true;
+                    store.stop_thread_for_test(StoreThread::Flusher);
+                    None
+                }
+            };
+            if let Some(how) = how
+                && health.worker_stopped(how.clone())
+            {
+                tracing::error!(
+                    "{how}: /healthz answers 503; exiting with status 70 so that the service manager restarts coverd"
+                );
+                *died.lock().unwrap_or_else(|e| e.into_inner()) = Some(how);
+                stop_at = Some(tokio::time::Instant::now() + WORKER_DEATH_LINGER);
+            }
+        }
+    }
+}
+
+/// The text of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// Watches the store's health: writes and flushes a health stamp now and then (so a store
@@ -481,7 +745,7 @@ async fn health_loop(
         } else {
             store.write_failure().is_none()
         };
-        let healthy = store_ok && health.downloads_running.load(Ordering::SeqCst);
+        let healthy = store_ok && health.stopped_worker().is_none();
         if healthy {
             unhealthy_logged = false;
             if watchdog.is_some() {
@@ -490,7 +754,7 @@ async fn health_loop(
         } else if watchdog.is_some() && !unhealthy_logged {
             unhealthy_logged = true;
             tracing::error!(
-                "unhealthy (store or download workers down): not pinging the systemd watchdog, which restarts coverd"
+                "unhealthy (the store cannot take writes, or a worker stopped): not pinging the systemd watchdog, which restarts coverd"
             );
         }
     }

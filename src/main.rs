@@ -1,7 +1,7 @@
 //! The binary's edge: parses the command line (clap), loads the configuration, sets up logs,
 //! runs one command and turns its outcome into an exit code (0 ok, 1 missing/failed, 2 usage
-//! or configuration, 75 temporary failure of the store in `serve`). Everything else lives in
-//! the library.
+//! or configuration, 70 a worker died and 75 temporary failure of the store in `serve`).
+//! Everything else lives in the library.
 
 /// jemalloc instead of glibc's malloc: sled allocates, copies and frees nodes on every write,
 /// across threads, and under glibc that was the writer thread's largest cost; ingest went from
@@ -309,7 +309,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(run(command, config))
+    let code = runtime.block_on(run(command, config));
+    // A daemon whose worker died exits within SPEC's 5 s: a blocking task still running
+    // (a download's file writer) is not waited for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 async fn run(command: Command, config: Config) -> ExitCode {
@@ -322,12 +326,13 @@ async fn run(command: Command, config: Config) -> ExitCode {
                     // so printing it as well doubled every line. Every error's message names
                     // its cause, so `{e:#}` repeated that too.
                     fatal(&format!("coverd stopped: {e}"));
-                    // 75 (EX_TEMPFAIL): the store failed for a reason a restart can fix
-                    // (the unit's Restart=on-failure restarts it; never 0 on a failure).
-                    let temporary = e
-                        .downcast_ref::<daemon::DaemonError>()
-                        .is_some_and(daemon::DaemonError::is_temporary);
-                    ExitCode::from(if temporary { 75 } else { 1 })
+                    // 75 (EX_TEMPFAIL): the store failed for a reason a restart can fix; 70
+                    // (EX_SOFTWARE): a worker died (the unit's Restart=on-failure restarts
+                    // it; never 0 on a failure).
+                    ExitCode::from(
+                        e.downcast_ref::<daemon::DaemonError>()
+                            .map_or(1, daemon::DaemonError::exit_status),
+                    )
                 }
             };
         }
@@ -434,7 +439,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // SIGHUP never kills it (its default action).
     let signals = install_signal_handlers();
     warn_on_sighup();
-    let running = daemon::start(config, daemon::Hooks::default()).await?;
+    let running = daemon::start(config, test_hooks()).await?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
         signals.await;
@@ -443,6 +448,38 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     running.wait().await?;
     Ok(())
+}
+
+/// TEST ONLY: with `COVERD_TEST_STOP_WORKER=<download|poll|notify|writer|flusher>` in its
+/// environment, `serve` makes that worker panic when it receives SIGUSR2, so that a process
+/// test (tests/it/workers.rs) sees the real binary exit with status 70. Nothing else reads
+/// the variable; unset (always, in production) it changes nothing and SIGUSR2 keeps its
+/// default action. docs/reliability.md ("Stopped workers") documents it.
+fn test_hooks() -> daemon::Hooks {
+    let mut hooks = daemon::Hooks::default();
+    let Some(name) = std::env::var_os("COVERD_TEST_STOP_WORKER") else {
+        return hooks;
+    };
+    let Some(worker) = name.to_str().and_then(daemon::Worker::parse) else {
+        tracing::warn!("COVERD_TEST_STOP_WORKER={name:?} names no worker; ignored");
+        return hooks;
+    };
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        return hooks;
+    };
+    let faults = Arc::new(daemon::Faults::default());
+    hooks.faults = Some(faults.clone());
+    tracing::warn!(
+        "test hook: SIGUSR2 makes the {} panic (COVERD_TEST_STOP_WORKER)",
+        worker.name()
+    );
+    tokio::spawn(async move {
+        if usr2.recv().await.is_some() {
+            faults.stop(worker);
+        }
+    });
+    hooks
 }
 
 /// Registers SIGTERM and SIGINT handlers now; the returned future ends at the first signal.
@@ -518,6 +555,18 @@ fn warn_on_sighup() {
     }
 }
 
+/// sled's modules whose logs repeat errors the store reports (see `init_logs`): a failed
+/// log write (`iobuf`, `logger`), its periodic flush failing on that error again, or its
+/// periodic fsync failing (`flusher`; the kernel reports a writeback error to every open
+/// description of the file, so the store's own `fdatasync` of `db/db` fails on it too), and
+/// each tree's flush when the store closes (`tree`).
+const SLED_REPEATS: [&str; 4] = [
+    "sled::tree=off",
+    "sled::flusher=off",
+    "sled::pagecache::iobuf=off",
+    "sled::pagecache::logger=off",
+];
+
 /// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively, its
 /// fields without prefix (`TASK_ID=…`, `STATE=…`); otherwise stderr (under journald without
 /// colours or timestamps, which journald adds). Level from `$RUST_LOG`, default `info` for
@@ -527,6 +576,13 @@ fn init_logs(daemon: bool) {
     use tracing_subscriber::prelude::*;
     let default = if daemon { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // sled logs the I/O errors that coverd's store reports itself, as Rust `Debug` dumps and
+    // again for each of its trees when the store closes (11 "failed to flush" lines at
+    // exit): the store says each failure once, in words (SPEC "Logs": one event, one line).
+    let filter = SLED_REPEATS
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     // Under systemd, the daemon logs straight to journald with real priorities
     // (`journalctl -p warning` works); commands keep writing to the terminal.
     let journald = stderr_is_journal();

@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -147,10 +147,32 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
-/// Liveness of the parts `/healthz` reports on.
+/// Liveness of the workers `/healthz` reports on: the first one that stopped (returned or
+/// panicked) while the daemon runs, named, and how.
 #[derive(Debug, Default)]
 pub struct Health {
-    pub downloads_running: AtomicBool,
+    stopped: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Records that a worker stopped (`how`: "download loop panicked: …"); `false` if one
+    /// had already (only the first is kept).
+    pub fn worker_stopped(&self, how: String) -> bool {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if stopped.is_some() {
+            return false;
+        }
+        *stopped = Some(how);
+        true
+    }
+
+    /// The first worker that stopped, and how.
+    pub fn stopped_worker(&self) -> Option<String> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The public listener's routes.
@@ -183,12 +205,15 @@ impl Public {
 
     async fn healthz(&self) -> Resp {
         let store = &self.intake.store;
-        let problem = if let Some(reason) = store.write_failure() {
+        let problem = if let Some(how) = self.health.stopped_worker() {
+            Some(format!("worker stopped: {how}"))
+        } else if let Some(how) = store.stopped_thread() {
+            // Named at once, before the daemon's watcher has recorded it.
+            Some(format!("worker stopped: {how}"))
+        } else if let Some(reason) = store.write_failure() {
             Some(format!("store cannot take writes: {reason}"))
         } else if let Err(e) = store.get("") {
             Some(format!("store unavailable: {e}"))
-        } else if !self.health.downloads_running.load(Ordering::SeqCst) {
-            Some("download workers stopped".to_string())
         } else {
             None
         };

@@ -61,7 +61,7 @@ mod writer;
 
 pub use copy::TaskCopy;
 pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
-pub use writer::WritesPaused;
+pub use writer::{StoreThread, WritesPaused};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,7 +96,8 @@ pub enum StoreError {
     )]
     Locked { path: PathBuf },
     #[error(
-        "cannot open the store at {path}: {source}; check the directory's permissions and free space"
+        "cannot open the store at {path}: {}; check the directory's permissions and free space",
+        describe(.source)
     )]
     Open { path: PathBuf, source: sled::Error },
     #[error(
@@ -107,7 +108,7 @@ pub enum StoreError {
         "{path} holds a database that coverd did not write; point --data-dir at a coverd data directory or an empty one"
     )]
     Foreign { path: PathBuf },
-    #[error("store I/O failed: {0}; check disk space and permissions")]
+    #[error("store I/O failed: {}; check disk space and permissions", describe(.0))]
     Io(#[from] sled::Error),
     #[error("cannot make the store's writes durable: {0}; check disk space and the disk's health")]
     Flush(String),
@@ -120,6 +121,9 @@ pub enum StoreError {
         "cannot keep the callback for task {task_id} aside: {why}; repair or restore its record (`coverd admin status` names it)"
     )]
     ParkFull { task_id: String, why: String },
+    /// The store's writer or flusher thread stopped: nothing can be written until a restart.
+    #[error("the store cannot take writes: {0}; coverd exits (status 70) and is restarted")]
+    Stopped(String),
     /// The writer's queue is full: the store takes updates more slowly than they come.
     #[error(
         "the store's write queue is full ({queued} updates waiting); retry later, or spread the load"
@@ -142,6 +146,40 @@ pub enum StoreError {
         found: u32,
         known: u32,
     },
+}
+
+/// An error of sled's as people read it: an I/O error by its Display ("No space left on
+/// device (os error 28)"), never a Rust `Debug` dump. sled keeps the first I/O error and
+/// hands out copies of it made from its `Debug` text (`Os { code: 28, kind: StorageFull, …
+/// }`, sled 0.34 `result.rs`); the OS error code is read back from that text.
+pub fn describe(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => describe_io(io),
+        sled::Error::Corruption { at, .. } => match at {
+            Some(at) => format!("corrupt data in the store at {at}"),
+            None => "corrupt data in the store".to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// An I/O error by its Display; a copy sled made from `Debug` text is turned back into it.
+pub fn describe_io(e: &std::io::Error) -> String {
+    if e.raw_os_error().is_some() {
+        return e.to_string();
+    }
+    let text = e.to_string();
+    if let Some(code) = text
+        .split_once("code: ")
+        .and_then(|(_, rest)| rest.split([',', ' ', '}']).next())
+        .and_then(|code| code.parse::<i32>().ok())
+    {
+        return std::io::Error::from_raw_os_error(code).to_string();
+    }
+    if text.contains(" kind: ") || text.starts_with("Kind(") {
+        return e.kind().to_string();
+    }
+    text
 }
 
 impl StoreError {
@@ -209,7 +247,7 @@ pub struct Store {
 
 // Field order is drop order: the writer's threads (which hold the `Core`, with its `sled::Db`
 // and trees) are joined first, then the `Core` (sled's handles) is dropped, and `closed` last
-// waits until sled's lock is free.
+// waits until sled's lock is free. (`open_with` keeps the same order for its locals.)
 struct Inner {
     writer: writer::Writer,
     core: Arc<Core>,
@@ -261,6 +299,20 @@ struct Health {
 }
 
 impl Health {
+    /// Whether an update may be applied: not after a write or flush failed (a failed flush is
+    /// final: the kernel may have dropped the pages it could not write and reports that only
+    /// once, so a later write that seems to succeed proves nothing), nor while a test injects
+    /// failures.
+    fn check(&self) -> Result<(), StoreError> {
+        if self.injected.load(Ordering::SeqCst) {
+            return Err(injected());
+        }
+        match &*self.failed.borrow() {
+            Some(reason) => Err(StoreError::Unwritable(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn mark(&self, reason: &str) {
         self.failed.send_modify(|f| {
             if f.is_none() {
@@ -275,12 +327,14 @@ impl Health {
 }
 
 /// Waits, when the store's last handle is gone, until sled has let go of its lock, so the
-/// directory can be opened again at once (in this process too).
-struct ReleaseOnDrop(PathBuf);
+/// directory can be opened again at once (in this process too). `None`: nothing to wait for.
+struct ReleaseOnDrop(Option<PathBuf>);
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
-        writer::wait_for_lock_release(&self.0.join("db"), LOCK_RELEASE_LIMIT);
+        if let Some(path) = &self.0 {
+            writer::wait_for_lock_release(&path.join("db"), LOCK_RELEASE_LIMIT);
+        }
     }
 }
 
@@ -316,6 +370,12 @@ impl Store {
         progress: &dyn Fn(u64),
     ) -> Result<Store, StoreError> {
         let path = data_dir.join("db");
+        // Declared before `db` so it is dropped after it (locals drop in reverse order) on
+        // every path out of here: it waits until sled has let go of its lock, which sled does
+        // only once its last handle is gone. Dropped before `db`, it waited in vain for its
+        // whole limit (10 s) on every failed open. Armed only once sled has opened: a lock
+        // held by another process is not ours to wait for.
+        let mut closed = ReleaseOnDrop(None);
         let db = sled::Config::new()
             .path(&path)
             .cache_capacity(CACHE_BYTES)
@@ -333,8 +393,7 @@ impl Store {
                     }
                 }
             })?;
-        // Dropped last on every path out of here: waits until sled has let go of its lock.
-        let closed = ReleaseOnDrop(path.clone());
+        closed.0 = Some(path.clone());
         let tree = |name: &str| db.open_tree(name);
         let (failed, _) = tokio::sync::watch::channel(None);
         let health = Arc::new(Health {
@@ -412,7 +471,7 @@ impl Store {
         match e {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => {
-                self.inner.health.mark(&e.to_string());
+                self.inner.health.mark(&describe(&e));
                 StoreError::Io(e)
             }
         }
@@ -433,7 +492,36 @@ impl Store {
         if self.inner.health.injected.load(Ordering::SeqCst) {
             return Some(INJECTED.to_string());
         }
-        self.inner.health.failed.borrow().clone()
+        if let Some(failed) = self.inner.health.failed.borrow().clone() {
+            return Some(failed);
+        }
+        self.stopped_thread()
+    }
+
+    /// Which of the store's threads (writer, flusher) stopped or panicked, and how, if one
+    /// did: the store then takes no write until the process restarts.
+    pub fn stopped_thread(&self) -> Option<String> {
+        self.inner.writer.stopped()
+    }
+
+    /// Waits until one of the store's threads stops or panics (never, while they run);
+    /// returns what [`Store::stopped_thread`] says then.
+    pub async fn thread_stopped(&self) -> String {
+        self.inner.writer.wait_stopped().await
+    }
+
+    /// Makes the store's writer or flusher thread panic at once, as a bug would (tests of
+    /// what the daemon does when one dies). Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn stop_thread_for_test(&self, which: StoreThread) {
+        self.inner.writer.stop_for_test(which);
+    }
+
+    /// Makes the next flush round fail as if `fdatasync` had returned EIO (tests; the
+    /// process tests inject real syscall errors with strace). Not used by coverd itself.
+    #[doc(hidden)]
+    pub fn fail_next_flush_for_test(&self) {
+        self.inner.writer.fail_next_round();
     }
 
     /// Whether a real write or flush failed: only reopening the store (a restart) clears it.
@@ -1065,9 +1153,7 @@ impl Store {
         change: impl Fn(&mut Notification),
     ) -> Result<Option<Notification>, StoreError> {
         let i = &*self.inner;
-        if i.health.injected.load(Ordering::SeqCst) {
-            return Err(injected());
-        }
+        i.health.check()?;
         let result = (&i.meta, &i.outbox).transaction(|(meta, outbox)| {
             let seq = match seq {
                 Some(s) => s,
@@ -1105,7 +1191,7 @@ impl Store {
         }
         let stamp = crate::model::now_millis().to_be_bytes();
         if let Err(e) = self.inner.meta.insert("health", &stamp) {
-            self.inner.health.mark(&e.to_string());
+            self.inner.health.mark(&describe(&e));
             return Err(e.into());
         }
         self.flush().await?;
@@ -1235,8 +1321,8 @@ impl Core {
     /// left out and the transaction runs again without it. A storage error fails them all
     /// (and marks the store's health).
     fn apply_batch(&self, writes: &[writer::Write]) -> Vec<writer::Outcome> {
-        if self.health.injected.load(Ordering::SeqCst) {
-            return writes.iter().map(|_| Err(injected())).collect();
+        if let Err(e) = self.health.check() {
+            return writes.iter().map(|_| Err(e.clone_failure())).collect();
         }
         let trees = (
             &self.meta,
@@ -1307,7 +1393,7 @@ impl Core {
                 Ok(out) => return self.applied(writes, out, left_out),
                 Err(TransactionError::Abort((n, e))) => left_out[n] = Some(e),
                 Err(TransactionError::Storage(e)) => {
-                    self.health.mark(&e.to_string());
+                    self.health.mark(&describe(&e));
                     return writes
                         .iter()
                         .map(|_| Err(StoreError::Io(e.clone())))
@@ -1713,6 +1799,17 @@ fn apply_one(
         encode(codec::encode_task(&task, &history), task_id)?,
     )?;
     Ok(Some((before.map(|t| t.state), task, outcome)))
+}
+
+impl StoreError {
+    /// The same failure again, for each update of a refused batch.
+    fn clone_failure(&self) -> StoreError {
+        match self {
+            StoreError::Unwritable(r) => StoreError::Unwritable(r.clone()),
+            StoreError::Io(e) => StoreError::Io(e.clone()),
+            other => StoreError::Unwritable(other.to_string()),
+        }
+    }
 }
 
 fn injected() -> StoreError {
@@ -2709,6 +2806,22 @@ mod tests {
         assert_eq!(store.write_batches() - batches, 1, "one transaction");
         assert_eq!(store.group_flushes() - rounds, 1, "one flush round");
         assert_eq!(store.counts().unwrap().received, 3);
+    }
+
+    /// sled hands out copies of its stored I/O error made from `Debug` text; they reach
+    /// `/healthz` and the logs in words.
+    #[test]
+    fn io_errors_are_described_in_words() {
+        let original = sled::Error::Io(std::io::Error::from_raw_os_error(28));
+        let copy = original.clone();
+        assert!(copy.to_string().contains("Os {"), "sled's copy: {copy}");
+        for e in [original, copy] {
+            assert_eq!(describe(&e), "No space left on device (os error 28)");
+            let text = StoreError::Io(e).to_string();
+            assert!(!text.contains("Os {") && !text.contains("kind:"), "{text}");
+        }
+        let plain = std::io::Error::other("a message of our own");
+        assert_eq!(describe_io(&plain), "a message of our own");
     }
 
     #[tokio::test]

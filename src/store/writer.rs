@@ -21,12 +21,19 @@
 //! and the directories whose names changed. Owns these threads, the queue, the batching and
 //! those fsyncs; must not touch trees or keys (the batch is applied by the closure the store
 //! gives it: `Core::apply_batch` in `store`).
+//!
+//! A failed round is final ("fsyncgate"): the kernel reports a writeback error once, so a
+//! later round that succeeds proves nothing about the pages it dropped. The flusher keeps the
+//! first failure's reason and fails every later round with it, without I/O; the store marks
+//! itself unable to take writes (`OnFailure`) and refuses every later update. A thread that
+//! stops or panics before the store closes is reported (`Writer::stopped`), so the daemon
+//! can say so and exit rather than answer 503 forever behind a healthy `/healthz`.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -87,7 +94,29 @@ pub(super) struct Progress {
     pub error: Option<String>,
 }
 
-#[derive(Default)]
+/// The store's two threads, as `/healthz` and the logs name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreThread {
+    Writer,
+    Flusher,
+}
+
+impl StoreThread {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreThread::Writer => "store writer thread",
+            StoreThread::Flusher => "store flusher thread",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            StoreThread::Writer => 1,
+            StoreThread::Flusher => 2,
+        }
+    }
+}
+
 struct Shared {
     /// Rounds run since open, for tests and metrics.
     rounds: AtomicU64,
@@ -101,9 +130,60 @@ struct Shared {
     /// Test hook: while set, the writer holds the update it took and takes no other.
     paused: Mutex<bool>,
     resume: Condvar,
+    /// Test hook: the next round fails as if `fdatasync` had.
+    fail_next: AtomicBool,
+    /// Test hook: the threads ([`StoreThread::bit`]) that panic when they next wake up.
+    stop: AtomicU8,
+    /// Set when the store closes: a thread that ends then has not stopped early.
+    closing: AtomicBool,
+    /// The first thread that stopped while the store was open, and how.
+    stopped: watch::Sender<Option<String>>,
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            rounds: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            running: AtomicU32::new(0),
+            max_running: AtomicU32::new(0),
+            paused: Mutex::new(false),
+            resume: Condvar::new(),
+            fail_next: AtomicBool::new(false),
+            stop: AtomicU8::new(0),
+            closing: AtomicBool::new(false),
+            stopped: watch::channel(None).0,
+        }
+    }
+
+    /// Panics if a test asked `thread` to stop (a bug's panic, on demand).
+    fn stop_if_asked(&self, thread: StoreThread) {
+        if self.stop.load(Ordering::SeqCst) & thread.bit() != 0 {
+            panic!("{} stopped by a test hook", thread.name());
+        }
+    }
+
+    /// Called when `thread` ends: unless the store is closing, it stopped early (returned, or
+    /// panicked with `panic`); the first such stop is kept (the daemon logs it, and every
+    /// later update is refused with it).
+    fn ended(&self, thread: StoreThread, panic: Option<Box<dyn std::any::Any + Send>>) {
+        if panic.is_none() && self.closing.load(Ordering::SeqCst) {
+            return;
+        }
+        let how = match panic {
+            Some(p) => format!("{} panicked: {}", thread.name(), panic_message(p.as_ref())),
+            None => format!("{} stopped", thread.name()),
+        };
+        self.stopped.send_if_modified(|s| {
+            if s.is_some() {
+                return false;
+            }
+            *s = Some(how);
+            true
+        });
+    }
+
     fn wait_while_paused(&self) {
         let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
         while *paused {
@@ -152,7 +232,7 @@ impl Writer {
         if let Some(parent) = db_dir.parent() {
             sync_dir(parent)?;
         }
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new());
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (tx, rx) = mpsc::channel(queue.max(1));
         // At most one batch waits between the two threads: an applier ahead of the disk
@@ -169,14 +249,29 @@ impl Writer {
                     progress: progress_tx,
                     on_failure,
                     done: 0,
+                    poisoned: None,
                 };
-                move || flusher.run(&handed)
+                move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        flusher.run(&handed)
+                    }));
+                    // Said before `handed` is dropped: the writer, which then ends too, is
+                    // not taken for the first to stop.
+                    flusher.shared.ended(StoreThread::Flusher, ran.err());
+                    drop(handed);
+                }
             })?;
         let applier = std::thread::Builder::new()
             .name("coverd-writer".into())
             .spawn({
                 let shared = shared.clone();
-                move || apply_loop(&shared, rx, apply, &handoff)
+                move || {
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        apply_loop(&shared, rx, apply, &handoff)
+                    }));
+                    shared.ended(StoreThread::Writer, ran.err());
+                    drop(handoff);
+                }
             });
         let applier = match applier {
             Ok(a) => a,
@@ -196,7 +291,7 @@ impl Writer {
     }
 
     fn sender(&self) -> Result<&mpsc::Sender<Request>, StoreError> {
-        self.tx.as_ref().ok_or_else(stopped)
+        self.tx.as_ref().ok_or_else(|| self.stopped_error())
     }
 
     /// Applies `write` in the writer's next batch, waiting for room in the queue. Returns
@@ -207,8 +302,8 @@ impl Writer {
         self.sender()?
             .send(Request::Apply(write, reply))
             .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+            .map_err(|_| self.stopped_error())?;
+        answer.await.map_err(|_| self.stopped_error())?
     }
 
     /// As [`Writer::apply`], but a full queue is [`StoreError::Busy`] at once.
@@ -221,9 +316,9 @@ impl Writer {
                     queued: self.queued(),
                 });
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(stopped()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(self.stopped_error()),
         }
-        answer.await.map_err(|_| stopped())?
+        answer.await.map_err(|_| self.stopped_error())?
     }
 
     /// Waits until every write up to `ticket` is durable. Cancel-safe: dropping the future
@@ -255,7 +350,7 @@ impl Writer {
     pub fn request(&self) -> Result<(), StoreError> {
         match self.sender()?.try_send(Request::Flush) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.stopped_error()),
         }
     }
 
@@ -282,22 +377,60 @@ impl Writer {
             .map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 
+    /// The answer to an update the threads can no longer take.
+    fn stopped_error(&self) -> StoreError {
+        StoreError::Stopped(
+            self.stopped()
+                .unwrap_or_else(|| "the store's writer thread stopped".into()),
+        )
+    }
+
+    /// How the first of the two threads that stopped early did, if one did.
+    pub fn stopped(&self) -> Option<String> {
+        self.shared.stopped.borrow().clone()
+    }
+
+    /// Waits until a thread stops early; what [`Writer::stopped`] then says.
+    pub async fn wait_stopped(&self) -> String {
+        let mut rx = self.shared.stopped.subscribe();
+        let stopped = rx.wait_for(Option::is_some).await.map(|s| s.clone());
+        match stopped {
+            Ok(s) => s.unwrap_or_default(),
+            // The sender lives as long as this writer.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Test hook: `thread` panics when it next wakes up; a flush request wakes both.
+    pub fn stop_for_test(&self, thread: StoreThread) {
+        self.shared.stop.fetch_or(thread.bit(), Ordering::SeqCst);
+        let _ = self.request();
+    }
+
+    /// Test hook: the next round fails as an `fdatasync` returning EIO would.
+    pub fn fail_next_round(&self) {
+        self.shared.fail_next.store(true, Ordering::SeqCst);
+    }
+
     pub fn pause(&self) -> WritesPaused {
         *self.shared.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
         WritesPaused(self.shared.clone())
     }
 }
 
-fn stopped() -> StoreError {
-    StoreError::Panicked {
-        what: "the store's writer thread".into(),
-        reason: "it stopped".into(),
-    }
+/// The text of a panic's payload (a `&str` or a `String`, as `panic!` makes them).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
         // The thread applies what is still queued, then sees the queue closed and ends.
+        self.shared.closing.store(true, Ordering::SeqCst);
         drop(self.tx.take());
         *self.shared.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.shared.resume.notify_all();
@@ -326,6 +459,7 @@ fn apply_loop(
     let mut requests = Vec::with_capacity(MAX_BATCH);
     let mut writes = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
+        shared.stop_if_asked(StoreThread::Writer);
         shared.wait_while_paused();
         requests.push(first);
         while requests.len() < MAX_BATCH {
@@ -372,54 +506,80 @@ struct Flusher {
     on_failure: OnFailure,
     /// Tickets covered by the last round (durable, or failed).
     done: u64,
+    /// Why a round failed, once one has: every later round fails with it, without I/O.
+    poisoned: Option<String>,
 }
 
 impl Flusher {
     fn run(&mut self, handed: &std::sync::mpsc::Receiver<Handoff>) {
         while let Ok(mut answers) = handed.recv() {
+            self.shared.stop_if_asked(StoreThread::Flusher);
             while let Ok(more) = handed.try_recv() {
                 answers.extend(more);
             }
-            self.round();
+            let round = self.round();
             for (reply, outcome) in answers {
+                // An update whose round failed is not stored as far as anyone may know.
+                let outcome = match (&round, outcome) {
+                    (Err(reason), Ok(Some(_))) => Err(StoreError::Flush(reason.clone())),
+                    (_, outcome) => outcome,
+                };
                 // A waiter that went away only stops waiting.
                 let _ = reply.send(outcome);
             }
         }
         // The store is closing: what was written outside `apply` since the last round.
-        self.round();
+        let _ = self.round();
     }
 
     /// One flush round covering every ticket handed out before it starts; none if every
-    /// such ticket was covered already.
-    fn round(&mut self) {
+    /// such ticket was covered already. A failed round is final ("fsyncgate"): the kernel
+    /// reports a writeback error once and may have dropped the pages it could not write, so
+    /// a later `fdatasync` that succeeds proves nothing about them. After the first failure
+    /// no round runs any more, and every later ticket fails with the first reason.
+    fn round(&mut self) -> Result<(), String> {
         let target = self.written.load(Ordering::SeqCst);
         if target <= self.done {
-            return;
+            return self.poisoned.clone().map_or(Ok(()), Err);
         }
-        let shared = &self.shared;
-        let now_running = shared.running.fetch_add(1, Ordering::SeqCst) + 1;
-        shared.max_running.fetch_max(now_running, Ordering::SeqCst);
-        let result = self
-            .db
-            .flush()
-            .map_err(|e| e.to_string())
-            .and_then(|_| self.syncer.round().map_err(|e| e.to_string()));
-        shared.running.fetch_sub(1, Ordering::SeqCst);
-        shared.rounds.fetch_add(1, Ordering::SeqCst);
+        let result = match &self.poisoned {
+            Some(reason) => Err(reason.clone()),
+            None => {
+                let shared = &self.shared;
+                let now_running = shared.running.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.max_running.fetch_max(now_running, Ordering::SeqCst);
+                let result = self
+                    .db
+                    .flush()
+                    .map_err(|e| super::describe(&e))
+                    .and_then(|_| {
+                        if shared.fail_next.swap(false, Ordering::SeqCst) {
+                            return Err(super::describe_io(&std::io::Error::from_raw_os_error(
+                                5, // EIO
+                            )));
+                        }
+                        self.syncer.round().map_err(|e| super::describe_io(&e))
+                    });
+                shared.running.fetch_sub(1, Ordering::SeqCst);
+                shared.rounds.fetch_add(1, Ordering::SeqCst);
+                if let Err(e) = &result {
+                    self.poisoned = Some(e.clone());
+                    (self.on_failure)(e);
+                }
+                result
+            }
+        };
         self.done = target;
-        match result {
+        match &result {
             Ok(()) => self
                 .progress
                 .send_modify(|p| p.durable = p.durable.max(target)),
-            Err(e) => {
-                (self.on_failure)(&e);
-                self.progress.send_modify(|p| {
-                    p.failed_upto = p.failed_upto.max(target);
-                    p.error = Some(e);
-                });
-            }
+            Err(e) => self.progress.send_modify(|p| {
+                p.failed_upto = p.failed_upto.max(target);
+                p.error = Some(e.clone());
+            }),
         }
+        result
     }
 }
 

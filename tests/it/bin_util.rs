@@ -34,7 +34,12 @@ const SCRUBBED_ENV: [&str; 10] = [
 
 /// A `coverd` command with a clean environment.
 pub fn coverd() -> Command {
-    let mut cmd = Command::new(BIN);
+    scrubbed(BIN)
+}
+
+/// `program` (coverd, or a wrapper such as strace that runs it) with a clean environment.
+pub fn scrubbed(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
@@ -218,7 +223,15 @@ pub struct Daemon {
 impl Daemon {
     /// Spawns `cmd` (a `coverd serve …`), reads its stderr (logs) on a thread, and returns
     /// once it has logged "coverd is ready addr=…" and `/healthz` answers 200.
-    pub async fn spawn(mut cmd: Command, data_dir: PathBuf) -> Daemon {
+    pub async fn spawn(cmd: Command, data_dir: PathBuf) -> Daemon {
+        let daemon = Daemon::spawn_ready(cmd, data_dir).await;
+        daemon.wait_healthy().await;
+        daemon
+    }
+
+    /// [`Daemon::spawn`], returning once it has logged that it is ready, whatever
+    /// `/healthz` says (a test that makes it fail at any moment).
+    pub async fn spawn_ready(mut cmd: Command, data_dir: PathBuf) -> Daemon {
         // `info` for the ready line; sled's own chatter kept out.
         cmd.env("RUST_LOG", "info,sled=warn")
             .stdout(Stdio::null())
@@ -269,7 +282,7 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        let daemon = Daemon {
+        Daemon {
             child: Mutex::new(child),
             pid,
             addr,
@@ -278,9 +291,7 @@ impl Daemon {
             log,
             reader: Some(reader),
             http: client(),
-        };
-        daemon.wait_healthy().await;
-        daemon
+        }
     }
 
     /// Waits until `GET /healthz` answers 200 `ok`.

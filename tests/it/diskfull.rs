@@ -117,6 +117,11 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
     let (status, body) = daemon.get("/healthz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("cannot take writes"), "{body}");
+    // In words, not as a Rust `Debug` dump of sled's copy of the error.
+    assert!(body.contains("No space left on device"), "{body}");
+    for dump in ["Os {", "kind:", "Custom {"] {
+        assert!(!body.contains(dump), "a Debug dump on /healthz: {body}");
+    }
 
     // Space comes back: the daemon notices and exits 75 to reopen its store.
     std::fs::remove_file(&filler).expect("remove filler");
@@ -127,11 +132,21 @@ async fn a_full_disk_is_503_then_exit_75_and_no_200_is_lost() {
         Some(75),
         "exit status after a store failure:\n{logs}"
     );
-    for pause in ["polls paused", "downloads paused"] {
+    for pause in ["polls paused", "downloads paused", "failed to flush"] {
         assert!(
             logs.matches(pause).count() <= 1,
             "logged in a loop:\n{logs}"
         );
+    }
+    // One failure, one line (SPEC "Logs"): sled's own reports of it (a Debug dump per tree
+    // when the store closes) are not repeated.
+    assert_eq!(
+        logs.matches("the store cannot take writes;").count(),
+        1,
+        "{logs}"
+    );
+    for dump in ["Os {", "kind:", "Custom {"] {
+        assert!(!logs.contains(dump), "a Debug dump in the log:\n{logs}");
     }
 
     // Restarted (systemd adds RestartSec): callbacks are taken again within 30 s.

@@ -161,6 +161,14 @@ impl Daemon {
         }
     }
 
+    /// Waits until the daemon stops by itself (a worker died, the store needs a restart)
+    /// and returns what `Running::wait` said: `serve`'s exit status comes from it.
+    #[allow(dead_code)] // for the worker tests
+    pub async fn wait_stopped(mut self) -> Result<(), coverd::daemon::DaemonError> {
+        let running = self.waker.take().expect("the daemon runs");
+        running.wait().await
+    }
+
     /// Stops the daemon as SIGTERM would and waits until it has.
     pub async fn stop(mut self) -> (tempfile::TempDir, Config) {
         self.shutdown.cancel();
