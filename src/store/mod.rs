@@ -3319,6 +3319,9 @@ mod tests {
             db.open_tree("tasks").unwrap().insert("x", "y").unwrap();
             db.flush().unwrap();
         }
+        // sled's I/O threads let go of the lock a moment after the handle: wait, or the
+        // open below may find the directory locked rather than foreign.
+        writer::wait_for_lock_release(&dir.path().join("db"), LOCK_RELEASE_LIMIT);
         assert!(matches!(
             Store::open(dir.path()),
             Err(StoreError::Foreign { .. })
