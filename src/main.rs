@@ -367,7 +367,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Verify { json } => (Request::Verify, json),
             AdminCommand::Export => (Request::Export, false),
             AdminCommand::Redeliver { task_id } => (Request::Redeliver { task_id }, false),
-            AdminCommand::Backup { dest, json } => (Request::Backup { dest }, json),
+            AdminCommand::Backup { dest, json } => (Request::Backup { dest, seen: None }, json),
             AdminCommand::Restore { src, json } => (Request::Restore { src }, json),
             AdminCommand::Prune {
                 older_than,

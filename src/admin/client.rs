@@ -42,10 +42,16 @@ pub async fn run_with(
             };
             // The daemon resolves paths itself: send the operator's, not this process's
             // `/proc/self/fd/N/…` alias (see `access::act_as_owner`).
+            // and where DEST is as this process sees it, so that the daemon can refuse a
+            // place it sees differently (its private /tmp) before writing anything.
             let req = match req {
-                Request::Backup { dest } => Request::Backup {
-                    dest: access::shown(&dest),
-                },
+                Request::Backup { dest, seen } => {
+                    let shown_dest = access::shown(&dest);
+                    Request::Backup {
+                        seen: seen.or_else(|| super::DirSeen::nearest(&dest, &shown_dest)),
+                        dest: shown_dest,
+                    }
+                }
                 other => other,
             };
             let socket_shown = shown.join(ADMIN_SOCKET);

@@ -187,7 +187,10 @@ impl Exec {
                     message,
                 }
             }
-            Request::Backup { dest } => {
+            Request::Backup { dest, seen } => {
+                if let Some(seen) = &seen {
+                    check_same_place(&dest, seen)?;
+                }
                 let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
                 let progress = self.progress.clone();
                 let to = dest.clone();
@@ -342,6 +345,24 @@ impl Exec {
             },
         })
     }
+}
+
+/// Refuses a backup whose destination the command sees somewhere else than this process
+/// does (SPEC "Data directory"): under systemd the service has its own `/tmp`
+/// (`PrivateTmp=`), so a copy written there would be reported as made, then deleted at the
+/// next stop, never seen by the operator.
+fn check_same_place(dest: &std::path::Path, seen: &super::DirSeen) -> Result<(), AdminError> {
+    use std::os::unix::fs::MetadataExt;
+    let same = std::fs::metadata(&seen.path)
+        .is_ok_and(|m| m.is_dir() && m.dev() == seen.dev && m.ino() == seen.ino);
+    if same {
+        return Ok(());
+    }
+    Err(AdminError::failed(format!(
+        "{} is not the same place for the daemon as for you: the service sees another {} (it has its own /tmp and a read-only system); nothing was written. Back up under /var/lib/coverd-backup/NAME (root reaches it at /var/lib/private/coverd-backup/NAME), or stop the service and back up offline",
+        dest.display(),
+        seen.path.display()
+    )))
 }
 
 /// Every readable task with its readable history; the records that cannot be decoded are

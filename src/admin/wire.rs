@@ -39,6 +39,10 @@ pub enum Request {
     /// A consistent copy into `dest` (absolute; absent or empty).
     Backup {
         dest: PathBuf,
+        /// The directory holding `dest` as the command sees it; the daemon refuses when it
+        /// sees another one there (the service's private `/tmp`), before writing anything.
+        #[serde(default)]
+        seen: Option<DirSeen>,
     },
     /// Rebuild the (absent or empty) data directory from the backup in `src` (absolute).
     /// Only with the daemon stopped.
@@ -241,6 +245,37 @@ impl From<SubmitError> for AdminError {
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> AdminError {
         AdminError::failed(e.to_string())
+    }
+}
+
+/// A directory as one process sees it: its path (the nearest existing one at or above a
+/// destination), device and inode.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DirSeen {
+    pub path: PathBuf,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl DirSeen {
+    /// The nearest existing directory at or above `path`, as this process sees it; `shown`
+    /// is the name to record for it (the operator's path when `path` is an alias).
+    pub fn nearest(path: &std::path::Path, shown: &std::path::Path) -> Option<DirSeen> {
+        use std::os::unix::fs::MetadataExt;
+        let (mut here, mut named) = (path, shown);
+        loop {
+            if let Ok(m) = std::fs::metadata(here)
+                && m.is_dir()
+            {
+                return Some(DirSeen {
+                    path: named.to_path_buf(),
+                    dev: m.dev(),
+                    ino: m.ino(),
+                });
+            }
+            here = here.parent()?;
+            named = named.parent().unwrap_or(named);
+        }
     }
 }
 

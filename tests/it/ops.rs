@@ -59,7 +59,7 @@ async fn let_a_millisecond_pass() {
 /// `admin backup` to `dest`, as `--json` prints it.
 async fn backup(cfg: &Config, dest: &Path) -> Value {
     let dest = dest.to_path_buf();
-    json_of(cfg, Request::Backup { dest }).await
+    json_of(cfg, Request::Backup { dest, seen: None }).await
 }
 
 #[tokio::test]
@@ -104,6 +104,7 @@ async fn backup_restore_and_prune_running_then_stopped() {
         &cfg,
         Request::Backup {
             dest: dest_running.clone(),
+            seen: None,
         },
     )
     .await;
@@ -384,7 +385,14 @@ async fn backup_under_load_is_consistent_and_callbacks_keep_being_answered() {
     let backup_dir = tempfile::tempdir().unwrap();
     let dest = backup_dir.path().join("b");
     let started = Instant::now();
-    let manifest = json_of(&cfg, Request::Backup { dest: dest.clone() }).await;
+    let manifest = json_of(
+        &cfg,
+        Request::Backup {
+            dest: dest.clone(),
+            seen: None,
+        },
+    )
+    .await;
     let ended = Instant::now();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for s in senders {
@@ -582,7 +590,14 @@ async fn quarantined_records_survive_backup_restore_and_prune() {
         .unwrap();
     let scratch = tempfile::tempdir().unwrap();
     let dest = scratch.path().join("b");
-    let m = json_of(&cfg, Request::Backup { dest: dest.clone() }).await;
+    let m = json_of(
+        &cfg,
+        Request::Backup {
+            dest: dest.clone(),
+            seen: None,
+        },
+    )
+    .await;
     assert_eq!(m["tasks"], 2, "{m}");
     let_a_millisecond_pass().await;
     assert_eq!(json_of(&cfg, prune(0, false)).await["tasks"], 0);
@@ -602,4 +617,40 @@ async fn quarantined_records_survive_backup_restore_and_prune() {
         .collect();
     assert_eq!(bad, ["q-bad"]);
     assert_eq!(reply.exit_code(), 1);
+}
+
+/// Issue 15 item 3 (SPEC "Data directory"): a backup into a place the daemon sees
+/// differently from the command (the service's private /tmp) is refused before anything is
+/// written, saying why and where to back up instead; the same place is accepted (the
+/// client fills in what it sees, as every backup test here goes through it).
+#[tokio::test]
+async fn a_backup_the_daemon_would_write_elsewhere_is_refused() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    let outside = tempfile::tempdir().unwrap();
+    let dest = outside.path().join("bk");
+    // As the command would see it from another mount namespace: another directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut seen = admin::DirSeen::nearest(elsewhere.path(), outside.path()).unwrap();
+    seen.path = outside.path().to_path_buf();
+    let e = admin_err(
+        &d.config,
+        Request::Backup {
+            dest: dest.clone(),
+            seen: Some(seen),
+        },
+    )
+    .await;
+    assert_eq!(e.kind, AdminErrorKind::Failed, "{e:?}");
+    assert!(
+        e.message
+            .contains("not the same place for the daemon as for you")
+            && e.message.contains("/var/lib/coverd-backup"),
+        "{e:?}"
+    );
+    assert!(!dest.exists(), "something was written");
+    // Seen alike: made.
+    let m = backup(&d.config, &dest).await;
+    assert_eq!(m["format"], "coverd-backup/1", "{m}");
+    d.stop().await;
 }
