@@ -11,6 +11,7 @@ mod downloads;
 mod fake_kie;
 mod fetch;
 mod harness;
+mod hostile_backup;
 mod intake;
 mod journal;
 mod kie_client;
