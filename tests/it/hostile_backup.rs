@@ -19,9 +19,10 @@ use coverd::admin::backup;
 use coverd::machine::{Ctx, Event, Report};
 use coverd::model::{Image, ImageState, State, Task, now_millis};
 use coverd::store::{IfMissing, Store, codec};
+use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::bin_util::coverd;
+use crate::bin_util::{PATIENCE, coverd};
 
 const NOBODY: u32 = 65534;
 
@@ -181,16 +182,41 @@ impl Playground {
     }
 }
 
+/// Runs `cmd` to completion, its output captured; SIGKILLs it and fails the test if it runs
+/// longer than [`PATIENCE`] (a command that loops on a crafted record must not hang the suite).
+fn output(cmd: &mut std::process::Command) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run coverd");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(PATIENCE) {
+        Ok(out) => out.expect("wait for coverd"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not finish within {PATIENCE:?}");
+        }
+    }
+}
+
 /// `coverd admin --data-dir TARGET restore SRC`, to completion.
 fn restore(target: &Path, src: &Path) -> Output {
-    coverd()
-        .arg("admin")
-        .arg("--data-dir")
-        .arg(target)
-        .arg("restore")
-        .arg(src)
-        .output()
-        .expect("run coverd")
+    output(
+        coverd()
+            .arg("admin")
+            .arg("--data-dir")
+            .arg(target)
+            .arg("restore")
+            .arg(src),
+    )
 }
 
 fn text(out: &Output) -> String {
@@ -317,13 +343,13 @@ fn prune_and_retry_never_remove_outside_images() {
         &["retry", "ok-1"],
         &["prune", "--older-than", "0s"],
     ] {
-        let out = coverd()
-            .arg("admin")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = output(
+            coverd()
+                .arg("admin")
+                .arg("--data-dir")
+                .arg(&data)
+                .args(args),
+        );
         let after = snapshot(play.path(), &[&data]);
         assert_eq!(
             diff(&before, &after),
@@ -376,14 +402,13 @@ fn restore_reads_src_without_writing_and_migrates_schema_1_in_a_copy() {
         cmd.uid(NOBODY).gid(NOBODY);
     }
     let before = snapshot(&src, &[]);
-    let out = cmd
-        .arg("admin")
-        .arg("--data-dir")
-        .arg(&target)
-        .arg("restore")
-        .arg(&src)
-        .output()
-        .unwrap();
+    let out = output(
+        cmd.arg("admin")
+            .arg("--data-dir")
+            .arg(&target)
+            .arg("restore")
+            .arg(&src),
+    );
     let after = snapshot(&src, &[]);
     // Writable again, so the temp dir can be removed.
     let mut stack = vec![src.clone()];
@@ -489,4 +514,439 @@ fn an_online_backup_reads_each_task_with_its_notifications() {
         restored.latest_notification("n-000").unwrap().unwrap().seq,
         1
     );
+}
+
+// ---- Generated hostile backups and stores (proptest) ----
+
+/// Cases each property runs: modest, so both finish within a minute on a loaded 2-core
+/// machine (each case runs the binary). The number is quoted in docs/reliability.md.
+const CASES: u32 = 64;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: CASES,
+        // No regression files written into the source tree; shrinking kept short.
+        failure_persistence: None,
+        max_shrink_iters: 64,
+        ..ProptestConfig::default()
+    }
+}
+
+/// A task id as a crafted record may hold it. `DECOY` is replaced by the absolute path of
+/// the case's decoy directory.
+fn any_id() -> impl Strategy<Value = String> {
+    prop_oneof![
+        10 => "[A-Za-z0-9_-]{1,12}",
+        1 => Just("..".to_string()),
+        1 => Just("../decoy".to_string()),
+        1 => Just("../../decoy".to_string()),
+        1 => Just("DECOY".to_string()),
+        1 => "[a-z]{1,3}/[a-z]{1,3}",
+        1 => Just("a".repeat(129)),
+        1 => Just("b".repeat(4000)),
+        1 => Just(String::new()),
+        1 => "\\PC{1,6}",
+    ]
+}
+
+/// What a record's key is, beside its id.
+#[derive(Debug, Clone)]
+enum Key {
+    SameAsId,
+    Other(String),
+    /// Not UTF-8.
+    Bytes(Vec<u8>),
+}
+
+fn any_key() -> impl Strategy<Value = Key> {
+    prop_oneof![
+        12 => Just(Key::SameAsId),
+        1 => any_id().prop_map(Key::Other),
+        1 => prop::collection::vec(128u8..=255, 1..6).prop_map(Key::Bytes),
+    ]
+}
+
+/// What an image's recorded path is.
+#[derive(Debug, Clone, Copy)]
+enum PathKind {
+    Canonical,
+    /// `images/<id>/../../../decoy/<n>.png`: beside SRC when read, beside the target
+    /// (one level deeper) when written.
+    Climb,
+    ClimbFurther,
+    Absolute,
+    OtherTask,
+    BadExt,
+    DoubleSlash,
+    VeryLong,
+    NoPath,
+}
+
+fn any_path_kind() -> impl Strategy<Value = PathKind> {
+    prop_oneof![
+        12 => Just(PathKind::Canonical),
+        1 => Just(PathKind::Climb),
+        1 => Just(PathKind::ClimbFurther),
+        1 => Just(PathKind::Absolute),
+        1 => Just(PathKind::OtherTask),
+        1 => Just(PathKind::BadExt),
+        1 => Just(PathKind::DoubleSlash),
+        1 => Just(PathKind::VeryLong),
+        1 => Just(PathKind::NoPath),
+    ]
+}
+
+/// A symbolic link planted in SRC (pointing into a decoy directory).
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    None,
+    ImagesDir,
+    TaskDir,
+    ImageFile,
+    DbFile,
+    DbBlobs,
+    Manifest,
+}
+
+fn any_link() -> impl Strategy<Value = Link> {
+    prop_oneof![
+        8 => Just(Link::None),
+        1 => Just(Link::ImagesDir),
+        1 => Just(Link::TaskDir),
+        1 => Just(Link::ImageFile),
+        1 => Just(Link::DbFile),
+        1 => Just(Link::DbBlobs),
+        1 => Just(Link::Manifest),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum ManifestKind {
+    /// The counts a faithful restore of the records would find.
+    Matching,
+    Counts(u64, u64, u64),
+    Missing,
+    Garbage(Vec<u8>),
+}
+
+fn any_manifest() -> impl Strategy<Value = ManifestKind> {
+    prop_oneof![
+        8 => Just(ManifestKind::Matching),
+        1 => (0u64..5, 0u64..5, 0u64..100).prop_map(|(a, b, c)| ManifestKind::Counts(a, b, c)),
+        1 => Just(ManifestKind::Missing),
+        1 => prop::collection::vec(any::<u8>(), 0..64).prop_map(ManifestKind::Garbage),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct CraftedRecord {
+    id: String,
+    key: Key,
+    images: Vec<PathKind>,
+    failed: bool,
+}
+
+fn any_record() -> impl Strategy<Value = CraftedRecord> {
+    (
+        any_id(),
+        any_key(),
+        prop::collection::vec(any_path_kind(), 0..3),
+        any::<bool>(),
+    )
+        .prop_map(|(id, key, images, failed)| CraftedRecord {
+            id,
+            key,
+            images,
+            failed,
+        })
+}
+
+/// Lexically resolves `.` and `..` (no file system access).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The records of a case, as keys and bytes, with every image's data planted where its
+/// recorded path points from `base` (inside the playground only), and whether a faithful
+/// restore must refuse them; also the counts it would find (tasks, images, bytes).
+fn craft(
+    play: &Path,
+    base: &Path,
+    records: &[CraftedRecord],
+) -> (Vec<(Vec<u8>, Vec<u8>)>, bool, (u64, u64, u64)) {
+    let decoy = play.join("decoy");
+    let mut out = Vec::new();
+    let mut hostile = false;
+    let mut counts = (0, 0, 0);
+    let mut keys = std::collections::BTreeSet::new();
+    for (n, r) in records.iter().enumerate() {
+        let id = r.id.replace("DECOY", &decoy.display().to_string());
+        let key = match &r.key {
+            Key::SameAsId => id.as_bytes().to_vec(),
+            Key::Other(k) => k.as_bytes().to_vec(),
+            Key::Bytes(b) => b.clone(),
+        };
+        if !keys.insert(key.clone()) {
+            continue;
+        }
+        let valid = coverd::model::valid_task_id(&id) && key == id.as_bytes();
+        hostile |= !valid;
+        let mut images = Vec::new();
+        for (index, kind) in r.images.iter().enumerate() {
+            let data = png(&format!("case image {n} {index}"));
+            let path = match kind {
+                PathKind::Canonical => format!("images/{id}/{index}.png"),
+                PathKind::Climb => format!("images/{id}/../../../decoy/{n}-{index}.png"),
+                PathKind::ClimbFurther => format!("images/{id}/../../../../decoy/{n}-{index}.png"),
+                PathKind::Absolute => format!("{}/abs-{n}-{index}.png", decoy.display()),
+                PathKind::OtherTask => format!("images/other-{n}/{index}.png"),
+                PathKind::BadExt => format!("images/{id}/{index}.sh"),
+                PathKind::DoubleSlash => format!("images/{id}//{index}.png"),
+                PathKind::VeryLong => format!("images/{id}/{}{index}.png", "x/".repeat(3000)),
+                PathKind::NoPath => String::new(),
+            };
+            if matches!(kind, PathKind::NoPath) {
+                // Downloaded without a file: refused too.
+                hostile = true;
+                images.push((index as u32, String::new(), data));
+                continue;
+            }
+            if !matches!(kind, PathKind::Canonical) || !valid {
+                hostile = true;
+            }
+            // The data where the path points, so that only the path makes it hostile.
+            let at = normalize(&if Path::new(&path).is_absolute() {
+                PathBuf::from(&path)
+            } else {
+                base.join(&path)
+            });
+            if at.starts_with(play) && path.len() < 1000 {
+                if let Some(parent) = at.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                let _ = std::fs::write(&at, &data);
+            }
+            // The directories a climbing path passes through exist, as in a real backup.
+            if coverd::model::valid_task_id(&id) {
+                let _ = std::fs::create_dir_all(base.join("images").join(&id));
+            }
+            counts.1 += 1;
+            counts.2 += data.len() as u64;
+            images.push((index as u32, path, data));
+        }
+        let mut bytes = record(&id, &images);
+        if images.iter().any(|(_, p, _)| p.is_empty()) {
+            // A downloaded image without a path.
+            let mut task = codec::decode_task(&bytes).unwrap();
+            for img in &mut task.images {
+                if img.path.as_deref() == Some("") {
+                    img.path = None;
+                }
+            }
+            bytes = codec::encode_task(&task, &[]).unwrap();
+        }
+        if r.failed {
+            let mut task = codec::decode_task(&bytes).unwrap();
+            task.state = State::Failed;
+            bytes = codec::encode_task(&task, &[]).unwrap();
+        }
+        counts.0 += 1;
+        out.push((key, bytes));
+    }
+    (out, hostile, counts)
+}
+
+/// Plants `link` in SRC, pointing into the decoy directory; whether restore reads through
+/// it (and so must refuse).
+fn plant_link(play: &Path, src: &Path, link: Link, first_valid_id: Option<&str>) -> bool {
+    let decoy = play.join("decoy");
+    let sym = |to: &Path, at: &Path| {
+        if let Some(parent) = at.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::fs::remove_dir_all(at);
+        let _ = std::fs::remove_file(at);
+        std::os::unix::fs::symlink(to, at).expect("symlink");
+    };
+    match (link, first_valid_id) {
+        (Link::None, _) => false,
+        (Link::ImagesDir, _) => {
+            sym(&decoy, &src.join("images"));
+            false
+        }
+        (Link::TaskDir, Some(id)) => {
+            sym(&decoy, &src.join("images").join(id));
+            false
+        }
+        (Link::ImageFile, Some(id)) => {
+            std::fs::write(decoy.join("linked.png"), png("linked")).unwrap();
+            sym(
+                &decoy.join("linked.png"),
+                &src.join("images").join(id).join("0.png"),
+            );
+            false
+        }
+        (Link::TaskDir | Link::ImageFile, None) => false,
+        (Link::DbFile, _) => {
+            let conf = src.join("db/conf");
+            std::fs::copy(&conf, decoy.join("conf")).unwrap();
+            sym(&decoy.join("conf"), &conf);
+            true
+        }
+        (Link::DbBlobs, _) => {
+            std::fs::create_dir_all(decoy.join("blobs")).unwrap();
+            sym(&decoy.join("blobs"), &src.join("db/blobs"));
+            true
+        }
+        (Link::Manifest, _) => {
+            let m = src.join(backup::MANIFEST);
+            let _ = std::fs::rename(&m, decoy.join("backup.json"));
+            sym(&decoy.join("backup.json"), &m);
+            true
+        }
+    }
+}
+
+/// Every path under the target is one restore may write: its store, or an image file at
+/// `images/<valid id>/<index>.<ext>`; no link.
+fn target_paths_are_canonical(target: &Path) -> Result<(), String> {
+    for p in crate::bin_util::tree(target) {
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| e.to_string())?;
+        if meta.file_type().is_symlink() {
+            return Err(format!("a link in the target: {}", p.display()));
+        }
+        let rel = p.strip_prefix(target).unwrap();
+        let parts: Vec<_> = rel
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        let ok = match parts.as_slice() {
+            [] => true,
+            [db, ..] if db == "db" => true,
+            [images] if images == "images" => true,
+            [images, id] if images == "images" => coverd::model::valid_task_id(id),
+            [images, id, file] if images == "images" => {
+                coverd::model::valid_task_id(id)
+                    && file.split_once('.').is_some_and(|(n, ext)| {
+                        n.parse::<u32>().is_ok() && ["png", "jpg", "webp", "gif"].contains(&ext)
+                    })
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!("restore wrote {}", p.display()));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Restore of a generated backup (records with arbitrary ids, keys, image paths;
+    /// symbolic links in SRC; any manifest), through the binary: nothing outside the target
+    /// is created, modified or removed, SRC is unchanged byte for byte, a hostile record or
+    /// a link restore would read makes it refuse, and what it restores is only its store and
+    /// image files at their own paths.
+    #[test]
+    fn restore_of_a_generated_backup_stays_in_its_target(
+        records in prop::collection::vec(any_record(), 1..4),
+        link in any_link(),
+        manifest in any_manifest(),
+    ) {
+        let play = Playground::new();
+        let src = play.path().join("src");
+        let target = play.path().join("deep/target");
+        std::fs::create_dir_all(&src).unwrap();
+        let (planted, hostile, counts) = craft(play.path(), &src, &records);
+        plant_store(&src, &planted);
+        match &manifest {
+            ManifestKind::Matching => write_manifest(&src, counts.0, counts.1, counts.2),
+            ManifestKind::Counts(a, b, c) => write_manifest(&src, *a, *b, *c),
+            ManifestKind::Missing => {}
+            ManifestKind::Garbage(g) => std::fs::write(src.join(backup::MANIFEST), g).unwrap(),
+        }
+        let first_valid = records
+            .iter()
+            .map(|r| r.id.as_str())
+            .find(|id| coverd::model::valid_task_id(id));
+        let through_link = plant_link(play.path(), &src, link, first_valid);
+        if is_root() {
+            chown_nobody(&src);
+            chown_nobody(&play.path().join("decoy"));
+        }
+        let before = snapshot(play.path(), &[&target]);
+        let out = restore(&target, &src);
+        let after = snapshot(play.path(), &[&target]);
+        prop_assert_eq!(diff(&before, &after), Vec::<String>::new(), "{}", text(&out));
+        if hostile || through_link {
+            prop_assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+        }
+        if out.status.code() == Some(0) {
+            let checked = target_paths_are_canonical(&target);
+            prop_assert!(checked.is_ok(), "{:?}: {}", checked, text(&out));
+            if is_root() {
+                // Root only created the target: everything in it is SRC's owner's.
+                let roots: Vec<_> = crate::bin_util::tree(&target)
+                    .into_iter()
+                    .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.uid() != NOBODY))
+                    .collect();
+                prop_assert!(roots.is_empty(), "not nobody's: {:?}", roots);
+            }
+        } else {
+            // Refused: the target is gone, or (created by root for SRC's owner) empty.
+            let left = std::fs::read_dir(&target).map(|d| d.count()).unwrap_or(0);
+            prop_assert_eq!(left, 0, "{}", text(&out));
+        }
+    }
+
+    /// `admin prune`, `admin retry` (which forgets nothing but discards and re-queues) and
+    /// `admin verify` on a stopped store holding generated records (keys and ids such as
+    /// `../../decoy`, image paths outside `images/`, non-UTF-8 keys), with the files they
+    /// name planted: nothing outside the data directory is created, modified or removed.
+    #[test]
+    fn prune_retry_and_verify_of_generated_records_stay_in_images(
+        records in prop::collection::vec(any_record(), 1..4),
+    ) {
+        let play = Playground::new();
+        let data = play.path().join("deep/data");
+        std::fs::create_dir_all(data.join("images")).unwrap();
+        let (planted, _, _) = craft(play.path(), &data, &records);
+        plant_store(&data, &planted);
+        if is_root() {
+            chown_nobody(&data);
+            chown_nobody(&play.path().join("deep"));
+            chown_nobody(&play.path().join("decoy"));
+        }
+        let before = snapshot(play.path(), &[&data]);
+        let mut runs: Vec<Vec<std::ffi::OsString>> = vec![
+            vec!["verify".into()],
+            vec!["prune".into(), "--older-than".into(), "0s".into()],
+        ];
+        for (key, _) in &planted {
+            use std::os::unix::ffi::OsStringExt;
+            runs.insert(0, vec!["retry".into(), std::ffi::OsString::from_vec(key.clone())]);
+        }
+        for args in runs {
+            let out = output(
+                coverd()
+                    .arg("admin")
+                    .arg("--data-dir")
+                    .arg(&data)
+                    .args(&args),
+            );
+            let after = snapshot(play.path(), &[&data]);
+            prop_assert_eq!(diff(&before, &after), Vec::<String>::new(), "{:?}: {}", args, text(&out));
+        }
+    }
 }
