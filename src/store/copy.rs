@@ -537,6 +537,50 @@ mod tests {
         assert!(dst.read_task("zzz").unwrap().is_none());
     }
 
+    /// A task's notifications travel with it: the copy has the same records, due entries
+    /// and counters, and putting the same copy twice counts nothing twice.
+    #[test]
+    fn copies_carry_their_notifications_with_due_entries_and_counters() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (
+            Store::open(d1.path()).unwrap(),
+            Store::open(d2.path()).unwrap(),
+        );
+        let notify = |now| Ctx {
+            notify: true,
+            ..ctx(now)
+        };
+        let track = Event::Track {
+            music_task_id: None,
+        };
+        let failure = Event::Callback(Report::Failure {
+            reason: "KIE code 501: no".into(),
+        });
+        for id in ["p", "q"] {
+            src.apply(id, &track, &notify(10), IfMissing::Create)
+                .unwrap();
+        }
+        src.apply("p", &failure, &notify(20), IfMissing::Reject)
+            .unwrap();
+        let copies = src.read_tasks(None, 10).unwrap();
+        assert_eq!(copies.len(), 2);
+        assert!(copies.iter().all(|c| c.notification_problem().is_none()));
+        dst.put_copies(&copies).unwrap();
+        dst.put_copies(&copies).unwrap();
+        src.copy_other_trees(&dst).unwrap();
+        assert_eq!(dst.notify_counts().unwrap(), src.notify_counts().unwrap());
+        assert_eq!(dst.notify_counts().unwrap().pending, 1);
+        assert_eq!(
+            dst.latest_notification("p").unwrap(),
+            src.latest_notification("p").unwrap()
+        );
+        assert_eq!(
+            dst.due_notifications(i64::MAX, 10).unwrap(),
+            src.due_notifications(i64::MAX, 10).unwrap()
+        );
+        assert!(dst.latest_notification("q").unwrap().is_none());
+    }
+
     #[test]
     fn forget_takes_only_unchanged_finished_tasks() {
         let d = tempfile::tempdir().unwrap();
