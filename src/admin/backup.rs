@@ -463,7 +463,7 @@ pub fn restore(
 }
 
 /// Restore run as root on a backup owned by another user: creates the target if it is
-/// absent (0700) and gives the empty target to SRC's owner, so that `access::act_as_owner`
+/// absent (0700) and gives the (absent or empty) target to SRC's owner, so that `access::act_as_owner`
 /// then does everything else as that user (whoever could write the backup gains nothing by
 /// crafting it). Nothing when not root, or when root owns SRC.
 pub fn give_target_to_src_owner(target: &Path, src: &Path) -> Result<(), AdminError> {
@@ -474,10 +474,11 @@ pub fn give_target_to_src_owner(target: &Path, src: &Path) -> Result<(), AdminEr
         // Restore itself says what is wrong with SRC, before it writes anything.
         return Ok(());
     };
-    if meta.uid() == 0 || !meta.is_dir() {
+    // A target that is not empty (a running daemon's, say) is refused by the restore itself,
+    // with the reason (stop the daemon, move the directory aside): nothing to give here.
+    if meta.uid() == 0 || !meta.is_dir() || check_empty_target(target, "").is_err() {
         return Ok(());
     }
-    check_empty_target(target, "the data directory")?;
     let dir = unlinked(target);
     match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
