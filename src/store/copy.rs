@@ -77,9 +77,19 @@ impl TaskCopy {
     }
 
     /// Why this copy's notifications do not belong to it (a crafted or damaged store): a
-    /// notification whose task id or seq differs from its key, or a seq past the latest.
+    /// notification whose task id or seq differs from its key, a seq past the latest, or a
+    /// latest seq past what a task can reach.
     pub fn notification_problem(&self) -> Option<String> {
         let head = self.notifications.head.as_ref().map(|h| u32_from(h));
+        // One per settle; more would make every later look at them (prune's, each a point
+        // read per seq) as long as the number says.
+        if let Some(h) = head
+            && h > MAX_EVENTS_PER_TASK
+        {
+            return Some(format!(
+                "claims {h} notifications (a task has at most {MAX_EVENTS_PER_TASK})"
+            ));
+        }
         for (seq, bytes) in &self.notifications.records {
             if head.is_none_or(|h| *seq > h) {
                 return Some(format!("notification {seq} is past the task's latest"));
@@ -579,6 +589,24 @@ mod tests {
             src.due_notifications(i64::MAX, 10).unwrap()
         );
         assert!(dst.latest_notification("q").unwrap().is_none());
+    }
+
+    /// A crafted outbox (a head claiming 4 billion notifications, a record of another
+    /// task) is named, and reading it stays bounded.
+    #[test]
+    fn a_crafted_outbox_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        fill(&store);
+        store
+            .inner
+            .outbox
+            .insert(head_key("a"), &u32::MAX.to_be_bytes())
+            .unwrap();
+        let copies = store.read_tasks(None, 10).unwrap();
+        let why = copies[0].notification_problem().unwrap();
+        assert!(why.contains("4294967295 notifications"), "{why}");
+        assert!(copies[1].notification_problem().is_none());
     }
 
     #[test]
