@@ -280,6 +280,17 @@ fn main() -> ExitCode {
         // Paths given on the command line are relative to where the operator stands, which
         // acting as the data directory's owner may change.
         access::locate(&mut config);
+        // Restore as root: the empty target goes to the backup's owner first, so that all
+        // the rest runs as that user (SPEC: a backup is untrusted input).
+        if let Command::Admin {
+            command: AdminCommand::Restore { src, .. },
+        } = &command
+            && let Err(e) =
+                backup::give_target_to_src_owner(&config.data_dir, &backup::absolute(src))
+        {
+            eprintln!("coverd: {e}");
+            return ExitCode::from(admin_exit(e.kind));
+        }
         let mut others: Vec<&mut PathBuf> = Vec::new();
         if let Command::Admin {
             command: AdminCommand::Backup { dest: p, .. } | AdminCommand::Restore { src: p, .. },

@@ -99,10 +99,18 @@ impl Exec {
                 }
             }
             Request::Retry { task_id } => {
+                // The id names the task's image directory: only a valid one.
+                check_id(&task_id, "task id")?;
                 let task = self
                     .store
                     .get(&task_id)?
                     .ok_or_else(|| not_found(&task_id))?;
+                if task.task_id != task_id {
+                    return Err(AdminError::failed(format!(
+                        "the record stored for task {task_id} holds task {:?}: it is damaged; nothing was changed (restore it from a backup, or `coverd admin export` to see it)",
+                        task.task_id
+                    )));
+                }
                 // Hashing stored images is blocking file I/O: keep it off the runtime.
                 let data_dir = self.config.data_dir.clone();
                 let damaged = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, AdminError> {
@@ -430,7 +438,7 @@ pub(super) fn verify(
         {
             out.checked += 1;
             let path = img.path.clone().unwrap_or_default();
-            match check_image(data_dir, img) {
+            match check_image(data_dir, &task.task_id, img) {
                 ImageCheck::Ok => out.ok += 1,
                 ImageCheck::Corrupt => out.corrupt.push(path),
                 ImageCheck::Missing => out.missing.push(path),
@@ -450,7 +458,7 @@ pub(super) fn damaged_images(data_dir: &Path, task: &crate::model::Task) -> Vec<
     task.images
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
-        .filter(|i| check_image(data_dir, i) != ImageCheck::Ok)
+        .filter(|i| check_image(data_dir, &task.task_id, i) != ImageCheck::Ok)
         .map(|i| i.index)
         .collect()
 }
@@ -461,16 +469,20 @@ pub(super) enum ImageCheck {
     Ok,
     /// The file is there, but its sha256 differs from the record's.
     Corrupt,
-    /// No file (or no recorded path, or unreadable).
+    /// No file (or no recorded path, or one other than the image's own, or unreadable).
     Missing,
 }
 
-/// Reads and hashes the file of `img` (blocking file I/O: call off the runtime).
-pub(super) fn check_image(data_dir: &Path, img: &crate::model::Image) -> ImageCheck {
-    let Some(path) = &img.path else {
+/// Reads and hashes the file of image `img` of task `task_id` (blocking file I/O: call off
+/// the runtime). The path is built from the id and the image's index and type
+/// (`backup::image_name`), never taken from the record: a record naming anything else has
+/// no file here (missing, so `retry` fetches it again to its own path).
+pub(super) fn check_image(data_dir: &Path, task_id: &str, img: &crate::model::Image) -> ImageCheck {
+    let Ok(Some(name)) = backup::image_name(task_id, img) else {
         return ImageCheck::Missing;
     };
-    match std::fs::read(data_dir.join(path)) {
+    let path = data_dir.join(download::IMAGES_DIR).join(task_id).join(name);
+    match std::fs::read(path) {
         Ok(bytes) if Some(hex::encode(Sha256::digest(&bytes))) == img.sha256 => ImageCheck::Ok,
         Ok(_) => ImageCheck::Corrupt,
         Err(_) => ImageCheck::Missing,

@@ -221,8 +221,9 @@ pub fn decode_record(bytes: &[u8]) -> Result<(Task, Option<Vec<EventRecord>>), C
     }
 }
 
-/// A schema-1 record (`V1`), as coverd wrote it before schema 2: for the migration's tests.
-#[cfg(test)]
+/// A schema-1 record (`V1`), as coverd wrote it before schema 2: for the migration's tests
+/// (and the integration tests' schema-1 backups). Not used by coverd.
+#[doc(hidden)]
 pub fn encode_task_v1(task: &Task) -> Result<Vec<u8>, CodecError> {
     encode(&StoredTask::V1(task.clone()))
 }

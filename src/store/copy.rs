@@ -1,21 +1,29 @@
 //! Whole-store reads and removals for `admin backup`, `admin restore` and `admin prune`:
-//! reading tasks in bounded chunks while the daemon keeps writing, writing them into a fresh
-//! store with their derived indexes, copying the trees this module does not know, and
-//! forgetting finished tasks with their outbox entries. Must not touch image files (the
-//! caller copies and removes them) and must not change a task's state.
+//! reading tasks in bounded chunks while the daemon keeps writing (each chunk's records and
+//! their notifications in one transaction, so a task and its outbox entries are read at one
+//! moment), writing them into a fresh store with their derived indexes and notification
+//! counters, copying the trees this module does not know, and forgetting finished tasks
+//! with their outbox entries. Keys are paged as raw bytes: a crafted store's keys need not
+//! be task ids, nor UTF-8. Must not touch image files (the caller copies and removes them)
+//! and must not change a task's state.
 
 use std::ops::Bound;
 
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use super::{Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, decode, drop_notifications};
-use crate::model::{Millis, Task};
+use super::{
+    Indexes, MAX_EVENTS_PER_TASK, OUTBOX_DUE, Store, StoreError, TxResult, bump_key, decode,
+    decode_notification, drop_notifications, head_key, ms_bytes, notify_count_key, record_key,
+    u32_from, write_notification,
+};
+use crate::model::{Millis, Task, valid_task_id};
 
 /// Trees whose content is the tasks' (records, history) or derived from the task records;
 /// [`Store::put_copies`] rebuilds them. Every other tree is copied as it is. (`by_created`
 /// is schema 1's, gone after the migration.)
-const TASK_TREES: [&str; 7] = [
+/// `outbox` is copied with its tasks (read in the same transaction as their records).
+const TASK_TREES: [&str; 8] = [
     "tasks",
     "events",
     "due_download",
@@ -23,6 +31,7 @@ const TASK_TREES: [&str; 7] = [
     "by_state",
     "by_created",
     "by_music",
+    "outbox",
 ];
 /// sled's own default tree (unused by coverd).
 const SLED_DEFAULT_TREE: &[u8] = b"__sled__default";
@@ -32,64 +41,221 @@ fn own_meta_key(key: &[u8]) -> bool {
         || key == b"schema_version"
         || key == b"health"
         || key.starts_with(b"count/")
+        || key.starts_with(b"notify/")
         || key.starts_with(b"recent/")
 }
 
-/// One task as read at one moment: its record (with its history, schema 2) and any
-/// schema-1 history entries still under its id (see the store's module doc).
+/// One task as read at one moment: its record (with its history, schema 2), its
+/// notifications (outbox records and latest seq, read in the same transaction as the
+/// record) and any schema-1 history entries still under its id (see the store's module doc).
 #[derive(Debug, Clone)]
 pub struct TaskCopy {
+    /// The record's key as text (lossy: see [`TaskCopy::key`] for the bytes).
     pub task_id: String,
+    key: sled::IVec,
     /// `None` when the record cannot be decoded (quarantined: damaged, or written by a newer
     /// coverd): it is copied byte for byte, with its schema-1 history entries, and without
     /// index entries (the workers skip it anyway).
     pub task: Option<Task>,
     record: sled::IVec,
     events: Vec<(sled::IVec, sled::IVec)>,
+    notifications: Notifications,
+}
+
+/// A task's outbox entries as read with its record: the latest seq (`h`) and the records
+/// (`n`) of the last [`MAX_EVENTS_PER_TASK`] seqs up to it.
+#[derive(Debug, Clone, Default)]
+struct Notifications {
+    head: Option<sled::IVec>,
+    records: Vec<(u32, sled::IVec)>,
+}
+
+impl TaskCopy {
+    /// The record's key in the store, as bytes.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Why this copy's notifications do not belong to it (a crafted or damaged store): a
+    /// notification whose task id or seq differs from its key, a seq past the latest, or a
+    /// latest seq past what a task can reach.
+    pub fn notification_problem(&self) -> Option<String> {
+        let head = self.notifications.head.as_ref().map(|h| u32_from(h));
+        // One per settle; more would make every later look at them (prune's, each a point
+        // read per seq) as long as the number says.
+        if let Some(h) = head
+            && h > MAX_EVENTS_PER_TASK
+        {
+            return Some(format!(
+                "claims {h} notifications (a task has at most {MAX_EVENTS_PER_TASK})"
+            ));
+        }
+        for (seq, bytes) in &self.notifications.records {
+            if head.is_none_or(|h| *seq > h) {
+                return Some(format!("notification {seq} is past the task's latest"));
+            }
+            // An undecodable one is copied as it is and shown as damaged, like a record.
+            if let Ok(n) = decode_notification(bytes, &self.task_id)
+                && (n.task_id != self.task_id || n.seq != *seq)
+            {
+                return Some(format!(
+                    "notification {seq} is stored for task {:?}, seq {}",
+                    n.task_id, n.seq
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Reads a task's notifications in a transaction (bounded, whatever its head says).
+fn read_notifications(
+    outbox: &sled::transaction::TransactionalTree,
+    task_id: &[u8],
+) -> TxResult<Notifications> {
+    let id = String::from_utf8_lossy(task_id);
+    let Some(head) = outbox.get(head_key(&id))? else {
+        return Ok(Notifications::default());
+    };
+    let latest = u32_from(&head);
+    let first = latest
+        .saturating_sub(MAX_EVENTS_PER_TASK)
+        .saturating_add(1)
+        .max(1);
+    let mut records = Vec::new();
+    for seq in first..=latest {
+        if let Some(bytes) = outbox.get(record_key(&id, seq))? {
+            records.push((seq, bytes));
+        }
+    }
+    Ok(Notifications {
+        head: Some(head),
+        records,
+    })
+}
+
+/// Replaces a task's notifications in this store with `notes` (copied from another store):
+/// removes what is here (due entries and counters included), writes the copies, and derives
+/// their due entries and counters anew. A notification that cannot be decoded is copied as
+/// it is (it is shown as damaged, and never sent).
+fn put_notifications(
+    outbox: &sled::transaction::TransactionalTree,
+    meta: &sled::transaction::TransactionalTree,
+    task_id: &str,
+    notes: &Notifications,
+) -> TxResult<()> {
+    if let Some(old) = outbox.get(head_key(task_id))? {
+        let latest = u32_from(&old);
+        let first = latest
+            .saturating_sub(MAX_EVENTS_PER_TASK)
+            .saturating_add(1)
+            .max(1);
+        for seq in first..=latest {
+            let key = record_key(task_id, seq);
+            let Some(bytes) = outbox.get(&key)? else {
+                continue;
+            };
+            if let Ok(n) = decode_notification(&bytes, task_id) {
+                if let Some(at) = n.due() {
+                    let mut due = vec![OUTBOX_DUE];
+                    due.extend_from_slice(&ms_bytes(at));
+                    due.extend_from_slice(&key[1..]);
+                    outbox.remove(due)?;
+                }
+                bump_key(meta, notify_count_key(n.state), -1)?;
+            }
+            outbox.remove(key)?;
+        }
+        outbox.remove(head_key(task_id))?;
+    }
+    let Some(head) = &notes.head else {
+        return Ok(());
+    };
+    outbox.insert(head_key(task_id), head.clone())?;
+    for (seq, bytes) in &notes.records {
+        match decode_notification(bytes, task_id) {
+            Ok(n) => write_notification(outbox, meta, None, &n)?,
+            Err(_) => {
+                outbox.insert(record_key(task_id, *seq), bytes.clone())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Store {
-    /// Up to `limit` tasks after `after` (exclusive) in id order, each read as one record,
-    /// which holds its history: each copy is a state the task had at the moment its record
-    /// was read, even while writes continue. (Schema-1 entries left in `events` belong to
-    /// records that do not change: undecodable ones, or entries that could not be decoded.)
+    /// Up to `limit` tasks whose key is after `after` (exclusive, raw bytes: see
+    /// [`TaskCopy::key`]) in key order. The chunk's records and their notifications are read
+    /// in one transaction: each copy is a state the task had at one moment, with the
+    /// notifications it had then, even while writes continue (a task that settles after its
+    /// record was read is copied unsettled and without that settle's notification, so a
+    /// restored copy settles once and announces it once). (Schema-1 entries left in `events`
+    /// belong to records that do not change: undecodable ones, or entries that could not be
+    /// decoded.)
     pub fn read_tasks(
         &self,
-        after: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<TaskCopy>, StoreError> {
         let start = match after {
-            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            Some(a) => Bound::Excluded(a.to_vec()),
             None => Bound::Unbounded,
         };
-        let mut out = Vec::new();
-        for kv in self
+        let keys = self
             .inner
             .tasks
             .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .keys()
             .take(limit)
-        {
-            let (k, record) = kv?;
-            out.push(self.copy_of(&String::from_utf8_lossy(&k), record)?);
-        }
-        Ok(out)
+            .collect::<Result<Vec<_>, _>>()?;
+        let i = &*self.inner;
+        // Reads only (sled transactions allow no scans): the writer's transactions and this
+        // one exclude each other, so every pair is as one transaction left it.
+        let read = (&i.tasks, &i.outbox)
+            .transaction(|(tasks, outbox)| {
+                let mut out = Vec::with_capacity(keys.len());
+                for key in &keys {
+                    // Gone since the scan (pruned): not copied.
+                    let Some(record) = tasks.get(key)? else {
+                        continue;
+                    };
+                    out.push((key.clone(), record, read_notifications(outbox, key)?));
+                }
+                Ok(out)
+            })
+            .map_err(|e| self.tx_error(e))?;
+        read.into_iter()
+            .map(|(key, record, notes)| self.copy_of(key, record, notes))
+            .collect()
     }
 
     /// One task as [`Store::read_tasks`] reads it, or `None` if it is not (any more) here.
     pub fn read_task(&self, task_id: &str) -> Result<Option<TaskCopy>, StoreError> {
-        match self.inner.tasks.get(task_id.as_bytes())? {
-            Some(record) => Ok(Some(self.copy_of(task_id, record)?)),
-            None => Ok(None),
-        }
+        let key = task_id.as_bytes();
+        let i = &*self.inner;
+        let read = (&i.tasks, &i.outbox)
+            .transaction(|(tasks, outbox)| match tasks.get(key)? {
+                Some(record) => Ok(Some((record, read_notifications(outbox, key)?))),
+                None => Ok(None),
+            })
+            .map_err(|e| self.tx_error(e))?;
+        read.map(|(record, notes)| self.copy_of(sled::IVec::from(key), record, notes))
+            .transpose()
     }
 
-    fn copy_of(&self, id: &str, record: sled::IVec) -> Result<TaskCopy, StoreError> {
+    fn copy_of(
+        &self,
+        key: sled::IVec,
+        record: sled::IVec,
+        notifications: Notifications,
+    ) -> Result<TaskCopy, StoreError> {
+        let id = &*String::from_utf8_lossy(&key).into_owned();
         let task = match self.decode_checked(&record, id) {
             Ok(task) => Some(task),
             Err(e) if e.is_undecodable() => None,
             Err(e) => return Err(e),
         };
-        let mut prefix = id.as_bytes().to_vec();
+        let mut prefix = key.to_vec();
         prefix.push(0);
         let events = self
             .inner
@@ -99,15 +265,18 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(TaskCopy {
             task_id: id.to_string(),
+            key,
             task,
             record,
             events,
+            notifications,
         })
     }
 
     /// Writes tasks read by [`Store::read_tasks`] (from another store) into this one, in one
-    /// transaction, with their history and every index derived from the record. A task
-    /// already here is replaced, indexes included.
+    /// transaction, with their history, their notifications, every index derived from the
+    /// record and the notification counters. A task already here is replaced, indexes and
+    /// notifications included.
     pub fn put_copies(&self, copies: &[TaskCopy]) -> Result<(), StoreError> {
         let i = &*self.inner;
         let trees = (
@@ -118,9 +287,10 @@ impl Store {
             &i.due_poll,
             &i.by_state,
             &i.by_music,
+            &i.outbox,
         );
         let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_music)| {
+            |(meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox)| {
                 let indexes = Indexes {
                     meta,
                     due_download: due_dl,
@@ -129,6 +299,7 @@ impl Store {
                 };
                 for copy in copies {
                     let id = copy.task_id.as_str();
+                    put_notifications(outbox, meta, id, &copy.notifications)?;
                     let Some(task) = &copy.task else {
                         for (k, v) in &copy.events {
                             events.insert(k.clone(), v.clone())?;
@@ -190,17 +361,19 @@ impl Store {
     }
 
     /// Finished tasks (`downloaded`, `failed`) whose last change is before `cutoff`, among
-    /// the next `limit` task records after `after` (exclusive) in id order. Returns them and
-    /// the last id looked at (`None` at the end of the store). A task with a notification
-    /// still pending is left out.
+    /// the next `limit` task records after key `after` (exclusive, raw bytes) in key order.
+    /// Returns them and the last key looked at (`None` at the end of the store). A task with
+    /// a notification still pending is left out, and so is a record whose key is not a valid
+    /// task id or differs from the id inside it (damage, or a crafted record: nothing is
+    /// removed for it, no path is built from it).
     pub fn finished_before(
         &self,
         cutoff: Millis,
-        after: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<(Vec<Task>, Option<String>), StoreError> {
+    ) -> Result<(Vec<Task>, Option<Vec<u8>>), StoreError> {
         let start = match after {
-            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            Some(a) => Bound::Excluded(a.to_vec()),
             None => Bound::Unbounded,
         };
         let mut found = Vec::new();
@@ -212,12 +385,19 @@ impl Store {
             .take(limit)
         {
             let (k, v) = kv?;
-            let id = String::from_utf8_lossy(&k).into_owned();
-            match self.decode_checked(&v, &id) {
+            last = Some(k.to_vec());
+            let Some(id) = std::str::from_utf8(&k).ok().filter(|id| valid_task_id(id)) else {
+                tracing::warn!(key = %String::from_utf8_lossy(&k), "a task record's key is not a valid task id; left alone");
+                continue;
+            };
+            match self.decode_checked(&v, id) {
+                Ok(task) if task.task_id != id => {
+                    tracing::warn!(key = id, task_id = %task.task_id, "a task record's id differs from its key; left alone");
+                }
                 Ok(task)
                     if task.state.is_finished()
                         && task.updated_at < cutoff
-                        && !self.has_pending_notification(&id)? =>
+                        && !self.has_pending_notification(id)? =>
                 {
                     found.push(task)
                 }
@@ -226,7 +406,6 @@ impl Store {
                 Err(e) if e.is_undecodable() => {}
                 Err(e) => return Err(e),
             }
-            last = Some(id);
         }
         Ok((found, last))
     }
@@ -238,6 +417,10 @@ impl Store {
     /// Returns whether it was removed. The caller removes its
     /// images afterwards. Blocking.
     pub fn forget(&self, task_id: &str, updated_at: Millis) -> Result<bool, StoreError> {
+        // Only a task id names a task (its images' directory is built from it).
+        if !valid_task_id(task_id) {
+            return Ok(false);
+        }
         let i = &*self.inner;
         // Schema-1 history entries still under its id (normally none).
         let mut prefix = task_id.as_bytes().to_vec();
@@ -263,7 +446,10 @@ impl Store {
                     return Ok(false);
                 };
                 let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
-                if !task.state.is_finished() || task.updated_at != updated_at {
+                if task.task_id != task_id
+                    || !task.state.is_finished()
+                    || task.updated_at != updated_at
+                {
                     return Ok(false);
                 }
                 // Its notifications go with it; one still pending keeps the task.
@@ -337,7 +523,7 @@ mod tests {
         fill(&src);
         let first = src.read_tasks(None, 2).unwrap();
         assert_eq!(first.len(), 2);
-        let rest = src.read_tasks(Some(&first[1].task_id), 10).unwrap();
+        let rest = src.read_tasks(Some(first[1].key()), 10).unwrap();
         assert_eq!(rest.len(), 1);
         dst.put_copies(&first).unwrap();
         dst.put_copies(&rest).unwrap();
@@ -361,13 +547,75 @@ mod tests {
         assert!(dst.read_task("zzz").unwrap().is_none());
     }
 
+    /// A task's notifications travel with it: the copy has the same records, due entries
+    /// and counters, and putting the same copy twice counts nothing twice.
+    #[test]
+    fn copies_carry_their_notifications_with_due_entries_and_counters() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (src, dst) = (
+            Store::open(d1.path()).unwrap(),
+            Store::open(d2.path()).unwrap(),
+        );
+        let notify = |now| Ctx {
+            notify: true,
+            ..ctx(now)
+        };
+        let track = Event::Track {
+            music_task_id: None,
+        };
+        let failure = Event::Callback(Report::Failure {
+            reason: "KIE code 501: no".into(),
+        });
+        for id in ["p", "q"] {
+            src.apply(id, &track, &notify(10), IfMissing::Create)
+                .unwrap();
+        }
+        src.apply("p", &failure, &notify(20), IfMissing::Reject)
+            .unwrap();
+        let copies = src.read_tasks(None, 10).unwrap();
+        assert_eq!(copies.len(), 2);
+        assert!(copies.iter().all(|c| c.notification_problem().is_none()));
+        dst.put_copies(&copies).unwrap();
+        dst.put_copies(&copies).unwrap();
+        src.copy_other_trees(&dst).unwrap();
+        assert_eq!(dst.notify_counts().unwrap(), src.notify_counts().unwrap());
+        assert_eq!(dst.notify_counts().unwrap().pending, 1);
+        assert_eq!(
+            dst.latest_notification("p").unwrap(),
+            src.latest_notification("p").unwrap()
+        );
+        assert_eq!(
+            dst.due_notifications(i64::MAX, 10).unwrap(),
+            src.due_notifications(i64::MAX, 10).unwrap()
+        );
+        assert!(dst.latest_notification("q").unwrap().is_none());
+    }
+
+    /// A crafted outbox (a head claiming 4 billion notifications, a record of another
+    /// task) is named, and reading it stays bounded.
+    #[test]
+    fn a_crafted_outbox_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        fill(&store);
+        store
+            .inner
+            .outbox
+            .insert(head_key("a"), &u32::MAX.to_be_bytes())
+            .unwrap();
+        let copies = store.read_tasks(None, 10).unwrap();
+        let why = copies[0].notification_problem().unwrap();
+        assert!(why.contains("4294967295 notifications"), "{why}");
+        assert!(copies[1].notification_problem().is_none());
+    }
+
     #[test]
     fn forget_takes_only_unchanged_finished_tasks() {
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(d.path()).unwrap();
         fill(&store);
         let (found, last) = store.finished_before(i64::MAX, None, 10).unwrap();
-        assert_eq!(last.as_deref(), Some("c"));
+        assert_eq!(last.as_deref(), Some(&b"c"[..]));
         let ids: Vec<_> = found.iter().map(|t| t.task_id.as_str()).collect();
         assert_eq!(ids, ["b"]);
         let b = &found[0];

@@ -560,6 +560,15 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::put_raw_task`] under any key, UTF-8 or not: lets tests plant records keyed
+    /// by what no task id can be (a crafted backup). Not used by coverd.
+    #[doc(hidden)]
+    pub fn put_raw_record(&self, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
+        self.inner.tasks.insert(key, bytes)?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
     /// How many times a task record could not be decoded since open (tests).
     #[doc(hidden)]
     pub fn undecodable_reads(&self) -> u64 {

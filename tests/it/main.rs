@@ -13,6 +13,7 @@ mod fetch;
 mod fsyncgate;
 mod harness;
 mod health;
+mod hostile_backup;
 mod intake;
 mod journal;
 mod kie_client;
