@@ -178,10 +178,10 @@ struct Copied {
 
 fn io_error(what: &str, path: &Path, e: &std::io::Error) -> AdminError {
     let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-        "; choose a place the service's user can write (see docs/operations.md, \"Backup\")"
+        "; choose a place the service's user can write (see `man coverd`, FILES)"
     } else if e.raw_os_error() == Some(30) {
         // EROFS: under the unit's ProtectSystem=strict only its state directories are writable.
-        "; with the service running, back up under /var/lib/coverd-backup (see docs/operations.md, \"Backup\")"
+        "; with the service running, back up under /var/lib/coverd-backup (see `man coverd`, FILES)"
     } else {
         ""
     };
@@ -196,8 +196,13 @@ pub fn check_empty_target(dir: &Path, what: &str) -> Result<(), AdminError> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
+                let fix = if what == "the data directory" {
+                    "move the data directory aside first (`mv DIR DIR.old`), then restore into the new, empty one"
+                } else {
+                    "give a new or empty directory"
+                };
                 Err(AdminError::usage(format!(
-                    "{what} {} is not empty; give a new or empty directory",
+                    "{what} {} is not empty; {fix}",
                     shown(dir).display()
                 )))
             } else {

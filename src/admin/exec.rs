@@ -214,7 +214,7 @@ impl Exec {
             }
             Request::Restore { .. } => {
                 return Err(AdminError::usage(format!(
-                    "the daemon is running on {}; stop it first (`sudo systemctl stop coverd`), then restore into its empty data directory",
+                    "the daemon is running on {}; stop it first (`sudo systemctl stop coverd`), move the data directory aside (`mv DIR DIR.old`), then restore into the new, empty one",
                     access::shown(&self.config.data_dir).display()
                 )));
             }

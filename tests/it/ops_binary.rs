@@ -700,7 +700,11 @@ async fn the_man_page_has_every_section_key_and_command() {
         "names pages that do not exist"
     );
     // Error messages point here, not to docs/ (not installed with the binary).
-    let sources = ["src/config/mod.rs", "src/admin/exec.rs"];
+    let sources = [
+        "src/config/mod.rs",
+        "src/admin/exec.rs",
+        "src/admin/backup.rs",
+    ];
     for file in sources {
         let text =
             std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
