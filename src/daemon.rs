@@ -49,6 +49,44 @@ pub fn private_umask() {
 /// Creates `dir` (and missing parents) as 0700; an existing directory that others can
 /// enter or read is tightened to 0700 with a warning (its files are the daemon's secrets:
 /// signed URLs, images), and one we cannot tighten is left with a warning.
+/// The outermost directory a start is about to create for the data directory, removed
+/// again (with what the start put there) when the start fails before [`CreatedDir::keep`].
+struct CreatedDir(Option<PathBuf>);
+
+impl CreatedDir {
+    fn before_creating(dir: &Path) -> CreatedDir {
+        let missing = |p: &Path| matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        let mut outermost = None;
+        let mut here = Some(dir);
+        while let Some(p) = here.filter(|p| !p.as_os_str().is_empty() && missing(p)) {
+            outermost = Some(p.to_path_buf());
+            here = p.parent();
+        }
+        CreatedDir(outermost)
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CreatedDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(
+                    "removed {} again: it was created by this start, which failed",
+                    dir.display()
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot remove {}, created by this failed start: {e}",
+                    dir.display()
+                ),
+            }
+        }
+    }
+}
+
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -371,6 +409,26 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     private_umask();
     let config = Arc::new(config);
     let data_dir = config.data_dir.clone();
+    // The listeners first: a port in use (the commonest failed start) then creates nothing.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let metrics_listener = match config.metrics_listen {
+        Some(metrics_addr) => Some(tokio::net::TcpListener::bind(metrics_addr).await.map_err(
+            |source| DaemonError::Listen {
+                addr: metrics_addr.to_string(),
+                source,
+            },
+        )?),
+        None => None,
+    };
+    // A start that fails before its workers run leaves no data directory it created: a
+    // stray `./coverd-data` would later be taken for the service's by `coverd admin`.
+    // Declared before the store, so it runs after the store has closed.
+    let created = CreatedDir::before_creating(&data_dir);
     create_private_dir(&data_dir).map_err(|source| DaemonError::DataDir {
         path: data_dir.clone(),
         source,
@@ -393,12 +451,6 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     // Callbacks kept aside while their records could not be read, applied now if they can.
     crate::callback::replay_parked(&store, &config).await?;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: config.listen.to_string(),
-            source,
-        })?;
     let addr = listener
         .local_addr()
         .map_err(|source| DaemonError::Listen {
@@ -433,6 +485,8 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         reason: e.to_string(),
     })?;
 
+    // From here on the start goes through: the directory stays.
+    created.keep();
     let shutdown = CancellationToken::new();
     let wake_downloads = Arc::new(Notify::new());
     let wake_polls = Arc::new(Notify::new());
@@ -525,13 +579,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         server::Limits::ADMIN,
         shutdown.clone(),
     ));
-    if let Some(metrics_addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(metrics_addr)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: metrics_addr.to_string(),
-                source,
-            })?;
+    if let Some(listener) = metrics_listener {
         let (metrics, store, clock) = (metrics.clone(), store.clone(), clock.clone());
         tasks.spawn(server::serve(
             listener,

@@ -587,3 +587,41 @@ async fn admin_on_a_stopped_daemon_answers_within_10s() {
     assert_eq!(out.code, Some(0), "{out:?}");
     d.stop().await;
 }
+
+/// Issue 15 item 2: a `serve` that fails to start leaves no data directory behind (a stray
+/// `./coverd-data` would later be taken for the service's by `coverd admin`): a port in
+/// use, for the callbacks or for the metrics.
+#[tokio::test]
+async fn a_serve_that_fails_to_start_leaves_no_data_directory() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let free = free_port();
+    for (listen, metrics) in [
+        (format!("127.0.0.1:{port}"), None),
+        (
+            format!("127.0.0.1:{free}"),
+            Some(format!("127.0.0.1:{port}")),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = coverd();
+        cmd.current_dir(dir.path())
+            .args(["serve", "--listen", &listen]);
+        if let Some(m) = &metrics {
+            cmd.env("COVERD_CONFIG", dir.path().join("c.toml"));
+            std::fs::write(
+                dir.path().join("c.toml"),
+                format!("metrics_listen = {m:?}\n"),
+            )
+            .unwrap();
+        }
+        let out = run(cmd).await;
+        assert_ne!(out.code, Some(0), "{out:?}");
+        assert!(out.stderr.contains("127.0.0.1"), "{out:?}");
+        assert!(
+            !dir.path().join("coverd-data").exists(),
+            "a failed start left ./coverd-data ({listen}, metrics {metrics:?})"
+        );
+    }
+    drop(taken);
+}
