@@ -428,16 +428,30 @@ where
             Ok(p) => p,
             Err(_) => {
                 // Full: make room by closing idle connections, then wait for a slot (a
-                // closed one frees its slot at once; busy ones within the body timeout).
-                if limits.shed_idle {
-                    conns.evict_idle(batch);
+                // closed one frees its slot at once; busy ones within the body timeout),
+                // looking again every SHED_RETRY while nothing was past its grace.
+                let mut acquired = None;
+                while acquired.is_none() {
+                    let shed = limits.shed_idle && conns.evict_idle(batch) > 0;
+                    let retry = async {
+                        if limits.shed_idle && !shed {
+                            tokio::time::sleep(SHED_RETRY).await
+                        } else {
+                            std::future::pending().await
+                        }
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => acquired = Some(p),
+                            Err(_) => break,
+                        },
+                        () = retry => {}
+                    }
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    p = slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
+                match acquired {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
@@ -567,6 +581,14 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
         .any(|errno| code == Some(errno.raw_os_error()))
 }
 
+/// How long a connection is safe from shedding after it starts a phase (accepted, request
+/// headers in, answer out). Well under the 2 s a callback must be answered in, so a
+/// genuine request waiting in the kernel's queue behind a crowd gets a slot within it.
+const SHED_GRACE: Duration = Duration::from_millis(500);
+/// How often a full listener that found nothing to shed (everything within its grace)
+/// looks again, besides waking when a slot frees.
+const SHED_RETRY: Duration = Duration::from_millis(50);
+
 /// A connection between requests (keep-alive, headers arriving, answer being written).
 const IDLE: u8 = 0;
 /// A connection whose request is in the handler, its body (if any) complete: never shed.
@@ -635,13 +657,24 @@ impl Conns {
     }
 
     /// Closes up to `n` sheddable connections (idle, or receiving a body), least recently
-    /// active first; returns how many.
+    /// active first; returns how many. A connection that started its current phase (its
+    /// accept, its request's headers, the end of its last answer) less than
+    /// [`SHED_GRACE`] ago is left alone: a genuine request gets that long to arrive whole,
+    /// however fast a crowd reconnects (with shedding by age alone, a crowd reconnecting
+    /// at once made every new connection the oldest within milliseconds).
     fn evict_idle(&self, n: usize) -> usize {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.evict_idle_at(n, now)
+    }
+
+    fn evict_idle_at(&self, n: usize, now_ms: u64) -> usize {
+        let grace = u64::try_from(SHED_GRACE.as_millis()).unwrap_or(u64::MAX);
         let mut idle: Vec<(u64, Arc<Slot>)> = self
             .lock()
             .values()
             .filter(|s| sheddable(s.state.load(Ordering::Acquire)))
             .map(|s| (s.last_active.load(Ordering::Relaxed), s.clone()))
+            .filter(|(at, _)| now_ms.saturating_sub(*at) >= grace)
             .collect();
         if idle.len() > n {
             idle.select_nth_unstable_by_key(n, |(at, _)| *at);
@@ -834,18 +867,20 @@ mod tests {
         for (slot, at) in [(&busy, 1), (&newer, 500), (&older, 300)] {
             slot.last_active.store(at, Ordering::Relaxed);
         }
-        assert_eq!(conns.evict_idle(1), 1);
+        let late = 10_000;
+        assert_eq!(conns.evict_idle_at(1, late), 1);
         assert!(older.shed.is_cancelled() && !newer.shed.is_cancelled());
         // A request arriving on a shed connection is not handled.
         assert!(InFlight::begin(&older, false).is_none());
-        assert_eq!(conns.evict_idle(10), 1);
+        assert_eq!(conns.evict_idle_at(10, late), 1);
         assert!(newer.shed.is_cancelled());
         assert!(
             !busy.shed.is_cancelled(),
             "a connection in its handler is never shed"
         );
         drop(in_handler);
-        assert_eq!(conns.evict_idle(10), 1);
+        busy.last_active.store(1, Ordering::Relaxed);
+        assert_eq!(conns.evict_idle_at(10, late), 1);
         assert!(busy.shed.is_cancelled());
     }
 
@@ -865,20 +900,37 @@ mod tests {
         for (slot, at) in [(&trickling, 1), (&fresh, 900), (&complete, 0)] {
             slot.last_active.store(at, Ordering::Relaxed);
         }
-        assert_eq!(conns.evict_idle(1), 1);
+        let late = 10_000;
+        assert_eq!(conns.evict_idle_at(1, late), 1);
         assert!(trickling.shed.is_cancelled() && !fresh.shed.is_cancelled());
         // The shed body completes too late: the request is not handled.
         assert!(!arrival(&trickling).complete());
         assert_eq!(
-            conns.evict_idle(10),
+            conns.evict_idle_at(10, late),
             1,
             "only the other body still arriving"
         );
         assert!(fresh.shed.is_cancelled() && !complete.shed.is_cancelled());
         // Once handled, the connection is idle again and sheddable.
         drop(c);
-        assert_eq!(conns.evict_idle(10), 1);
+        complete.last_active.store(0, Ordering::Relaxed);
+        assert_eq!(conns.evict_idle_at(10, late), 1);
         assert!(complete.shed.is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_within_its_grace_is_never_shed() {
+        let conns = Conns::default();
+        let (young, old) = (conns.register(), conns.register());
+        let _r = InFlight::begin(&young, true).unwrap();
+        let grace = u64::try_from(SHED_GRACE.as_millis()).unwrap();
+        young
+            .last_active
+            .store(10_000 - grace + 1, Ordering::Relaxed);
+        old.last_active.store(10_000 - grace, Ordering::Relaxed);
+        assert_eq!(conns.evict_idle_at(10, 10_000), 1);
+        assert!(old.shed.is_cancelled() && !young.shed.is_cancelled());
+        assert_eq!(conns.evict_idle_at(10, 10_000), 0, "the young one waits");
     }
 
     #[tokio::test(start_paused = true)]

@@ -375,9 +375,21 @@ const SLOW_BODY_CAP: usize = 300;
 
 /// The slow-body crowd; dropping it closes every connection.
 struct SlowBodies {
-    _clients: JoinSet<()>,
+    /// The crowd's own runtime: its 600 clients must not queue in the run queue of the
+    /// runtime that hosts the in-process daemon (in production the attackers are other
+    /// machines; sharing one scheduler would starve the daemon's tasks behind the test's).
+    clients: Option<tokio::runtime::Runtime>,
     /// Requests started so far (headers sent), reconnections included.
     started: tokio::sync::watch::Receiver<usize>,
+}
+
+impl Drop for SlowBodies {
+    fn drop(&mut self) {
+        if let Some(rt) = self.clients.take() {
+            // Inside an async test: no blocking wait for the clients, their sockets close.
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Starts [`SLOW_BODIES`] clients against `addr`, each sending [`SLOW_BODY_HEAD`] and then
@@ -385,7 +397,12 @@ struct SlowBodies {
 /// timed out) connecting again after [`RECONNECT_PAUSE`].
 fn trickle_bodies(addr: std::net::SocketAddr) -> SlowBodies {
     let (count, started) = tokio::sync::watch::channel(0usize);
-    let mut clients = JoinSet::new();
+    let clients = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("slow-bodies")
+        .enable_all()
+        .build()
+        .expect("the slow-body crowd's runtime");
     for _ in 0..SLOW_BODIES {
         let count = count.clone();
         clients.spawn(async move {
@@ -410,7 +427,7 @@ fn trickle_bodies(addr: std::net::SocketAddr) -> SlowBodies {
         });
     }
     SlowBodies {
-        _clients: clients,
+        clients: Some(clients),
         started,
     }
 }
