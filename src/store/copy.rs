@@ -13,9 +13,9 @@ use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
 use super::{
-    Indexes, MAX_EVENTS_PER_TASK, OUTBOX_DUE, Store, StoreError, TxResult, bump_key, decode,
-    decode_notification, drop_notifications, head_key, ms_bytes, notify_count_key, record_key,
-    u32_from, write_notification,
+    Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, TxResult, bump_key, decode,
+    decode_notification, drop_notifications, head_key, notify_count_key, notify_due_key,
+    record_key, u32_from, write_notification,
 };
 use crate::model::{Millis, Task, valid_task_id};
 
@@ -157,10 +157,7 @@ fn put_notifications(
             };
             if let Ok(n) = decode_notification(&bytes, task_id) {
                 if let Some(at) = n.due() {
-                    let mut due = vec![OUTBOX_DUE];
-                    due.extend_from_slice(&ms_bytes(at));
-                    due.extend_from_slice(&key[1..]);
-                    outbox.remove(due)?;
+                    outbox.remove(notify_due_key(at, &key))?;
                 }
                 bump_key(meta, notify_count_key(n.state), -1)?;
             }

@@ -2052,12 +2052,7 @@ fn write_notification(
     n: &Notification,
 ) -> TxResult<()> {
     let key = record_key(&n.task_id, n.seq);
-    let due_key = |at: Millis| {
-        let mut k = vec![OUTBOX_DUE];
-        k.extend_from_slice(&ms_bytes(at));
-        k.extend_from_slice(&key[1..]);
-        k
-    };
+    let due_key = |at: Millis| notify_due_key(at, &key);
     let (old_due, new_due) = (old.and_then(Notification::due), n.due());
     if old_due != new_due {
         if let Some(at) = old_due {
@@ -2102,16 +2097,22 @@ fn drop_notifications(
     for n in found {
         let key = record_key(task_id, n.seq);
         if let Some(at) = n.due() {
-            let mut due = vec![OUTBOX_DUE];
-            due.extend_from_slice(&ms_bytes(at));
-            due.extend_from_slice(&key[1..]);
-            outbox.remove(due)?;
+            outbox.remove(notify_due_key(at, &key))?;
         }
         bump_key(meta, notify_count_key(n.state), -1)?;
         outbox.remove(key)?;
     }
     outbox.remove(head)?;
     Ok(true)
+}
+
+/// The `due_notify` entry of the notification whose record key is `record_key`, due at
+/// `at`: `d`, due ms, then the record key without its `n`.
+fn notify_due_key(at: Millis, record_key: &[u8]) -> Vec<u8> {
+    let mut k = vec![OUTBOX_DUE];
+    k.extend_from_slice(&ms_bytes(at));
+    k.extend_from_slice(&record_key[1..]);
+    k
 }
 
 fn record_key(task_id: &str, seq: u32) -> Vec<u8> {
