@@ -1,6 +1,10 @@
 //! coverd: makes sure every Suno cover task submitted to KIE.AI ends with its images safely on
 //! local disk, or with a clear reason why not. See ARCHITECTURE.md for the map.
 
+// No unsafe code in the library; the binary's one `export_name` (jemalloc's settings) is
+// in main.rs.
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod callback;
 pub mod config;
