@@ -41,7 +41,20 @@ pub struct Exec {
 }
 
 impl Exec {
+    /// Runs `req`. A change to a task says which data directory it was made in (SPEC: every
+    /// command that changes something names the data directory), so a stray
+    /// `./coverd-data` taking the service's place cannot go unnoticed.
     pub async fn execute(&self, req: Request) -> Result<Reply, AdminError> {
+        let writes = req.writes();
+        let mut reply = self.execute_request(req).await?;
+        if writes && let Reply::Task { message, .. } = &mut reply {
+            let dir = access::shown(&self.config.data_dir);
+            message.push_str(&format!(" (data directory {})", dir.display()));
+        }
+        Ok(reply)
+    }
+
+    async fn execute_request(&self, req: Request) -> Result<Reply, AdminError> {
         let reply = match req {
             Request::Status => Reply::Status {
                 status: self.status().await?,

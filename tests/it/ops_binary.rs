@@ -716,3 +716,22 @@ async fn the_man_page_has_every_section_key_and_command() {
         }
     }
 }
+
+/// Issue 15 item 2: a command that changes something names the data directory it changed.
+#[tokio::test]
+async fn a_change_names_its_data_directory() {
+    let s = Scratch::new();
+    let d = s.data_dir();
+    let d = d.to_str().unwrap();
+    let out = run({
+        let mut c = coverd();
+        c.args(["admin", "--data-dir", d, "track", "named-1"]);
+        c
+    })
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains(&format!("(data directory {d})")),
+        "{out:?}"
+    );
+}
