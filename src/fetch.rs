@@ -232,6 +232,47 @@ impl Fetcher {
         let final_url = resp.url().to_string();
 
         let mut writer = PartWriter::start(tmp_dir);
+        let body = self.receive(
+            &mut resp,
+            &mut writer,
+            limit,
+            expected,
+            &content_type,
+            started,
+        );
+        let (received, ext) = match body.await {
+            Ok(done) => done,
+            Err(e) => {
+                // Returns once the writer has stopped and removed its file: a failed fetch
+                // leaves nothing in tmp/ behind it.
+                writer.abandon().await;
+                return Err(e);
+            }
+        };
+        let (sha256, part) = writer.finish().await?;
+        let temp_path = part.keep();
+        tracing::debug!("fetched image {}: {received} bytes", display_url(&url));
+        Ok(Fetched {
+            temp_path,
+            bytes: received,
+            sha256,
+            ext,
+            final_url,
+        })
+    }
+
+    /// Reads the body into `writer`: size cap, magic sniffing; returns the byte count and
+    /// the type the bytes show.
+    async fn receive(
+        &self,
+        resp: &mut reqwest::Response,
+        writer: &mut PartWriter,
+        limit: u64,
+        expected: Option<u64>,
+        content_type: &str,
+        started: Instant,
+    ) -> Result<(u64, Ext), FetchError> {
+        let content_type = content_type.to_string();
         let mut received: u64 = 0;
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_LEN);
         let mut ext: Option<Ext> = None;
@@ -263,16 +304,7 @@ impl Fetcher {
             Some(ext) => ext,
             None => sniff_or_refuse(&head, &content_type)?,
         };
-        let (sha256, part) = writer.finish().await?;
-        let temp_path = part.keep();
-        tracing::debug!("fetched image {}: {received} bytes", display_url(&url));
-        Ok(Fetched {
-            temp_path,
-            bytes: received,
-            sha256,
-            ext,
-            final_url,
-        })
+        Ok((received, ext))
     }
 
     /// Classifies an error from sending the request (before a response arrived).
@@ -503,7 +535,8 @@ struct PartWriter {
     /// `Some(chunk)` to write; `None` to finish (flush, `sync_all`). Dropping the sender
     /// without `None` (an error or a cancelled fetch) makes the writer stop and return.
     tx: Option<tokio::sync::mpsc::Sender<Option<Bytes>>>,
-    done: tokio::task::JoinHandle<io::Result<(String, PartFile)>>,
+    /// The writer's task; taken when awaited (a finished task must not be polled again).
+    done: Option<tokio::task::JoinHandle<io::Result<(String, PartFile)>>>,
 }
 
 impl PartWriter {
@@ -518,7 +551,7 @@ impl PartWriter {
         PartWriter {
             part,
             tx: Some(tx),
-            done,
+            done: Some(done),
         }
     }
 
@@ -553,7 +586,17 @@ impl PartWriter {
     }
 
     async fn join(&mut self) -> io::Result<(String, PartFile)> {
-        (&mut self.done).await.map_err(io::Error::other)?
+        match self.done.take() {
+            Some(done) => done.await.map_err(io::Error::other)?,
+            None => Err(io::Error::other("writer already stopped")),
+        }
+    }
+
+    /// A failed fetch: stops the writer and waits until it has removed its file (it may
+    /// not have created it yet); then this guard removes whatever is left.
+    async fn abandon(mut self) {
+        self.tx = None;
+        let _ = self.join().await;
     }
 }
 
