@@ -369,14 +369,11 @@ const SLOW_BODY_HEAD: &[u8] = b"POST /callbacks/cover HTTP/1.1\r\nhost: crowd\r\
 const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 /// Connections one slow-body client opens at most (the test ends long before).
 const MAX_RECONNECTS: usize = 10_000;
-/// The listener's cap in the in-process run: below the slow-body crowd, as in the report
-/// that found it (a cap of 332, from an fd limit of 1,100).
-const SLOW_BODY_CAP: usize = 300;
 
 /// The slow-body crowd; dropping it closes every connection.
 struct SlowBodies {
     /// The crowd's own runtime: its 600 clients must not queue in the run queue of the
-    /// runtime that hosts the in-process daemon (in production the attackers are other
+    /// test's runtime, which reads the genuine answers (in production the attackers are other
     /// machines; sharing one scheduler would starve the daemon's tasks behind the test's).
     clients: Option<tokio::runtime::Runtime>,
     /// Requests started so far (headers sent), reconnections included.
@@ -471,25 +468,12 @@ async fn callbacks_among_slow_bodies(
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callbacks_answered_within_2s_while_600_connections_trickle_bodies() {
-    let Some((_turn, fake)) = crowd_test().await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path(), &fake);
-    config.accept_unknown_tasks = true;
-    let d = Daemon::start_with(dir, config, |h| h.max_connections = Some(SLOW_BODY_CAP)).await;
-    let ids = callbacks_among_slow_bodies(&d.base, addr(&d), &fake, "slow bodies").await;
-    for id in ids {
-        assert!(d.task(&id).is_some(), "callback {id} not stored");
-    }
-    assert_eq!(d.get("/healthz").await, (200, "ok".into()));
-    d.stop().await;
-}
-
-/// The same against the real binary under an fd limit of 1,100, so that the cap it derives
-/// itself is the 332 of the report.
+/// Issue 14 item 6: 600 connections trickling bodies (reconnecting as soon as they are
+/// closed) against the real binary under an fd limit of 1,100, so that the cap it derives
+/// itself is the 332 of the report; three rounds of genuine callbacks, each answered 200
+/// within 2 s and stored. (Against the in-process daemon the crowd, the daemon and the
+/// rest of the suite share one process on two cores, and the bound measured the test's
+/// own load: it failed 1 full run in 5. The binary has its own process, as in production.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_binary_sheds_slow_bodies_under_its_own_cap() {
     let Some((_turn, fake)) = crowd_test().await else {
