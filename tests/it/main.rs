@@ -9,6 +9,7 @@ mod crowd;
 mod diskfull;
 mod downloads;
 mod fake_kie;
+mod faultfs;
 mod fetch;
 mod harness;
 mod intake;
