@@ -23,6 +23,7 @@ mod ops;
 mod ops_binary;
 mod process;
 mod quarantine;
+mod sled_power;
 mod smoke;
 
 /// `admin track` through the library, as the admin socket would run it.
