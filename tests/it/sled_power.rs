@@ -43,6 +43,10 @@ const WRITER_TEST: &str = "sled_power::writer";
 const SAY: &str = "SLEDPOWER ";
 /// The cut comes after this many acknowledgements of a cycle, uniformly at random.
 const ACKS_PER_CYCLE: std::ops::RangeInclusive<u64> = 1..=40;
+/// Share of cycles cut after a random delay instead of after an acknowledgement.
+const TIMED_CUTS: f64 = 0.25;
+/// That delay, from the writer's start (milliseconds): sled's open takes ~10–40 ms here.
+const TIMED_CUT_MS: std::ops::Range<u64> = 0..60;
 /// Most writes of one writer (it is cut long before).
 const MAX_WRITES: u64 = 100_000;
 /// Longest wait for one line of the writer.
@@ -97,6 +101,10 @@ struct Summary {
     cycles_losing: u64,
     /// Reopens that failed, with sled's error.
     open_errors: Vec<String>,
+    /// Cuts at a random delay after the writer's start (maybe inside sled's open).
+    timed_cuts: u64,
+    /// Cuts before the writer said `opened` (inside sled's open or the first round).
+    cut_before_ready: u64,
     /// Unacknowledged keys found anyway (allowed: written, not yet acknowledged).
     extra: u64,
     /// The first losses seen, for the report.
@@ -117,26 +125,72 @@ fn run(mode: Mode, cycles: u64, seed: u64) -> Summary {
     for cycle in 0..=cycles {
         let last = cycle == cycles;
         let mut w = Writer::start(&data, mode);
-        let opened = w.line();
-        let found = match parse_opened(&opened) {
-            Ok(found) => found,
-            Err(e) => {
-                s.open_errors.push(format!("after cut {cycle}: {e}"));
-                w.kill();
+        let mut opened = false;
+        if last {
+            let line = w.line();
+            w.kill();
+            if let Err(e) = s.check(cycle, &line, &mut acked) {
+                s.open_errors.push(e);
+            }
+            break;
+        }
+        if rng.random_bool(TIMED_CUTS) {
+            // A cut at a moment that may fall inside sled's open (its new snapshot) or the
+            // first round, not only between writes.
+            std::thread::sleep(Duration::from_millis(rng.random_range(TIMED_CUT_MS)));
+            s.timed_cuts += 1;
+        } else {
+            let line = w.line();
+            opened = true;
+            if let Err(e) = s.check(cycle, &line, &mut acked) {
+                s.open_errors.push(e);
                 break;
             }
-        };
+            for _ in 0..rng.random_range(ACKS_PER_CYCLE) {
+                let line = w.line();
+                s.ack(&line, &mut acked);
+            }
+        }
+        // The power goes: the writer dies with it, and what was not durable is gone. What
+        // it said before dying counts.
+        for line in w.kill_and_drain() {
+            if opened {
+                s.ack(&line, &mut acked);
+            } else {
+                opened = true;
+                if let Err(e) = s.check(cycle, &line, &mut acked) {
+                    s.open_errors.push(e);
+                }
+            }
+        }
+        if !opened {
+            s.cut_before_ready += 1;
+        }
+        if !s.open_errors.is_empty() {
+            break;
+        }
+        fs.cut().unwrap();
+        s.cycles += 1;
+    }
+    s
+}
+
+impl Summary {
+    /// Checks the writer's `opened` line against what was acknowledged before the cut; what
+    /// it found is the base of the next cycle (a lost key is counted once).
+    fn check(&mut self, cycle: u64, line: &str, acked: &mut BTreeSet<u64>) -> Result<(), String> {
+        let found = parse_opened(line).map_err(|e| format!("after cut {cycle}: {e}"))?;
         let missing: Vec<u64> = acked
             .iter()
             .copied()
             .filter(|k| !found.keys.contains(k))
             .collect();
-        s.extra += found.keys.iter().filter(|k| !acked.contains(k)).count() as u64;
+        self.extra += found.keys.iter().filter(|k| !acked.contains(k)).count() as u64;
         if !missing.is_empty() || found.bad > 0 {
-            s.cycles_losing += 1;
-            s.lost += missing.len() as u64 + found.bad;
-            if s.examples.len() < 5 {
-                s.examples.push(format!(
+            self.cycles_losing += 1;
+            self.lost += missing.len() as u64 + found.bad;
+            if self.examples.len() < 5 {
+                self.examples.push(format!(
                     "after cut {cycle}: {} of {} acknowledged keys missing (first {:?}), {} wrong values; found {} keys",
                     missing.len(),
                     acked.len(),
@@ -146,28 +200,18 @@ fn run(mode: Mode, cycles: u64, seed: u64) -> Summary {
                 ));
             }
         }
-        // What is found now is the base of the next cycle (a lost key is counted once).
-        acked = found.keys.clone();
-        if last {
-            w.kill();
-            break;
-        }
-        let stop_after = rng.random_range(ACKS_PER_CYCLE);
-        for _ in 0..stop_after {
-            let line = w.line();
-            let k = line
-                .strip_prefix("acked ")
-                .and_then(|k| k.parse::<u64>().ok())
-                .unwrap_or_else(|| panic!("writer: {line}"));
-            acked.insert(k);
-            s.acked += 1;
-        }
-        // The power goes: the writer dies with it, and what was not durable is gone.
-        w.kill();
-        fs.cut().unwrap();
-        s.cycles += 1;
+        *acked = found.keys;
+        Ok(())
     }
-    s
+
+    fn ack(&mut self, line: &str, acked: &mut BTreeSet<u64>) {
+        let k = line
+            .strip_prefix("acked ")
+            .and_then(|k| k.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("writer: {line}"));
+        acked.insert(k);
+        self.acked += 1;
+    }
 }
 
 struct Found {
@@ -243,6 +287,17 @@ impl Writer {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Kills the writer, then returns every line it wrote before dying.
+    fn kill_and_drain(&mut self) -> Vec<String> {
+        self.kill();
+        let mut lines = Vec::new();
+        // The reader thread ends at the pipe's end, which the death closes.
+        while let Ok(l) = self.lines.recv_timeout(LINE_LIMIT) {
+            lines.push(l);
+        }
+        lines
     }
 }
 
@@ -394,10 +449,12 @@ fn settings() -> (u64, u64) {
 
 fn report(mode: Mode, seed: u64, s: &Summary, took: Duration) {
     println!(
-        "sled power cuts, mode {}: seed {seed}, {} cuts, {} writes acknowledged, {} acknowledged lost \
+        "sled power cuts, mode {}: seed {seed}, {} cuts ({} timed, {} before the db was open and synced), {} writes acknowledged, {} acknowledged lost \
          ({} cuts losing), {} open errors, {} unacknowledged found, {:.1?}",
         mode.name(),
         s.cycles,
+        s.timed_cuts,
+        s.cut_before_ready,
         s.acked,
         s.lost,
         s.cycles_losing,
