@@ -200,6 +200,14 @@ pub struct FaultFs {
 
 type R<T> = Result<T, Errno>;
 
+/// `COVERD_FAULTFS_TRACE=1`: every change and sync on stderr (debugging a failed run).
+fn trace(what: std::fmt::Arguments) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("COVERD_FAULTFS_TRACE").is_some()) {
+        eprintln!("faultfs: {what}");
+    }
+}
+
 fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -421,6 +429,11 @@ impl State {
             let child = self.adopt(id, &name, &m);
             listing.insert(name, self.entry_of(child, &p, &m));
         }
+        trace(format_args!(
+            "fsyncdir {} ({id}): {:?}",
+            path.display(),
+            listing.iter().map(|(n, e)| (n, e.id)).collect::<Vec<_>>()
+        ));
         self.tree.dirs.insert(id, listing);
         let mut keep = Vec::new();
         for r in std::mem::take(&mut self.renames) {
@@ -717,7 +730,13 @@ impl Filesystem for FaultFs {
                 .mode(mode & !umask & 0o7777)
                 .create(&p)
                 .map_err(errno)?;
-            s.lookup(id_of(parent), &name)
+            let a = s.lookup(id_of(parent), &name);
+            trace(format_args!(
+                "mkdir {} {:?}",
+                p.display(),
+                a.as_ref().map(|a| a.ino.0 - 1)
+            ));
+            a
         });
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
@@ -807,6 +826,11 @@ impl Filesystem for FaultFs {
             }
             std::fs::rename(&from, &to).map_err(errno)?;
             let id = s.adopt(to_dir, &newname, &m);
+            trace(format_args!(
+                "rename {} -> {} ({id})",
+                from.display(),
+                to.display()
+            ));
             let entry = s.entry_of(id, &to, &m);
             s.renames.push(PendingRename {
                 from: (from_dir, name),
