@@ -21,6 +21,7 @@ mod metrics;
 mod notify;
 mod ops;
 mod ops_binary;
+mod power_loop;
 mod process;
 mod quarantine;
 mod sled_power;

@@ -75,8 +75,13 @@ pub struct FaultFs {
 impl FaultFs {
     /// Mounts an empty fault filesystem under `dir` (which must exist, on a real disk).
     pub fn mount(dir: &Path) -> std::io::Result<FaultFs> {
-        let backing = dir.join("backing");
-        let mnt = dir.join("mnt");
+        FaultFs::mount_at(&dir.join("backing"), &dir.join("mnt"))
+    }
+
+    /// Mounts an empty fault filesystem at `mnt`, keeping its files in `backing` (both are
+    /// created if missing).
+    pub fn mount_at(backing: &Path, mnt: &Path) -> std::io::Result<FaultFs> {
+        let (backing, mnt) = (backing.to_path_buf(), mnt.to_path_buf());
         std::fs::create_dir_all(&backing)?;
         std::fs::create_dir_all(&mnt)?;
         let mut fs = FaultFs {
