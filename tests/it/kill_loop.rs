@@ -672,7 +672,7 @@ fn env_number(var: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_keeps_every_promise() {
     let cycles = env_number(CYCLES_VAR).map_or(DEFAULT_CYCLES, |n| n as usize);
-    run_loop(cycles, env_seed(SEED_VAR), false).await;
+    run_loop(cycles, env_seed(SEED_VAR), false, (CYCLES_VAR, SEED_VAR)).await;
 }
 
 /// A seed from `var`, else from the clock.
@@ -692,9 +692,11 @@ pub(crate) fn env_cycles(var: &str, default: usize) -> usize {
 /// The loop itself; with `power_cuts`, the data directory is the fault filesystem
 /// (`faultfs`) and every SIGKILL is followed by a power cut, once the steps still running
 /// at the kill have ended (a command that answered success by then must survive it too).
-pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool) {
+/// `vars` names the (cycles, seed) variables that replay the run.
+pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (&str, &str)) {
+    let (cycles_var, seed_var) = vars;
     eprintln!(
-        "kill loop: {cycles} cycles, seed {seed} (replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles})"
+        "kill loop: {cycles} cycles, seed {seed} (replay: {seed_var}={seed} {cycles_var}={cycles})"
     );
     let started = Instant::now();
     let fake = Arc::new(FakeKie::start().await);
@@ -895,7 +897,7 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool) {
     if !w.violations.is_empty() {
         let kept = Arc::try_unwrap(scratch).ok().map(|s| s.dir.keep());
         panic!(
-            "kill loop (seed {seed}, replay with {SEED_VAR}={seed} {CYCLES_VAR}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
+            "kill loop (seed {seed}, replay with {seed_var}={seed} {cycles_var}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
             w.violations.len(),
             w.violations.join("\n")
         );

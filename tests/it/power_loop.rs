@@ -19,6 +19,7 @@ async fn sigkill_and_power_cut_at_random_moments_keeps_every_promise() {
         env_cycles(CYCLES_VAR, DEFAULT_CYCLES),
         env_seed(SEED_VAR),
         true,
+        (CYCLES_VAR, SEED_VAR),
     )
     .await;
 }
