@@ -74,6 +74,16 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
     prepare(data_dir.join(IMAGES_DIR))?;
     let tmp = data_dir.join(TMP_DIR);
     prepare(tmp.clone())?;
+    // The entries of `images/` and `tmp/` in the data directory: `install` syncs
+    // `images/<task>/` and `images/`, never the data directory, so without this a power cut
+    // could take `images/` with every image recorded in it (found by the power-cut loop, on
+    // a fresh data directory: the store syncs the data directory before these exist).
+    std::fs::File::open(data_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| DownloadError::Prepare {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
     let mut removed = 0;
     let entries = std::fs::read_dir(&tmp).map_err(|source| DownloadError::Prepare {
         path: tmp.clone(),

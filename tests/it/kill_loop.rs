@@ -43,6 +43,7 @@ use crate::bin_util::{Daemon, Scratch, files_under, tmp_entries};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
 use crate::fake_kie::files::{Behaviour, gif, jpeg, png, sha256_hex, webp};
+use crate::faultfs::FaultFs;
 use crate::harness::{failure_body, success_body};
 
 const CYCLES_VAR: &str = "COVERD_KILL_CYCLES";
@@ -671,20 +672,41 @@ fn env_number(var: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_keeps_every_promise() {
     let cycles = env_number(CYCLES_VAR).map_or(DEFAULT_CYCLES, |n| n as usize);
-    let seed = env_number(SEED_VAR).unwrap_or_else(|| {
+    run_loop(cycles, env_seed(SEED_VAR), false, (CYCLES_VAR, SEED_VAR)).await;
+}
+
+/// A seed from `var`, else from the clock.
+pub(crate) fn env_seed(var: &str) -> u64 {
+    env_number(var).unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
-    });
+    })
+}
+
+pub(crate) fn env_cycles(var: &str, default: usize) -> usize {
+    env_number(var).map_or(default, |n| n as usize)
+}
+
+/// The loop itself; with `power_cuts`, the data directory is the fault filesystem
+/// (`faultfs`) and every SIGKILL is followed by a power cut, once the steps still running
+/// at the kill have ended (a command that answered success by then must survive it too).
+/// `vars` names the (cycles, seed) variables that replay the run.
+pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (&str, &str)) {
+    let (cycles_var, seed_var) = vars;
     eprintln!(
-        "kill loop: {cycles} cycles, seed {seed} (replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles})"
+        "kill loop: {cycles} cycles, seed {seed} (replay: {seed_var}={seed} {cycles_var}={cycles})"
     );
     let started = Instant::now();
     let fake = Arc::new(FakeKie::start().await);
     let scratch = Arc::new(Scratch::new());
     scratch.write_raw_config(&config(&scratch, &fake));
     let data_dir = scratch.data_dir();
+    let mut power = power_cuts.then(|| {
+        FaultFs::mount_at(&scratch.dir.path().join("fault-backing"), &data_dir)
+            .expect("mount the fault filesystem on the data directory")
+    });
     let world = Arc::new(Mutex::new(World::default()));
     let mut tmp_at_kill: Vec<PathBuf> = Vec::new();
 
@@ -725,6 +747,9 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
         let parts = tmp_entries(&data_dir).len();
         while let Some(r) = steps.join_next().await {
             r.expect("load step");
+        }
+        if let Some(fs) = &mut power {
+            tokio::task::block_in_place(|| fs.cut()).expect("power cut");
         }
         let logs = d.logs();
         drop(cx);
@@ -842,9 +867,10 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     let w = world.lock().unwrap();
     let s = &w.stats;
     eprintln!(
-        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  max recovery (start to healthy): {:?}; every task final {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
+        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  max recovery (start to healthy): {:?}; every task final {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
         s.cycles,
         s.kills,
+        power.as_ref().map_or(0, |p| p.cuts),
         w.plans.len(),
         w.plans
             .iter()
@@ -871,7 +897,7 @@ async fn sigkill_at_random_moments_keeps_every_promise() {
     if !w.violations.is_empty() {
         let kept = Arc::try_unwrap(scratch).ok().map(|s| s.dir.keep());
         panic!(
-            "kill loop (seed {seed}, replay with {SEED_VAR}={seed} {CYCLES_VAR}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
+            "kill loop (seed {seed}, replay with {seed_var}={seed} {cycles_var}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
             w.violations.len(),
             w.violations.join("\n")
         );

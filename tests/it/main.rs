@@ -9,6 +9,7 @@ mod crowd;
 mod diskfull;
 mod downloads;
 mod fake_kie;
+mod faultfs;
 mod fetch;
 mod fsyncgate;
 mod harness;
@@ -23,8 +24,10 @@ mod metrics;
 mod notify;
 mod ops;
 mod ops_binary;
+mod power_loop;
 mod process;
 mod quarantine;
+mod sled_power;
 mod smoke;
 
 /// `admin track` through the library, as the admin socket would run it.
