@@ -49,25 +49,33 @@ impl Origin {
     pub fn unreadable_by_service(&self) -> Option<String> {
         use std::os::unix::fs::PermissionsExt;
         let file = self.file.as_ref()?;
-        let hidden = ["/home", "/root", "/tmp", "/var/tmp", "/run/user"]
-            .into_iter()
-            .find(|dir| file.starts_with(dir));
-        let why = if let Some(dir) = hidden {
-            format!("it is under {dir}, which the unit hides from the service")
-        } else {
-            match std::fs::metadata(file) {
-                Ok(m) if m.permissions().mode() & 0o004 == 0 => format!(
-                    "it is not readable by others (mode {:o}), and the service runs as its own dynamic user",
-                    m.permissions().mode() & 0o7777
-                ),
-                _ => return None,
-            }
-        };
+        let mode = std::fs::metadata(file).ok().map(|m| m.permissions().mode());
+        let why = unreadable_reason(file, mode)?;
         Some(format!(
             "the service will not be able to read {}: {why}; give it as the credential `{}` instead (LoadCredential=, see `man coverd`, CONFIGURATION)",
             file.display(),
             self.credential
         ))
+    }
+}
+
+/// [`Origin::unreadable_by_service`]'s rule, for a key file at `file` with `mode` (`None`:
+/// it cannot be looked at, which `check-config` reports otherwise).
+pub(super) fn unreadable_reason(file: &Path, mode: Option<u32>) -> Option<String> {
+    if let Some(dir) = ["/home", "/root", "/tmp", "/var/tmp", "/run/user"]
+        .into_iter()
+        .find(|dir| file.starts_with(dir))
+    {
+        return Some(format!(
+            "it is under {dir}, which the unit hides from the service"
+        ));
+    }
+    match mode {
+        Some(mode) if mode & 0o004 == 0 => Some(format!(
+            "it is not readable by others (mode {:o}), and the service runs as its own dynamic user",
+            mode & 0o7777
+        )),
+        _ => None,
     }
 }
 

@@ -856,8 +856,7 @@ fn check_config_says_where_each_secret_was_found() {
     let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("kie-api-key"), "key-from-credential\n").unwrap();
-    // Outside /tmp, so that only the file's mode speaks.
-    let here = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let here = tempfile::tempdir().unwrap();
     let file = here.path().join("notify-secret");
     std::fs::write(&file, good).unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -880,8 +879,9 @@ fn check_config_says_where_each_secret_was_found() {
         report[2].starts_with("notify secret: found in the file "),
         "{report:?}"
     );
+    // A 0600 file: unreadable by the service wherever the test's temp dir is.
     assert!(
-        report[3].contains("not readable by others (mode 600)")
+        report[3].starts_with("warning: notify secret: the service will not be able to read")
             && report[3].contains("credential `notify-secret`"),
         "{report:?}"
     );
@@ -889,21 +889,23 @@ fn check_config_says_where_each_secret_was_found() {
         !report.join("\n").contains("MfKQ"),
         "a secret value was shown"
     );
-    // Not as root (nobody else runs it), or world-readable: no warning.
+    // Not as root: nobody else runs it, no warning.
     assert_eq!(c.secret_report(false).len(), 3);
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert_eq!(c.secret_report(true).len(), 3);
-    // Under /tmp: hidden from the unit whatever its mode.
-    let tmp = tempfile::NamedTempFile::new_in("/tmp").unwrap();
-    std::fs::write(tmp.path(), good).unwrap();
-    let text = format!(
-        "[notify]\nurl = \"http://127.0.0.1:9/h\"\nsecret_file = {:?}\n",
-        tmp.path()
+}
+
+#[test]
+fn a_key_file_the_service_cannot_read_is_told_apart() {
+    use super::secret::unreadable_reason;
+    let at = |p: &str| std::path::PathBuf::from(p);
+    let why = unreadable_reason(&at("/etc/coverd/notify-secret"), Some(0o100600)).unwrap();
+    assert!(why.contains("not readable by others (mode 600)"), "{why}");
+    assert_eq!(
+        unreadable_reason(&at("/etc/coverd/notify-secret"), Some(0o100644)),
+        None
     );
-    let c = load_toml(&text, &[]).unwrap();
-    assert!(
-        c.secret_report(true)[3].contains("under /tmp"),
-        "{:?}",
-        c.secret_report(true)
-    );
+    for dir in ["/tmp", "/var/tmp", "/home", "/root"] {
+        let why = unreadable_reason(&at(&format!("{dir}/k")), Some(0o100644)).unwrap();
+        assert!(why.contains(&format!("under {dir}")), "{why}");
+    }
+    assert_eq!(unreadable_reason(&at("/etc/k"), None), None);
 }
