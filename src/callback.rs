@@ -146,11 +146,7 @@ impl Intake {
                 );
             }
         }
-        let if_missing = if self.config.accept_unknown_tasks {
-            IfMissing::Create
-        } else {
-            IfMissing::Reject
-        };
+        let if_missing = if_missing(&self.config);
         let ctx = Ctx::from_config(&self.config, now_millis());
         // Storing and flushing share one budget, so the answer is always well inside KIE's 15 s.
         let deadline = tokio::time::Instant::now() + STORE_BUDGET;
@@ -270,6 +266,16 @@ impl Intake {
     }
 }
 
+/// What a delivery for a task never submitted or tracked here does: creates it only with
+/// `accept_unknown_tasks`, else is refused (404). The same for a kept-aside one.
+fn if_missing(config: &Config) -> IfMissing {
+    if config.accept_unknown_tasks {
+        IfMissing::Create
+    } else {
+        IfMissing::Reject
+    }
+}
+
 /// The task kind of `POST /callbacks/cover`, recorded with a delivery kept aside.
 pub const ROUTE: &str = "cover";
 
@@ -293,14 +299,12 @@ pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, Stor
         }
         match parse(&parked.body) {
             Ok(delivery) if delivery.task_id == task_id => {
-                let if_missing = if config.accept_unknown_tasks {
-                    IfMissing::Create
-                } else {
-                    IfMissing::Reject
-                };
                 let ctx = Ctx::from_config(config, now_millis());
                 let event = Event::Callback(delivery.report);
-                match store.apply_async(task_id, event, ctx, if_missing).await? {
+                match store
+                    .apply_async(task_id, event, ctx, if_missing(config))
+                    .await?
+                {
                     Some(done) => {
                         store.durable(done.ticket).await?;
                         crate::journal::record(&done, tracing::Level::INFO);

@@ -116,11 +116,6 @@ impl Store {
         Ok(n)
     }
 
-    /// How many deliveries are kept aside in all.
-    pub fn parked_total(&self) -> Result<u64, StoreError> {
-        Ok(self.inner.parked.len() as u64)
-    }
-
     /// Forgets a delivery once it was applied (durably) or found unusable. Not durable until
     /// the next flush; applying it twice is harmless (a duplicate callback).
     pub fn unpark(&self, parked: &Parked) -> Result<(), StoreError> {
