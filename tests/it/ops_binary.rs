@@ -316,6 +316,25 @@ fn not_owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
     bad
 }
 
+/// A daemon running as nobody on a data directory of nobody's in a scratch directory that
+/// anyone may cross (0755).
+async fn serve_as_nobody() -> (Scratch, PathBuf, Daemon) {
+    let s = Scratch::new();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = s.data_dir();
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut serve = coverd();
+    serve
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .current_dir("/")
+        .uid(NOBODY)
+        .gid(NOBODY);
+    let daemon = Daemon::spawn(serve, data.clone()).await;
+    (s, data, daemon)
+}
+
 #[tokio::test]
 async fn root_acts_as_the_data_directory_owner() {
     if !is_root() {
@@ -402,19 +421,7 @@ async fn root_acts_as_the_data_directory_owner() {
     }
 
     // Running as nobody: root's admin goes through the socket, as nobody.
-    let s2 = Scratch::new();
-    std::fs::set_permissions(s2.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data2 = s2.data_dir();
-    std::fs::create_dir(&data2).unwrap();
-    std::os::unix::fs::chown(&data2, Some(NOBODY), Some(NOBODY)).unwrap();
-    let mut serve = coverd();
-    serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data2)
-        .current_dir("/")
-        .uid(NOBODY)
-        .gid(NOBODY);
-    let daemon = Daemon::spawn(serve, data2.clone()).await;
+    let (s2, data2, daemon) = serve_as_nobody().await;
     let d2 = data2.to_str().unwrap();
     let out = run({
         let mut c = coverd();
@@ -501,19 +508,7 @@ async fn admin_acting_as_the_owner_stays_undumpable() {
         );
         return;
     }
-    let s = Scratch::new();
-    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let data = s.data_dir();
-    std::fs::create_dir(&data).unwrap();
-    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).unwrap();
-    let mut serve = coverd();
-    serve
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .current_dir("/")
-        .uid(NOBODY)
-        .gid(NOBODY);
-    let daemon = Daemon::spawn(serve, data.clone()).await;
+    let (s, data, daemon) = serve_as_nobody().await;
     daemon.signal("STOP");
     // Now only root may cross the parent: the owner reaches the data through the alias.
     std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
