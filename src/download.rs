@@ -38,6 +38,13 @@ const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
 const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
 pub const IMAGES_DIR: &str = "images";
+
+/// Where an image is stored, relative to the data directory:
+/// `images/<task_id>/<index>.<ext>`. The one place that builds it: `install` writes there,
+/// and restore accepts a record only if its path is exactly this.
+pub fn image_path(task_id: &str, index: u32, ext: crate::fetch::Ext) -> String {
+    format!("{IMAGES_DIR}/{task_id}/{index}.{}", ext.as_str())
+}
 /// Where partial downloads live; emptied at every start.
 pub const TMP_DIR: &str = "tmp";
 /// Tasks being worked on at once, per unit of `download.concurrency`.
@@ -420,11 +427,7 @@ impl Downloader {
             }
             other => other?,
         };
-        let rel = format!(
-            "{IMAGES_DIR}/{task_id}/{}.{}",
-            image.index,
-            fetched.ext.as_str()
-        );
+        let rel = image_path(task_id, image.index, fetched.ext);
         install(
             self.dir_syncs.clone(),
             data_dir,

@@ -54,6 +54,9 @@ impl Ext {
         }
     }
 
+    /// Every type, in the order `as_str` lists them.
+    pub const ALL: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
+
     /// The file extension: `png`, `jpg`, `webp` or `gif`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -793,10 +796,7 @@ mod tests {
         for (head, ext) in table {
             assert_eq!(Ext::sniff(head), *ext, "{}", head.escape_ascii());
         }
-        let names: Vec<_> = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif]
-            .iter()
-            .map(|e| e.as_str())
-            .collect();
+        let names: Vec<_> = Ext::ALL.iter().map(|e| e.as_str()).collect();
         assert_eq!(names, ["png", "jpg", "webp", "gif"]);
     }
 

@@ -28,7 +28,8 @@ use sha2::{Digest, Sha256};
 
 use super::AdminError;
 use super::access::shown;
-use crate::download::IMAGES_DIR;
+use crate::download::{IMAGES_DIR, image_path};
+use crate::fetch::Ext;
 use crate::model::{
     Image, ImageState, MAX_IMAGES, Millis, Task, format_time, now_millis, valid_task_id,
 };
@@ -45,8 +46,6 @@ const CHUNK: usize = 64;
 const PRUNE_CHUNK: usize = 512;
 /// Times a task whose images changed under the copy (retry, prune) is read again.
 const REREADS: u32 = 3;
-/// An image file's extensions: its type, sniffed from its bytes when it was fetched.
-const IMAGE_EXTS: [&str; 4] = ["png", "jpg", "webp", "gif"];
 /// Where restore puts its copy of SRC's `db/` (inside the target; removed when done).
 const SCRATCH: &str = ".restore-src";
 /// Entries of SRC's `db/` restore copies at most (sled: `conf`, `db`, `snap.*`, `blobs/*`).
@@ -66,10 +65,9 @@ pub(super) fn image_name(task_id: &str, img: &Image) -> Result<Option<String>, S
     let Some(path) = &img.path else {
         return Ok(None);
     };
-    for ext in IMAGE_EXTS {
-        let name = format!("{}.{ext}", img.index);
-        if *path == format!("{IMAGES_DIR}/{task_id}/{name}") {
-            return Ok(Some(name));
+    for ext in Ext::ALL {
+        if *path == image_path(task_id, img.index, ext) {
+            return Ok(Some(format!("{}.{}", img.index, ext.as_str())));
         }
     }
     Err(format!(
