@@ -286,7 +286,14 @@ pub const ROUTE: &str = "cover";
 /// workers. Returns how many were applied.
 pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, StoreError> {
     let mut applied = 0;
-    for parked in store.parked()? {
+    let mut next = store.parked_after(None)?;
+    // The intake keeps at most MAX_PARKED; a tree holding more came from elsewhere (a
+    // backup): the rest waits for the next start.
+    for _ in 0..crate::store::MAX_PARKED {
+        let Some(parked) = next.take() else {
+            break;
+        };
+        next = store.parked_after(Some(&parked))?;
         let task_id = parked.task_id.as_str();
         match store.get(task_id) {
             Err(e) if e.is_undecodable() => continue,
@@ -297,7 +304,13 @@ pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, Stor
             // A route of a newer coverd: left for it.
             continue;
         }
-        match parse(&parked.body) {
+        // Never more than the intake takes: a larger body did not come through it.
+        let delivery = if parked.body.len() <= MAX_BODY_BYTES {
+            parse(&parked.body)
+        } else {
+            Err(format!("{} bytes", parked.body.len()))
+        };
+        match delivery {
             Ok(delivery) if delivery.task_id == task_id => {
                 let ctx = Ctx::from_config(config, now_millis());
                 let event = Event::Callback(delivery.report);

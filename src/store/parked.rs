@@ -79,31 +79,41 @@ impl Store {
         Ok(())
     }
 
-    /// Every delivery kept aside, oldest first per task (at most [`MAX_PARKED`]). An entry
-    /// that cannot be decoded is skipped with a warning (it stays where it is).
-    pub fn parked(&self) -> Result<Vec<Parked>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.inner.parked.iter().take(MAX_PARKED) {
+    /// The next delivery kept aside after the one keyed `after` (from the first with
+    /// `None`), oldest first per task; one at a time, so that reading them holds one body in
+    /// memory whatever the tree holds (it may come from a backup, which is untrusted). An
+    /// entry that cannot be decoded is skipped with a warning (it stays where it is).
+    pub fn parked_after(&self, after: Option<&Parked>) -> Result<Option<Parked>, StoreError> {
+        let range = match after {
+            Some(p) => self.inner.parked.range::<&[u8], _>((
+                std::ops::Bound::Excluded(&p.key[..]),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.inner.parked.range::<&[u8], _>(..),
+        };
+        for kv in range {
             let (key, value) = kv?;
-            let Some(split) = key.iter().position(|&b| b == 0) else {
-                continue;
+            let task_id = match key.iter().position(|&b| b == 0) {
+                Some(split) => String::from_utf8_lossy(&key[..split]).into_owned(),
+                None => String::from_utf8_lossy(&key).into_owned(),
             };
-            let task_id = String::from_utf8_lossy(&key[..split]).into_owned();
             match codec::decode_parked(&value) {
-                Ok(p) => out.push(Parked {
-                    key: key.to_vec(),
-                    task_id,
-                    route: p.route,
-                    received_at: p.received_at,
-                    body: p.body,
-                }),
+                Ok(p) => {
+                    return Ok(Some(Parked {
+                        key: key.to_vec(),
+                        task_id,
+                        route: p.route,
+                        received_at: p.received_at,
+                        body: p.body,
+                    }));
+                }
                 Err(e) => tracing::warn!(
                     task_id = %task_id,
                     "task {task_id}: a callback kept aside cannot be read ({e}); left as it is"
                 ),
             }
         }
-        Ok(out)
+        Ok(None)
     }
 
     /// How many deliveries are kept aside for `task_id`.

@@ -400,3 +400,32 @@ async fn a_callback_for_a_quarantined_task_is_kept_aside_and_applied_once_readab
     assert_eq!(t.images.len(), 1);
     d.stop().await;
 }
+
+/// Kept-aside callbacks come from the store, which may come from a backup: one whose key
+/// is no valid task id, or whose body is larger than the intake takes, is dropped at the
+/// replay, never applied, even with `accept_unknown_tasks`.
+#[tokio::test]
+async fn a_crafted_kept_aside_callback_is_dropped_not_applied() {
+    use crate::harness::{success_body, test_config};
+    let fake = FakeKie::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &fake);
+    config.accept_unknown_tasks = true;
+    let url = fake.files.url("/q/x.png");
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let hostile = "../../escape";
+        let body = success_body(hostile, std::slice::from_ref(&url));
+        store.park(hostile, "cover", body.as_bytes(), 1).unwrap();
+        let mut big = success_body("big-1", std::slice::from_ref(&url)).into_bytes();
+        big.resize(coverd::callback::MAX_BODY_BYTES + 1, b' ');
+        store.park("big-1", "cover", &big, 1).unwrap();
+        store.close().await.unwrap();
+    }
+    let d = Daemon::start_in(dir, config).await;
+    assert_eq!(d.store.parked_count("../../escape").unwrap(), 0);
+    assert_eq!(d.store.parked_count("big-1").unwrap(), 0);
+    assert!(d.task("big-1").is_none(), "an oversized body was applied");
+    assert!(d.store.get("../../escape").unwrap().is_none());
+    d.stop().await;
+}
