@@ -49,7 +49,8 @@ struct Global {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Data directory (overrides `data_dir` and $COVERD_DATA_DIR); admin and submit
-    /// otherwise use ./coverd-data if it exists, else /var/lib/coverd.
+    /// otherwise use the installed coverd.service's, else ./coverd-data if it exists, else
+    /// /var/lib/coverd.
     #[arg(long, global = true, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -253,7 +254,14 @@ fn main() -> ExitCode {
     };
     let daemon = matches!(cli.command, Command::Serve { .. });
     init_logs(daemon);
-    let mut config = match config::load(&overrides) {
+    // `serve` is the service (or a foreground run): flags, environment, file. Commands also
+    // read the installed unit for what those leave unset (SPEC "Binary and commands").
+    let loaded = if daemon {
+        config::load(&overrides)
+    } else {
+        config::load_for_command(&overrides)
+    };
+    let mut config = match loaded {
         Ok(c) => c,
         Err(e) => {
             // The daemon's refusal to start goes to its log at error priority (under
@@ -266,10 +274,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in &config.unit_warnings {
+        eprintln!("coverd: warning: {warning}");
+    }
     if let Command::CheckConfig = cli.command {
         let shown = config.effective_toml();
+        if let Some(unit) = &config.unit {
+            eprintln!(
+                "coverd: the installed unit {unit} fills in what flags, environment and file leave unset"
+            );
+        }
         for line in config.secret_report(nix::unistd::geteuid().is_root()) {
             eprintln!("coverd: {line}");
+        }
+        if !config.unread_credentials.is_empty() {
+            let keys: Vec<&str> = config.unread_credentials.iter().map(|(k, _)| *k).collect();
+            eprintln!(
+                "coverd: cannot tell whether the configuration is valid: the {} the service gets could not be read (see above)",
+                keys.join(", ")
+            );
+            let _ = to_stdout(shown.as_bytes(), "the configuration", ExitCode::SUCCESS);
+            return ExitCode::from(2);
         }
         eprintln!("coverd: the configuration is valid");
         return to_stdout(shown.as_bytes(), "the configuration", ExitCode::SUCCESS);
@@ -288,7 +313,7 @@ fn main() -> ExitCode {
             && let Err(e) =
                 backup::give_target_to_src_owner(&config.data_dir, &backup::absolute(src))
         {
-            eprintln!("coverd: {e}");
+            eprintln!("coverd: {}", access::naming_data_dir(&e, &config.data_dir));
             return ExitCode::from(admin_exit(e.kind));
         }
         let mut others: Vec<&mut PathBuf> = Vec::new();
@@ -303,7 +328,7 @@ fn main() -> ExitCode {
             Ok(Some((dir, _owner))) => config.data_dir = dir,
             Ok(None) => {}
             Err(e) => {
-                eprintln!("coverd: {e}");
+                eprintln!("coverd: {}", access::naming_data_dir(&e, &config.data_dir));
                 return ExitCode::from(admin_exit(e.kind));
             }
         }
@@ -409,6 +434,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             bar.set_position(done);
         }) as backup::Progress
     });
+    let data_dir = config.data_dir.clone();
     let result = admin::run_with(config, request, progress).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -427,7 +453,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("coverd: {e}");
+            eprintln!("coverd: {}", access::naming_data_dir(&e, &data_dir));
             ExitCode::from(admin_exit(e.kind))
         }
     }

@@ -1,5 +1,6 @@
 //! Which data directory `admin` and `submit` work on, and as whom (SPEC "Binary and
-//! commands"): `./coverd-data`, else the service's `/var/lib/coverd`, unless one was named;
+//! commands"): where no flag, environment, file or installed unit named one (`config`),
+//! `./coverd-data`, else the service's `/var/lib/coverd`;
 //! run as root on a directory owned by another user, the process becomes that user before
 //! it touches anything, so it never leaves a file the service cannot read or write. Owns
 //! the lookup, the change of identity and the permission messages; must not open the store.
@@ -50,6 +51,18 @@ pub fn locate(config: &mut Config) {
     } else {
         PathBuf::from(SERVICE_DATA_DIR)
     };
+}
+
+/// An error's message naming the data directory `dir` (SPEC: every error names it), unless
+/// it already does.
+pub fn naming_data_dir(error: &AdminError, dir: &Path) -> String {
+    let shown = shown(dir);
+    let message = error.to_string();
+    if message.contains(&*shown.to_string_lossy()) {
+        message
+    } else {
+        format!("{message} (data directory {})", shown.display())
+    }
 }
 
 /// "cannot read DIR: permission denied; run as root or as the service's user".

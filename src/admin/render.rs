@@ -23,9 +23,11 @@ pub fn render(reply: &Reply, json: bool) -> String {
     match reply {
         Reply::Status { status } => {
             let t = &status.tasks;
+            // The first line says which data directory and whether its daemon runs (SPEC),
+            // so a stray ./coverd-data cannot pass for the service's.
             let mut out = format!(
-                "daemon: {}\ntasks: {} submitted, {} received, {} downloaded, {} failed\n",
-                status.daemon, t.submitted, t.received, t.downloaded, t.failed
+                "daemon: {} (data directory {})\ntasks: {} submitted, {} received, {} downloaded, {} failed\n",
+                status.daemon, status.data_dir, t.submitted, t.received, t.downloaded, t.failed
             );
             match &status.oldest_unfinished {
                 Some(o) => {
@@ -47,7 +49,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 n.pending,
                 n.undeliverable
             );
-            out += &format!("data: {} ({} bytes)\n", status.data_dir, status.data_bytes);
+            out += &format!("data: {} bytes\n", status.data_bytes);
             out += &format!(
                 "polling: {}",
                 match status.polling {

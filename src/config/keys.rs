@@ -187,8 +187,8 @@ macro_rules! key {
     };
     (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,
         [$($p:ident).+], [], [$parse:expr]) => {
-        if let Some((value, var)) = $src.value($name, $env, $v) {
-            $c.$($p).+ = $parse($name, value).map_err(|e| e.blamed_on_env(var))?;
+        if let Some((value, blame)) = $src.value($name, $env, $v) {
+            $c.$($p).+ = $parse($name, value).map_err(|e| e.blamed(blame, $src.unit))?;
         }
     };
 
@@ -271,25 +271,45 @@ keys! {
 
 /// Where [`RawFile::apply_declared`] takes a key's value from besides the file.
 pub(super) struct Sources<'a> {
+    /// The caller's environment.
     pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    /// The installed unit's `Environment=` (commands other than `serve`; else nothing).
+    pub(super) unit_env: &'a dyn Fn(&str) -> Option<String>,
+    /// Whether the unit's environment beats the file: the file is the unit's own (or there is
+    /// none), so the service sees it that way; under any other file the unit fills in only
+    /// what the file leaves unset (SPEC's precedence table).
+    pub(super) unit_first: bool,
+    /// The unit in words, for errors.
+    pub(super) unit: &'a str,
     /// Whether a command-line flag sets the key (then neither file nor environment count).
     pub(super) flagged: &'a dyn Fn(&str) -> bool,
 }
 
 impl Sources<'_> {
-    /// The value in force for `name` and the environment variable it came from, if one
-    /// did; `None` when neither is set or a flag decides.
-    fn value<R: values::FromEnv>(
+    /// The value in force for `name` and where it came from; `None` when no source sets it
+    /// or a flag decides. Order: the caller's environment, then the file and the unit's
+    /// environment (which first: [`Sources::unit_first`]).
+    pub(super) fn value<R: values::FromEnv>(
         &self,
         name: &str,
         env: Option<&'static str>,
         file: Option<R>,
-    ) -> Option<(R, Option<&'static str>)> {
+    ) -> Option<(R, super::Blame)> {
+        use super::Blame;
         if (self.flagged)(name) {
             return None;
         }
-        let from_env = env.and_then(|var| Some((R::from_env((self.env)(var)?)?, Some(var))));
-        from_env.or(file.map(|v| (v, None)))
+        let from = |lookup: &dyn Fn(&str) -> Option<String>, blame: fn(&'static str) -> Blame| {
+            env.and_then(|var| Some((R::from_env(lookup(var)?)?, blame(var))))
+        };
+        let caller = from(self.env, Blame::Env);
+        let unit = || from(self.unit_env, Blame::Unit);
+        let file = file.map(|v| (v, Blame::File));
+        if self.unit_first {
+            caller.or_else(unit).or(file)
+        } else {
+            caller.or(file).or_else(unit)
+        }
     }
 }
 

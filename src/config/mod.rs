@@ -1,9 +1,9 @@
 //! Configuration: the TOML file, environment overrides and command-line flags, resolved into
 //! one validated [`Config`]. Each key is declared once in [`keys`], which generates the file's
 //! structs, the key-by-key parsing and checks, `check-config`'s output and the docs table;
-//! this module holds the resolved types, the order of sources (flags, then the declared
-//! keys, then secrets) and the checks across keys. Must not open the store, the network or
-//! any socket.
+//! this module holds the resolved types, the order of sources (flags, the caller's
+//! environment, the file, and for commands the installed unit read by [`unit`]; then the
+//! secrets) and the checks across keys. Must not open the store, the network or any socket.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,9 +15,10 @@ mod secret;
 #[cfg(test)]
 mod tests;
 mod toml_errors;
+pub mod unit;
 mod values;
 
-use keys::{RawFile, Sources};
+use keys::RawFile;
 pub use secret::{Origin, Secret};
 use secret::{SecretSource, secret};
 use toml_errors::describe_toml_error;
@@ -64,6 +65,17 @@ pub struct Config {
     /// Where each secret was found (`check-config` says so): key, then the source in words
     /// ("the credential `kie-api-key` in /run/credentials/coverd.service", …) or `None`.
     pub secret_origins: Vec<(&'static str, Option<secret::Origin>)>,
+    /// Secrets the installed unit would give the service that this process did not read
+    /// (not root, or unreadable): key, then why. `check-config` exits 2 when there are any.
+    pub unread_credentials: Vec<(&'static str, String)>,
+    /// The installed unit whose environment and credentials filled in what the caller left
+    /// unset (commands other than `serve`), in words: its file and drop-ins.
+    pub unit: Option<String>,
+    /// Whether the data directory is the installed unit's (its `COVERD_DATA_DIR`, its
+    /// configuration file's `data_dir`, or the default in its working directory).
+    pub data_dir_from_unit: bool,
+    /// What the unit's files have that the commands skipped (printed as warnings).
+    pub unit_warnings: Vec<String>,
 }
 
 /// `[notify]`: outbound notifications when a task settles (SPEC "Notifications (outbound)").
@@ -152,6 +164,10 @@ impl Default for Config {
                 max_attempts: keys::default_int("notify.max_attempts"),
             },
             secret_origins: SECRET_KEYS.iter().map(|k| (*k, None)).collect(),
+            unread_credentials: Vec::new(),
+            unit: None,
+            data_dir_from_unit: false,
+            unit_warnings: Vec::new(),
         }
     }
 }
@@ -199,6 +215,20 @@ pub enum ConfigError {
         value: Option<String>,
         reason: String,
     },
+    /// A variable of the installed unit's `Environment=` has an unusable value.
+    #[error(
+        "invalid `Environment={var}=…` in the installed unit {unit}{}: {reason}; fix the unit (`systemctl edit coverd`) or set {var} yourself",
+        show_value(value)
+    )]
+    UnitEnv {
+        var: String,
+        unit: String,
+        value: Option<String>,
+        reason: String,
+    },
+    /// The installed unit's files could not be read.
+    #[error(transparent)]
+    Unit(#[from] unit::UnitError),
 }
 
 fn show_value(value: &Option<String>) -> String {
@@ -216,25 +246,66 @@ fn invalid(key: &str, value: Option<String>, reason: impl Into<String>) -> Confi
     }
 }
 
+/// Where a key's value came from, for blaming an invalid one on its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Blame {
+    File,
+    /// The caller's environment variable.
+    Env(&'static str),
+    /// The installed unit's `Environment=` variable.
+    Unit(&'static str),
+}
+
 impl ConfigError {
-    /// This error as one of the environment variable `var`, when the value came from it.
-    fn blamed_on_env(self, var: Option<&'static str>) -> ConfigError {
-        match (self, var) {
-            (ConfigError::Invalid { value, reason, .. }, Some(var)) => ConfigError::Env {
+    /// This error as one of the source in `blame`, when the value came from the caller's or
+    /// the unit's environment (`unit` describes the unit).
+    fn blamed(self, blame: Blame, unit: &str) -> ConfigError {
+        match (self, blame) {
+            (ConfigError::Invalid { value, reason, .. }, Blame::Env(var)) => ConfigError::Env {
                 var: var.into(),
                 value,
                 reason,
             },
+            (ConfigError::Invalid { value, reason, .. }, Blame::Unit(var)) => {
+                ConfigError::UnitEnv {
+                    var: var.into(),
+                    unit: unit.into(),
+                    value,
+                    reason,
+                }
+            }
             (err, _) => err,
         }
     }
 }
 
-/// Load the configuration using the real process environment.
+/// Load the configuration using the real process environment, as `serve` does: flags,
+/// environment, file, defaults.
 ///
 /// An environment variable that is not valid UTF-8 is an error rather than silently unset.
 pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
-    // Every variable it reads: the file's name, the credentials, and each key's.
+    check_env_is_utf8()?;
+    load_with_env(overrides, &|name| std::env::var(name).ok())
+}
+
+/// Load the configuration for a command (`admin`, `submit`, `check-config`): as [`load`],
+/// then the installed unit ([`unit::Unit::find`] under [`unit::Root::from_env`]) for what
+/// flags, environment and file leave unset, with its credentials when run as root (SPEC
+/// "Binary and commands").
+pub fn load_for_command(overrides: &Overrides) -> Result<Config, ConfigError> {
+    check_env_is_utf8()?;
+    let unit = unit::Unit::find(&unit::Root::from_env())?;
+    let as_root = nix::unistd::geteuid().is_root();
+    load_with(
+        overrides,
+        &|name| std::env::var(name).ok(),
+        unit.as_ref(),
+        as_root,
+    )
+}
+
+/// Every variable `load` reads: the file's name, the credentials, and each key's.
+fn check_env_is_utf8() -> Result<(), ConfigError> {
     let keys_vars = keys::KEYS.iter().filter_map(|k| k.env);
     for var in [ENV_CONFIG, ENV_CREDENTIALS_DIRECTORY]
         .into_iter()
@@ -248,7 +319,7 @@ pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
             });
         }
     }
-    load_with_env(overrides, &|name| std::env::var(name).ok())
+    Ok(())
 }
 
 /// Load the configuration with `env` standing in for the process environment.
@@ -259,16 +330,64 @@ pub fn load_with_env(
     overrides: &Overrides,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    load_with(overrides, env, None, false)
+}
+
+/// [`load_with_env`], with the installed unit `unit` filling in what flags, `env` and the
+/// file leave unset, and its credentials read when `as_root`.
+///
+/// The unit's `COVERD_CONFIG` names the file when neither `--config` nor `env` does. Its
+/// environment beats that file, as it does for the service, also when the caller names the
+/// same file; under a file of the caller's own it only fills in what the file leaves unset.
+/// A relative data directory from the unit is the service's: in its working directory.
+pub fn load_with(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+    unit: Option<&unit::Unit>,
+    as_root: bool,
+) -> Result<Config, ConfigError> {
     let env = |name: &str| env(name).filter(|v| !v.is_empty());
+    let unit_env = |name: &str| {
+        unit.and_then(|u| u.env(name))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let unit_file = unit_env(ENV_CONFIG).map(|f| match unit {
+        Some(u) => u.resolve(Path::new(&f)),
+        None => PathBuf::from(f),
+    });
     let file = overrides
         .config_file
         .clone()
         .or_else(|| env(ENV_CONFIG).map(PathBuf::from));
+    let unit_first = match (&file, &unit_file) {
+        (None, _) => true,
+        (Some(f), Some(u)) => f == u,
+        (Some(_), None) => false,
+    };
+    let file = file.or(unit_file);
     let raw = match &file {
         Some(path) => read_file(path)?,
         None => RawFile::default(),
     };
-    resolve(raw, overrides, &env)
+    let view = UnitView {
+        unit,
+        env: &unit_env,
+        first: unit_first,
+        as_root,
+        described: unit.map(unit::Unit::describe).unwrap_or_default(),
+    };
+    resolve(raw, overrides, &env, &view)
+}
+
+/// What the installed unit adds, for [`resolve`]: nothing when `unit` is `None`.
+struct UnitView<'a> {
+    unit: Option<&'a unit::Unit>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// The unit's environment beats the file ([`keys::Sources::unit_first`]).
+    first: bool,
+    as_root: bool,
+    described: String,
 }
 
 /// Every key the configuration file accepts, dotted (`download.concurrency`).
@@ -308,10 +427,23 @@ impl Config {
                         lines.push(format!("warning: {key}: {why}"));
                     }
                 }
-                None => lines.push(format!("{key}: not set")),
+                None => match self.unread_credentials.iter().find(|(k, _)| k == key) {
+                    Some((_, why)) => lines.push(format!("{key}: not read: {why}")),
+                    None => lines.push(format!("{key}: not set")),
+                },
             }
         }
         lines
+    }
+
+    /// Whether the secret `key` is there for the service but this process could not read
+    /// its value: an encrypted credential, or one it did not read (not root).
+    pub fn secret_unreadable_here(&self, key: &str) -> bool {
+        self.unread_credentials.iter().any(|(k, _)| *k == key)
+            || self
+                .secret_origins
+                .iter()
+                .any(|(k, o)| *k == key && o.as_ref().is_some_and(|o| o.sealed))
     }
 
     /// The effective configuration as TOML (`coverd check-config`): every key with the value
@@ -346,11 +478,34 @@ fn resolve(
     mut raw: RawFile,
     overrides: &Overrides,
     env: &dyn Fn(&str) -> Option<String>,
+    unit: &UnitView<'_>,
 ) -> Result<Config, ConfigError> {
+    // Where the data directory comes from, flags aside.
+    let data_dir_blame = keys::Sources {
+        env,
+        unit_env: unit.env,
+        unit_first: unit.first,
+        unit: &unit.described,
+        flagged: &|_| false,
+    }
+    .value("data_dir", Some(ENV_DATA_DIR), raw.data_dir.clone())
+    .map(|(_, blame)| blame);
+    // The unit's data directory: from its environment, from its own file, or the default
+    // (which the service takes in its working directory).
+    let data_dir_from_unit = unit.unit.is_some()
+        && overrides.data_dir.is_none()
+        && match data_dir_blame {
+            Some(Blame::Unit(_)) | None => true,
+            Some(Blame::File) => unit.first,
+            Some(Blame::Env(_)) => false,
+        };
     let mut config = Config {
         data_dir_named: overrides.data_dir.is_some()
-            || env(ENV_DATA_DIR).is_some()
-            || raw.data_dir.is_some(),
+            || data_dir_blame.is_some()
+            || unit.unit.is_some(),
+        data_dir_from_unit,
+        unit: unit.unit.map(|_| unit.described.clone()),
+        unit_warnings: unit.unit.map(|u| u.warnings.clone()).unwrap_or_default(),
         ..Config::default()
     };
     let flagged = |key: &str| match key {
@@ -360,38 +515,66 @@ fn resolve(
     };
     raw.apply_declared(
         &mut config,
-        &Sources {
+        &keys::Sources {
             env,
+            unit_env: unit.env,
+            unit_first: unit.first,
+            unit: &unit.described,
             flagged: &flagged,
         },
     )?;
     if let Some(dir) = &overrides.data_dir {
         config.data_dir = values::non_empty_dir("data_dir", dir.clone())?;
     }
+    if data_dir_from_unit && let Some(u) = unit.unit {
+        config.data_dir = u.resolve(&config.data_dir);
+    }
     if let Some(addr) = overrides.listen {
         config.listen = addr;
     }
-    resolve_secrets(&mut config, raw, env)?;
+    resolve_secrets(&mut config, raw, env, unit)?;
     check_across_keys(&config)?;
     Ok(config)
 }
 
 /// The three secrets, each from its environment variable, inline key, key file or systemd
-/// credential (see [`secret`]).
+/// credential (see [`secret`]), then from the installed unit.
 fn resolve_secrets(
     config: &mut Config,
     raw: RawFile,
     env: &dyn Fn(&str) -> Option<String>,
+    unit: &UnitView<'_>,
 ) -> Result<(), ConfigError> {
     let kie = raw.kie.unwrap_or_default();
     let notify = raw.notify.unwrap_or_default();
     let mut origins = Vec::new();
-    let mut note = |key: &'static str, found: Option<(Secret, secret::Origin)>| {
+    let mut unread = Vec::new();
+    let mut find = |key: &'static str, src: SecretSource| -> Result<Option<Secret>, ConfigError> {
+        let found = match unit.unit {
+            None => secret(env, src)?.map(|(s, o)| (Some(s), o)),
+            Some(u) => {
+                let from_unit = secret::UnitSecrets {
+                    unit: u,
+                    env: unit.env,
+                    first: unit.first,
+                    as_root: unit.as_root,
+                };
+                match from_unit.secret(env, src)? {
+                    secret::Found::Yes(s, o) => Some((Some(s), o)),
+                    secret::Found::Sealed(o) => Some((None, o)),
+                    secret::Found::Unread(why) => {
+                        unread.push((key, why));
+                        None
+                    }
+                    secret::Found::No => None,
+                }
+            }
+        };
         origins.push((key, found.as_ref().map(|(_, from)| from.clone())));
-        found.map(|(s, _)| s)
+        Ok(found.and_then(|(s, _)| s))
     };
-    let api_key = secret(
-        env,
+    let api_key = find(
+        SECRET_KEYS[0],
         SecretSource {
             env_var: ENV_API_KEY,
             inline_key: "kie.api_key",
@@ -401,11 +584,11 @@ fn resolve_secrets(
             credential: CREDENTIAL_API_KEY,
         },
     )?;
-    config.kie.api_key = note(SECRET_KEYS[0], api_key)
+    config.kie.api_key = api_key
         .map(|key| ApiKey::parse("kie.api_key", &key))
         .transpose()?;
-    let hmac = secret(
-        env,
+    config.kie.webhook_hmac_key = find(
+        SECRET_KEYS[1],
         SecretSource {
             env_var: ENV_WEBHOOK_HMAC_KEY,
             inline_key: "kie.webhook_hmac_key",
@@ -415,9 +598,8 @@ fn resolve_secrets(
             credential: CREDENTIAL_WEBHOOK_HMAC_KEY,
         },
     )?;
-    config.kie.webhook_hmac_key = note(SECRET_KEYS[1], hmac);
-    let notify_secret = secret(
-        env,
+    config.notify.secret = find(
+        SECRET_KEYS[2],
         SecretSource {
             env_var: ENV_NOTIFY_SECRET,
             // The secret has no inline key in the file, only `secret_file`.
@@ -428,8 +610,8 @@ fn resolve_secrets(
             credential: CREDENTIAL_NOTIFY_SECRET,
         },
     )?;
-    config.notify.secret = note(SECRET_KEYS[2], notify_secret);
     config.secret_origins = origins;
+    config.unread_credentials = unread;
     Ok(())
 }
 
@@ -458,7 +640,9 @@ fn check_across_keys(config: &Config) -> Result<(), ConfigError> {
         Some(s) if notify_key(s).is_none() => format!(
             "the notification secret {where_from} must be \"whsec_\" followed by base64; {make_one}"
         ),
-        None if config.notify.url.is_some() => {
+        // Present but not readable here (encrypted, or not root): the service may have it;
+        // `check-config` reports it.
+        None if config.notify.url.is_some() && !config.secret_unreadable_here(SECRET_KEYS[2]) => {
             format!("`notify.url` is set but there is no signing secret {where_from}; {make_one}")
         }
         _ => return Ok(()),

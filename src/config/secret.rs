@@ -1,10 +1,12 @@
 //! Secrets: the [`Secret`] string whose `Debug` never shows it, and where a secret is read
-//! from (environment, inline key, key file, systemd credential), in that order. Owns no
-//! other key; must not log or echo a secret value.
+//! from (environment, inline key, key file, systemd credential), in that order, then, for
+//! commands, from the installed unit ([`UnitSecrets`]: its environment and credentials).
+//! Owns no other key; must not log or echo a secret value.
 
 use std::io;
 use std::path::Path;
 
+use super::unit::{Credential, Unit};
 use super::{ConfigError, ENV_CREDENTIALS_DIRECTORY, invalid};
 
 /// A secret string (API key, HMAC key). Its `Debug` never shows the value.
@@ -33,6 +35,9 @@ pub struct Origin {
     pub text: String,
     pub file: Option<std::path::PathBuf>,
     pub credential: &'static str,
+    /// Present but not readable by this process (an encrypted credential): the secret is
+    /// there for the service, its value unknown here.
+    pub sealed: bool,
 }
 
 impl Origin {
@@ -41,6 +46,7 @@ impl Origin {
             text,
             file: None,
             credential: "",
+            sealed: false,
         }
     }
 
@@ -105,17 +111,106 @@ pub(super) fn secret(
 ) -> Result<Option<(Secret, Origin)>, ConfigError> {
     let key = src.inline_key;
     let found = secret_from_sources(env, src)?;
-    if found
-        .as_ref()
-        .is_some_and(|(s, _)| s.expose().chars().any(char::is_control))
-    {
+    if let Some((s, _)) = &found {
+        on_one_line(key, s)?;
+    }
+    Ok(found)
+}
+
+/// A secret must fit in an HTTP header: no control characters.
+fn on_one_line(key: &str, secret: &Secret) -> Result<(), ConfigError> {
+    if secret.expose().chars().any(char::is_control) {
         return Err(invalid(
             key,
             None,
             "the key contains control characters (a line break in the middle?); store it on one line",
         ));
     }
-    Ok(found)
+    Ok(())
+}
+
+/// What the installed unit may add to one secret.
+pub(super) enum Found {
+    Yes(Secret, Origin),
+    /// An encrypted credential: there for the service, unreadable here.
+    Sealed(Origin),
+    /// A credential the unit loads that this process did not read, and why.
+    Unread(String),
+    No,
+}
+
+/// The installed unit as a source of secrets: its environment variable (before the file's
+/// keys when [`UnitSecrets::first`], else after them) and its credential, read as root.
+pub(super) struct UnitSecrets<'a> {
+    pub(super) unit: &'a Unit,
+    pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    pub(super) first: bool,
+    pub(super) as_root: bool,
+}
+
+impl UnitSecrets<'_> {
+    /// `src` from the caller's sources ([`secret`]) and the unit's, in SPEC's order.
+    pub(super) fn secret(
+        &self,
+        caller_env: &dyn Fn(&str) -> Option<String>,
+        src: SecretSource,
+    ) -> Result<Found, ConfigError> {
+        let (key, var, credential) = (src.inline_key, src.env_var, src.credential);
+        let from_env = || -> Result<Option<Found>, ConfigError> {
+            let Some(value) = non_empty_secret((self.env)(var)) else {
+                return Ok(None);
+            };
+            let value = Secret::new(value);
+            on_one_line(key, &value)?;
+            let from = format!(
+                "the environment variable {var} of the installed unit {}",
+                self.unit.describe()
+            );
+            Ok(Some(Found::Yes(value, Origin::named(from))))
+        };
+        if self.first
+            && caller_env(var).is_none()
+            && let Some(found) = from_env()?
+        {
+            return Ok(found);
+        }
+        if let Some((s, o)) = secret(caller_env, src)? {
+            return Ok(Found::Yes(s, o));
+        }
+        if !self.first
+            && let Some(found) = from_env()?
+        {
+            return Ok(found);
+        }
+        Ok(match self.unit.credential(credential, self.as_root) {
+            Credential::NotLoaded | Credential::Missing { .. } => Found::No,
+            Credential::Found { value, path } => {
+                let value = Secret::new(value);
+                on_one_line(key, &value)?;
+                let from = format!(
+                    "the credential `{credential}` of the installed unit, at {}",
+                    path.display()
+                );
+                Found::Yes(value, Origin::named(from))
+            }
+            Credential::Encrypted { path } => Found::Sealed(Origin {
+                text: format!(
+                    "the encrypted credential `{credential}` of the installed unit, at {} (only the service can decrypt it; its value was not checked)",
+                    path.display()
+                ),
+                file: None,
+                credential,
+                sealed: true,
+            }),
+            Credential::NotRoot { directive } => Found::Unread(format!(
+                "the installed unit loads it as the credential `{credential}` ({directive}), which only root can read; run `sudo coverd check-config`"
+            )),
+            Credential::Unreadable { path, reason } => Found::Unread(format!(
+                "cannot read the credential `{credential}` at {}: {reason}",
+                path.display()
+            )),
+        })
+    }
 }
 
 fn secret_from_sources(
@@ -157,6 +252,7 @@ fn secret_from_sources(
                     text: format!("the file {path} (`{}`)", src.file_key),
                     file: Some(path.into()),
                     credential: src.credential,
+                    sealed: false,
                 },
             ))),
             None => Err(invalid(

@@ -909,3 +909,40 @@ fn a_key_file_the_service_cannot_read_is_told_apart() {
     }
     assert_eq!(unreadable_reason(&at("/etc/k"), None), None);
 }
+
+/// Issue 15 items 1 and 2: the installed unit fills in what the caller leaves unset; its
+/// data directory (named, or the default) is the service's, in its working directory; a
+/// data directory the caller names is the caller's.
+#[test]
+fn the_installed_unit_fills_in_what_the_caller_leaves_unset() {
+    use super::unit::{Root, Unit};
+    let unit = Unit::from_files(
+        Root::at("/nonexistent"),
+        vec![(
+            "/u".into(),
+            b"[Service]\nWorkingDirectory=%S/coverd\nEnvironment=COVERD_DATA_DIR=data COVERD_LISTEN=127.0.0.1:1\n"
+                .to_vec(),
+        )],
+    );
+    let load = |env: &[(&str, &str)], flags: &Overrides| {
+        load_with(flags, &env_of(env), Some(&unit), false).unwrap()
+    };
+    let c = load(&[], &Overrides::default());
+    assert_eq!(c.data_dir, PathBuf::from("/var/lib/coverd/data"));
+    assert!(c.data_dir_named && c.data_dir_from_unit);
+    assert_eq!(c.listen.port(), 1);
+    assert_eq!(c.unit.as_deref(), Some("/u"));
+    let c = load(&[(ENV_DATA_DIR, "mine")], &Overrides::default());
+    assert_eq!(c.data_dir, PathBuf::from("mine"));
+    assert!(c.data_dir_named && !c.data_dir_from_unit);
+    let flags = Overrides {
+        data_dir: Some("flagged".into()),
+        ..Overrides::default()
+    };
+    let c = load(&[], &flags);
+    assert_eq!(c.data_dir, PathBuf::from("flagged"));
+    assert!(!c.data_dir_from_unit);
+    // Without the unit nothing changes.
+    let c = load_with(&Overrides::default(), &no_env(), None, true).unwrap();
+    assert!(!c.data_dir_named && c.unit.is_none());
+}

@@ -19,8 +19,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_coverd");
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Environment variables that would change what the binary does; removed for every run.
-const SCRUBBED_ENV: [&str; 10] = [
+const SCRUBBED_ENV: [&str; 11] = [
     "COVERD_CONFIG",
+    "COVERD_NOTIFY_SECRET",
     "COVERD_DATA_DIR",
     "COVERD_LISTEN",
     "KIE_API_KEY",
@@ -31,6 +32,11 @@ const SCRUBBED_ENV: [&str; 10] = [
     "JOURNAL_STREAM",
     "RUST_LOG",
 ];
+
+/// Where the binary under test looks for an installed unit (`COVERD_SYSTEMD_ROOT`): a path
+/// that does not exist, so that a `coverd.service` installed on the test machine changes
+/// nothing. Tests of the unit point the variable at a fixture tree of their own.
+pub const NO_SYSTEMD_ROOT: &str = "/nonexistent/coverd-test-systemd-root";
 
 /// A `coverd` command with a clean environment.
 pub fn coverd() -> Command {
@@ -43,6 +49,7 @@ pub fn scrubbed(program: impl AsRef<std::ffi::OsStr>) -> Command {
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
+    cmd.env("COVERD_SYSTEMD_ROOT", NO_SYSTEMD_ROOT);
     cmd.stdin(Stdio::null());
     cmd
 }

@@ -29,6 +29,7 @@ mod process;
 mod quarantine;
 mod sled_power;
 mod smoke;
+mod unit_view;
 
 /// `admin track` through the library, as the admin socket would run it.
 pub async fn admin_track(d: &harness::Daemon, task_id: &str) {

@@ -258,7 +258,11 @@ async fn admin_finds_the_data_directory_without_flags() {
     assert_eq!(out.code, Some(0), "{out:?}");
     let out = coverd_in(cwd, &["admin", "status"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stdout.contains("data: ./coverd-data"), "{out:?}");
+    assert!(
+        out.stdout
+            .starts_with("daemon: stopped (data directory ./coverd-data)\n"),
+        "{out:?}"
+    );
     assert!(
         out.stdout.contains("polling: unknown (daemon stopped)"),
         "{out:?}"
@@ -372,7 +376,10 @@ async fn root_acts_as_the_data_directory_owner() {
         c
     })
     .await;
-    assert!(out.stdout.contains(&format!("data: {d}")), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!("(data directory {d})")),
+        "{out:?}"
+    );
     let bad = not_owned_by(&data, NOBODY);
     assert!(
         bad.is_empty(),
