@@ -290,7 +290,7 @@ fn main() -> ExitCode {
         if !config.unread_credentials.is_empty() {
             let keys: Vec<&str> = config.unread_credentials.iter().map(|(k, _)| *k).collect();
             eprintln!(
-                "coverd: cannot tell whether the configuration is valid: the {} the service gets could not be read (see above)",
+                "coverd: cannot check the secrets the service gets ({}): they were not read (see above); run as root",
                 keys.join(", ")
             );
             let _ = to_stdout(shown.as_bytes(), "the configuration", ExitCode::SUCCESS);

@@ -163,10 +163,13 @@ fn configuration(page: &mut String) {
 const FIXED: &str = r#".SH ENVIRONMENT
 .TP
 \fBCOVERD_CONFIG\fR
-The configuration file, when --config names none (the unit sets it with a drop-in: Environment=COVERD_CONFIG=/etc/coverd/coverd.toml).
+The configuration file, when --config names none (the unit sets it with a drop-in: Environment=COVERD_CONFIG=/etc/coverd/coverd.toml). admin, submit and check-config take the installed unit's when neither names one.
 .TP
 \fBCOVERD_DATA_DIR\fR, \fBCOVERD_LISTEN\fR
-The data directory and the callback listener (the keys data_dir and listen).
+The data directory and the callback listener (the keys data_dir and listen). For admin, submit and check-config, what these, the flags and the file leave unset comes from the installed unit's Environment= (see FILES).
+.TP
+\fBCOVERD_SYSTEMD_ROOT\fR
+For tests only: a directory standing in for / where admin, submit and check-config look for the installed unit, the running service's credentials and the credential stores.
 .TP
 \fBKIE_API_KEY\fR, \fBKIE_WEBHOOK_HMAC_KEY\fR, \fBCOVERD_NOTIFY_SECRET\fR
 Secrets: the KIE API key, the webhook HMAC key, the notification signing secret (whsec_…).
@@ -194,13 +197,22 @@ Partial downloads; emptied at every start.
 The running daemon's admin socket (0600); admin commands use it, and open the store themselves when the daemon is stopped.
 .TP
 \fB./coverd-data\fR, \fB/var/lib/coverd\fR
-The data directory when none is named: \fBserve\fR uses ./coverd-data; admin commands use ./coverd-data if it exists, else /var/lib/coverd (the unit's StateDirectory).
+The data directory when none is named: \fBserve\fR uses ./coverd-data; admin commands use the installed unit's, and only where no unit is installed ./coverd-data if it exists, else /var/lib/coverd.
 .TP
 \fB/var/lib/coverd-backup\fR
 The unit's second state directory: where the running daemon may write backups.
 .TP
 \fB/etc/coverd/coverd.toml\fR
 The configuration file, by convention (named by COVERD_CONFIG or --config).
+.TP
+\fB/etc/systemd/system/coverd.service\fR, \fB/run/systemd/system/\fR, \fB/usr/local/lib/systemd/system/\fR, \fB/usr/lib/systemd/system/\fR, and \fBcoverd.service.d/*.conf\fR in each
+The installed unit, the first found, and its drop-ins in file-name order. admin, submit and check-config (not serve) read its Environment= (systemd's quoting and the machine-independent specifiers such as %S), WorkingDirectory= and LoadCredential= for what flags, environment and file leave unset: so on the service's host they use its configuration file and data directory whatever the current directory, and ./coverd-data only where no unit is installed. EnvironmentFile= is not read.
+.TP
+\fB/run/credentials/coverd.service/\fR
+The credentials systemd handed the running service; run as root, the commands read the unit's credentials here while it runs.
+.TP
+\fB/etc/credstore/\fR, \fB/run/credstore/\fR, \fB/usr/lib/credstore/\fR (and \fBcredstore.encrypted/\fR beside each)
+Where systemd finds a credential the unit loads by name (LoadCredential=NAME); run as root with the service stopped, the commands read it there (or at LoadCredential=NAME:PATH). An encrypted one counts as present; check-config says it cannot check its value. Not root, check-config names the credentials it could not read and exits 2.
 .SH EXIT STATUS
 .TP
 \fB0\fR

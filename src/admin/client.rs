@@ -55,16 +55,15 @@ pub async fn run_with(
                 other => other,
             };
             let socket_shown = shown.join(ADMIN_SOCKET);
-            let reply =
-                tokio::time::timeout(limit, remote(stream, &req, progress, &socket_shown))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(AdminError::failed(format!(
-                            "the daemon did not finish within {}s on {}; check `journalctl -u coverd`",
-                            limit.as_secs(),
-                            socket_shown.display()
-                        )))
-                    });
+            let reply = tokio::time::timeout(limit, remote(stream, &req, progress, &socket_shown))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(AdminError::failed(format!(
+                        "the daemon did not finish within {}s on {}; check `journalctl -u coverd`",
+                        limit.as_secs(),
+                        socket_shown.display()
+                    )))
+                });
             // The data directory as this command found it (the daemon's own path may be
             // relative to its working directory).
             return reply.map(|reply| match reply {
@@ -102,12 +101,17 @@ pub async fn run_with(
             | Request::Retry { .. }
             | Request::Redeliver { .. }
     );
-    if !writes && !dir.join("db").exists() {
+    // The unit's directory is made by systemd (StateDirectory=, owned by the service's
+    // user): a command never creates it, even one that writes.
+    if (!writes || config.data_dir_from_unit) && !dir.join("db").exists() {
         return Err(AdminError::missing(if config.data_dir_from_unit {
             format!(
                 "no coverd data in {}, the data directory of the installed unit {}; start the service first (`systemctl start coverd`), or name another with --data-dir",
                 shown.display(),
-                config.unit.as_deref().unwrap_or(crate::config::unit::UNIT_NAME)
+                config
+                    .unit
+                    .as_deref()
+                    .unwrap_or(crate::config::unit::UNIT_NAME)
             )
         } else if config.data_dir_named {
             format!(

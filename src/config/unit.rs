@@ -195,7 +195,11 @@ impl Unit {
     pub fn describe(&self) -> String {
         match self.dropins.len() {
             0 => self.path.display().to_string(),
-            1 => format!("{} with the drop-in {}", self.path.display(), self.dropins[0].display()),
+            1 => format!(
+                "{} with the drop-in {}",
+                self.path.display(),
+                self.dropins[0].display()
+            ),
             n => format!("{} with {n} drop-ins", self.path.display()),
         }
     }
@@ -370,8 +374,7 @@ impl Unit {
                     continue;
                 }
             };
-            let Some((name, val)) = word.split_once('=').filter(|(n, _)| valid_env_name(n))
-            else {
+            let Some((name, val)) = word.split_once('=').filter(|(n, _)| valid_env_name(n)) else {
                 self.warn(format!(
                     "{at}: `{}` is not a NAME=VALUE assignment; skipped, as systemd does",
                     word.escape_debug()
@@ -779,16 +782,15 @@ mod tests {
         assert_eq!(words(r#""A=a b" B='c d'"#), ["A=a b", "B=c d"]);
         // Quotes in the middle of a word, as systemd's extract_first_word allows.
         assert_eq!(words(r#"A="a b"c B=x'y z'"#), ["A=a bc", "B=xy z"]);
-        assert_eq!(words(r#"A=\"q\" B=a\sb C=\x41\101\u00e9"#), [
-            "A=\"q\"",
-            "B=a b",
-            "C=AAé"
-        ]);
+        assert_eq!(
+            words(r#"A=\"q\" B=a\sb C=\x41\101\u00e9"#),
+            ["A=\"q\"", "B=a b", "C=AAé"]
+        );
         // Escapes inside quotes too; the other quote is plain inside.
-        assert_eq!(words(r#""A=it's \"x\"" 'B=say "hi"'"#), [
-            "A=it's \"x\"",
-            "B=say \"hi\""
-        ]);
+        assert_eq!(
+            words(r#""A=it's \"x\"" 'B=say "hi"'"#),
+            ["A=it's \"x\"", "B=say \"hi\""]
+        );
         assert_eq!(words(r#"A=c:\\dir"#), [r"A=c:\dir"]);
         assert_eq!(words(""), Vec::<String>::new());
         assert_eq!(words(r#"A="""#), ["A="]);
@@ -838,7 +840,10 @@ mod tests {
         assert_eq!((u.env("A"), u.env("B")), (None, Some("2")));
         // Not an assignment, or an unknown specifier: skipped with a warning.
         let u = unit_of(&["[Service]\nEnvironment=novalue 1A=x A=%H B=ok\n"]);
-        assert_eq!((u.env("A"), u.env("B"), u.env("1A")), (None, Some("ok"), None));
+        assert_eq!(
+            (u.env("A"), u.env("B"), u.env("1A")),
+            (None, Some("ok"), None)
+        );
         assert_eq!(u.warnings.len(), 3, "{:?}", u.warnings);
     }
 
@@ -849,7 +854,11 @@ mod tests {
         ]);
         assert_eq!(u.env("A"), Some("1"));
         assert_eq!(u.env("B"), Some("2"));
-        assert_eq!(u.env("C"), Some(r"x\"), "an escaped backslash does not continue");
+        assert_eq!(
+            u.env("C"),
+            Some(r"x\"),
+            "an escaped backslash does not continue"
+        );
         assert_eq!(u.env("D"), Some("4"));
     }
 
@@ -879,7 +888,10 @@ mod tests {
         assert_eq!(u.credentials["b"].path.as_deref(), Some("/etc/b"));
         assert!(u.credentials["c"].encrypted);
         assert!(!u.credentials.contains_key("../x"));
-        let u = unit_of(&["[Service]\nLoadCredential=a\n", "[Service]\nLoadCredential=\n"]);
+        let u = unit_of(&[
+            "[Service]\nLoadCredential=a\n",
+            "[Service]\nLoadCredential=\n",
+        ]);
         assert!(u.credentials.is_empty());
         assert_eq!(unit_of(&[""]).working_directory(), Path::new("/"));
     }
@@ -894,27 +906,54 @@ mod tests {
         };
         let r = Root::at(root.path());
         assert!(Unit::find(&r).unwrap().is_none());
-        put("usr/lib/systemd/system/coverd.service", "[Service]\nEnvironment=A=usr B=usr\n");
-        put("usr/lib/systemd/system/coverd.service.d/10-a.conf", "[Service]\nEnvironment=B=usr-10\n");
-        put("usr/lib/systemd/system/coverd.service.d/20-b.conf", "[Service]\nEnvironment=C=usr-20\n");
-        put("etc/systemd/system/coverd.service.d/20-b.conf", "[Service]\nEnvironment=C=etc-20\n");
-        put("etc/systemd/system/coverd.service.d/05-z.conf", "[Service]\nEnvironment=B=etc-05\n");
-        put("etc/systemd/system/coverd.service.d/notes.txt", "[Service]\nEnvironment=A=txt\n");
+        put(
+            "usr/lib/systemd/system/coverd.service",
+            "[Service]\nEnvironment=A=usr B=usr\n",
+        );
+        put(
+            "usr/lib/systemd/system/coverd.service.d/10-a.conf",
+            "[Service]\nEnvironment=B=usr-10\n",
+        );
+        put(
+            "usr/lib/systemd/system/coverd.service.d/20-b.conf",
+            "[Service]\nEnvironment=C=usr-20\n",
+        );
+        put(
+            "etc/systemd/system/coverd.service.d/20-b.conf",
+            "[Service]\nEnvironment=C=etc-20\n",
+        );
+        put(
+            "etc/systemd/system/coverd.service.d/05-z.conf",
+            "[Service]\nEnvironment=B=etc-05\n",
+        );
+        put(
+            "etc/systemd/system/coverd.service.d/notes.txt",
+            "[Service]\nEnvironment=A=txt\n",
+        );
         let u = Unit::find(&r).unwrap().unwrap();
-        assert_eq!(u.path, root.path().join("usr/lib/systemd/system/coverd.service"));
+        assert_eq!(
+            u.path,
+            root.path().join("usr/lib/systemd/system/coverd.service")
+        );
         // 05-z, 10-a, 20-b (/etc's hides /usr/lib's), in name order whatever the directory.
         assert_eq!(u.env("A"), Some("usr"));
         assert_eq!(u.env("B"), Some("usr-10"));
         assert_eq!(u.env("C"), Some("etc-20"));
         assert_eq!(u.dropins.len(), 3);
         // The first unit file found wins.
-        put("etc/systemd/system/coverd.service", "[Service]\nEnvironment=A=etc\n");
+        put(
+            "etc/systemd/system/coverd.service",
+            "[Service]\nEnvironment=A=etc\n",
+        );
         let u = Unit::find(&r).unwrap().unwrap();
         assert_eq!((u.env("A"), u.env("B")), (Some("etc"), Some("usr-10")));
         // Masked: no unit.
         std::fs::remove_file(root.path().join("etc/systemd/system/coverd.service")).unwrap();
-        std::os::unix::fs::symlink("/dev/null", root.path().join("etc/systemd/system/coverd.service"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            "/dev/null",
+            root.path().join("etc/systemd/system/coverd.service"),
+        )
+        .unwrap();
         assert!(Unit::find(&r).unwrap().is_none());
     }
 
@@ -962,15 +1001,24 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert!(matches!(u.credential("z", true), Credential::NotLoaded));
-        assert!(matches!(u.credential("a", false), Credential::NotRoot { .. }));
-        assert!(matches!(u.credential("a", true), Credential::Missing { .. }));
+        assert!(matches!(
+            u.credential("a", false),
+            Credential::NotRoot { .. }
+        ));
+        assert!(matches!(
+            u.credential("a", true),
+            Credential::Missing { .. }
+        ));
         put("usr/lib/credstore/a", "a-usr\n");
         assert_eq!(value(u.credential("a", true)), "a-usr");
         put("etc/credstore/a", "a-etc\n");
         assert_eq!(value(u.credential("a", true)), "a-etc");
         assert_eq!(value(u.credential("b", true)), "b-from-path");
         put("etc/credstore.encrypted/c", "sealed");
-        assert!(matches!(u.credential("c", true), Credential::Encrypted { .. }));
+        assert!(matches!(
+            u.credential("c", true),
+            Credential::Encrypted { .. }
+        ));
         // LoadCredential= does not decrypt: missing, with a hint.
         put("etc/credstore.encrypted/d", "sealed");
         match u.credential("d", true) {
@@ -982,6 +1030,9 @@ mod tests {
         // While the service runs: what systemd handed it, and nothing else.
         put("run/credentials/coverd.service/a", "a-running\n");
         assert_eq!(value(u.credential("a", true)), "a-running");
-        assert!(matches!(u.credential("b", true), Credential::Missing { .. }));
+        assert!(matches!(
+            u.credential("b", true),
+            Credential::Missing { .. }
+        ));
     }
 }

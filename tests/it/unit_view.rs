@@ -93,7 +93,10 @@ async fn check_config_sees_the_units_credential_as_root_and_says_so_otherwise() 
     );
     f.put(
         "root/etc/systemd/system/coverd.service.d/override.conf",
-        &format!("[Service]\nEnvironment=COVERD_CONFIG={}\n", config.display()),
+        &format!(
+            "[Service]\nEnvironment=COVERD_CONFIG={}\n",
+            config.display()
+        ),
     );
     let cred = f.put("root/etc/credstore/notify-secret", &format!("{SECRET}\n"));
     std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -187,7 +190,10 @@ async fn credentials_come_from_where_systemd_finds_them() {
             path.display()
         )
     };
-    assert!(out.stderr.contains(&found("kie.api_key", &by_path)), "{out:?}");
+    assert!(
+        out.stderr.contains(&found("kie.api_key", &by_path)),
+        "{out:?}"
+    );
     assert!(
         out.stderr.contains(&found(
             "kie.webhook_hmac_key",
@@ -205,14 +211,23 @@ async fn credentials_come_from_where_systemd_finds_them() {
     // /etc/credstore beats /usr/lib/credstore.
     let etc = f.put("root/etc/credstore/kie-webhook-hmac-key", "hmac-etc\n");
     let out = f.run(&["check-config"]).await;
-    assert!(out.stderr.contains(&found("kie.webhook_hmac_key", &etc)), "{out:?}");
+    assert!(
+        out.stderr.contains(&found("kie.webhook_hmac_key", &etc)),
+        "{out:?}"
+    );
 
     // The service runs: what systemd handed it, and nothing else.
-    let running = f.put("root/run/credentials/coverd.service/kie-api-key", "key-running\n");
+    let running = f.put(
+        "root/run/credentials/coverd.service/kie-api-key",
+        "key-running\n",
+    );
     f.put("root/run/credentials/coverd.service/notify-secret", SECRET);
     let out = f.run(&["check-config"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert!(out.stderr.contains(&found("kie.api_key", &running)), "{out:?}");
+    assert!(
+        out.stderr.contains(&found("kie.api_key", &running)),
+        "{out:?}"
+    );
     assert!(
         out.stderr.contains("kie.webhook_hmac_key: not set"),
         "{out:?}"
@@ -220,7 +235,8 @@ async fn credentials_come_from_where_systemd_finds_them() {
     assert!(
         out.stderr.contains(&format!(
             "notify secret: found in the credential `notify-secret` of the installed unit, at {}",
-            f.path("root/run/credentials/coverd.service/notify-secret").display()
+            f.path("root/run/credentials/coverd.service/notify-secret")
+                .display()
         )),
         "{out:?}"
     );
@@ -287,8 +303,7 @@ async fn the_units_environment_follows_systemds_rules() {
     );
     let out = f.run(&["check-config"]).await;
     assert_eq!(listen(&out), "127.0.0.1:8787", "{out:?}");
-    std::fs::remove_file(f.path("root/usr/lib/systemd/system/coverd.service.d/40-d.conf"))
-        .unwrap();
+    std::fs::remove_file(f.path("root/usr/lib/systemd/system/coverd.service.d/40-d.conf")).unwrap();
 
     // The caller's environment beats the unit.
     let mut c = f.command(f.dir.path(), &["check-config"]);
@@ -332,7 +347,10 @@ async fn admin_uses_the_units_data_directory_not_a_stray_one() {
     let service = f.path("service-data");
     let cwd = f.path("checkout");
     std::fs::create_dir_all(&cwd).unwrap();
-    for (dir, task) in [(service.to_str().unwrap(), "svc-1"), ("coverd-data", "stray-1")] {
+    for (dir, task) in [
+        (service.to_str().unwrap(), "svc-1"),
+        ("coverd-data", "stray-1"),
+    ] {
         let mut c = coverd();
         c.current_dir(&cwd)
             .args(["admin", "--data-dir", dir, "track", task]);
@@ -375,7 +393,11 @@ async fn admin_uses_the_units_data_directory_not_a_stray_one() {
     let out = run(f.command(&cwd, &["admin", "show", "svc-1"])).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     // --data-dir still beats the unit.
-    let out = run(f.command(&cwd, &["admin", "--data-dir", "coverd-data", "show", "stray-1"])).await;
+    let out = run(f.command(
+        &cwd,
+        &["admin", "--data-dir", "coverd-data", "show", "stray-1"],
+    ))
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
 
     // A unit without COVERD_DATA_DIR: the service's default, in its working directory.
@@ -393,4 +415,8 @@ async fn admin_uses_the_units_data_directory_not_a_stray_one() {
         )),
         "{out:?}"
     );
+    // Not even a command that writes creates it: systemd makes it for the service's user.
+    let out = run(f.command(&cwd, &["admin", "track", "early-1"])).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(!expected.exists(), "the unit's data directory was created");
 }
