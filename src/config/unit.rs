@@ -134,11 +134,24 @@ impl Unit {
     /// `coverd.service` under `root`, with its drop-ins; `None` when no unit file is found,
     /// or the unit is masked (linked to `/dev/null`).
     pub fn find(root: &Root) -> Result<Option<Unit>, UnitError> {
-        let Some(path) = UNIT_DIRS
-            .iter()
-            .map(|d| root.join(d).join(UNIT_NAME))
-            .find(|p| p.symlink_metadata().is_ok())
-        else {
+        // A unit file that cannot be looked at is an error, not "no unit": taking
+        // ./coverd-data instead is the trap the unit is read to avoid.
+        let mut found = None;
+        for path in UNIT_DIRS.iter().map(|d| root.join(d).join(UNIT_NAME)) {
+            match path.symlink_metadata() {
+                Ok(_) => {
+                    found = Some(path);
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) => {}
+                Err(source) => return Err(UnitError::Read { path, source }),
+            }
+        }
+        let Some(path) = found else {
             return Ok(None);
         };
         let Some(text) = read_bounded(&path)? else {

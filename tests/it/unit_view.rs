@@ -46,10 +46,19 @@ impl Fixture {
         self.path("root")
     }
 
-    /// Writes `text` at `rel` (under the scratch directory), readable by all.
+    /// Writes `text` at `rel` (under the scratch directory), readable by all: the
+    /// directories made on the way are 0755 whatever the process umask (in-process daemons
+    /// of other tests set it to 0077).
     fn put(&self, rel: &str, text: &str) -> PathBuf {
         let p = self.path(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut dir = self.dir.path().to_path_buf();
+        for part in Path::new(rel).parent().unwrap().components() {
+            dir.push(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).unwrap();
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
         std::fs::write(&p, text).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         p
