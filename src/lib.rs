@@ -23,6 +23,7 @@ pub mod notify;
 pub mod poll;
 pub mod schedule;
 pub mod server;
+pub mod sharing;
 pub mod signature;
 pub mod store;
 pub mod submit;

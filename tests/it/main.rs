@@ -27,6 +27,7 @@ mod ops_binary;
 mod power_loop;
 mod process;
 mod quarantine;
+mod sharing;
 mod sled_power;
 mod smoke;
 
