@@ -168,12 +168,14 @@ pub enum DaemonError {
     )]
     StoreNeedsRestart { reason: String },
     #[error(
-        "cannot give the stored files in {data_dir} the access of storage.local_group = {group:?}: {source}; the daemon's user must be a member of that group (in the unit: SupplementaryGroups={group}; see `man coverd`, FILES)"
+        "cannot give the stored files in {data_dir} the access of storage.local_group = {group:?}: {source}; {hint} (see `man coverd`, FILES)"
     )]
     Sharing {
         group: String,
         data_dir: PathBuf,
         source: std::io::Error,
+        /// What to change: membership, or the system call filter that blocks chown(2).
+        hint: String,
     },
     /// A worker stopped or panicked: `serve` exits with status 70 (SPEC).
     #[error("{how}; exiting with status 70 so that the service manager restarts coverd")]
@@ -470,14 +472,31 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             "gave images/ and the data directory the access `storage.local_group` asks for"
         ),
         Err(source) => {
+            let (group, gid) = config.storage.local_group.as_ref().map_or_else(
+                || ("(none)".to_string(), None),
+                |g| (g.name.clone(), Some(g.gid)),
+            );
+            let member = gid.is_some_and(|gid| {
+                let gid = nix::unistd::Gid::from_raw(gid);
+                nix::unistd::getegid() == gid
+                    || nix::unistd::getgroups().is_ok_and(|groups| groups.contains(&gid))
+            });
+            let hint = if member {
+                // In the group, yet refused: a seccomp filter (the shipped unit's
+                // `~@privileged` takes the chown family with it) answers EPERM.
+                format!(
+                    "the daemon is in the group, so a system call filter refuses chown(2): add SystemCallFilter=@chown beside SupplementaryGroups={group} in the unit's drop-in"
+                )
+            } else {
+                format!(
+                    "the daemon's user must be a member of that group (in the unit: SupplementaryGroups={group} and SystemCallFilter=@chown)"
+                )
+            };
             return Err(DaemonError::Sharing {
-                group: config
-                    .storage
-                    .local_group
-                    .as_ref()
-                    .map_or_else(|| "(none)".into(), |g| g.name.clone()),
+                group,
                 data_dir: data_dir.clone(),
                 source,
+                hint,
             });
         }
     }
