@@ -26,7 +26,11 @@
 # systemd-analyze security score. The journal: `journalctl -u coverd TASK_ID=…` finds a
 # task's lines and each names the task, fields carry no F_ prefix, a failed task is at
 # priority warning, a bad configuration at err. Metrics: /metrics under the hardening
-# (process metrics included) and the ready line naming its address.
+# (process metrics included) and the ready line naming its address. An operator's second day
+# (issue 15): prune's ambiguous unit refused, a backup into the unit's private /tmp refused, a
+# SIGSTOPped daemon reported within 10 s, the docs' completion and man install lines on a
+# fresh root, and `storage.local_group` with nginx serving a stored image through the docs'
+# bind mount.
 # Checks of commands that a build may not have yet (`check-config`, the data-directory
 # lookup that makes `admin` work with no flags, root acting as the service user) are
 # guarded: without `coverd check-config` they print SKIP instead of failing.
