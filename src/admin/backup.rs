@@ -258,6 +258,8 @@ pub fn backup(
     body.push(b'\n');
     write_private(&dest.join(MANIFEST), &body)?;
     sync_dir(dest)?;
+    // The entry of `dest` itself: without it a power cut takes the whole backup.
+    sync_parent(dest)?;
     tracing::info!(dest = %shown(dest).display(), tasks = manifest.tasks, images = manifest.images, "backup written");
     Ok(manifest)
 }
@@ -452,6 +454,9 @@ pub fn restore(
             )));
         }
         sync_dir(target)?;
+        // The entry of `target` itself, before the marker goes: a power cut then leaves the
+        // complete restore, or the marker, or no target at all.
+        sync_parent(target)?;
         std::fs::remove_file(&marker).map_err(|e| io_error("remove", &marker, &e))?;
         sync_dir(target)
     })();
@@ -807,6 +812,12 @@ fn copy_store(
     // The copies went in id order: the ring of recent tasks is rebuilt from them.
     target.rebuild_recent()?;
     target.flush_now()?;
+    // The entries of the task directories, once for all of them (each task's directory
+    // was synced after its images; `backup` syncs `dest`, which holds `images`).
+    let images = dest.join(IMAGES_DIR);
+    if images.exists() {
+        sync_dir(&images)?;
+    }
     Ok(copied)
 }
 
@@ -897,6 +908,16 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), AdminError> {
     f.write_all(data)
         .and_then(|()| f.sync_all())
         .map_err(|e| io_error("write", path, &e))
+}
+
+/// Syncs the directory that holds the entry of `path` (created where a dangling link
+/// pointed, see [`unlinked`]).
+fn sync_parent(path: &Path) -> Result<(), AdminError> {
+    let created = unlinked(path);
+    match created.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 fn sync_dir(path: &Path) -> Result<(), AdminError> {
