@@ -15,7 +15,7 @@
 //!
 //! Unset (always, in production) it changes nothing; a value that names no variant is
 //! ignored with a warning. The daemon logs a warning at start while one is active.
-//! docs/reliability.md ("Power loss, shown") documents it.
+//! docs/reliability.md ("… and a loss of power") documents it.
 
 use std::sync::OnceLock;
 

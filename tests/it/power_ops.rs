@@ -83,7 +83,7 @@ impl OpsReport {
 /// `n` cuts of each kind, drawn from `seed`. Blocking.
 pub fn run(n: usize, seed: u64) -> OpsReport {
     let mut report = OpsReport::default();
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5EED_0F_0915);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x005E_ED0F_0915);
     let dir = tempfile::tempdir().expect("temp dir");
     let fixtures = dir.path().join("fixtures");
     let v1 = fixtures.join("v1");
