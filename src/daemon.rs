@@ -423,6 +423,13 @@ impl Running {
 /// Starts the daemon; returns once it accepts callbacks.
 pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError> {
     private_umask();
+    if let Some(b) = crate::broken::selected() {
+        tracing::warn!(
+            "TEST ONLY: {}={} breaks a durability promise on purpose; never set it outside the power-cut tests",
+            crate::broken::VAR,
+            b.name()
+        );
+    }
     let config = Arc::new(config);
     let data_dir = config.data_dir.clone();
     // The listeners first: a port in use (the commonest failed start) then creates nothing.

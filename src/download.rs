@@ -543,6 +543,10 @@ async fn install(
             }
         }
         std::fs::rename(&temp, &final_path)?;
+        if crate::broken::active(crate::broken::Break::SkipImageDirsync) {
+            // TEST ONLY (`COVERD_TEST_BREAK`): the rename is left to chance.
+            return Ok(());
+        }
         syncs.sync(&dir)?;
         // Always, not only when this call created `dir`: two images of a new task install at
         // once, and the second must not be recorded before the entry of `dir` in `images/` is

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod broken;
 pub mod callback;
 pub mod config;
 pub mod daemon;

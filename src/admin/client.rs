@@ -14,7 +14,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::kie::KieClient;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, UNFINISHED_RESTORE};
 
 /// Runs one request: through the daemon when its socket answers, else on the store directly.
 pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
@@ -92,6 +92,15 @@ pub async fn run_with(
             | Request::Retry { .. }
             | Request::Redeliver { .. }
     );
+    // Said before "no coverd data": a restore cut short may have written nothing else yet.
+    if std::fs::symlink_metadata(dir.join(UNFINISHED_RESTORE)).is_ok() {
+        return Err(AdminError::failed(
+            StoreError::UnfinishedRestore {
+                path: shown.to_path_buf(),
+            }
+            .to_string(),
+        ));
+    }
     if !writes && !dir.join("db").exists() {
         return Err(AdminError::missing(if config.data_dir_named {
             format!(
