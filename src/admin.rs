@@ -32,7 +32,9 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest an admin command waits for the daemon's first sign of life, and between two of
 /// them: a stopped (SIGSTOP) or stuck daemon is reported within this, whatever the command.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// 8 s, so that the whole command (start, connect, report) ends within SPEC's 10 s: with
+/// 10 s here the sandbox measured 10.04 s.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 /// How often the daemon says it is still working on a request (`Frame::Alive`).
 const ALIVE_EVERY: Duration = Duration::from_secs(2);
 /// Longest `admin verify` or `admin export` waits for the daemon.

@@ -27,6 +27,7 @@ use crate::model::{Clock, SystemClock};
 use crate::notify::Notifier;
 use crate::poll::Poller;
 use crate::server::{self, Health, Public};
+use crate::sharing::FileAccess;
 use crate::store::{Store, StoreError, StoreThread};
 
 /// A private directory inside the data directory where the admin socket is bound and made
@@ -87,13 +88,15 @@ impl Drop for CreatedDir {
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+/// Creates the data directory private (0700) and tightens one open to others beyond what
+/// `access` allows (0710 with `storage.local_group`).
+fn create_private_dir(dir: &Path, access: FileAccess) -> std::io::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & !access.data_dir_mode() & 0o077 != 0 {
         match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
             Ok(()) => tracing::warn!(
                 "data directory {} was open to other users (mode {mode:o}); made it 0700",
@@ -164,6 +167,16 @@ pub enum DaemonError {
         "the store failed ({reason}) and the disk takes writes again; exiting with status 75 so that the service manager restarts coverd, which reopens the store"
     )]
     StoreNeedsRestart { reason: String },
+    #[error(
+        "cannot give the stored files in {data_dir} the access of storage.local_group = {group:?}: {source}; {hint} (see `man coverd`, FILES)"
+    )]
+    Sharing {
+        group: String,
+        data_dir: PathBuf,
+        source: std::io::Error,
+        /// What to change: membership, or the system call filter that blocks chown(2).
+        hint: String,
+    },
     /// A worker stopped or panicked: `serve` exits with status 70 (SPEC).
     #[error("{how}; exiting with status 70 so that the service manager restarts coverd")]
     WorkerStopped { how: String },
@@ -171,10 +184,13 @@ pub enum DaemonError {
 
 impl DaemonError {
     /// `serve`'s exit status for this error: 70 a worker died, 75 a temporary failure of
-    /// the store, else 1.
+    /// the store, 2 a configuration this machine cannot honour (restarting cannot fix it),
+    /// else 1.
     pub fn exit_status(&self) -> u8 {
         if matches!(self, DaemonError::WorkerStopped { .. }) {
             70
+        } else if matches!(self, DaemonError::Sharing { .. }) {
+            2
         } else if self.is_temporary() {
             75
         } else {
@@ -407,6 +423,13 @@ impl Running {
 /// Starts the daemon; returns once it accepts callbacks.
 pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError> {
     private_umask();
+    if let Some(b) = crate::broken::selected() {
+        tracing::warn!(
+            "TEST ONLY: {}={} breaks a durability promise on purpose; never set it outside the power-cut tests",
+            crate::broken::VAR,
+            b.name()
+        );
+    }
     let config = Arc::new(config);
     let data_dir = config.data_dir.clone();
     // The listeners first: a port in use (the commonest failed start) then creates nothing.
@@ -429,7 +452,8 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     // stray `./coverd-data` would later be taken for the service's by `coverd admin`.
     // Declared before the store, so it runs after the store has closed.
     let created = CreatedDir::before_creating(&data_dir);
-    create_private_dir(&data_dir).map_err(|source| DaemonError::DataDir {
+    let access = FileAccess::of(&config);
+    create_private_dir(&data_dir, access).map_err(|source| DaemonError::DataDir {
         path: data_dir.clone(),
         source,
     })?;
@@ -448,6 +472,41 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         None => Store::open_with_progress(&data_dir, &progress)?,
     };
     download::recover(&data_dir)?;
+    match access.reconcile(&data_dir) {
+        Ok(0) => {}
+        Ok(changed) => tracing::info!(
+            changed,
+            "gave images/ and the data directory the access `storage.local_group` asks for"
+        ),
+        Err(source) => {
+            let (group, gid) = config.storage.local_group.as_ref().map_or_else(
+                || ("(none)".to_string(), None),
+                |g| (g.name.clone(), Some(g.gid)),
+            );
+            let member = gid.is_some_and(|gid| {
+                let gid = nix::unistd::Gid::from_raw(gid);
+                nix::unistd::getegid() == gid
+                    || nix::unistd::getgroups().is_ok_and(|groups| groups.contains(&gid))
+            });
+            let hint = if member {
+                // In the group, yet refused: a seccomp filter (the shipped unit's
+                // `~@privileged` takes the chown family with it) answers EPERM.
+                format!(
+                    "the daemon is in the group, so a system call filter refuses chown(2): add SystemCallFilter=@chown beside SupplementaryGroups={group} in the unit's drop-in"
+                )
+            } else {
+                format!(
+                    "the daemon's user must be a member of that group (in the unit: SupplementaryGroups={group} and SystemCallFilter=@chown)"
+                )
+            };
+            return Err(DaemonError::Sharing {
+                group,
+                data_dir: data_dir.clone(),
+                source,
+                hint,
+            });
+        }
+    }
     // Callbacks kept aside while their records could not be read, applied now if they can.
     crate::callback::replay_parked(&store, &config).await?;
 

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod broken;
 pub mod callback;
 pub mod config;
 pub mod daemon;
@@ -23,6 +24,7 @@ pub mod notify;
 pub mod poll;
 pub mod schedule;
 pub mod server;
+pub mod sharing;
 pub mod signature;
 pub mod store;
 pub mod submit;

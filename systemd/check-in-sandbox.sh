@@ -26,7 +26,11 @@
 # systemd-analyze security score. The journal: `journalctl -u coverd TASK_ID=…` finds a
 # task's lines and each names the task, fields carry no F_ prefix, a failed task is at
 # priority warning, a bad configuration at err. Metrics: /metrics under the hardening
-# (process metrics included) and the ready line naming its address.
+# (process metrics included) and the ready line naming its address. An operator's second day
+# (issue 15): prune's ambiguous unit refused, a backup into the unit's private /tmp refused, a
+# SIGSTOPped daemon reported within 10 s, the docs' completion and man install lines on a
+# fresh root, and `storage.local_group` with nginx serving a stored image through the docs'
+# bind mount.
 # Checks of commands that a build may not have yet (`check-config`, the data-directory
 # lookup that makes `admin` work with no flags, root acting as the service user) are
 # guarded: without `coverd check-config` they print SKIP instead of failing.
@@ -212,6 +216,96 @@ if has_admin_lookup; then
 else
   skip "the data-directory lookup is not in this build"
 fi
+
+step "issue 15: what an operator meets on the second day (daemon running)"
+# Prune's unit that could be minutes or months is refused, saying so (exit 2).
+out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin prune --older-than 6m 2>&1') && fail "prune --older-than 6m ran: $out"
+grep -q "ambiguous" <<<"$out" && ok "prune --older-than 6m refused: $out" || fail "prune 6m: $out"
+# A backup into /tmp (the unit's PrivateTmp) is refused before anything is written.
+sbx rm -rf /tmp/chk-bk
+out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin backup /tmp/chk-bk 2>&1') && fail "backup into /tmp reported as made: $out"
+grep -q "not the same place" <<<"$out" && ok "backup into /tmp refused: ${out:0:90}…" || fail "backup into /tmp: $out"
+[[ ! -e $R/tmp/chk-bk ]] && ok "nothing at /tmp/chk-bk" || fail "/tmp/chk-bk exists"
+# A stopped daemon (SIGSTOP) is reported within 10 s, not after the 120 s timeout.
+sbx systemctl kill --kill-who=main -s SIGSTOP coverd
+t0=$(date +%s%N)
+out=$(sbx sh -c 'cd / && /usr/local/bin/coverd admin status 2>&1') && { sbx systemctl kill --kill-who=main -s SIGCONT coverd; fail "status of a stopped daemon succeeded: $out"; }
+t1=$(date +%s%N)
+sbx systemctl kill --kill-who=main -s SIGCONT coverd
+ms=$(((t1 - t0) / 1000000))
+((ms <= 10000)) && ok "SIGSTOPped daemon reported in ${ms} ms: ${out:0:100}…" || fail "took ${ms} ms: $out"
+grep -q "SIGSTOP" <<<"$out" || fail "the message does not say why: $out"
+alive
+# The docs' completion and man page lines on a root without their directories.
+sbx rm -rf /etc/bash_completion.d/coverd /usr/local/share/zsh /etc/fish /usr/local/share/man/man1/coverd.1
+lines=$(sed -n '/^sudo install -d \/etc\/bash_completion.d/,/^coverd man /p' "$here/docs/operations.md" | sed 's/sudo //g; s/ *# then.*//')
+[[ $(grep -c . <<<"$lines") -ge 5 ]] || fail "the install lines are not where docs/operations.md had them: $lines"
+sbx sh -ec "$lines" && ok "the docs' completion and man install lines ran on a fresh root"
+expect "installed files" "$(sbx sh -c 'ls /etc/bash_completion.d/coverd /usr/local/share/zsh/site-functions/_coverd /etc/fish/completions/coverd.fish /usr/local/share/man/man1/coverd.1 | wc -l')" 4
+for section in CONFIGURATION ENVIRONMENT FILES "EXIT STATUS" SIGNALS; do
+  sbx grep -q "^.SH $section" /usr/local/share/man/man1/coverd.1 || fail "the man page has no $section"
+done
+ok "the man page has CONFIGURATION, ENVIRONMENT, FILES, EXIT STATUS, SIGNALS"
+
+step "storage.local_group: nginx serves a stored image (docs/operations.md, Serving the images)"
+sbx sh -c 'command -v nginx >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null)'
+sbx systemctl start nginx
+# Step 1 of the docs, as written.
+sbx sh -c 'getent group coverd-files >/dev/null || groupadd --system coverd-files; usermod -aG coverd-files www-data'
+# The image to store comes from nginx's default site (loopback, plain http).
+python3 -c 'import zlib,struct,sys
+def chunk(t,d): return struct.pack(">I",len(d))+t+d+struct.pack(">I",zlib.crc32(t+d))
+raw=b"".join(b"\0"+bytes((x*7+y)%256 for x in range(48*3)) for y in range(48))
+sys.stdout.buffer.write(b"\x89PNG\r\n\x1a\n"+chunk(b"IHDR",struct.pack(">IIBBBBB",48,48,8,2,0,0,0))+chunk(b"IDAT",zlib.compress(raw))+chunk(b"IEND",b""))' >"$R/var/www/html/chk-src.png"
+want=$(sha256sum <"$R/var/www/html/chk-src.png" | cut -d' ' -f1)
+sbx sh -c 'printf "accept_unknown_tasks = true\n[download]\nallowed_hosts = []\nallow_http = true\nallow_private_networks = true\n[storage]\nlocal_group = \"coverd-files\"\n" >/etc/coverd/coverd.toml'
+# Without SupplementaryGroups=: the start fails with status 2 and says what to add.
+mark
+sbx systemctl restart coverd 2>/dev/null && fail "started without being in the group"
+expect "ExecMainStatus without SupplementaryGroups=" "$(prop ExecMainStatus)" 2
+journal_since | grep -q "SupplementaryGroups=coverd-files" && ok "the journal says: add SupplementaryGroups=coverd-files" ||
+  fail "the failed start does not say what to add"
+sbx systemctl reset-failed coverd
+# In the group, but the unit's ~@privileged filter takes chown(2) away: status 2 again, and
+# the journal names the other line.
+dropin 30-share.conf '[Service]' 'SupplementaryGroups=coverd-files'
+mark
+sbx systemctl restart coverd 2>/dev/null && fail "started although chown(2) is filtered"
+expect "ExecMainStatus without SystemCallFilter=@chown" "$(prop ExecMainStatus)" 2
+journal_since | grep -q "SystemCallFilter=@chown" && ok "the journal says: add SystemCallFilter=@chown" ||
+  fail "the failed start does not name the filter"
+sbx systemctl reset-failed coverd
+# The drop-in as docs/operations.md writes it.
+dropin 30-share.conf '[Service]' 'SupplementaryGroups=coverd-files' 'SystemCallFilter=@chown'
+sbx systemctl restart coverd
+wait_active || fail "not active with the docs' drop-in"
+callback '{"code":200,"msg":"success","data":{"taskId":"chk-share-1","images":["http://127.0.0.1/chk-src.png"]}}' >/dev/null
+for _ in $(seq 50); do [[ $(admin show chk-share-1 --json | json_field '["state"]') == downloaded ]] && break; sleep 0.2; done
+expect "chk-share-1 state" "$(admin show chk-share-1 --json | json_field '["state"]')" downloaded
+expect "modes and group: data dir, images/, task dir, image, db/" \
+  "$(sbx stat -c '%a %G' /var/lib/private/coverd /var/lib/private/coverd/images /var/lib/private/coverd/images/chk-share-1 /var/lib/private/coverd/images/chk-share-1/0.png | tr '\n' ' ')$(sbx stat -c %a /var/lib/private/coverd/db)" \
+  "710 coverd-files 750 coverd-files 750 coverd-files 640 coverd-files 700"
+# Step 3 of the docs: nginx's bind mount and location, as written.
+mkdir -p "$R/etc/systemd/system/nginx.service.d"
+printf '[Unit]\nAfter=coverd.service\n[Service]\nBindReadOnlyPaths=/var/lib/private/coverd/images:/run/coverd-images\n' >"$R/etc/systemd/system/nginx.service.d/coverd.conf"
+printf 'server {\n  listen 127.0.0.1:8089;\n  location /covers/ {\n    alias /run/coverd-images/;\n  }\n}\n' >"$R/etc/nginx/conf.d/coverd.conf"
+sbx systemctl daemon-reload
+sbx systemctl restart nginx
+got=$(sbx curl -sS http://127.0.0.1:8089/covers/chk-share-1/0.png | sha256sum | cut -d' ' -f1)
+expect "the image nginx serves (sha256)" "$got" "$want"
+expect "nginx on a missing image" "$(sbx curl -sS -o /dev/null -w '%{http_code}' http://127.0.0.1:8089/covers/chk-share-1/9.png)" 404
+expect "www-data reads db/" "$(sbx setpriv --reuid=www-data --regid=www-data --init-groups ls /var/lib/private/coverd/db >/dev/null 2>&1 && echo yes || echo no)" no
+# Off again: the next start makes everything private.
+rm -f "$R/etc/nginx/conf.d/coverd.conf" "$R/etc/systemd/system/nginx.service.d/coverd.conf"
+sbx systemctl daemon-reload
+sbx systemctl stop nginx
+sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
+dropin 30-share.conf
+sbx systemctl restart coverd
+wait_active || fail "not active"
+expect "modes without local_group: data dir, images/, image" \
+  "$(sbx stat -c '%a' /var/lib/private/coverd /var/lib/private/coverd/images /var/lib/private/coverd/images/chk-share-1/0.png | tr '\n' ' ')" "700 700 600 "
+alive
 
 step "an address that cannot be bound: start fails, one error-priority line says why"
 dropin 12-badlisten.conf '[Service]' 'Environment=COVERD_LISTEN=192.0.2.1:8787'

@@ -33,7 +33,7 @@ use crate::fetch::Ext;
 use crate::model::{
     Image, ImageState, MAX_IMAGES, Millis, Task, format_time, now_millis, valid_task_id,
 };
-use crate::store::{Store, TaskCopy};
+use crate::store::{Store, TaskCopy, UNFINISHED_RESTORE};
 
 /// The manifest's file name in a backup.
 pub const MANIFEST: &str = "backup.json";
@@ -258,6 +258,8 @@ pub fn backup(
     body.push(b'\n');
     write_private(&dest.join(MANIFEST), &body)?;
     sync_dir(dest)?;
+    // The entry of `dest` itself: without it a power cut takes the whole backup.
+    sync_parent(dest)?;
     tracing::info!(dest = %shown(dest).display(), tasks = manifest.tasks, images = manifest.images, "backup written");
     Ok(manifest)
 }
@@ -413,11 +415,17 @@ pub fn restore(
 ) -> Result<Manifest, AdminError> {
     let src_dir = open_src(src)?;
     let manifest = read_manifest_at(&src_dir, src)?;
+    clear_unfinished_restore(target)?;
     check_empty_target(target, "the data directory")?;
     let existed = target.exists();
     let created = unlinked(target);
+    let marker = target.join(UNFINISHED_RESTORE);
     let result = (|| {
         private_dir(target)?;
+        // Durable before anything else is written, removed after everything is: a power
+        // cut in between leaves a directory `Store::open` refuses and a rerun starts over.
+        write_private(&marker, UNFINISHED_TEXT.as_bytes())?;
+        sync_dir(target)?;
         let scratch = target.join(SCRATCH);
         copy_src_db(&src_dir, src, &scratch)?;
         let source = Store::open(&scratch).map_err(|e| {
@@ -445,6 +453,11 @@ pub fn restore(
                 manifest.bytes
             )));
         }
+        sync_dir(target)?;
+        // The entry of `target` itself, before the marker goes: a power cut then leaves the
+        // complete restore, or the marker, or no target at all.
+        sync_parent(target)?;
+        std::fs::remove_file(&marker).map_err(|e| io_error("remove", &marker, &e))?;
         sync_dir(target)
     })();
     if let Err(e) = result {
@@ -463,6 +476,41 @@ pub fn restore(
     }
     tracing::info!(src = %shown(src).display(), target = %shown(target).display(), tasks = manifest.tasks, "backup restored");
     Ok(manifest)
+}
+
+/// What the [`UNFINISHED_RESTORE`] marker says to whoever finds it.
+const UNFINISHED_TEXT: &str = "coverd admin restore is writing this directory, or was cut short while it did (a crash, a power loss): the store here is incomplete and coverd refuses to open it. Run `coverd admin restore SRC` into it again: it starts over.\n";
+
+/// A target that holds a restore cut short (its [`UNFINISHED_RESTORE`] marker): its content
+/// is restore's own, incomplete; removed, so the restore starts over in an empty directory.
+fn clear_unfinished_restore(target: &Path) -> Result<(), AdminError> {
+    let marker = target.join(UNFINISHED_RESTORE);
+    match std::fs::symlink_metadata(&marker) {
+        Ok(m) if m.is_file() => {}
+        _ => return Ok(()),
+    }
+    tracing::warn!(
+        target = %shown(target).display(),
+        "{} holds a restore that did not finish; removing what it wrote and starting over",
+        shown(target).display()
+    );
+    let entries = std::fs::read_dir(target).map_err(|e| io_error("read", target, &e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error("read", target, &e))?;
+        if entry.file_name() == UNFINISHED_RESTORE {
+            continue;
+        }
+        let path = entry.path();
+        let removed = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        removed.map_err(|e| io_error("remove", &path, &e))?;
+    }
+    // The marker last: until the removals are durable it still says what they are.
+    sync_dir(target)?;
+    std::fs::remove_file(&marker).map_err(|e| io_error("remove", &marker, &e))?;
+    sync_dir(target)
 }
 
 /// Restore run as root on a backup owned by another user: creates the target if it is
@@ -602,7 +650,7 @@ fn copy_restored(
     dest: &Path,
     progress: Option<Progress>,
 ) -> Result<Copied, AdminError> {
-    let target = Store::open(dest).map_err(|e| {
+    let target = Store::open_for_restore(dest).map_err(|e| {
         AdminError::failed(format!(
             "cannot create a store in {}: {e}",
             shown(dest).display()
@@ -764,6 +812,12 @@ fn copy_store(
     // The copies went in id order: the ring of recent tasks is rebuilt from them.
     target.rebuild_recent()?;
     target.flush_now()?;
+    // The entries of the task directories, once for all of them (each task's directory
+    // was synced after its images; `backup` syncs `dest`, which holds `images`).
+    let images = dest.join(IMAGES_DIR);
+    if images.exists() {
+        sync_dir(&images)?;
+    }
     Ok(copied)
 }
 
@@ -854,6 +908,16 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), AdminError> {
     f.write_all(data)
         .and_then(|()| f.sync_all())
         .map_err(|e| io_error("write", path, &e))
+}
+
+/// Syncs the directory that holds the entry of `path` (created where a dangling link
+/// pointed, see [`unlinked`]).
+fn sync_parent(path: &Path) -> Result<(), AdminError> {
+    let created = unlinked(path);
+    match created.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 fn sync_dir(path: &Path) -> Result<(), AdminError> {

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::kie::KieClient;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, UNFINISHED_RESTORE};
 
 /// Runs one request: through the daemon when its socket answers, else on the store directly.
 pub async fn run(config: Config, req: Request) -> Result<Reply, AdminError> {
@@ -101,6 +101,15 @@ pub async fn run_with(
             | Request::Retry { .. }
             | Request::Redeliver { .. }
     );
+    // Said before "no coverd data": a restore cut short may have written nothing else yet.
+    if std::fs::symlink_metadata(dir.join(UNFINISHED_RESTORE)).is_ok() {
+        return Err(AdminError::failed(
+            StoreError::UnfinishedRestore {
+                path: shown.to_path_buf(),
+            }
+            .to_string(),
+        ));
+    }
     // The unit's directory is made by systemd (StateDirectory=, owned by the service's
     // user): a command never creates it, even one that writes.
     if (!writes || config.data_dir_from_unit) && !dir.join("db").exists() {

@@ -267,6 +267,11 @@ keys! {
         timeout: Duration = r#""10s""#, env None, at_least(NS), "; per attempt" => notify.timeout;
         max_attempts: Int = "12", env None, int(1, 100), "" => notify.max_attempts;
     }
+    [storage] RawStorage {
+        local_group: Str = r#""" (off)"#, env None, Bounds::None,
+            "empty, or the name of an existing group (resolved at start); `images/` and what is in it become readable by that group (0750 / 0640), the data directory traversable by it (0710); see below"
+            => storage.local_group via values::local_group;
+    }
 }
 
 /// Where [`RawFile::apply_declared`] takes a key's value from besides the file.

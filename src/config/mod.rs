@@ -22,7 +22,7 @@ use keys::RawFile;
 pub use secret::{Origin, Secret};
 use secret::{SecretSource, secret};
 use toml_errors::describe_toml_error;
-pub use values::{ApiKey, KieBaseUrl, UserAgent, notify_key, resolve_addr};
+pub use values::{ApiKey, KieBaseUrl, LocalGroup, UserAgent, notify_key, resolve_addr};
 
 /// Environment variable naming the configuration file (when `--config` is not given).
 pub const ENV_CONFIG: &str = "COVERD_CONFIG";
@@ -62,6 +62,7 @@ pub struct Config {
     pub download: DownloadConfig,
     pub poll: PollConfig,
     pub notify: NotifyConfig,
+    pub storage: StorageConfig,
     /// Where each secret was found (`check-config` says so): key, then the source in words
     /// ("the credential `kie-api-key` in /run/credentials/coverd.service", …) or `None`.
     pub secret_origins: Vec<(&'static str, Option<secret::Origin>)>,
@@ -87,6 +88,13 @@ pub struct NotifyConfig {
     pub secret: Option<Secret>,
     pub timeout: Duration,
     pub max_attempts: u32,
+}
+
+/// `[storage]`: who may read the stored files (SPEC "Data directory").
+#[derive(Debug, Clone, Default)]
+pub struct StorageConfig {
+    /// The group that may read `images/`; `None` keeps every file private to the daemon.
+    pub local_group: Option<values::LocalGroup>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +171,7 @@ impl Default for Config {
                 timeout: keys::default_duration("notify.timeout"),
                 max_attempts: keys::default_int("notify.max_attempts"),
             },
+            storage: StorageConfig { local_group: None },
             secret_origins: SECRET_KEYS.iter().map(|k| (*k, None)).collect(),
             unread_credentials: Vec::new(),
             unit: None,

@@ -3,7 +3,7 @@
 //! naming its key in the error, and the checked newtypes `KieBaseUrl`, `UserAgent`, `ApiKey`.
 //! The parsers a key declares in `keys` take `(key, value as written)`; [`Shown`] turns a
 //! resolved value back into the file's terms for `check-config`. Owns no precedence between
-//! sources and no I/O.
+//! sources and no I/O but name lookups (`HOST:PORT`, the group of `storage.local_group`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +23,41 @@ impl KieBaseUrl {
     }
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// `storage.local_group`: a group of this machine, resolved when the configuration is
+/// read, so that a name that does not exist stops the start (exit 2) instead of leaving the
+/// files private.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+pub(super) fn local_group(key: &str, value: String) -> Result<Option<LocalGroup>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let shown = Some(format!("{value:?}"));
+    if value.len() > 256 || value.contains([':', '/', '\n', '\0']) {
+        return Err(invalid(key, shown, "is not a group name"));
+    }
+    match nix::unistd::Group::from_name(&value) {
+        Ok(Some(group)) => Ok(Some(LocalGroup {
+            gid: group.gid.as_raw(),
+            name: value,
+        })),
+        Ok(None) => Err(invalid(
+            key,
+            shown,
+            "no such group on this machine; create it (`groupadd NAME`) or leave the key empty",
+        )),
+        Err(e) => Err(invalid(
+            key,
+            shown,
+            format!("cannot look the group up: {e}"),
+        )),
     }
 }
 
@@ -415,6 +450,12 @@ impl Shown<String> for Duration {
 impl Shown<String> for KieBaseUrl {
     fn shown(&self) -> String {
         self.0.clone()
+    }
+}
+
+impl Shown<String> for LocalGroup {
+    fn shown(&self) -> String {
+        self.name.clone()
     }
 }
 

@@ -108,6 +108,11 @@ pub enum StoreError {
         "{path} holds a database that coverd did not write; point --data-dir at a coverd data directory or an empty one"
     )]
     Foreign { path: PathBuf },
+    /// `admin restore` was cut short (a crash, a power loss) while writing this directory.
+    #[error(
+        "{path} holds a restore that did not finish (cut short by a crash or a power loss), so its store is incomplete; run `coverd admin restore SRC` into it again (it starts over), or move it aside"
+    )]
+    UnfinishedRestore { path: PathBuf },
     #[error("store I/O failed: {}; check disk space and permissions", describe(.0))]
     Io(#[from] sled::Error),
     #[error("cannot make the store's writes durable: {0}; check disk space and the disk's health")]
@@ -341,10 +346,22 @@ impl Drop for ReleaseOnDrop {
 /// Longest a closing store waits for sled's I/O threads to let go of the lock.
 const LOCK_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 
+/// The file `admin restore` keeps in the data directory it writes, created (and synced)
+/// before anything else and removed last: a store beside it is a restore cut short, which
+/// [`Store::open`] refuses rather than serve as if it were complete.
+pub const UNFINISHED_RESTORE: &str = ".restore-unfinished";
+
 impl Store {
     /// Opens (or creates) the store in `<data_dir>/db`, migrating an older schema first.
+    /// Refuses a data directory that a restore did not finish ([`UNFINISHED_RESTORE`]).
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         Store::open_with(data_dir, writer::QUEUE, &|_| {})
+    }
+
+    /// [`Store::open`] for `admin restore` itself, which writes the store beside its
+    /// [`UNFINISHED_RESTORE`] marker.
+    pub fn open_for_restore(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_unchecked(data_dir, writer::QUEUE, &|_| {})
     }
 
     /// [`Store::open`], calling `progress` with the number of task records migrated so far
@@ -365,6 +382,20 @@ impl Store {
     }
 
     fn open_with(
+        data_dir: &Path,
+        queue: usize,
+        progress: &dyn Fn(u64),
+    ) -> Result<Store, StoreError> {
+        // Not followed: the marker is a plain file restore made.
+        if std::fs::symlink_metadata(data_dir.join(UNFINISHED_RESTORE)).is_ok() {
+            return Err(StoreError::UnfinishedRestore {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        Store::open_unchecked(data_dir, queue, progress)
+    }
+
+    fn open_unchecked(
         data_dir: &Path,
         queue: usize,
         progress: &dyn Fn(u64),

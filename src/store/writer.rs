@@ -324,6 +324,11 @@ impl Writer {
     /// Waits until every write up to `ticket` is durable. Cancel-safe: dropping the future
     /// only stops waiting; the round it asked for runs anyway and serves the next waiter.
     pub async fn durable(&self, ticket: u64) -> Result<(), String> {
+        if crate::broken::active(crate::broken::Break::AckBeforeFlush) {
+            // TEST ONLY (`COVERD_TEST_BREAK`): a round asked for, not waited for.
+            let _ = self.request();
+            return Ok(());
+        }
         // A ticket is only handed out after its write, so none can exceed `written`.
         let ticket = ticket.min(self.written.load(Ordering::SeqCst));
         let mut rx = self.progress.clone();
@@ -485,11 +490,15 @@ fn apply_loop(
             apply(&writes)
         };
         writes.clear();
+        let mut answers: Handoff = replies.into_iter().zip(outcomes).collect();
+        if crate::broken::active(crate::broken::Break::AckBeforeFlush) {
+            // TEST ONLY (`COVERD_TEST_BREAK`): answered before the round that covers them.
+            for (reply, outcome) in answers.drain(..) {
+                let _ = reply.send(outcome);
+            }
+        }
         // Every ticket of the batch is taken by now: the next round covers them.
-        if handoff
-            .send(replies.into_iter().zip(outcomes).collect())
-            .is_err()
-        {
+        if handoff.send(answers).is_err() {
             // The flusher is gone (it panicked): waiters see the store closed.
             return;
         }
@@ -605,7 +614,10 @@ impl Syncer {
     }
 
     fn round(&mut self) -> std::io::Result<()> {
-        self.log.sync_data()?;
+        // TEST ONLY (`COVERD_TEST_BREAK`): sled's flush alone.
+        if !crate::broken::active(crate::broken::Break::SkipLogFdatasync) {
+            self.log.sync_data()?;
+        }
         for dir in &mut self.dirs {
             dir.sync_new()?;
         }

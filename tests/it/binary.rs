@@ -576,11 +576,12 @@ async fn admin_on_a_stopped_daemon_answers_within_10s() {
         let took = started.elapsed();
         assert_eq!(out.code, Some(1), "{args:?}: {out:?}");
         assert!(
-            out.stderr.contains("did not answer within 10s")
+            out.stderr.contains("did not answer within 8s")
                 && out.stderr.contains("stopped (SIGSTOP) or stuck"),
             "{args:?}: {out:?}"
         );
-        assert!(took < Duration::from_secs(15), "{args:?} took {took:?}");
+        // SPEC: within 10 s; a loaded test machine may add to the process start, not to the wait.
+        assert!(took < Duration::from_secs(12), "{args:?} took {took:?}");
     }
     d.signal("CONT");
     let out = s.run(&["admin", "status"]).await;

@@ -43,7 +43,7 @@ use crate::bin_util::{Daemon, Scratch, files_under, tmp_entries};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
 use crate::fake_kie::files::{Behaviour, gif, jpeg, png, sha256_hex, webp};
-use crate::faultfs::FaultFs;
+use crate::faultfs::{FaultFs, FaultOp};
 use crate::harness::{failure_body, success_body};
 
 const CYCLES_VAR: &str = "COVERD_KILL_CYCLES";
@@ -211,6 +211,9 @@ struct Cx {
     world: Arc<Mutex<World>>,
     daemon: Arc<Daemon>,
     killed: Arc<AtomicBool>,
+    /// Set when the cut was armed before the kill (a targeted cut): from then on a step
+    /// that fails is expected, like one cut by the kill.
+    expect_failures: Arc<AtomicBool>,
     slots: Arc<Semaphore>,
 }
 
@@ -229,6 +232,7 @@ impl Cx {
             world: world.clone(),
             daemon: daemon.clone(),
             killed: Arc::new(AtomicBool::new(false)),
+            expect_failures: Arc::new(AtomicBool::new(false)),
             slots: Arc::new(Semaphore::new(PARALLEL)),
         };
         let n = cx.world().plans.len();
@@ -244,7 +248,8 @@ impl Cx {
 
     /// A step that did not succeed: expected once the kill is decided, a violation before.
     fn failed(&self, what: String) {
-        let killed = self.killed.load(Ordering::SeqCst);
+        let killed =
+            self.killed.load(Ordering::SeqCst) || self.expect_failures.load(Ordering::SeqCst);
         let mut w = self.world();
         if killed {
             w.stats.cut += 1;
@@ -440,9 +445,16 @@ fn config(scratch: &Scratch, fake: &FakeKie) -> String {
 }
 
 /// Starts the daemon and checks that no partial download from before the crash is left.
-async fn restart(scratch: &Scratch, world: &Mutex<World>, tmp_before: &[PathBuf]) -> Daemon {
+async fn restart(
+    scratch: &Scratch,
+    world: &Mutex<World>,
+    tmp_before: &[PathBuf],
+    env: &[(&str, &str)],
+) -> Daemon {
     let started = Instant::now();
-    let d = scratch.serve().await;
+    let mut cmd = scratch.serve_command();
+    cmd.envs(env.iter().copied());
+    let d = Daemon::spawn(cmd, scratch.data_dir()).await;
     let took = started.elapsed();
     let mut w = world.lock().unwrap();
     w.stats.max_recovery = w.stats.max_recovery.max(took);
@@ -689,11 +701,84 @@ pub(crate) fn env_cycles(var: &str, default: usize) -> usize {
     env_number(var).map_or(default, |n| n as usize)
 }
 
+/// Where a cycle's kill (and power cut) lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CutAt {
+    /// After a random delay (the seed's).
+    Random,
+    /// Right after the first callback answered 200 in the cycle. With `die`, the fault
+    /// filesystem is set to lose power at the next `fsync`/`fdatasync` as soon as the daemon
+    /// is up: then no write made after that is durable, and a 200 can only come from a
+    /// daemon that answers before its flush round.
+    FirstAck { die: bool },
+    /// Right after an image is recorded as downloaded and a flush round has covered the
+    /// record (`admin prune` of nothing flushes).
+    FirstImageRecorded,
+}
+
+/// A run of the loop.
+pub(crate) struct Opts<'a> {
+    pub cycles: usize,
+    pub seed: u64,
+    /// The data directory on the fault filesystem, and a power cut after every SIGKILL.
+    pub power_cuts: bool,
+    /// The (cycles, seed) variables that replay the run.
+    pub vars: (&'a str, &'a str),
+    /// Added to every daemon's environment (a broken variant: `COVERD_TEST_BREAK`).
+    pub env: Vec<(&'a str, &'a str)>,
+    pub cut: CutAt,
+    /// After the cycles, a run without kill that must settle every task, a clean stop and
+    /// `admin verify`.
+    pub final_run: bool,
+}
+
+/// What a run of the loop found.
+pub(crate) struct Report {
+    pub violations: Vec<String>,
+    pub acks: u64,
+    pub images: usize,
+    pub cuts: u64,
+    /// The scratch directory (kept by the caller when it wants to look).
+    pub scratch: Option<Scratch>,
+}
+
+/// The loop; panics with every violation found. See [`run`].
+pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (&str, &str)) {
+    let (cycles_var, seed_var) = vars;
+    let report = run(Opts {
+        cycles,
+        seed,
+        power_cuts,
+        vars,
+        env: Vec::new(),
+        cut: CutAt::Random,
+        final_run: true,
+    })
+    .await;
+    if !report.violations.is_empty() {
+        let kept = report.scratch.map(|s| s.dir.keep());
+        panic!(
+            "kill loop (seed {seed}, replay with {seed_var}={seed} {cycles_var}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
+            report.violations.len(),
+            report.violations.join("\n")
+        );
+    }
+}
+
 /// The loop itself; with `power_cuts`, the data directory is the fault filesystem
 /// (`faultfs`) and every SIGKILL is followed by a power cut, once the steps still running
 /// at the kill have ended (a command that answered success by then must survive it too).
-/// `vars` names the (cycles, seed) variables that replay the run.
-pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (&str, &str)) {
+/// Returns the violations rather than failing.
+pub(crate) async fn run(opts: Opts<'_>) -> Report {
+    let Opts {
+        cycles,
+        seed,
+        power_cuts,
+        vars,
+        ref env,
+        cut,
+        final_run,
+    } = opts;
     let (cycles_var, seed_var) = vars;
     eprintln!(
         "kill loop: {cycles} cycles, seed {seed} (replay: {seed_var}={seed} {cycles_var}={cycles})"
@@ -725,8 +810,13 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
             }
             add_plans(&mut rng, &fake, &mut w, cycle);
         }
-        let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
+        let d = Arc::new(restart(&scratch, &world, &tmp_at_kill, env).await);
         let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
+        if let (CutAt::FirstAck { die: true }, Some(fs)) = (cut, &mut power) {
+            cx.expect_failures.store(true, Ordering::SeqCst);
+            tokio::task::block_in_place(|| fs.die_at(FaultOp::Fsync, 1)).expect("arm the cut");
+        }
+        let acks_before = cx.world().stats.acks;
         let acked: Vec<usize> = {
             let w = cx.world();
             (0..n).filter(|&i| w.plans[i].acks > 0).collect()
@@ -741,7 +831,16 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
         );
         // The random moment: whatever the daemon is doing then (taking callbacks, tracking,
         // submitting, confirming, polling, fetching, installing, recording) is cut.
-        tokio::time::sleep(delay).await;
+        match cut {
+            CutAt::Random => tokio::time::sleep(delay).await,
+            CutAt::FirstAck { .. } => {
+                let deadline = Instant::now() + TARGET_BOUND;
+                while cx.world().stats.acks == acks_before && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            CutAt::FirstImageRecorded => first_image_recorded(&scratch).await,
+        }
         cx.killed.store(true, Ordering::SeqCst);
         d.kill();
         let parts = tmp_entries(&data_dir).len();
@@ -778,6 +877,23 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
         );
     }
 
+    if !final_run {
+        let w = world.lock().unwrap();
+        eprintln!(
+            "kill loop (seed {seed}, {cycles} cycles, {cut:?}, no final run): {} acks, {} failures found",
+            w.stats.acks,
+            w.violations.len()
+        );
+        let cuts = power.as_ref().map_or(0, |p| p.cuts);
+        drop(power);
+        return Report {
+            violations: w.violations.clone(),
+            acks: w.stats.acks,
+            images: 0,
+            cuts,
+            scratch: Arc::try_unwrap(scratch).ok(),
+        };
+    }
     // The last run: no kill. KIE finishes everything; every callback is delivered.
     {
         let mut w = world.lock().unwrap();
@@ -786,7 +902,7 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
             p.kie_done = true;
         }
     }
-    let d = Arc::new(restart(&scratch, &world, &tmp_at_kill).await);
+    let d = Arc::new(restart(&scratch, &world, &tmp_at_kill, env).await);
     let settle_from = Instant::now();
     let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
     let mut steps = launch(&cx, || Duration::ZERO, &[], 0, 0);
@@ -894,12 +1010,43 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
         w.violations.len(),
         started.elapsed(),
     );
-    if !w.violations.is_empty() {
-        let kept = Arc::try_unwrap(scratch).ok().map(|s| s.dir.keep());
-        panic!(
-            "kill loop (seed {seed}, replay with {seed_var}={seed} {cycles_var}={cycles}) found {} failures; data directory kept at {kept:?}:\n{}",
-            w.violations.len(),
-            w.violations.join("\n")
-        );
+    let report = Report {
+        violations: w.violations.clone(),
+        acks: s.acks,
+        images: s.images,
+        cuts: power.as_ref().map_or(0, |p| p.cuts),
+        scratch: None,
+    };
+    drop(w);
+    drop(power);
+    Report {
+        scratch: Arc::try_unwrap(scratch).ok(),
+        ..report
+    }
+}
+
+/// Longest a targeted cut waits for its moment.
+const TARGET_BOUND: Duration = Duration::from_secs(20);
+
+/// Returns once an image is recorded as downloaded (`admin export` over the admin socket)
+/// and a flush round has covered that record (`admin prune` of nothing flushes), or after
+/// [`TARGET_BOUND`].
+async fn first_image_recorded(scratch: &Scratch) {
+    let deadline = Instant::now() + TARGET_BOUND;
+    while Instant::now() < deadline {
+        let tasks = scratch.export().await.unwrap_or_default();
+        let recorded = tasks.iter().any(|t| {
+            t["images"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|img| img["state"] == "downloaded"))
+        });
+        if recorded {
+            let out = scratch
+                .run(&["admin", "prune", "--older-than", "3650d"])
+                .await;
+            assert_eq!(out.code, Some(0), "admin prune (a flush): {out:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

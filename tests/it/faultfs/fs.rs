@@ -78,11 +78,35 @@ pub struct Faults {
     nth: Vec<(FaultOp, u64, i32)>,
     /// Bytes writes may still add, and the errno past them.
     budget: Option<(u64, i32)>,
+    /// (kind, operations of that kind still to let through): the power goes off when the
+    /// next one comes, before it does anything (a cut at an exact point of a program).
+    die: Option<(FaultOp, u64)>,
 }
 
 impl Faults {
     pub fn fail_nth(&mut self, op: FaultOp, n: u64, errno: i32) {
         self.nth.push((op, n.saturating_sub(1), errno));
+    }
+
+    /// The power goes off at the `n`th (1 = the next) operation of kind `op`.
+    pub fn die_at(&mut self, op: FaultOp, n: u64) {
+        self.die = Some((op, n.saturating_sub(1)));
+    }
+
+    /// Whether the power must go off now, at an operation of these kinds.
+    fn dies(&mut self, ops: &[FaultOp]) -> bool {
+        match &mut self.die {
+            Some((op, left)) if ops.contains(op) => {
+                if *left == 0 {
+                    self.die = None;
+                    true
+                } else {
+                    *left -= 1;
+                    false
+                }
+            }
+            _ => false,
+        }
     }
 
     pub fn set_budget(&mut self, bytes: u64, errno: i32) {
@@ -131,6 +155,8 @@ pub struct Counts {
     pub writes: u64,
     pub renames: u64,
     pub failed: u64,
+    /// The power went off at a `die_at` point.
+    pub died: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -469,6 +495,12 @@ impl State {
     }
 
     fn fault(&mut self, ops: &[FaultOp]) -> R<()> {
+        if self.faults.dies(ops) {
+            // The cut itself: nothing from now on is served or becomes durable.
+            self.dead = true;
+            self.counts.died = true;
+            return Err(Errno::EIO);
+        }
         match self.faults.check(ops) {
             Some(e) => {
                 self.counts.failed += 1;

@@ -55,6 +55,8 @@ pub struct Counts {
     pub writes: u64,
     pub renames: u64,
     pub failed: u64,
+    /// The power went off at the point [`FaultFs::die_at`] set.
+    pub died: bool,
 }
 
 struct Running {
@@ -182,6 +184,15 @@ impl FaultFs {
             .map(drop)
     }
 
+    /// Cuts the power at the `n`th (1 = the next) operation of kind `op`, before it does
+    /// anything: from then on every request fails with EIO and nothing more becomes durable.
+    /// Whoever used the mount must then be killed and [`FaultFs::cut`] called, as after any
+    /// cut. A cut at an exact point of a program, where a kill at a random moment might
+    /// miss it.
+    pub fn die_at(&mut self, op: FaultOp, n: u64) -> std::io::Result<()> {
+        self.command(&format!("die {} {n}", op.name())).map(drop)
+    }
+
     /// Fails every write once `bytes` more have been written.
     pub fn budget(&mut self, bytes: u64, errno: Errno) -> std::io::Result<()> {
         self.command(&format!("budget {bytes} {}", errno.name()))
@@ -200,12 +211,13 @@ impl FaultFs {
             .filter_map(|w| w.split_once('=').and_then(|(_, v)| v.parse().ok()))
             .collect();
         match n[..] {
-            [fsyncs, dir_fsyncs, writes, renames, failed] => Ok(Counts {
+            [fsyncs, dir_fsyncs, writes, renames, failed, died] => Ok(Counts {
                 fsyncs,
                 dir_fsyncs,
                 writes,
                 renames,
                 failed,
+                died: died != 0,
             }),
             _ => Err(std::io::Error::other(format!("bad counts answer: {a}"))),
         }
@@ -335,13 +347,25 @@ fn serve(backing: &Path, mnt: &Path) -> i32 {
             ["counts"] => {
                 let c = fs.with(|_, c| *c);
                 say(&format!(
-                    "ok fsyncs={} dir_fsyncs={} writes={} renames={} failed={}",
-                    c.fsyncs, c.dir_fsyncs, c.writes, c.renames, c.failed
+                    "ok fsyncs={} dir_fsyncs={} writes={} renames={} failed={} died={}",
+                    c.fsyncs,
+                    c.dir_fsyncs,
+                    c.writes,
+                    c.renames,
+                    c.failed,
+                    u8::from(c.died)
                 ));
             }
             ["fail", op, n, e] => match (FaultOp::parse(op), n.parse::<u64>(), errno(e)) {
                 (Some(op), Ok(n), Some(e)) if n > 0 => {
                     fs.with(|f, _| f.fail_nth(op, n, e));
+                    say("ok");
+                }
+                _ => say(&format!("error: bad command '{line}'")),
+            },
+            ["die", op, n] => match (FaultOp::parse(op), n.parse::<u64>()) {
+                (Some(op), Ok(n)) if n > 0 => {
+                    fs.with(|f, _| f.die_at(op, n));
                     say("ok");
                 }
                 _ => say(&format!("error: bad command '{line}'")),

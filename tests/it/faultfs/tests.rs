@@ -209,3 +209,27 @@ fn injected_errors_reach_the_caller_and_unix_sockets_work() {
     server.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping");
 }
+
+/// `die_at`: the power goes off at an exact operation, before it does anything; nothing
+/// after it is served or becomes durable.
+#[test]
+fn a_cut_at_the_nth_fsync_keeps_what_was_synced_before_it() {
+    let (_dir, mut fs) = mounted();
+    let root = fs.path().to_path_buf();
+    write(&root.join("before"), b"kept").sync_all().unwrap();
+    sync_dir(&root);
+    fs.die_at(FaultOp::Fsync, 2).unwrap();
+    let f = write(&root.join("after"), b"lost");
+    // The first fsync goes through (the file's data), the second is the cut.
+    f.sync_all().unwrap();
+    let e = File::open(&root).unwrap().sync_all().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    // Dead from now on: nothing is served.
+    assert!(read(&root.join("before")).is_none());
+    assert!(fs.counts().unwrap().died);
+    drop(f);
+    fs.cut().unwrap();
+    assert_eq!(read(&root.join("before")).as_deref(), Some(&b"kept"[..]));
+    assert_eq!(read(&root.join("after")), None);
+    assert!(!fs.counts().unwrap().died);
+}
