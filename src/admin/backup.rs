@@ -455,8 +455,15 @@ pub fn restore(
         }
         sync_dir(target)?;
         // The entry of `target` itself, before the marker goes: a power cut then leaves the
-        // complete restore, or the marker, or no target at all.
-        sync_parent(target)?;
+        // complete restore, or the marker, or no target at all. A target that existed was
+        // made by the operator, or by root in [`give_target_to_src_owner`], which synced its
+        // entry then; as its owner this may not reach the parent at all (root's view of it
+        // is `/proc/self/fd/N`, whose parent is procfs; `/var/lib/private` is root's only).
+        if existed {
+            let _ = sync_parent(target);
+        } else {
+            sync_parent(target)?;
+        }
         std::fs::remove_file(&marker).map_err(|e| io_error("remove", &marker, &e))?;
         sync_dir(target)
     })();
@@ -543,7 +550,10 @@ pub fn give_target_to_src_owner(target: &Path, src: &Path) -> Result<(), AdminEr
             meta.uid(),
             meta.gid()
         ))
-    })
+    })?;
+    // Its entry, while root can still open the parent (the owner may not: the restore
+    // then does not sync it again).
+    sync_parent(target)
 }
 
 /// Copies SRC's `db/` into `scratch/db`: regular files, and the directories directly in it

@@ -152,6 +152,8 @@ async fn a_group_the_daemon_is_not_in_stops_the_start_with_status_2() {
         data.display().to_string(),
         group.name
     ));
+    // Readable by nobody whatever umask an in-process daemon of another test left.
+    std::fs::set_permissions(s.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut serve = coverd();
     serve
         .arg("serve")
