@@ -399,6 +399,75 @@ echo "   image error: $err"
 alive
 sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
 
+step "issue 15: the CLI sees what the service sees (notifications on, the secret as a credential)"
+NOTIFY_SECRET="whsec_$(head -c 32 /dev/urandom | base64)"
+sbx sh -c 'printf "accept_unknown_tasks = true\n[notify]\nurl = \"http://127.0.0.1:9/hook\"\n" >/etc/coverd/coverd.toml'
+sbx sh -c "umask 077; mkdir -p /etc/credstore && printf '%s\n' '$NOTIFY_SECRET' >/etc/credstore/notify-secret"
+# A checkout with a stray ./coverd-data (a `coverd serve` run there once), where the
+# operator stands for everything below.
+sbx sh -c 'rm -rf /root/work && mkdir -p /root/work && cd /root/work && /usr/local/bin/coverd admin --data-dir coverd-data track stray-1 >/dev/null 2>&1'
+[[ -d $R/root/work/coverd-data ]] && ok "a stray ./coverd-data in /root/work" || fail "no stray ./coverd-data"
+# docs/operations.md, Configuration: check-config, then restart.
+out=$(sbx sh -c 'cd /root/work && env COVERD_CONFIG=/etc/coverd/coverd.toml /usr/local/bin/coverd check-config 2>&1 >/tmp/chk-shown && systemctl restart coverd') ||
+  fail "check-config && systemctl restart: $out"
+sed 's/^/   | /' <<<"$out"
+grep -q "/etc/credstore/notify-secret" <<<"$out" && ok "check-config found notify-secret in /etc/credstore" || fail "check-config: $out"
+grep -qx 'data_dir = "/var/lib/coverd"' "$R/tmp/chk-shown" && ok 'check-config shows data_dir = "/var/lib/coverd"' ||
+  fail "check-config shows $(grep data_dir "$R/tmp/chk-shown")"
+wait_active || fail "not active after check-config && restart"
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd check-config 2>&1 >/dev/null') || fail "check-config while running: $out"
+grep -q "/run/credentials/coverd.service/notify-secret" <<<"$out" && ok "running: the credential systemd handed the service" || fail "$out"
+# Not root: says which credentials it could not read, exit 2.
+out=$(sbx setpriv --reuid=nobody --regid=nogroup --clear-groups sh -c 'cd / && /usr/local/bin/coverd check-config 2>&1 >/dev/null') &&
+  fail "check-config as nobody passed: $out"
+grep -q "notify-secret" <<<"$out" && ok "as nobody: ${out:0:110}…" || fail "as nobody: $out"
+# The stray ./coverd-data never takes over.
+first=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin status' | head -1)
+expect "admin status, first line, from /root/work" "$first" "daemon: running (data directory /var/lib/coverd)"
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin show stray-1 2>&1') && fail "the stray store answered: $out"
+grep -q "(data directory /var/lib/coverd)" <<<"$out" && ok "the error names the data directory: $out" || fail "$out"
+# Stopped: notifications are on for the CLI too.
+sbx systemctl stop coverd
+st=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin status')
+sed 's/^/   | /' <<<"$st"
+expect "first line, stopped" "$(head -1 <<<"$st")" "daemon: stopped (data directory /var/lib/coverd)"
+grep -q "^notifications: off" <<<"$st" && fail "offline status says notifications are off"
+ok "offline status: $(grep '^notifications' <<<"$st")"
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin redeliver chk-task-1 2>&1') || fail "offline redeliver: $out"
+ok "offline redeliver: $out"
+expect "files not owned by the service in its data dir" "$(sbx find /var/lib/private/coverd ! -uid "$(sbx stat -c %u /var/lib/private/coverd)" | wc -l)" 0
+# A key file the dynamic user cannot read: check-config as root warns (exit 0).
+sbx sh -c "umask 077; printf '%s\n' '$NOTIFY_SECRET' >/root/whsec"
+sbx sh -c 'printf "accept_unknown_tasks = true\n[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret_file = \"/root/whsec\"\n" >/etc/coverd/coverd.toml'
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd check-config 2>&1 >/dev/null') || fail "check-config with /root/whsec: $out"
+grep -q "the service will not be able to read /root/whsec" <<<"$out" && ok "root check-config warns: ${out:0:120}…" || fail "no warning: $out"
+sbx rm -f /root/whsec
+sbx sh -c 'printf "accept_unknown_tasks = true\n[notify]\nurl = \"http://127.0.0.1:9/hook\"\n" >/etc/coverd/coverd.toml'
+sbx systemctl start coverd
+wait_active || fail "not active"
+# docs/operations.md, Upgrades, as written, from the checkout with the stray directory.
+"$S" cp "$R" "$here/target/release/coverd" /root/work/coverd-new
+sbx chmod 0755 /root/work/coverd-new
+sbx rm -rf /var/lib/private/coverd-backup/before-upgrade
+out=$(sbx sh -ec 'cd /root/work
+  coverd() { /usr/local/bin/coverd "$@"; }
+  coverd admin backup /var/lib/coverd-backup/before-upgrade
+  ./coverd-new --version
+  env COVERD_CONFIG=/etc/coverd/coverd.toml ./coverd-new check-config >/dev/null
+  systemctl stop coverd
+  install -m 0755 ./coverd-new /usr/local/bin/coverd
+  systemctl daemon-reload
+  systemctl start coverd
+  coverd admin status' 2>&1) || fail "the upgrade steps: $out"
+sed 's/^/   | /' <<<"$out"
+grep -q "daemon: running (data directory /var/lib/coverd)" <<<"$out" && ok "upgrade steps ran; status names the service's data" || fail "$out"
+[[ -f $R/var/lib/private/coverd-backup/before-upgrade/backup.json ]] && ok "the pre-upgrade backup is where the service wrote it" || fail "no before-upgrade backup"
+sbx rm -rf /var/lib/private/coverd-backup/before-upgrade /root/work /etc/credstore/notify-secret
+sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
+sbx systemctl restart coverd
+wait_active || fail "not active"
+alive
+
 step "stop: graceful, status 0"
 sbx systemctl restart coverd
 pid=$(prop MainPID)
