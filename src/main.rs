@@ -465,7 +465,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// environment, `serve` makes that worker panic when it receives SIGUSR2, so that a process
 /// test (tests/it/workers.rs) sees the real binary exit with status 70. Nothing else reads
 /// the variable; unset (always, in production) it changes nothing and SIGUSR2 keeps its
-/// default action. docs/reliability.md ("Stopped workers") documents it.
+/// default action. docs/reliability.md ("Stopped workers") documents it. Only in a build
+/// with the `testing` feature (`cargo test` builds the binary so; `cargo build` does not).
+#[cfg(feature = "testing")]
 fn test_hooks() -> daemon::Hooks {
     let mut hooks = daemon::Hooks::default();
     let Some(name) = std::env::var_os("COVERD_TEST_STOP_WORKER") else {
@@ -491,6 +493,12 @@ fn test_hooks() -> daemon::Hooks {
         }
     });
     hooks
+}
+
+/// Without the `testing` feature: no hooks, whatever the environment says.
+#[cfg(not(feature = "testing"))]
+fn test_hooks() -> daemon::Hooks {
+    daemon::Hooks::default()
 }
 
 /// Registers SIGTERM and SIGINT handlers now; the returned future ends at the first signal.

@@ -61,7 +61,9 @@ mod writer;
 
 pub use copy::TaskCopy;
 pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
-pub use writer::{StoreThread, WritesPaused};
+pub use writer::StoreThread;
+#[cfg(any(test, feature = "testing"))]
+pub use writer::WritesPaused;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -359,7 +361,7 @@ impl Store {
 
     /// [`Store::open`] with room for `queue` updates waiting for the writer (tests: a tiny
     /// queue shows what a full one does). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_with_queue(data_dir: &Path, queue: usize) -> Result<Store, StoreError> {
         Store::open_with(data_dir, queue, &|_| {})
     }
@@ -479,7 +481,7 @@ impl Store {
 
     /// Makes every later update fail (`on = true`) until called with `false`: lets tests
     /// prove what callers do when the store is unavailable. Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn inject_write_failures(&self, on: bool) {
         self.inner.health.injected.store(on, Ordering::SeqCst);
         // Wakes whoever waits in `writable`.
@@ -512,14 +514,14 @@ impl Store {
 
     /// Makes the store's writer or flusher thread panic at once, as a bug would (tests of
     /// what the daemon does when one dies). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn stop_thread_for_test(&self, which: StoreThread) {
         self.inner.writer.stop_for_test(which);
     }
 
     /// Makes the next flush round fail as if `fdatasync` had returned EIO (tests; the
     /// process tests inject real syscall errors with strace). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn fail_next_flush_for_test(&self) {
         self.inner.writer.fail_next_round();
     }
@@ -553,7 +555,7 @@ impl Store {
 
     /// Stores `bytes` as the record of `task_id`, bypassing the codec and the indexes: lets
     /// tests plant a damaged record, or one written by a newer coverd. Not used by coverd.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_task(&self, task_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.tasks.insert(task_id.as_bytes(), bytes)?;
         self.inner.db.flush()?;
@@ -562,7 +564,7 @@ impl Store {
 
     /// [`Store::put_raw_task`] under any key, UTF-8 or not: lets tests plant records keyed
     /// by what no task id can be (a crafted backup). Not used by coverd.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_record(&self, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.tasks.insert(key, bytes)?;
         self.inner.db.flush()?;
@@ -570,7 +572,7 @@ impl Store {
     }
 
     /// How many times a task record could not be decoded since open (tests).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn undecodable_reads(&self) -> u64 {
         self.inner.undecodable_reads.load(Ordering::SeqCst)
     }
@@ -641,13 +643,13 @@ impl Store {
     /// Stops the writer from taking updates until the guard is dropped (it finishes the
     /// batch it is in, and holds at most one update it took): lets tests fill its queue or
     /// form one batch from many updates. Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn pause_writes(&self) -> WritesPaused {
         self.inner.writer.pause()
     }
 
     /// The most flush rounds ever running at once (one flusher thread: at most 1).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn max_concurrent_flushes(&self) -> u32 {
         self.inner.writer.max_concurrent_rounds()
     }
@@ -832,7 +834,7 @@ impl Store {
         }
         self.inner
             .intents
-            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+            .insert(music_task_id.as_bytes(), &codec::encode_intent(now))?;
         Ok(None)
     }
 
@@ -840,7 +842,7 @@ impl Store {
     pub fn force_intent(&self, music_task_id: &str, now: Millis) -> Result<(), StoreError> {
         self.inner
             .intents
-            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+            .insert(music_task_id.as_bytes(), &codec::encode_intent(now))?;
         Ok(())
     }
 
@@ -860,7 +862,7 @@ impl Store {
                 let (k, v) = kv?;
                 Ok((
                     String::from_utf8_lossy(&k).into_owned(),
-                    i64::try_from(u64_from(&v)).unwrap_or(0),
+                    codec::decode_intent(&v),
                 ))
             })
             .collect()
