@@ -88,13 +88,11 @@ impl Drop for CreatedDir {
     }
 }
 
-/// Creates the data directory private (0700) and tightens one open to others beyond what
-/// `access` allows (0710 with `storage.local_group`).
-fn create_private_dir(dir: &Path, access: FileAccess) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+/// Makes an existing data directory open to others beyond what `access` allows (0710 with
+/// `storage.local_group`) 0700, with a warning. (`dirsync::create_private_dir` creates it
+/// 0700; this is the data directory's own check, which `download`'s directories, whose modes
+/// `sharing` owns, must not get.)
+fn tighten_data_dir(dir: &Path, access: FileAccess) -> std::io::Result<()> {
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
     if mode & !access.data_dir_mode() & 0o077 != 0 {
         match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
@@ -475,10 +473,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     // Declared before the store, so it runs after the store has closed.
     let created = CreatedDir::before_creating(&data_dir);
     let access = FileAccess::of(&config);
-    create_private_dir(&data_dir, access).map_err(|source| DaemonError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    crate::dirsync::create_private_dir(&data_dir)
+        .and_then(|()| tighten_data_dir(&data_dir, access))
+        .map_err(|source| DaemonError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
     let fd_limit = server::raise_fd_limit();
     let max_connections = hooks
         .max_connections

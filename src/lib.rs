@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod poll;
+pub mod retry;
 pub mod schedule;
 pub mod server;
 pub mod sharing;

@@ -166,7 +166,7 @@ impl Image {
 
     /// Attempts made since the last `admin retry`.
     pub fn budget_used(&self) -> u32 {
-        self.attempts.saturating_sub(self.attempts_budget_start)
+        crate::retry::budget_used(self.attempts, self.attempts_budget_start)
     }
 }
 
@@ -482,7 +482,7 @@ impl Notification {
 
     /// Attempts made since creation or the last `admin redeliver`.
     pub fn budget_used(&self) -> u32 {
-        self.attempts.saturating_sub(self.attempts_budget_start)
+        crate::retry::budget_used(self.attempts, self.attempts_budget_start)
     }
 
     /// When the notifier should next try, if at all.

@@ -857,9 +857,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), AdminError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), AdminError> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_error("sync", path, &e))
+    crate::dirsync::sync_dir(path).map_err(|e| io_error("sync", path, &e))
 }
 
 /// `admin prune --older-than`: forgets `downloaded` and `failed` tasks whose last change is

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Applied, IfMissing, StoreError};
+use crate::dirsync::sync_dir;
 use crate::machine::{Ctx, Event};
 
 /// Most updates applied in one transaction. Bounds the time the transaction holds sled's
@@ -705,10 +706,6 @@ fn sync_new_file(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Waits until no one holds sled's lock on `db/db` any more: after the last `sled::Db` handle
