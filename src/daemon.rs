@@ -325,7 +325,12 @@ impl Faults {
 #[cfg(any(test, feature = "testing"))]
 type FaultHook = Option<Arc<Faults>>;
 #[cfg(not(any(test, feature = "testing")))]
-type FaultHook = ();
+type FaultHook = NoFaults;
+
+/// No fault hook (a build without the `testing` feature).
+#[cfg(not(any(test, feature = "testing")))]
+#[derive(Clone)]
+struct NoFaults;
 
 /// Waits until a test asks `worker` to stop; never without [`Faults`].
 #[cfg(any(test, feature = "testing"))]
@@ -579,7 +584,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     #[cfg(any(test, feature = "testing"))]
     let mut workers = Workers::new(hooks.faults.clone());
     #[cfg(not(any(test, feature = "testing")))]
-    let mut workers = Workers::new(());
+    let mut workers = Workers::new(NoFaults);
 
     let clock = hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
     let downloader = Downloader::new(

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::dirsync::{DirSyncs, create_private_dir, sync_dir};
 use crate::fetch::{Ext, FetchError, Fetcher};
+use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
-use crate::poll::{Verdict, interpret};
 use crate::retry::{self, Backoff, Jitter};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::sharing::FileAccess;
@@ -304,7 +304,7 @@ impl Downloader {
         // A failed KIE call is said as a warning, once, with the event that records it.
         let level = match &event {
             Event::ConfirmLater { detail, .. } | Event::ConfirmGiveUp { detail }
-                if detail.starts_with(crate::poll::RECORD_INFO_FAILED) =>
+                if detail.starts_with(RECORD_INFO_FAILED) =>
             {
                 tracing::Level::WARN
             }

@@ -2210,7 +2210,7 @@ fn event_key(task_id: &str, seq: u32) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::machine::Report;
 
@@ -2863,7 +2863,7 @@ mod tests {
 
     /// Tasks in every state (with a tie on `created_at` between states), each a list of
     /// events applied one ms apart from its creation.
-    fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
+    pub(crate) fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
         let track = |m: &str| Event::Track {
             music_task_id: Some(m.to_string()),
         };
@@ -2890,7 +2890,7 @@ mod tests {
         write_v1_tasks(dir, version, as_v2, raw, scripted());
     }
 
-    fn write_v1_tasks(
+    pub(crate) fn write_v1_tasks(
         dir: &Path,
         version: u32,
         as_v2: &[&str],
@@ -2975,7 +2975,7 @@ mod tests {
     }
 
     /// The same tasks written by this build's `apply`.
-    fn reference() -> (tempfile::TempDir, Store) {
+    pub(crate) fn reference() -> (tempfile::TempDir, Store) {
         let (dir, store) = open();
         for (id, created, script) in scripted() {
             for (i, event) in script.into_iter().enumerate() {
@@ -2987,7 +2987,7 @@ mod tests {
         (dir, store)
     }
 
-    fn ids(tasks: Vec<Task>) -> Vec<String> {
+    pub(crate) fn ids(tasks: Vec<Task>) -> Vec<String> {
         tasks.into_iter().map(|t| t.task_id).collect()
     }
 
@@ -3035,8 +3035,13 @@ mod tests {
             .count()
     }
 
-    fn schema_of(store: &Store) -> u32 {
+    pub(crate) fn schema_of(store: &Store) -> u32 {
         u32_from(&store.inner.meta.get("schema_version").unwrap().unwrap())
+    }
+
+    /// Schema 1's `events` tree is empty and its `by_created` index gone.
+    pub(crate) fn schema_1_trees_gone(store: &Store) -> bool {
+        store.inner.events.is_empty() && !has_tree(store, V1_BY_CREATED)
     }
 
     fn has_tree(store: &Store, name: &str) -> bool {
@@ -3237,44 +3242,6 @@ mod tests {
             "list of the newest 20 of {n}: {:.2} s",
             started.elapsed().as_secs_f64()
         );
-    }
-
-    /// A backup written by a schema-1 coverd restores: the backup's store is migrated
-    /// when restore opens it, and the restored store is schema 2 with every task and its
-    /// history.
-    #[test]
-    fn a_schema_1_backup_restores() {
-        use crate::admin::backup;
-        let (_r, want) = reference();
-        let src = tempfile::tempdir().unwrap();
-        // No `downloaded` task: its image file would have to be in the backup too.
-        let script: Vec<_> = scripted().into_iter().filter(|t| t.0 != "d").collect();
-        write_v1_tasks(src.path(), 1, &[], &[], script);
-        let manifest = backup::Manifest {
-            format: backup::FORMAT.into(),
-            version: "0.1.0".into(),
-            created_at: "2026-11-30T05:00:00Z".into(),
-            tasks: 4,
-            images: 0,
-            bytes: 0,
-        };
-        std::fs::write(
-            src.path().join(backup::MANIFEST),
-            serde_json::to_vec(&manifest).unwrap(),
-        )
-        .unwrap();
-        let target = tempfile::tempdir().unwrap();
-        let data = target.path().join("data");
-        backup::restore(src.path(), &data, None).unwrap();
-        let store = Store::open(&data).unwrap();
-        assert_eq!(schema_of(&store), 2);
-        for id in ["a", "b", "c", "e"] {
-            assert_eq!(store.get(id).unwrap(), want.get(id).unwrap(), "{id}");
-            assert_eq!(store.events(id).unwrap(), want.events(id).unwrap(), "{id}");
-        }
-        assert_eq!(ids(store.list(None, 10).unwrap()), ["e", "c", "b", "a"]);
-        assert_eq!(store.counts().unwrap().failed, 1);
-        assert!(store.inner.events.is_empty() && !has_tree(&store, V1_BY_CREATED));
     }
 
     /// Newest first across states, ties on `created_at` broken by id (descending), cut at
