@@ -247,6 +247,14 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+// Why three levels, `Store` → `Inner` → `Core`: `Store` is the handle every part clones (an
+// `Arc`); the last clone dropped closes the store. `Core` is what the writer's threads need to
+// apply batches (sled, the trees, health), so they hold an `Arc<Core>`. `Inner` is the one
+// owner of both, and of the order they close in: it cannot be `Core` itself, because the
+// threads would then hold the handle whose drop joins them (a cycle of `Arc`s: the store
+// never closes), and it cannot be `Store`, which must stay cheap to clone. `Deref` to `Core`
+// lets store code read `self.inner.tasks` without naming the level.
+//
 // Field order is drop order: the writer's threads (which hold the `Core`, with its `sled::Db`
 // and trees) are joined first, then the `Core` (sled's handles) is dropped, and `closed` last
 // waits until sled's lock is free. (`open_with` keeps the same order for its locals.)
