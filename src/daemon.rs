@@ -502,7 +502,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     #[cfg(not(any(test, feature = "testing")))]
     let store = Store::open_with_progress(&data_dir, &progress)?;
     download::recover(&data_dir)?;
-    match access.reconcile(&data_dir) {
+    match access.reconcile(&data_dir, &data_dir.join(download::IMAGES_DIR)) {
         Ok(0) => {}
         Ok(changed) => tracing::info!(
             changed,
