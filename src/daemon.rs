@@ -736,13 +736,17 @@ impl Workers {
 
     /// Runs `run`, the loop of `worker`, until it ends (at shutdown).
     fn spawn(&mut self, worker: Worker, run: impl Future<Output = ()> + Send + 'static) {
-        let faults = self.faults.clone();
-        let handle = self.set.spawn(async move {
-            tokio::select! {
-                _ = run => {}
-                _ = fault(&faults, worker) => panic!("{} stopped by a test hook", worker.name()),
+        #[cfg(any(test, feature = "testing"))]
+        let run = {
+            let faults = self.faults.clone();
+            async move {
+                tokio::select! {
+                    _ = run => {}
+                    _ = fault(&faults, worker) => panic!("{} stopped by a test hook", worker.name()),
+                }
             }
-        });
+        };
+        let handle = self.set.spawn(run);
         self.names.insert(handle.id(), worker);
     }
 
