@@ -88,13 +88,11 @@ impl Drop for CreatedDir {
     }
 }
 
-/// Creates the data directory private (0700) and tightens one open to others beyond what
-/// `access` allows (0710 with `storage.local_group`).
-fn create_private_dir(dir: &Path, access: FileAccess) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+/// Makes an existing data directory open to others beyond what `access` allows (0710 with
+/// `storage.local_group`) 0700, with a warning. (`dirsync::create_private_dir` creates it
+/// 0700; this is the data directory's own check, which `download`'s directories, whose modes
+/// `sharing` owns, must not get.)
+fn tighten_data_dir(dir: &Path, access: FileAccess) -> std::io::Result<()> {
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
     if mode & !access.data_dir_mode() & 0o077 != 0 {
         match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
@@ -283,6 +281,7 @@ impl Worker {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     fn bit(self) -> u8 {
         1 << (self as u8)
     }
@@ -291,12 +290,14 @@ impl Worker {
 /// Test hook ([`Hooks::faults`]): makes a worker panic on demand, as a bug would. A loop
 /// panics in its own task (the loop's future is dropped by the unwinding); the store's
 /// threads panic when they next wake up. Not used by coverd itself, except through the
-/// test-only `COVERD_TEST_STOP_WORKER` of `main.rs`.
+/// test-only `COVERD_TEST_STOP_WORKER` of `main.rs`. Only with the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug)]
 pub struct Faults {
     requested: tokio::sync::watch::Sender<u8>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Default for Faults {
     fn default() -> Faults {
         Faults {
@@ -305,6 +306,7 @@ impl Default for Faults {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Faults {
     /// Makes `worker` panic now.
     pub fn stop(&self, worker: Worker) {
@@ -319,12 +321,39 @@ impl Faults {
     }
 }
 
+/// The workers' test hook: [`Hooks::faults`], or nothing without the `testing` feature.
+#[cfg(any(test, feature = "testing"))]
+type FaultHook = Option<Arc<Faults>>;
+#[cfg(not(any(test, feature = "testing")))]
+type FaultHook = NoFaults;
+
+/// No fault hook (a build without the `testing` feature).
+#[cfg(not(any(test, feature = "testing")))]
+#[derive(Clone)]
+struct NoFaults;
+
 /// Waits until a test asks `worker` to stop; never without [`Faults`].
-async fn fault(faults: &Option<Arc<Faults>>, worker: Worker) {
+#[cfg(any(test, feature = "testing"))]
+async fn fault(faults: &FaultHook, worker: Worker) {
     match faults {
         Some(f) => f.requested(worker).await,
         None => std::future::pending().await,
     }
+}
+
+/// Never: a build without the `testing` feature has no fault hook.
+#[cfg(not(any(test, feature = "testing")))]
+async fn fault(_: &FaultHook, _: Worker) {
+    std::future::pending().await
+}
+
+/// Makes the store's `thread` panic, for [`fault`] (which never asks it without the
+/// `testing` feature).
+fn stop_store_thread(store: &Store, thread: StoreThread) {
+    #[cfg(any(test, feature = "testing"))]
+    store.stop_thread_for_test(thread);
+    #[cfg(not(any(test, feature = "testing")))]
+    let _ = (store, thread);
 }
 
 /// Knobs for tests that run the daemon in-process.
@@ -339,9 +368,12 @@ pub struct Hooks {
     /// The callback listener's connection cap (default: derived from the fd limit).
     pub max_connections: Option<usize>,
     /// Room in the store writer's queue (default: the store's); a tiny one shows what a full
-    /// queue does.
+    /// queue does. Only with the `testing` feature.
+    #[cfg(any(test, feature = "testing"))]
     pub write_queue: Option<usize>,
-    /// Makes workers panic on demand (tests of `/healthz` and exit status 70).
+    /// Makes workers panic on demand (tests of `/healthz` and exit status 70). Only with the
+    /// `testing` feature.
+    #[cfg(any(test, feature = "testing"))]
     pub faults: Option<Arc<Faults>>,
 }
 
@@ -453,10 +485,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     // Declared before the store, so it runs after the store has closed.
     let created = CreatedDir::before_creating(&data_dir);
     let access = FileAccess::of(&config);
-    create_private_dir(&data_dir, access).map_err(|source| DaemonError::DataDir {
-        path: data_dir.clone(),
-        source,
-    })?;
+    crate::dirsync::create_private_dir(&data_dir)
+        .and_then(|()| tighten_data_dir(&data_dir, access))
+        .map_err(|source| DaemonError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
     let fd_limit = server::raise_fd_limit();
     let max_connections = hooks
         .max_connections
@@ -467,12 +501,15 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         tracing::info!(migrated, "store migration in progress");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000)]);
     };
+    #[cfg(any(test, feature = "testing"))]
     let store = match hooks.write_queue {
         Some(queue) => Store::open_with_queue(&data_dir, queue)?,
         None => Store::open_with_progress(&data_dir, &progress)?,
     };
+    #[cfg(not(any(test, feature = "testing")))]
+    let store = Store::open_with_progress(&data_dir, &progress)?;
     download::recover(&data_dir)?;
-    match access.reconcile(&data_dir) {
+    match access.reconcile(&data_dir, &data_dir.join(download::IMAGES_DIR)) {
         Ok(0) => {}
         Ok(changed) => tracing::info!(
             changed,
@@ -551,7 +588,10 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let wake_polls = Arc::new(Notify::new());
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
+    #[cfg(any(test, feature = "testing"))]
     let mut workers = Workers::new(hooks.faults.clone());
+    #[cfg(not(any(test, feature = "testing")))]
+    let mut workers = Workers::new(NoFaults);
 
     let clock = hooks.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
     let downloader = Downloader::new(
@@ -689,11 +729,11 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
 struct Workers {
     set: JoinSet<()>,
     names: HashMap<Id, Worker>,
-    faults: Option<Arc<Faults>>,
+    faults: FaultHook,
 }
 
 impl Workers {
-    fn new(faults: Option<Arc<Faults>>) -> Workers {
+    fn new(faults: FaultHook) -> Workers {
         Workers {
             set: JoinSet::new(),
             names: HashMap::new(),
@@ -703,13 +743,17 @@ impl Workers {
 
     /// Runs `run`, the loop of `worker`, until it ends (at shutdown).
     fn spawn(&mut self, worker: Worker, run: impl Future<Output = ()> + Send + 'static) {
-        let faults = self.faults.clone();
-        let handle = self.set.spawn(async move {
-            tokio::select! {
-                _ = run => {}
-                _ = fault(&faults, worker) => panic!("{} stopped by a test hook", worker.name()),
+        #[cfg(any(test, feature = "testing"))]
+        let run = {
+            let faults = self.faults.clone();
+            async move {
+                tokio::select! {
+                    _ = run => {}
+                    _ = fault(&faults, worker) => panic!("{} stopped by a test hook", worker.name()),
+                }
             }
-        });
+        };
+        let handle = self.set.spawn(run);
         self.names.insert(handle.id(), worker);
     }
 
@@ -769,12 +813,12 @@ impl Workers {
                 }
                 _ = fault(&self.faults, Worker::StoreWriter), if !writer_asked => {
                     writer_asked = true;
-                    store.stop_thread_for_test(StoreThread::Writer);
+                    stop_store_thread(&store, StoreThread::Writer);
                     None
                 }
                 _ = fault(&self.faults, Worker::StoreFlusher), if !flusher_asked => {
                     flusher_asked = true;
-                    store.stop_thread_for_test(StoreThread::Flusher);
+                    stop_store_thread(&store, StoreThread::Flusher);
                     None
                 }
             };

@@ -4,12 +4,32 @@
 //! new task directory in `images/`) cost one fsync instead of one each. Owns the rounds and
 //! their bookkeeping; must not decide what is synced when (that is `download`'s install
 //! order). Blocking: call it from a blocking thread.
+//!
+//! Also the one fsync of a directory ([`sync_dir`]) and the one creation of a private
+//! directory ([`create_private_dir`]), for every part that makes directories or their
+//! entries durable (the store, downloads, backups, the daemon's data directory).
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// Makes `dir`'s entries durable (its fsync), at once, without group commit.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and missing parents as 0700 (private whatever the process umask); an
+/// existing `dir` is left as it is (`sharing` owns the modes of `images/`; the daemon checks
+/// the data directory's own).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
 
 /// How a directory is made durable; a test replaces it to hold a round open.
 type SyncFn = dyn Fn(&Path) -> io::Result<()> + Send + Sync;
@@ -42,7 +62,7 @@ struct Rounds {
 
 impl Default for DirSyncs {
     fn default() -> Self {
-        DirSyncs::with_sync(Box::new(|dir| std::fs::File::open(dir)?.sync_all()))
+        DirSyncs::with_sync(Box::new(sync_dir))
     }
 }
 

@@ -14,19 +14,18 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dirsync::DirSyncs;
-use crate::fetch::{Ext, FetchError, Fetcher, backoff_delay};
+use crate::dirsync::{DirSyncs, create_private_dir, sync_dir};
+use crate::fetch::{Ext, FetchError, Fetcher};
+use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
 use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
-use crate::poll::{Verdict, interpret};
+use crate::retry::{self, Backoff, Jitter};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::sharing::FileAccess;
 use crate::store::{Applied, IfMissing, Store, StoreError};
 
-/// After a store error, wait this long before the same work is tried again.
-const STORE_RETRY_MS: Millis = 1000;
 const NAMES: Names = Names {
     what: "downloads",
     index: "the download index",
@@ -64,15 +63,6 @@ pub enum DownloadError {
     Store(#[from] StoreError),
 }
 
-/// Creates `dir` and missing parents as 0700 (private whatever the process umask).
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
 /// Prepares the data directory for downloads and removes what a crash left behind: every
 /// file in `tmp/` is a partial download that was never recorded. Call before serving.
 pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
@@ -86,12 +76,10 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
     // `images/<task>/` and `images/`, never the data directory, so without this a power cut
     // could take `images/` with every image recorded in it (found by the power-cut loop, on
     // a fresh data directory: the store syncs the data directory before these exist).
-    std::fs::File::open(data_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| DownloadError::Prepare {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+    sync_dir(data_dir).map_err(|source| DownloadError::Prepare {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
     let mut removed = 0;
     let entries = std::fs::read_dir(&tmp).map_err(|source| DownloadError::Prepare {
         path: tmp.clone(),
@@ -253,6 +241,16 @@ impl Downloader {
             .await
     }
 
+    /// The downloads' backoff (`download.backoff_base`, `download.backoff_max`, full
+    /// jitter), also between confirmations that failed transiently.
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.config.download.backoff_base,
+            max: self.config.download.backoff_max,
+            jitter: Jitter::Full,
+        }
+    }
+
     fn needs_confirmation(&self, task: &Task) -> bool {
         self.kie.is_some() && self.config.kie.confirm_callbacks && !task.confirmed
     }
@@ -291,8 +289,7 @@ impl Downloader {
             Verdict::Pending { detail, transient } => {
                 let interval = self.config.poll.interval;
                 let delay = if transient {
-                    let d = &self.config.download;
-                    backoff_delay(asked, d.backoff_base, d.backoff_max, None).min(interval)
+                    self.backoff().delay(asked, None).min(interval)
                 } else {
                     interval
                 };
@@ -307,7 +304,7 @@ impl Downloader {
         // A failed KIE call is said as a warning, once, with the event that records it.
         let level = match &event {
             Event::ConfirmLater { detail, .. } | Event::ConfirmGiveUp { detail }
-                if detail.starts_with(crate::poll::RECORD_INFO_FAILED) =>
+                if detail.starts_with(RECORD_INFO_FAILED) =>
             {
                 tracing::Level::WARN
             }
@@ -355,13 +352,9 @@ impl Downloader {
             }
             Err(e) => {
                 let retry_at = e.is_transient().then(|| {
-                    let d = &self.config.download;
-                    let delay = backoff_delay(
-                        image.budget_used() + 1,
-                        d.backoff_base,
-                        d.backoff_max,
-                        e.retry_after(),
-                    );
+                    let delay = self
+                        .backoff()
+                        .delay(image.budget_used() + 1, e.retry_after());
                     self.clock.now().saturating_add(millis(delay))
                 });
                 Event::ImageFailed {
@@ -469,7 +462,7 @@ impl Downloader {
 }
 
 async fn store_backoff() {
-    tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS.unsigned_abs())).await;
+    tokio::time::sleep(retry::STORE_RETRY).await;
 }
 
 /// Tasks with due images, from the store's download index.

@@ -2,7 +2,7 @@
 //! GET, status classification, size cap, image sniffing and sha256 while streaming, and
 //! `sync_all` before returning. It must not touch the store or any final image path: the
 //! caller decides whether and where the temp file becomes a stored image, and retries
-//! (see [`backoff_delay`] and [`FetchError::is_transient`]).
+//! (with `retry`'s backoff; [`FetchError::is_transient`] says which failures may clear).
 //!
 //! On every error the temp file is removed, also when the fetch future is dropped mid-way.
 //! Error messages go into task records and logs, so they never contain a URL's query
@@ -20,6 +20,7 @@ use url::Url;
 
 use crate::config::DownloadConfig;
 use crate::guard::{Refused, UrlGuard};
+use crate::retry::{self, NoAnswer};
 
 /// Time allowed to set up a TCP (and TLS) connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -283,7 +284,7 @@ impl Fetcher {
             let chunk = match resp.chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(e) if e.is_timeout() => return Err(self.timeout_error(started)),
+                Err(e) if NoAnswer::of(&e).is_timeout() => return Err(self.timeout_error(started)),
                 Err(_) => return Err(FetchError::CutBody { received, expected }),
             };
             let len = chunk.len() as u64;
@@ -316,21 +317,23 @@ impl Fetcher {
             return FetchError::Refused(refused);
         }
         let url = err.url().map_or_else(|| display_url(url), display_url);
-        if err.is_connect() {
-            let reason = if err.is_timeout() {
-                format!(
+        match NoAnswer::of(&err) {
+            NoAnswer::ConnectTimedOut => FetchError::Connect {
+                url,
+                reason: format!(
                     "timed out after {}",
                     humantime::format_duration(CONNECT_TIMEOUT)
-                )
-            } else {
-                innermost_reason(err)
-            };
-            FetchError::Connect { url, reason }
-        } else if err.is_timeout() {
-            self.timeout_error(started)
-        } else {
-            let reason = innermost_reason(err);
-            FetchError::Request { url, reason }
+                ),
+            },
+            NoAnswer::CannotConnect => FetchError::Connect {
+                url,
+                reason: innermost_reason(err),
+            },
+            NoAnswer::TimedOut => self.timeout_error(started),
+            NoAnswer::Failed => FetchError::Request {
+                url,
+                reason: innermost_reason(err),
+            },
         }
     }
 
@@ -393,7 +396,7 @@ fn check_status(status: u16, headers: &HeaderMap) -> Result<(), FetchError> {
             "refused URL: HTTP {status} redirect to a location that is not http(s)"
         )))),
         403 | 404 | 410 => Err(FetchError::Gone { status }),
-        408 | 425 | 429 | 500..=599 => Err(FetchError::Status {
+        _ if retry::transient_status(status) => Err(FetchError::Status {
             status,
             transient: true,
             retry_after: headers
@@ -634,24 +637,6 @@ fn write_part(
     file.sync_all()?;
     drop(file);
     Ok((hex::encode(hasher.finalize()), part))
-}
-
-/// The wait before retry number `attempt` (1 = the first retry): uniform in
-/// `[0, min(max, base * 2^(attempt-1))]` ("full jitter"), and at least
-/// `min(retry_after, max)` when the server sent `Retry-After`.
-pub fn backoff_delay(
-    attempt: u32,
-    base: Duration,
-    max: Duration,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let exp = 2u32.saturating_pow(attempt.saturating_sub(1));
-    let cap = base.saturating_mul(exp).min(max);
-    let jittered = cap.mul_f64(rand::random::<f64>());
-    match retry_after {
-        Some(wait) => jittered.max(wait.min(max)),
-        None => jittered,
-    }
 }
 
 #[cfg(test)]
@@ -912,43 +897,5 @@ mod tests {
         assert_eq!(display_url(&url), "https://h.example:8443/s/a.png");
         let url = Url::parse("https://h.example/a.png?X-Amz-Signature=SECRET").unwrap();
         assert_eq!(display_url(&url), "https://h.example/a.png");
-    }
-
-    #[test]
-    fn backoff_bounds() {
-        let base = Duration::from_secs(2);
-        let max = Duration::from_secs(300);
-        for attempt in [0, 1, 2, 3, 5, 8, 9, 40, u32::MAX] {
-            let cap = match attempt {
-                0 | 1 => base,
-                n if n < 20 => (base * 2u32.pow(n - 1)).min(max),
-                _ => max,
-            };
-            for _ in 0..200 {
-                let d = backoff_delay(attempt, base, max, None);
-                assert!(d <= cap, "attempt {attempt}: {d:?} > {cap:?}");
-            }
-        }
-        // Full jitter: the spread reaches both ends of the range.
-        let delays: Vec<_> = (0..500)
-            .map(|_| backoff_delay(4, base, max, None))
-            .collect();
-        assert!(delays.iter().any(|d| *d < Duration::from_secs(2)));
-        assert!(delays.iter().any(|d| *d > Duration::from_secs(14)));
-        // Retry-After is a floor, itself capped at max.
-        for _ in 0..200 {
-            let d = backoff_delay(1, base, max, Some(Duration::from_secs(60)));
-            assert!(
-                d >= Duration::from_secs(60) && d <= Duration::from_secs(60),
-                "{d:?}"
-            );
-            let d = backoff_delay(1, base, max, Some(Duration::from_secs(3600)));
-            assert_eq!(d, max);
-            let d = backoff_delay(3, base, max, Some(Duration::from_secs(1)));
-            assert!(
-                d >= Duration::from_secs(1) && d <= Duration::from_secs(8),
-                "{d:?}"
-            );
-        }
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod poll;
+pub mod retry;
 pub mod schedule;
 pub mod server;
 pub mod sharing;

@@ -10,6 +10,7 @@ use crate::model::{
     EventKind, Failure, Image, ImageState, Millis, Notification, NotifyState, NotifyType, Source,
     State, Task,
 };
+use crate::retry;
 
 /// Facts the machine needs besides the task and the event.
 #[derive(Debug, Clone, Copy)]
@@ -396,7 +397,7 @@ pub fn notify_attempted(n: &mut Notification, result: Delivery, max_attempts: u3
             if n.state != NotifyState::Pending {
                 return;
             }
-            if n.budget_used() >= max_attempts {
+            if !retry::within_budget(n.budget_used(), max_attempts) {
                 n.state = NotifyState::Undeliverable;
                 n.error = Some(format!(
                     "{reason} (gave up after {} attempts)",
@@ -528,7 +529,7 @@ fn fail_image(
     };
     img.attempts += 1;
     match retry_at {
-        Some(at) if img.budget_used() < ctx.max_attempts => {
+        Some(at) if retry::within_budget(img.budget_used(), ctx.max_attempts) => {
             img.next_attempt_at = at;
             out.note(
                 EventKind::ImageRetry,

@@ -9,9 +9,25 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's settings, read by name when it starts: two arenas (two cores), and pages freed
-/// for half a second go back to the OS, from a background thread also while coverd is idle,
-/// so a burst of callbacks does not leave its peak resident (docs/benchmarks.md).
+/// jemalloc's settings, read by name when it starts: two arenas, and pages freed for half a
+/// second go back to the OS, from a background thread also while coverd is idle, so a burst
+/// of callbacks does not leave its peak resident (docs/benchmarks.md).
+///
+/// `narenas:2` whatever the CPU count, on purpose. It cannot be derived at startup: jemalloc
+/// reads this string when it initializes, at the process's first allocation (before `main`),
+/// and the arena count is fixed from then on. It need not be: the allocation-heavy work is
+/// serial (the store's one writer thread copying sled's nodes, its one flusher), the
+/// callbacks' tokio workers allocate little per request and mostly from their thread caches,
+/// which never touch an arena; so more arenas would add memory (each keeps its own dirty
+/// pages and metadata, what the decay settings bound) rather than throughput. jemalloc's own
+/// default, 4 per CPU, would be 64 arenas on a 16-core VM. (Measured on 2 cores only.) An
+/// operator can still override it without a rebuild: `_RJEM_MALLOC_CONF=narenas:8` in the
+/// environment is read after this string and wins (`…,stats_print:true` shows
+/// `opt.narenas`).
+///
+/// The `unsafe` attribute: `export_name` can clash with another symbol of that name; this one
+/// is jemalloc's documented configuration symbol (with tikv-jemallocator's `_rjem_` prefix),
+/// defined nowhere else.
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static malloc_conf: &[u8] =
@@ -491,7 +507,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// environment, `serve` makes that worker panic when it receives SIGUSR2, so that a process
 /// test (tests/it/workers.rs) sees the real binary exit with status 70. Nothing else reads
 /// the variable; unset (always, in production) it changes nothing and SIGUSR2 keeps its
-/// default action. docs/reliability.md ("Stopped workers") documents it.
+/// default action. docs/reliability.md ("Stopped workers") documents it. Only in a build
+/// with the `testing` feature (`cargo test` builds the binary so; `cargo build` does not).
+#[cfg(feature = "testing")]
 fn test_hooks() -> daemon::Hooks {
     let mut hooks = daemon::Hooks::default();
     let Some(name) = std::env::var_os("COVERD_TEST_STOP_WORKER") else {
@@ -517,6 +535,12 @@ fn test_hooks() -> daemon::Hooks {
         }
     });
     hooks
+}
+
+/// Without the `testing` feature: no hooks, whatever the environment says.
+#[cfg(not(feature = "testing"))]
+fn test_hooks() -> daemon::Hooks {
+    daemon::Hooks::default()
 }
 
 /// Registers SIGTERM and SIGINT handlers now; the returned future ends at the first signal.

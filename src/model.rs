@@ -2,10 +2,11 @@
 //! how that prints as SPEC's JSON. Owns the data types only; must not touch sled, the network
 //! or the filesystem (the state machine that changes these records lives in `machine`).
 //!
-//! These types are stored with bincode inside the versioned envelopes of `store::codec`.
-//! bincode is not self-describing: never reorder enum variants or struct fields, never use
-//! `skip_serializing_if`, `flatten` or internally tagged enums here. A change of shape means
-//! a new envelope variant (see `store::codec`).
+//! These types are not the disk format: `store::codec` writes frozen record types of its own
+//! and converts to and from these field by field, so a field or variant added here does not
+//! compile until the codec has a new version for it (see `store::codec`). They derive
+//! `Serialize` only in unit tests, for the codec's proof that its frozen types write the
+//! bytes these types wrote before they were frozen.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +32,8 @@ pub fn valid_task_id(id: &str) -> bool {
 }
 
 /// The task state machine's states (SPEC "Task states").
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum State {
     Submitted,
     Received,
@@ -77,7 +79,8 @@ impl State {
 }
 
 /// Where the image URLs of a received task came from.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Callback,
     Poll,
@@ -93,7 +96,8 @@ impl Source {
 }
 
 /// Why a task failed; decides what `admin retry` and a late success callback may do.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// KIE reported that generation failed (callback or record-info).
     Generation,
@@ -103,7 +107,8 @@ pub enum Failure {
     Download,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageState {
     Pending,
     Downloaded,
@@ -120,7 +125,8 @@ impl ImageState {
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
     pub index: u32,
     /// The URL as KIE gave it.
@@ -160,11 +166,12 @@ impl Image {
 
     /// Attempts made since the last `admin retry`.
     pub fn budget_used(&self) -> u32 {
-        self.attempts.saturating_sub(self.attempts_budget_start)
+        crate::retry::budget_used(self.attempts, self.attempts_budget_start)
     }
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
     pub task_id: String,
     pub music_task_id: Option<String>,
@@ -234,15 +241,18 @@ impl Task {
 }
 
 /// One entry of a task's history.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventRecord {
     pub at: Millis,
     pub kind: EventKind,
     pub detail: String,
 }
 
-/// What happened. Printed in snake_case in JSON. Variants are only ever appended.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+/// What happened. Printed in snake_case in JSON. A new variant is a new record version in
+/// `store::codec` (an older coverd could not read it).
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
     Submitted,
     Tracked,
@@ -359,7 +369,8 @@ impl Clock for ManualClock {
 // ---- outbound notifications (SPEC "Notifications (outbound)") ----
 
 /// Which settle a notification announces.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotifyType {
     Downloaded,
     Failed,
@@ -376,7 +387,8 @@ impl NotifyType {
 }
 
 /// Where one notification's delivery stands.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotifyState {
     Pending,
     Delivered,
@@ -411,7 +423,8 @@ impl NotifyState {
 /// One outbound notification: created in the same transaction as the settle it announces
 /// (see `store::apply`), delivered by `notify`. Its `webhook_id` and `body` are fixed at
 /// creation, so every attempt (and every restart) sends the same message.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize))]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
     pub task_id: String,
     /// Settles of this task so far, this one included (1 for the first settle).
@@ -469,7 +482,7 @@ impl Notification {
 
     /// Attempts made since creation or the last `admin redeliver`.
     pub fn budget_used(&self) -> u32 {
-        self.attempts.saturating_sub(self.attempts_budget_start)
+        crate::retry::budget_used(self.attempts, self.attempts_budget_start)
     }
 
     /// When the notifier should next try, if at all.

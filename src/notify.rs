@@ -20,15 +20,20 @@ use crate::config::{Config, notify_key};
 use crate::machine::Delivery;
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, NotifyState, millis, now_millis};
+use crate::retry::{Backoff, Jitter, NoAnswer};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::store::{Store, StoreError};
 
 /// Deliveries in flight at once.
 pub const CONCURRENCY: usize = 4;
-/// The first retry comes about this long after a failed attempt; then it doubles.
-pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
-/// Retries are at most this far apart.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(3600);
+/// The wait before the next attempt after `n` failed ones: 5 s × 2^(n-1) with ±20 % jitter,
+/// never under 5 s nor over 1 h, so a receiver coming back is not hit by every queued
+/// notification at once.
+pub const BACKOFF: Backoff = Backoff {
+    base: Duration::from_secs(5),
+    max: Duration::from_secs(3600),
+    jitter: Jitter::Proportional(0.2),
+};
 /// Deliveries abandoned at shutdown are sent again at the next start (same webhook-id).
 const NAMES: Names = Names {
     what: "notifications",
@@ -69,17 +74,6 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
         "v1,{}",
         base64::engine::general_purpose::STANDARD.encode(sig)
     )
-}
-
-/// The wait before the next attempt after `attempt` failed ones: 5 s × 2^(attempt-1) with
-/// ±20 % jitter, never under 5 s nor over 1 h, so a receiver coming back is not hit by
-/// every queued notification at once.
-pub fn backoff(attempt: u32) -> Duration {
-    let exp = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
-    let nominal = BACKOFF_BASE.saturating_mul(exp).min(BACKOFF_MAX);
-    nominal
-        .mul_f64(0.8 + 0.4 * rand::random::<f64>())
-        .clamp(BACKOFF_BASE, BACKOFF_MAX)
 }
 
 /// What a delivery slot does after one notification.
@@ -199,7 +193,7 @@ impl Notifier {
             .await;
         let attempt = n.attempts + 1;
         let now = self.clock.now();
-        let retry_at = now.saturating_add(millis(backoff(n.budget_used() + 1)));
+        let retry_at = now.saturating_add(millis(BACKOFF.delay(n.budget_used() + 1, None)));
         let result = match sent {
             Ok(resp) if resp.status().is_success() => Delivery::Delivered {
                 detail: format!("HTTP {}", resp.status().as_u16()),
@@ -300,12 +294,10 @@ impl DueWork for Notifier {
 
 /// Why a request got no answer, in words (no URL: it may carry a token in its query).
 fn no_answer(e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "cannot connect"
-    } else {
-        "no answer"
+    let what = match NoAnswer::of(e) {
+        NoAnswer::ConnectTimedOut | NoAnswer::TimedOut => "timed out",
+        NoAnswer::CannotConnect => "cannot connect",
+        NoAnswer::Failed => "no answer",
     };
     let mut reason = format!("the receiver did not answer: {what}");
     let mut source = std::error::Error::source(e);
@@ -338,25 +330,5 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
-    }
-
-    #[test]
-    fn backoff_doubles_from_5s_up_to_an_hour_with_jitter() {
-        for _ in 0..200 {
-            let first = backoff(1);
-            assert!(
-                first >= BACKOFF_BASE && first <= Duration::from_secs(6),
-                "{first:?}"
-            );
-            let third = backoff(3);
-            assert!(third >= Duration::from_secs(16) && third <= Duration::from_secs(24));
-            for attempt in [11, 12, 40, u32::MAX] {
-                let late = backoff(attempt);
-                assert!(
-                    late <= BACKOFF_MAX && late >= BACKOFF_MAX.mul_f64(0.8),
-                    "{late:?}"
-                );
-            }
-        }
     }
 }

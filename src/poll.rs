@@ -1,9 +1,8 @@
 //! The poll fallback: tasks still `submitted` are looked up on KIE's record-info when their
 //! poll is due (the store's poll index), until a result arrives or `poll.give_up_after`
 //! passes; its loop is `schedule`'s (store pause, sleep until due). Owns the schedule of
-//! polls and the reading of a record-info answer ([`interpret`], shared with the
-//! confirmation of callbacks in `download`); must not fetch images (`download`) or decide
-//! transitions (`machine`).
+//! polls; must not read KIE's answers (`kie::verdict` says what a record-info answer means
+//! for a waiting task), fetch images (`download`) or decide transitions (`machine`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -13,15 +12,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::kie::{CoverStatus, KieClient, KieError, RecordInfo};
-use crate::machine::{Ctx, Event, Report};
+use crate::kie::KieClient;
+use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
+use crate::machine::{Ctx, Event};
 use crate::metrics::Metrics;
 use crate::model::{Clock, Millis, millis};
 use crate::schedule::{self, Flow};
 use crate::store::{IfMissing, Store};
 
-/// How a poll whose record-info call failed starts its detail.
-pub const RECORD_INFO_FAILED: &str = "record-info failed";
 /// Due tasks handled per pass; the rate limiter paces the calls themselves.
 const BATCH: usize = 64;
 
@@ -39,8 +37,6 @@ pub struct Poller {
 
 /// Without an API key, a submitted task is looked at this often (for its give-up time).
 const NO_KEY_RECHECK_MS: Millis = 15 * 60_000;
-/// How long "record not found" counts as "not created yet" rather than "no such task".
-const NOT_FOUND_GRACE_MS: Millis = 15 * 60_000;
 /// An unresolved submit intent is retried once it is this old (a live `submit` may still
 /// be waiting for KIE's answer before that).
 const INTENT_MIN_AGE_MS: Millis = 60_000;
@@ -196,66 +192,5 @@ impl Poller {
                 next_poll_at: next,
             },
         }
-    }
-}
-
-/// What a record-info answer means for a task still waiting for its result.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// KIE has a final result: images (never empty), or a failure with KIE's reason.
-    Done(Report),
-    /// No result yet: ask again later. `transient`: an error that may clear soon (network,
-    /// 429, 455, 5xx), rather than "pending" or "generating".
-    Pending { detail: String, transient: bool },
-}
-
-/// Reads one record-info answer the same way for the poller and for the confirmation of a
-/// callback (`download`). `waited_ms`: how long ago the task was submitted (or its callback
-/// arrived); "not found" means "not created yet" only for a while.
-pub fn interpret(
-    _task_id: &str,
-    answer: Result<RecordInfo, KieError>,
-    waited_ms: Millis,
-) -> Verdict {
-    let pending = |detail: String| Verdict::Pending {
-        detail,
-        transient: false,
-    };
-    match answer {
-        Ok(info) => match info.status {
-            CoverStatus::Success if !info.images.is_empty() => Verdict::Done(Report::Success {
-                images: info.images,
-            }),
-            CoverStatus::Success => pending("record-info reports success but no images yet".into()),
-            CoverStatus::Failed => {
-                let code = info
-                    .error_code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "?".into());
-                let msg = info
-                    .error_message
-                    .unwrap_or_else(|| "generation failed".into());
-                Verdict::Done(Report::Failure {
-                    reason: format!("KIE code {code}: {msg}"),
-                })
-            }
-            CoverStatus::Pending | CoverStatus::Generating => {
-                pending(format!("record-info: {:?}", info.status).to_lowercase())
-            }
-        },
-        Err(KieError::NotFound) if waited_ms < NOT_FOUND_GRACE_MS => {
-            pending("record-info: not found yet".into())
-        }
-        Err(KieError::NotFound) => Verdict::Done(Report::Failure {
-            reason: format!(
-                "KIE has no record of this task {} minutes after it was submitted; check the task id",
-                NOT_FOUND_GRACE_MS / 60_000
-            ),
-        }),
-        // Said once, as a warning, with the event that records it.
-        Err(e) => Verdict::Pending {
-            transient: e.is_transient(),
-            detail: format!("{RECORD_INFO_FAILED}: {e}"),
-        },
     }
 }

@@ -15,11 +15,10 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Clock, Millis, Task};
+use crate::model::{Clock, Millis, Task, millis};
+use crate::retry;
 use crate::store::{Store, StoreError};
 
-/// After a store error reading an index, wait this long before it is read again.
-const STORE_RETRY_MS: Millis = 1000;
 /// Longest a loop sleeps without looking at its index again.
 pub const MAX_IDLE: Duration = Duration::from_secs(60);
 /// Entries still being worked on at shutdown get this long before they are abandoned.
@@ -210,7 +209,7 @@ pub async fn run_bounded<W: DueWork>(work: Arc<W>, shutdown: CancellationToken) 
                     names.what,
                     names.index
                 );
-                Some(s.clock.now().saturating_add(STORE_RETRY_MS))
+                Some(s.clock.now().saturating_add(millis(retry::STORE_RETRY)))
             }
         };
         if !sleep_until_due(s.clock.as_ref(), next, Duration::ZERO, &s.wake, &shutdown).await {

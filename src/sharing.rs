@@ -10,7 +10,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use crate::config::Config;
-use crate::download::IMAGES_DIR;
 
 /// At most this many entries of `images/` (tasks) and of one task's directory (files) are
 /// brought to the configured mode at start; a directory with more is not ours to walk.
@@ -85,18 +84,18 @@ impl FileAccess {
     /// last start, or a restore wrote the directory), so a normal start costs two `stat`s.
     /// Entries that are neither directories nor regular files are left alone (never
     /// followed). Returns how many entries were changed.
-    pub fn reconcile(self, data_dir: &Path) -> io::Result<usize> {
+    /// `images` is the data directory's `images/` (`download` names it).
+    pub fn reconcile(self, data_dir: &Path, images: &Path) -> io::Result<usize> {
         let meta = std::fs::metadata(data_dir)?;
         if !self.matches(&meta, self.data_dir_mode()) {
             self.set(data_dir, self.data_dir_mode())?;
         }
-        let images = data_dir.join(IMAGES_DIR);
-        let meta = std::fs::symlink_metadata(&images)?;
+        let meta = std::fs::symlink_metadata(images)?;
         if self.matches(&meta, self.dir_mode()) {
             return Ok(0);
         }
         let mut changed = 0;
-        for task in std::fs::read_dir(&images)?.take(MAX_TASK_DIRS) {
+        for task in std::fs::read_dir(images)?.take(MAX_TASK_DIRS) {
             let task = task?;
             let meta = task.metadata()?; // of the entry itself: read_dir does not follow
             if !meta.is_dir() {
@@ -116,7 +115,7 @@ impl FileAccess {
             }
         }
         // Last: a start cut short before this walks again.
-        self.set_dir(&images)?;
+        self.set_dir(images)?;
         Ok(changed + 1)
     }
 }

@@ -344,6 +344,11 @@ pub(super) fn duration_min(name: &str) -> Duration {
 
 // The built-in defaults, read from the declarations by `Config::default()`. A declared
 // default that does not parse as its kind panics there; every test builds a default config.
+// They are written as the docs show them (TOML text), not as typed Rust values: the same text
+// is the docs table's default column and what `check-config` compares a value with, and some
+// of it is wording no value has (`unset`, `"" (off)`, `"coverd/<version>"`); typed defaults
+// would need that text beside them in every line, and a second macro arm per kind to format
+// it back, for a parse that a unit test already runs on every default.
 
 /// The declared default of a string key, without its quotes.
 pub(super) fn default_str(name: &str) -> &'static str {

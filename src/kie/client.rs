@@ -18,6 +18,7 @@ use super::wire::{Endpoint, interpret, parse_download_url, parse_record_info, ta
 use super::{KieError, RecordInfo};
 use crate::config::{ApiKey, KieBaseUrl, KieConfig, UserAgent};
 use crate::metrics::Metrics;
+use crate::retry::NoAnswer;
 
 /// Limit on one whole KIE API request (connect, send, answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -269,12 +270,10 @@ impl KieClient {
 }
 
 fn transport_error(endpoint: Endpoint, e: &reqwest::Error) -> KieError {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "request failed"
+    let what = match NoAnswer::of(e) {
+        NoAnswer::ConnectTimedOut | NoAnswer::TimedOut => "timed out",
+        NoAnswer::CannotConnect => "connection failed",
+        NoAnswer::Failed => "request failed",
     };
     // The URL in reqwest's message holds no secret: the key travels in a header.
     KieError::Transport(format!("{} {what}: {}", endpoint.name(), error_chain(e)))

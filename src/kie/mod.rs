@@ -1,13 +1,15 @@
 //! The KIE.AI API: the public surface of this module. Owns every call to KIE's API through
 //! [`KieClient`] (`client`), the lenient reading of KIE's inconsistent answers (`wire`), and
-//! the client-side rate limit shared by all calls (`limiter`), plus the types callers see:
-//! [`KieError`], [`CoverStatus`], [`RecordInfo`].
+//! the client-side rate limit shared by all calls (`limiter`), what a record-info answer
+//! means for a task still waiting (`verdict`), plus the types callers see: [`KieError`],
+//! [`CoverStatus`], [`RecordInfo`].
 //!
-//! It must not touch the store, the filesystem or image downloads: callers decide what a
-//! result means for a task. The API key never appears in logs, errors or `Debug` output.
+//! It must not touch the store, the filesystem or image downloads: callers decide what to
+//! do with a result (`machine` applies it). The API key never appears in logs, errors or `Debug` output.
 
 mod client;
 mod limiter;
+pub mod verdict;
 mod wire;
 
 pub use client::{CONNECT_TIMEOUT, KieClient, RATE_WINDOW, REQUEST_TIMEOUT};

@@ -61,7 +61,9 @@ mod writer;
 
 pub use copy::TaskCopy;
 pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
-pub use writer::{StoreThread, WritesPaused};
+pub use writer::StoreThread;
+#[cfg(any(test, feature = "testing"))]
+pub use writer::WritesPaused;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -250,6 +252,14 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+// Why three levels, `Store` → `Inner` → `Core`: `Store` is the handle every part clones (an
+// `Arc`); the last clone dropped closes the store. `Core` is what the writer's threads need to
+// apply batches (sled, the trees, health), so they hold an `Arc<Core>`. `Inner` is the one
+// owner of both, and of the order they close in: it cannot be `Core` itself, because the
+// threads would then hold the handle whose drop joins them (a cycle of `Arc`s: the store
+// never closes), and it cannot be `Store`, which must stay cheap to clone. `Deref` to `Core`
+// lets store code read `self.inner.tasks` without naming the level.
+//
 // Field order is drop order: the writer's threads (which hold the `Core`, with its `sled::Db`
 // and trees) are joined first, then the `Core` (sled's handles) is dropped, and `closed` last
 // waits until sled's lock is free. (`open_with` keeps the same order for its locals.)
@@ -376,7 +386,7 @@ impl Store {
 
     /// [`Store::open`] with room for `queue` updates waiting for the writer (tests: a tiny
     /// queue shows what a full one does). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn open_with_queue(data_dir: &Path, queue: usize) -> Result<Store, StoreError> {
         Store::open_with(data_dir, queue, &|_| {})
     }
@@ -510,7 +520,7 @@ impl Store {
 
     /// Makes every later update fail (`on = true`) until called with `false`: lets tests
     /// prove what callers do when the store is unavailable. Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn inject_write_failures(&self, on: bool) {
         self.inner.health.injected.store(on, Ordering::SeqCst);
         // Wakes whoever waits in `writable`.
@@ -543,14 +553,14 @@ impl Store {
 
     /// Makes the store's writer or flusher thread panic at once, as a bug would (tests of
     /// what the daemon does when one dies). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn stop_thread_for_test(&self, which: StoreThread) {
         self.inner.writer.stop_for_test(which);
     }
 
     /// Makes the next flush round fail as if `fdatasync` had returned EIO (tests; the
     /// process tests inject real syscall errors with strace). Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn fail_next_flush_for_test(&self) {
         self.inner.writer.fail_next_round();
     }
@@ -584,7 +594,7 @@ impl Store {
 
     /// Stores `bytes` as the record of `task_id`, bypassing the codec and the indexes: lets
     /// tests plant a damaged record, or one written by a newer coverd. Not used by coverd.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_task(&self, task_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.tasks.insert(task_id.as_bytes(), bytes)?;
         self.inner.db.flush()?;
@@ -593,7 +603,7 @@ impl Store {
 
     /// [`Store::put_raw_task`] under any key, UTF-8 or not: lets tests plant records keyed
     /// by what no task id can be (a crafted backup). Not used by coverd.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_record(&self, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.tasks.insert(key, bytes)?;
         self.inner.db.flush()?;
@@ -601,7 +611,7 @@ impl Store {
     }
 
     /// How many times a task record could not be decoded since open (tests).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn undecodable_reads(&self) -> u64 {
         self.inner.undecodable_reads.load(Ordering::SeqCst)
     }
@@ -672,13 +682,13 @@ impl Store {
     /// Stops the writer from taking updates until the guard is dropped (it finishes the
     /// batch it is in, and holds at most one update it took): lets tests fill its queue or
     /// form one batch from many updates. Not used by coverd itself.
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn pause_writes(&self) -> WritesPaused {
         self.inner.writer.pause()
     }
 
     /// The most flush rounds ever running at once (one flusher thread: at most 1).
-    #[doc(hidden)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn max_concurrent_flushes(&self) -> u32 {
         self.inner.writer.max_concurrent_rounds()
     }
@@ -863,7 +873,7 @@ impl Store {
         }
         self.inner
             .intents
-            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+            .insert(music_task_id.as_bytes(), &codec::encode_intent(now))?;
         Ok(None)
     }
 
@@ -871,7 +881,7 @@ impl Store {
     pub fn force_intent(&self, music_task_id: &str, now: Millis) -> Result<(), StoreError> {
         self.inner
             .intents
-            .insert(music_task_id.as_bytes(), &ms_bytes(now))?;
+            .insert(music_task_id.as_bytes(), &codec::encode_intent(now))?;
         Ok(())
     }
 
@@ -891,7 +901,7 @@ impl Store {
                 let (k, v) = kv?;
                 Ok((
                     String::from_utf8_lossy(&k).into_owned(),
-                    i64::try_from(u64_from(&v)).unwrap_or(0),
+                    codec::decode_intent(&v),
                 ))
             })
             .collect()
@@ -2239,7 +2249,7 @@ fn event_key(task_id: &str, seq: u32) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::machine::Report;
 
@@ -2892,7 +2902,7 @@ mod tests {
 
     /// Tasks in every state (with a tie on `created_at` between states), each a list of
     /// events applied one ms apart from its creation.
-    fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
+    pub(crate) fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
         let track = |m: &str| Event::Track {
             music_task_id: Some(m.to_string()),
         };
@@ -2919,7 +2929,7 @@ mod tests {
         write_v1_tasks(dir, version, as_v2, raw, scripted());
     }
 
-    fn write_v1_tasks(
+    pub(crate) fn write_v1_tasks(
         dir: &Path,
         version: u32,
         as_v2: &[&str],
@@ -3004,7 +3014,7 @@ mod tests {
     }
 
     /// The same tasks written by this build's `apply`.
-    fn reference() -> (tempfile::TempDir, Store) {
+    pub(crate) fn reference() -> (tempfile::TempDir, Store) {
         let (dir, store) = open();
         for (id, created, script) in scripted() {
             for (i, event) in script.into_iter().enumerate() {
@@ -3016,7 +3026,7 @@ mod tests {
         (dir, store)
     }
 
-    fn ids(tasks: Vec<Task>) -> Vec<String> {
+    pub(crate) fn ids(tasks: Vec<Task>) -> Vec<String> {
         tasks.into_iter().map(|t| t.task_id).collect()
     }
 
@@ -3064,8 +3074,13 @@ mod tests {
             .count()
     }
 
-    fn schema_of(store: &Store) -> u32 {
+    pub(crate) fn schema_of(store: &Store) -> u32 {
         u32_from(&store.inner.meta.get("schema_version").unwrap().unwrap())
+    }
+
+    /// Schema 1's `events` tree is empty and its `by_created` index gone.
+    pub(crate) fn schema_1_trees_gone(store: &Store) -> bool {
+        store.inner.events.is_empty() && !has_tree(store, V1_BY_CREATED)
     }
 
     fn has_tree(store: &Store, name: &str) -> bool {
@@ -3266,44 +3281,6 @@ mod tests {
             "list of the newest 20 of {n}: {:.2} s",
             started.elapsed().as_secs_f64()
         );
-    }
-
-    /// A backup written by a schema-1 coverd restores: the backup's store is migrated
-    /// when restore opens it, and the restored store is schema 2 with every task and its
-    /// history.
-    #[test]
-    fn a_schema_1_backup_restores() {
-        use crate::admin::backup;
-        let (_r, want) = reference();
-        let src = tempfile::tempdir().unwrap();
-        // No `downloaded` task: its image file would have to be in the backup too.
-        let script: Vec<_> = scripted().into_iter().filter(|t| t.0 != "d").collect();
-        write_v1_tasks(src.path(), 1, &[], &[], script);
-        let manifest = backup::Manifest {
-            format: backup::FORMAT.into(),
-            version: "0.1.0".into(),
-            created_at: "2026-11-30T05:00:00Z".into(),
-            tasks: 4,
-            images: 0,
-            bytes: 0,
-        };
-        std::fs::write(
-            src.path().join(backup::MANIFEST),
-            serde_json::to_vec(&manifest).unwrap(),
-        )
-        .unwrap();
-        let target = tempfile::tempdir().unwrap();
-        let data = target.path().join("data");
-        backup::restore(src.path(), &data, None).unwrap();
-        let store = Store::open(&data).unwrap();
-        assert_eq!(schema_of(&store), 2);
-        for id in ["a", "b", "c", "e"] {
-            assert_eq!(store.get(id).unwrap(), want.get(id).unwrap(), "{id}");
-            assert_eq!(store.events(id).unwrap(), want.events(id).unwrap(), "{id}");
-        }
-        assert_eq!(ids(store.list(None, 10).unwrap()), ["e", "c", "b", "a"]);
-        assert_eq!(store.counts().unwrap().failed, 1);
-        assert!(store.inner.events.is_empty() && !has_tree(&store, V1_BY_CREATED));
     }
 
     /// Newest first across states, ties on `created_at` broken by id (descending), cut at

@@ -19,7 +19,8 @@ pub const MAX_PARKED: usize = 4096;
 /// One delivery kept aside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parked {
-    key: Vec<u8>,
+    /// Its key in the `parked` tree (task id, 0x00, arrival order).
+    pub(super) key: Vec<u8>,
     pub task_id: String,
     /// The task kind of the route it came on (`cover`).
     pub route: String,
@@ -64,18 +65,20 @@ impl Store {
         if tree.iter().take(MAX_PARKED).count() >= MAX_PARKED {
             return Err(full(format!("{MAX_PARKED} already kept in all")));
         }
-        let value = codec::encode_parked(&codec::ParkedV1 {
+        let mut key = prefix(task_id);
+        key.extend_from_slice(&self.inner.db.generate_id()?.to_be_bytes());
+        let parked = Parked {
+            key,
+            task_id: task_id.to_string(),
             route: route.to_string(),
             received_at: now,
             body: body.to_vec(),
-        })
-        .map_err(|e| StoreError::Corrupt {
+        };
+        let value = codec::encode_parked(&parked).map_err(|e| StoreError::Corrupt {
             what: format!("kept delivery for task {task_id}"),
             reason: e.to_string(),
         })?;
-        let mut key = prefix(task_id);
-        key.extend_from_slice(&self.inner.db.generate_id()?.to_be_bytes());
-        tree.insert(key, value)?;
+        tree.insert(parked.key, value)?;
         Ok(())
     }
 
@@ -97,16 +100,8 @@ impl Store {
                 Some(split) => String::from_utf8_lossy(&key[..split]).into_owned(),
                 None => String::from_utf8_lossy(&key).into_owned(),
             };
-            match codec::decode_parked(&value) {
-                Ok(p) => {
-                    return Ok(Some(Parked {
-                        key: key.to_vec(),
-                        task_id,
-                        route: p.route,
-                        received_at: p.received_at,
-                        body: p.body,
-                    }));
-                }
+            match codec::decode_parked(key.to_vec(), task_id.clone(), &value) {
+                Ok(p) => return Ok(Some(p)),
                 Err(e) => tracing::warn!(
                     task_id = %task_id,
                     "task {task_id}: a callback kept aside cannot be read ({e}); left as it is"

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Applied, IfMissing, StoreError};
+use crate::dirsync::sync_dir;
 use crate::machine::{Ctx, Event};
 
 /// Most updates applied in one transaction. Bounds the time the transaction holds sled's
@@ -204,8 +205,10 @@ pub(super) struct Writer {
 }
 
 /// While held, the writer applies nothing (tests: fill the queue, form one batch).
+#[cfg(any(test, feature = "testing"))]
 pub struct WritesPaused(Arc<Shared>);
 
+#[cfg(any(test, feature = "testing"))]
 impl Drop for WritesPaused {
     fn drop(&mut self) {
         *self.0.paused.lock().unwrap_or_else(|e| e.into_inner()) = false;
@@ -371,6 +374,7 @@ impl Writer {
         self.shared.applied.load(Ordering::SeqCst)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn max_concurrent_rounds(&self) -> u32 {
         self.shared.max_running.load(Ordering::SeqCst)
     }
@@ -406,17 +410,21 @@ impl Writer {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Test hook: `thread` panics when it next wakes up; a flush request wakes both.
     pub fn stop_for_test(&self, thread: StoreThread) {
         self.shared.stop.fetch_or(thread.bit(), Ordering::SeqCst);
         let _ = self.request();
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Test hook: the next round fails as an `fdatasync` returning EIO would.
     pub fn fail_next_round(&self) {
         self.shared.fail_next.store(true, Ordering::SeqCst);
     }
 
+    /// Test hook: see [`WritesPaused`].
+    #[cfg(any(test, feature = "testing"))]
     pub fn pause(&self) -> WritesPaused {
         *self.shared.paused.lock().unwrap_or_else(|e| e.into_inner()) = true;
         WritesPaused(self.shared.clone())
@@ -710,10 +718,6 @@ fn sync_new_file(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Waits until no one holds sled's lock on `db/db` any more: after the last `sled::Db` handle

@@ -152,7 +152,8 @@ async fn a_group_the_daemon_is_not_in_stops_the_start_with_status_2() {
         data.display().to_string(),
         group.name
     ));
-    // Readable by nobody whatever umask an in-process daemon of another test left.
+    // Readable by nobody whatever the umask: an in-process daemon test that ran before in
+    // this process set it to 0077 (`daemon::private_umask`), which made the file 0600.
     std::fs::set_permissions(s.config_path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut serve = coverd();
     serve
