@@ -218,7 +218,8 @@ impl Unit {
     }
 
     /// Where the credential `name` is for this unit: while the service runs, in what systemd
-    /// handed it; otherwise where systemd would find it when it starts. Reads only as root
+    /// handed it; otherwise (or when it was not handed that one) where systemd would find
+    /// it when it starts. Reads only as root
     /// (`as_root`); otherwise says that it did not.
     pub fn credential(&self, name: &str, as_root: bool) -> Credential {
         let Some(load) = self.credentials.get(name) else {
@@ -229,19 +230,18 @@ impl Unit {
                 directive: load.directive.clone(),
             };
         }
+        // While the service runs, what systemd handed it; one it was not handed (added
+        // since it started) is looked for where systemd will find it at the next start,
+        // so that `check-config && systemctl restart` after adding it passes, as the start
+        // will (the sandbox's check-then-restart with a new notify-secret found this).
         let running = self.root.join(RUNNING_CREDENTIALS);
         if running.is_dir() {
             let path = running.join(name);
-            return match read_credential(&path) {
-                Ok(Some(value)) => Credential::Found { value, path },
-                Ok(None) => Credential::Missing {
-                    searched: format!(
-                        "{} (the running service was not given it; restart it after adding it)",
-                        running.display()
-                    ),
-                },
-                Err(reason) => Credential::Unreadable { path, reason },
-            };
+            match read_credential(&path) {
+                Ok(Some(value)) => return Credential::Found { value, path },
+                Ok(None) => {}
+                Err(reason) => return Credential::Unreadable { path, reason },
+            }
         }
         let id = match &load.path {
             Some(p) if p.starts_with('/') => {
@@ -1040,11 +1040,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // While the service runs: what systemd handed it, and nothing else.
+        // While the service runs: what systemd handed it first; one it was not handed
+        // (added since its start) where the next start will find it.
         put("run/credentials/coverd.service/a", "a-running\n");
         assert_eq!(value(u.credential("a", true)), "a-running");
+        assert_eq!(value(u.credential("b", true)), "b-from-path");
         assert!(matches!(
-            u.credential("b", true),
+            u.credential("d", true),
             Credential::Missing { .. }
         ));
     }
