@@ -111,7 +111,9 @@ step "sandbox up, clean state"
 sbx systemctl disable --now coverd >/dev/null 2>&1 || true
 sbx systemctl reset-failed coverd >/dev/null 2>&1 || true
 rm -rf "$R$D" "$R/etc/coverd" "$R/var/lib/private/coverd" "$R/var/lib/coverd" \
-  "$R"/etc/credstore/kie-* "$R"/etc/credstore.encrypted/kie-*
+  "$R"/etc/credstore/kie-* "$R"/etc/credstore.encrypted/kie-* "$R"/etc/credstore/notify-secret \
+  "$R"/etc/credstore.encrypted/notify-secret "$R/root/work" "$R/root/whsec" \
+  "$R/etc/systemd/system/nginx.service.d/coverd.conf" "$R/etc/nginx/conf.d/coverd.conf"
 sbx journalctl --rotate >/dev/null 2>&1 && sbx journalctl --vacuum-time=1s >/dev/null 2>&1 || true
 "$S" cp "$R" "$here/target/release/coverd" /usr/local/bin/coverd
 "$S" cp "$R" "$here/systemd/coverd.service" /etc/systemd/system/coverd.service
@@ -411,6 +413,7 @@ sbx sh -c 'rm -rf /root/work && mkdir -p /root/work && cd /root/work && /usr/loc
 out=$(sbx sh -c 'cd /root/work && env COVERD_CONFIG=/etc/coverd/coverd.toml /usr/local/bin/coverd check-config 2>&1 >/tmp/chk-shown && systemctl restart coverd') ||
   fail "check-config && systemctl restart: $out"
 sed 's/^/   | /' <<<"$out"
+# The service runs without it (it was added since): found where the restart will find it.
 grep -q "/etc/credstore/notify-secret" <<<"$out" && ok "check-config found notify-secret in /etc/credstore" || fail "check-config: $out"
 grep -qx 'data_dir = "/var/lib/coverd"' "$R/tmp/chk-shown" && ok 'check-config shows data_dir = "/var/lib/coverd"' ||
   fail "check-config shows $(grep data_dir "$R/tmp/chk-shown")"
