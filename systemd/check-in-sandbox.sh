@@ -415,8 +415,9 @@ out=$(sbx sh -c 'cd /root/work && env COVERD_CONFIG=/etc/coverd/coverd.toml /usr
 sed 's/^/   | /' <<<"$out"
 # The service runs without it (it was added since): found where the restart will find it.
 grep -q "/etc/credstore/notify-secret" <<<"$out" && ok "check-config found notify-secret in /etc/credstore" || fail "check-config: $out"
-grep -qx 'data_dir = "/var/lib/coverd"' "$R/tmp/chk-shown" && ok 'check-config shows data_dir = "/var/lib/coverd"' ||
-  fail "check-config shows $(grep data_dir "$R/tmp/chk-shown")"
+shown=$(sbx cat /tmp/chk-shown) # the sandbox's /tmp is its own tmpfs
+grep -qx 'data_dir = "/var/lib/coverd"' <<<"$shown" && ok 'check-config shows data_dir = "/var/lib/coverd"' ||
+  fail "check-config shows $(grep data_dir <<<"$shown")"
 wait_active || fail "not active after check-config && restart"
 out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd check-config 2>&1 >/dev/null') || fail "check-config while running: $out"
 grep -q "/run/credentials/coverd.service/notify-secret" <<<"$out" && ok "running: the credential systemd handed the service" || fail "$out"
