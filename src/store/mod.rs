@@ -4,9 +4,12 @@
 //! transaction and one flush). Must not do network or image-file I/O; the rules of what may
 //! change live in `machine`, not here.
 //!
-//! Trees of schema 2 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
-//! `Inner::migrate_v1`), all keys' numbers big-endian so byte order is numeric order:
+//! Trees of schema 3 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
+//! `Inner::migrate_v1`, then a schema-2 one by deriving `stats`), all keys' numbers
+//! big-endian so byte order is numeric order:
 //! - `meta`: `format` marker, `schema_version` (u32), per-state counters `count/<code>` (u64);
+//!   the bytes of stored files `stats/bytes` (u64) and the quarantine index
+//!   `quarantine/<record key>` → () (`stats`: what `admin status` reads without a scan);
 //! - `tasks`: task id → `StoredTask` (see `codec`): the record with its whole history
 //!   inline (at most `MAX_EVENTS_PER_TASK` entries past which repetitive notes are dropped);
 //! - `due_download`, `due_poll`: due ms (u64), task id → () — what is due when; derived from
@@ -3050,6 +3053,7 @@ mod tests {
             }
         }
         assert_eq!(store.counts().unwrap(), want.counts().unwrap());
+        assert_eq!(store.stored_bytes().unwrap(), want.stored_bytes().unwrap());
         assert_eq!(
             store.download_queue(10).unwrap(),
             want.download_queue(10).unwrap()
