@@ -9,14 +9,14 @@ use tokio::sync::Notify;
 
 use super::{
     AdminError, MAX_LIST_LIMIT, NotificationCounts, Oldest, QuarantinedJson, Reply, Request,
-    StatusJson, TaskCounts, VerifyJson, access, backup,
+    StatisticsJson, StatusJson, TaskCounts, VerifyJson, access, backup,
 };
 use crate::config::Config;
 use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event};
 use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
-use crate::store::{IfMissing, Scanned, Store, StoreError};
+use crate::store::{IfMissing, MAX_QUARANTINED_SHOWN, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
 
 /// What [`Exec::apply`] did.
@@ -314,10 +314,16 @@ impl Exec {
         Ok(self.json(&task, Some(&events))?)
     }
 
+    /// Reads counters and indexes kept beside the records, never every record nor the data
+    /// directory's files (issue 15 item 11): its cost does not grow with the store.
     async fn status(&self) -> Result<StatusJson, AdminError> {
-        // Reads every task record: blocking, and proportional to the store.
+        // The quarantine index and the records it names, sled's files: blocking reads.
         let store = self.store.clone();
-        let quarantined = tokio::task::spawn_blocking(move || store.scan_quarantined())
+        let (quarantined, quarantined_total, stored_bytes, db_bytes) =
+            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let (named, total) = store.quarantined(MAX_QUARANTINED_SHOWN)?;
+                Ok((named, total, store.stored_bytes()?, store.size_on_disk()?))
+            })
             .await
             .map_err(|e| AdminError::failed(format!("status failed: {e}")))??;
         let c = self.store.counts()?;
@@ -347,13 +353,8 @@ impl Exec {
             },
             oldest_unfinished: oldest,
             data_dir: access::shown(&self.config.data_dir).display().to_string(),
-            data_bytes: {
-                // Walking the data directory is blocking file I/O: keep it off the runtime.
-                let dir = self.config.data_dir.clone();
-                tokio::task::spawn_blocking(move || dir_size(&dir))
-                    .await
-                    .unwrap_or(0)
-            },
+            data_bytes: stored_bytes.saturating_add(db_bytes),
+            stored_bytes,
             polling: self.daemon_running.then_some(self.kie.is_some()),
             quarantined: {
                 let mut named: Vec<QuarantinedJson> =
@@ -364,6 +365,7 @@ impl Exec {
                 }
                 named
             },
+            quarantined_total,
         })
     }
 }
@@ -433,11 +435,15 @@ pub(super) fn verify(
 ) -> Result<VerifyJson, StoreError> {
     let mut out = VerifyJson::default();
     let total = total_tasks(store)?;
+    // The counters and index `status` reads, against what this scan finds.
+    let mut stats = store.stats_check();
     for (done, scanned) in (1..).zip(store.all_tasks()) {
         if let Some(p) = &progress {
             p(done, total.max(done));
         }
-        let task = match scanned? {
+        let scanned = scanned?;
+        stats.add(&scanned);
+        let task = match scanned {
             Scanned::Task(task) => task,
             Scanned::Quarantined(q) => {
                 out.quarantined.push(q.into());
@@ -458,6 +464,17 @@ pub(super) fn verify(
             }
         }
     }
+    out.statistics = match store.finish_stats_check(stats)? {
+        StatsVerdict::Agreed => StatisticsJson::ok(),
+        StatsVerdict::Repaired(what) => StatisticsJson {
+            result: "repaired".into(),
+            detail: format!("they disagreed with the task records ({what}); derived again"),
+        },
+        StatsVerdict::NotCompared(why) => StatisticsJson {
+            result: "not_compared".into(),
+            detail: why,
+        },
+    };
     Ok(out)
 }
 
@@ -516,24 +533,4 @@ pub(super) fn check_id(id: &str, what: &str) -> Result<(), AdminError> {
             "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
         )))
     }
-}
-
-/// Total size of the files under `dir` (not following links).
-pub(super) fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
 }

@@ -49,7 +49,11 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 n.pending,
                 n.undeliverable
             );
-            out += &format!("data: {} bytes\n", status.data_bytes);
+            out += &format!(
+                "data: {} bytes ({} in stored files, the rest the database)
+",
+                status.data_bytes, status.stored_bytes
+            );
             out += &format!(
                 "polling: {}",
                 match status.polling {
@@ -59,6 +63,14 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 }
             );
             out += &render_quarantined(&status.quarantined);
+            let more = status
+                .quarantined_total
+                .saturating_sub(status.quarantined.len() as u64);
+            if more > 0 {
+                out += &format!(
+                    "\nand {more} more quarantined record(s): `coverd admin verify` names them all"
+                );
+            }
             out
         }
         Reply::Tasks { tasks } => {
@@ -147,6 +159,21 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 out += "\n`coverd admin retry TASK_ID` fetches a task's damaged images again";
             }
             out += &render_quarantined(&verify.quarantined);
+            match verify.statistics.result.as_str() {
+                "ok" => {}
+                "repaired" => {
+                    out += &format!(
+                        "\nthe counts, bytes stored and quarantined records that `admin status` reads {}",
+                        verify.statistics.detail
+                    )
+                }
+                _ => {
+                    out += &format!(
+                        "\nthe counts, bytes stored and quarantined records that `admin status` reads were not compared: {}",
+                        verify.statistics.detail
+                    )
+                }
+            }
             out
         }
         // One JSON object per line, always (SPEC); quarantined records go to stderr

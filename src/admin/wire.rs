@@ -87,13 +87,22 @@ pub struct StatusJson {
     pub notifications: NotificationCounts,
     pub oldest_unfinished: Option<Oldest>,
     pub data_dir: String,
+    /// The data directory's size without a walk: the database's files (sled's log and
+    /// blobs) plus `stored_bytes`.
     pub data_bytes: u64,
+    /// The sizes recorded for the stored files (kept beside the records, not summed).
+    #[serde(default)]
+    pub stored_bytes: u64,
     /// Whether the daemon polls KIE (it has an API key); `null` when the daemon is stopped:
     /// the service's key (e.g. a systemd credential) is not visible from here.
     pub polling: Option<bool>,
     /// Task records that cannot be decoded (exit 1 when any).
     #[serde(default)]
     pub quarantined: Vec<QuarantinedJson>,
+    /// How many records the quarantine index holds: more than `quarantined` names when
+    /// past `store::MAX_QUARANTINED_SHOWN`.
+    #[serde(default)]
+    pub quarantined_total: u64,
 }
 
 /// A task record that cannot be decoded: damaged, or written by a newer coverd.
@@ -131,6 +140,35 @@ pub struct VerifyJson {
     /// Task records that cannot be decoded, so their images could not be checked.
     #[serde(default)]
     pub quarantined: Vec<QuarantinedJson>,
+    /// The counters and index `admin status` reads, checked against the records scanned.
+    #[serde(default)]
+    pub statistics: StatisticsJson,
+}
+
+/// `admin verify`'s check of what `admin status` reads without a scan (per-state counts,
+/// bytes stored, the quarantined records): `result` is `ok`, `repaired` (they disagreed
+/// with the records and were derived again; exit 1) or `not_compared` (task records
+/// changed during the scan).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatisticsJson {
+    pub result: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl StatisticsJson {
+    pub fn ok() -> StatisticsJson {
+        StatisticsJson {
+            result: "ok".into(),
+            detail: String::new(),
+        }
+    }
+}
+
+impl Default for StatisticsJson {
+    fn default() -> StatisticsJson {
+        StatisticsJson::ok()
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -182,6 +220,7 @@ impl Reply {
                 !verify.missing.is_empty()
                     || !verify.corrupt.is_empty()
                     || !verify.quarantined.is_empty()
+                    || verify.statistics.result == "repaired"
             }
             Reply::Status { status } => !status.quarantined.is_empty(),
             Reply::Export { quarantined, .. } => !quarantined.is_empty(),

@@ -15,7 +15,7 @@ use sled::transaction::ConflictableTransactionError;
 use super::{
     Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, TxResult, bump_key, decode,
     decode_notification, drop_notifications, head_key, notify_count_key, notify_due_key,
-    record_key, u32_from, write_notification,
+    record_key, stats, u32_from, write_notification,
 };
 use crate::model::{Millis, Task, valid_task_id};
 
@@ -43,6 +43,7 @@ fn own_meta_key(key: &[u8]) -> bool {
         || key.starts_with(b"count/")
         || key.starts_with(b"notify/")
         || key.starts_with(b"recent/")
+        || stats::own_meta_key(key)
 }
 
 /// One task as read at one moment: its record (with its history, schema 2), its
@@ -247,7 +248,7 @@ impl Store {
         notifications: Notifications,
     ) -> Result<TaskCopy, StoreError> {
         let id = &*String::from_utf8_lossy(&key).into_owned();
-        let task = match self.decode_checked(&record, id) {
+        let task = match self.decode_at(&key, &record, id) {
             Ok(task) => Some(task),
             Err(e) if e.is_undecodable() => None,
             Err(e) => return Err(e),
@@ -272,10 +273,12 @@ impl Store {
 
     /// Writes tasks read by [`Store::read_tasks`] (from another store) into this one, in one
     /// transaction, with their history, their notifications, every index derived from the
-    /// record and the notification counters. A task already here is replaced, indexes and
-    /// notifications included.
+    /// record, the notification counters and the statistics `admin status` reads (stored
+    /// bytes, the quarantine index: `stats`), never the source's. A task already here is
+    /// replaced, indexes and notifications included.
     pub fn put_copies(&self, copies: &[TaskCopy]) -> Result<(), StoreError> {
         let i = &*self.inner;
+        let _changing = i.stats_gate.hold();
         let trees = (
             &i.meta,
             &i.tasks,
@@ -302,6 +305,7 @@ impl Store {
                             events.insert(k.clone(), v.clone())?;
                         }
                         tasks.insert(id.as_bytes(), copy.record.clone())?;
+                        stats::note_record(meta, id.as_bytes(), false)?;
                         continue;
                     };
                     let old = match tasks.get(id.as_bytes())? {
@@ -318,6 +322,7 @@ impl Store {
                         events.insert(k.clone(), v.clone())?;
                     }
                     tasks.insert(id.as_bytes(), copy.record.clone())?;
+                    stats::note_record(meta, id.as_bytes(), true)?;
                 }
                 Ok(())
             },
@@ -419,6 +424,7 @@ impl Store {
             return Ok(false);
         }
         let i = &*self.inner;
+        let _changing = i.stats_gate.hold();
         // Schema-1 history entries still under its id (normally none).
         let mut prefix = task_id.as_bytes().to_vec();
         prefix.push(0);
@@ -469,6 +475,7 @@ impl Store {
                     events.remove(key.clone())?;
                 }
                 tasks.remove(task_id.as_bytes())?;
+                stats::note_record(meta, task_id.as_bytes(), true)?;
                 Ok(true)
             },
         );

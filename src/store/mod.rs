@@ -4,9 +4,12 @@
 //! transaction and one flush). Must not do network or image-file I/O; the rules of what may
 //! change live in `machine`, not here.
 //!
-//! Trees of schema 2 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
-//! `Inner::migrate_v1`), all keys' numbers big-endian so byte order is numeric order:
+//! Trees of schema 3 (`SCHEMA_VERSION`; a schema-1 store is migrated in `open`, see
+//! `Inner::migrate_v1`, then a schema-2 one by deriving `stats`), all keys' numbers
+//! big-endian so byte order is numeric order:
 //! - `meta`: `format` marker, `schema_version` (u32), per-state counters `count/<code>` (u64);
+//!   the bytes of stored files `stats/bytes` (u64) and the quarantine index
+//!   `quarantine/<record key>` → () (`stats`: what `admin status` reads without a scan);
 //! - `tasks`: task id → `StoredTask` (see `codec`): the record with its whole history
 //!   inline (at most `MAX_EVENTS_PER_TASK` entries past which repetitive notes are dropped);
 //! - `due_download`, `due_poll`: due ms (u64), task id → () — what is due when; derived from
@@ -57,10 +60,12 @@
 pub mod codec;
 mod copy;
 mod parked;
+mod stats;
 mod writer;
 
 pub use copy::TaskCopy;
 pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
+pub use stats::{MAX_QUARANTINED_SHOWN, StatsCheck, StatsVerdict};
 pub use writer::StoreThread;
 #[cfg(any(test, feature = "testing"))]
 pub use writer::WritesPaused;
@@ -79,7 +84,7 @@ use crate::machine::{self, Ctx, Delivery, Event, Outcome};
 use crate::model::{EventKind, EventRecord, Millis, Notification, NotifyState, State, Task};
 
 /// The schema this build writes and understands. Bump with a migration in `open`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 const FORMAT_MARKER: &[u8] = b"coverd store";
 /// The reason given while a test injects write failures.
 const INJECTED: &str = "write failure injected by a test";
@@ -204,6 +209,8 @@ pub struct Quarantined {
     pub task_id: String,
     /// "corrupt record (…)" or "written by a newer coverd (…)".
     pub reason: String,
+    /// The record's key as stored (`task_id` is its lossy text).
+    pub key: Vec<u8>,
 }
 
 /// One record of a whole-store scan.
@@ -298,6 +305,9 @@ struct Core {
     /// Task records found undecodable since open, by id. The due queues skip them, so the
     /// workers never pick them again. At most one entry per record in `tasks`.
     quarantine: std::sync::Mutex<std::collections::BTreeMap<String, Quarantined>>,
+    /// Held by every transaction that changes task records, and by `admin verify`'s repair
+    /// of the statistics derived from them (`stats`).
+    stats_gate: stats::Gate,
     /// Tickets handed out: one per update, taken after the update (group commit).
     written: Arc<AtomicU64>,
     health: Arc<Health>,
@@ -457,6 +467,7 @@ impl Store {
             db: db.clone(),
             undecodable_reads: AtomicU64::new(0),
             quarantine: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            stats_gate: stats::Gate::default(),
             written: Arc::new(AtomicU64::new(0)),
             health: health.clone(),
         });
@@ -596,16 +607,24 @@ impl Store {
     /// tests plant a damaged record, or one written by a newer coverd. Not used by coverd.
     #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_task(&self, task_id: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.inner.tasks.insert(task_id.as_bytes(), bytes)?;
-        self.inner.db.flush()?;
-        Ok(())
+        self.put_raw_record(task_id.as_bytes(), bytes)
     }
 
     /// [`Store::put_raw_task`] under any key, UTF-8 or not: lets tests plant records keyed
     /// by what no task id can be (a crafted backup). Not used by coverd.
+    /// Like damage, an undecodable record is not added to the quarantine index (a read
+    /// finds it); a readable one leaves it (a repair).
     #[cfg(any(test, feature = "testing"))]
     pub fn put_raw_record(&self, key: &[u8], bytes: &[u8]) -> Result<(), StoreError> {
-        self.inner.tasks.insert(key, bytes)?;
+        self.inner
+            .stats_gate
+            .changing(|| -> Result<(), StoreError> {
+                self.inner.tasks.insert(key, bytes)?;
+                if codec::decode_task(bytes).is_ok() {
+                    self.inner.meta.remove(stats::quarantine_key(key))?;
+                }
+                Ok(())
+            })?;
         self.inner.db.flush()?;
         Ok(())
     }
@@ -713,26 +732,21 @@ impl Store {
 
     /// Decodes a task record; a failure quarantines the task.
     fn decode_checked(&self, bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
+        self.decode_at(task_id.as_bytes(), bytes, task_id)
+    }
+
+    /// [`Store::decode_checked`] of the record at `key` (raw: a crafted key need not be
+    /// UTF-8; `task_id` is its text).
+    fn decode_at(&self, key: &[u8], bytes: &[u8], task_id: &str) -> Result<Task, StoreError> {
         decode(bytes, task_id).inspect_err(|e| {
             self.inner.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-            self.inner.quarantine_task(task_id, e);
+            self.inner.quarantine_task(task_id, key, e);
         })
     }
 
     fn is_quarantined(&self, task_id: &[u8]) -> bool {
         let map = self.inner.quarantined_ids();
         !map.is_empty() && map.contains_key(String::from_utf8_lossy(task_id).as_ref())
-    }
-
-    /// Every task record that cannot be decoded, in id order: reads the whole `tasks` tree.
-    pub fn scan_quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
-        let mut out = Vec::new();
-        for scanned in self.all_tasks() {
-            if let Scanned::Quarantined(q) = scanned? {
-                out.push(q);
-            }
-        }
-        Ok(out)
     }
 
     /// The whole history of one task, oldest first. An error if the record (or a schema-1
@@ -1015,11 +1029,12 @@ impl Store {
         self.inner.tasks.iter().map(|kv| {
             let (k, v) = kv?;
             let task_id = String::from_utf8_lossy(&k).into_owned();
-            Ok(match self.decode_checked(&v, &task_id) {
+            Ok(match self.decode_at(&k, &v, &task_id) {
                 Ok(task) => Scanned::Task(Box::new(task)),
                 Err(e) => Scanned::Quarantined(Quarantined {
                     reason: quarantine_reason(&e),
                     task_id,
+                    key: k.to_vec(),
                 }),
             })
         })
@@ -1342,14 +1357,16 @@ impl Core {
         self.quarantine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Remembers that `task_id`'s record cannot be decoded, logging it the first time: the
-    /// due queues skip it from now on, so no worker picks it again.
-    fn quarantine_task(&self, task_id: &str, err: &StoreError) {
+    /// Remembers that `task_id`'s record (at `key`) cannot be decoded, logging it the first
+    /// time: the due queues skip it from now on, so no worker picks it again, and the
+    /// store's quarantine index names it to `admin status`.
+    fn quarantine_task(&self, task_id: &str, key: &[u8], err: &StoreError) {
         let reason = quarantine_reason(err);
         let mut map = self.quarantined_ids();
         if map.contains_key(task_id) {
             return;
         }
+        self.persist_quarantined(key);
         tracing::warn!(
             task_id,
             "task {task_id} quarantined: its record is {reason}; the workers skip it, `coverd admin status` lists it"
@@ -1359,6 +1376,7 @@ impl Core {
             Quarantined {
                 task_id: task_id.to_string(),
                 reason,
+                key: key.to_vec(),
             },
         );
     }
@@ -1384,6 +1402,8 @@ impl Core {
             &self.by_music,
             &self.outbox,
         );
+        // Statistics derived from the records change with them (`stats`).
+        let _changing = self.stats_gate.hold();
         // Updates left out, with why; decided between runs of the transaction.
         let mut left_out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
         loop {
@@ -1479,7 +1499,7 @@ impl Core {
                 (None, Ok(None)) => Ok(None),
                 (None, Err(e)) => {
                     self.undecodable_reads.fetch_add(1, Ordering::SeqCst);
-                    self.quarantine_task(&w.task_id, &e);
+                    self.quarantine_task(&w.task_id, w.task_id.as_bytes(), &e);
                     Err(e)
                 }
             });
@@ -1508,6 +1528,20 @@ impl Core {
                 if found < 2 {
                     self.migrate_v1(progress)?;
                 }
+                // Schema 3 adds the statistics `admin status` reads without a scan,
+                // derived from the records here (`stats`); an older coverd, which would
+                // not keep them, refuses the store from now on.
+                let derived = self.check_stats(found < 3, progress)?;
+                if found < 3 {
+                    self.meta
+                        .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                    self.db.flush()?;
+                    tracing::info!(
+                        derived,
+                        "store migrated from schema {} to {SCHEMA_VERSION}: statistics derived from the task records",
+                        found.max(2)
+                    );
+                }
                 // Left by a migration that stopped after its version flip.
                 if self
                     .db
@@ -1523,6 +1557,7 @@ impl Core {
                 self.meta.insert("format", FORMAT_MARKER)?;
                 self.meta
                     .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                self.init_stats()?;
                 self.db.flush()?;
                 Ok(())
             }
@@ -1642,8 +1677,7 @@ impl Core {
         }
         self.write_recent(newest)?;
         // The flip, after every record it covers (sled's log is written in order).
-        self.meta
-            .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+        self.meta.insert("schema_version", &2u32.to_be_bytes())?;
         self.db.flush()?;
         self.db.drop_tree(V1_BY_CREATED)?;
         self.db.flush()?;
@@ -1995,6 +2029,7 @@ impl Indexes<'_> {
             }
             self.meta.insert(RECENT_SEQ, &(seq + 1).to_be_bytes())?;
         }
+        counts.bytes = counts.bytes.saturating_add(stats::bytes_delta(old, new));
         let (old_state, new_state) = (old.map(|t| t.state), new.map(|t| t.state));
         if old_state != new_state {
             if let Some(s) = old_state {
@@ -2026,24 +2061,31 @@ fn reindex(
     Ok(())
 }
 
-/// Changes of the per-state counters (`count/<code>` in `meta`) not written yet.
+/// Changes of the per-state counters (`count/<code>` in `meta`) and of the stored bytes
+/// (`stats`) not written yet.
 #[derive(Default)]
-pub(super) struct Deltas(Vec<(State, i64)>);
+pub(super) struct Deltas {
+    states: Vec<(State, i64)>,
+    bytes: i64,
+}
 
 impl Deltas {
     fn add(&mut self, state: State, delta: i64) {
-        match self.0.iter_mut().find(|(s, _)| *s == state) {
+        match self.states.iter_mut().find(|(s, _)| *s == state) {
             Some((_, d)) => *d += delta,
-            None => self.0.push((state, delta)),
+            None => self.states.push((state, delta)),
         }
     }
 
     /// Writes each counter that changed, once.
     fn write(&self, meta: &TransactionalTree) -> Result<(), UnabortableTransactionError> {
-        for &(state, delta) in &self.0 {
+        for &(state, delta) in &self.states {
             if delta != 0 {
                 bump_key(meta, count_key(state), delta)?;
             }
+        }
+        if self.bytes != 0 {
+            bump_key(meta, stats::BYTES_KEY.to_vec(), self.bytes)?;
         }
         Ok(())
     }
@@ -2565,8 +2607,9 @@ pub(crate) mod tests {
 
         // Scans go on past them.
         let names: Vec<String> = store
-            .scan_quarantined()
+            .quarantined(100)
             .unwrap()
+            .0
             .into_iter()
             .map(|q| format!("{}: {}", q.task_id, q.reason))
             .collect();
@@ -2790,7 +2833,7 @@ pub(crate) mod tests {
 
         assert_eq!(store.get("unknown").unwrap(), None);
         assert_eq!(store.undecodable_reads(), 1);
-        assert_eq!(store.scan_quarantined().unwrap()[0].task_id, "bad");
+        assert_eq!(store.quarantined(100).unwrap().0[0].task_id, "bad");
         let kinds: Vec<_> = store.events("a").unwrap().iter().map(|e| e.kind).collect();
         assert_eq!(kinds.first(), Some(&EventKind::Callback));
         assert_eq!(kinds.last(), Some(&EventKind::Downloaded));
@@ -3051,6 +3094,7 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(store.counts().unwrap(), want.counts().unwrap());
+        assert_eq!(store.stored_bytes().unwrap(), want.stored_bytes().unwrap());
         assert_eq!(
             store.download_queue(10).unwrap(),
             want.download_queue(10).unwrap()
@@ -3099,7 +3143,7 @@ pub(crate) mod tests {
         let garbage: &[u8] = b"\xff\xff not a record";
         write_v1_store(dir.path(), 1, &[], &[("zz", garbage)]);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(schema_of(&store), 2);
+        assert_eq!(schema_of(&store), SCHEMA_VERSION);
         assert!(!has_tree(&store, V1_BY_CREATED));
         assert_same(&store, &want);
         // Every record now holds its history; finished tasks lost their `by_state` entry.
@@ -3118,7 +3162,7 @@ pub(crate) mod tests {
             (history[0].detail.as_str(), damaged.len()),
             ("zz tracked", 0)
         );
-        assert_eq!(store.scan_quarantined().unwrap().len(), 1);
+        assert_eq!(store.quarantined(100).unwrap().0.len(), 1);
 
         // Reopened: nothing to do; then the tasks go on as usual.
         drop(store);
@@ -3176,7 +3220,7 @@ pub(crate) mod tests {
         writer::wait_for_lock_release(&dir.path().join("db"), LOCK_RELEASE_LIMIT);
 
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(schema_of(&store), 2);
+        assert_eq!(schema_of(&store), SCHEMA_VERSION);
         let history = store.events("big1").unwrap();
         assert_eq!(history.len(), 20, "every entry kept, its detail cut");
         for (seq, e) in history.iter().enumerate() {
@@ -3230,7 +3274,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_v1_store(dir.path(), 1, &["a", "c"], &[]);
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(schema_of(&store), 2);
+        assert_eq!(schema_of(&store), SCHEMA_VERSION);
         assert_same(&store, &want);
         assert!(store.inner.events.is_empty());
         assert!(!has_tree(&store, V1_BY_CREATED));
