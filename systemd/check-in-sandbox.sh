@@ -430,6 +430,8 @@ first=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin status' | head -
 expect "admin status, first line, from /root/work" "$first" "daemon: running (data directory /var/lib/coverd)"
 out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin show stray-1 2>&1') && fail "the stray store answered: $out"
 grep -q "(data directory /var/lib/coverd)" <<<"$out" && ok "the error names the data directory: $out" || fail "$out"
+# A task that settles while notifications are on (its receiver is down: it stays pending).
+expect "callback (failure) with notifications on" "$(callback '{"code":501,"msg":"Cover generation failed","data":{"taskId":"chk-notify-1","images":null}}')" '{"status":"received"} 200'
 # Stopped: notifications are on for the CLI too.
 sbx systemctl stop coverd
 st=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin status')
@@ -437,7 +439,7 @@ sed 's/^/   | /' <<<"$st"
 expect "first line, stopped" "$(head -1 <<<"$st")" "daemon: stopped (data directory /var/lib/coverd)"
 grep -q "^notifications: off" <<<"$st" && fail "offline status says notifications are off"
 ok "offline status: $(grep '^notifications' <<<"$st")"
-out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin redeliver chk-task-1 2>&1') || fail "offline redeliver: $out"
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd admin redeliver chk-notify-1 2>&1') || fail "offline redeliver: $out"
 ok "offline redeliver: $out"
 expect "files not owned by the service in its data dir" "$(sbx find /var/lib/private/coverd ! -uid "$(sbx stat -c %u /var/lib/private/coverd)" | wc -l)" 0
 # A key file the dynamic user cannot read: check-config as root warns (exit 0).
