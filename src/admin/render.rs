@@ -163,7 +163,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 "ok" => {}
                 "repaired" => {
                     out += &format!(
-                        "\nthe counts, bytes stored and quarantined records that `admin status` reads {}",
+                        "\nthe counts, bytes stored and quarantined records that `admin status` reads: {}",
                         verify.statistics.detail
                     )
                 }
