@@ -462,6 +462,12 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
             b.name()
         );
     }
+    if let Some(base) = crate::broken::notify_backoff() {
+        tracing::warn!(
+            "TEST ONLY: {}={base:?} retries notifications after {base:?} instead of 5 s; never set it outside the kill and power-cut loops",
+            crate::broken::NOTIFY_BACKOFF_VAR,
+        );
+    }
     let config = Arc::new(config);
     let data_dir = config.data_dir.clone();
     // The listeners first: a port in use (the commonest failed start) then creates nothing.

@@ -34,6 +34,23 @@ pub const BACKOFF: Backoff = Backoff {
     max: Duration::from_secs(3600),
     jitter: Jitter::Proportional(0.2),
 };
+
+/// [`BACKOFF`], or (TEST ONLY: `COVERD_TEST_NOTIFY_BACKOFF`, `broken::notify_backoff`) the
+/// same shape from a shorter base, at most 720 times it (as 1 h is to 5 s).
+pub fn backoff() -> Backoff {
+    match crate::broken::notify_backoff() {
+        Some(base) => short_backoff(base),
+        None => BACKOFF,
+    }
+}
+
+fn short_backoff(base: Duration) -> Backoff {
+    Backoff {
+        base,
+        max: base.saturating_mul(720).min(BACKOFF.max).max(base),
+        jitter: BACKOFF.jitter,
+    }
+}
 /// Deliveries abandoned at shutdown are sent again at the next start (same webhook-id).
 const NAMES: Names = Names {
     what: "notifications",
@@ -193,7 +210,7 @@ impl Notifier {
             .await;
         let attempt = n.attempts + 1;
         let now = self.clock.now();
-        let retry_at = now.saturating_add(millis(BACKOFF.delay(n.budget_used() + 1, None)));
+        let retry_at = now.saturating_add(millis(backoff().delay(n.budget_used() + 1, None)));
         let result = match sent {
             Ok(resp) if resp.status().is_success() => Delivery::Delivered {
                 detail: format!("HTTP {}", resp.status().as_u16()),
@@ -330,5 +347,23 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    /// The test-only short base (`COVERD_TEST_NOTIFY_BACKOFF`) keeps the shape: doubling,
+    /// ±20 %, at most 720 times the base; unset, the backoff is SPEC's.
+    #[test]
+    fn a_short_base_doubles_the_same_way_up_to_720_times_it() {
+        let base = Duration::from_millis(100);
+        let policy = short_backoff(base);
+        for _ in 0..200 {
+            let first = policy.delay(1, None);
+            assert!(first >= base && first <= base.mul_f64(1.2), "{first:?}");
+            let third = policy.delay(3, None);
+            assert!(third >= base * 4 * 8 / 10 && third <= base * 4 * 12 / 10);
+            let late = policy.delay(u32::MAX, None);
+            assert!(late <= base * 720 && late >= (base * 720).mul_f64(0.8));
+        }
+        assert_eq!(short_backoff(BACKOFF.base), BACKOFF);
+        assert_eq!(backoff(), BACKOFF);
     }
 }

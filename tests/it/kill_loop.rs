@@ -9,23 +9,32 @@
 //! three transient 500s, trickled or stalled. It sends the callbacks KIE would (again, for
 //! those not yet acknowledged, while duplicates of acknowledged ones stream in back to back),
 //! and SIGKILLs the daemon after a random
-//! delay. Then, with the daemon stopped, `coverd admin export` must show:
+//! delay. Every settle is notified (`[notify]`) to a receiver in this process (`notify`'s,
+//! answering 200, 500 or slowly at random, seeded) that checks each request's signature;
+//! notifications are retried after 100 ms doubling (the test-only
+//! `COVERD_TEST_NOTIFY_BACKOFF`), so retries cross the kills. Then, with the daemon
+//! stopped, `coverd admin export` must show:
 //! - every callback that got 200 stored with its delivery (`callbacks` ≥ its 200s), and every
 //!   task whose `track`/`submit` answered 0;
 //! - under `images/` only complete images at final paths (`<task>/<i>.<ext>`), each byte for
 //!   byte the fake's image, and hashing to its record's sha256 once recorded;
-//! - a settled task never changes its final state.
+//! - a settled task never changes its final state;
+//! - every notification the receiver got (over all cycles) signed, for a task stored in the
+//!   final state it announces (never one that has not settled), with the task's images, and
+//!   one `webhook-id` per task across every kill; a settled task has its notification, an
+//!   unsettled one none, and one shown `delivered` was answered 2xx.
 //!
 //! After each restart no partial download from before the crash is left in `tmp/`. After the
 //! last cycle, a run without kill must settle every task (`downloaded` with every image, or
-//! `failed` as KIE said) within [`SETTLE_BOUND`]; a SIGTERM then leaves `tmp/` empty and
-//! `admin verify` clean. Violations are collected (not the first one only) and the summary
-//! printed before the test fails.
+//! `failed` as KIE said) and deliver its notification within [`SETTLE_BOUND`]; a SIGTERM
+//! then leaves `tmp/` empty and `admin verify` clean. Violations are collected (not the
+//! first one only) and the summary printed before the test fails.
 //!
 //! `COVERD_KILL_CYCLES` (default 3) and `COVERD_KILL_SEED` (default: from the clock, printed)
 //! drive it; `scripts/kill-loop N` runs it in release mode. The seed replays the workload and
 //! the kill delays; where a kill lands in the daemon's work still depends on the machine.
-//! It owns no daemon code; it reuses `bin_util` (the binary) and `fake_kie` (KIE, files).
+//! It owns no daemon code; it reuses `bin_util` (the binary), `fake_kie` (KIE, files) and
+//! `notify`'s receiver.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +54,7 @@ use crate::fake_kie::api::Status;
 use crate::fake_kie::files::{Behaviour, gif, jpeg, png, sha256_hex, webp};
 use crate::faultfs::{FaultFs, FaultOp};
 use crate::harness::{failure_body, success_body};
+use crate::notify::{Answer, Got, Receiver, SECRET};
 
 const CYCLES_VAR: &str = "COVERD_KILL_CYCLES";
 const SEED_VAR: &str = "COVERD_KILL_SEED";
@@ -71,6 +81,9 @@ const FAILURE_MSG: &str = "Cover generation failed";
 const RECEIVED: &str = r#"{"status":"received"}"#;
 /// What the daemon logs when it adopts an image installed before a crash (`download`).
 const ADOPTED_LOG: &str = "adopting the file stored before a restart";
+/// The first retry of a notification after a failed attempt (then doubling), instead of
+/// SPEC's 5 s: `COVERD_TEST_NOTIFY_BACKOFF` (`coverd::broken`).
+const NOTIFY_BACKOFF: &str = "100ms";
 
 /// How coverd learns of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +179,21 @@ struct Stats {
     max_recovery: Duration,
     settle: Duration,
     images: usize,
+    notify: NotifyStats,
+}
+
+/// What the receiver saw, counted at the end.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct NotifyStats {
+    /// Tasks whose notification the store shows delivered.
+    pub delivered: usize,
+    /// Requests the receiver got, those answered 500, and those answered slowly.
+    pub requests: usize,
+    pub answered_500: usize,
+    pub slow: usize,
+    /// Notifications sent by more than one daemon run (resumed after a kill or power cut),
+    /// each under one `webhook-id`.
+    pub resumed: usize,
 }
 
 /// Everything the loop knows, shared by the steps running at once.
@@ -433,7 +461,10 @@ fn add_plans(rng: &mut StdRng, fake: &FakeKie, world: &mut World, cycle: usize) 
     }
 }
 
-fn config(scratch: &Scratch, fake: &FakeKie) -> String {
+/// The loop's configuration: notifications to `rx`, signed with the key in `secret_file`,
+/// a short timeout (the receiver's slow answers often outlast it: retried) and attempts
+/// enough that none becomes undeliverable.
+fn config(scratch: &Scratch, fake: &FakeKie, rx: &Receiver, secret_file: &Path) -> String {
     let added = [
         // Only `submit` reads it; the fake KIE never calls back.
         r#"public_url = "http://127.0.0.1:9""#,
@@ -441,7 +472,12 @@ fn config(scratch: &Scratch, fake: &FakeKie) -> String {
         "concurrency = 4",
     ];
     let poll = "[poll]\nafter = \"1s\"\ninterval = \"1s\"\ngive_up_after = \"1h\"";
-    scratch.config_text(&fake.base_url(), added, poll)
+    let notify = format!(
+        "[notify]\nurl = {:?}\nsecret_file = {:?}\ntimeout = \"1s\"\nmax_attempts = 100",
+        rx.url(),
+        secret_file.display().to_string()
+    );
+    scratch.config_text(&fake.base_url(), added, &format!("{poll}\n\n{notify}"))
 }
 
 /// Starts the daemon and checks that no partial download from before the crash is left.
@@ -453,6 +489,7 @@ async fn restart(
 ) -> Daemon {
     let started = Instant::now();
     let mut cmd = scratch.serve_command();
+    cmd.env(coverd::broken::NOTIFY_BACKOFF_VAR, NOTIFY_BACKOFF);
     cmd.envs(env.iter().copied());
     let d = Daemon::spawn(cmd, scratch.data_dir()).await;
     let took = started.elapsed();
@@ -669,6 +706,164 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
     unrecorded
 }
 
+/// The checks on notifications: every request `got` (over the whole loop) against the
+/// store's `tasks` (after a kill with the daemon stopped, or at the end with `final_run`,
+/// when every settled task's notification must be delivered). Returns the counts.
+fn check_notifications(
+    world: &mut World,
+    tasks: &[Value],
+    got: &[Got],
+    final_run: bool,
+) -> NotifyStats {
+    let by_id: HashMap<&str, &Value> = tasks
+        .iter()
+        .filter_map(|t| Some((t["task_id"].as_str()?, t)))
+        .collect();
+    let mut problems = Vec::new();
+    let mut stats = NotifyStats {
+        requests: got.len(),
+        answered_500: got.iter().filter(|g| g.status == 500).count(),
+        slow: got.iter().filter(|g| g.slow).count(),
+        ..NotifyStats::default()
+    };
+    // Per task: its webhook-ids, and whether one was answered 2xx; per webhook-id: the
+    // daemon runs that sent it.
+    let mut ids: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
+    let mut answered: BTreeSet<&str> = BTreeSet::new();
+    let mut runs: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for g in got {
+        if !g.verified {
+            problems.push(format!(
+                "notification {}: its signature does not verify",
+                g.id
+            ));
+        }
+        let Ok(body) = serde_json::from_slice::<Value>(&g.body) else {
+            problems.push(format!(
+                "notification {}: the body is not JSON: {:?}",
+                g.id,
+                String::from_utf8_lossy(&g.body)
+            ));
+            continue;
+        };
+        let data = &body["data"];
+        let (Some(task_id), Some(state)) = (data["task_id"].as_str(), data["state"].as_str())
+        else {
+            problems.push(format!(
+                "notification {}: no task id or state: {body}",
+                g.id
+            ));
+            continue;
+        };
+        ids.entry(task_id.to_string()).or_default().insert(&g.id);
+        runs.entry(&g.id).or_default().insert(g.epoch);
+        if (200..300).contains(&g.status) {
+            answered.insert(&g.id);
+        }
+        if !g.id.starts_with(&format!("msg_{task_id}_1_")) {
+            problems.push(format!(
+                "notification {} for task {task_id}: not the webhook-id of its first settle",
+                g.id
+            ));
+        }
+        if body["type"] != format!("cover.{state}").as_str()
+            || !matches!(state, "downloaded" | "failed")
+        {
+            problems.push(format!(
+                "notification {} for task {task_id}: type {} announcing state {state}",
+                g.id, body["type"]
+            ));
+        }
+        // Sent only after the settle was durable: the store (after the kill and the power
+        // cut) holds the task in the state announced.
+        let task = by_id.get(task_id).copied();
+        let stored = task.and_then(|t| t["state"].as_str());
+        if stored != Some(state) {
+            problems.push(format!(
+                "notification {} announced task {task_id} {state}, but the store has it {}: a notification for a settle that was not durable",
+                g.id,
+                stored.unwrap_or("missing")
+            ));
+        }
+        let Some(plan) = world.plan_of(task_id, task).map(|i| &world.plans[i]) else {
+            problems.push(format!(
+                "notification {} for task {task_id}, which belongs to no task of the workload",
+                g.id
+            ));
+            continue;
+        };
+        if state != plan.expected_state() {
+            problems.push(format!(
+                "notification {} announced task {task_id} {state}; KIE reported it {}",
+                g.id,
+                plan.expected_state()
+            ));
+        }
+        if state == "downloaded" {
+            let sent: Vec<&str> = data["images"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| i["sha256"].as_str().unwrap_or("?"))
+                .collect();
+            let want: Vec<String> = plan.images.iter().map(|i| sha256_hex(&i.bytes)).collect();
+            if sent != want {
+                problems.push(format!(
+                    "notification {} for task {task_id}: images {sent:?}, expected {want:?}",
+                    g.id
+                ));
+            }
+        }
+    }
+    for (task_id, set) in &ids {
+        if set.len() > 1 {
+            problems.push(format!(
+                "task {task_id} was notified under {} webhook-ids: {set:?}",
+                set.len()
+            ));
+        }
+    }
+    stats.resumed = runs.values().filter(|r| r.len() > 1).count();
+
+    // The store's side: a settled task has its notification, an unsettled one none; one
+    // shown delivered was answered 2xx under its id.
+    for task in tasks {
+        let id = task["task_id"].as_str().unwrap_or("?");
+        let state = task["state"].as_str().unwrap_or("?");
+        let notify = &task["notify"];
+        let settled = matches!(state, "downloaded" | "failed");
+        if !settled {
+            if !notify.is_null() {
+                problems.push(format!(
+                    "task {id} is {state} but has a notification: {notify}"
+                ));
+            }
+            continue;
+        }
+        let seen = ids.get(id);
+        match notify["state"].as_str() {
+            None => problems.push(format!("task {id} settled {state} without a notification")),
+            Some("delivered") => {
+                stats.delivered += 1;
+                if !seen.is_some_and(|s| s.iter().any(|i| answered.contains(i))) {
+                    problems.push(format!(
+                        "task {id}: notification shown delivered, but the receiver answered none of its requests 2xx ({seen:?})"
+                    ));
+                }
+            }
+            Some(other) if final_run => problems.push(format!(
+                "task {id}: notification {other} after the final run: {notify}"
+            )),
+            Some("pending") => {}
+            Some(other) => problems.push(format!("task {id}: notification {other}: {notify}")),
+        }
+    }
+    for p in problems {
+        world.violation(p);
+    }
+    stats
+}
+
 fn env_number(var: &str) -> Option<u64> {
     let value = std::env::var(var).ok()?;
     Some(
@@ -738,6 +933,7 @@ pub(crate) struct Report {
     pub acks: u64,
     pub images: usize,
     pub cuts: u64,
+    pub notify: NotifyStats,
     /// The scratch directory (kept by the caller when it wants to look).
     pub scratch: Option<Scratch>,
 }
@@ -785,8 +981,11 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     );
     let started = Instant::now();
     let fake = Arc::new(FakeKie::start().await);
+    let rx = Receiver::start_seeded(Answer::Mixed, seed).await;
     let scratch = Arc::new(Scratch::new());
-    scratch.write_raw_config(&config(&scratch, &fake));
+    let secret_file = scratch.dir.path().join("notify-secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write the notify secret");
+    scratch.write_raw_config(&config(&scratch, &fake, &rx, &secret_file));
     let data_dir = scratch.data_dir();
     let mut power = power_cuts.then(|| {
         FaultFs::mount_at(&scratch.dir.path().join("fault-backing"), &data_dir)
@@ -810,6 +1009,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             }
             add_plans(&mut rng, &fake, &mut w, cycle);
         }
+        rx.set_epoch(cycle);
         let d = Arc::new(restart(&scratch, &world, &tmp_at_kill, env).await);
         let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
         if let (CutAt::FirstAck { die: true }, Some(fs)) = (cut, &mut power) {
@@ -862,7 +1062,10 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         w.stats.parts_at_kill += parts;
         w.stats.adopted += logs.matches(ADOPTED_LOG).count();
         let unrecorded = match export {
-            Ok(tasks) => check_store(&mut w, &tasks, &data_dir, false),
+            Ok(tasks) => {
+                w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), false);
+                check_store(&mut w, &tasks, &data_dir, false)
+            }
             Err(e) => {
                 w.violation(e);
                 0
@@ -891,6 +1094,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             acks: w.stats.acks,
             images: 0,
             cuts,
+            notify: w.stats.notify,
             scratch: Arc::try_unwrap(scratch).ok(),
         };
     }
@@ -902,6 +1106,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             p.kie_done = true;
         }
     }
+    rx.set_epoch(cycles);
     let d = Arc::new(restart(&scratch, &world, &tmp_at_kill, env).await);
     let settle_from = Instant::now();
     let (cx, n) = Cx::new(&scratch, &fake, &world, &d);
@@ -915,7 +1120,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             "{still} tasks could not be tracked, submitted or called back"
         ));
     }
-    // Every task final within the bound.
+    // Every task final, and its notification delivered, within the bound.
     let tasks = loop {
         let tasks = match scratch.export().await {
             Ok(t) => t,
@@ -928,12 +1133,16 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             .iter()
             .filter(|t| !matches!(t["state"].as_str(), Some("downloaded" | "failed")))
             .count();
-        if open == 0 && tasks.len() >= n {
+        let undelivered = tasks
+            .iter()
+            .filter(|t| t["notify"]["state"] != "delivered")
+            .count();
+        if open == 0 && undelivered == 0 && tasks.len() >= n {
             break tasks;
         }
         if settle_from.elapsed() > SETTLE_BOUND {
             cx.world().violation(format!(
-                "{open} of {} tasks not final {SETTLE_BOUND:?} after the last start",
+                "{open} of {} tasks not final, {undelivered} notifications not delivered {SETTLE_BOUND:?} after the last start",
                 tasks.len()
             ));
             break tasks;
@@ -945,6 +1154,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         let mut w = world.lock().unwrap();
         w.stats.settle = settle;
         check_store(&mut w, &tasks, &data_dir, true);
+        w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), true);
     }
     drop(cx);
     let d = Arc::try_unwrap(d).unwrap_or_else(|_| panic!("daemon still shared"));
@@ -983,7 +1193,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     let w = world.lock().unwrap();
     let s = &w.stats;
     eprintln!(
-        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  max recovery (start to healthy): {:?}; every task final {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
+        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  notifications delivered: {} (every settled task); requests to the receiver: {} ({} answered 500, {} answered slowly); sent again by a later run, same webhook-id: {}\n  max recovery (start to healthy): {:?}; every task final and notified {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
         s.cycles,
         s.kills,
         power.as_ref().map_or(0, |p| p.cuts),
@@ -1005,6 +1215,11 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         s.parts_at_kill,
         s.unrecorded_at_kill,
         s.adopted,
+        s.notify.delivered,
+        s.notify.requests,
+        s.notify.answered_500,
+        s.notify.slow,
+        s.notify.resumed,
         s.max_recovery,
         s.settle,
         w.violations.len(),
@@ -1015,6 +1230,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         acks: s.acks,
         images: s.images,
         cuts: power.as_ref().map_or(0, |p| p.cuts),
+        notify: s.notify,
         scratch: None,
     };
     drop(w);

@@ -3,15 +3,20 @@
 //! HMAC, not coverd's), retries, 410, giving up, redeliver running and stopped, a SIGKILL
 //! between the settling write and the delivery, notifications off, and `admin prune` taking
 //! a task's notifications with it but keeping a task whose notification is still pending.
+//! Its receiver also serves the kill and power loops (`kill_loop`), answering at random
+//! ([`Answer::Mixed`]).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use coverd::admin::{self, AdminErrorKind, Reply, Request};
@@ -24,35 +29,48 @@ use crate::fake_kie::files::{Behaviour, png};
 use crate::harness::{Daemon, failure_body, success_body};
 
 /// The signing secret of these tests (the Standard Webhooks reference secret).
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const WAIT: Duration = Duration::from_secs(20);
 
 // ---- the receiver ----
 
 /// What the receiver does with the next request.
 #[derive(Clone, Copy, Debug)]
-enum Answer {
+pub(crate) enum Answer {
     Status(u16),
     /// Accept the connection and close it without a word (the receiver is down).
     Close,
     /// Read the request, then never answer.
     Hang,
+    /// Drawn per request from the receiver's seeded generator: mostly 200 at once, else 500,
+    /// else 200 after 50 ms to 1.5 s (slow; past a short `notify.timeout` coverd gives up
+    /// on it and retries).
+    Mixed,
 }
 
 /// One request the receiver got.
 #[derive(Clone, Debug)]
-struct Got {
-    id: String,
+pub(crate) struct Got {
+    pub id: String,
     timestamp: String,
     signature: String,
     user_agent: String,
-    body: Vec<u8>,
+    pub body: Vec<u8>,
+    /// The status it was (or is being) answered with.
+    pub status: u16,
+    /// Answered late on purpose ([`Answer::Mixed`]).
+    pub slow: bool,
+    /// Its signature verified (the docs' receiver example) when it arrived.
+    pub verified: bool,
+    /// The receiver's epoch when it arrived ([`Receiver::set_epoch`]).
+    pub epoch: usize,
 }
 
-struct Receiver {
+pub(crate) struct Receiver {
     addr: SocketAddr,
     answer: Arc<Mutex<Answer>>,
     got: Arc<Mutex<Vec<Got>>>,
+    epoch: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -64,15 +82,22 @@ impl Drop for Receiver {
 
 impl Receiver {
     async fn start(answer: Answer) -> Receiver {
+        Receiver::start_seeded(answer, 0).await
+    }
+
+    /// A receiver whose [`Answer::Mixed`] draws from a generator seeded with `seed`.
+    pub(crate) async fn start_seeded(answer: Answer, seed: u64) -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let answer = Arc::new(Mutex::new(answer));
         let got = Arc::new(Mutex::new(Vec::new()));
-        let (a, g) = (answer.clone(), got.clone());
+        let epoch = Arc::new(AtomicUsize::new(0));
+        let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(seed)));
+        let (a, g, e) = (answer.clone(), got.clone(), epoch.clone());
         let a2 = a.clone();
         let take = move || !matches!(*a2.lock().unwrap(), Answer::Close);
         let task = crate::fake_kie::serve(listener, take, move |req: hyper::Request<Incoming>| {
-            let (a, g) = (a.clone(), g.clone());
+            let (a, g, e, rng) = (a.clone(), g.clone(), e.clone(), rng.clone());
             async move {
                 let header = |name: &str| {
                     req.headers()
@@ -81,38 +106,66 @@ impl Receiver {
                         .unwrap_or_default()
                         .to_string()
                 };
-                let mut got = Got {
-                    id: header("webhook-id"),
-                    timestamp: header("webhook-timestamp"),
-                    signature: header("webhook-signature"),
-                    user_agent: header("user-agent"),
-                    body: Vec::new(),
+                let (id, timestamp, signature, user_agent) = (
+                    header("webhook-id"),
+                    header("webhook-timestamp"),
+                    header("webhook-signature"),
+                    header("user-agent"),
+                );
+                let answer = |status: u16| {
+                    hyper::Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::from_static(b"{}")))
+                        .unwrap()
                 };
-                got.body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                let answer = *a.lock().unwrap();
-                g.lock().unwrap().push(got);
-                let status = match answer {
-                    Answer::Status(s) => s,
-                    Answer::Close | Answer::Hang => {
-                        std::future::pending::<()>().await;
-                        500
+                // A body cut short (the sender was killed mid-request) is no delivery.
+                let Ok(body) = req.into_body().collect().await else {
+                    return answer(400);
+                };
+                let body = body.to_bytes().to_vec();
+                let how = *a.lock().unwrap();
+                let (status, delay) = match how {
+                    Answer::Status(s) => (s, None),
+                    Answer::Close | Answer::Hang => (500, Some(Duration::MAX)),
+                    Answer::Mixed => {
+                        let mut rng = rng.lock().unwrap();
+                        match rng.random_range(0..100) {
+                            0..65 => (200, None),
+                            65..85 => (500, None),
+                            _ => (200, Some(Duration::from_millis(rng.random_range(50..1500)))),
+                        }
                     }
                 };
-                hyper::Response::builder()
-                    .status(status)
-                    .body(Full::new(Bytes::from_static(b"{}")))
-                    .unwrap()
+                let verified = verify(SECRET, &id, &timestamp, &signature, &body);
+                g.lock().unwrap().push(Got {
+                    id,
+                    timestamp,
+                    signature,
+                    user_agent,
+                    body,
+                    status,
+                    slow: delay.is_some(),
+                    verified,
+                    epoch: e.load(Ordering::SeqCst),
+                });
+                match delay {
+                    Some(Duration::MAX) => std::future::pending::<()>().await,
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => {}
+                }
+                answer(status)
             }
         });
         Receiver {
             addr,
             answer,
             got,
+            epoch,
             task,
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/hooks/coverd?token=abc", self.addr)
     }
 
@@ -120,7 +173,12 @@ impl Receiver {
         *self.answer.lock().unwrap() = answer;
     }
 
-    fn got(&self) -> Vec<Got> {
+    /// Tags the requests that arrive from now on (the kill loop: one epoch per daemon run).
+    pub(crate) fn set_epoch(&self, epoch: usize) {
+        self.epoch.store(epoch, Ordering::SeqCst);
+    }
+
+    pub(crate) fn got(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
 

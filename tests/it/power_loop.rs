@@ -1,5 +1,5 @@
-//! The power-cut loop (issue 16 part 3): the kill loop (`kill_loop::run`, its workload and
-//! every check) with the daemon's data directory on the fault filesystem (`faultfs`) and a
+//! The power-cut loop (issue 16 part 3): the kill loop (`kill_loop::run`, its workload with
+//! notifications to a receiver, and every check) with the daemon's data directory on the fault filesystem (`faultfs`) and a
 //! power cut after every SIGKILL, so what was acknowledged must have been on "stable
 //! storage", not in the page cache; then power cuts in the middle of the schema migration,
 //! `admin backup` and `admin restore` (`power_ops`). And the proof that the loop catches
@@ -38,10 +38,14 @@ async fn sigkill_and_power_cut_at_random_moments_keeps_every_promise() {
     .await;
     let ops = tokio::task::block_in_place(|| crate::power_ops::run(cycles, seed));
     eprintln!(
-        "\npower loop summary (seed {seed}, replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles}):\n  power cuts under load: {}; callbacks acknowledged: {}; images stored: {}\n  {}\n  failures found: {}",
+        "\npower loop summary (seed {seed}, replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles}):\n  power cuts under load: {}; callbacks acknowledged: {}; images stored: {}\n  notifications delivered: {} ({} requests, {} answered 500, {} sent again after a cut with the same webhook-id)\n  {}\n  failures found: {}",
         report.cuts,
         report.acks,
         report.images,
+        report.notify.delivered,
+        report.notify.requests,
+        report.notify.answered_500,
+        report.notify.resumed,
         ops.summary(),
         report.violations.len() + ops.violations.len()
     );
