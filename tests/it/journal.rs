@@ -70,7 +70,9 @@ async fn journal_lines_name_the_task_once_per_event_at_the_right_level() {
     // The failed image: one line, a warning, naming task, image and cause.
     let failure: Vec<&Line> = all
         .iter()
-        .filter(|l| l.text.contains("jr-bad") && l.text.contains("404"))
+        // "HTTP 404", not "404": a line's timestamp may hold those digits (13:43:19.404205Z
+        // once made the callback line a second "failure").
+        .filter(|l| l.text.contains("jr-bad") && l.text.contains("HTTP 404"))
         .collect();
     assert_eq!(failure.len(), 1, "the failure said more than once:\n{logs}");
     assert_eq!(failure[0].level, "WARN", "{}", failure[0].text);
