@@ -181,6 +181,46 @@ pub struct Outcome {
     pub stderr: String,
 }
 
+/// `nobody`'s uid (and, on Debian, its group's gid), for the tests that run coverd as
+/// another user than root.
+pub const NOBODY: u32 = 65534;
+
+/// Whether the tests run as root (acting as another user needs it; CI runs as root).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs `cmd` to completion without a runtime (proptest, plain `#[test]`), its output
+/// captured; SIGKILLs it and fails the test, showing what it printed, if it runs longer than
+/// [`PATIENCE`] (a command that loops on a crafted record must not hang the suite).
+pub fn output_blocking(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run coverd");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(PATIENCE) {
+        Ok(out) => out.expect("wait for coverd"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let out = rx.recv().expect("waiter").expect("wait for coverd");
+            panic!(
+                "{cmd:?} did not finish within {PATIENCE:?}: exit {:?}\nstdout: {}\nstderr: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 /// Runs `cmd` to completion on a blocking thread (the fake KIE keeps serving meanwhile);
 /// SIGKILLs it if it runs longer than [`PATIENCE`] (e.g. a `serve` that should have failed).
 pub async fn run(mut cmd: Command) -> Outcome {

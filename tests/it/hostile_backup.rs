@@ -22,13 +22,7 @@ use coverd::store::{IfMissing, Store, codec};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::bin_util::{PATIENCE, coverd};
-
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use crate::bin_util::{NOBODY, coverd, is_root, output_blocking as output};
 
 fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -179,31 +173,6 @@ impl Playground {
 
     fn path(&self) -> &Path {
         self.dir.path()
-    }
-}
-
-/// Runs `cmd` to completion, its output captured; SIGKILLs it and fails the test if it runs
-/// longer than [`PATIENCE`] (a command that loops on a crafted record must not hang the suite).
-fn output(cmd: &mut std::process::Command) -> Output {
-    use std::process::Stdio;
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run coverd");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(PATIENCE) {
-        Ok(out) => out.expect("wait for coverd"),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{cmd:?} did not finish within {PATIENCE:?}");
-        }
     }
 }
 

@@ -9,26 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::bin_util::{Daemon, Outcome, Scratch, coverd, run};
-
-const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    nix_like_geteuid() == 0
-}
-
-/// The effective uid, from /proc (no extra dependency in the tests).
-fn nix_like_geteuid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-        })
-        .and_then(|u| u.parse().ok())
-        .unwrap_or(u32::MAX)
-}
+use crate::bin_util::{Daemon, NOBODY, Outcome, Scratch, coverd, is_root, run};
 
 async fn coverd_in(cwd: &Path, args: &[&str]) -> Outcome {
     let mut cmd = coverd();
@@ -344,7 +325,7 @@ async fn root_acts_as_the_data_directory_owner() {
     if !is_root() {
         eprintln!(
             "skipped: acting as the owner needs root (this test runs as uid {})",
-            nix_like_geteuid()
+            rustix::process::geteuid().as_raw()
         );
         return;
     }
@@ -511,7 +492,7 @@ async fn admin_acting_as_the_owner_stays_undumpable() {
     if !is_root() {
         eprintln!(
             "skipped: acting as the owner needs root (this test runs as uid {})",
-            nix_like_geteuid()
+            rustix::process::geteuid().as_raw()
         );
         return;
     }

@@ -15,8 +15,8 @@
 //! fixtures; must not change the binary or the filesystem's rules.
 
 use std::path::Path;
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use coverd::model::{EventKind, EventRecord, Image, ImageState, State, Task, now_millis};
 use coverd::store::{Store, codec};
 
-use crate::bin_util::coverd;
+use crate::bin_util::{coverd, output_blocking};
 use crate::faultfs::{FaultFs, FaultOp};
 
 /// Tasks in the schema-1 fixture, and history entries of each.
@@ -34,8 +34,6 @@ const V1_TASKS: usize = 400;
 const V1_EVENTS: u32 = 3;
 /// Tasks (each with one image) in the store that is backed up and restored.
 const BACKUP_TASKS: usize = 40;
-/// Longest one command may run on the fault filesystem (a dead one answers EIO at once).
-const COMMAND_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the cuts found.
 #[derive(Debug, Default)]
@@ -333,33 +331,10 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 temp path")
 }
 
-/// Runs coverd with `args`, SIGKILLed past [`COMMAND_LIMIT`] (its output read meanwhile).
+/// Runs coverd with `args`, SIGKILLed past `bin_util::PATIENCE` (60 s; on the fault
+/// filesystem a dead mount answers EIO at once, so nothing waits that long).
 fn run_coverd(args: &[&str]) -> Output {
-    let child = coverd()
-        .args(args)
-        .env("RUST_LOG", "warn,sled=off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run coverd");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_LIMIT) {
-        Ok(out) => out.expect("wait for coverd"),
-        Err(_) => {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let out = rx.recv().expect("waiter").expect("wait for coverd");
-            panic!(
-                "coverd {args:?} did not finish within {COMMAND_LIMIT:?}: {}",
-                text(&out)
-            );
-        }
-    }
+    output_blocking(coverd().args(args).env("RUST_LOG", "warn,sled=off"))
 }
 
 /// A command's exit and output, each cut to its first 2,000 characters.

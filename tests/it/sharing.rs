@@ -11,7 +11,7 @@ use std::path::Path;
 use coverd::config::LocalGroup;
 use coverd::model::State;
 
-use crate::bin_util::{Scratch, coverd, run};
+use crate::bin_util::{NOBODY, Scratch, coverd, is_root, run};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::files::{Behaviour, png};
 use crate::harness::{Daemon, success_body};
@@ -136,8 +136,7 @@ async fn a_group_that_does_not_exist_is_a_configuration_error() {
 
 #[tokio::test]
 async fn a_group_the_daemon_is_not_in_stops_the_start_with_status_2() {
-    const NOBODY: u32 = 65534;
-    if !rustix::process::geteuid().is_root() {
+    if !is_root() {
         eprintln!("skipped: starting the daemon as nobody needs root");
         return;
     }

@@ -9,21 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
-use crate::bin_util::{Outcome, coverd, run};
+use crate::bin_util::{NOBODY, Outcome, coverd, is_root, run};
 
-const NOBODY: u32 = 65534;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
-        })
-        .is_some_and(|uid| uid == "0")
-}
 
 /// A scratch directory holding a fixture systemd tree (`root/`) and whatever the test puts
 /// beside it; 0755, so that `nobody` can read what is made readable.
