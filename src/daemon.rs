@@ -446,7 +446,9 @@ impl Running {
             // answered 200 was flushed before its answer.
             return Err(DaemonError::StoreNeedsRestart { reason });
         }
-        self.store.flush().await?;
+        // Flushed, and when nothing else holds the store (a test may), closed with the
+        // status summary that `admin status` reads while the daemon is stopped.
+        self.store.close().await?;
         tracing::info!("coverd stopped cleanly");
         Ok(())
     }

@@ -145,6 +145,15 @@ pub async fn run_with(
             ))
         }
     })?;
+    // What the last clean close left, when it still describes the store: no open of sled,
+    // which is most of what status would cost on a large store (`store::summary`).
+    if matches!(req, Request::Status) {
+        if let Some(summary) = crate::store::summary::read(&dir) {
+            return Ok(Reply::Status {
+                status: super::exec::status_json(summary, None, &config),
+            });
+        }
+    }
     let store = Store::open(&dir).map_err(|e| match e {
         StoreError::Locked { .. } => AdminError::failed(format!(
             "the daemon holds {} but its admin socket {} does not answer{}; wait until it has started, or check `journalctl -u coverd`",

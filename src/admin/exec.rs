@@ -16,7 +16,8 @@ use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event};
 use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
-use crate::store::{IfMissing, MAX_QUARANTINED_SHOWN, Scanned, StatsVerdict, Store, StoreError};
+use crate::store::summary::Summary;
+use crate::store::{IfMissing, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
 
 /// What [`Exec::apply`] did.
@@ -319,54 +320,58 @@ impl Exec {
     async fn status(&self) -> Result<StatusJson, AdminError> {
         // The quarantine index and the records it names, sled's files: blocking reads.
         let store = self.store.clone();
-        let (quarantined, quarantined_total, stored_bytes, db_bytes) =
-            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-                let (named, total) = store.quarantined(MAX_QUARANTINED_SHOWN)?;
-                Ok((named, total, store.stored_bytes()?, store.size_on_disk()?))
-            })
+        let summary = tokio::task::spawn_blocking(move || store.summary())
             .await
             .map_err(|e| AdminError::failed(format!("status failed: {e}")))??;
-        let c = self.store.counts()?;
-        let n = self.store.notify_counts()?;
-        let oldest = self.store.oldest_unfinished()?.map(|t| Oldest {
+        Ok(status_json(
+            summary,
+            self.daemon_running.then_some(self.kie.is_some()),
+            &self.config,
+        ))
+    }
+}
+
+/// `admin status`'s answer from the store's side of it (read from the store, or from the
+/// summary a clean close left) and the daemon's: `polling` is `None` when it is stopped.
+pub(super) fn status_json(summary: Summary, polling: Option<bool>, config: &Config) -> StatusJson {
+    StatusJson {
+        daemon: if polling.is_some() {
+            "running"
+        } else {
+            "stopped"
+        }
+        .into(),
+        tasks: TaskCounts {
+            submitted: summary.counts.submitted,
+            received: summary.counts.received,
+            downloaded: summary.counts.downloaded,
+            failed: summary.counts.failed,
+        },
+        notifications: NotificationCounts {
+            enabled: config.notify.url.is_some(),
+            pending: summary.notify.pending,
+            undeliverable: summary.notify.undeliverable,
+        },
+        oldest_unfinished: summary.oldest_unfinished.map(|t| Oldest {
             task_id: t.task_id,
             state: t.state.as_str().into(),
             created_at: format_time(t.created_at),
-        });
-        Ok(StatusJson {
-            daemon: if self.daemon_running {
-                "running"
-            } else {
-                "stopped"
-            }
-            .into(),
-            tasks: TaskCounts {
-                submitted: c.submitted,
-                received: c.received,
-                downloaded: c.downloaded,
-                failed: c.failed,
-            },
-            notifications: NotificationCounts {
-                enabled: self.config.notify.url.is_some(),
-                pending: n.pending,
-                undeliverable: n.undeliverable,
-            },
-            oldest_unfinished: oldest,
-            data_dir: access::shown(&self.config.data_dir).display().to_string(),
-            data_bytes: stored_bytes.saturating_add(db_bytes),
-            stored_bytes,
-            polling: self.daemon_running.then_some(self.kie.is_some()),
-            quarantined: {
-                let mut named: Vec<QuarantinedJson> =
-                    quarantined.into_iter().map(Into::into).collect();
-                // Beside each record, the callbacks kept aside for it (SPEC).
-                for q in &mut named {
-                    q.kept_callbacks = self.store.parked_count(&q.task_id)?;
-                }
-                named
-            },
-            quarantined_total,
-        })
+        }),
+        data_dir: access::shown(&config.data_dir).display().to_string(),
+        data_bytes: summary.stored_bytes.saturating_add(summary.db_bytes),
+        stored_bytes: summary.stored_bytes,
+        polling,
+        // Beside each record, the callbacks kept aside for it (SPEC).
+        quarantined: summary
+            .quarantined
+            .into_iter()
+            .map(|q| QuarantinedJson {
+                task_id: q.task_id,
+                reason: q.reason,
+                kept_callbacks: q.kept_callbacks,
+            })
+            .collect(),
+        quarantined_total: summary.quarantined_total,
     }
 }
 

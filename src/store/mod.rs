@@ -61,6 +61,7 @@ pub mod codec;
 mod copy;
 mod parked;
 mod stats;
+pub mod summary;
 mod writer;
 
 pub use copy::TaskCopy;
@@ -445,6 +446,12 @@ impl Store {
                 }
             })?;
         closed.0 = Some(path.clone());
+        // Before anything is written: the status summary of the last clean close no longer
+        // describes this store once it is open.
+        summary::forget(&path).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            source: sled::Error::Io(e),
+        })?;
         let tree = |name: &str| db.open_tree(name);
         let (failed, _) = tokio::sync::watch::channel(None);
         let health = Arc::new(Health {
@@ -596,10 +603,37 @@ impl Store {
     /// last one, sled is closed and its lock released before this returns, so the directory
     /// can be opened again at once. In-process users (`submit`, offline `admin`) call it
     /// before they return.
+    ///
+    /// A clean close of the last handle also leaves the status summary that `admin status`
+    /// reads while no daemon runs ([`summary`]); a close after a failed write does not.
     pub async fn close(self) -> Result<(), StoreError> {
         let flushed = self.flush().await;
+        let clean = flushed.is_ok();
         // Joining the writer's threads and waiting for sled's lock block: off the runtime.
-        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            // Only the last handle: no one can write after the summary is taken.
+            let summary = (clean
+                && self.write_failure().is_none()
+                && Arc::strong_count(&self.inner) == 1)
+                .then(|| self.summary());
+            let dir = self.path().to_path_buf();
+            drop(self);
+            match summary {
+                Some(Ok(summary)) => match summary::write(&dir, &summary) {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(
+                        "no status summary: the store was opened again as it closed"
+                    ),
+                    Err(e) => tracing::warn!(
+                        "could not write the status summary in {}: {e}; `coverd admin status` opens the store instead while the daemon is stopped",
+                        dir.display()
+                    ),
+                },
+                Some(Err(e)) => tracing::warn!("could not read the status summary: {e}"),
+                None => {}
+            }
+        })
+        .await;
         flushed
     }
 

@@ -468,6 +468,67 @@ async fn admin_status_show_and_help() {
     }
 }
 
+/// The files of the store's directory (sled writes a new `snap.*` at every open) and the
+/// status summary's bytes.
+fn db_files(scratch: &Scratch) -> (Vec<String>, Option<Vec<u8>>) {
+    let db = scratch.data_dir().join("db");
+    let mut names: Vec<String> = std::fs::read_dir(&db)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    (names, std::fs::read(db.join("coverd-status.json")).ok())
+}
+
+/// With the daemon stopped cleanly, `admin status` reads the summary its stop left and does
+/// not open the store (no new sled snapshot); after a `kill -9` there is none (the daemon
+/// removed it when it opened the store), and status reads the store: every acknowledged
+/// change is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_status_reads_the_clean_stops_summary_and_never_a_stale_one() {
+    let (_fake, scratch) = Scratch::with_fake().await;
+    let d = scratch.serve().await;
+    for id in ["sum-1", "sum-2"] {
+        assert_eq!(scratch.run(&["admin", "track", id]).await.code, Some(0));
+    }
+    d.stop().await;
+    let (before, summary) = db_files(&scratch);
+    assert!(
+        summary.is_some(),
+        "no summary after a clean stop: {before:?}"
+    );
+    let status = scratch.admin_json(&["status"]).await;
+    assert_eq!(status["daemon"], "stopped", "{status}");
+    assert_eq!(status["tasks"]["submitted"], 2, "{status}");
+    assert_eq!(
+        db_files(&scratch),
+        (before, summary),
+        "status opened the store"
+    );
+
+    let d = scratch.serve().await;
+    assert_eq!(db_files(&scratch).1, None, "the daemon's open removes it");
+    assert_eq!(
+        scratch.run(&["admin", "track", "sum-3"]).await.code,
+        Some(0)
+    );
+    d.kill();
+    assert_eq!(db_files(&scratch).1, None, "a killed daemon leaves none");
+    let status = scratch.admin_json(&["status"]).await;
+    assert_eq!(status["tasks"]["submitted"], 3, "{status}");
+    // That command opened the store, and its clean close left a summary that agrees.
+    // (sled's size as an open measures it can differ from its size once closed.)
+    assert!(db_files(&scratch).1.is_some());
+    let without_size = |mut v: serde_json::Value| {
+        v.as_object_mut().unwrap().remove("data_bytes");
+        v
+    };
+    assert_eq!(
+        without_size(scratch.admin_json(&["status"]).await),
+        without_size(status)
+    );
+}
+
 /// A second `coverd serve` on a data directory in use fails at once, says so, and leaves the
 /// first daemon (and its admin socket) working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
