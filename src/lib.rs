@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod guard;
 pub mod journal;
 pub mod kie;
+pub mod kind;
 pub mod machine;
 pub mod manual;
 pub mod metrics;
