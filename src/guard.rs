@@ -92,8 +92,17 @@ impl UrlGuard {
             Some(ip) => ip.to_string(),
             None => url.host_str().unwrap_or_default().to_ascii_lowercase(),
         };
-        // An IPv6 entry may be written with or without brackets in the config.
-        let listed = |h: &String| h.trim_start_matches('[').trim_end_matches(']') == host_name;
+        // An IPv6 entry may be written with or without brackets in the config; `*.domain`
+        // lists the domain's subdomains (never an IP literal, never the domain itself).
+        let listed = |h: &String| match h.strip_prefix("*.") {
+            Some(domain) => {
+                ip.is_none()
+                    && host_name
+                        .strip_suffix(domain)
+                        .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+            }
+            None => h.trim_start_matches('[').trim_end_matches(']') == host_name,
+        };
         if !self.allowed_hosts.is_empty() && !self.allowed_hosts.iter().any(listed) {
             return Err(refused_url(&format!(
                 "host {host_name} is not in download.allowed_hosts"
@@ -499,6 +508,33 @@ mod tests {
                 (got, expected) => panic!("{url}: got {got:?}, expected {expected:?}"),
             }
         }
+    }
+
+    /// `*.domain` lists the subdomains of a domain: not the domain itself, not a longer
+    /// name that merely ends the same way, not an IP literal.
+    #[test]
+    fn wildcard_entries_list_subdomains_only() {
+        let wild = cfg(false, &["*.aiquickdraw.com", "*.kie.ai"], false);
+        let guard = UrlGuard::new(&wild);
+        for (url, allowed) in [
+            ("https://tempfile.aiquickdraw.com/a.png", true),
+            ("https://file.aiquickdraw.com/s/vocal.mp3", true),
+            ("https://a.b.aiquickdraw.com/x.wav", true),
+            ("https://MUSICFILE.KIE.AI/t.jpeg", true),
+            ("https://aiquickdraw.com/a.png", false),
+            ("https://evilaiquickdraw.com/a.png", false),
+            ("https://kie.ai.evil.example/a.png", false),
+            ("https://cdn1.suno.ai/s.mp3", false),
+            ("https://203.0.113.7/a.png", false),
+        ] {
+            let got = guard.check_url(&Url::parse(url).unwrap());
+            assert_eq!(got.is_ok(), allowed, "{url}: {got:?}");
+        }
+        // The built-in list is SPEC's.
+        assert_eq!(
+            crate::config::Config::default().download.allowed_hosts,
+            ["*.aiquickdraw.com", "*.kie.ai"]
+        );
     }
 
     #[test]

@@ -235,6 +235,12 @@ keys! {
         concurrency: Int = "4", env None, int(1, 64), "" => download.concurrency;
         max_image_bytes: Int = "26214400", env None, int(1024, i64::MAX), ""
             => download.max_image_bytes;
+        max_audio_bytes: Int = "104857600", env None, int(1024, i64::MAX), ""
+            => download.max_audio_bytes;
+        max_wav_bytes: Int = "524288000", env None, int(1024, i64::MAX), ""
+            => download.max_wav_bytes;
+        max_video_bytes: Int = "1073741824", env None, int(1024, i64::MAX), ""
+            => download.max_video_bytes;
         max_attempts: Int = "8", env None, int(1, 100), "" => download.max_attempts;
         backoff_base: Duration = r#""2s""#, env None, at_least(NS),
             " and ≤ `download.backoff_max`" => download.backoff_base;
@@ -242,8 +248,8 @@ keys! {
             => download.backoff_max;
         timeout: Duration = r#""120s""#, env None, at_least(Duration::from_secs(1)), ""
             => download.timeout;
-        allowed_hosts: StrList = r#"["tempfile.aiquickdraw.com"]"#, env None, Bounds::None,
-            "bare host names or IPs, no scheme, path or port; lower-cased; `[]` allows any host"
+        allowed_hosts: StrList = r#"["*.aiquickdraw.com", "*.kie.ai"]"#, env None, Bounds::None,
+            "bare host names or IPs, no scheme, path or port; `*.domain` for its subdomains; lower-cased; `[]` allows any host"
             => download.allowed_hosts via values::allowed_hosts;
         allow_http: Bool = "false", env None, Bounds::None, "" => download.allow_http;
         allow_private_networks: Bool = "false", env None, Bounds::None, ""

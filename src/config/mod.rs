@@ -110,7 +110,12 @@ pub struct KieConfig {
 #[derive(Debug, Clone)]
 pub struct DownloadConfig {
     pub concurrency: usize,
+    /// Covers and track images.
     pub max_image_bytes: u64,
+    /// MP3 tracks and stems.
+    pub max_audio_bytes: u64,
+    pub max_wav_bytes: u64,
+    pub max_video_bytes: u64,
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -120,6 +125,19 @@ pub struct DownloadConfig {
     pub allow_http: bool,
     pub allow_private_networks: bool,
     pub user_agent: UserAgent,
+}
+
+impl DownloadConfig {
+    /// The size cap of a file of type `t` (SPEC "Configuration": `download.max_*_bytes`).
+    pub fn max_bytes(&self, t: crate::kind::FileType) -> u64 {
+        use crate::kind::FileType;
+        match t {
+            FileType::Image => self.max_image_bytes,
+            FileType::Mp3 => self.max_audio_bytes,
+            FileType::Wav => self.max_wav_bytes,
+            FileType::Mp4 => self.max_video_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -151,11 +169,14 @@ impl Default for Config {
             download: DownloadConfig {
                 concurrency: keys::default_int("download.concurrency"),
                 max_image_bytes: keys::default_int("download.max_image_bytes"),
+                max_audio_bytes: keys::default_int("download.max_audio_bytes"),
+                max_wav_bytes: keys::default_int("download.max_wav_bytes"),
+                max_video_bytes: keys::default_int("download.max_video_bytes"),
                 max_attempts: keys::default_int("download.max_attempts"),
                 backoff_base: keys::default_duration("download.backoff_base"),
                 backoff_max: keys::default_duration("download.backoff_max"),
                 timeout: keys::default_duration("download.timeout"),
-                allowed_hosts: vec!["tempfile.aiquickdraw.com".into()],
+                allowed_hosts: vec!["*.aiquickdraw.com".into(), "*.kie.ai".into()],
                 allow_http: false,
                 allow_private_networks: false,
                 user_agent: UserAgent(concat!("coverd/", env!("CARGO_PKG_VERSION")).into()),

@@ -69,12 +69,15 @@ requests_per_10s = 18             # client-side limit on KIE API calls (KIE allo
 
 [download]
 concurrency = 4
-max_image_bytes = 26214400
+max_image_bytes = 26214400        # covers and track images
+max_audio_bytes = 104857600       # MP3 tracks and stems
+max_wav_bytes = 524288000
+max_video_bytes = 1073741824
 max_attempts = 8                  # per image, transient failures
 backoff_base = "2s"               # exponential backoff with jitter
 backoff_max = "5m"
 timeout = "120s"                  # whole request
-allowed_hosts = ["tempfile.aiquickdraw.com"]   # empty list: any host
+allowed_hosts = ["*.aiquickdraw.com", "*.kie.ai"]   # "*.domain" matches its subdomains; empty list: any host
 allow_http = false                # plain http image URLs (tests, private mirrors)
 allow_private_networks = false    # loopback / private / link-local targets (tests only)
 user_agent = "coverd/<version>"   # KIE's file hosts reject requests without one
@@ -109,7 +112,13 @@ fn default_values_match_spec() {
         c.download.user_agent.as_str(),
         format!("coverd/{}", env!("CARGO_PKG_VERSION"))
     );
-    assert_eq!(c.download.allowed_hosts, vec!["tempfile.aiquickdraw.com"]);
+    assert_eq!(
+        c.download.allowed_hosts,
+        vec!["*.aiquickdraw.com", "*.kie.ai"]
+    );
+    assert_eq!(c.download.max_audio_bytes, 104_857_600);
+    assert_eq!(c.download.max_wav_bytes, 524_288_000);
+    assert_eq!(c.download.max_video_bytes, 1_073_741_824);
     assert_eq!(c.poll.give_up_after, Duration::from_secs(86_400));
 }
 
@@ -408,6 +417,32 @@ fn validation_bounds() {
             Some("download.max_image_bytes"),
         ),
         ("[download]\nmax_image_bytes = 1024", None),
+        (
+            "[download]\nmax_audio_bytes = 1023",
+            Some("download.max_audio_bytes"),
+        ),
+        ("[download]\nmax_wav_bytes = 1024", None),
+        (
+            "[download]\nmax_video_bytes = 0",
+            Some("download.max_video_bytes"),
+        ),
+        ("[download]\nallowed_hosts = [\"*.KIE.ai\"]", None),
+        (
+            "[download]\nallowed_hosts = [\"*\"]",
+            Some("download.allowed_hosts"),
+        ),
+        (
+            "[download]\nallowed_hosts = [\"*.com\"]",
+            Some("download.allowed_hosts"),
+        ),
+        (
+            "[download]\nallowed_hosts = [\"a.*.com\"]",
+            Some("download.allowed_hosts"),
+        ),
+        (
+            "[download]\nallowed_hosts = [\"*.10.0.0.1\"]",
+            Some("download.allowed_hosts"),
+        ),
         (
             "[download]\nmax_attempts = 0",
             Some("download.max_attempts"),

@@ -315,11 +315,29 @@ pub(super) fn allowed_host(value: &str) -> Result<String, ConfigError> {
         invalid(
             "download.allowed_hosts",
             Some(format!("{value:?}")),
-            format!("{reason}; list bare host names such as \"tempfile.aiquickdraw.com\""),
+            format!(
+                "{reason}; list bare host names such as \"tempfile.aiquickdraw.com\" or \"*.kie.ai\""
+            ),
         )
     };
     if value.is_empty() {
         return Err(bad("an entry is empty"));
+    }
+    // `*.domain`: every subdomain of a domain name (KIE's pages do not name every file host).
+    if let Some(domain) = value.strip_prefix("*.") {
+        return match url::Host::parse(domain) {
+            Ok(url::Host::Domain(d)) if d.contains('.') && !d.contains('*') => {
+                Ok(format!("*.{}", d.to_ascii_lowercase()))
+            }
+            _ => Err(bad(
+                "a `*.` entry must be followed by a domain name with a dot",
+            )),
+        };
+    }
+    if value.contains('*') {
+        return Err(bad(
+            "`*` is only allowed as a whole first label (`*.example.com`)",
+        ));
     }
     if value.contains("://") {
         return Err(bad("an entry has a scheme"));
