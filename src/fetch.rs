@@ -24,8 +24,9 @@ use crate::retry::{self, NoAnswer};
 
 /// Time allowed to set up a TCP (and TLS) connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default stall detector: the longest wait for the next bytes of a response.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The window over which `download.min_bytes_per_second` is averaged once the body flows
+/// (curl's `--speed-time`).
+pub const SPEED_WINDOW: Duration = Duration::from_secs(30);
 
 /// Bytes of the body kept to recognise the image type and describe what was served.
 const HEAD_LEN: usize = 16;
@@ -121,10 +122,19 @@ pub enum FetchError {
     /// The request failed after connecting but before a response arrived.
     #[error("request to {url} failed: {reason}")]
     Request { url: String, reason: String },
-    /// `stalled`: no data for `after` (the read timeout); else the whole request took too long.
+    /// `stalled`: no data for `after` (the stall timeout, `download.timeout`); else no
+    /// response headers within `after`.
     #[error("timed out after {}{}", humantime::format_duration(*after),
-        if *stalled { " without data" } else { " (whole request)" })]
+        if *stalled { " without data" } else { " waiting for the response headers" })]
     Timeout { after: Duration, stalled: bool },
+    /// The body flowed slower than `download.min_bytes_per_second` over a whole window.
+    #[error("too slow: {rate} bytes/s over {}, below download.min_bytes_per_second = {floor}",
+        humantime::format_duration(*over))]
+    TooSlow {
+        rate: u64,
+        floor: u64,
+        over: Duration,
+    },
     /// The body ended early or broke off mid-way.
     #[error("body cut off after {received}{} bytes",
         expected.map(|e| format!(" of {e}")).unwrap_or_default())]
@@ -154,6 +164,7 @@ impl FetchError {
             FetchError::Connect { .. }
             | FetchError::Request { .. }
             | FetchError::Timeout { .. }
+            | FetchError::TooSlow { .. }
             | FetchError::CutBody { .. }
             | FetchError::Io(_) => true,
             FetchError::Status { transient, .. } => *transient,
@@ -185,19 +196,22 @@ pub struct Fetcher {
     guard: UrlGuard,
     cfg: DownloadConfig,
     read_timeout: Duration,
+    speed_window: Duration,
 }
 
 impl Fetcher {
     /// A client with rustls, the guard's resolver and redirect policy, no proxy, no
-    /// Referer, `cfg.user_agent`, `cfg.timeout` for the whole request,
-    /// [`CONNECT_TIMEOUT`] and [`READ_TIMEOUT`].
+    /// Referer, `cfg.user_agent`, [`CONNECT_TIMEOUT`], and `cfg.timeout` both to the response
+    /// headers and as the longest stall between bytes. No limit on the whole request: a big
+    /// file takes as long as it takes while it flows at `cfg.min_bytes_per_second` or more.
     pub fn new(cfg: &DownloadConfig, guard: UrlGuard) -> Result<Fetcher, FetchSetupError> {
-        let client = build_client(cfg, &guard, READ_TIMEOUT)?;
+        let client = build_client(cfg, &guard, cfg.timeout)?;
         Ok(Fetcher {
             client,
             guard,
             cfg: cfg.clone(),
-            read_timeout: READ_TIMEOUT,
+            read_timeout: cfg.timeout,
+            speed_window: SPEED_WINDOW,
         })
     }
 
@@ -211,21 +225,30 @@ impl Fetcher {
         })
     }
 
+    /// The same fetcher averaging the speed floor over another window (tests use a fraction
+    /// of a second instead of [`SPEED_WINDOW`]).
+    pub fn with_speed_window(self, speed_window: Duration) -> Fetcher {
+        Fetcher {
+            speed_window,
+            ..self
+        }
+    }
+
     /// Fetches `url` into a new `<random hex>.part` file in `tmp_dir`. A refused URL makes
     /// no connection. On error no file is left behind.
     pub async fn fetch(&self, url: &str, tmp_dir: &Path) -> Result<Fetched, FetchError> {
         let url =
             Url::parse(url).map_err(|e| Refused(format!("refused URL: not a valid URL ({e})")))?;
         self.guard.check_url(&url)?;
-        let started = Instant::now();
         tracing::debug!("fetching image {}", display_url(&url));
 
-        let mut resp = self
-            .client
-            .get(url.clone())
-            .send()
+        let mut resp = tokio::time::timeout(self.cfg.timeout, self.client.get(url.clone()).send())
             .await
-            .map_err(|e| self.request_error(e, &url, started))?;
+            .map_err(|_| FetchError::Timeout {
+                after: self.cfg.timeout,
+                stalled: false,
+            })?
+            .map_err(|e| self.request_error(e, &url))?;
         check_status(resp.status().as_u16(), resp.headers())?;
         let limit = self.cfg.max_image_bytes;
         let expected = resp.content_length();
@@ -236,14 +259,7 @@ impl Fetcher {
         let final_url = resp.url().to_string();
 
         let mut writer = PartWriter::start(tmp_dir);
-        let body = self.receive(
-            &mut resp,
-            &mut writer,
-            limit,
-            expected,
-            &content_type,
-            started,
-        );
+        let body = self.receive(&mut resp, &mut writer, limit, expected, &content_type);
         let (received, ext) = match body.await {
             Ok(done) => done,
             Err(e) => {
@@ -274,20 +290,26 @@ impl Fetcher {
         limit: u64,
         expected: Option<u64>,
         content_type: &str,
-        started: Instant,
     ) -> Result<(u64, Ext), FetchError> {
         let content_type = content_type.to_string();
         let mut received: u64 = 0;
         let mut head: Vec<u8> = Vec::with_capacity(HEAD_LEN);
         let mut ext: Option<Ext> = None;
+        let mut speed = SpeedFloor::new(self.cfg.min_bytes_per_second, self.speed_window);
         loop {
             let chunk = match resp.chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(e) if NoAnswer::of(&e).is_timeout() => return Err(self.timeout_error(started)),
+                Err(e) if NoAnswer::of(&e).is_timeout() => {
+                    return Err(FetchError::Timeout {
+                        after: self.read_timeout,
+                        stalled: true,
+                    });
+                }
                 Err(_) => return Err(FetchError::CutBody { received, expected }),
             };
             let len = chunk.len() as u64;
+            speed.received(len, Instant::now())?;
             if received.saturating_add(len) > limit {
                 return Err(FetchError::TooLarge { limit });
             }
@@ -312,7 +334,7 @@ impl Fetcher {
     }
 
     /// Classifies an error from sending the request (before a response arrived).
-    fn request_error(&self, err: reqwest::Error, url: &Url, started: Instant) -> FetchError {
+    fn request_error(&self, err: reqwest::Error, url: &Url) -> FetchError {
         if let Some(refused) = find_refused(&err) {
             return FetchError::Refused(refused);
         }
@@ -329,27 +351,66 @@ impl Fetcher {
                 url,
                 reason: innermost_reason(err),
             },
-            NoAnswer::TimedOut => self.timeout_error(started),
+            NoAnswer::TimedOut => FetchError::Timeout {
+                after: self.cfg.timeout,
+                stalled: false,
+            },
             NoAnswer::Failed => FetchError::Request {
                 url,
                 reason: innermost_reason(err),
             },
         }
     }
+}
 
-    /// reqwest reports both timeouts alike; the elapsed time tells which one fired.
-    fn timeout_error(&self, started: Instant) -> FetchError {
-        if started.elapsed() < self.cfg.timeout {
-            FetchError::Timeout {
-                after: self.read_timeout,
-                stalled: true,
-            }
-        } else {
-            FetchError::Timeout {
-                after: self.cfg.timeout,
-                stalled: false,
-            }
+/// `download.min_bytes_per_second`, as curl's `--speed-limit` with `--speed-time`: once the
+/// body flows, the bytes of each whole window of `window` must average at least `floor` a
+/// second. A body that stops altogether is the stall timeout's business.
+struct SpeedFloor {
+    floor: u64,
+    window: Duration,
+    /// Start of the current window and the bytes received in it.
+    since: Option<Instant>,
+    bytes: u64,
+}
+
+impl SpeedFloor {
+    fn new(floor: u64, window: Duration) -> SpeedFloor {
+        SpeedFloor {
+            floor,
+            window,
+            since: None,
+            bytes: 0,
         }
+    }
+
+    /// Counts `len` bytes arrived at `now`; an error when the window just ended below the
+    /// floor.
+    fn received(&mut self, len: u64, now: Instant) -> Result<(), FetchError> {
+        if self.floor == 0 {
+            return Ok(());
+        }
+        let Some(since) = self.since else {
+            // The window starts with the first bytes (the wait for them is the stall
+            // timeout's).
+            self.since = Some(now);
+            return Ok(());
+        };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= self.window {
+            let rate = (u128::from(self.bytes) * 1000 / elapsed.as_millis().max(1)) as u64;
+            if rate < self.floor {
+                return Err(FetchError::TooSlow {
+                    rate,
+                    floor: self.floor,
+                    over: elapsed,
+                });
+            }
+            self.since = Some(now);
+            self.bytes = 0;
+        }
+        self.bytes = self.bytes.saturating_add(len);
+        Ok(())
     }
 }
 
@@ -363,7 +424,6 @@ fn build_client(
     }
     let client = reqwest::Client::builder()
         .user_agent(cfg.user_agent.as_str())
-        .timeout(cfg.timeout)
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(read_timeout)
         .redirect(guard.redirect_policy())
@@ -642,6 +702,36 @@ fn write_part(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The floor is judged per whole window, from the first bytes on; 0 turns it off.
+    #[test]
+    fn speed_floor_windows() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut f = SpeedFloor::new(1000, Duration::from_secs(1));
+        f.received(10, at(0)).unwrap(); // starts the window, counts nothing
+        f.received(600, at(500)).unwrap();
+        f.received(600, at(999)).unwrap();
+        // 1,200 bytes over 1 s: above the floor, a new window starts.
+        f.received(100, at(1000)).unwrap();
+        f.received(100, at(1500)).unwrap();
+        let err = f.received(100, at(2100)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FetchError::TooSlow {
+                    rate: 181,
+                    floor: 1000,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let mut off = SpeedFloor::new(0, Duration::from_secs(1));
+        for ms in [0, 5000, 60_000] {
+            off.received(1, at(ms)).unwrap();
+        }
+    }
 
     /// A runtime whose blocking pool has one thread, so a `spawn_blocking` awaited after a
     /// writer was started runs only once that writer has returned.

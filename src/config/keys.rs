@@ -246,8 +246,12 @@ keys! {
             " and ≤ `download.backoff_max`" => download.backoff_base;
         backoff_max: Duration = r#""5m""#, env None, at_least(Duration::ZERO), ""
             => download.backoff_max;
-        timeout: Duration = r#""120s""#, env None, at_least(Duration::from_secs(1)), ""
+        timeout: Duration = r#""120s""#, env None, at_least(Duration::from_secs(1)),
+            "; to the response headers, and the longest stall between bytes"
             => download.timeout;
+        min_bytes_per_second: Int = "65536", env None, int(0, i64::MAX),
+            "; averaged over 30 s once the body flows; slower is a transient failure; 0: no floor"
+            => download.min_bytes_per_second;
         allowed_hosts: StrList = r#"["*.aiquickdraw.com", "*.kie.ai"]"#, env None, Bounds::None,
             "bare host names or IPs, no scheme, path or port; `*.domain` for its subdomains; lower-cased; `[]` allows any host"
             => download.allowed_hosts via values::allowed_hosts;

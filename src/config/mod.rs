@@ -117,6 +117,8 @@ pub struct DownloadConfig {
     pub max_wav_bytes: u64,
     pub max_video_bytes: u64,
     pub max_attempts: u32,
+    /// The floor of a body's average speed over [`crate::fetch::SPEED_WINDOW`]; 0: none.
+    pub min_bytes_per_second: u64,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     pub timeout: Duration,
@@ -173,6 +175,7 @@ impl Default for Config {
                 max_wav_bytes: keys::default_int("download.max_wav_bytes"),
                 max_video_bytes: keys::default_int("download.max_video_bytes"),
                 max_attempts: keys::default_int("download.max_attempts"),
+                min_bytes_per_second: keys::default_int("download.min_bytes_per_second"),
                 backoff_base: keys::default_duration("download.backoff_base"),
                 backoff_max: keys::default_duration("download.backoff_max"),
                 timeout: keys::default_duration("download.timeout"),

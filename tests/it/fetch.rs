@@ -366,13 +366,20 @@ async fn stalled_body_times_out_at_the_read_timeout() {
     assert_eq!(leftovers(case.tmp.path()), Vec::<String>::new());
 }
 
+/// A body that flows, but below `download.min_bytes_per_second` over a whole window, is a
+/// transient failure (curl's `--speed-limit`), however short its stalls.
 #[tokio::test]
-async fn slow_but_steady_body_hits_the_whole_request_timeout() {
+async fn a_body_below_the_speed_floor_is_too_slow() {
     let cfg = DownloadConfig {
-        timeout: Duration::from_millis(600),
+        min_bytes_per_second: 10_000,
         ..open_cfg()
     };
     let case = Case::with(cfg, |g| g).await;
+    let fetcher = case
+        .fetcher
+        .clone()
+        .with_speed_window(Duration::from_millis(300));
+    // 100 bytes every 50 ms: 2,000 bytes/s.
     let url = case.set(
         "/s/a.png",
         Behaviour::Trickle {
@@ -381,12 +388,83 @@ async fn slow_but_steady_body_hits_the_whole_request_timeout() {
             every: Duration::from_millis(50),
         },
     );
-    let err = case.err(&url).await;
+    let err = fetcher.fetch(&url, case.tmp.path()).await.unwrap_err();
+    assert!(
+        matches!(err, FetchError::TooSlow { floor: 10_000, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert!(
+        err.to_string()
+            .contains("below download.min_bytes_per_second = 10000"),
+        "{err}"
+    );
+    assert_eq!(leftovers(case.tmp.path()), Vec::<String>::new());
+}
+
+/// `download.timeout` no longer bounds the whole request: a body that keeps flowing above
+/// the floor takes as long as it takes (a WAV of hundreds of MB), here three times the
+/// timeout.
+#[tokio::test]
+async fn a_steady_body_may_outlast_the_timeout() {
+    let cfg = DownloadConfig {
+        timeout: Duration::from_secs(1),
+        min_bytes_per_second: 100,
+        ..open_cfg()
+    };
+    let case = Case::with(cfg, |g| g).await;
+    let fetcher = case
+        .fetcher
+        .clone()
+        .with_speed_window(Duration::from_millis(300));
+    let url = case.set(
+        "/s/a.png",
+        Behaviour::Trickle {
+            bytes: png(6000),
+            chunk: 200,
+            every: Duration::from_millis(100),
+        },
+    );
+    let started = Instant::now();
+    let fetched = fetcher.fetch(&url, case.tmp.path()).await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(fetched.bytes, 6000);
+}
+
+/// A server that takes the request and never answers: `download.timeout` bounds the wait
+/// for the response headers.
+#[tokio::test]
+async fn no_response_headers_within_the_timeout() {
+    let cfg = DownloadConfig {
+        timeout: Duration::from_millis(300),
+        ..open_cfg()
+    };
+    let case = Case::with(cfg, |g| g).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            kept.push(conn);
+        }
+    });
+    let started = Instant::now();
+    let err = case.err(&format!("http://{addr}/s/a.png")).await;
     assert!(
         matches!(err, FetchError::Timeout { stalled: false, .. }),
         "{err:?}"
     );
-    assert_eq!(err.to_string(), "timed out after 600ms (whole request)");
+    assert!(err.is_transient());
+    assert_eq!(
+        err.to_string(),
+        "timed out after 300ms waiting for the response headers"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    held.abort();
 }
 
 #[tokio::test]
