@@ -69,6 +69,7 @@ pub struct Metrics {
     tasks: Family<Label, Gauge>,
     queue: Family<Label, Gauge>,
     oldest_unfinished: Gauge<f64, AtomicU64>,
+    disk_free: Gauge,
 }
 
 /// What the store says at scrape time.
@@ -79,6 +80,8 @@ pub struct Snapshot {
     pub due_polls: usize,
     /// Age of the oldest task still submitted or received; zero when there is none.
     pub oldest_unfinished: Duration,
+    /// Bytes available on the data directory's filesystem (0 when it cannot be read).
+    pub disk_free_bytes: u64,
 }
 
 impl Snapshot {
@@ -93,6 +96,7 @@ impl Snapshot {
             due_downloads: store.due_downloads(now, QUEUE_COUNT_LIMIT)?.len(),
             due_polls: store.due_polls(now, QUEUE_COUNT_LIMIT)?.len(),
             oldest_unfinished: oldest,
+            disk_free_bytes: crate::download::free_bytes(store.path()).unwrap_or(0),
         })
     }
 }
@@ -121,6 +125,7 @@ impl Metrics {
             tasks: Family::default(),
             queue: Family::default(),
             oldest_unfinished: Gauge::default(),
+            disk_free: Gauge::default(),
         };
         registry.register(
             "coverd_build",
@@ -145,6 +150,7 @@ impl Metrics {
             "coverd_oldest_unfinished_seconds", "Age of the oldest task still submitted or received (0 when none)" => oldest_unfinished;
             "coverd_notifications", "Outbound notifications by result" => notifications;
             "coverd_polls", "record-info polls made by the poller" => polls;
+            "coverd_disk_free_bytes", "Bytes available on the data directory's filesystem" => disk_free;
         }
         // Every documented label value from the start, at 0, so that `increase(…)` and
         // alert rules see the first occurrence (Prometheus' instrumentation advice).
@@ -236,6 +242,8 @@ impl Metrics {
         set_each(&self.queue, "queue", queues);
         self.oldest_unfinished
             .set(snapshot.oldest_unfinished.as_secs_f64());
+        self.disk_free
+            .set(i64::try_from(snapshot.disk_free_bytes).unwrap_or(i64::MAX));
         let mut out = String::new();
         // Writing into a String cannot fail; an encoder error would be a bug in a metric.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
