@@ -426,8 +426,10 @@ mod tests {
             due_downloads: 5,
             due_polls: 6,
             oldest_unfinished: Duration::from_secs(90),
+            disk_free_bytes: 7 << 30,
         });
         let expect = [
+            ("coverd_disk_free_bytes", 7516192768.0),
             ("coverd_build_info{version=\"0.1.0\"}", 1.0),
             ("coverd_tasks{state=\"failed\"}", 4.0),
             ("coverd_callbacks_total{answer=\"200\"}", 1.0),
