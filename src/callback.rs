@@ -222,7 +222,7 @@ impl Intake {
             }
             Err(_) => return too_slow(),
         }
-        crate::journal::record(&applied, tracing::Level::INFO);
+        crate::logline::record(&applied, tracing::Level::INFO);
         let task = &applied.task;
         if task.download_due().is_some() {
             self.downloads.notify_one();
@@ -320,7 +320,7 @@ pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, Stor
                 {
                     Some(done) => {
                         store.durable(done.ticket).await?;
-                        crate::journal::record(&done, tracing::Level::INFO);
+                        crate::logline::record(&done, tracing::Level::INFO);
                         applied += 1;
                     }
                     None => tracing::warn!(

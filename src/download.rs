@@ -319,7 +319,7 @@ impl Downloader {
         };
         match self.record(task_id, event).await {
             Ok(Some(applied)) => {
-                crate::journal::record(&applied, level);
+                crate::logline::record(&applied, level);
                 Some(applied.task)
             }
             Ok(None) => None,
@@ -385,7 +385,7 @@ impl Downloader {
                         _ => {}
                     }
                 }
-                crate::journal::record(&applied, tracing::Level::INFO);
+                crate::logline::record(&applied, tracing::Level::INFO);
             }
             Ok(None) => tracing::warn!(task_id, "task {task_id} vanished during its download"),
             Err(e) => {

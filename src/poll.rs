@@ -170,7 +170,7 @@ impl Poller {
                 if applied.task.download_due().is_some() {
                     self.downloads.notify_one();
                 }
-                crate::journal::record(&applied, level);
+                crate::logline::record(&applied, level);
             }
             Ok(None) => {}
             Err(e) => tracing::error!(task_id, "task {task_id} poll result not recorded: {e}"),

@@ -154,7 +154,7 @@ async fn record(
             ))
         })?;
     exec.store.durable(applied.ticket).await?;
-    crate::journal::record(&applied, tracing::Level::INFO);
+    crate::logline::record(&applied, tracing::Level::INFO);
     for wake in exec.wake {
         wake.notify_one();
     }

@@ -280,7 +280,7 @@ impl Exec {
             .await?
             .ok_or_else(|| not_found(task_id))?;
         self.store.durable(applied.ticket).await?;
-        crate::journal::record(&applied, tracing::Level::INFO);
+        crate::logline::record(&applied, tracing::Level::INFO);
         for wake in &self.wake {
             wake.notify_one();
         }

@@ -686,7 +686,12 @@ async fn the_man_page_has_every_section_key_and_command() {
     let sources = [
         "src/config/mod.rs",
         "src/admin/exec.rs",
-        "src/admin/backup.rs",
+        "src/admin/backup/mod.rs",
+        "src/admin/backup/files.rs",
+        "src/admin/backup/manifest.rs",
+        "src/admin/backup/prune.rs",
+        "src/admin/backup/restore.rs",
+        "src/admin/backup/source.rs",
     ];
     for file in sources {
         let text =

@@ -24,7 +24,7 @@ fn lines(logs: &str) -> Vec<Line<'_>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn journal_lines_name_the_task_once_per_event_at_the_right_level() {
+async fn log_lines_name_the_task_once_per_event_at_the_right_level() {
     let fake = FakeKie::start().await;
     fake.files.set("/j/a.png", Behaviour::Image(png(20_000)));
     fake.files.set("/j/b.png", Behaviour::Image(png(30_000)));

@@ -1,0 +1,246 @@
+//! `admin backup`, `admin restore` and `admin prune`: copying a store and its images into a
+//! fresh data directory (with `backup.json`), rebuilding a data directory from such a copy,
+//! and forgetting old finished tasks with their images. Blocking code, run off the async
+//! runtime in bounded chunks so the daemon keeps answering callbacks meanwhile. Owns the
+//! manifest, the image copies and the one rule that names an image's file
+//! ([`image_name`]: built from a valid task id, never read from a record); must not change
+//! a task except through the store's copy/forget functions (never a state transition).
+//!
+//! A backup is untrusted input (SPEC "Data directory"): restore opens SRC once (the path
+//! the operator named) and reaches everything under it with `openat` and `O_NOFOLLOW`
+//! (a symbolic link anywhere under SRC is refused, never followed), copies SRC's `db/`
+//! (regular files and `blobs/` only, each at most its size when opened) into scratch space
+//! inside the target and opens that copy (so SRC is never written, a schema-1 backup is
+//! migrated in the copy), checks every record before it writes anything else, and removes
+//! what it wrote on any failure.
+//!
+//! Its parts: `manifest` (`backup.json`), `restore` (restore and the checks of a backup's
+//! records), `source` (reading SRC without following links), `prune`, `files` (the private
+//! files and directories both write). This file holds `backup` itself and what the parts
+//! share: the chunk size, progress, and [`image_name`].
+
+mod files;
+mod manifest;
+mod prune;
+mod restore;
+mod source;
+
+pub use files::check_empty_target;
+pub use manifest::{FORMAT, MANIFEST, Manifest, read_manifest};
+pub use prune::{PruneJson, prune};
+pub use restore::{give_target_to_src_owner, restore};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use self::files::{private_dir, sync_dir, sync_parent, write_private};
+use super::AdminError;
+use super::access::shown;
+use crate::download::{IMAGES_DIR, image_path};
+use crate::fetch::Ext;
+use crate::model::{Image, ImageState, Task, format_time, now_millis, valid_task_id};
+use crate::store::{Store, TaskCopy};
+
+/// Tasks read, copied and written per step: bounds both memory and the time the store's
+/// write lock is taken by one transaction in the copy.
+const CHUNK: usize = 64;
+/// Times a task whose images changed under the copy (retry, prune) is read again.
+const REREADS: u32 = 3;
+
+/// The file name of a stored image in its task's directory (`<index>.<ext>`, so its path is
+/// `images/<task_id>/<index>.<ext>`), checked against what the record says: `Ok(None)` when
+/// the record names no file; `Err` (why) unless `task_id` is a valid task id and the
+/// recorded path is exactly that path for one of the image types. Every path to an image
+/// file is built from this, never taken from a record.
+pub(super) fn image_name(task_id: &str, img: &Image) -> Result<Option<String>, String> {
+    if !valid_task_id(task_id) {
+        return Err(format!("{task_id:?} is not a valid task id"));
+    }
+    let Some(path) = &img.path else {
+        return Ok(None);
+    };
+    for ext in Ext::ALL {
+        if *path == image_path(task_id, img.index, ext) {
+            return Ok(Some(format!("{}.{}", img.index, ext.as_str())));
+        }
+    }
+    Err(format!(
+        "image {} names {path:?}, not {IMAGES_DIR}/{task_id}/{}.<png|jpg|webp|gif>",
+        img.index, img.index
+    ))
+}
+
+/// Reports progress: (tasks done, tasks in all). Called from the blocking thread.
+pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// What one copy wrote.
+#[derive(Debug, Default, Clone, Copy)]
+struct Copied {
+    tasks: u64,
+    images: u64,
+    bytes: u64,
+}
+
+/// `admin backup DEST`: a consistent copy of the store and its images into `dest` (absent
+/// or empty), plus `backup.json`, written last (a directory without it is not a backup).
+pub fn backup(
+    store: &Store,
+    data_dir: &Path,
+    dest: &Path,
+    progress: Option<Progress>,
+) -> Result<Manifest, AdminError> {
+    check_empty_target(dest, "the backup destination")?;
+    let created_at = format_time(now_millis());
+    let copied = copy_store(store, data_dir, dest, progress)?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        created_at,
+        tasks: copied.tasks,
+        images: copied.images,
+        bytes: copied.bytes,
+    };
+    let mut body = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| AdminError::failed(format!("cannot encode the manifest: {e}")))?;
+    body.push(b'\n');
+    write_private(&dest.join(MANIFEST), &body)?;
+    sync_dir(dest)?;
+    // The entry of `dest` itself: without it a power cut takes the whole backup.
+    sync_parent(dest)?;
+    tracing::info!(dest = %shown(dest).display(), tasks = manifest.tasks, images = manifest.images, "backup written");
+    Ok(manifest)
+}
+
+/// Copies every task (record, history, indexes rebuilt), the other trees, and the images
+/// that downloaded records name (verified against their sha256) from `store` in `data_dir`
+/// into a fresh store in `dest`.
+fn copy_store(
+    store: &Store,
+    data_dir: &Path,
+    dest: &Path,
+    progress: Option<Progress>,
+) -> Result<Copied, AdminError> {
+    private_dir(dest)?;
+    let target = Store::open(dest).map_err(|e| {
+        AdminError::failed(format!(
+            "cannot create a store in {}: {e}",
+            shown(dest).display()
+        ))
+    })?;
+    let c = store.counts()?;
+    let total = c.submitted + c.received + c.downloaded + c.failed;
+    let mut copied = Copied::default();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let chunk = store.read_tasks(after.as_deref(), CHUNK)?;
+        let Some(last) = chunk.last() else { break };
+        after = Some(last.key().to_vec());
+        let mut keep = Vec::with_capacity(chunk.len());
+        for copy in chunk {
+            if let Some((copy, images, bytes)) = copy_images(store, data_dir, dest, copy)? {
+                copied.images += images;
+                copied.bytes += bytes;
+                keep.push(copy);
+            }
+        }
+        target.put_copies(&keep)?;
+        copied.tasks += keep.len() as u64;
+        if let Some(p) = &progress {
+            p(copied.tasks, total.max(copied.tasks));
+        }
+    }
+    store.copy_other_trees(&target)?;
+    // The copies went in id order: the ring of recent tasks is rebuilt from them.
+    target.rebuild_recent()?;
+    target.flush_now()?;
+    // The entries of the task directories, once for all of them (each task's directory
+    // was synced after its images; `backup` syncs `dest`, which holds `images`).
+    let images = dest.join(IMAGES_DIR);
+    if images.exists() {
+        sync_dir(&images)?;
+    }
+    Ok(copied)
+}
+
+/// Copies the stored images of one task. When one is missing or does not verify (an
+/// `admin retry` or `prune` changed the task meanwhile), reads the task again and retries;
+/// `None` when the task is gone.
+fn copy_images(
+    store: &Store,
+    data_dir: &Path,
+    dest: &Path,
+    mut copy: TaskCopy,
+) -> Result<Option<(TaskCopy, u64, u64)>, AdminError> {
+    let mut last_error = None;
+    for _ in 0..REREADS {
+        // A quarantined record names no images that could be checked.
+        let Some(task) = &copy.task else {
+            return Ok(Some((copy, 0, 0)));
+        };
+        match copy_task_images(data_dir, dest, task) {
+            Ok((images, bytes)) => return Ok(Some((copy, images, bytes))),
+            Err(e) => last_error = Some(e),
+        }
+        match store.read_task(&copy.task_id)? {
+            Some(again) => copy = again,
+            None => return Ok(None),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| AdminError::failed("image copy failed")))
+}
+
+fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u64), AdminError> {
+    let mut images = 0;
+    let mut bytes = 0;
+    let mut dir_made = false;
+    for img in task
+        .images
+        .iter()
+        .filter(|i| i.state == ImageState::Downloaded)
+    {
+        // The path is built from the id, never taken from the record.
+        let name = image_name(&task.task_id, img).map_err(|why| {
+            AdminError::failed(format!(
+                "the record of task {} is damaged ({why}); run `coverd admin verify`, then `coverd admin retry {}`",
+                task.task_id, task.task_id
+            ))
+        })?;
+        let Some(name) = name else { continue };
+        let rel = format!("{IMAGES_DIR}/{}/{name}", task.task_id);
+        let from = data_dir.join(&rel);
+        let data = std::fs::read(&from).map_err(|e| {
+            AdminError::failed(format!(
+                "image {} of task {} cannot be read ({e}); run `coverd admin verify`, then `coverd admin retry {}`",
+                rel, task.task_id, task.task_id
+            ))
+        })?;
+        if Some(hex::encode(Sha256::digest(&data))) != img.sha256 {
+            return Err(AdminError::failed(format!(
+                "image {} of task {} does not match its sha256; run `coverd admin retry {}` and back up again",
+                rel, task.task_id, task.task_id
+            )));
+        }
+        let to = dest.join(&rel);
+        if !dir_made {
+            private_dir(&dest.join(IMAGES_DIR).join(&task.task_id))?;
+            dir_made = true;
+        }
+        if let Some(parent) = to.parent() {
+            private_dir(parent)?;
+        }
+        write_private(&to, &data)?;
+        images += 1;
+        bytes += data.len() as u64;
+    }
+    if dir_made {
+        sync_dir(&dest.join(IMAGES_DIR).join(&task.task_id))?;
+    }
+    Ok((images, bytes))
+}
+
+/// Makes `path` absolute against the working directory (before anything changes it).
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
