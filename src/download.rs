@@ -41,8 +41,6 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
-/// Every image type a stored file can have.
-const EXTS: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
 /// Where complete images live, relative to the data directory.
 pub const IMAGES_DIR: &str = "images";
 
@@ -536,7 +534,7 @@ async fn install(
         } else {
             create_private_dir(&dir)?;
         }
-        for other in EXTS.iter().filter(|e| **e != ext) {
+        for other in Ext::ALL.iter().filter(|e| **e != ext) {
             let p = dir.join(format!("{index}.{}", other.as_str()));
             if p.exists() {
                 std::fs::remove_file(&p)?;
@@ -569,7 +567,7 @@ async fn install(
 /// file that still looks like an image as if a crash had left it (see [`adopt_existing`]).
 pub fn discard(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
     let dir = data_dir.join(IMAGES_DIR).join(task_id);
-    for ext in EXTS {
+    for ext in Ext::ALL {
         match std::fs::remove_file(dir.join(format!("{index}.{}", ext.as_str()))) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -585,7 +583,7 @@ async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Ev
     let dir = data_dir.join(IMAGES_DIR).join(task_id);
     let task_id = task_id.to_string();
     tokio::task::spawn_blocking(move || {
-        for ext in EXTS {
+        for ext in Ext::ALL {
             let path = dir.join(format!("{index}.{}", ext.as_str()));
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;

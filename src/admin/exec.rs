@@ -193,10 +193,17 @@ impl Exec {
                     .store
                     .redeliver(&task_id, now_millis())?
                     .ok_or_else(|| {
-                        AdminError::missing(format!(
-                            "task {task_id} has no notification: it has not settled yet ({}), or notifications were off when it did",
-                            task.state.as_str()
-                        ))
+                        AdminError::missing(if task.state.is_finished() {
+                            format!(
+                                "task {task_id} ({}) has no notification: notifications were off when it settled",
+                                task.state.as_str()
+                            )
+                        } else {
+                            format!(
+                                "task {task_id} has no notification: it has not settled yet (it is {})",
+                                task.state.as_str()
+                            )
+                        })
                     })?;
                 self.store.flush().await?;
                 let message = format!(

@@ -582,6 +582,11 @@ async fn redeliver_while_stopped_and_its_errors() {
         .unwrap_err();
     assert_eq!(err.kind, AdminErrorKind::Missing, "{err}");
     assert!(err.message.contains("no notification"), "{err}");
+    assert!(
+        err.message
+            .contains("has not settled yet (it is submitted)"),
+        "{err}"
+    );
 
     rx.set(Answer::Status(200));
     let d = Daemon::start_in(dir, config).await;
