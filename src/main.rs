@@ -275,7 +275,7 @@ fn main() -> ExitCode {
     let loaded = if daemon {
         config::load(&overrides)
     } else {
-        config::load_for_command(&overrides)
+        config::load_for_command(&overrides, matches!(cli.command, Command::CheckConfig))
     };
     let mut config = match loaded {
         Ok(c) => c,

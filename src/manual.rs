@@ -40,7 +40,31 @@ pub fn render(cmd: clap::Command) -> std::io::Result<Vec<u8>> {
         cmd.get_version().unwrap_or_default()
     );
     out.extend_from_slice(page.as_bytes());
-    Ok(out)
+    // ASCII only: groff in a non-UTF-8 locale (a minimal Debian's, LANG unset) drops what
+    // it has no glyph for, with a warning (`can't find special character 'u2026'`).
+    Ok(ascii(&String::from_utf8_lossy(&out)).into_bytes())
+}
+
+/// `text` with the few non-ASCII characters the help texts use spelled in ASCII (roff's
+/// own escapes for dashes), anything else as `?`.
+fn ascii(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            c if c.is_ascii() => out.push(c),
+            '…' => out.push_str("..."),
+            '–' => out.push_str("\\(en"),
+            '—' => out.push_str("\\(em"),
+            '≥' => out.push_str(">="),
+            '≤' => out.push_str("<="),
+            '→' => out.push_str("->"),
+            '×' => out.push('x'),
+            '‘' | '’' => out.push('\''),
+            '“' | '”' => out.push('"'),
+            _ => out.push('?'),
+        }
+    }
+    out
 }
 
 /// Text made safe for roff: backslashes doubled, a leading `.` or `'` escaped.
@@ -209,7 +233,7 @@ The configuration file, by convention (named by COVERD_CONFIG or --config).
 The installed unit, the first found, and its drop-ins in file-name order. admin, submit and check-config (not serve) read its Environment= (systemd's quoting and the machine-independent specifiers such as %S), WorkingDirectory= and LoadCredential= for what flags, environment and file leave unset: so on the service's host they use its configuration file and data directory whatever the current directory, and ./coverd-data only where no unit is installed. EnvironmentFile= is not read.
 .TP
 \fB/run/credentials/coverd.service/\fR
-The credentials systemd handed the running service; run as root, the commands read the unit's credentials here while it runs.
+The credentials systemd handed the running service; run as root, admin and submit read the unit's credentials here while it runs. check-config does not: it checks each where the next start will find it.
 .TP
 \fB/etc/credstore/\fR, \fB/run/credstore/\fR, \fB/usr/lib/credstore/\fR (and \fBcredstore.encrypted/\fR beside each)
 Where systemd finds a credential the unit loads by name (LoadCredential=NAME); run as root with the service stopped, the commands read it there (or at LoadCredential=NAME:PATH). An encrypted one counts as present; check-config says it cannot check its value. Not root, check-config names the credentials it could not read and exits 2.

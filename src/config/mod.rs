@@ -325,9 +325,13 @@ pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
 /// then the installed unit ([`unit::Unit::find`] under [`unit::Root::from_env`]) for what
 /// flags, environment and file leave unset, with its credentials when run as root (SPEC
 /// "Binary and commands").
-pub fn load_for_command(overrides: &Overrides) -> Result<Config, ConfigError> {
+///
+/// `next_start` (`check-config`): the unit's credentials only where its next start finds
+/// them, not the running service's copies ([`unit::Unit::for_next_start`]).
+pub fn load_for_command(overrides: &Overrides, next_start: bool) -> Result<Config, ConfigError> {
     check_env_is_utf8()?;
-    let unit = unit::Unit::find(&unit::Root::from_env())?;
+    let unit = unit::Unit::find(&unit::Root::from_env())?
+        .map(|u| if next_start { u.for_next_start() } else { u });
     let as_root = nix::unistd::geteuid().is_root();
     load_with(
         overrides,

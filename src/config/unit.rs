@@ -111,6 +111,9 @@ pub struct Unit {
     /// the CLI prints them.
     pub warnings: Vec<String>,
     root: Root,
+    /// Credentials are looked for where the next start will find them, never in the running
+    /// service's copies (`check-config`, whose pass is the go-ahead for a restart).
+    next_start: bool,
 }
 
 /// Where a credential the unit loads was found, as root.
@@ -178,6 +181,7 @@ impl Unit {
             credentials: BTreeMap::new(),
             warnings: Vec::new(),
             root,
+            next_start: false,
         };
         unit.apply(&path, &first);
         for (path, text) in files {
@@ -217,10 +221,21 @@ impl Unit {
         }
     }
 
+    /// This unit, looking for credentials only where its next start will find them
+    /// ([`Unit::credential`]).
+    pub fn for_next_start(self) -> Unit {
+        Unit {
+            next_start: true,
+            ..self
+        }
+    }
+
     /// Where the credential `name` is for this unit: while the service runs, in what systemd
     /// handed it; otherwise (or when it was not handed that one) where systemd would find
-    /// it when it starts. Reads only as root
-    /// (`as_root`); otherwise says that it did not.
+    /// it when it starts. [`Unit::for_next_start`] (`check-config`): only where the next
+    /// start finds it, so that a credential removed since the start fails the check that
+    /// precedes a restart instead of the restart. Reads only as root (`as_root`); otherwise
+    /// says that it did not.
     pub fn credential(&self, name: &str, as_root: bool) -> Credential {
         let Some(load) = self.credentials.get(name) else {
             return Credential::NotLoaded;
@@ -230,19 +245,40 @@ impl Unit {
                 directive: load.directive.clone(),
             };
         }
+        let running = self.root.join(RUNNING_CREDENTIALS);
+        let running = running.is_dir().then(|| running.join(name));
+        if self.next_start {
+            return match self.stored(name, load) {
+                Credential::Missing { searched }
+                    if running
+                        .as_ref()
+                        .is_some_and(|p| p.symlink_metadata().is_ok()) =>
+                {
+                    Credential::Missing {
+                        searched: format!(
+                            "{searched}; the running service still has the copy systemd gave it at its start, but the next start will not find it"
+                        ),
+                    }
+                }
+                other => other,
+            };
+        }
         // While the service runs, what systemd handed it; one it was not handed (added
         // since it started) is looked for where systemd will find it at the next start,
-        // so that `check-config && systemctl restart` after adding it passes, as the start
-        // will (the sandbox's check-then-restart with a new notify-secret found this).
-        let running = self.root.join(RUNNING_CREDENTIALS);
-        if running.is_dir() {
-            let path = running.join(name);
+        // so that an `admin` command finds it as the service will after a restart.
+        if let Some(path) = running {
             match read_credential(&path) {
                 Ok(Some(value)) => return Credential::Found { value, path },
                 Ok(None) => {}
                 Err(reason) => return Credential::Unreadable { path, reason },
             }
         }
+        self.stored(name, load)
+    }
+
+    /// Where systemd finds credential `name` at the service's start: the path the unit
+    /// names, else the credential stores.
+    fn stored(&self, name: &str, load: &LoadCredential) -> Credential {
         let id = match &load.path {
             Some(p) if p.starts_with('/') => {
                 let path = PathBuf::from(p);
@@ -1049,5 +1085,21 @@ mod tests {
             u.credential("d", true),
             Credential::Missing { .. }
         ));
+        // For the next start (check-config): only where that start finds it. A credential
+        // removed from its store since the service started is missing, however alive the
+        // running service's copy is.
+        let next = u.for_next_start();
+        assert_eq!(value(next.credential("a", true)), "a-etc");
+        std::fs::remove_file(root.path().join("etc/credstore/a")).unwrap();
+        std::fs::remove_file(root.path().join("usr/lib/credstore/a")).unwrap();
+        match next.credential("a", true) {
+            Credential::Missing { searched } => {
+                assert!(
+                    searched.contains("the next start will not find it"),
+                    "{searched}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

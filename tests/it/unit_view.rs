@@ -213,10 +213,11 @@ async fn credentials_come_from_where_systemd_finds_them() {
         "{out:?}"
     );
 
-    // The service runs: what systemd handed it; one it was not handed (added since it
-    // started) where its next start will find it, so check-config before that restart
-    // passes.
-    let running = f.put(
+    // The service runs: check-config, whose pass is the go-ahead for a restart, looks where
+    // the next start finds each credential, not at the copies systemd handed the running
+    // service (the operations.md walk found a removed notify-secret passing check-config,
+    // then the restart failing with status 2).
+    f.put(
         "root/run/credentials/coverd.service/kie-api-key",
         "key-running\n",
     );
@@ -224,7 +225,7 @@ async fn credentials_come_from_where_systemd_finds_them() {
     let out = f.run(&["check-config"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
-        out.stderr.contains(&found("kie.api_key", &running)),
+        out.stderr.contains(&found("kie.api_key", &by_path)),
         "{out:?}"
     );
     assert!(
@@ -233,12 +234,25 @@ async fn credentials_come_from_where_systemd_finds_them() {
     );
     assert!(
         out.stderr.contains(&format!(
-            "notify secret: found in the credential `notify-secret` of the installed unit, at {}",
-            f.path("root/run/credentials/coverd.service/notify-secret")
-                .display()
+            "notify secret: found in the encrypted credential `notify-secret` of the installed unit, at {}",
+            enc.display()
         )),
         "{out:?}"
     );
+    std::fs::remove_file(&enc).unwrap();
+    let out = f.run(&["check-config"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("no signing secret"), "{out:?}");
+    // admin commands, which act with the running service, still read its copy.
+    let running = f.path("root/run/credentials/coverd.service/notify-secret");
+    let unit = coverd::config::unit::Unit::find(&coverd::config::unit::Root::at(f.root()))
+        .unwrap()
+        .unwrap();
+    match unit.credential("notify-secret", true) {
+        coverd::config::unit::Credential::Found { path, .. } => assert_eq!(path, running),
+        other => panic!("{other:?}"),
+    }
+    f.put("root/etc/credstore.encrypted/notify-secret", "Wyi3…sealed");
     // The caller's sources beat the unit's credentials.
     let mut c = f.command(f.dir.path(), &["check-config"]);
     c.env("KIE_API_KEY", "key-from-caller");
