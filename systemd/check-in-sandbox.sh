@@ -420,7 +420,14 @@ grep -qx 'data_dir = "/var/lib/coverd"' <<<"$shown" && ok 'check-config shows da
   fail "check-config shows $(grep data_dir <<<"$shown")"
 wait_active || fail "not active after check-config && restart"
 out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd check-config 2>&1 >/dev/null') || fail "check-config while running: $out"
-grep -q "/run/credentials/coverd.service/notify-secret" <<<"$out" && ok "running: the credential systemd handed the service" || fail "$out"
+grep -q "/etc/credstore/notify-secret" <<<"$out" && ok "running: check-config looks where the next start finds it" || fail "$out"
+# Removed from the store since the start: the running service keeps its copy, but the next
+# start would fail with status 2, so check-config fails now (the operations.md walk).
+sbx mv /etc/credstore/notify-secret /etc/credstore/notify-secret.aside
+out=$(sbx sh -c 'cd /root/work && /usr/local/bin/coverd check-config 2>&1 >/dev/null') &&
+  fail "check-config passed without the credential the next start needs: $out"
+grep -q "no signing secret" <<<"$out" && ok "a removed notify-secret fails check-config while the service runs" || fail "$out"
+sbx mv /etc/credstore/notify-secret.aside /etc/credstore/notify-secret
 # Not root: says which credentials it could not read, exit 2.
 out=$(sbx setpriv --reuid=nobody --regid=nogroup --clear-groups sh -c 'cd / && /usr/local/bin/coverd check-config 2>&1 >/dev/null') &&
   fail "check-config as nobody passed: $out"
