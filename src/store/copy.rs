@@ -12,11 +12,14 @@ use std::ops::Bound;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use super::{
-    Indexes, MAX_EVENTS_PER_TASK, Store, StoreError, TxResult, bump_key, decode,
-    decode_notification, drop_notifications, head_key, notify_count_key, notify_due_key,
-    record_key, stats, u32_from, write_notification,
+use super::error::{StoreError, TxResult};
+use super::index::Indexes;
+use super::keys::{bump_key, u32_from};
+use super::outbox::{
+    drop_notifications, head_key, notify_count_key, notify_due_key, record_key, write_notification,
 };
+use super::record::{decode, decode_notification};
+use super::{MAX_EVENTS_PER_TASK, Store, stats};
 use crate::model::{Millis, Task, valid_task_id};
 
 /// Trees whose content is the tasks' (records, history) or derived from the task records;

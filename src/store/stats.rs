@@ -19,8 +19,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
-use super::codec;
-use super::{Core, Counts, Quarantined, Scanned, Store, StoreError, count_key, u64_from};
+use super::error::{StoreError, describe, quarantine_reason};
+use super::keys::{count_key, u64_from};
+use super::record::decode;
+use super::{Core, Counts, Quarantined, Scanned, Store, codec};
 use crate::model::{ImageState, State, Task};
 
 /// `meta`: the bytes of stored files, u64.
@@ -36,7 +38,7 @@ pub const MAX_QUARANTINED_SHOWN: usize = 1000;
 /// Most quarantined record keys `admin verify`'s check remembers to put back in the index.
 const MAX_REMEMBERED: usize = 10_000;
 /// How often a derivation at open reports progress (systemd's start timeout).
-const PROGRESS_EVERY: std::time::Duration = super::MIGRATION_PROGRESS_EVERY;
+const PROGRESS_EVERY: std::time::Duration = super::migrate::MIGRATION_PROGRESS_EVERY;
 
 /// `meta` keys of this module: derived, never copied from another store.
 pub(super) fn own_meta_key(key: &[u8]) -> bool {
@@ -229,7 +231,7 @@ impl Core {
         if let Err(e) = self.meta.insert(quarantine_key(key), &[]) {
             tracing::warn!(
                 key = %String::from_utf8_lossy(key),
-                error = %super::describe(&e),
+                error = %describe(&e),
                 "could not add a quarantined record to the store's index; `admin verify` adds it again"
             );
         }
@@ -313,10 +315,10 @@ impl Store {
                 total = total.saturating_sub(1);
                 continue;
             };
-            match super::decode(&bytes, &task_id) {
+            match decode(&bytes, &task_id) {
                 Ok(_) => total = total.saturating_sub(1),
                 Err(e) => named.push(Quarantined {
-                    reason: super::quarantine_reason(&e),
+                    reason: quarantine_reason(&e),
                     task_id,
                     key,
                 }),
@@ -779,13 +781,13 @@ mod tests {
                 .collect();
             (&i.meta, &i.tasks, &i.due_download, &i.due_poll, &i.by_state)
                 .transaction(|(meta, tasks, due_download, due_poll, by_state)| {
-                    let indexes = super::super::Indexes {
+                    let indexes = super::super::index::Indexes {
                         meta,
                         due_download,
                         due_poll,
                         by_state,
                     };
-                    let mut deltas = super::super::Deltas::default();
+                    let mut deltas = super::super::index::Deltas::default();
                     for (t, bytes) in &chunk {
                         indexes.derive_into(&t.task_id, None, Some(t), &mut deltas)?;
                         tasks.insert(t.task_id.as_bytes(), bytes.as_slice())?;
