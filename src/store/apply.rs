@@ -8,7 +8,10 @@
 use std::sync::atomic::Ordering;
 
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionResult, TransactionalTree,
+};
 
 use super::error::{StoreError, TxResult, describe};
 use super::history::{append_history, fit_history, read_record};
@@ -31,22 +34,12 @@ impl Core {
         if let Err(e) = self.health.check() {
             return writes.iter().map(|_| Err(e.clone_failure())).collect();
         }
-        let trees = (
-            &self.meta,
-            &self.tasks,
-            &self.events,
-            &self.due_download,
-            &self.due_poll,
-            &self.by_state,
-            &self.by_music,
-            &self.outbox,
-        );
         // Statistics derived from the records change with them (`stats`).
         let _changing = self.stats_gate.hold();
         // Updates left out, with why; decided between runs of the transaction.
         let mut left_out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
         loop {
-            let result = trees.transaction(|trees| {
+            let result = self.records_transaction(|trees| {
                 // sled may run this closure again: everything it accumulates starts here.
                 let mut batch = BatchState::default();
                 let mut out = Vec::with_capacity(writes.len());
@@ -95,7 +88,7 @@ impl Core {
                         }
                     }
                 }
-                batch.counts.write(&trees.0)?;
+                batch.counts.write(trees.meta)?;
                 Ok(out)
             });
             match result {
@@ -150,17 +143,64 @@ impl Core {
     }
 }
 
-/// The trees an update writes, as its transaction sees them.
-type TxTrees = (
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-    TransactionalTree,
-);
+/// The trees a change of task records writes (an update, a copy, forgetting a task), as
+/// one transaction sees them ([`Core::records_transaction`]).
+pub(super) struct TxTrees<'t> {
+    pub(super) meta: &'t TransactionalTree,
+    pub(super) tasks: &'t TransactionalTree,
+    pub(super) events: &'t TransactionalTree,
+    pub(super) due_download: &'t TransactionalTree,
+    pub(super) due_poll: &'t TransactionalTree,
+    pub(super) by_state: &'t TransactionalTree,
+    pub(super) by_music: &'t TransactionalTree,
+    pub(super) outbox: &'t TransactionalTree,
+}
+
+impl TxTrees<'_> {
+    /// The trees derived from a task record, with the counters in `meta`.
+    pub(super) fn indexes(&self) -> Indexes<'_> {
+        Indexes {
+            meta: self.meta,
+            due_download: self.due_download,
+            due_poll: self.due_poll,
+            by_state: self.by_state,
+        }
+    }
+}
+
+impl Core {
+    /// Runs `f` in one sled transaction over the trees of [`TxTrees`]; sled may run it
+    /// more than once (after a conflict), so `f` starts afresh each time.
+    pub(super) fn records_transaction<T, E>(
+        &self,
+        f: impl Fn(&TxTrees<'_>) -> ConflictableTransactionResult<T, E>,
+    ) -> TransactionResult<T, E> {
+        (
+            &self.meta,
+            &self.tasks,
+            &self.events,
+            &self.due_download,
+            &self.due_poll,
+            &self.by_state,
+            &self.by_music,
+            &self.outbox,
+        )
+            .transaction(
+                |(meta, tasks, events, due_download, due_poll, by_state, by_music, outbox)| {
+                    f(&TxTrees {
+                        meta,
+                        tasks,
+                        events,
+                        due_download,
+                        due_poll,
+                        by_state,
+                        by_music,
+                        outbox,
+                    })
+                },
+            )
+    }
+}
 
 /// What one update did: the state before, the new record, the machine's outcome; `None` for
 /// an unknown task refused.
@@ -179,14 +219,21 @@ struct BatchState {
 /// One update inside a batch's transaction: the record, its history, the indexes derived
 /// from it, `by_music`, the outbox. Sees the writes of the updates before it in the batch.
 fn apply_one(
-    trees: &TxTrees,
+    trees: &TxTrees<'_>,
     task_id: &str,
     event: &Event,
     ctx: &Ctx,
     if_missing: IfMissing,
     batch: &mut BatchState,
 ) -> TxResult<AppliedOne> {
-    let (meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox) = trees;
+    let TxTrees {
+        meta,
+        tasks,
+        events,
+        by_music,
+        outbox,
+        ..
+    } = trees;
     let (before, mut history) = match tasks.get(task_id.as_bytes())? {
         Some(bytes) => {
             let (task, history) = read_record(&bytes, task_id, events).map_err(|e| {
@@ -212,13 +259,9 @@ fn apply_one(
 
     // Indexes, derived from the old and new record.
     let old = before.as_ref();
-    let indexes = Indexes {
-        meta,
-        due_download: due_dl,
-        due_poll,
-        by_state,
-    };
-    indexes.derive_into(task_id, old, Some(&task), &mut batch.counts)?;
+    trees
+        .indexes()
+        .derive_into(task_id, old, Some(&task), &mut batch.counts)?;
     if let Some(music) = &task.music_task_id
         && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
     {

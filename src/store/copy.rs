@@ -12,8 +12,8 @@ use std::ops::Bound;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
+use super::apply::TxTrees;
 use super::error::{StoreError, TxResult};
-use super::index::Indexes;
 use super::keys::{bump_key, u32_from};
 use super::outbox::{
     drop_notifications, head_key, notify_count_key, notify_due_key, record_key, write_notification,
@@ -282,54 +282,45 @@ impl Store {
     pub fn put_copies(&self, copies: &[TaskCopy]) -> Result<(), StoreError> {
         let i = &*self.inner;
         let _changing = i.stats_gate.hold();
-        let trees = (
-            &i.meta,
-            &i.tasks,
-            &i.events,
-            &i.due_download,
-            &i.due_poll,
-            &i.by_state,
-            &i.by_music,
-            &i.outbox,
-        );
-        let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox)| {
-                let indexes = Indexes {
-                    meta,
-                    due_download: due_dl,
-                    due_poll,
-                    by_state,
-                };
-                for copy in copies {
-                    let id = copy.task_id.as_str();
-                    put_notifications(outbox, meta, id, &copy.notifications)?;
-                    let Some(task) = &copy.task else {
-                        for (k, v) in &copy.events {
-                            events.insert(k.clone(), v.clone())?;
-                        }
-                        tasks.insert(id.as_bytes(), copy.record.clone())?;
-                        stats::note_record(meta, id.as_bytes(), false)?;
-                        continue;
-                    };
-                    let old = match tasks.get(id.as_bytes())? {
-                        Some(bytes) => {
-                            Some(decode(&bytes, id).map_err(ConflictableTransactionError::Abort)?)
-                        }
-                        None => None,
-                    };
-                    indexes.derive(id, old.as_ref(), Some(task))?;
-                    if let Some(music) = &task.music_task_id {
-                        by_music.insert(music.as_bytes(), id.as_bytes())?;
-                    }
+        let result = i.records_transaction(|trees| {
+            let TxTrees {
+                meta,
+                tasks,
+                events,
+                by_music,
+                outbox,
+                ..
+            } = trees;
+            let indexes = trees.indexes();
+            for copy in copies {
+                let id = copy.task_id.as_str();
+                put_notifications(outbox, meta, id, &copy.notifications)?;
+                let Some(task) = &copy.task else {
                     for (k, v) in &copy.events {
                         events.insert(k.clone(), v.clone())?;
                     }
                     tasks.insert(id.as_bytes(), copy.record.clone())?;
-                    stats::note_record(meta, id.as_bytes(), true)?;
+                    stats::note_record(meta, id.as_bytes(), false)?;
+                    continue;
+                };
+                let old = match tasks.get(id.as_bytes())? {
+                    Some(bytes) => {
+                        Some(decode(&bytes, id).map_err(ConflictableTransactionError::Abort)?)
+                    }
+                    None => None,
+                };
+                indexes.derive(id, old.as_ref(), Some(task))?;
+                if let Some(music) = &task.music_task_id {
+                    by_music.insert(music.as_bytes(), id.as_bytes())?;
                 }
-                Ok(())
-            },
-        );
+                for (k, v) in &copy.events {
+                    events.insert(k.clone(), v.clone())?;
+                }
+                tasks.insert(id.as_bytes(), copy.record.clone())?;
+                stats::note_record(meta, id.as_bytes(), true)?;
+            }
+            Ok(())
+        });
         result.map_err(|e| self.tx_error(e))
     }
 
@@ -436,52 +427,40 @@ impl Store {
             .scan_prefix(prefix)
             .keys()
             .collect::<Result<Vec<_>, _>>()?;
-        let trees = (
-            &i.meta,
-            &i.tasks,
-            &i.events,
-            &i.due_download,
-            &i.due_poll,
-            &i.by_state,
-            &i.by_music,
-            &i.outbox,
-        );
-        let result = trees.transaction(
-            |(meta, tasks, events, due_dl, due_poll, by_state, by_music, outbox)| {
-                let Some(bytes) = tasks.get(task_id.as_bytes())? else {
-                    return Ok(false);
-                };
-                let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
-                if task.task_id != task_id
-                    || !task.state.is_finished()
-                    || task.updated_at != updated_at
-                {
-                    return Ok(false);
-                }
-                // Its notifications go with it; one still pending keeps the task.
-                if !drop_notifications(outbox, meta, task_id)? {
-                    return Ok(false);
-                }
-                let indexes = Indexes {
-                    meta,
-                    due_download: due_dl,
-                    due_poll,
-                    by_state,
-                };
-                indexes.derive(task_id, Some(&task), None)?;
-                if let Some(music) = &task.music_task_id
-                    && by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
-                {
-                    by_music.remove(music.as_bytes())?;
-                }
-                for key in &legacy {
-                    events.remove(key.clone())?;
-                }
-                tasks.remove(task_id.as_bytes())?;
-                stats::note_record(meta, task_id.as_bytes(), true)?;
-                Ok(true)
-            },
-        );
+        let result = i.records_transaction(|trees| {
+            let TxTrees {
+                meta,
+                tasks,
+                events,
+                by_music,
+                outbox,
+                ..
+            } = trees;
+            let Some(bytes) = tasks.get(task_id.as_bytes())? else {
+                return Ok(false);
+            };
+            let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
+            if task.task_id != task_id || !task.state.is_finished() || task.updated_at != updated_at
+            {
+                return Ok(false);
+            }
+            // Its notifications go with it; one still pending keeps the task.
+            if !drop_notifications(outbox, meta, task_id)? {
+                return Ok(false);
+            }
+            trees.indexes().derive(task_id, Some(&task), None)?;
+            if let Some(music) = &task.music_task_id
+                && by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
+            {
+                by_music.remove(music.as_bytes())?;
+            }
+            for key in &legacy {
+                events.remove(key.clone())?;
+            }
+            tasks.remove(task_id.as_bytes())?;
+            stats::note_record(meta, task_id.as_bytes(), true)?;
+            Ok(true)
+        });
         result.map_err(|e| self.tx_error(e))
     }
 }
