@@ -102,7 +102,9 @@ mod tests {
         let other_task = sign(KEY, "task2", &now);
         let other_key = sign(b"other", "task1", &now);
         let short = base64::engine::general_purpose::STANDARD.encode([0u8; 16]);
-        let table: Vec<(Option<&str>, Option<&str>, Result<(), SignatureError>)> = vec![
+        // (timestamp, signature, expected)
+        type Row<'a> = (Option<&'a str>, Option<&'a str>, Result<(), SignatureError>);
+        let table: Vec<Row<'_>> = vec![
             (Some(&now), Some(&good), Ok(())),
             (Some(&edge), Some(&edge_sig), Ok(())),
             (None, Some(&good), Err(SignatureError::Missing)),

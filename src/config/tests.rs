@@ -220,7 +220,8 @@ fn precedence_flag_beats_env_beats_file() {
         ..Overrides::default()
     };
     // (overrides, env, expected data_dir, expected listen port)
-    let cases: [(&Overrides, &[(&str, &str)], &str, u16); 5] = [
+    type Case<'a> = (&'a Overrides, &'a [(&'a str, &'a str)], &'a str, u16);
+    let cases: [Case<'_>; 5] = [
         (&Overrides::default(), &[], "./coverd-data", 8787),
         (&file_only, &[], "/from/file", 1001),
         (&file_only, &env, "/from/env", 1002),
@@ -574,7 +575,8 @@ fn secrets_from_each_source() {
     let inline = "[kie]\napi_key = \"from-inline\"\n";
     let inline_empty_and_file = format!("[kie]\napi_key = \"\"\napi_key_file = {key_file:?}\n");
     // (file text, env, expected key)
-    let cases: Vec<(&str, Vec<(&str, &str)>, Option<&str>)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<&'a str>);
+    let cases: Vec<Case<'_>> = vec![
         ("", vec![], None),
         ("", vec![(ENV_API_KEY, "")], None),
         ("", vec![(ENV_API_KEY, "from-env")], Some("from-env")),
@@ -630,7 +632,9 @@ fn webhook_hmac_key_sources() {
     std::fs::write(&key_file, "hmac-file\n").unwrap();
     std::fs::write(dir.path().join(CREDENTIAL_WEBHOOK_HMAC_KEY), "hmac-cred").unwrap();
     let cred_dir = dir.path().to_str().unwrap();
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    // (file text, env, expected key)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             String::new(),
             vec![(ENV_WEBHOOK_HMAC_KEY, "hmac-env")],

@@ -239,7 +239,9 @@ mod tests {
 
     #[test]
     fn every_type_is_told_from_its_own_bytes() {
-        let cases: [(&[u8], Option<(FileType, &str)>); 12] = [
+        // (first bytes, expected type and extension)
+        type Case<'a> = (&'a [u8], Option<(FileType, &'a str)>);
+        let cases: [Case<'_>; 12] = [
             (b"\x89PNG\r\n\x1a\n....", Some((FileType::Image, "png"))),
             (b"\xff\xd8\xff\xe0..JFIF", Some((FileType::Image, "jpg"))),
             (b"RIFF\x10\0\0\0WEBPVP8 ", Some((FileType::Image, "webp"))),

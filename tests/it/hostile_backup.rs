@@ -645,14 +645,14 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
+/// What `craft` makes of a case: its records (key, bytes), whether a faithful restore must
+/// refuse them, and the counts it would find (tasks, images, bytes).
+type Crafted = (Vec<(Vec<u8>, Vec<u8>)>, bool, (u64, u64, u64));
+
 /// The records of a case, as keys and bytes, with every image's data planted where its
 /// recorded path points from `base` (inside the playground only), and whether a faithful
 /// restore must refuse them; also the counts it would find (tasks, images, bytes).
-fn craft(
-    play: &Path,
-    base: &Path,
-    records: &[CraftedRecord],
-) -> (Vec<(Vec<u8>, Vec<u8>)>, bool, (u64, u64, u64)) {
+fn craft(play: &Path, base: &Path, records: &[CraftedRecord]) -> Crafted {
     let decoy = play.join("decoy");
     let mut out = Vec::new();
     let mut hostile = false;
