@@ -226,17 +226,9 @@ fn apply_one(
     if_missing: IfMissing,
     batch: &mut BatchState,
 ) -> TxResult<AppliedOne> {
-    let TxTrees {
-        meta,
-        tasks,
-        events,
-        by_music,
-        outbox,
-        ..
-    } = trees;
-    let (before, mut history) = match tasks.get(task_id.as_bytes())? {
+    let (before, mut history) = match trees.tasks.get(task_id.as_bytes())? {
         Some(bytes) => {
-            let (task, history) = read_record(&bytes, task_id, events).map_err(|e| {
+            let (task, history) = read_record(&bytes, task_id, trees.events).map_err(|e| {
                 if let ConflictableTransactionError::Abort(_) = e {
                     batch.undecodable = true;
                 }
@@ -265,17 +257,19 @@ fn apply_one(
     if let Some(music) = &task.music_task_id
         && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
     {
-        by_music.insert(music.as_bytes(), task_id.as_bytes())?;
+        trees
+            .by_music
+            .insert(music.as_bytes(), task_id.as_bytes())?;
     }
 
     // The outbox: a settle and its notification are one write.
     if ctx.notify
         && let Some(kind) = machine::settle_notice(old.map(|t| t.state), &task)
     {
-        enqueue(outbox, meta, &task, kind, ctx.now)?;
+        enqueue(trees.outbox, trees.meta, &task, kind, ctx.now)?;
     }
 
-    tasks.insert(
+    trees.tasks.insert(
         task_id.as_bytes(),
         encode(codec::encode_task(&task, &history), task_id)?,
     )?;

@@ -12,7 +12,6 @@ use std::ops::Bound;
 use sled::Transactional;
 use sled::transaction::ConflictableTransactionError;
 
-use super::apply::TxTrees;
 use super::error::{StoreError, TxResult};
 use super::keys::{bump_key, u32_from};
 use super::outbox::{
@@ -283,27 +282,19 @@ impl Store {
         let i = &*self.inner;
         let _changing = i.stats_gate.hold();
         let result = i.records_transaction(|trees| {
-            let TxTrees {
-                meta,
-                tasks,
-                events,
-                by_music,
-                outbox,
-                ..
-            } = trees;
             let indexes = trees.indexes();
             for copy in copies {
                 let id = copy.task_id.as_str();
-                put_notifications(outbox, meta, id, &copy.notifications)?;
+                put_notifications(trees.outbox, trees.meta, id, &copy.notifications)?;
                 let Some(task) = &copy.task else {
                     for (k, v) in &copy.events {
-                        events.insert(k.clone(), v.clone())?;
+                        trees.events.insert(k.clone(), v.clone())?;
                     }
-                    tasks.insert(id.as_bytes(), copy.record.clone())?;
-                    stats::note_record(meta, id.as_bytes(), false)?;
+                    trees.tasks.insert(id.as_bytes(), copy.record.clone())?;
+                    stats::note_record(trees.meta, id.as_bytes(), false)?;
                     continue;
                 };
-                let old = match tasks.get(id.as_bytes())? {
+                let old = match trees.tasks.get(id.as_bytes())? {
                     Some(bytes) => {
                         Some(decode(&bytes, id).map_err(ConflictableTransactionError::Abort)?)
                     }
@@ -311,13 +302,13 @@ impl Store {
                 };
                 indexes.derive(id, old.as_ref(), Some(task))?;
                 if let Some(music) = &task.music_task_id {
-                    by_music.insert(music.as_bytes(), id.as_bytes())?;
+                    trees.by_music.insert(music.as_bytes(), id.as_bytes())?;
                 }
                 for (k, v) in &copy.events {
-                    events.insert(k.clone(), v.clone())?;
+                    trees.events.insert(k.clone(), v.clone())?;
                 }
-                tasks.insert(id.as_bytes(), copy.record.clone())?;
-                stats::note_record(meta, id.as_bytes(), true)?;
+                trees.tasks.insert(id.as_bytes(), copy.record.clone())?;
+                stats::note_record(trees.meta, id.as_bytes(), true)?;
             }
             Ok(())
         });
@@ -428,15 +419,7 @@ impl Store {
             .keys()
             .collect::<Result<Vec<_>, _>>()?;
         let result = i.records_transaction(|trees| {
-            let TxTrees {
-                meta,
-                tasks,
-                events,
-                by_music,
-                outbox,
-                ..
-            } = trees;
-            let Some(bytes) = tasks.get(task_id.as_bytes())? else {
+            let Some(bytes) = trees.tasks.get(task_id.as_bytes())? else {
                 return Ok(false);
             };
             let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
@@ -445,20 +428,20 @@ impl Store {
                 return Ok(false);
             }
             // Its notifications go with it; one still pending keeps the task.
-            if !drop_notifications(outbox, meta, task_id)? {
+            if !drop_notifications(trees.outbox, trees.meta, task_id)? {
                 return Ok(false);
             }
             trees.indexes().derive(task_id, Some(&task), None)?;
             if let Some(music) = &task.music_task_id
-                && by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
+                && trees.by_music.get(music.as_bytes())?.as_deref() == Some(task_id.as_bytes())
             {
-                by_music.remove(music.as_bytes())?;
+                trees.by_music.remove(music.as_bytes())?;
             }
             for key in &legacy {
-                events.remove(key.clone())?;
+                trees.events.remove(key.clone())?;
             }
-            tasks.remove(task_id.as_bytes())?;
-            stats::note_record(meta, task_id.as_bytes(), true)?;
+            trees.tasks.remove(task_id.as_bytes())?;
+            stats::note_record(trees.meta, task_id.as_bytes(), true)?;
             Ok(true)
         });
         result.map_err(|e| self.tx_error(e))
