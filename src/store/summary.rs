@@ -23,13 +23,13 @@ pub const FILE: &str = "coverd-status.json";
 /// Where it is written before it is renamed into place.
 const TEMP: &str = "coverd-status.json.tmp";
 /// sled's log, whose identity the file records.
-const SLED_LOG: &str = "db";
+pub(super) const SLED_LOG: &str = "db";
 /// Bumped when [`OnDisk`] changes; any other value is ignored.
-const FORMAT: u32 = 1;
+pub(super) const FORMAT: u32 = 1;
 /// Far more than [`MAX_QUARANTINED_SHOWN`] entries of the longest reason take.
-const MAX_BYTES: u64 = 256 * 1024;
+pub(super) const MAX_BYTES: u64 = 256 * 1024;
 /// Longest quarantined task id (lossy text of a key) and reason taken from the file.
-const MAX_TEXT: usize = 1024;
+pub(super) const MAX_TEXT: usize = 1024;
 
 /// The store's side of `admin status`: what the store holds, not what the daemon does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,165 +319,4 @@ pub fn read(data_dir: &Path) -> Option<Summary> {
 /// Short, and no control character (a terminal escape in a crafted file).
 fn shows_as_is(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_TEXT && !s.chars().any(char::is_control)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::machine::{Ctx, Event, Report};
-    use crate::store::IfMissing;
-
-    fn ctx(now: Millis) -> Ctx {
-        Ctx {
-            now,
-            max_attempts: 3,
-            poll_after_ms: 1000,
-            notify: true,
-        }
-    }
-
-    /// A store with a task in each of three states and one quarantined record.
-    fn filled(dir: &Path) -> Store {
-        let store = Store::open(dir).unwrap();
-        for (i, id) in ["a", "b", "c"].iter().enumerate() {
-            let track = Event::Track {
-                music_task_id: Some(format!("m-{id}")),
-            };
-            store
-                .apply(id, &track, &ctx(10 + i as Millis), IfMissing::Create)
-                .unwrap();
-        }
-        let callback = Event::Callback(Report::Success {
-            images: vec!["https://h/0.png".into()],
-        });
-        store
-            .apply("b", &callback, &ctx(20), IfMissing::Reject)
-            .unwrap();
-        let failed = Event::Callback(Report::Failure {
-            reason: "KIE code 501: nope".into(),
-        });
-        store
-            .apply("c", &failed, &ctx(30), IfMissing::Reject)
-            .unwrap();
-        store.put_raw_task("d", b"\xffdamaged").unwrap();
-        // A read finds the damage and puts it in the quarantine index.
-        assert!(store.get("d").is_err());
-        store
-    }
-
-    fn file(dir: &Path) -> std::path::PathBuf {
-        dir.join("db").join(FILE)
-    }
-
-    #[tokio::test]
-    async fn a_clean_close_leaves_what_status_would_read_and_an_open_removes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = filled(dir.path());
-        let live = store.summary().unwrap();
-        assert_eq!(live.counts.submitted, 1, "{live:?}");
-        assert_eq!(live.quarantined.len(), 1, "{live:?}");
-        store.close().await.unwrap();
-
-        let found = read(dir.path()).expect("a summary after a clean close");
-        let expected = Summary {
-            db_bytes: found.db_bytes,
-            ..live
-        };
-        assert_eq!(found, expected);
-        assert!(found.db_bytes > 0);
-
-        let store = Store::open(dir.path()).unwrap();
-        assert!(!file(dir.path()).exists(), "an open removes it");
-        assert_eq!(read(dir.path()), None);
-        store.close().await.unwrap();
-        assert!(read(dir.path()).is_some());
-    }
-
-    #[tokio::test]
-    async fn no_summary_while_another_handle_may_still_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = filled(dir.path());
-        let other = store.clone();
-        store.close().await.unwrap();
-        assert!(!file(dir.path()).exists());
-        other.close().await.unwrap();
-        assert!(file(dir.path()).exists(), "the last handle writes it");
-    }
-
-    #[tokio::test]
-    async fn no_summary_after_a_failed_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = filled(dir.path());
-        store.inject_write_failures(true);
-        store.close().await.unwrap();
-        assert!(!file(dir.path()).exists());
-    }
-
-    #[tokio::test]
-    async fn a_store_changed_by_a_build_that_does_not_know_the_file_is_read_anew() {
-        let dir = tempfile::tempdir().unwrap();
-        filled(dir.path()).close().await.unwrap();
-        assert!(read(dir.path()).is_some());
-        // An older coverd opens sled without removing the file, and writes.
-        let db = sled::open(dir.path().join("db")).unwrap();
-        db.open_tree("tasks").unwrap().insert("e", b"x").unwrap();
-        db.flush().unwrap();
-        drop(db);
-        assert!(file(dir.path()).exists());
-        assert_eq!(read(dir.path()), None);
-    }
-
-    #[tokio::test]
-    async fn a_copied_store_is_read_anew() {
-        let dir = tempfile::tempdir().unwrap();
-        filled(dir.path()).close().await.unwrap();
-        let db = dir.path().join("db").join(SLED_LOG);
-        let copy = dir.path().join("db").join("copy");
-        std::fs::copy(&db, &copy).unwrap();
-        std::fs::rename(&copy, &db).unwrap();
-        assert_eq!(read(dir.path()), None);
-    }
-
-    /// What a crafted or damaged file holds is never shown: each is ignored.
-    #[tokio::test]
-    async fn a_crafted_file_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        filled(dir.path()).close().await.unwrap();
-        let path = file(dir.path());
-        let good = std::fs::read_to_string(&path).unwrap();
-        assert!(read(dir.path()).is_some());
-        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
-        let crafted = |f: &dyn Fn(&mut serde_json::Value)| {
-            let mut c = v.clone();
-            f(&mut c);
-            serde_json::to_string(&c).unwrap()
-        };
-        let cases = [
-            crafted(&|c| c["quarantined"][0]["reason"] = "\u{1b}]0;owned\u{7}".into()),
-            crafted(&|c| c["quarantined"][0]["task_id"] = "x".repeat(MAX_TEXT + 1).into()),
-            crafted(&|c| c["quarantined_total"] = 0.into()),
-            crafted(&|c| c["oldest_unfinished"]["state"] = "downloaded".into()),
-            crafted(&|c| c["oldest_unfinished"]["task_id"] = "../x".into()),
-            crafted(&|c| c["format"] = 2.into()),
-            crafted(&|c| c["schema"] = (SCHEMA_VERSION + 1).into()),
-            crafted(&|c| c["extra"] = 1.into()),
-            crafted(&|c| c["log"]["len"] = 1.into()),
-            format!("{good}{}", " ".repeat(MAX_BYTES as usize)),
-            good[..good.len() / 2].to_string(),
-        ];
-        for case in &cases {
-            std::fs::write(&path, case).unwrap();
-            assert_eq!(read(dir.path()), None, "{}", &case[..case.len().min(300)]);
-        }
-        // Not followed: a link to a good copy.
-        v["format"] = FORMAT.into();
-        let elsewhere = dir.path().join("elsewhere.json");
-        std::fs::write(&elsewhere, serde_json::to_string(&v).unwrap()).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
-        assert_eq!(read(dir.path()), None);
-        std::fs::remove_file(&path).unwrap();
-        std::fs::rename(&elsewhere, &path).unwrap();
-        assert!(read(dir.path()).is_some());
-    }
 }

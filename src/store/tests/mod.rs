@@ -13,6 +13,7 @@ mod migrate;
 mod outbox;
 mod quarantine;
 mod stats;
+mod summary;
 
 pub(crate) use migrate::{schema_1_trees_gone, schema_of, write_v1_tasks};
 
