@@ -30,6 +30,8 @@ impl Core {
     /// and does not stop the others; one that fails after it began to write, or panics, is
     /// left out and the transaction runs again without it. A storage error fails them all
     /// (and marks the store's health).
+    ///
+    /// [`Store::apply`]: super::Store::apply
     pub(super) fn apply_batch(&self, writes: &[writer::Write]) -> Vec<writer::Outcome> {
         if let Err(e) = self.health.check() {
             return writes.iter().map(|_| Err(e.clone_failure())).collect();

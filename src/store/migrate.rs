@@ -21,6 +21,8 @@ pub(super) const FORMAT_MARKER: &[u8] = b"coverd store";
 const MIGRATION_CHUNK: usize = 256;
 
 /// How often a migration reports progress (see [`Store::open_with_progress`]).
+///
+/// [`Store::open_with_progress`]: super::Store::open_with_progress
 pub const MIGRATION_PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// Schema 1's newest-first index, dropped by the migration (after the version flip).

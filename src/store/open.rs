@@ -53,6 +53,8 @@ impl Store {
     /// [`Store::open`], calling `progress` with the number of task records migrated so far
     /// every [`MIGRATION_PROGRESS_EVERY`] while a migration runs (the daemon tells systemd
     /// that its start is taking longer).
+    ///
+    /// [`MIGRATION_PROGRESS_EVERY`]: super::MIGRATION_PROGRESS_EVERY
     pub fn open_with_progress(
         data_dir: &Path,
         progress: &dyn Fn(u64),
