@@ -7,7 +7,8 @@
 //!
 //! Also the one fsync of a directory ([`sync_dir`]) and the one creation of a private
 //! directory ([`create_private_dir`]), for every part that makes directories or their
-//! entries durable (the store, downloads, backups, the daemon's data directory).
+//! entries durable (the store, downloads, backups, the daemon's data directory); and what
+//! the filesystem holding a directory has free ([`free_bytes`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -138,6 +139,13 @@ impl DirSyncs {
     fn waiting(&self, dir: &Path) -> usize {
         self.lock().get(dir).map_or(0, |r| r.waiting)
     }
+}
+
+/// Bytes an unprivileged process may still write on the filesystem holding `path` (what
+/// `df` shows as available: root's reserve excluded).
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = rustix::fs::statvfs(path)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 #[cfg(test)]

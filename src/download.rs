@@ -31,13 +31,6 @@ const NAMES: Names = Names {
     index: "the download index",
     abandoned: "they resume at the next start",
 };
-/// Bytes an unprivileged process may still write on the filesystem holding `path` (what
-/// `df` shows as available: root's reserve excluded).
-pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);

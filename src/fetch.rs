@@ -947,7 +947,7 @@ mod tests {
                     after: Duration::from_secs(120),
                     stalled: false,
                 },
-                "timed out after 2m (whole request)",
+                "timed out after 2m waiting for the response headers",
             ),
             (
                 FetchError::CutBody {

@@ -96,7 +96,7 @@ impl Snapshot {
             due_downloads: store.due_downloads(now, QUEUE_COUNT_LIMIT)?.len(),
             due_polls: store.due_polls(now, QUEUE_COUNT_LIMIT)?.len(),
             oldest_unfinished: oldest,
-            disk_free_bytes: crate::download::free_bytes(store.path()).unwrap_or(0),
+            disk_free_bytes: crate::dirsync::free_bytes(store.path()).unwrap_or(0),
         })
     }
 }
