@@ -2,7 +2,7 @@
 //! (tests/it/power_loop.rs) can show that it catches each of them without a rebuild, and
 //! the kill and power loops' short notification backoff. Owns reading `COVERD_TEST_BREAK`
 //! and `COVERD_TEST_NOTIFY_BACKOFF` (once each) and naming the variants; must not decide
-//! anything itself: the three places that break (`store::writer`, `download::install`)
+//! anything itself: the places that break (`store::writer`, `store::open`, `download::install`)
 //! ask [`active`], `notify::backoff` asks [`notify_backoff`].
 //!
 //! `COVERD_TEST_BREAK=<ack-before-flush|skip-log-fdatasync|skip-image-dirsync>` makes coverd
@@ -10,7 +10,8 @@
 //! - `ack-before-flush`: the store's writer answers an update (and so a callback its 200)
 //!   as soon as its transaction is applied, before the flush round that makes it durable;
 //! - `skip-log-fdatasync`: the flush round leaves out the `fdatasync` of sled's log after
-//!   sled's own flush;
+//!   sled's own flush, and sled's periodic flush (whose `fsync` of the log would make the
+//!   same write durable by luck, up to 500 ms later) is off;
 //! - `skip-image-dirsync`: an image's install leaves out the directory fsyncs after its
 //!   rename.
 //!
