@@ -16,6 +16,7 @@ mod secret;
 mod tests;
 mod toml_errors;
 pub mod unit;
+mod unit_syntax;
 mod values;
 
 use keys::RawFile;
