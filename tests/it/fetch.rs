@@ -366,6 +366,30 @@ async fn stalled_body_times_out_at_the_read_timeout() {
     assert_eq!(leftovers(case.tmp.path()), Vec::<String>::new());
 }
 
+/// A case serving a PNG of `len` bytes in `chunk`s every `every_ms`, and its fetcher
+/// averaging the speed floor over 300 ms instead of 30 s.
+async fn trickled(
+    cfg: DownloadConfig,
+    len: usize,
+    chunk: usize,
+    every_ms: u64,
+) -> (Case, Fetcher, String) {
+    let case = Case::with(cfg, |g| g).await;
+    let fetcher = case
+        .fetcher
+        .clone()
+        .with_speed_window(Duration::from_millis(300));
+    let url = case.set(
+        "/s/a.png",
+        Behaviour::Trickle {
+            bytes: png(len),
+            chunk,
+            every: Duration::from_millis(every_ms),
+        },
+    );
+    (case, fetcher, url)
+}
+
 /// A body that flows, but below `download.min_bytes_per_second` over a whole window, is a
 /// transient failure (curl's `--speed-limit`), however short its stalls.
 #[tokio::test]
@@ -374,20 +398,8 @@ async fn a_body_below_the_speed_floor_is_too_slow() {
         min_bytes_per_second: 10_000,
         ..open_cfg()
     };
-    let case = Case::with(cfg, |g| g).await;
-    let fetcher = case
-        .fetcher
-        .clone()
-        .with_speed_window(Duration::from_millis(300));
     // 100 bytes every 50 ms: 2,000 bytes/s.
-    let url = case.set(
-        "/s/a.png",
-        Behaviour::Trickle {
-            bytes: png(5000),
-            chunk: 100,
-            every: Duration::from_millis(50),
-        },
-    );
+    let (case, fetcher, url) = trickled(cfg, 5000, 100, 50).await;
     let err = fetcher.fetch(&url, case.tmp.path()).await.unwrap_err();
     assert!(
         matches!(err, FetchError::TooSlow { floor: 10_000, .. }),
@@ -412,19 +424,7 @@ async fn a_steady_body_may_outlast_the_timeout() {
         min_bytes_per_second: 100,
         ..open_cfg()
     };
-    let case = Case::with(cfg, |g| g).await;
-    let fetcher = case
-        .fetcher
-        .clone()
-        .with_speed_window(Duration::from_millis(300));
-    let url = case.set(
-        "/s/a.png",
-        Behaviour::Trickle {
-            bytes: png(6000),
-            chunk: 200,
-            every: Duration::from_millis(100),
-        },
-    );
+    let (case, fetcher, url) = trickled(cfg, 6000, 200, 100).await;
     let started = Instant::now();
     let fetched = fetcher.fetch(&url, case.tmp.path()).await.unwrap();
     assert!(
