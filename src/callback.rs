@@ -1,7 +1,8 @@
-//! Callback intake: turns one `POST /callbacks/cover` body into a durable state-machine event
-//! and SPEC's answer (200 only after the delivery is flushed). Owns parsing KIE's callback
-//! JSON, signature checks and the answer codes; must not read sockets (that is `server`) or
-//! download anything (it only wakes `download`).
+//! Callback intake: turns one `POST /callbacks/<kind>` body into a durable state-machine
+//! event and SPEC's answer (200 only after the delivery is flushed). Owns parsing KIE's cover
+//! callback JSON (the other kinds' are read by `kind::read`), signature checks and the answer
+//! codes; must not read sockets (that is `server`) or download anything (it only wakes
+//! `download`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,9 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::kind::read::Reading;
 use crate::machine::{Ctx, Event, Report};
-use crate::model::{MAX_IMAGES, MAX_URL_BYTES, now_millis, valid_task_id};
+use crate::model::{Kind, MAX_IMAGES, MAX_URL_BYTES, now_millis, valid_task_id};
 use crate::signature;
 use crate::store::{IfMissing, Store, StoreError};
 
@@ -46,14 +48,35 @@ impl Answer {
 }
 
 /// A parsed delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub task_id: String,
     pub report: Report,
 }
 
-/// Parses a callback body: the task id from `data.taskId`, `taskId` or `data.task_id` (in
-/// that order), `code` (number or numeric string), `msg` or `message`, `data.images`.
+/// Parses a callback body of `kind` (SPEC "Task kinds"): a cover's by [`parse`], the
+/// others' by `kind::read`.
+pub fn parse_for(kind: Kind, body: &[u8]) -> Result<Delivery, String> {
+    if kind == Kind::Cover {
+        return parse(body);
+    }
+    let read = crate::kind::read::callback(kind, body)?;
+    let report = match read.reading {
+        Reading::Success { files } => Report::Success { files },
+        Reading::Failure { reason } => Report::Failure { reason },
+        Reading::Pending { stage, unknown } => Report::Stage {
+            stage: stage.or(unknown).unwrap_or_else(|| "pending".into()),
+        },
+    };
+    Ok(Delivery {
+        task_id: read.task_id,
+        report,
+    })
+}
+
+/// Parses a cover callback body: the task id from `data.taskId`, `taskId`, `task_id` or
+/// `data.task_id` (in that order), `code` (number or numeric string), `msg` or `message`,
+/// `data.images`.
 pub fn parse(body: &[u8]) -> Result<Delivery, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
     if !v.is_object() {
@@ -63,12 +86,13 @@ pub fn parse(body: &[u8]) -> Result<Delivery, String> {
     let task_id = [
         data.and_then(|d| d.get("taskId")),
         v.get("taskId"),
+        v.get("task_id"),
         data.and_then(|d| d.get("task_id")),
     ]
     .into_iter()
     .flatten()
     .find_map(Value::as_str)
-    .ok_or("no task id (looked for data.taskId, taskId, data.task_id)")?;
+    .ok_or("no task id (looked for data.taskId, taskId, task_id, data.task_id)")?;
     if !valid_task_id(task_id) {
         return Err("task id must be 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'".into());
     }
@@ -119,12 +143,12 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Handles one complete callback body.
-    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
-        let delivery = match parse(body) {
+    /// Handles one complete callback body that came on the route of `kind`.
+    pub async fn handle(&self, kind: Kind, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let delivery = match parse_for(kind, body) {
             Ok(d) => d,
             Err(reason) => {
-                tracing::warn!("callback rejected (400): {reason}");
+                tracing::warn!("{} callback rejected (400): {reason}", kind.as_str());
                 return Answer::error(StatusCode::BAD_REQUEST, reason);
             }
         };
@@ -163,7 +187,7 @@ impl Intake {
         // A full writer queue is refused at once (503, KIE retries), never waited on.
         let stored = self.store.try_apply_async(
             task_id,
-            Event::Callback(delivery.report.clone()),
+            Event::Callback(kind, delivery.report.clone()),
             ctx,
             if_missing,
         );
@@ -174,12 +198,18 @@ impl Intake {
             Ok(Some(applied)) => applied,
             Ok(None) => {
                 let report = match &delivery.report {
-                    Report::Success { images } => format!("success with {} image(s)", images.len()),
+                    Report::Success { files } => format!("success with {} file(s)", files.len()),
                     Report::Failure { reason } => format!("failure: {reason}"),
+                    Report::Stage { stage } => format!("`{stage}` stage"),
+                };
+                let track = match kind {
+                    Kind::Cover => String::new(),
+                    k => format!(" --kind {}", k.as_str()),
                 };
                 tracing::warn!(
                     task_id,
-                    "task {task_id} callback rejected (404): unknown task ({report}); not submitted or tracked here, and accept_unknown_tasks = false; `coverd admin track {task_id}` accepts its next delivery"
+                    "task {task_id} {} callback rejected (404): unknown task ({report}); not submitted or tracked here, and accept_unknown_tasks = false; `coverd admin track {task_id}{track}` accepts its next delivery",
+                    kind.as_str()
                 );
                 return Answer::error(
                     StatusCode::NOT_FOUND,
@@ -187,7 +217,11 @@ impl Intake {
                 );
             }
             Err(e) if e.is_undecodable() => {
-                return self.keep_aside(task_id, body, &e, deadline).await;
+                return self.keep_aside(kind, task_id, body, &e, deadline).await;
+            }
+            Err(e @ StoreError::WrongKind { .. }) => {
+                tracing::warn!(task_id, "task {task_id} callback rejected (409): {e}");
+                return Answer::error(StatusCode::CONFLICT, e.to_string());
             }
             Err(e @ StoreError::Busy { .. }) => {
                 tracing::warn!(
@@ -235,6 +269,7 @@ impl Intake {
     /// ([`replay_parked`]). A 503 would have KIE retry three times and then drop it.
     async fn keep_aside(
         &self,
+        kind: Kind,
         task_id: &str,
         body: &[u8],
         why: &StoreError,
@@ -250,7 +285,7 @@ impl Intake {
                 "store unavailable; retry later",
             )
         };
-        if let Err(e) = self.store.park(task_id, ROUTE, body, now_millis()) {
+        if let Err(e) = self.store.park(task_id, kind.as_str(), body, now_millis()) {
             return unavailable(&e);
         }
         match tokio::time::timeout_at(deadline, self.store.flush()).await {
@@ -276,9 +311,6 @@ fn if_missing(config: &Config) -> IfMissing {
     }
 }
 
-/// The task kind of `POST /callbacks/cover`, recorded with a delivery kept aside.
-pub const ROUTE: &str = "cover";
-
 /// Applies the callbacks kept aside for quarantined records whose record can be read now
 /// (after an upgrade or a repair), in arrival order, each durably before it is forgotten;
 /// those whose record still cannot be read stay. A crash in between applies one again,
@@ -300,30 +332,35 @@ pub async fn replay_parked(store: &Store, config: &Config) -> Result<usize, Stor
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        if parked.route != ROUTE {
+        let Some(kind) = Kind::parse(&parked.route) else {
             // A route of a newer coverd: left for it.
             continue;
-        }
+        };
         // Never more than the intake takes: a larger body did not come through it.
         let delivery = if parked.body.len() <= MAX_BODY_BYTES {
-            parse(&parked.body)
+            parse_for(kind, &parked.body)
         } else {
             Err(format!("{} bytes", parked.body.len()))
         };
         match delivery {
             Ok(delivery) if delivery.task_id == task_id => {
                 let ctx = Ctx::from_config(config, now_millis());
-                let event = Event::Callback(delivery.report);
+                let event = Event::Callback(kind, delivery.report);
                 match store
                     .apply_async(task_id, event, ctx, if_missing(config))
-                    .await?
+                    .await
                 {
-                    Some(done) => {
+                    Ok(Some(done)) => {
                         store.durable(done.ticket).await?;
                         crate::logline::record(&done, tracing::Level::INFO);
                         applied += 1;
                     }
-                    None => tracing::warn!(
+                    Err(e @ StoreError::WrongKind { .. }) => tracing::warn!(
+                        task_id,
+                        "task {task_id}: a callback kept aside was dropped: {e}"
+                    ),
+                    Err(e) => return Err(e),
+                    Ok(None) => tracing::warn!(
                         task_id,
                         "task {task_id}: a callback kept aside was dropped: the task is no longer known here"
                     ),
@@ -374,9 +411,7 @@ mod tests {
         );
         assert_eq!(
             d.report,
-            Report::Success {
-                images: vec!["https://h/a.png".into(), "https://h/b.png".into()]
-            }
+            Report::images(vec!["https://h/a.png".into(), "https://h/b.png".into()])
         );
         let d = ok(
             r#"{"code":501,"msg":"Cover generation failed","data":{"taskId":"t","images":null}}"#,

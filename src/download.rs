@@ -20,7 +20,9 @@ use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
-use crate::model::{Clock, EventKind, Image, ImageState, Millis, State, Task, millis};
+use crate::model::{
+    Clock, EventKind, FileType, Image, ImageState, Kind, Millis, State, Task, millis,
+};
 use crate::retry::{self, Backoff, Jitter};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::sharing::FileAccess;
@@ -34,14 +36,25 @@ const NAMES: Names = Names {
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
-/// Where complete images live, relative to the data directory.
+/// Where complete cover images live, relative to the data directory.
 pub const IMAGES_DIR: &str = "images";
+/// Where the complete files of the other kinds live, relative to the data directory.
+pub const FILES_DIR: &str = "files";
+/// Both, for what goes over every stored file.
+pub const STORED_DIRS: [&str; 2] = [IMAGES_DIR, FILES_DIR];
 
-/// Where an image is stored, relative to the data directory:
-/// `images/<task_id>/<index>.<ext>`. The one place that builds it: `install` writes there,
-/// and restore accepts a record only if its path is exactly this.
-pub fn image_path(task_id: &str, index: u32, ext: crate::fetch::Ext) -> String {
-    format!("{IMAGES_DIR}/{task_id}/{index}.{}", ext.as_str())
+/// The directory of a task's files, relative to the data directory: `images/<task_id>` for a
+/// cover, `files/<task_id>` for the others.
+pub fn task_dir(kind: Kind, task_id: &str) -> String {
+    format!("{}/{task_id}", kind.describe().dir)
+}
+
+/// Where a file is stored, relative to the data directory: `images/<task_id>/<index>.<ext>`
+/// for a cover image, `files/<task_id>/<name>.<ext>` for the others (SPEC "Data directory").
+/// The one place that builds it: `install` writes there, and restore accepts a record only
+/// if its path is exactly this.
+pub fn file_path(kind: Kind, task_id: &str, name: &str, ext: Ext) -> String {
+    format!("{}/{name}.{}", task_dir(kind, task_id), ext.as_str())
 }
 /// Where partial downloads live; emptied at every start.
 pub const TMP_DIR: &str = "tmp";
@@ -67,10 +80,12 @@ pub fn recover(data_dir: &Path) -> Result<usize, DownloadError> {
     let prepare = |path: PathBuf| {
         create_private_dir(&path).map_err(|source| DownloadError::Prepare { path, source })
     };
-    prepare(data_dir.join(IMAGES_DIR))?;
+    for dir in STORED_DIRS {
+        prepare(data_dir.join(dir))?;
+    }
     let tmp = data_dir.join(TMP_DIR);
     prepare(tmp.clone())?;
-    // The entries of `images/` and `tmp/` in the data directory: `install` syncs
+    // The entries of `images/`, `files/` and `tmp/` in the data directory: `install` syncs
     // `images/<task>/` and `images/`, never the data directory, so without this a power cut
     // could take `images/` with every image recorded in it (found by the power-cut loop, on
     // a fresh data directory: the store syncs the data directory before these exist).
@@ -107,6 +122,9 @@ enum ObtainError {
     /// 5xx, unreachable): the image is tried again later instead of failing for good.
     #[error("{original}; KIE's download-url could not give a fresh link yet: {kie}")]
     Refresh { original: FetchError, kie: KieError },
+    /// The record names the file in a way its kind never does (damage): nothing is fetched.
+    #[error("not fetched: the record is damaged ({0})")]
+    BadRecord(String),
 }
 
 impl ObtainError {
@@ -118,13 +136,14 @@ impl ObtainError {
         match self {
             ObtainError::Fetch(e) => e.is_transient(),
             ObtainError::Refresh { .. } => true,
+            ObtainError::BadRecord(_) => false,
         }
     }
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ObtainError::Fetch(e) => e.retry_after(),
-            ObtainError::Refresh { .. } => None,
+            ObtainError::Refresh { .. } | ObtainError::BadRecord(_) => None,
         }
     }
 }
@@ -199,6 +218,7 @@ impl Downloader {
             _ => return,
         };
         let now = self.clock.now();
+        let kind = task.kind;
         let mut fetches = tokio::task::JoinSet::new();
         for image in task
             .images
@@ -215,7 +235,7 @@ impl Downloader {
                 if shutdown.is_cancelled() || this.paused() {
                     return;
                 }
-                this.download_image(&task_id, image).await;
+                this.download_image(&task_id, kind, image).await;
             });
         }
         while fetches.join_next().await.is_some() {}
@@ -267,17 +287,24 @@ impl Downloader {
         };
         let task_id = task.task_id.as_str();
         let asked = task.confirm_attempts + 1;
-        let answer = kie.record_info(task_id).await;
+        let answer = kie.details(task.kind, task_id).await;
         let now = self.clock.now();
         let give_up_at = task
             .submitted_at
             .saturating_add(millis(self.config.poll.give_up_after));
         let event = match interpret(task_id, answer, now.saturating_sub(task.submitted_at)) {
-            Verdict::Done(Report::Success { images }) => Event::Confirm {
-                images,
+            Verdict::Done(Report::Success { files }) => Event::Confirm {
+                files,
                 detail: "record-info confirms the callback's image URLs".into(),
             },
             Verdict::Done(Report::Failure { reason }) => Event::ConfirmFailed { reason },
+            // Not a details reading (stages come by callback only): not confirmed yet.
+            Verdict::Done(Report::Stage { stage }) => Event::ConfirmLater {
+                until: now
+                    .saturating_add(millis(self.config.poll.interval))
+                    .min(give_up_at),
+                detail: format!("record-info: {stage}; confirming again before any download"),
+            },
             Verdict::Pending { detail, .. } if now >= give_up_at => Event::ConfirmGiveUp {
                 detail: format!(
                     "{detail} after {asked} confirmation(s), at poll.give_up_after ({})",
@@ -322,11 +349,11 @@ impl Downloader {
         }
     }
 
-    async fn download_image(&self, task_id: &str, image: Image) {
+    async fn download_image(&self, task_id: &str, kind: Kind, image: Image) {
         let index = image.index;
         let started = std::time::Instant::now();
-        let obtained = self.obtain(task_id, &image).await;
-        self.metrics.image_fetch_took(started.elapsed());
+        let obtained = self.obtain(task_id, kind, &image).await;
+        self.metrics.file_fetch_took(kind, started.elapsed());
         let event = match obtained {
             Ok(stored) => stored,
             Err(e) if e.is_disk_full() => {
@@ -368,11 +395,11 @@ impl Downloader {
         };
         match self.record(task_id, event).await {
             Ok(Some(applied)) => {
-                for (kind, _) in &applied.outcome.notes {
-                    match kind {
-                        EventKind::ImageStored => self.metrics.image_fetch("stored", bytes),
-                        EventKind::ImageRetry => self.metrics.image_fetch("retry", 0),
-                        EventKind::ImageFailed => self.metrics.image_fetch("failed", 0),
+                for (note, _) in &applied.outcome.notes {
+                    match note {
+                        EventKind::ImageStored => self.metrics.file_fetch(kind, "stored", bytes),
+                        EventKind::ImageRetry => self.metrics.file_fetch(kind, "retry", 0),
+                        EventKind::ImageFailed => self.metrics.file_fetch(kind, "failed", 0),
                         _ => {}
                     }
                 }
@@ -391,11 +418,12 @@ impl Downloader {
         }
     }
 
-    /// Gets image `image` of `task_id` to its final path and returns the event recording it.
-    async fn obtain(&self, task_id: &str, image: &Image) -> Result<Event, ObtainError> {
+    /// Gets file `image` of `task_id` to its final path and returns the event recording it.
+    async fn obtain(&self, task_id: &str, kind: Kind, image: &Image) -> Result<Event, ObtainError> {
         let data_dir = &self.config.data_dir;
+        let slot = Slot::of(kind, task_id, image).map_err(ObtainError::BadRecord)?;
         // A crash between rename and record leaves a complete file: adopt it, don't refetch.
-        if let Some(event) = adopt_existing(data_dir, task_id, image.index).await {
+        if let Some(event) = adopt_existing(data_dir, &slot, image.index).await {
             let index = image.index;
             tracing::info!(
                 task_id,
@@ -406,10 +434,11 @@ impl Downloader {
         }
         let url = image.refreshed_url.as_deref().unwrap_or(&image.url);
         let tmp = data_dir.join(TMP_DIR);
-        let fetched = match self.fetcher.fetch(url, &tmp).await {
+        let expect = image.expect;
+        let fetched = match self.fetcher.fetch_as(url, &tmp, expect).await {
             Err(e) if e.is_gone() && image.refreshed_url.is_none() => {
                 match self.refresh(task_id, image).await {
-                    Some(Ok(fresh)) => self.fetcher.fetch(&fresh, &tmp).await?,
+                    Some(Ok(fresh)) => self.fetcher.fetch_as(&fresh, &tmp, expect).await?,
                     // KIE could not be asked right now: not a refusal, so try again later.
                     Some(Err(kie)) if kie.is_transient() => {
                         return Err(ObtainError::Refresh { original: e, kie });
@@ -419,14 +448,13 @@ impl Downloader {
             }
             other => other?,
         };
-        let rel = image_path(task_id, image.index, fetched.ext);
+        let rel = slot.path(fetched.ext);
         install(
             self.dir_syncs.clone(),
             FileAccess::of(&self.config),
             data_dir,
             &fetched.temp_path,
-            task_id,
-            image.index,
+            &slot,
             fetched.ext,
         )
         .await
@@ -496,23 +524,82 @@ impl DueWork for Downloader {
     }
 }
 
-/// Moves a complete, synced temp file to `images/<task>/<index>.<ext>` (with the mode and
-/// group of `access`) and syncs the directories, so that after this returns the file survives a crash. Files of the same
-/// index with another extension (an earlier attempt) are removed first. Each directory
-/// fsync starts after the rename and is shared with installs landing at the same time
-/// (`dirsync`).
+/// Where one file of a task goes: its kind's directory, the task's directory in it, its
+/// name without extension and the type its bytes must be. Built from the kind's rules (a
+/// record's name is checked against them), never from a path a record holds.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    kind: Kind,
+    task_id: String,
+    name: String,
+    expect: FileType,
+}
+
+impl Slot {
+    /// The slot of file `image` of task `task_id` of `kind`; `Err` (why) for an invalid task
+    /// id or a name the kind does not give.
+    pub fn of(kind: Kind, task_id: &str, image: &Image) -> Result<Slot, String> {
+        if !crate::model::valid_task_id(task_id) {
+            return Err(format!("{task_id:?} is not a valid task id"));
+        }
+        if !kind.file_name_ok(image.index, &image.name) {
+            return Err(format!(
+                "file {} is named {:?}, not a name a {} task gives its files",
+                image.index,
+                image.name,
+                kind.as_str()
+            ));
+        }
+        Ok(Slot {
+            kind,
+            task_id: task_id.to_string(),
+            name: image.name.clone(),
+            expect: image.expect,
+        })
+    }
+
+    /// The task's directory, relative to the data directory.
+    pub fn dir(&self) -> String {
+        task_dir(self.kind, &self.task_id)
+    }
+
+    /// The file's path with `ext`, relative to the data directory.
+    pub fn path(&self, ext: Ext) -> String {
+        file_path(self.kind, &self.task_id, &self.name, ext)
+    }
+
+    /// The file's name in its directory with `ext`.
+    pub fn file_name(&self, ext: Ext) -> String {
+        format!("{}.{}", self.name, ext.as_str())
+    }
+
+    /// The extensions a file of this slot may have (those of its type).
+    pub fn exts(&self) -> impl Iterator<Item = Ext> + use<> {
+        self.expect.exts()
+    }
+}
+
+/// Moves a complete, synced temp file to its slot's path with `ext` (with the mode and group
+/// of `access`) and syncs the directories, so that after this returns the file survives a
+/// crash. Files of the same slot with another extension of its type (an earlier attempt)
+/// are removed first. Each directory fsync starts after the rename and is shared with
+/// installs landing at the same time (`dirsync`).
 async fn install(
     syncs: Arc<DirSyncs>,
     access: FileAccess,
     data_dir: &Path,
     temp: &Path,
-    task_id: &str,
-    index: u32,
+    slot: &Slot,
     ext: Ext,
 ) -> std::io::Result<()> {
-    let images = data_dir.join(IMAGES_DIR);
-    let dir = images.join(task_id);
-    let final_path = dir.join(format!("{index}.{}", ext.as_str()));
+    let kind_dir = data_dir.join(slot.kind.describe().dir);
+    let dir = data_dir.join(slot.dir());
+    let final_path = data_dir.join(slot.path(ext));
+    let others: Vec<PathBuf> = slot
+        .exts()
+        .filter(|e| *e != ext)
+        .map(|e| data_dir.join(slot.path(e)))
+        .collect();
     let temp_owned = temp.to_path_buf();
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let temp = temp_owned;
@@ -527,8 +614,7 @@ async fn install(
         } else {
             create_private_dir(&dir)?;
         }
-        for other in Ext::ALL.iter().filter(|e| **e != ext) {
-            let p = dir.join(format!("{index}.{}", other.as_str()));
+        for p in others {
             if p.exists() {
                 std::fs::remove_file(&p)?;
             }
@@ -539,11 +625,11 @@ async fn install(
             return Ok(());
         }
         syncs.sync(&dir)?;
-        // Always, not only when this call created `dir`: two images of a new task install at
-        // once, and the second must not be recorded before the entry of `dir` in `images/` is
-        // durable, which only the first one's sync would otherwise guarantee. Installs at the
-        // same time share this sync.
-        syncs.sync(&images)?;
+        // Always, not only when this call created `dir`: two files of a new task install at
+        // once, and the second must not be recorded before the entry of `dir` in `images/`
+        // (or `files/`) is durable, which only the first one's sync would otherwise
+        // guarantee. Installs at the same time share this sync.
+        syncs.sync(&kind_dir)?;
         Ok(())
     })
     .await
@@ -555,13 +641,12 @@ async fn install(
     result
 }
 
-/// Removes the stored file(s) of image `index` of `task_id` — any extension — because they
-/// are known to be damaged (`admin retry`). Without this, the re-fetch would adopt a corrupt
-/// file that still looks like an image as if a crash had left it (see [`adopt_existing`]).
-pub fn discard(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()> {
-    let dir = data_dir.join(IMAGES_DIR).join(task_id);
-    for ext in Ext::ALL {
-        match std::fs::remove_file(dir.join(format!("{index}.{}", ext.as_str()))) {
+/// Removes the stored file(s) of `slot` — any extension of its type — because they are
+/// known to be damaged (`admin retry`). Without this, the re-fetch would adopt a corrupt
+/// file that still looks like its type as if a crash had left it (see [`adopt_existing`]).
+pub fn discard(data_dir: &Path, slot: &Slot) -> std::io::Result<()> {
+    for ext in slot.exts() {
+        match std::fs::remove_file(data_dir.join(slot.path(ext))) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -570,25 +655,24 @@ pub fn discard(data_dir: &Path, task_id: &str, index: u32) -> std::io::Result<()
     Ok(())
 }
 
-/// A complete file already at the final path of `index` (written before a crash that came
-/// before its record): hash it and return the event that records it.
-async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Event> {
-    let dir = data_dir.join(IMAGES_DIR).join(task_id);
-    let task_id = task_id.to_string();
+/// A complete file already at the final path of `slot` (written before a crash that came
+/// before its record): hash it (streaming) and return the event that records it.
+async fn adopt_existing(data_dir: &Path, slot: &Slot, index: u32) -> Option<Event> {
+    let candidates: Vec<(Ext, String)> = slot.exts().map(|e| (e, slot.path(e))).collect();
+    let data_dir = data_dir.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        for ext in Ext::ALL {
-            let path = dir.join(format!("{index}.{}", ext.as_str()));
-            let Ok(bytes) = std::fs::read(&path) else {
+        for (ext, rel) in candidates {
+            let Ok((bytes, sha256, head)) = hash_file(&data_dir.join(&rel)) else {
                 continue;
             };
-            if Ext::sniff(&bytes) != Some(ext) {
+            if Ext::sniff(&head) != Some(ext) {
                 continue;
             }
             return Some(Event::ImageStored {
                 index,
-                path: format!("{IMAGES_DIR}/{task_id}/{index}.{}", ext.as_str()),
-                bytes: bytes.len() as u64,
-                sha256: hex::encode(Sha256::digest(&bytes)),
+                path: rel,
+                bytes,
+                sha256,
             });
         }
         None
@@ -596,4 +680,28 @@ async fn adopt_existing(data_dir: &Path, task_id: &str, index: u32) -> Option<Ev
     .await
     .ok()
     .flatten()
+}
+
+/// A file's size, sha256 (hex) and first 16 bytes, read in 128 KiB steps (bounded memory
+/// for any size of file).
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, String, Vec<u8>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut head = Vec::with_capacity(16);
+    let mut total: u64 = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if head.len() < 16 {
+            let take = (16 - head.len()).min(n);
+            head.extend_from_slice(&buf[..take]);
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex::encode(hasher.finalize()), head))
 }

@@ -31,44 +31,7 @@ pub const SPEED_WINDOW: Duration = Duration::from_secs(30);
 /// Bytes of the body kept to recognise the image type and describe what was served.
 const HEAD_LEN: usize = 16;
 
-/// The image type, from the file's own bytes (never from Content-Type or the URL).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ext {
-    Png,
-    Jpg,
-    Webp,
-    Gif,
-}
-
-impl Ext {
-    /// Recognises PNG, JPEG, WebP and GIF by their magic bytes.
-    pub fn sniff(head: &[u8]) -> Option<Ext> {
-        if head.starts_with(b"\x89PNG\r\n\x1a\n") {
-            Some(Ext::Png)
-        } else if head.starts_with(b"\xff\xd8\xff") {
-            Some(Ext::Jpg)
-        } else if head.len() >= 12 && head.starts_with(b"RIFF") && &head[8..12] == b"WEBP" {
-            Some(Ext::Webp)
-        } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
-            Some(Ext::Gif)
-        } else {
-            None
-        }
-    }
-
-    /// Every type, in the order `as_str` lists them.
-    pub const ALL: [Ext; 4] = [Ext::Png, Ext::Jpg, Ext::Webp, Ext::Gif];
-
-    /// The file extension: `png`, `jpg`, `webp` or `gif`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Ext::Png => "png",
-            Ext::Jpg => "jpg",
-            Ext::Webp => "webp",
-            Ext::Gif => "gif",
-        }
-    }
-}
+pub use crate::kind::{Ext, FileType};
 
 /// One image fetched into a complete, synced temp file.
 #[derive(Debug, Clone)]
@@ -109,13 +72,25 @@ pub enum FetchError {
         transient: bool,
         retry_after: Option<Duration>,
     },
-    /// Content-Length or the streamed body exceeded `download.max_image_bytes`. Permanent.
-    #[error("image larger than {limit} bytes")]
-    TooLarge { limit: u64 },
-    /// The body is not a PNG, JPEG, WebP or GIF. Permanent.
-    /// `start` describes the first bytes, e.g. `starts with '<!DOCTYPE html>'` or `empty body`.
-    #[error("not an image: content-type {content_type}, {start}")]
-    NotImage { content_type: String, start: String },
+    /// Content-Length or the streamed body exceeded the cap of the expected type
+    /// (`download.max_image_bytes`, `max_audio_bytes`, …). Permanent.
+    #[error("{} larger than {limit} bytes", expect.noun())]
+    TooLarge { limit: u64, expect: FileType },
+    /// The body is not of the expected type (for an image: PNG, JPEG, WebP or GIF).
+    /// Permanent. `start` describes the first bytes, e.g. `starts with '<!DOCTYPE html>'`.
+    #[error("not {}: content-type {content_type}, {start}", expect.describe())]
+    WrongType {
+        expect: FileType,
+        content_type: String,
+        start: String,
+    },
+    /// A 2xx answer with an empty body. Transient: KIE's hosts have answered so for files
+    /// that exist.
+    #[error("not {}: content-type {content_type}, empty body", expect.describe())]
+    Empty {
+        expect: FileType,
+        content_type: String,
+    },
     /// No connection could be made (refused, DNS failure, connect timeout, TLS).
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
@@ -166,12 +141,13 @@ impl FetchError {
             | FetchError::Timeout { .. }
             | FetchError::TooSlow { .. }
             | FetchError::CutBody { .. }
+            | FetchError::Empty { .. }
             | FetchError::Io(_) => true,
             FetchError::Status { transient, .. } => *transient,
             FetchError::Refused(_)
             | FetchError::Gone { .. }
             | FetchError::TooLarge { .. }
-            | FetchError::NotImage { .. } => false,
+            | FetchError::WrongType { .. } => false,
         }
     }
 
@@ -234,9 +210,21 @@ impl Fetcher {
         }
     }
 
-    /// Fetches `url` into a new `<random hex>.part` file in `tmp_dir`. A refused URL makes
-    /// no connection. On error no file is left behind.
+    /// Fetches image `url` into a new `<random hex>.part` file in `tmp_dir`: [`Fetcher::fetch_as`]
+    /// an image.
     pub async fn fetch(&self, url: &str, tmp_dir: &Path) -> Result<Fetched, FetchError> {
+        self.fetch_as(url, tmp_dir, FileType::Image).await
+    }
+
+    /// Fetches `url`, whose bytes must be of type `expect` within its size cap, into a new
+    /// `<random hex>.part` file in `tmp_dir`. A refused URL makes no connection. On error
+    /// no file is left behind.
+    pub async fn fetch_as(
+        &self,
+        url: &str,
+        tmp_dir: &Path,
+        expect: FileType,
+    ) -> Result<Fetched, FetchError> {
         let url =
             Url::parse(url).map_err(|e| Refused(format!("refused URL: not a valid URL ({e})")))?;
         self.guard.check_url(&url)?;
@@ -250,16 +238,23 @@ impl Fetcher {
             })?
             .map_err(|e| self.request_error(e, &url))?;
         check_status(resp.status().as_u16(), resp.headers())?;
-        let limit = self.cfg.max_image_bytes;
+        let limit = self.cfg.max_bytes(expect);
         let expected = resp.content_length();
         if expected.is_some_and(|len| len > limit) {
-            return Err(FetchError::TooLarge { limit });
+            return Err(FetchError::TooLarge { limit, expect });
         }
         let content_type = describe_content_type(resp.headers());
         let final_url = resp.url().to_string();
 
         let mut writer = PartWriter::start(tmp_dir);
-        let body = self.receive(&mut resp, &mut writer, limit, expected, &content_type);
+        let body = self.receive(
+            &mut resp,
+            &mut writer,
+            expect,
+            limit,
+            expected,
+            &content_type,
+        );
         let (received, ext) = match body.await {
             Ok(done) => done,
             Err(e) => {
@@ -287,6 +282,7 @@ impl Fetcher {
         &self,
         resp: &mut reqwest::Response,
         writer: &mut PartWriter,
+        expect: FileType,
         limit: u64,
         expected: Option<u64>,
         content_type: &str,
@@ -311,13 +307,13 @@ impl Fetcher {
             let len = chunk.len() as u64;
             speed.received(len, Instant::now())?;
             if received.saturating_add(len) > limit {
-                return Err(FetchError::TooLarge { limit });
+                return Err(FetchError::TooLarge { limit, expect });
             }
             if ext.is_none() {
                 let take = (HEAD_LEN - head.len()).min(chunk.len());
                 head.extend_from_slice(&chunk[..take]);
                 if head.len() >= HEAD_LEN {
-                    ext = Some(sniff_or_refuse(&head, &content_type)?);
+                    ext = Some(sniff_or_refuse(&head, &content_type, expect)?);
                 }
             }
             writer.write(chunk).await?;
@@ -328,7 +324,7 @@ impl Fetcher {
         }
         let ext = match ext {
             Some(ext) => ext,
-            None => sniff_or_refuse(&head, &content_type)?,
+            None => sniff_or_refuse(&head, &content_type, expect)?,
         };
         Ok((received, ext))
     }
@@ -504,15 +500,25 @@ fn describe_content_type(headers: &HeaderMap) -> String {
     }
 }
 
-fn sniff_or_refuse(head: &[u8], content_type: &str) -> Result<Ext, FetchError> {
-    Ext::sniff(head).ok_or_else(|| FetchError::NotImage {
-        content_type: content_type.to_owned(),
-        start: if head.is_empty() {
-            "empty body".to_owned()
-        } else {
-            format!("starts with '{}'", head.escape_ascii())
-        },
-    })
+/// The type of a body from its first bytes, if it is `expect`.
+fn sniff_or_refuse(head: &[u8], content_type: &str, expect: FileType) -> Result<Ext, FetchError> {
+    if head.is_empty() {
+        return Err(FetchError::Empty {
+            expect,
+            content_type: content_type.to_owned(),
+        });
+    }
+    match Ext::sniff(head) {
+        Some(ext) if ext.file_type() == expect => Ok(ext),
+        found => Err(FetchError::WrongType {
+            expect,
+            content_type: content_type.to_owned(),
+            start: match found {
+                Some(other) => format!("its bytes are {}", other.file_type().describe()),
+                None => format!("starts with '{}'", head.escape_ascii()),
+            },
+        }),
+    }
 }
 
 /// A URL for messages: scheme://host[:port]/path, without userinfo, query or fragment.
@@ -852,7 +858,13 @@ mod tests {
         }
         let other = FetchError::Io(io::Error::from_raw_os_error(5 /* EIO */));
         assert!(!other.is_disk_full());
-        assert!(!FetchError::TooLarge { limit: 1 }.is_disk_full());
+        assert!(
+            !FetchError::TooLarge {
+                limit: 1,
+                expect: FileType::Image
+            }
+            .is_disk_full()
+        );
     }
 
     #[test]
@@ -863,7 +875,9 @@ mod tests {
             (b"RIFF\x24\0\0\0WEBPVP8 ", Some(Ext::Webp)),
             (b"GIF87a\x01\0", Some(Ext::Gif)),
             (b"GIF89a\x01\0", Some(Ext::Gif)),
-            (b"RIFF\x24\0\0\0WAVEfmt ", None),
+            (b"RIFF\x24\0\0\0WAVEfmt ", Some(Ext::Wav)),
+            (b"ID3\x04\0\0\0\0\0\0", Some(Ext::Mp3)),
+            (b"\0\0\0\x20ftypisom", Some(Ext::Mp4)),
             (b"\x89PNG\r\n", None),
             (b"<!DOCTYPE html>", None),
             (b"", None),
@@ -872,7 +886,7 @@ mod tests {
             assert_eq!(Ext::sniff(head), *ext, "{}", head.escape_ascii());
         }
         let names: Vec<_> = Ext::ALL.iter().map(|e| e.as_str()).collect();
-        assert_eq!(names, ["png", "jpg", "webp", "gif"]);
+        assert_eq!(names, ["png", "jpg", "webp", "gif", "mp3", "wav", "mp4"]);
     }
 
     #[test]
@@ -964,15 +978,18 @@ mod tests {
                 "body cut off after 7 bytes",
             ),
             (
-                FetchError::TooLarge { limit: 26214400 },
+                FetchError::TooLarge {
+                    limit: 26214400,
+                    expect: FileType::Image,
+                },
                 "image larger than 26214400 bytes",
             ),
             (
-                sniff_or_refuse(b"<!DOCTYPE html>\n<h", "text/html").unwrap_err(),
+                sniff_or_refuse(b"<!DOCTYPE html>\n<h", "text/html", FileType::Image).unwrap_err(),
                 "not an image: content-type text/html, starts with '<!DOCTYPE html>\\n<h'",
             ),
             (
-                sniff_or_refuse(b"", "image/png").unwrap_err(),
+                sniff_or_refuse(b"", "image/png", FileType::Image).unwrap_err(),
                 "not an image: content-type image/png, empty body",
             ),
         ];

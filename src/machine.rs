@@ -6,9 +6,10 @@
 //! Must not do I/O, read clocks or draw random numbers: time and backoff arrive in the event
 //! and the [`Ctx`], so every transition is unit-testable.
 
+pub use crate::kind::read::Found;
 use crate::model::{
-    EventKind, Failure, Image, ImageState, Millis, Notification, NotifyState, NotifyType, Source,
-    State, Task,
+    EventKind, Failure, Image, ImageState, Kind, Millis, Notification, NotifyState, NotifyType,
+    Source, State, Task,
 };
 use crate::retry;
 
@@ -35,21 +36,35 @@ impl Ctx {
     }
 }
 
-/// What KIE told us about a task, by callback or by polling record-info.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What KIE told us about a task, by callback or by polling its details (record-info).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Report {
-    /// Generation finished; these are the image URLs (never empty).
-    Success { images: Vec<String> },
+    /// Generation finished; these are the files (never empty).
+    Success { files: Vec<Found> },
     /// Generation failed; `reason` is KIE's code and message.
     Failure { reason: String },
+    /// A staged callback before the result (music's `text` and `first`): recorded, changes
+    /// no state.
+    Stage { stage: String },
 }
 
 impl Report {
+    /// A cover's success: its image URLs, in KIE's order.
+    pub fn images(urls: Vec<String>) -> Report {
+        Report::Success {
+            files: urls
+                .into_iter()
+                .zip(0u32..)
+                .map(|(u, i)| Found::image(i, u))
+                .collect(),
+        }
+    }
+
     /// Classifies a callback body's code, message and images. A "success" without images is
     /// a failure: there is nothing to download.
     pub fn from_callback(code: i64, msg: &str, images: Vec<String>) -> Report {
         if code == 200 && !images.is_empty() {
-            Report::Success { images }
+            Report::images(images)
         } else if code == 200 {
             Report::Failure {
                 reason: "KIE reported success but sent no image URLs".into(),
@@ -62,15 +77,35 @@ impl Report {
     }
 }
 
-/// Everything that can happen to a task.
+/// Where a task comes from, as `submit` and `admin track` know it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub kind: Kind,
+    pub music_task_id: Option<String>,
+    /// The track a `wav`, `video` or `stems` task is made from.
+    pub audio_id: Option<String>,
+}
+
+impl Origin {
+    /// A cover of the song `music_task_id`.
+    pub fn cover(music_task_id: Option<String>) -> Origin {
+        Origin {
+            kind: Kind::Cover,
+            music_task_id,
+            audio_id: None,
+        }
+    }
+}
+
+/// Everything that can happen to a task.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// `coverd submit` recorded its intent to ask KIE for this cover.
-    Submit { music_task_id: Option<String> },
+    /// `coverd submit` recorded its intent to ask KIE for this task.
+    Submit(Origin),
     /// `admin track` adopted a task submitted elsewhere.
-    Track { music_task_id: Option<String> },
-    /// A callback delivery arrived (duplicates included).
-    Callback(Report),
+    Track(Origin),
+    /// A callback delivery arrived on the route of its kind (duplicates included).
+    Callback(Kind, Report),
     /// A record-info poll answered with a final result.
     Polled(Report),
     /// A record-info poll found the task still pending; look again at `next_poll_at`.
@@ -83,8 +118,8 @@ pub enum Event {
     /// Nothing arrived by `poll.give_up_after`.
     GiveUp,
     /// record-info confirmed a success callback (`kie.confirm_callbacks`): these are the
-    /// image URLs it lists (never empty). They are the ones fetched.
-    Confirm { images: Vec<String>, detail: String },
+    /// files it lists (never empty). They are the ones fetched.
+    Confirm { files: Vec<Found>, detail: String },
     /// record-info, asked to confirm a success callback, says the task failed: the task
     /// fails with KIE's `reason` and the callback's URLs are dropped unfetched.
     ConfirmFailed { reason: String },
@@ -113,6 +148,18 @@ pub enum Event {
     Retry { damaged: Vec<u32> },
 }
 
+impl Event {
+    /// The kind of task this event is for, when it says: a task of another kind refuses it
+    /// (`store::apply`), a task it creates has it.
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Event::Submit(o) | Event::Track(o) => Some(o.kind),
+            Event::Callback(kind, _) => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
 /// What `apply` did, for the history and for whoever must act next.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -133,49 +180,62 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
     let revivable = matches!(task.failure, Some(Failure::Generation | Failure::NoResult));
     match (task.state, event) {
         // ---- intake of a task id ----
-        (State::Submitted, Event::Submit { music_task_id } | Event::Track { music_task_id })
+        (State::Submitted, Event::Submit(origin) | Event::Track(origin))
             if task.event_count == 0 =>
         {
-            task.music_task_id = music_task_id;
+            task.kind = origin.kind;
+            task.music_task_id = origin.music_task_id;
+            task.audio_id = origin.audio_id;
             task.submitted_at = ctx.now;
             task.next_poll_at = ctx.now.saturating_add(ctx.poll_after_ms);
             out.note(EventKind::Submitted, "task recorded");
         }
-        (_, Event::Submit { music_task_id } | Event::Track { music_task_id }) => {
+        (_, Event::Submit(origin) | Event::Track(origin)) => {
             if task.music_task_id.is_none() {
-                task.music_task_id = music_task_id;
+                task.music_task_id = origin.music_task_id;
+            }
+            if task.audio_id.is_none() {
+                task.audio_id = origin.audio_id;
             }
             out.note(EventKind::Tracked, "task already known; nothing changed");
         }
 
         // ---- KIE's result: callback or poll ----
-        (State::Submitted, Event::Callback(Report::Success { images })) => {
+        (_, Event::Callback(_, Report::Stage { stage })) => {
+            task.callbacks += 1;
+            out.note(
+                EventKind::Callback,
+                format!("`{stage}` stage callback: not the result yet; nothing changes"),
+            );
+        }
+        (State::Submitted, Event::Callback(_, Report::Success { files })) => {
             task.callbacks += 1;
             out.note(EventKind::Callback, "success callback");
-            receive(task, images, Source::Callback, ctx, &mut out);
+            receive(task, files, Source::Callback, ctx, &mut out);
         }
-        (State::Failed, Event::Callback(Report::Success { images })) if revivable => {
+        (State::Failed, Event::Callback(_, Report::Success { files })) if revivable => {
             task.callbacks += 1;
             out.note(EventKind::Callback, "success callback after failure");
-            receive(task, images, Source::Callback, ctx, &mut out);
+            receive(task, files, Source::Callback, ctx, &mut out);
         }
-        (State::Submitted, Event::Callback(Report::Failure { reason })) => {
+        (State::Submitted, Event::Callback(_, Report::Failure { reason })) => {
             task.callbacks += 1;
             out.note(EventKind::Callback, reason.clone());
             fail(task, Failure::Generation, reason, &mut out);
         }
-        (State::Failed, Event::Callback(Report::Failure { reason }))
+        (State::Failed, Event::Callback(_, Report::Failure { reason }))
             if task.failure == Some(Failure::NoResult) =>
         {
             task.callbacks += 1;
             out.note(EventKind::Callback, reason.clone());
             fail(task, Failure::Generation, reason, &mut out);
         }
-        (State::Received | State::Downloaded | State::Failed, Event::Callback(report)) => {
+        (State::Received | State::Downloaded | State::Failed, Event::Callback(_, report)) => {
             task.callbacks += 1;
             let what = match report {
                 Report::Success { .. } => "success",
                 Report::Failure { .. } => "failure",
+                Report::Stage { .. } => "stage",
             };
             out.note(
                 EventKind::DuplicateCallback,
@@ -186,10 +246,14 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 ),
             );
         }
-        (State::Submitted, Event::Polled(Report::Success { images })) => {
+        (State::Submitted, Event::Polled(Report::Success { files })) => {
             task.polls += 1;
             out.note(EventKind::Polled, "record-info reports success");
-            receive(task, images, Source::Poll, ctx, &mut out);
+            receive(task, files, Source::Poll, ctx, &mut out);
+        }
+        (State::Submitted, Event::Polled(Report::Stage { stage })) => {
+            task.polls += 1;
+            out.note(EventKind::Polled, format!("record-info: {stage}"));
         }
         (State::Submitted, Event::Polled(Report::Failure { reason })) => {
             task.polls += 1;
@@ -251,8 +315,8 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
                 "confirmation retry ignored: task not awaiting one",
             );
         }
-        (State::Received, Event::Confirm { images, detail }) if !task.confirmed => {
-            confirm(task, images, detail, ctx, &mut out);
+        (State::Received, Event::Confirm { files, detail }) if !task.confirmed => {
+            confirm(task, files, detail, ctx, &mut out);
         }
         (State::Received, Event::ConfirmFailed { reason }) if !task.confirmed => {
             let note = format!(
@@ -442,7 +506,7 @@ fn ignore_download_result(task: &Task, index: u32, out: &mut Outcome) {
 
 /// record-info confirmed a success callback. Its URLs replace the callback's when they
 /// differ and nothing was fetched yet.
-fn confirm(task: &mut Task, images: Vec<String>, detail: String, ctx: &Ctx, out: &mut Outcome) {
+fn confirm(task: &mut Task, files: Vec<Found>, detail: String, ctx: &Ctx, out: &mut Outcome) {
     task.polls += 1;
     task.confirmed = true;
     let current: Vec<&str> = task.images.iter().map(|i| i.url.as_str()).collect();
@@ -450,11 +514,10 @@ fn confirm(task: &mut Task, images: Vec<String>, detail: String, ctx: &Ctx, out:
         .images
         .iter()
         .all(|i| i.state == ImageState::Pending && i.attempts == 0);
-    match images {
-        urls if !urls.is_empty()
-            && urls.iter().map(String::as_str).ne(current.iter().copied())
-            && untouched =>
-        {
+    let urls: Vec<String> = files.iter().map(|f| f.url.clone()).collect();
+    let current: Vec<String> = current.into_iter().map(str::to_string).collect();
+    match files {
+        files if !files.is_empty() && urls != current && untouched => {
             out.note(
                 EventKind::Mismatch,
                 format!(
@@ -463,10 +526,10 @@ fn confirm(task: &mut Task, images: Vec<String>, detail: String, ctx: &Ctx, out:
                     urls.join(", ")
                 ),
             );
-            task.images = urls
+            task.images = files
                 .into_iter()
                 .zip(0u32..)
-                .map(|(url, index)| Image::pending(index, url, ctx.now))
+                .map(|(file, index)| Image::found(index, file, ctx.now))
                 .collect();
         }
         _ => out.note(EventKind::Received, detail),
@@ -601,7 +664,7 @@ fn retry_images(task: &mut Task, damaged: &[u32], ctx: &Ctx, out: &mut Outcome) 
     }
 }
 
-fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out: &mut Outcome) {
+fn receive(task: &mut Task, files: Vec<Found>, source: Source, ctx: &Ctx, out: &mut Outcome) {
     task.state = State::Received;
     task.source = Some(source);
     // record-info's URLs need no confirmation; a callback's may (kie.confirm_callbacks),
@@ -614,15 +677,19 @@ fn receive(task: &mut Task, images: Vec<String>, source: Source, ctx: &Ctx, out:
     }
     task.failure = None;
     task.error = None;
-    let n = images.len();
-    task.images = images
+    let n = files.len();
+    task.images = files
         .into_iter()
         .zip(0u32..)
-        .map(|(url, index)| Image::pending(index, url, ctx.now))
+        .map(|(file, index)| Image::found(index, file, ctx.now))
         .collect();
+    let what = match task.kind {
+        Kind::Cover => "image",
+        _ => "file",
+    };
     out.note(
         EventKind::Received,
-        format!("{n} image URL(s) from {}", source.as_str()),
+        format!("{n} {what} URL(s) from {}", source.as_str()),
     );
 }
 
@@ -703,8 +770,15 @@ mod tests {
         (0..n).map(|i| format!("https://h/{i}.png")).collect()
     }
 
+    fn cover_files(urls: Vec<String>) -> Vec<Found> {
+        match Report::images(urls) {
+            Report::Success { files } => files,
+            _ => Vec::new(),
+        }
+    }
+
     fn success(n: usize) -> Report {
-        Report::Success { images: urls(n) }
+        Report::images(urls(n))
     }
 
     fn failure() -> Report {
@@ -739,21 +813,23 @@ mod tests {
     /// A task in the given state, reached through the machine itself.
     fn task_in(state: &str) -> Task {
         let mut t = Task::new("t".into(), None, NOW);
-        apply(
-            &mut t,
-            Event::Track {
-                music_task_id: None,
-            },
-            &ctx(),
-        );
+        apply(&mut t, Event::Track(Origin::cover(None)), &ctx());
         t.event_count = 1;
         let evs: Vec<Event> = match state {
             "submitted" => vec![],
-            "received" => vec![Event::Callback(success(2))],
-            "downloaded" => vec![Event::Callback(success(2)), stored(0), stored(1)],
-            "failed_generation" => vec![Event::Callback(failure())],
+            "received" => vec![Event::Callback(Kind::Cover, success(2))],
+            "downloaded" => vec![
+                Event::Callback(Kind::Cover, success(2)),
+                stored(0),
+                stored(1),
+            ],
+            "failed_generation" => vec![Event::Callback(Kind::Cover, failure())],
             "failed_noresult" => vec![Event::GiveUp],
-            "failed_download" => vec![Event::Callback(success(2)), stored(0), permanent(1)],
+            "failed_download" => vec![
+                Event::Callback(Kind::Cover, success(2)),
+                stored(0),
+                permanent(1),
+            ],
             other => panic!("no such fixture {other}"),
         };
         for e in evs {
@@ -773,14 +849,10 @@ mod tests {
 
     fn all_events() -> Vec<Event> {
         vec![
-            Event::Submit {
-                music_task_id: Some("m".into()),
-            },
-            Event::Track {
-                music_task_id: Some("m".into()),
-            },
-            Event::Callback(success(2)),
-            Event::Callback(failure()),
+            Event::Submit(Origin::cover(Some("m".into()))),
+            Event::Track(Origin::cover(Some("m".into()))),
+            Event::Callback(Kind::Cover, success(2)),
+            Event::Callback(Kind::Cover, failure()),
             Event::Polled(success(1)),
             Event::Polled(Report::Failure {
                 reason: "KIE: failed".into(),
@@ -792,7 +864,7 @@ mod tests {
             Event::GiveUp,
             Event::Wait { until: NOW + 5 },
             Event::Confirm {
-                images: urls(3),
+                files: cover_files(urls(3)),
                 detail: "confirmed".into(),
             },
             Event::ConfirmFailed {
@@ -825,17 +897,17 @@ mod tests {
             (_, E::Submit { .. } | E::Track { .. }) => same(fixture),
             (
                 "submitted",
-                E::Callback(Report::Success { .. }) | E::Polled(Report::Success { .. }),
+                E::Callback(_, Report::Success { .. }) | E::Polled(Report::Success { .. }),
             ) => "received",
             (
                 "submitted",
-                E::Callback(Report::Failure { .. }) | E::Polled(Report::Failure { .. }),
+                E::Callback(_, Report::Failure { .. }) | E::Polled(Report::Failure { .. }),
             ) => "failed",
             ("submitted", E::GiveUp) => "failed",
-            ("failed_generation" | "failed_noresult", E::Callback(Report::Success { .. })) => {
+            ("failed_generation" | "failed_noresult", E::Callback(_, Report::Success { .. })) => {
                 "received"
             }
-            ("failed_noresult", E::Callback(Report::Failure { .. })) => "failed",
+            ("failed_noresult", E::Callback(_, Report::Failure { .. })) => "failed",
             ("received", E::ConfirmFailed { .. } | E::ConfirmGiveUp { .. }) => "failed",
             ("received", E::ImageStored { .. }) => "received",
             ("received", E::ImageFailed { .. }) => "received",
@@ -894,7 +966,7 @@ mod tests {
         for fixture in ["received", "downloaded", "failed_download"] {
             let mut t = task_in(fixture);
             let before = t.clone();
-            let out = apply(&mut t, Event::Callback(success(3)), &ctx());
+            let out = apply(&mut t, Event::Callback(Kind::Cover, success(3)), &ctx());
             assert_eq!(t.callbacks, before.callbacks + 1);
             assert_eq!(t.images, before.images, "{fixture}: images replaced");
             assert_eq!(out.notes[0].0, EventKind::DuplicateCallback);
@@ -1012,7 +1084,7 @@ mod tests {
             now: NOW + 60_000,
             ..ctx()
         };
-        apply(&mut t, Event::Callback(success(2)), &later);
+        apply(&mut t, Event::Callback(Kind::Cover, success(2)), &later);
         assert_eq!(t.state, State::Received);
         assert!(!t.confirmed);
         assert_eq!((t.confirm_attempts, t.submitted_at), (0, NOW + 60_000));
@@ -1034,7 +1106,7 @@ mod tests {
         apply(
             &mut t,
             Event::Confirm {
-                images: kie.clone(),
+                files: cover_files(kie.clone()),
                 detail: "confirmed".into(),
             },
             &ctx(),
@@ -1067,7 +1139,7 @@ mod tests {
             let mut t = task_in("submitted");
             apply(
                 &mut t,
-                Event::Callback(Report::from_callback(code, msg, vec![])),
+                Event::Callback(Kind::Cover, Report::from_callback(code, msg, vec![])),
                 &ctx(),
             );
             assert_eq!(t.state, State::Failed);

@@ -44,7 +44,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use coverd::admin::{self, DEFAULT_LIST_LIMIT, Request, access, backup};
 use coverd::config::{self, Config, Overrides};
 use coverd::daemon;
-use coverd::model::State;
+use coverd::model::{Kind, State};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -126,6 +126,9 @@ enum AdminCommand {
         /// Only tasks in this state.
         #[arg(long, value_enum)]
         state: Option<StateArg>,
+        /// Only tasks of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
         /// At most this many tasks.
         #[arg(long, default_value_t = DEFAULT_LIST_LIMIT)]
         limit: usize,
@@ -142,14 +145,32 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Adopt a cover task that was submitted elsewhere (state submitted).
+    /// Adopt a task that was submitted elsewhere (state submitted).
     Track {
-        /// The cover task's id (KIE's taskId).
+        /// The task's id (KIE's taskId).
         #[arg(value_name = "TASK_ID")]
         task_id: String,
-        /// The song's task id the cover was made for, if known.
+        /// What the task makes (default: cover).
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+        /// The song's task id the task was made from, if known (not for music).
         #[arg(long, value_name = "ID")]
         music_task_id: Option<String>,
+        /// The track (audio id) a wav, video or stems task was made from, if known.
+        #[arg(long, value_name = "ID")]
+        audio_id: Option<String>,
+    },
+    /// Remove one task and its files (a mistaken track, say); asks first unless --yes.
+    Forget {
+        /// The task's id (KIE's taskId).
+        #[arg(value_name = "TASK_ID")]
+        task_id: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Also a task that is not finished (submitted or received).
+        #[arg(long)]
+        force: bool,
     },
     /// Put a failed task back to work; on a downloaded task, re-fetch missing or corrupt images.
     Retry {
@@ -397,9 +418,15 @@ async fn run(command: Command, config: Config) -> ExitCode {
         } => (Request::Submit { music_task_id }, json),
         Command::Admin { command } => match command {
             AdminCommand::Status { json } => (Request::Status, json),
-            AdminCommand::List { state, limit, json } => (
+            AdminCommand::List {
+                state,
+                kind,
+                limit,
+                json,
+            } => (
                 Request::List {
                     state: state.map(|s| State::from(s).as_str().to_string()),
+                    kind: kind.map(|k| Kind::from(k).as_str().to_string()),
                     limit,
                 },
                 json,
@@ -407,14 +434,29 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Show { task_id, json } => (Request::Show { task_id }, json),
             AdminCommand::Track {
                 task_id,
+                kind,
                 music_task_id,
+                audio_id,
             } => (
                 Request::Track {
                     task_id,
                     music_task_id,
+                    kind: kind.map(|k| Kind::from(k).as_str().to_string()),
+                    audio_id,
                 },
                 false,
             ),
+            AdminCommand::Forget {
+                task_id,
+                yes,
+                force,
+            } => {
+                if !yes && let Err(e) = confirm_forget(&task_id) {
+                    eprintln!("coverd: {}", e.message);
+                    return ExitCode::from(admin_exit(e.kind));
+                }
+                (Request::Forget { task_id, force }, false)
+            }
             AdminCommand::Retry { task_id } => (Request::Retry { task_id }, false),
             AdminCommand::Verify { json } => (Request::Verify, json),
             AdminCommand::Export => (Request::Export, false),
@@ -674,6 +716,51 @@ fn admin_exit(kind: admin::AdminErrorKind) -> u8 {
     match kind {
         admin::AdminErrorKind::Missing | admin::AdminErrorKind::Failed => 1,
         admin::AdminErrorKind::Usage => 2,
+    }
+}
+
+/// Asks on the terminal before `admin forget` removes a task; without a terminal, refuses
+/// (a script says `--yes`).
+fn confirm_forget(task_id: &str) -> Result<(), admin::AdminError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(admin::AdminError::usage(format!(
+            "forget removes task {task_id} and its files for good; add --yes to confirm (no terminal to ask on)"
+        )));
+    }
+    eprint!("forget task {task_id} and its stored files for good? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(admin::AdminError::usage(format!(
+            "task {task_id} was not forgotten"
+        )))
+    }
+}
+
+/// A task kind argument (`--kind`), parsed by clap so a typo is a usage error with the
+/// choices listed.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum KindArg {
+    Cover,
+    Music,
+    Wav,
+    Video,
+    Stems,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Kind {
+        match k {
+            KindArg::Cover => Kind::Cover,
+            KindArg::Music => Kind::Music,
+            KindArg::Wav => Kind::Wav,
+            KindArg::Video => Kind::Video,
+            KindArg::Stems => Kind::Stems,
+        }
     }
 }
 

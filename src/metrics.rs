@@ -16,7 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::model::Millis;
+use crate::model::{Kind, Millis};
 use crate::store::{Counts, Store, StoreError};
 
 /// The `Content-Type` of the text format served at `/metrics`.
@@ -29,11 +29,24 @@ pub const QUEUE_COUNT_LIMIT: usize = 10_000;
 pub const NOTIFY_RESULTS: [&str; 4] = ["delivered", "retry", "gone", "undeliverable"];
 
 /// The `answer` label values of `coverd_callbacks_total` (docs/operations.md).
-pub const CALLBACK_ANSWERS: [&str; 7] = ["200", "400", "401", "404", "408", "413", "503"];
-/// The `result` label values of `coverd_image_fetches_total`.
+pub const CALLBACK_ANSWERS: [&str; 8] = ["200", "400", "401", "404", "408", "409", "413", "503"];
+/// The `result` label values of `coverd_file_fetches_total` (and the deprecated
+/// `coverd_image_fetches_total`).
 pub const FETCH_RESULTS: [&str; 3] = ["stored", "retry", "failed"];
 /// The `endpoint` label values of `coverd_kie_requests_total` (`kie::wire::Endpoint::name`).
-pub const KIE_ENDPOINTS: [&str; 3] = ["cover/generate", "cover/record-info", "common/download-url"];
+pub const KIE_ENDPOINTS: [&str; 11] = [
+    "cover/generate",
+    "cover/record-info",
+    "generate",
+    "generate/record-info",
+    "wav/generate",
+    "wav/record-info",
+    "mp4/generate",
+    "mp4/record-info",
+    "vocal-removal/generate",
+    "vocal-removal/record-info",
+    "common/download-url",
+];
 /// The `result` label values of `coverd_kie_requests_total`: `ok` and every
 /// `KieError::kind` that a call can end with (a test in `kie` keeps them in step).
 pub const KIE_RESULTS: [&str; 12] = [
@@ -53,13 +66,22 @@ pub const KIE_RESULTS: [&str; 12] = [
 
 type Label = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
+type Histograms = Family<Label, Histogram, fn() -> Histogram>;
+
+/// 50 ms … 102 s: `download.timeout` defaults to 120 s.
+fn fetch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.05, 2.0, 12))
+}
 
 /// The daemon's metrics since it started.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    callbacks: Family<Label, Counter>,
+    callbacks: Family<Labels2, Counter>,
     callback_ack: Histogram,
+    file_fetches: Family<Labels2, Counter>,
+    file_bytes: Family<Label, Counter>,
+    file_fetch: Histograms,
     image_fetches: Family<Label, Counter>,
     image_bytes: Counter,
     image_fetch: Histogram,
@@ -115,10 +137,12 @@ impl Metrics {
             callbacks: Family::default(),
             // 1 ms … 16 s: an answer must come well inside KIE's 15 s.
             callback_ack: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            file_fetches: Family::default(),
+            file_bytes: Family::default(),
+            file_fetch: Family::new_with_constructor(fetch_histogram),
             image_fetches: Family::default(),
             image_bytes: Counter::default(),
-            // 50 ms … 102 s: `download.timeout` defaults to 120 s.
-            image_fetch: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            image_fetch: fetch_histogram(),
             kie_requests: Family::default(),
             notifications: Family::default(),
             polls: Counter::default(),
@@ -140,11 +164,14 @@ impl Metrics {
         }
         register! {
             "coverd_tasks", "Tasks per state" => tasks;
-            "coverd_callbacks", "Callback deliveries by the HTTP status answered" => callbacks;
+            "coverd_callbacks", "Callback deliveries by task kind (the route) and the HTTP status answered" => callbacks;
             "coverd_callback_ack_seconds", "Time from a callback request received to its answer" => callback_ack;
-            "coverd_image_fetches", "Image fetch attempts by result (stored, retry, failed)" => image_fetches;
-            "coverd_image_bytes", "Bytes of images stored" => image_bytes;
-            "coverd_image_fetch_seconds", "Duration of one image fetch attempt, whatever its result" => image_fetch;
+            "coverd_file_fetches", "File fetch attempts by task kind and result (stored, retry, failed)" => file_fetches;
+            "coverd_file_bytes", "Bytes of files stored, by task kind" => file_bytes;
+            "coverd_file_fetch_seconds", "Duration of one file fetch attempt, whatever its result, by task kind" => file_fetch;
+            "coverd_image_fetches", "Deprecated (removed in the next release): coverd_file_fetches_total{kind=\"cover\"}" => image_fetches;
+            "coverd_image_bytes", "Deprecated (removed in the next release): coverd_file_bytes_total{kind=\"cover\"}" => image_bytes;
+            "coverd_image_fetch_seconds", "Deprecated (removed in the next release): coverd_file_fetch_seconds{kind=\"cover\"}" => image_fetch;
             "coverd_kie_requests", "Calls to KIE's API by endpoint and result" => kie_requests;
             "coverd_queue_tasks", "Tasks due now per queue (downloads, polls), counted up to 10000" => queue;
             "coverd_oldest_unfinished_seconds", "Age of the oldest task still submitted or received (0 when none)" => oldest_unfinished;
@@ -157,8 +184,19 @@ impl Metrics {
         for result in NOTIFY_RESULTS {
             let _ = m.notifications.get_or_create(&[("result", result)]);
         }
-        for answer in CALLBACK_ANSWERS {
-            let _ = m.callbacks.get_or_create(&[("answer", answer)]);
+        for kind in Kind::ALL.map(Kind::as_str) {
+            for answer in CALLBACK_ANSWERS {
+                let _ = m
+                    .callbacks
+                    .get_or_create(&[("kind", kind), ("answer", answer)]);
+            }
+            for result in FETCH_RESULTS {
+                let _ = m
+                    .file_fetches
+                    .get_or_create(&[("kind", kind), ("result", result)]);
+            }
+            let _ = m.file_bytes.get_or_create(&[("kind", kind)]);
+            let _ = m.file_fetch.get_or_create(&[("kind", kind)]);
         }
         for result in FETCH_RESULTS {
             let _ = m.image_fetches.get_or_create(&[("result", result)]);
@@ -174,33 +212,51 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one callback answer by its status code and observes how long it took.
-    pub fn callback_answered(&self, status: u16, took: Duration) {
+    /// Counts one callback answer on the route of `kind` by its status code and observes how
+    /// long it took.
+    pub fn callback_answered(&self, kind: Kind, status: u16, took: Duration) {
         let answer = match status {
             200 => "200",
             400 => "400",
             401 => "401",
             404 => "404",
             408 => "408",
+            409 => "409",
             413 => "413",
             503 => "503",
             _ => "other",
         };
-        self.callbacks.get_or_create(&[("answer", answer)]).inc();
+        self.callbacks
+            .get_or_create(&[("kind", kind.as_str()), ("answer", answer)])
+            .inc();
         self.callback_ack.observe(took.as_secs_f64());
     }
 
-    /// Counts one image fetch attempt's recorded result: `stored`, `retry` or `failed`.
-    pub fn image_fetch(&self, result: &'static str, bytes: u64) {
-        self.image_fetches
-            .get_or_create(&[("result", result)])
+    /// Counts one file fetch attempt's recorded result (`stored`, `retry` or `failed`) for a
+    /// task of `kind`; a cover's also under the deprecated `coverd_image_*` names.
+    pub fn file_fetch(&self, kind: Kind, result: &'static str, bytes: u64) {
+        self.file_fetches
+            .get_or_create(&[("kind", kind.as_str()), ("result", result)])
             .inc();
-        self.image_bytes.inc_by(bytes);
+        self.file_bytes
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc_by(bytes);
+        if kind == Kind::Cover {
+            self.image_fetches
+                .get_or_create(&[("result", result)])
+                .inc();
+            self.image_bytes.inc_by(bytes);
+        }
     }
 
-    /// Observes the duration of one image fetch attempt.
-    pub fn image_fetch_took(&self, took: Duration) {
-        self.image_fetch.observe(took.as_secs_f64());
+    /// Observes the duration of one file fetch attempt of a task of `kind`.
+    pub fn file_fetch_took(&self, kind: Kind, took: Duration) {
+        self.file_fetch
+            .get_or_create(&[("kind", kind.as_str())])
+            .observe(took.as_secs_f64());
+        if kind == Kind::Cover {
+            self.image_fetch.observe(took.as_secs_f64());
+        }
     }
 
     /// Counts one KIE API call: `endpoint` as in KIE's path, `result` `ok` or the error kind.
@@ -408,11 +464,11 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::new();
-        m.callback_answered(200, Duration::from_millis(3));
-        m.callback_answered(404, Duration::from_millis(1));
-        m.callback_answered(503, Duration::from_millis(1));
-        m.image_fetch("stored", 1000);
-        m.image_fetch_took(Duration::from_millis(120));
+        m.callback_answered(Kind::Cover, 200, Duration::from_millis(3));
+        m.callback_answered(Kind::Cover, 404, Duration::from_millis(1));
+        m.callback_answered(Kind::Cover, 503, Duration::from_millis(1));
+        m.file_fetch(Kind::Cover, "stored", 1000);
+        m.file_fetch_took(Kind::Cover, Duration::from_millis(120));
         m.kie_request("cover/record-info", "ok");
         m.notification("delivered");
         m.notification("no such result");
@@ -432,9 +488,9 @@ mod tests {
             ("coverd_disk_free_bytes", 7516192768.0),
             ("coverd_build_info{version=\"0.1.0\"}", 1.0),
             ("coverd_tasks{state=\"failed\"}", 4.0),
-            ("coverd_callbacks_total{answer=\"200\"}", 1.0),
-            ("coverd_callbacks_total{answer=\"404\"}", 1.0),
-            ("coverd_callbacks_total{answer=\"503\"}", 1.0),
+            ("coverd_callbacks_total{kind=\"cover\",answer=\"200\"}", 1.0),
+            ("coverd_callbacks_total{kind=\"cover\",answer=\"404\"}", 1.0),
+            ("coverd_callbacks_total{kind=\"cover\",answer=\"503\"}", 1.0),
             ("coverd_callback_ack_seconds_count", 3.0),
             ("coverd_callback_ack_seconds_bucket{le=\"0.002\"}", 2.0),
             ("coverd_image_fetches_total{result=\"stored\"}", 1.0),

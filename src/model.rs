@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::kind::{FileType, Kind};
+
 /// Milliseconds since the Unix epoch, UTC.
 pub type Millis = i64;
 
@@ -125,10 +127,31 @@ impl ImageState {
     }
 }
 
+/// One file of a task (a cover's image, a track's MP3 or image, a WAV, a video, a stem):
+/// where KIE serves it, where it is stored and how its download went. The type keeps its
+/// first name, `Image`, from when covers were the only kind. The fields added with kinds are
+/// skipped by the unit tests' `Serialize`, the codec's proof that its frozen version-1 and 2
+/// types write what these types wrote before (`store::codec::tests`).
 #[cfg_attr(test, derive(Serialize))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Image {
+    /// Its position in the task's files, stable (SPEC "Task kinds").
     pub index: u32,
+    /// Its file name without extension, from the kind's rules (`track-0`, `audio`, `vocal`;
+    /// a cover image's is its index): never from anything KIE sent.
+    #[cfg_attr(test, serde(skip))]
+    pub name: String,
+    /// What its bytes must be.
+    #[cfg_attr(test, serde(skip))]
+    pub expect: FileType,
+    /// For a music track's files: the track's `audio_id`, title and duration (ms) as KIE gave
+    /// them.
+    #[cfg_attr(test, serde(skip))]
+    pub audio_id: Option<String>,
+    #[cfg_attr(test, serde(skip))]
+    pub title: Option<String>,
+    #[cfg_attr(test, serde(skip))]
+    pub duration_ms: Option<u64>,
     /// The URL as KIE gave it.
     pub url: String,
     /// A fresh link from KIE's download-url endpoint, once one was fetched.
@@ -148,9 +171,26 @@ pub struct Image {
 }
 
 impl Image {
+    /// A cover image not fetched yet.
     pub fn pending(index: u32, url: String, now: Millis) -> Image {
+        Image::pending_file(index, index.to_string(), FileType::Image, url, now)
+    }
+
+    /// A file not fetched yet.
+    pub fn pending_file(
+        index: u32,
+        name: String,
+        expect: FileType,
+        url: String,
+        now: Millis,
+    ) -> Image {
         Image {
             index,
+            name,
+            expect,
+            audio_id: None,
+            title: None,
+            duration_ms: None,
             url,
             refreshed_url: None,
             state: ImageState::Pending,
@@ -164,6 +204,25 @@ impl Image {
         }
     }
 
+    /// A file KIE listed, not fetched yet; its index is its position in the task's files.
+    pub fn found(index: u32, found: crate::kind::read::Found, now: Millis) -> Image {
+        let crate::kind::read::Found {
+            stem,
+            url,
+            expect,
+            audio_id,
+            title,
+            duration,
+            created_at: _,
+        } = found;
+        Image {
+            audio_id,
+            title,
+            duration_ms: duration.map(|d| (d * 1000.0).round() as u64),
+            ..Image::pending_file(index, stem, expect, url, now)
+        }
+    }
+
     /// Attempts made since the last `admin retry`.
     pub fn budget_used(&self) -> u32 {
         crate::retry::budget_used(self.attempts, self.attempts_budget_start)
@@ -174,7 +233,13 @@ impl Image {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
     pub task_id: String,
+    /// What the task is the result of; fixed when coverd first learns of it.
+    #[cfg_attr(test, serde(skip))]
+    pub kind: Kind,
     pub music_task_id: Option<String>,
+    /// The track a `wav`, `video` or `stems` task was made from, when known.
+    #[cfg_attr(test, serde(skip))]
+    pub audio_id: Option<String>,
     pub state: State,
     pub source: Option<Source>,
     pub created_at: Millis,
@@ -201,10 +266,18 @@ pub struct Task {
 }
 
 impl Task {
+    /// A new cover task.
     pub fn new(task_id: String, music_task_id: Option<String>, now: Millis) -> Task {
+        Task::new_of(Kind::Cover, task_id, music_task_id, now)
+    }
+
+    /// A new task of `kind`.
+    pub fn new_of(kind: Kind, task_id: String, music_task_id: Option<String>, now: Millis) -> Task {
         Task {
             task_id,
+            kind,
             music_task_id,
+            audio_id: None,
             state: State::Submitted,
             source: None,
             created_at: now,
@@ -377,12 +450,18 @@ pub enum NotifyType {
 }
 
 impl NotifyType {
-    /// The `type` of the webhook body.
+    /// The settle it announces: `downloaded` or `failed`.
     pub fn as_str(self) -> &'static str {
         match self {
-            NotifyType::Downloaded => "cover.downloaded",
-            NotifyType::Failed => "cover.failed",
+            NotifyType::Downloaded => "downloaded",
+            NotifyType::Failed => "failed",
         }
+    }
+
+    /// The `type` of the webhook body for a task of `kind`: `cover.downloaded`,
+    /// `music.failed`, ….
+    pub fn type_for(self, kind: Kind) -> String {
+        format!("{}.{}", kind.as_str(), self.as_str())
     }
 }
 
@@ -459,7 +538,7 @@ impl Notification {
             obj.remove("events");
         }
         let body = serde_json::json!({
-            "type": kind.as_str(),
+            "type": kind.type_for(task.kind),
             "timestamp": format_time(now),
             "data": data,
         })
@@ -485,6 +564,14 @@ impl Notification {
         crate::retry::budget_used(self.attempts, self.attempts_budget_start)
     }
 
+    /// The `type` it is sent with (`cover.downloaded`, …), read from its fixed body.
+    pub fn type_name(&self) -> String {
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v.get("type")?.as_str().map(str::to_string))
+            .unwrap_or_else(|| self.kind.as_str().to_string())
+    }
+
     /// When the notifier should next try, if at all.
     pub fn due(&self) -> Option<Millis> {
         (self.state == NotifyState::Pending).then_some(self.next_attempt_at)
@@ -493,9 +580,24 @@ impl Notification {
 
 // ---- JSON views (SPEC "JSON shapes") ----
 
-#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A file entry of the task JSON (`files`, and a cover's `images`).
+#[derive(Serialize, Debug, Clone, PartialEq, Deserialize)]
 pub struct ImageJson {
     pub index: u32,
+    /// The file's name in its task's directory once stored (`0.png`, `track-0.mp3`); until
+    /// then its name without extension. `None` in `images` (where it never appeared).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub name: Option<String>,
+    /// The type its bytes showed once stored (`image/png`, `audio/mpeg`, …).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub media_type: Option<String>,
+    /// A music track's files: the track as KIE described it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub audio_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub title: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub duration: Option<f64>,
     pub url: String,
     pub state: String,
     pub attempts: u32,
@@ -512,10 +614,15 @@ pub struct EventJson {
     pub detail: String,
 }
 
-#[derive(Serialize, Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Serialize, Debug, Clone, PartialEq, Deserialize)]
 pub struct TaskJson {
     pub task_id: String,
+    #[serde(default = "cover_name")]
+    pub kind: String,
     pub music_task_id: Option<String>,
+    /// The track a `wav`, `video` or `stems` task was made from (absent for the others).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub audio_id: Option<String>,
     pub state: String,
     pub source: Option<String>,
     pub created_at: String,
@@ -523,7 +630,13 @@ pub struct TaskJson {
     pub callbacks: u32,
     pub polls: u32,
     pub error: Option<String>,
-    pub images: Vec<ImageJson>,
+    /// A cover task's images, as before kinds existed (the same entries as `files`, without
+    /// the fields added with them); absent for the other kinds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub images: Option<Vec<ImageJson>>,
+    /// Every task's files.
+    #[serde(default)]
+    pub files: Vec<ImageJson>,
     /// The latest notification of this task; `null` when none was made (notifications off).
     #[serde(default)]
     pub notify: Option<NotifyJson>,
@@ -547,6 +660,39 @@ impl NotifyJson {
     }
 }
 
+fn cover_name() -> String {
+    Kind::Cover.as_str().into()
+}
+
+impl ImageJson {
+    /// A file entry of `files`.
+    pub fn file(i: &Image) -> ImageJson {
+        let stored = i
+            .path
+            .as_deref()
+            .and_then(|p| p.rsplit_once('/'))
+            .map(|(_, n)| n);
+        let ext = stored
+            .and_then(|n| n.rsplit_once('.'))
+            .and_then(|(_, e)| crate::kind::Ext::parse(e));
+        ImageJson {
+            index: i.index,
+            name: Some(stored.map_or_else(|| i.name.clone(), str::to_string)),
+            media_type: ext.map(|e| e.media_type().to_string()),
+            audio_id: i.audio_id.clone(),
+            title: i.title.clone(),
+            duration: i.duration_ms.map(|ms| ms as f64 / 1000.0),
+            url: i.url.clone(),
+            state: i.state.as_str().into(),
+            attempts: i.attempts,
+            path: i.path.clone(),
+            bytes: i.bytes,
+            sha256: i.sha256.clone(),
+            error: i.error.clone(),
+        }
+    }
+}
+
 impl TaskJson {
     /// Adds the task's latest notification (`None`: `"notify": null`).
     pub fn with_notify(mut self, n: Option<&Notification>) -> TaskJson {
@@ -555,9 +701,28 @@ impl TaskJson {
     }
 
     pub fn new(task: &Task, events: Option<&[EventRecord]>) -> TaskJson {
+        let files: Vec<ImageJson> = task.images.iter().map(ImageJson::file).collect();
+        let images = match task.kind {
+            Kind::Cover => Some(
+                files
+                    .iter()
+                    .map(|f| ImageJson {
+                        name: None,
+                        media_type: None,
+                        audio_id: None,
+                        title: None,
+                        duration: None,
+                        ..f.clone()
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
         TaskJson {
             task_id: task.task_id.clone(),
+            kind: task.kind.as_str().into(),
             music_task_id: task.music_task_id.clone(),
+            audio_id: task.audio_id.clone(),
             state: task.state.as_str().into(),
             source: task.source.map(|s| s.as_str().into()),
             created_at: format_time(task.created_at),
@@ -565,20 +730,8 @@ impl TaskJson {
             callbacks: task.callbacks,
             polls: task.polls,
             error: task.error.clone(),
-            images: task
-                .images
-                .iter()
-                .map(|i| ImageJson {
-                    index: i.index,
-                    url: i.url.clone(),
-                    state: i.state.as_str().into(),
-                    attempts: i.attempts,
-                    path: i.path.clone(),
-                    bytes: i.bytes,
-                    sha256: i.sha256.clone(),
-                    error: i.error.clone(),
-                })
-                .collect(),
+            images,
+            files,
             notify: None,
             events: events.map(|evs| {
                 evs.iter()

@@ -248,7 +248,7 @@ impl Notifier {
             }
         };
         let id = &n.webhook_id;
-        let kind = n.kind.as_str();
+        let kind = n.type_name();
         match (&result, recorded.state) {
             (Delivery::Delivered { detail }, _) => {
                 self.metrics.notification("delivered");

@@ -16,7 +16,7 @@ use crate::kie::KieClient;
 use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::machine::{Ctx, Event};
 use crate::metrics::Metrics;
-use crate::model::{Clock, Millis, millis};
+use crate::model::{Clock, Millis, Task, millis};
 use crate::schedule::{self, Flow};
 use crate::store::{IfMissing, Store};
 
@@ -146,7 +146,7 @@ impl Poller {
             Event::GiveUp
         } else if let Some(kie) = &self.kie {
             self.metrics.poll_made();
-            self.ask(kie, task_id, task.submitted_at, next).await
+            self.ask(kie, &task, next).await
         } else {
             // Look again now and then: a restart with an API key then resumes polling.
             Event::Wait {
@@ -177,15 +177,10 @@ impl Poller {
         }
     }
 
-    async fn ask(
-        &self,
-        kie: &KieClient,
-        task_id: &str,
-        submitted_at: Millis,
-        next: Millis,
-    ) -> Event {
-        let answer = kie.record_info(task_id).await;
-        match interpret(task_id, answer, self.clock.now() - submitted_at) {
+    async fn ask(&self, kie: &KieClient, task: &Task, next: Millis) -> Event {
+        let task_id = task.task_id.as_str();
+        let answer = kie.details(task.kind, task_id).await;
+        match interpret(task_id, answer, self.clock.now() - task.submitted_at) {
             Verdict::Done(report) => Event::Polled(report),
             Verdict::Pending { detail, .. } => Event::PollPending {
                 detail,

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::kie::{KieClient, KieError};
-use crate::machine::{Ctx, Event};
+use crate::machine::{Ctx, Event, Origin};
 use crate::model::{Failure, Millis, now_millis};
 use crate::store::{IfMissing, Store, StoreError};
 
@@ -141,9 +141,7 @@ async fn record(
     now: Millis,
 ) -> Result<(), SubmitError> {
     let ctx = Ctx::from_config(exec.config, now);
-    let event = Event::Submit {
-        music_task_id: Some(music_task_id.to_string()),
-    };
+    let event = Event::Submit(Origin::cover(Some(music_task_id.to_string())));
     let applied = exec
         .store
         .apply_async(task_id, event, ctx, IfMissing::Create)

@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use super::{
@@ -14,8 +13,8 @@ use super::{
 use crate::config::Config;
 use crate::download;
 use crate::kie::KieClient;
-use crate::machine::{Ctx, Event};
-use crate::model::{ImageState, State, TaskJson, format_time, now_millis, valid_task_id};
+use crate::machine::{Ctx, Event, Origin};
+use crate::model::{ImageState, Kind, State, TaskJson, format_time, now_millis, valid_task_id};
 use crate::store::summary::Summary;
 use crate::store::{IfMissing, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
@@ -60,7 +59,8 @@ impl Exec {
             Request::Status => Reply::Status {
                 status: self.status().await?,
             },
-            Request::List { state, limit } => {
+            Request::List { state, kind, limit } => {
+                let kind = parse_kind(kind.as_deref())?;
                 let state = match state.as_deref() {
                     None => None,
                     Some(s) => Some(State::parse(s).ok_or_else(|| {
@@ -72,7 +72,7 @@ impl Exec {
                 let limit = limit.clamp(1, MAX_LIST_LIMIT);
                 // A listing of finished tasks scans the store: off the runtime.
                 let store = self.store.clone();
-                let tasks = tokio::task::spawn_blocking(move || store.list(state, limit))
+                let tasks = tokio::task::spawn_blocking(move || store.list_of(state, kind, limit))
                     .await
                     .map_err(|e| AdminError::failed(format!("listing tasks failed: {e}")))??;
                 Reply::Tasks {
@@ -89,12 +89,27 @@ impl Exec {
             Request::Track {
                 task_id,
                 music_task_id,
+                kind,
+                audio_id,
             } => {
                 check_id(&task_id, "task id")?;
                 if let Some(m) = &music_task_id {
                     check_id(m, "music task id")?;
                 }
-                let event = Event::Track { music_task_id };
+                if let Some(a) = &audio_id {
+                    check_id(a, "audio id")?;
+                }
+                let kind = parse_kind(kind.as_deref())?.unwrap_or(Kind::Cover);
+                if kind == Kind::Music && (music_task_id.is_some() || audio_id.is_some()) {
+                    return Err(AdminError::usage(
+                        "a music task is not made from another task: drop --music-task-id and --audio-id",
+                    ));
+                }
+                let event = Event::Track(Origin {
+                    kind,
+                    music_task_id,
+                    audio_id,
+                });
                 let applied = self.apply(&task_id, event, IfMissing::Create).await?;
                 let message = if applied.created {
                     format!(
@@ -131,10 +146,14 @@ impl Exec {
                     let damaged = damaged_images(&data_dir, &task);
                     // A damaged file must not be adopted by the re-fetch as a crash leftover.
                     if task.state.is_finished() {
-                        for &index in &damaged {
-                            download::discard(&data_dir, &task.task_id, index).map_err(|e| {
+                        for img in task.images.iter().filter(|i| damaged.contains(&i.index)) {
+                            let index = img.index;
+                            let removed = download::Slot::of(task.kind, &task.task_id, img)
+                                .map_err(std::io::Error::other)
+                                .and_then(|slot| download::discard(&data_dir, &slot));
+                            removed.map_err(|e| {
                                 AdminError::failed(format!(
-                                    "cannot remove the damaged image {index} of {}: {e}; check the permissions of {}",
+                                    "cannot remove the damaged file {index} of {}: {e}; check the permissions of {}",
                                     task.task_id,
                                     data_dir.display()
                                 ))
@@ -179,6 +198,53 @@ impl Exec {
                         .map_err(|e| AdminError::failed(format!("export failed: {e}")))??;
                 Reply::Export { tasks, quarantined }
             }
+            Request::Forget { task_id, force } => {
+                check_id(&task_id, "task id")?;
+                let task = self
+                    .store
+                    .get(&task_id)?
+                    .ok_or_else(|| not_found(&task_id))?;
+                if !task.state.is_finished() && !force {
+                    return Err(AdminError::usage(format!(
+                        "task {task_id} is {}, not finished: forgetting it stops its work and drops what KIE sends for it later; add --force if that is what you want",
+                        task.state.as_str()
+                    )));
+                }
+                let json = self.json(&task, None)?;
+                let store = self.store.clone();
+                let data_dir = self.config.data_dir.clone();
+                let (id, kind, updated_at) = (task.task_id.clone(), task.kind, task.updated_at);
+                tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
+                    if !store.forget_task(&id, updated_at, force)? {
+                        return Err(AdminError::failed(format!(
+                            "task {id} changed while it was being forgotten (or its notification is still being sent); nothing was removed, try again"
+                        )));
+                    }
+                    // The record went first: a crash here leaves only files, which no record
+                    // names (prune does the same).
+                    let dir = data_dir.join(download::task_dir(kind, &id));
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                        Err(e) => Err(AdminError::failed(format!(
+                            "forgot task {id} but cannot remove {}: {e}; remove it by hand",
+                            dir.display()
+                        ))),
+                    }
+                })
+                .await
+                .map_err(|e| AdminError::failed(format!("forgetting {task_id} failed: {e}")))??;
+                self.store.flush().await?;
+                let files = task.images.iter().filter(|i| i.path.is_some()).count();
+                Reply::Task {
+                    task: json,
+                    message: format!(
+                        "forgot {} task {task_id} ({}) and its {files} stored file(s)",
+                        task.kind.as_str(),
+                        task.state.as_str()
+                    ),
+                }
+            }
             Request::Redeliver { task_id } => {
                 if self.config.notify.url.is_none() {
                     return Err(AdminError::usage(format!(
@@ -208,7 +274,7 @@ impl Exec {
                 self.store.flush().await?;
                 let message = format!(
                     "{} notification of {task_id} queued again (webhook-id {}, the same as before, so receivers can drop it if they already have it)",
-                    n.kind.as_str(),
+                    n.type_name(),
                     n.webhook_id
                 );
                 Reply::Task {
@@ -469,7 +535,7 @@ pub(super) fn verify(
         {
             out.checked += 1;
             let path = img.path.clone().unwrap_or_default();
-            match check_image(data_dir, &task.task_id, img) {
+            match check_image(data_dir, task.kind, &task.task_id, img) {
                 ImageCheck::Ok => out.ok += 1,
                 ImageCheck::Corrupt => out.corrupt.push(path),
                 ImageCheck::Missing => out.missing.push(path),
@@ -500,7 +566,7 @@ pub(super) fn damaged_images(data_dir: &Path, task: &crate::model::Task) -> Vec<
     task.images
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
-        .filter(|i| check_image(data_dir, &task.task_id, i) != ImageCheck::Ok)
+        .filter(|i| check_image(data_dir, task.kind, &task.task_id, i) != ImageCheck::Ok)
         .map(|i| i.index)
         .collect()
 }
@@ -515,20 +581,36 @@ pub(super) enum ImageCheck {
     Missing,
 }
 
-/// Reads and hashes the file of image `img` of task `task_id` (blocking file I/O: call off
-/// the runtime). The path is built from the id and the image's index and type
-/// (`backup::image_name`), never taken from the record: a record naming anything else has
-/// no file here (missing, so `retry` fetches it again to its own path).
-pub(super) fn check_image(data_dir: &Path, task_id: &str, img: &crate::model::Image) -> ImageCheck {
-    let Ok(Some(name)) = backup::image_name(task_id, img) else {
+/// Reads and hashes (streaming) the file `img` of task `task_id` of `kind` (blocking file
+/// I/O: call off the runtime). The path is built from the id and the kind's file names and
+/// the file's type (`backup::stored_file`), never taken from the record: a record naming
+/// anything else has no file here (missing, so `retry` fetches it again to its own path).
+pub(super) fn check_image(
+    data_dir: &Path,
+    kind: crate::model::Kind,
+    task_id: &str,
+    img: &crate::model::Image,
+) -> ImageCheck {
+    let Ok(Some((slot, ext))) = backup::stored_file(kind, task_id, img) else {
         return ImageCheck::Missing;
     };
-    let path = data_dir.join(download::IMAGES_DIR).join(task_id).join(name);
-    match std::fs::read(path) {
-        Ok(bytes) if Some(hex::encode(Sha256::digest(&bytes))) == img.sha256 => ImageCheck::Ok,
+    match download::hash_file(&data_dir.join(slot.path(ext))) {
+        Ok((_, sha256, _)) if img.sha256.as_deref() == Some(sha256.as_str()) => ImageCheck::Ok,
         Ok(_) => ImageCheck::Corrupt,
         Err(_) => ImageCheck::Missing,
     }
+}
+
+/// A `--kind` argument: `None` when not given.
+fn parse_kind(kind: Option<&str>) -> Result<Option<Kind>, AdminError> {
+    kind.map(|k| {
+        Kind::parse(k).ok_or_else(|| {
+            AdminError::usage(format!(
+                "unknown kind {k:?}; use one of cover, music, wav, video, stems"
+            ))
+        })
+    })
+    .transpose()
 }
 
 pub(super) fn not_found(task_id: &str) -> AdminError {

@@ -80,14 +80,15 @@ pub fn render(reply: &Reply, json: bool) -> String {
             tasks
                 .iter()
                 .map(|t| {
-                    let stored = t.images.iter().filter(|i| i.state == "downloaded").count();
+                    let stored = t.files.iter().filter(|i| i.state == "downloaded").count();
                     format!(
-                        "{}  {:<10}  {}  images {}/{}{}",
+                        "{}  {:<10}  {}  {} {}/{}{}",
                         t.task_id,
                         t.state,
                         t.created_at,
+                        files_label(&t.kind),
                         stored,
-                        t.images.len(),
+                        t.files.len(),
                         t.error
                             .as_deref()
                             .map(|e| format!("  error: {e}"))
@@ -104,8 +105,9 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 out += "\n";
             }
             out += &format!(
-                "task {}\n  music task: {}\n  state: {}\n  source: {}\n  created: {}\n  updated: {}\n  callbacks: {}  polls: {}\n",
+                "task {}{}\n  music task: {}\n  state: {}\n  source: {}\n  created: {}\n  updated: {}\n  callbacks: {}  polls: {}\n",
                 task.task_id,
+                kind_suffix(&task.kind, task.audio_id.as_deref()),
                 task.music_task_id.as_deref().unwrap_or("-"),
                 task.state,
                 task.source.as_deref().unwrap_or("-"),
@@ -123,9 +125,13 @@ pub fn render(reply: &Reply, json: bool) -> String {
                     n.state, n.attempts
                 );
             }
-            for i in &task.images {
+            for i in &task.files {
+                let what = match task.kind.as_str() {
+                    "cover" => "image".to_string(),
+                    _ => format!("file {}", i.name.as_deref().unwrap_or("?")),
+                };
                 out += &format!(
-                    "  image {}: {} after {} attempt(s) {}{}\n",
+                    "  {what} {}: {} after {} attempt(s) {}{}\n",
                     i.index,
                     i.state,
                     i.attempts,
@@ -238,5 +244,20 @@ pub fn notes(reply: &Reply, json: bool) -> Option<String> {
             Some(render_quarantined(quarantined).trim_start().to_string())
         }
         _ => None,
+    }
+}
+
+/// What a task's files are called in the list: `images` for a cover, else `files`.
+fn files_label(kind: &str) -> &'static str {
+    if kind == "cover" { "images" } else { "files" }
+}
+
+/// After a task id in `admin show`: nothing for a cover (as before kinds), else its kind and
+/// the track it was made from.
+fn kind_suffix(kind: &str, audio_id: Option<&str>) -> String {
+    match (kind, audio_id) {
+        ("cover", _) => String::new(),
+        (k, Some(a)) => format!(" ({k} of track {a})"),
+        (k, None) => format!(" ({k})"),
     }
 }

@@ -16,6 +16,9 @@ pub enum Request {
     Status,
     List {
         state: Option<String>,
+        /// Only tasks of this kind (`cover`, `music`, …).
+        #[serde(default)]
+        kind: Option<String>,
         limit: usize,
     },
     Show {
@@ -24,6 +27,18 @@ pub enum Request {
     Track {
         task_id: String,
         music_task_id: Option<String>,
+        /// The task's kind; `None`: a cover.
+        #[serde(default)]
+        kind: Option<String>,
+        /// The track a `wav`, `video` or `stems` task was made from.
+        #[serde(default)]
+        audio_id: Option<String>,
+    },
+    /// Remove one task, its files and notifications (a mistaken track); an unfinished one
+    /// only with `force`.
+    Forget {
+        task_id: String,
+        force: bool,
     },
     Retry {
         task_id: String,
@@ -171,7 +186,7 @@ impl Default for StatisticsJson {
     }
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Status {
@@ -324,6 +339,7 @@ impl Request {
     pub fn writes(&self) -> bool {
         match self {
             Request::Track { .. }
+            | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
             | Request::Redeliver { .. }
@@ -351,6 +367,7 @@ impl Request {
             | Request::List { .. }
             | Request::Show { .. }
             | Request::Track { .. }
+            | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
             | Request::Redeliver { .. } => false,
@@ -369,6 +386,7 @@ impl Request {
             | Request::List { .. }
             | Request::Show { .. }
             | Request::Track { .. }
+            | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
             | Request::Redeliver { .. } => None,

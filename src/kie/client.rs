@@ -1,6 +1,6 @@
 //! The KIE API client: one `reqwest` client with KIE's timeouts, bearer auth and the
 //! User-Agent; one `call` path (rate limit, send, capped read, redaction of the key,
-//! metrics); the three endpoints coverd uses (cover/generate, cover/record-info,
+//! metrics); the endpoints coverd uses (each kind's create and details endpoints,
 //! common/download-url).
 //!
 //! It must not parse KIE's answers itself (that is `wire`), validate settings (`config` hands
@@ -15,9 +15,10 @@ use url::Url;
 
 use super::limiter::RateLimiter;
 use super::wire::{Endpoint, interpret, parse_download_url, parse_record_info, task_id_in};
-use super::{KieError, RecordInfo};
+use super::{Details, KieError, RecordInfo};
 use crate::config::{ApiKey, KieBaseUrl, KieConfig, UserAgent};
 use crate::metrics::Metrics;
+use crate::model::Kind;
 use crate::retry::NoAnswer;
 
 /// Limit on one whole KIE API request (connect, send, answer).
@@ -128,7 +129,12 @@ impl KieClient {
         let url = self.endpoint_url(GENERATE_PATH)?;
         let body = serde_json::json!({"taskId": music_task_id, "callBackUrl": callback_url});
         let data = self
-            .call(Endpoint::Generate, url, Some(&body), music_task_id)
+            .call(
+                Endpoint::Create(Kind::Cover),
+                url,
+                Some(&body),
+                music_task_id,
+            )
             .await?;
         match task_id_in(&data) {
             Some(task_id) => {
@@ -151,7 +157,7 @@ impl KieClient {
         let mut url = self.endpoint_url(RECORD_INFO_PATH)?;
         url.query_pairs_mut().append_pair("taskId", cover_task_id);
         let data = self
-            .call(Endpoint::RecordInfo, url, None, cover_task_id)
+            .call(Endpoint::Details(Kind::Cover), url, None, cover_task_id)
             .await?;
         let info = parse_record_info(&data)?;
         if let Some(got) = &info.task_id {
@@ -168,6 +174,62 @@ impl KieClient {
             info.images.len()
         );
         Ok(info)
+    }
+
+    /// Reads the details of a task of `kind`: a cover's record-info as [`record_info`] reads
+    /// it, the other kinds' through `kind::read`. A record that does not exist (yet) is
+    /// [`KieError::NotFound`].
+    ///
+    /// [`record_info`]: KieClient::record_info
+    pub async fn details(&self, kind: Kind, task_id: &str) -> Result<Details, KieError> {
+        if kind == Kind::Cover {
+            return self.record_info(task_id).await.map(Details::Cover);
+        }
+        let path = format!("/api/v1/{}", kind.describe().details);
+        let mut url = self.endpoint_url(&path)?;
+        url.query_pairs_mut().append_pair("taskId", task_id);
+        let data = self
+            .call(Endpoint::Details(kind), url, None, task_id)
+            .await?;
+        if data.is_null() {
+            return Err(KieError::NotFound);
+        }
+        let reading = crate::kind::read::details(kind, &data).map_err(KieError::BadResponse)?;
+        tracing::debug!(
+            task_id,
+            "task {task_id}: {} says {reading:?}",
+            kind.describe().details
+        );
+        Ok(Details::Other(reading))
+    }
+
+    /// Creates a task of `kind` (not a cover: [`generate_cover`] does, and may be resent) at
+    /// `endpoint` (one of the kind's, under `/api/v1/`) with `body`. Returns the new task
+    /// id; a 400/409 naming an existing task is [`KieError::AlreadyExists`].
+    ///
+    /// [`generate_cover`]: KieClient::generate_cover
+    pub async fn create(
+        &self,
+        kind: Kind,
+        endpoint: &str,
+        body: &Value,
+        what: &str,
+    ) -> Result<String, KieError> {
+        if !kind.describe().create.contains(&endpoint) {
+            return Err(KieError::Setup(format!(
+                "{endpoint} is not an endpoint that creates a {} task",
+                kind.as_str()
+            )));
+        }
+        let url = self.endpoint_url(&format!("/api/v1/{endpoint}"))?;
+        let data = self
+            .call(Endpoint::Create(kind), url, Some(body), what)
+            .await?;
+        task_id_in(&data).ok_or_else(|| {
+            KieError::BadResponse(format!(
+                "{endpoint} for {what} succeeded without data.taskId"
+            ))
+        })
     }
 
     /// Asks KIE for a fresh (20 minute) download link to one of its own files. Files that

@@ -139,6 +139,14 @@ impl CoverStatus {
     }
 }
 
+/// A details answer of any kind: a cover's record-info as `wire` reads it, the other kinds'
+/// as `kind::read` reads them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Details {
+    Cover(RecordInfo),
+    Other(crate::kind::read::Reading),
+}
+
 /// One record-info answer, parsed leniently. Every field KIE may omit is optional.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordInfo {
@@ -191,12 +199,14 @@ mod tests {
             }
         }
         assert_eq!(crate::metrics::KIE_RESULTS.len(), reachable.len() + 1);
-        for endpoint in [
-            wire::Endpoint::Generate,
-            wire::Endpoint::RecordInfo,
-            wire::Endpoint::DownloadUrl,
-        ] {
-            assert!(crate::metrics::KIE_ENDPOINTS.contains(&endpoint.name()));
+        let per_kind = crate::model::Kind::ALL
+            .into_iter()
+            .flat_map(|k| [wire::Endpoint::Create(k), wire::Endpoint::Details(k)]);
+        for endpoint in per_kind.chain([wire::Endpoint::DownloadUrl]) {
+            assert!(
+                crate::metrics::KIE_ENDPOINTS.contains(&endpoint.name()),
+                "{endpoint:?}"
+            );
         }
     }
 

@@ -5,7 +5,8 @@
 //! means "not created yet"; must not do I/O or decide transitions (`machine` applies the
 //! `Report`).
 
-use super::{CoverStatus, KieError, RecordInfo};
+use super::{CoverStatus, Details, KieError};
+use crate::kind::read::Reading;
 use crate::machine::Report;
 use crate::model::Millis;
 
@@ -15,7 +16,7 @@ pub const RECORD_INFO_FAILED: &str = "record-info failed";
 const NOT_FOUND_GRACE_MS: Millis = 15 * 60_000;
 
 /// What a record-info answer means for a task still waiting for its result.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// KIE has a final result: images (never empty), or a failure with KIE's reason.
     Done(Report),
@@ -27,20 +28,30 @@ pub enum Verdict {
 /// Reads one record-info answer the same way for the poller and for the confirmation of a
 /// callback (`download`). `waited_ms`: how long ago the task was submitted (or its callback
 /// arrived); "not found" means "not created yet" only for a while.
-pub fn interpret(
-    _task_id: &str,
-    answer: Result<RecordInfo, KieError>,
-    waited_ms: Millis,
-) -> Verdict {
+pub fn interpret(_task_id: &str, answer: Result<Details, KieError>, waited_ms: Millis) -> Verdict {
     let pending = |detail: String| Verdict::Pending {
         detail,
         transient: false,
     };
     match answer {
-        Ok(info) => match info.status {
-            CoverStatus::Success if !info.images.is_empty() => Verdict::Done(Report::Success {
-                images: info.images,
-            }),
+        Ok(Details::Other(reading)) => match reading {
+            Reading::Success { files } => Verdict::Done(Report::Success { files }),
+            Reading::Failure { reason } => Verdict::Done(Report::Failure { reason }),
+            Reading::Pending {
+                unknown: Some(status),
+                ..
+            } => pending(format!(
+                "record-info: status {status}, which coverd does not know; taken as pending"
+            )),
+            Reading::Pending { stage, .. } => pending(format!(
+                "record-info: {}",
+                stage.as_deref().unwrap_or("pending")
+            )),
+        },
+        Ok(Details::Cover(info)) => match info.status {
+            CoverStatus::Success if !info.images.is_empty() => {
+                Verdict::Done(Report::images(info.images))
+            }
             CoverStatus::Success => pending("record-info reports success but no images yet".into()),
             CoverStatus::Failed => {
                 let code = info

@@ -5,6 +5,7 @@
 //!
 //! It must not do I/O, hold the API key or log secrets: the client sends, this reads.
 
+use crate::model::Kind;
 use serde_json::Value;
 
 use super::{CoverStatus, KieError, RecordInfo};
@@ -13,16 +14,22 @@ use crate::model::{MAX_IMAGES, MAX_URL_BYTES};
 /// Which KIE endpoint a call went to; decides what endpoint-specific codes mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Endpoint {
-    Generate,
-    RecordInfo,
+    /// A create request of a kind (for music, any of its eight endpoints).
+    Create(Kind),
+    /// A kind's details (record-info).
+    Details(Kind),
     DownloadUrl,
 }
 
 impl Endpoint {
+    /// The `endpoint` label of `coverd_kie_requests_total` (one of `metrics::KIE_ENDPOINTS`).
     pub(super) fn name(self) -> &'static str {
         match self {
-            Endpoint::Generate => "cover/generate",
-            Endpoint::RecordInfo => "cover/record-info",
+            Endpoint::Create(Kind::Cover) => "cover/generate",
+            Endpoint::Details(Kind::Cover) => "cover/record-info",
+            Endpoint::Create(Kind::Music) => "generate",
+            Endpoint::Create(k) => k.describe().create[0],
+            Endpoint::Details(k) => k.describe().details,
             Endpoint::DownloadUrl => "common/download-url",
         }
     }
@@ -104,12 +111,12 @@ fn map_code(endpoint: Endpoint, code: i64, msg: String, data: Option<&Value>) ->
     }
     if let Some(data) = data {
         match (endpoint, code) {
-            (Endpoint::Generate, 400 | 409) => {
+            (Endpoint::Create(_), 400 | 409) => {
                 if let Some(task_id) = task_id_in(data) {
                     return KieError::AlreadyExists { task_id };
                 }
             }
-            (Endpoint::RecordInfo, 404 | 422) => return KieError::NotFound,
+            (Endpoint::Details(_), 404 | 422) => return KieError::NotFound,
             (Endpoint::DownloadUrl, 422) => return KieError::NotKieFile,
             _ => {}
         }
@@ -486,50 +493,65 @@ mod tests {
     #[test]
     fn interpret_success_needs_http_2xx_and_code_200() {
         let ok = interpret(
-            Endpoint::Generate,
+            Endpoint::Create(Kind::Cover),
             200,
             br#"{"code":200,"msg":"success","data":{"taskId":"t"}}"#,
         );
         assert_eq!(ok.expect("success"), json!({"taskId": "t"}));
-        let err = interpret(Endpoint::Generate, 200, br#"{"code":401,"msg":"bad key"}"#)
-            .expect_err("401");
+        let err = interpret(
+            Endpoint::Create(Kind::Cover),
+            200,
+            br#"{"code":401,"msg":"bad key"}"#,
+        )
+        .expect_err("401");
         assert!(matches!(err, KieError::Unauthorized));
         // HTTP 500 with an envelope that claims 200: the HTTP status wins.
-        let err =
-            interpret(Endpoint::Generate, 500, br#"{"code":200,"msg":"?"}"#).expect_err("500");
+        let err = interpret(
+            Endpoint::Create(Kind::Cover),
+            500,
+            br#"{"code":200,"msg":"?"}"#,
+        )
+        .expect_err("500");
         assert!(matches!(err, KieError::Server { code: 500, .. }));
-        let err = interpret(Endpoint::Generate, 200, b"hello").expect_err("not envelope");
+        let err =
+            interpret(Endpoint::Create(Kind::Cover), 200, b"hello").expect_err("not envelope");
         assert!(matches!(err, KieError::BadResponse(_)));
-        let err = interpret(Endpoint::Generate, 502, b"<html>bad gateway</html>").expect_err("502");
+        let err = interpret(
+            Endpoint::Create(Kind::Cover),
+            502,
+            b"<html>bad gateway</html>",
+        )
+        .expect_err("502");
         assert!(matches!(err, KieError::Server { code: 502, .. }) && err.is_transient());
-        let err = interpret(Endpoint::Generate, 403, b"error code: 1010").expect_err("403");
+        let err =
+            interpret(Endpoint::Create(Kind::Cover), 403, b"error code: 1010").expect_err("403");
         assert!(matches!(err, KieError::Invalid { code: 403, .. }));
     }
 
     #[test]
     fn interpret_endpoint_specific_codes() {
         let exists = br#"{"code":409,"msg":"record already exists","data":{"taskId":"old"}}"#;
-        match interpret(Endpoint::Generate, 200, exists) {
+        match interpret(Endpoint::Create(Kind::Cover), 200, exists) {
             Err(KieError::AlreadyExists { task_id }) => assert_eq!(task_id, "old"),
             other => panic!("{other:?}"),
         }
         // The same as the HTTP status itself.
         assert!(matches!(
-            interpret(Endpoint::Generate, 409, exists),
+            interpret(Endpoint::Create(Kind::Cover), 409, exists),
             Err(KieError::AlreadyExists { .. })
         ));
         let no_id = br#"{"code":400,"msg":"bad","data":null}"#;
         assert!(matches!(
-            interpret(Endpoint::Generate, 200, no_id),
+            interpret(Endpoint::Create(Kind::Cover), 200, no_id),
             Err(KieError::Invalid { code: 400, .. })
         ));
         let nf = br#"{"code":422,"msg":"record not found","data":null}"#;
         assert!(matches!(
-            interpret(Endpoint::RecordInfo, 200, nf),
+            interpret(Endpoint::Details(Kind::Cover), 200, nf),
             Err(KieError::NotFound)
         ));
         assert!(matches!(
-            interpret(Endpoint::Generate, 200, nf),
+            interpret(Endpoint::Create(Kind::Cover), 200, nf),
             Err(KieError::Invalid { code: 422, .. })
         ));
         assert!(matches!(
@@ -538,7 +560,7 @@ mod tests {
         ));
         // A bare HTTP 404 page is not KIE saying "no record": probably a wrong base URL.
         assert!(matches!(
-            interpret(Endpoint::RecordInfo, 404, b"Not Found"),
+            interpret(Endpoint::Details(Kind::Cover), 404, b"Not Found"),
             Err(KieError::Invalid { code: 404, .. })
         ));
     }

@@ -11,6 +11,7 @@
 pub mod read;
 
 /// What a task is the result of. Fixed when coverd first learns of the task.
+#[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Cover,
@@ -21,7 +22,8 @@ pub enum Kind {
 }
 
 /// What a file is, from its own bytes; decides its extension and its size cap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FileType {
     /// PNG, JPEG, WebP or GIF (`download.max_image_bytes`).
     Image,
@@ -164,6 +166,22 @@ impl Kind {
         }
     }
 
+    /// Whether `name` is a name this kind gives its file `index` (SPEC "Task kinds"): a
+    /// cover image's index, `track-<i>`, `audio`, `video`, or a stem of the list. A record's
+    /// name is checked by this before any path is built from it.
+    pub fn file_name_ok(self, index: u32, name: &str) -> bool {
+        match self {
+            Kind::Cover => name == index.to_string(),
+            Kind::Music => name.strip_prefix("track-").is_some_and(|n| {
+                n.parse::<u32>()
+                    .is_ok_and(|i| i.to_string() == n && (i as usize) < read::MAX_FILES)
+            }),
+            Kind::Wav => name == "audio",
+            Kind::Video => name == "video",
+            Kind::Stems => STEMS_ORDER.contains(&name),
+        }
+    }
+
     pub fn describe(self) -> &'static Description {
         match self {
             Kind::Cover => &COVER,
@@ -175,27 +193,123 @@ impl Kind {
     }
 }
 
-impl FileType {
+/// A stored file's type and extension, from its own bytes (never from Content-Type, the URL
+/// or anything else KIE sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ext {
+    Png,
+    Jpg,
+    Webp,
+    Gif,
+    Mp3,
+    Wav,
+    Mp4,
+}
+
+impl Ext {
+    /// Every type, images first (in the order they were added: a file's old extensions are
+    /// looked for in this order).
+    pub const ALL: [Ext; 7] = [
+        Ext::Png,
+        Ext::Jpg,
+        Ext::Webp,
+        Ext::Gif,
+        Ext::Mp3,
+        Ext::Wav,
+        Ext::Mp4,
+    ];
+
     /// The type of a file from its first bytes (at least 12 are needed to tell them all
-    /// apart), with the extension it is stored under; `None` for anything else, an empty
-    /// body included.
-    pub fn sniff(head: &[u8]) -> Option<(FileType, &'static str)> {
+    /// apart); `None` for anything else, an empty body included.
+    pub fn sniff(head: &[u8]) -> Option<Ext> {
         if head.starts_with(b"\x89PNG\r\n\x1a\n") {
-            Some((FileType::Image, "png"))
+            Some(Ext::Png)
         } else if head.starts_with(&[0xff, 0xd8, 0xff]) {
-            Some((FileType::Image, "jpg"))
+            Some(Ext::Jpg)
         } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WEBP" {
-            Some((FileType::Image, "webp"))
+            Some(Ext::Webp)
         } else if head.starts_with(b"GIF87a") || head.starts_with(b"GIF89a") {
-            Some((FileType::Image, "gif"))
+            Some(Ext::Gif)
         } else if head.len() >= 12 && &head[..4] == b"RIFF" && &head[8..12] == b"WAVE" {
-            Some((FileType::Wav, "wav"))
+            Some(Ext::Wav)
         } else if head.len() >= 8 && &head[4..8] == b"ftyp" {
-            Some((FileType::Mp4, "mp4"))
+            Some(Ext::Mp4)
         } else if head.starts_with(b"ID3") || is_mpeg_audio_frame(head) {
-            Some((FileType::Mp3, "mp3"))
+            Some(Ext::Mp3)
         } else {
             None
+        }
+    }
+
+    /// The file extension.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ext::Png => "png",
+            Ext::Jpg => "jpg",
+            Ext::Webp => "webp",
+            Ext::Gif => "gif",
+            Ext::Mp3 => "mp3",
+            Ext::Wav => "wav",
+            Ext::Mp4 => "mp4",
+        }
+    }
+
+    /// What kind of file this is, for the size cap and the expected type.
+    pub fn file_type(self) -> FileType {
+        match self {
+            Ext::Png | Ext::Jpg | Ext::Webp | Ext::Gif => FileType::Image,
+            Ext::Mp3 => FileType::Mp3,
+            Ext::Wav => FileType::Wav,
+            Ext::Mp4 => FileType::Mp4,
+        }
+    }
+
+    /// The media type shown in a file entry's `media_type`.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Ext::Png => "image/png",
+            Ext::Jpg => "image/jpeg",
+            Ext::Webp => "image/webp",
+            Ext::Gif => "image/gif",
+            Ext::Mp3 => "audio/mpeg",
+            Ext::Wav => "audio/wav",
+            Ext::Mp4 => "video/mp4",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Ext> {
+        Ext::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+impl FileType {
+    /// The extensions a file of this type may be stored under.
+    pub fn exts(self) -> impl Iterator<Item = Ext> {
+        Ext::ALL.into_iter().filter(move |e| e.file_type() == self)
+    }
+
+    /// The type of a file from its first bytes, with the extension it is stored under.
+    pub fn sniff(head: &[u8]) -> Option<(FileType, &'static str)> {
+        Ext::sniff(head).map(|e| (e.file_type(), e.as_str()))
+    }
+
+    /// How messages name it ("not an image", "not an MP3").
+    pub fn describe(self) -> &'static str {
+        match self {
+            FileType::Image => "an image",
+            FileType::Mp3 => "an MP3",
+            FileType::Wav => "a WAV",
+            FileType::Mp4 => "an MP4",
+        }
+    }
+
+    /// Its short name in messages ("image larger than …").
+    pub fn noun(self) -> &'static str {
+        match self {
+            FileType::Image => "image",
+            FileType::Mp3 => "MP3",
+            FileType::Wav => "WAV",
+            FileType::Mp4 => "MP4",
         }
     }
 }

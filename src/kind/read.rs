@@ -46,6 +46,21 @@ pub struct Found {
     pub created_at: Option<Millis>,
 }
 
+impl Found {
+    /// A cover's image `index` (named by its index).
+    pub fn image(index: u32, url: String) -> Found {
+        Found {
+            stem: index.to_string(),
+            url,
+            expect: FileType::Image,
+            audio_id: None,
+            title: None,
+            duration: None,
+            created_at: None,
+        }
+    }
+}
+
 /// What a callback or a details answer says about a task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reading {

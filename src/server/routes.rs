@@ -1,5 +1,5 @@
 //! What the public listener and the metrics listener answer at which path:
-//! `POST /callbacks/cover` (the body read here, its meaning `callback`'s), `/healthz` from
+//! `POST /callbacks/<kind>` (the body read here, its meaning `callback`'s), `/healthz` from
 //! [`Health`] and the store, `GET /metrics`. Owns the routes; must not interpret a
 //! callback or change state.
 
@@ -12,7 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use super::answer::{Resp, answer, full, method_not_allowed, read_body, text};
 use crate::callback::{Answer, Intake, MAX_BODY_BYTES};
 use crate::metrics::{self, Metrics, Snapshot};
-use crate::model::Millis;
+use crate::model::{Kind, Millis};
 use crate::store::Store;
 
 /// Liveness of the workers `/healthz` reports on: the first one that stopped (returned or
@@ -52,21 +52,23 @@ pub struct Public {
 
 impl Public {
     pub async fn route(&self, req: Request<Incoming>) -> Resp {
-        match (req.method(), req.uri().path()) {
-            (&Method::POST, "/callbacks/cover") => {
+        let path = req.uri().path();
+        let callback_kind = path.strip_prefix("/callbacks/").and_then(Kind::parse);
+        match (req.method(), callback_kind, path) {
+            (&Method::POST, Some(kind), _) => {
                 let received = std::time::Instant::now();
                 let (parts, body) = req.into_parts();
                 let resp = match read_body(&parts, body, MAX_BODY_BYTES).await {
-                    Ok(bytes) => answer(self.intake.handle(&parts.headers, &bytes).await),
+                    Ok(bytes) => answer(self.intake.handle(kind, &parts.headers, &bytes).await),
                     Err(resp) => resp,
                 };
                 self.metrics
-                    .callback_answered(resp.status().as_u16(), received.elapsed());
+                    .callback_answered(kind, resp.status().as_u16(), received.elapsed());
                 resp
             }
-            (_, "/callbacks/cover") => method_not_allowed("POST"),
-            (&Method::GET | &Method::HEAD, "/healthz") => self.healthz().await,
-            (_, "/healthz") => method_not_allowed("GET, HEAD"),
+            (_, Some(_), _) => method_not_allowed("POST"),
+            (&Method::GET | &Method::HEAD, None, "/healthz") => self.healthz().await,
+            (_, None, "/healthz") => method_not_allowed("GET, HEAD"),
             _ => answer(Answer::error(StatusCode::NOT_FOUND, "no such path")),
         }
     }

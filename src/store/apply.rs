@@ -50,7 +50,7 @@ impl Core {
                         out.push(Ok(None));
                         continue;
                     }
-                    batch.undecodable = false;
+                    batch.nothing_written = false;
                     let one = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         apply_one(
                             trees,
@@ -63,8 +63,10 @@ impl Core {
                     }));
                     match one {
                         Ok(Ok(applied)) => out.push(Ok(applied)),
-                        // Found at its first read, before it wrote anything.
-                        Ok(Err(ConflictableTransactionError::Abort(e))) if batch.undecodable => {
+                        // Refused at its first read, before it wrote anything.
+                        Ok(Err(ConflictableTransactionError::Abort(e)))
+                            if batch.nothing_written =>
+                        {
                             out.push(Err(e))
                         }
                         Ok(Err(ConflictableTransactionError::Abort(e))) => {
@@ -131,6 +133,7 @@ impl Core {
                     }))
                 }
                 (None, Ok(None)) => Ok(None),
+                (None, Err(e)) if !e.is_undecodable() => Err(e),
                 (None, Err(e)) => {
                     self.undecodable_reads.fetch_add(1, Ordering::SeqCst);
                     self.quarantine_task(&w.task_id, w.task_id.as_bytes(), &e);
@@ -213,9 +216,9 @@ type AppliedOne = Option<(Option<State>, Task, Outcome)>;
 struct BatchState {
     /// Changes of the per-state counters, written once at the end of the batch.
     counts: Deltas,
-    /// Set when the update being applied found its record undecodable (at its first read,
-    /// before it wrote anything).
-    undecodable: bool,
+    /// Set when the update being applied was refused at its first read, before it wrote
+    /// anything: its record is undecodable, or the task is of another kind.
+    nothing_written: bool,
 }
 
 /// One update inside a batch's transaction: the record, its history, the indexes derived
@@ -232,7 +235,7 @@ fn apply_one(
         Some(bytes) => {
             let (task, history) = read_record(&bytes, task_id, trees.events).map_err(|e| {
                 if let ConflictableTransactionError::Abort(_) = e {
-                    batch.undecodable = true;
+                    batch.nothing_written = true;
                 }
                 e
             })?;
@@ -240,9 +243,25 @@ fn apply_one(
         }
         None => (None, Vec::new()),
     };
+    let asked = event.kind();
+    if let (Some(t), Some(asked)) = (&before, asked)
+        && t.kind != asked
+    {
+        batch.nothing_written = true;
+        return Err(ConflictableTransactionError::Abort(StoreError::WrongKind {
+            task_id: task_id.to_string(),
+            is: t.kind.as_str(),
+            asked: asked.as_str(),
+        }));
+    }
     let mut task = match (&before, if_missing) {
         (Some(t), _) => t.clone(),
-        (None, IfMissing::Create) => Task::new(task_id.to_string(), None, ctx.now),
+        (None, IfMissing::Create) => Task::new_of(
+            asked.unwrap_or(crate::model::Kind::Cover),
+            task_id.to_string(),
+            None,
+            ctx.now,
+        ),
         (None, IfMissing::Reject) => return Ok(None),
     };
     let outcome = machine::apply(&mut task, event.clone(), ctx);

@@ -404,6 +404,17 @@ impl Store {
     /// Returns whether it was removed. The caller removes its
     /// images afterwards. Blocking.
     pub fn forget(&self, task_id: &str, updated_at: Millis) -> Result<bool, StoreError> {
+        self.forget_task(task_id, updated_at, false)
+    }
+
+    /// [`Store::forget`]; with `force` (`admin forget --force`) also an unfinished task, and
+    /// its notifications even if one is still pending.
+    pub fn forget_task(
+        &self,
+        task_id: &str,
+        updated_at: Millis,
+        force: bool,
+    ) -> Result<bool, StoreError> {
         // Only a task id names a task (its images' directory is built from it).
         if !valid_task_id(task_id) {
             return Ok(false);
@@ -423,12 +434,14 @@ impl Store {
                 return Ok(false);
             };
             let task = decode(&bytes, task_id).map_err(ConflictableTransactionError::Abort)?;
-            if task.task_id != task_id || !task.state.is_finished() || task.updated_at != updated_at
+            if task.task_id != task_id
+                || !(force || task.state.is_finished())
+                || task.updated_at != updated_at
             {
                 return Ok(false);
             }
-            // Its notifications go with it; one still pending keeps the task.
-            if !drop_notifications(trees.outbox, trees.meta, task_id)? {
+            // Its notifications go with it; one still pending keeps the task (unless forced).
+            if !drop_notifications(trees.outbox, trees.meta, task_id, force)? {
                 return Ok(false);
             }
             trees.indexes().derive(task_id, Some(&task), None)?;

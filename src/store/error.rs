@@ -71,6 +71,16 @@ pub enum StoreError {
         found: u32,
         known: u32,
     },
+    /// An update for a task of one kind (a callback on `/callbacks/<kind>`, a `track --kind`)
+    /// names a task of another: nothing changed.
+    #[error(
+        "task {task_id} is a {is} task, not a {asked} task; nothing changed (KIE calls back each kind on its own route, /callbacks/{is} for this one)"
+    )]
+    WrongKind {
+        task_id: String,
+        is: &'static str,
+        asked: &'static str,
+    },
 }
 
 /// An error of sled's as people read it: an I/O error by its Display ("No space left on

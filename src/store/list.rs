@@ -8,7 +8,7 @@ use super::codec;
 use super::error::StoreError;
 use super::keys::{count_key, u64_from};
 use super::{Core, Counts, Scanned, Store};
-use crate::model::{Millis, State, Task};
+use crate::model::{Kind, Millis, State, Task};
 
 /// First byte of the ring of recently created tasks in `by_state` (see the module doc).
 pub(super) const RECENT: u8 = 0xff;
@@ -32,6 +32,18 @@ impl Store {
     /// (finished tasks have no index entry), keeping the newest `limit`: blocking, with a
     /// time that grows with the store.
     pub fn list(&self, state: Option<State>, limit: usize) -> Result<Vec<Task>, StoreError> {
+        self.list_of(state, None, limit)
+    }
+
+    /// [`Store::list`], optionally only tasks of one kind.
+    pub fn list_of(
+        &self,
+        state: Option<State>,
+        kind: Option<Kind>,
+        limit: usize,
+    ) -> Result<Vec<Task>, StoreError> {
+        let wanted =
+            |t: &Task| state.is_none_or(|s| s == t.state) && kind.is_none_or(|k| k == t.kind);
         if let Some(s) = state
             && !s.is_finished()
         {
@@ -43,15 +55,15 @@ impl Store {
                 let (k, _) = kv?;
                 let id = String::from_utf8_lossy(&k[9..]).into_owned();
                 match self.get(&id) {
-                    Ok(Some(task)) => out.push(task),
-                    Ok(None) => {}
+                    Ok(Some(task)) if wanted(&task) => out.push(task),
+                    Ok(_) => {}
                     Err(e) if e.is_undecodable() => {}
                     Err(e) => return Err(e),
                 }
             }
             return Ok(out);
         }
-        if let Some(out) = self.list_recent(state, limit)? {
+        if let Some(out) = self.list_recent(&wanted, limit)? {
             return Ok(out);
         }
         let mut newest = TopN::new(limit);
@@ -59,7 +71,7 @@ impl Store {
             let Scanned::Task(task) = scanned? else {
                 continue;
             };
-            if state.is_some_and(|s| s != task.state) {
+            if !wanted(&task) {
                 continue;
             }
             newest.push(Newest(task));
@@ -72,13 +84,13 @@ impl Store {
     }
 
     /// `list` from the ring of recently created tasks: `None` when it holds fewer than
-    /// `limit` of them (in `state`), and the caller scans. The ring is in creation order,
+    /// `limit` of them (that are `wanted`), and the caller scans. The ring is in creation order,
     /// which is `created_at` order (one clock); it is read newest first until `limit` tasks
     /// are found and the next one is older than all of them, so ties are ordered by id as
     /// a scan orders them.
     fn list_recent(
         &self,
-        state: Option<State>,
+        wanted: &dyn Fn(&Task) -> bool,
         limit: usize,
     ) -> Result<Option<Vec<Task>>, StoreError> {
         let mut seen = std::collections::HashSet::new();
@@ -96,7 +108,7 @@ impl Store {
                 Err(e) if e.is_undecodable() => continue,
                 Err(e) => return Err(e),
             };
-            if state.is_some_and(|s| s != task.state) {
+            if !wanted(&task) {
                 continue;
             }
             if found.len() >= limit && task.created_at < oldest_found {

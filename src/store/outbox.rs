@@ -237,6 +237,7 @@ pub(super) fn drop_notifications(
     outbox: &TransactionalTree,
     meta: &TransactionalTree,
     task_id: &str,
+    even_pending: bool,
 ) -> TxResult<bool> {
     let head = head_key(task_id);
     let Some(latest) = outbox.get(&head)?.map(|v| u32_from(&v)) else {
@@ -248,7 +249,7 @@ pub(super) fn drop_notifications(
             continue;
         };
         match decode_notification(&bytes, task_id) {
-            Ok(n) if n.state != NotifyState::Pending => found.push(n),
+            Ok(n) if even_pending || n.state != NotifyState::Pending => found.push(n),
             _ => return Ok(false),
         }
     }

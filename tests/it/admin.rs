@@ -3,6 +3,7 @@
 //! stop, against the store directly. The `--json` output must have SPEC's shapes and be the
 //! same both ways, except `daemon`.
 
+use coverd::machine::Origin;
 use std::collections::BTreeSet;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
@@ -23,6 +24,7 @@ const FAILED: &str = "adm-4-failed";
 
 const TASK_KEYS: &[&str] = &[
     "task_id",
+    "kind",
     "music_task_id",
     "state",
     "source",
@@ -32,10 +34,15 @@ const TASK_KEYS: &[&str] = &[
     "polls",
     "error",
     "images",
+    "files",
     "notify",
 ];
 const IMAGE_KEYS: &[&str] = &[
     "index", "url", "state", "attempts", "path", "bytes", "sha256", "error",
+];
+/// A file entry: an image's keys, its name and, once stored, its media type.
+const FILE_KEYS: &[&str] = &[
+    "index", "name", "url", "state", "attempts", "path", "bytes", "sha256", "error",
 ];
 const EVENT_KEYS: &[&str] = &["at", "kind", "detail"];
 
@@ -88,6 +95,20 @@ fn assert_task_shape(v: &Value, with_events: bool) {
         );
         assert_eq!(img["path"].is_string(), state == "downloaded", "{img}");
     }
+    // A cover's `files` are its `images`, with their names (and types once stored).
+    assert_eq!(v["kind"], "cover", "{v:#}");
+    let files = v["files"].as_array().unwrap();
+    assert_eq!(files.len(), v["images"].as_array().unwrap().len(), "{v:#}");
+    for (file, img) in files.iter().zip(v["images"].as_array().unwrap()) {
+        let mut want = set(FILE_KEYS);
+        if file["state"] == "downloaded" {
+            want.insert("media_type");
+        }
+        assert_eq!(keys(file), want, "{file:#}");
+        for k in IMAGE_KEYS {
+            assert_eq!(file[k], img[k], "{k}: {file:#}");
+        }
+    }
     if with_events {
         let events = v["events"].as_array().unwrap();
         assert!(!events.is_empty());
@@ -120,6 +141,7 @@ fn list(state: Option<&str>, limit: usize) -> Request {
     Request::List {
         state: state.map(str::to_string),
         limit,
+        kind: None,
     }
 }
 
@@ -266,6 +288,8 @@ async fn check_errors(config: &Config) {
         Request::Track {
             task_id: "../x".into(),
             music_task_id: None,
+            kind: None,
+            audio_id: None,
         },
     )
     .await;
@@ -278,6 +302,8 @@ async fn track(config: &Config, id: &str, music: Option<&str>) -> (Value, String
         Request::Track {
             task_id: id.into(),
             music_task_id: music.map(str::to_string),
+            kind: None,
+            audio_id: None,
         },
     )
     .await
@@ -464,9 +490,7 @@ async fn progress_of_a_whole_store_command_streams_from_the_daemon() {
     let d = Daemon::start(&fake, |_| {}).await;
     let ctx = Ctx::from_config(&d.config, coverd::model::now_millis());
     for i in 0..600 {
-        let event = Event::Track {
-            music_task_id: None,
-        };
+        let event = Event::Track(Origin::cover(None));
         d.store
             .apply(&format!("p-{i:03}"), &event, &ctx, IfMissing::Create)
             .unwrap();

@@ -473,7 +473,7 @@ async fn html_page_is_not_an_image() {
     let page = "<!DOCTYPE html><html><body>Access denied</body></html>".to_owned();
     let url = case.set("/s/a.png", Behaviour::Html(page));
     let err = case.err(&url).await;
-    assert!(matches!(err, FetchError::NotImage { .. }), "{err:?}");
+    assert!(matches!(err, FetchError::WrongType { .. }), "{err:?}");
     assert!(!err.is_transient() && !err.is_gone());
     assert_eq!(
         err.to_string(),
@@ -492,7 +492,13 @@ async fn oversized_with_content_length_is_refused_early() {
     );
     let err = case.err(&url).await;
     assert!(
-        matches!(err, FetchError::TooLarge { limit: MAX_BYTES }),
+        matches!(
+            err,
+            FetchError::TooLarge {
+                limit: MAX_BYTES,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(!err.is_transient());
@@ -508,7 +514,13 @@ async fn oversized_without_content_length_is_cut_while_streaming() {
     let url = case.set("/s/big.png", Behaviour::Oversized { len: None });
     let err = case.err(&url).await;
     assert!(
-        matches!(err, FetchError::TooLarge { limit: MAX_BYTES }),
+        matches!(
+            err,
+            FetchError::TooLarge {
+                limit: MAX_BYTES,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }

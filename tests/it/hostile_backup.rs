@@ -8,6 +8,8 @@
 //! notifications at one moment. Escapes point at decoy directories inside the test's temp
 //! dir, whose tree is compared before and after.
 
+use coverd::machine::Origin;
+use coverd::model::Kind;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -434,17 +436,18 @@ fn an_online_backup_reads_each_task_with_its_notifications() {
         store
             .apply(
                 &id,
-                &Event::Track {
-                    music_task_id: None,
-                },
+                &Event::Track(Origin::cover(None)),
                 &notify_ctx(now),
                 IfMissing::Create,
             )
             .unwrap();
     }
-    let fail = Event::Callback(Report::Failure {
-        reason: "KIE code 501: no".into(),
-    });
+    let fail = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: no".into(),
+        },
+    );
     let settled = Arc::new(AtomicBool::new(false));
     let progress: backup::Progress = {
         let (store, settled, fail) = (store.clone(), settled.clone(), fail.clone());

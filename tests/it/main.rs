@@ -41,6 +41,8 @@ pub async fn admin_track(d: &harness::Daemon, task_id: &str) {
         coverd::admin::Request::Track {
             task_id: task_id.into(),
             music_task_id: None,
+            kind: None,
+            audio_id: None,
         },
     )
     .await

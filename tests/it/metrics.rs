@@ -102,9 +102,18 @@ async fn metrics_move_under_real_traffic() {
         ("coverd_build_info{version=\"0.1.0\"}", 1.0),
         ("coverd_tasks{state=\"downloaded\"}", 1.0),
         ("coverd_tasks{state=\"submitted\"}", 1.0),
-        ("coverd_callbacks_total{answer=\"200\"}", 1.0),
-        ("coverd_callbacks_total{answer=\"404\"}", 1.0),
-        ("coverd_callbacks_total{answer=\"400\"}", 1.0),
+        ("coverd_callbacks_total{kind=\"cover\",answer=\"200\"}", 1.0),
+        ("coverd_callbacks_total{kind=\"cover\",answer=\"404\"}", 1.0),
+        ("coverd_callbacks_total{kind=\"cover\",answer=\"400\"}", 1.0),
+        (
+            "coverd_file_fetches_total{kind=\"cover\",result=\"stored\"}",
+            2.0,
+        ),
+        (
+            "coverd_file_bytes_total{kind=\"cover\"}",
+            (a.len() + b.len()) as f64,
+        ),
+        ("coverd_file_fetch_seconds_count{kind=\"cover\"}", 2.0),
         ("coverd_callback_ack_seconds_count", 3.0),
         ("coverd_callback_ack_seconds_bucket{le=\"+Inf\"}", 3.0),
         ("coverd_image_fetches_total{result=\"stored\"}", 2.0),
@@ -185,14 +194,35 @@ async fn every_documented_label_value_is_exported_at_zero_before_any_traffic() {
             continue;
         };
         let label = label.trim_end_matches('}');
-        if label.contains(',') || name == "coverd_build_info" {
-            continue; // two labels (KIE requests: below); the version is not a fixed set
+        if name == "coverd_build_info" || name == "coverd_kie_requests_total" {
+            continue; // the version is not a fixed set; KIE requests: below
         }
         let what = cells.last().unwrap();
         let values: Vec<&str> = what.split('`').skip(1).step_by(2).collect();
         assert!(!values.is_empty(), "no values documented for {name}: {row}");
+        // `{kind,X}`: every kind with every value of X; the kinds are listed in the cell too.
+        let (kinds, values): (Vec<&str>, Vec<&str>) = match label.split_once(',') {
+            Some(("kind", _)) => values
+                .into_iter()
+                .partition(|v| coverd::model::Kind::parse(v).is_some()),
+            Some(_) => panic!("two labels not known to this test: {row}"),
+            None => (Vec::new(), values),
+        };
+        let label = label.rsplit(',').next().unwrap();
+        let histogram = row.contains("| histogram |");
         for value in values {
-            let sample = format!("{name}{{{label}=\"{value}\"}}");
+            let sample = match kinds.as_slice() {
+                [] if histogram => format!("{name}_count{{{label}=\"{value}\"}}"),
+                [] => format!("{name}{{{label}=\"{value}\"}}"),
+                kinds => {
+                    for kind in kinds {
+                        let sample = format!("{name}{{kind=\"{kind}\",{label}=\"{value}\"}}");
+                        assert_eq!(m.get(&sample), Some(&0.0), "{sample} not exported at 0");
+                        checked += 1;
+                    }
+                    continue;
+                }
+            };
             assert_eq!(m.get(&sample), Some(&0.0), "{sample} not exported at 0");
             checked += 1;
         }

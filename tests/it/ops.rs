@@ -4,6 +4,8 @@
 //! `verify` clean, every acknowledged task present, the longest ack printed); the config
 //! key table of docs/configuration.md against the one generated from the key declarations.
 
+use coverd::machine::Origin;
+use coverd::model::Kind;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -297,15 +299,17 @@ fn seed(dir: &Path, config: &Config, n: usize) -> (usize, usize) {
     for i in 0..n {
         let id = format!("seed-{i:05}");
         let event = match i % 10 {
-            0 | 1 => Event::Callback(Report::Success {
-                images: vec![format!("https://h.example/{id}.png")],
-            }),
-            2 => Event::Callback(Report::Failure {
-                reason: "KIE code 501: failed".into(),
-            }),
-            _ => Event::Track {
-                music_task_id: Some(format!("m-{id}")),
-            },
+            0 | 1 => Event::Callback(
+                Kind::Cover,
+                Report::images(vec![format!("https://h.example/{id}.png")]),
+            ),
+            2 => Event::Callback(
+                Kind::Cover,
+                Report::Failure {
+                    reason: "KIE code 501: failed".into(),
+                },
+            ),
+            _ => Event::Track(Origin::cover(Some(format!("m-{id}")))),
         };
         store.apply(&id, &event, &ctx, IfMissing::Create).unwrap();
         if i % 10 == 0 {
@@ -540,6 +544,8 @@ async fn track_retry_and_submit_say_who_does_what_next() {
         Request::Track {
             task_id: "who-1".into(),
             music_task_id: None,
+            kind: None,
+            audio_id: None,
         },
     )
     .await

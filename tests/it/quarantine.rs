@@ -4,6 +4,8 @@
 //! `admin export` name it and exit 1 after finishing the rest, with the daemon running
 //! (through its socket) or stopped.
 
+use coverd::machine::Origin;
+use coverd::model::Kind;
 use std::path::Path;
 use std::time::Duration;
 
@@ -67,13 +69,13 @@ fn apply(store: &Store, id: &str, event: Event, now: Millis) -> Task {
 
 fn track(store: &Store, id: &str, now: Millis) -> Task {
     let music_task_id = Some(format!("music-{id}"));
-    apply(store, id, Event::Track { music_task_id }, now)
+    apply(store, id, Event::Track(Origin::cover(music_task_id)), now)
 }
 
 fn receive(store: &Store, id: &str, url: String, now: Millis) -> Task {
     track(store, id, now);
-    let report = Report::Success { images: vec![url] };
-    apply(store, id, Event::Callback(report), now)
+    let report = Report::images(vec![url]);
+    apply(store, id, Event::Callback(Kind::Cover, report), now)
 }
 
 /// Writes the tasks into the store of `data_dir` (daemon stopped): the bad ones first and

@@ -70,8 +70,8 @@ async fn metrics_listener_serves_prometheus_text() {
     };
     for line in [
         "coverd_tasks{state=\"downloaded\"} 1",
-        "coverd_callbacks_total{answer=\"200\"} 1",
-        "coverd_callbacks_total{answer=\"400\"} 1",
+        "coverd_callbacks_total{kind=\"cover\",answer=\"200\"} 1",
+        "coverd_callbacks_total{kind=\"cover\",answer=\"400\"} 1",
         "coverd_image_fetches_total{result=\"stored\"} 1",
     ] {
         assert!(

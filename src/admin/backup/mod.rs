@@ -3,7 +3,7 @@
 //! and forgetting old finished tasks with their images. Blocking code, run off the async
 //! runtime in bounded chunks so the daemon keeps answering callbacks meanwhile. Owns the
 //! manifest, the image copies and the one rule that names an image's file
-//! ([`image_name`]: built from a valid task id, never read from a record); must not change
+//! ([`stored_file`]: built from a valid task id and the kind's file names, never read from a record); must not change
 //! a task except through the store's copy/forget functions (never a state transition).
 //!
 //! A backup is untrusted input (SPEC "Data directory"): restore opens SRC once (the path
@@ -17,7 +17,7 @@
 //! Its parts: `manifest` (`backup.json`), `restore` (restore and the checks of a backup's
 //! records), `source` (reading SRC without following links), `prune`, `files` (the private
 //! files and directories both write). This file holds `backup` itself and what the parts
-//! share: the chunk size, progress, and [`image_name`].
+//! share: the chunk size, progress, and [`stored_file`].
 
 mod files;
 mod manifest;
@@ -38,9 +38,9 @@ use sha2::{Digest, Sha256};
 use self::files::{private_dir, sync_dir, sync_parent, write_private};
 use super::AdminError;
 use super::access::shown;
-use crate::download::{IMAGES_DIR, image_path};
+use crate::download::{STORED_DIRS, Slot};
 use crate::fetch::Ext;
-use crate::model::{Image, ImageState, Task, format_time, now_millis, valid_task_id};
+use crate::model::{Image, ImageState, Kind, Task, format_time, now_millis};
 use crate::store::{Store, TaskCopy};
 
 /// Tasks read, copied and written per step: bounds both memory and the time the store's
@@ -49,26 +49,35 @@ const CHUNK: usize = 64;
 /// Times a task whose images changed under the copy (retry, prune) is read again.
 const REREADS: u32 = 3;
 
-/// The file name of a stored image in its task's directory (`<index>.<ext>`, so its path is
-/// `images/<task_id>/<index>.<ext>`), checked against what the record says: `Ok(None)` when
-/// the record names no file; `Err` (why) unless `task_id` is a valid task id and the
-/// recorded path is exactly that path for one of the image types. Every path to an image
-/// file is built from this, never taken from a record.
-pub(super) fn image_name(task_id: &str, img: &Image) -> Result<Option<String>, String> {
-    if !valid_task_id(task_id) {
-        return Err(format!("{task_id:?} is not a valid task id"));
-    }
+/// Where a stored file of a task of `kind` is (its [`Slot`] and the extension its record
+/// names: `images/<task_id>/<index>.<ext>` for a cover image, `files/<task_id>/<name>.<ext>`
+/// for the others), checked against what the record says: `Ok(None)` when the record names
+/// no file; `Err` (why) unless `task_id` is a valid task id, the file's name is one its kind
+/// gives, and the recorded path is exactly the slot's path for one of its type's
+/// extensions. Every path to a stored file is built from this, never taken from a record.
+pub(super) fn stored_file(
+    kind: Kind,
+    task_id: &str,
+    img: &Image,
+) -> Result<Option<(Slot, Ext)>, String> {
+    let slot = Slot::of(kind, task_id, img)?;
     let Some(path) = &img.path else {
         return Ok(None);
     };
-    for ext in Ext::ALL {
-        if *path == image_path(task_id, img.index, ext) {
-            return Ok(Some(format!("{}.{}", img.index, ext.as_str())));
-        }
+    if let Some(ext) = slot.exts().find(|e| *path == slot.path(*e)) {
+        return Ok(Some((slot, ext)));
     }
+    let exts: Vec<&str> = slot.exts().map(Ext::as_str).collect();
+    let what = match kind {
+        Kind::Cover => "image",
+        _ => "file",
+    };
     Err(format!(
-        "image {} names {path:?}, not {IMAGES_DIR}/{task_id}/{}.<png|jpg|webp|gif>",
-        img.index, img.index
+        "{what} {} names {path:?}, not {}/{}.<{}>",
+        img.index,
+        slot.dir(),
+        img.name,
+        exts.join("|")
     ))
 }
 
@@ -156,10 +165,12 @@ fn copy_store(
     target.rebuild_recent()?;
     target.flush_now()?;
     // The entries of the task directories, once for all of them (each task's directory
-    // was synced after its images; `backup` syncs `dest`, which holds `images`).
-    let images = dest.join(IMAGES_DIR);
-    if images.exists() {
-        sync_dir(&images)?;
+    // was synced after its files; `backup` syncs `dest`, which holds `images` and `files`).
+    for dir in STORED_DIRS {
+        let dir = dest.join(dir);
+        if dir.exists() {
+            sync_dir(&dir)?;
+        }
     }
     Ok(copied)
 }
@@ -195,49 +206,77 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
     let mut images = 0;
     let mut bytes = 0;
     let mut dir_made = false;
+    let mut task_dir: Option<String> = None;
     for img in task
         .images
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
     {
-        // The path is built from the id, never taken from the record.
-        let name = image_name(&task.task_id, img).map_err(|why| {
+        // The path is built from the id and the kind's names, never taken from the record.
+        let stored = stored_file(task.kind, &task.task_id, img).map_err(|why| {
             AdminError::failed(format!(
                 "the record of task {} is damaged ({why}); run `coverd admin verify`, then `coverd admin retry {}`",
                 task.task_id, task.task_id
             ))
         })?;
-        let Some(name) = name else { continue };
-        let rel = format!("{IMAGES_DIR}/{}/{name}", task.task_id);
+        let Some((slot, ext)) = stored else { continue };
+        task_dir = Some(slot.dir());
+        let rel = slot.path(ext);
         let from = data_dir.join(&rel);
-        let data = std::fs::read(&from).map_err(|e| {
+        let to = dest.join(&rel);
+        if !dir_made {
+            private_dir(&dest.join(task_dir.as_deref().unwrap_or_default()))?;
+            dir_made = true;
+        }
+        // Streamed in 128 KiB steps and hashed on the way: a video is copied in bounded
+        // memory.
+        let (size, sha256) = copy_hashed(&from, &to).map_err(|e| {
             AdminError::failed(format!(
-                "image {} of task {} cannot be read ({e}); run `coverd admin verify`, then `coverd admin retry {}`",
+                "file {} of task {} cannot be copied ({e}); run `coverd admin verify`, then `coverd admin retry {}`",
                 rel, task.task_id, task.task_id
             ))
         })?;
-        if Some(hex::encode(Sha256::digest(&data))) != img.sha256 {
+        if Some(sha256) != img.sha256 {
+            let _ = std::fs::remove_file(&to);
             return Err(AdminError::failed(format!(
-                "image {} of task {} does not match its sha256; run `coverd admin retry {}` and back up again",
+                "file {} of task {} does not match its sha256; run `coverd admin retry {}` and back up again",
                 rel, task.task_id, task.task_id
             )));
         }
-        let to = dest.join(&rel);
-        if !dir_made {
-            private_dir(&dest.join(IMAGES_DIR).join(&task.task_id))?;
-            dir_made = true;
-        }
-        if let Some(parent) = to.parent() {
-            private_dir(parent)?;
-        }
-        write_private(&to, &data)?;
         images += 1;
-        bytes += data.len() as u64;
+        bytes += size;
     }
-    if dir_made {
-        sync_dir(&dest.join(IMAGES_DIR).join(&task.task_id))?;
+    if let Some(dir) = task_dir.filter(|_| dir_made) {
+        sync_dir(&dest.join(dir))?;
     }
     Ok((images, bytes))
+}
+
+/// Copies `from` to a new private file `to` (0600, synced), returning its size and sha256.
+fn copy_hashed(from: &Path, to: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut input = std::fs::File::open(from)?;
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(to)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+    out.sync_all()?;
+    Ok((total, hex::encode(hasher.finalize())))
 }
 
 /// Makes `path` absolute against the working directory (before anything changes it).

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::Progress;
 use crate::admin::AdminError;
 use crate::admin::access::shown;
-use crate::download::IMAGES_DIR;
+use crate::download::task_dir;
 use crate::model::{Millis, format_time, valid_task_id};
 use crate::store::Store;
 
@@ -60,7 +60,7 @@ pub fn prune(
             if !valid_task_id(&task.task_id) {
                 continue;
             }
-            let dir = data_dir.join(IMAGES_DIR).join(&task.task_id);
+            let dir = data_dir.join(task_dir(task.kind, &task.task_id));
             let bytes = dir_bytes(&dir);
             if dry_run {
                 out.tasks += 1;

@@ -8,6 +8,7 @@
 //! restore and the checks of a backup's records; must not change a task's state, follow a
 //! link in SRC or write SRC.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -22,11 +23,11 @@ use super::files::{
 };
 use super::manifest::{Manifest, read_manifest_at};
 use super::source::{copy_src_db, open_src, open_under};
-use super::{CHUNK, Copied, Progress, image_name};
+use super::{CHUNK, Copied, Progress, stored_file};
 use crate::admin::AdminError;
 use crate::admin::access::shown;
-use crate::download::IMAGES_DIR;
-use crate::model::{ImageState, MAX_IMAGES, Task, valid_task_id};
+use crate::kind::read::MAX_FILES;
+use crate::model::{ImageState, Task, valid_task_id};
 use crate::store::{Store, TaskCopy, UNFINISHED_RESTORE};
 
 /// Where restore puts its copy of SRC's `db/` (inside the target; removed when done).
@@ -52,13 +53,13 @@ fn distrust(copy: &TaskCopy) -> Option<String> {
     if task.task_id != id {
         return Some(format!("its record holds task id {:?}", task.task_id));
     }
-    if task.images.len() > MAX_IMAGES {
+    if task.images.len() > MAX_FILES {
         return Some(format!(
-            "its record has {} images (at most {MAX_IMAGES})",
+            "its record has {} files (at most {MAX_FILES})",
             task.images.len()
         ));
     }
-    let mut seen = [false; MAX_IMAGES];
+    let mut seen = [false; MAX_FILES];
     for img in &task.images {
         match seen.get_mut(img.index as usize) {
             Some(s) if !*s => *s = true,
@@ -69,7 +70,7 @@ fn distrust(copy: &TaskCopy) -> Option<String> {
                 ));
             }
         }
-        let name = match image_name(id, img) {
+        let name = match stored_file(task.kind, id, img) {
             Ok(name) => name,
             Err(why) => return Some(why),
         };
@@ -292,7 +293,7 @@ fn copy_restored(
     let c = source.counts()?;
     let total = c.submitted + c.received + c.downloaded + c.failed;
     let mut copied = Copied::default();
-    let mut images_dir = None;
+    let mut kind_dirs = BTreeMap::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
         let chunk = source.read_tasks(after.as_deref(), CHUNK)?;
@@ -304,9 +305,8 @@ fn copy_restored(
                 return Err(refused(src, copy, &why));
             }
             if let Some(task) = &copy.task {
-                let (images, bytes) =
-                    restore_task_images(src_dir, &mut images_dir, src, dest, task)
-                        .map_err(|e| refused(src, copy, &e))?;
+                let (images, bytes) = restore_task_images(src_dir, &mut kind_dirs, src, dest, task)
+                    .map_err(|e| refused(src, copy, &e))?;
                 copied.images += images;
                 copied.bytes += bytes;
             }
@@ -328,30 +328,32 @@ fn copy_restored(
 /// (the caller names the task).
 fn restore_task_images(
     src_dir: &OwnedFd,
-    images_dir: &mut Option<OwnedFd>,
+    kind_dirs: &mut BTreeMap<&'static str, OwnedFd>,
     src: &Path,
     dest: &Path,
     task: &Task,
 ) -> Result<(u64, u64), String> {
     let (mut images, mut bytes) = (0, 0);
     let mut task_dir: Option<OwnedFd> = None;
-    let rel_dir = Path::new(IMAGES_DIR).join(&task.task_id);
+    let kind_dir = task.kind.describe().dir;
+    let rel_dir = Path::new(kind_dir).join(&task.task_id);
     for img in task
         .images
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
     {
-        let Some(name) = image_name(&task.task_id, img)? else {
+        let Some((slot, ext)) = stored_file(task.kind, &task.task_id, img)? else {
             return Err(format!("image {} names no file", img.index));
         };
+        let name = slot.file_name(ext);
         let message = |e: AdminError| format!("image {}: {}", img.index, e.message);
-        if images_dir.is_none() {
-            let (fd, _) = open_under(src_dir, OsStr::new(IMAGES_DIR), &src.join(IMAGES_DIR), true)
+        if !kind_dirs.contains_key(kind_dir) {
+            let (fd, _) = open_under(src_dir, OsStr::new(kind_dir), &src.join(kind_dir), true)
                 .map_err(message)?;
-            *images_dir = Some(fd);
+            kind_dirs.insert(kind_dir, fd);
         }
         if task_dir.is_none() {
-            let dir = images_dir.as_ref().expect("opened above");
+            let dir = &kind_dirs[kind_dir];
             let (fd, _) = open_under(dir, OsStr::new(&task.task_id), &src.join(&rel_dir), true)
                 .map_err(message)?;
             task_dir = Some(fd);
@@ -398,7 +400,7 @@ fn restore_task_images(
     }
     if task_dir.is_some() {
         sync_dir(&dest.join(&rel_dir)).map_err(|e| e.message)?;
-        sync_dir(&dest.join(IMAGES_DIR)).map_err(|e| e.message)?;
+        sync_dir(&dest.join(kind_dir)).map_err(|e| e.message)?;
     }
     Ok((images, bytes))
 }

@@ -168,6 +168,7 @@ macro_rules! frozen_enum {
         }
     };
 }
+pub(super) use frozen_enum;
 
 frozen_enum!(State <=> StateV1 { Submitted, Received, Downloaded, Failed });
 frozen_enum!(Source <=> SourceV1 { Callback, Poll });
@@ -195,9 +196,13 @@ frozen_enum!(NotifyState <=> NotifyStateV1 { Pending, Delivered, Undeliverable }
 
 impl<'a> From<&'a Task> for TaskV1<'a> {
     fn from(task: &'a Task) -> TaskV1<'a> {
+        // `kind` and `audio_id` (version 3) are not in this version: `v3` writes them beside
+        // it, and a record of this version alone is a cover's.
         let Task {
             task_id,
+            kind: _,
             music_task_id,
+            audio_id: _,
             state,
             source,
             created_at,
@@ -256,7 +261,9 @@ impl From<TaskV1<'_>> for Task {
         } = task;
         Task {
             task_id: task_id.into_owned(),
+            kind: crate::model::Kind::Cover,
             music_task_id: owned(music_task_id),
+            audio_id: None,
             state: state.into(),
             source: source.map(Into::into),
             created_at,
@@ -277,8 +284,14 @@ impl From<TaskV1<'_>> for Task {
 
 impl<'a> From<&'a Image> for ImageV1<'a> {
     fn from(image: &'a Image) -> ImageV1<'a> {
+        // What version 3 added to a file (`v3` writes it beside this).
         let Image {
             index,
+            name: _,
+            expect: _,
+            audio_id: _,
+            title: _,
+            duration_ms: _,
             url,
             refreshed_url,
             state,
@@ -323,6 +336,11 @@ impl From<ImageV1<'_>> for Image {
         } = image;
         Image {
             index,
+            name: index.to_string(),
+            expect: crate::model::FileType::Image,
+            audio_id: None,
+            title: None,
+            duration_ms: None,
             url: url.into_owned(),
             refreshed_url: owned(refreshed_url),
             state: state.into(),

@@ -4,6 +4,7 @@
 
 use super::{callback, ctx, futures_poll_once, open, stored, track};
 use crate::machine::{Event, Report};
+use crate::model::Kind;
 use crate::model::{EventKind, Millis, State};
 use crate::store::{Counts, IfMissing, writer};
 
@@ -76,7 +77,7 @@ fn a_batch_goes_on_past_a_quarantined_record_and_a_refused_task() {
     let (_d, store) = open();
     track(&store, "bad", 1);
     store.put_raw_task("bad", b"\xff\xff garbage").unwrap();
-    let failure = Event::Callback(Report::Failure { reason: "x".into() });
+    let failure = Event::Callback(Kind::Cover, Report::Failure { reason: "x".into() });
     let out = store.inner.apply_batch(&[
         write("a", callback(1), 2, IfMissing::Create),
         write("bad", callback(1), 2, IfMissing::Reject),

@@ -2,23 +2,26 @@
 //! or carried), a crafted outbox named, and forgetting only unchanged finished tasks.
 
 use super::quiet;
+use crate::machine::Origin;
 use crate::machine::{Ctx, Event, Report};
+use crate::model::Kind;
 use crate::model::State;
 use crate::store::outbox::head_key;
 use crate::store::{IfMissing, Store};
 
 fn fill(store: &Store) {
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        let event = Event::Track {
-            music_task_id: Some(format!("m-{id}")),
-        };
+        let event = Event::Track(Origin::cover(Some(format!("m-{id}"))));
         store
             .apply(id, &event, &quiet(10 + i as i64), IfMissing::Create)
             .unwrap();
     }
-    let failure = Event::Callback(Report::Failure {
-        reason: "KIE code 501: no".into(),
-    });
+    let failure = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: no".into(),
+        },
+    );
     store
         .apply("b", &failure, &quiet(20), IfMissing::Reject)
         .unwrap();
@@ -72,12 +75,13 @@ fn copies_carry_their_notifications_with_due_entries_and_counters() {
         notify: true,
         ..quiet(now)
     };
-    let track = Event::Track {
-        music_task_id: None,
-    };
-    let failure = Event::Callback(Report::Failure {
-        reason: "KIE code 501: no".into(),
-    });
+    let track = Event::Track(Origin::cover(None));
+    let failure = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: no".into(),
+        },
+    );
     for id in ["p", "q"] {
         src.apply(id, &track, &notify(10), IfMissing::Create)
             .unwrap();

@@ -3,6 +3,7 @@
 
 use super::{ctx, futures_poll_once, open, track};
 use crate::machine::Event;
+use crate::machine::Origin;
 use crate::store::{IfMissing, Store, StoreError};
 
 #[tokio::test]
@@ -61,9 +62,7 @@ async fn ingest_throughput() {
                 let applied = store
                     .apply_async(
                         &id,
-                        Event::Track {
-                            music_task_id: None,
-                        },
+                        Event::Track(Origin::cover(None)),
                         ctx(1),
                         IfMissing::Create,
                     )

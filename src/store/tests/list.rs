@@ -2,7 +2,9 @@
 //! tasks after a prune, the oldest unfinished task, the counters.
 
 use super::{callback, ctx, ids, open, quiet, state_entries, track};
+use crate::machine::Origin;
 use crate::machine::{Event, Report};
+use crate::model::Kind;
 use crate::model::{State, Task};
 use crate::store::IfMissing;
 
@@ -41,11 +43,9 @@ fn listing_all_states_is_newest_first_with_the_limit() {
         let id = format!("t{:02}", (i * 7) % 40);
         let created = 1000 + i / 3;
         let event = match i % 4 {
-            0 => Event::Track {
-                music_task_id: None,
-            },
+            0 => Event::Track(Origin::cover(None)),
             1 => callback(1),
-            _ => Event::Callback(Report::Failure { reason: "x".into() }),
+            _ => Event::Callback(Kind::Cover, Report::Failure { reason: "x".into() }),
         };
         store
             .apply(&id, &event, &quiet(created), IfMissing::Create)

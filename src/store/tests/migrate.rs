@@ -2,6 +2,8 @@
 //! that layout) migrated at open, huge histories trimmed, a migration stopped half way run
 //! again; foreign and newer databases refused.
 
+use crate::machine::Origin;
+use crate::model::Kind;
 use std::path::Path;
 
 use super::{callback, ids, quiet, reference, scripted, state_entries, stored};
@@ -208,9 +210,7 @@ fn a_schema_1_record_with_a_huge_history_is_migrated_trimmed() {
     let script = vec![(
         "big1",
         100,
-        vec![Event::Track {
-            music_task_id: Some("m-big".into()),
-        }],
+        vec![Event::Track(Origin::cover(Some("m-big".into())))],
     )];
     write_v1_tasks(dir.path(), 1, &[], &[], script);
     // 20 history entries of 60 KB each beside the record, as schema 1 wrote them.
@@ -290,9 +290,12 @@ fn migration_throughput() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let ids: Vec<String> = (0..n).map(|i| format!("f-{i}")).collect();
-    let failure = Event::Callback(Report::Failure {
-        reason: "KIE code 501: Cover generation failed".into(),
-    });
+    let failure = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: Cover generation failed".into(),
+        },
+    );
     let script = ids
         .iter()
         .enumerate()

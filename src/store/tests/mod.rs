@@ -19,7 +19,9 @@ pub(crate) use migrate::{schema_1_trees_gone, schema_of, write_v1_tasks};
 
 use super::list::RECENT;
 use super::{Applied, IfMissing, Store};
+use crate::machine::Origin;
 use crate::machine::{Ctx, Event, Report};
+use crate::model::Kind;
 use crate::model::{Millis, Task};
 
 /// An update's context at `now`, with notifications on (`notify.url` set).
@@ -50,9 +52,7 @@ fn track(store: &Store, id: &str, now: Millis) -> Applied {
     store
         .apply(
             id,
-            &Event::Track {
-                music_task_id: Some(format!("m-{id}")),
-            },
+            &Event::Track(Origin::cover(Some(format!("m-{id}")))),
             &ctx(now),
             IfMissing::Create,
         )
@@ -61,9 +61,10 @@ fn track(store: &Store, id: &str, now: Millis) -> Applied {
 }
 
 fn callback(n: usize) -> Event {
-    Event::Callback(Report::Success {
-        images: (0..n).map(|i| format!("https://h/{i}.png")).collect(),
-    })
+    Event::Callback(
+        Kind::Cover,
+        Report::images((0..n).map(|i| format!("https://h/{i}.png")).collect()),
+    )
 }
 
 fn stored(index: u32) -> Event {
@@ -100,12 +101,13 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::
 /// Tasks in every state (with a tie on `created_at` between states), each a list of
 /// events applied one ms apart from its creation.
 pub(crate) fn scripted() -> Vec<(&'static str, Millis, Vec<Event>)> {
-    let track = |m: &str| Event::Track {
-        music_task_id: Some(m.to_string()),
-    };
-    let failure = Event::Callback(Report::Failure {
-        reason: "KIE code 501: no".into(),
-    });
+    let track = |m: &str| Event::Track(Origin::cover(Some(m.to_string())));
+    let failure = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: no".into(),
+        },
+    );
     vec![
         ("a", 100, vec![track("m-a")]),
         ("b", 101, vec![track("m-b"), callback(2)]),

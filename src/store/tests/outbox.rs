@@ -3,6 +3,7 @@
 
 use super::{callback, ctx, open, stored, track};
 use crate::machine::{Ctx, Delivery, Event, Report};
+use crate::model::Kind;
 use crate::model::{NotifyState, State};
 use crate::store::{IfMissing, NotifyCounts};
 
@@ -104,7 +105,7 @@ fn notifications_off_enqueue_nothing() {
     store
         .apply(
             "a",
-            &Event::Callback(Report::Failure { reason: "x".into() }),
+            &Event::Callback(Kind::Cover, Report::Failure { reason: "x".into() }),
             &off,
             IfMissing::Create,
         )

@@ -3,7 +3,9 @@
 //! deriving them anew, a schema-2 store deriving them at open; the benchmark store builder.
 
 use super::{quiet, stored_sized};
+use crate::machine::Origin;
 use crate::machine::{Event, Report};
+use crate::model::Kind;
 use crate::model::{ImageState, Millis, State, Task};
 use crate::store::keys::count_key;
 use crate::store::stats::{BYTES_KEY, FORMAT_KEY, own_meta_key, quarantine_key};
@@ -19,26 +21,23 @@ fn apply(store: &Store, id: &str, event: Event, now: Millis) {
 /// Tasks in every state; `a` and `b` store 100 + 20 and 7 bytes.
 fn fill(store: &Store) {
     let success = |n: usize| {
-        Event::Callback(Report::Success {
-            images: (0..n).map(|i| format!("https://h/{i}.png")).collect(),
-        })
+        Event::Callback(
+            Kind::Cover,
+            Report::images((0..n).map(|i| format!("https://h/{i}.png")).collect()),
+        )
     };
     apply(store, "a", success(2), 1);
     apply(store, "a", stored_sized(0, 100), 2);
     apply(store, "a", stored_sized(1, 20), 3);
     apply(store, "b", success(2), 4);
     apply(store, "b", stored_sized(1, 7), 5);
-    apply(
-        store,
-        "c",
-        Event::Track {
-            music_task_id: None,
+    apply(store, "c", Event::Track(Origin::cover(None)), 6);
+    let failure = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: no".into(),
         },
-        6,
     );
-    let failure = Event::Callback(Report::Failure {
-        reason: "KIE code 501: no".into(),
-    });
     apply(store, "d", failure, 7);
 }
 
@@ -141,14 +140,7 @@ fn verify_repairs_counters_and_index_that_disagree_with_the_records() {
     for scanned in store.all_tasks() {
         during.add(&scanned.unwrap());
     }
-    apply(
-        &store,
-        "e",
-        Event::Track {
-            music_task_id: None,
-        },
-        9,
-    );
+    apply(&store, "e", Event::Track(Origin::cover(None)), 9);
     meta.insert(BYTES_KEY, &5u64.to_be_bytes()).unwrap();
     assert!(matches!(
         store.finish_stats_check(during).unwrap(),

@@ -1,6 +1,8 @@
 //! The status summary a clean close leaves for a stopped daemon's `admin status`: written
 //! by the last handle only and never after a failed write, removed at open, and ignored
 //! when sled's log changed under it or the file is crafted.
+use crate::machine::Origin;
+use crate::model::Kind;
 use std::path::Path;
 
 use super::ctx;
@@ -13,22 +15,21 @@ use crate::store::{IfMissing, SCHEMA_VERSION, Store};
 fn filled(dir: &Path) -> Store {
     let store = Store::open(dir).unwrap();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        let track = Event::Track {
-            music_task_id: Some(format!("m-{id}")),
-        };
+        let track = Event::Track(Origin::cover(Some(format!("m-{id}"))));
         store
             .apply(id, &track, &ctx(10 + i as Millis), IfMissing::Create)
             .unwrap();
     }
-    let callback = Event::Callback(Report::Success {
-        images: vec!["https://h/0.png".into()],
-    });
+    let callback = Event::Callback(Kind::Cover, Report::images(vec!["https://h/0.png".into()]));
     store
         .apply("b", &callback, &ctx(20), IfMissing::Reject)
         .unwrap();
-    let failed = Event::Callback(Report::Failure {
-        reason: "KIE code 501: nope".into(),
-    });
+    let failed = Event::Callback(
+        Kind::Cover,
+        Report::Failure {
+            reason: "KIE code 501: nope".into(),
+        },
+    );
     store
         .apply("c", &failed, &ctx(30), IfMissing::Reject)
         .unwrap();
