@@ -19,6 +19,7 @@ mod intake;
 mod kie_client;
 mod kie_flows;
 mod kill_loop;
+mod kinds;
 mod logline;
 mod metrics;
 mod notify;

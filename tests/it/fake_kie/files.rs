@@ -320,8 +320,14 @@ pub fn content_type_of(bytes: &[u8]) -> &'static str {
         "image/jpeg"
     } else if bytes.starts_with(b"GIF8") {
         "image/gif"
+    } else if bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WAVE" {
+        "audio/wav"
     } else if bytes.starts_with(b"RIFF") {
         "image/webp"
+    } else if bytes.starts_with(b"ID3") {
+        "audio/mpeg"
+    } else if bytes.len() >= 8 && &bytes[4..8] == b"ftyp" {
+        "video/mp4"
     } else {
         "application/octet-stream"
     }
@@ -336,6 +342,24 @@ fn with_magic(magic: &[u8], len: usize) -> Bytes {
         i += 1;
     }
     Bytes::from(v)
+}
+
+/// An MP3-looking byte string (an ID3v2 tag) of `len` bytes.
+#[allow(dead_code)] // for the kinds' tests
+pub fn mp3(len: usize) -> Bytes {
+    with_magic(b"ID3\x04\0\0\0\0\0\x0fTIT2", len)
+}
+
+/// A WAV-looking byte string (RIFF/WAVE) of `len` bytes.
+#[allow(dead_code)] // for the kinds' tests
+pub fn wav(len: usize) -> Bytes {
+    with_magic(b"RIFF\x24\0\0\0WAVEfmt ", len)
+}
+
+/// An MP4-looking byte string (an `ftyp` box) of `len` bytes.
+#[allow(dead_code)] // for the kinds' tests
+pub fn mp4(len: usize) -> Bytes {
+    with_magic(b"\0\0\0\x20ftypisom\0\0\x02\0", len)
 }
 
 /// A PNG-looking byte string of `len` bytes (at least its 8-byte signature).

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod files;
+pub mod kinds;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -65,6 +66,9 @@ pub struct FakeKie {
     pub files: Arc<files::Files>,
     #[allow(dead_code)] // until the API tests read it
     pub api: Arc<api::Api>,
+    /// The other kinds' endpoints.
+    #[allow(dead_code)] // for the kinds' tests
+    pub kinds: Arc<kinds::Kinds>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -88,14 +92,17 @@ impl FakeKie {
         let addr = listener.local_addr().expect("fake KIE address");
         let files = Arc::new(files::Files::new(addr));
         let api = Arc::new(api::Api::new(addr));
-        let (f, a) = (files.clone(), api.clone());
+        let kinds = Arc::new(kinds::Kinds::new());
+        let (f, a, k) = (files.clone(), api.clone(), kinds.clone());
         let task = serve(
             listener,
             || true,
             move |req: Request<Incoming>| {
-                let (f, a) = (f.clone(), a.clone());
+                let (f, a, k) = (f.clone(), a.clone(), k.clone());
                 async move {
-                    if req.uri().path().starts_with("/api/") {
+                    if kinds::Kinds::route(req.uri().path()).is_some() {
+                        k.handle(req).await
+                    } else if req.uri().path().starts_with("/api/") {
                         a.handle(req).await
                     } else {
                         f.handle(req).await
@@ -107,6 +114,7 @@ impl FakeKie {
             addr,
             files,
             api,
+            kinds,
             task,
         }
     }

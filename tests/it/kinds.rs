@@ -1,0 +1,531 @@
+//! Task kinds other than cover through the real HTTP path (SPEC "Task kinds"): for music,
+//! wav, video and stems, success by callback (music in stages), success by polling the
+//! kind's details endpoint, failure by callback and by details, confirmation overriding a
+//! forged callback, an expired URL refreshed, wrong-type and empty bodies, the callback on
+//! another kind's route (409), the notification's type, and the admin views (`list --kind`,
+//! `show`, `forget`). The files land at `files/<task>/<name>.<ext>` with their sha256.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use coverd::admin::Request;
+use coverd::model::{Kind, State, Task};
+use serde_json::{Value, json};
+
+use crate::fake_kie::FakeKie;
+use crate::fake_kie::files::{Behaviour, jpeg, mp3, mp4, sha256_hex, wav};
+use crate::harness::{Daemon, admin_err, json_of, with_api};
+
+/// Tracks `id` as a task of `kind` (as `coverd admin track --kind` does).
+async fn track(d: &Daemon, id: &str, kind: Kind) -> Value {
+    json_of(
+        &d.config,
+        Request::Track {
+            task_id: id.into(),
+            music_task_id: (kind != Kind::Music).then(|| "music-1".to_string()),
+            kind: Some(kind.as_str().into()),
+            audio_id: (kind != Kind::Music).then(|| "audio-1".to_string()),
+        },
+    )
+    .await
+}
+
+async fn callback(d: &Daemon, kind: Kind, body: &Value) -> (u16, String) {
+    d.post(
+        &format!("/callbacks/{}", kind.as_str()),
+        body.to_string(),
+        &[("content-type", "application/json")],
+    )
+    .await
+}
+
+/// One test case's files: (path on the fake's file host, bytes).
+struct Files {
+    items: Vec<(String, Bytes)>,
+}
+
+impl Files {
+    fn serve(fake: &FakeKie, items: &[(&str, Bytes)]) -> Files {
+        for (path, bytes) in items {
+            fake.files.set(path, Behaviour::Image(bytes.clone()));
+        }
+        Files {
+            items: items
+                .iter()
+                .map(|(p, b)| (p.to_string(), b.clone()))
+                .collect(),
+        }
+    }
+
+    fn url(&self, fake: &FakeKie, i: usize) -> String {
+        fake.files.url(&self.items[i].0)
+    }
+}
+
+/// The files each kind makes in these tests: what the fake serves, and the names
+/// (`files/<task>/<name>`) they must be stored under, in order.
+fn case(fake: &FakeKie, kind: Kind, tag: &str) -> (Files, Vec<&'static str>) {
+    let p = |name: &str| format!("/{tag}/{}/{name}", kind.as_str());
+    match kind {
+        Kind::Music => (
+            Files::serve(
+                fake,
+                &[
+                    (&p("a.mp3"), mp3(40_000)),
+                    (&p("a.jpeg"), jpeg(3_000)),
+                    (&p("b.mp3"), mp3(50_000)),
+                    (&p("b.jpeg"), jpeg(4_000)),
+                ],
+            ),
+            vec!["track-0.mp3", "track-0.jpg", "track-1.mp3", "track-1.jpg"],
+        ),
+        Kind::Wav => (
+            Files::serve(fake, &[(&p("x.wav"), wav(300_000))]),
+            vec!["audio.wav"],
+        ),
+        Kind::Video => (
+            Files::serve(fake, &[(&p("x.mp4"), mp4(400_000))]),
+            vec!["video.mp4"],
+        ),
+        Kind::Stems => (
+            Files::serve(
+                fake,
+                &[
+                    (&p("v.mp3"), mp3(20_000)),
+                    (&p("i.mp3"), mp3(21_000)),
+                    (&p("d.mp3"), mp3(22_000)),
+                ],
+            ),
+            vec!["vocal.mp3", "instrumental.mp3", "drums.mp3"],
+        ),
+        Kind::Cover => unreachable!("covers have their own tests"),
+    }
+}
+
+/// A success callback of `kind` listing `files` as KIE writes it (snake case, with the
+/// fields coverd must ignore: streams, the source, the original).
+fn success_callback(fake: &FakeKie, kind: Kind, id: &str, files: &Files) -> Value {
+    let u = |i| files.url(fake, i);
+    match kind {
+        Kind::Music => json!({"code": 200, "msg": "All generated successfully.", "data": {
+        "callbackType": "complete", "task_id": id,
+        "data": [
+            {"id": "trk-a", "audio_url": u(0), "stream_audio_url": "https://musicfile.kie.ai/stream-a",
+             "image_url": u(1), "title": "Night Drive", "duration": 198.44,
+             "source_audio_url": "https://cdn1.suno.ai/src.mp3", "createTime": "2025-01-01 00:00:00"},
+            {"id": "trk-b", "audio_url": u(2), "stream_audio_url": "https://musicfile.kie.ai/stream-b",
+             "image_url": u(3), "title": "Night Drive (2)", "duration": "201.5", "createTime": 1735689600000i64}
+        ]}}),
+        Kind::Wav => json!({"code": 200, "msg": "success",
+            "data": {"task_id": id, "audio_wav_url": u(0)}}),
+        Kind::Video => json!({"code": "200", "msg": "success",
+            "data": {"task_id": id, "video_url": u(0)}}),
+        Kind::Stems => json!({"code": 200, "msg": "success", "data": {"task_id": id,
+            "vocal_removal_info": {"vocal_url": u(0), "instrumental_url": u(1), "drums_url": u(2),
+                "bass_url": "", "origin_url": "https://file.aiquickdraw.com/origin.mp3"}}}),
+        Kind::Cover => unreachable!(),
+    }
+}
+
+/// The details `data` of a finished task of `kind` listing `files` (camel case, `response`
+/// as a JSON string for one of them).
+fn success_details(fake: &FakeKie, kind: Kind, id: &str, files: &Files, flag: &str) -> Value {
+    let u = |i| files.url(fake, i);
+    match kind {
+        Kind::Music => {
+            json!({"taskId": id, "status": flag, "response": {"taskId": id, "sunoData": [
+            {"id": "trk-a", "audioUrl": u(0), "streamAudioUrl": "https://musicfile.kie.ai/s", "imageUrl": u(1),
+             "title": "Night Drive", "duration": 198.44, "createTime": "2025-01-01T00:00:00Z"},
+            {"id": "trk-b", "audioUrl": u(2), "imageUrl": u(3), "title": "Night Drive (2)", "duration": 201.5}]}})
+        }
+        Kind::Wav => json!({"taskId": id, "successFlag": flag,
+            "response": json!({"audioWavUrl": u(0)}).to_string()}),
+        Kind::Video => json!({"taskId": id, "successFlag": flag, "response": {"videoUrl": u(0)}}),
+        Kind::Stems => json!({"taskId": id, "successFlag": flag, "response": {
+            "vocalUrl": u(0), "instrumentalUrl": u(1), "drumsUrl": u(2), "originUrl": "https://x/o.mp3"}}),
+        Kind::Cover => unreachable!(),
+    }
+}
+
+fn failure_callback(kind: Kind, id: &str) -> Value {
+    match kind {
+        Kind::Music => json!({"code": 501, "msg": "Audio generation failed",
+            "data": {"callbackType": "error", "task_id": id, "data": null}}),
+        _ => json!({"code": 500, "msg": "Internal error", "data": {"task_id": id}}),
+    }
+}
+
+const OTHER_KINDS: [Kind; 4] = [Kind::Music, Kind::Wav, Kind::Video, Kind::Stems];
+
+/// The task's files are stored under `files/<id>/` with the expected names and bytes.
+fn assert_stored(d: &Daemon, t: &Task, files: &Files, names: &[&str]) {
+    assert_eq!(t.state, State::Downloaded, "{t:#?}");
+    assert_eq!(t.images.len(), names.len(), "{t:#?}");
+    for (i, name) in names.iter().enumerate() {
+        let rel = format!("files/{}/{name}", t.task_id);
+        assert_eq!(t.images[i].path.as_deref(), Some(rel.as_str()), "{t:#?}");
+        let on_disk = std::fs::read(d.dir.path().join(&rel)).expect("stored file");
+        assert_eq!(on_disk, files.items[i].1.as_ref(), "{rel}");
+        assert_eq!(
+            t.images[i].sha256.as_deref(),
+            Some(sha256_hex(&on_disk).as_str())
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_kind_is_downloaded_from_its_callback() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |_| {}).await;
+    for kind in OTHER_KINDS {
+        let id = format!("cb-{}", kind.as_str());
+        let v = track(&d, &id, kind).await;
+        assert_eq!(v["kind"], kind.as_str());
+        let (files, names) = case(&fake, kind, "cb");
+        if kind == Kind::Music {
+            // Stages are recorded and change nothing, whatever they list.
+            for stage in ["text", "first"] {
+                let body = json!({"code": 200, "msg": "ok", "data": {"callbackType": stage,
+                    "task_id": id, "data": [{"id": "trk-a", "audio_url": files.url(&fake, 0)}]}});
+                assert_eq!(callback(&d, kind, &body).await.0, 200);
+            }
+            let t = d.task(&id).unwrap();
+            assert_eq!((t.state, t.callbacks), (State::Submitted, 2), "{t:#?}");
+            assert!(t.images.is_empty());
+        }
+        let body = success_callback(&fake, kind, &id, &files);
+        assert_eq!(
+            callback(&d, kind, &body).await,
+            (200, r#"{"status":"received"}"#.into())
+        );
+        let t = d.wait_for(&id, |t| t.state.is_finished()).await;
+        assert_stored(&d, &t, &files, &names);
+        // The source's own files are never fetched.
+        assert_eq!(fake.files.hits("/origin.mp3"), 0);
+        // A duplicate is counted, never processed again.
+        assert_eq!(callback(&d, kind, &body).await.0, 200);
+        let again = d.task(&id).unwrap();
+        assert_eq!(again.state, State::Downloaded);
+    }
+    // The music task's files describe their tracks; SPEC's JSON carries them.
+    let show = json_of(
+        &d.config,
+        Request::Show {
+            task_id: "cb-music".into(),
+        },
+    )
+    .await;
+    assert_eq!(show["kind"], "music");
+    assert!(show.get("images").is_none(), "{show:#}");
+    let files = show["files"].as_array().unwrap();
+    assert_eq!(files[0]["name"], "track-0.mp3");
+    assert_eq!(files[0]["media_type"], "audio/mpeg");
+    assert_eq!(files[0]["audio_id"], "trk-a");
+    assert_eq!(files[0]["title"], "Night Drive");
+    assert_eq!(files[0]["duration"], 198.44);
+    assert_eq!(files[1]["media_type"], "image/jpeg");
+    assert_eq!(files[3]["duration"], 201.5);
+    let wav = json_of(
+        &d.config,
+        Request::Show {
+            task_id: "cb-wav".into(),
+        },
+    )
+    .await;
+    assert_eq!(wav["audio_id"], "audio-1");
+    assert_eq!(wav["music_task_id"], "music-1");
+    assert_eq!(wav["files"][0]["media_type"], "audio/wav");
+    // `list --kind` shows only that kind.
+    let listed = json_of(
+        &d.config,
+        Request::List {
+            state: None,
+            kind: Some("stems".into()),
+            limit: 100,
+        },
+    )
+    .await;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cb-stems"]);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn every_kind_is_found_by_polling_its_details_endpoint() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    for (n, kind) in OTHER_KINDS.into_iter().enumerate() {
+        let id = format!("poll-{}", kind.as_str());
+        fake.kinds.add(kind, &id);
+        track(&d, &id, kind).await;
+        let (files, names) = case(&fake, kind, "poll");
+        // Pending, then a status coverd does not know (taken as pending), then success (or
+        // CALLBACK_EXCEPTION with the files listed, which is a success too).
+        d.advance(Duration::from_secs(3600));
+        d.wait_for(&id, |t| t.polls >= 1).await;
+        let odd = match kind {
+            Kind::Music => json!({"taskId": id, "status": "SOMETHING_NEW"}),
+            _ => json!({"taskId": id, "successFlag": "SOMETHING_NEW"}),
+        };
+        fake.kinds.set_details(&id, odd);
+        d.advance(Duration::from_secs(3600));
+        let t = d.wait_for(&id, |t| t.polls >= 2).await;
+        assert_eq!(t.state, State::Submitted, "{t:#?}");
+        let flag = if n % 2 == 0 {
+            "SUCCESS"
+        } else {
+            "CALLBACK_EXCEPTION"
+        };
+        fake.kinds
+            .set_details(&id, success_details(&fake, kind, &id, &files, flag));
+        d.advance(Duration::from_secs(3600));
+        let t = d.wait_for(&id, |t| t.state.is_finished()).await;
+        assert_eq!(t.source, Some(coverd::model::Source::Poll));
+        assert_stored(&d, &t, &files, &names);
+        assert!(fake.kinds.details_calls(&id) >= 3);
+    }
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn failures_come_by_callback_and_by_details() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    for kind in OTHER_KINDS {
+        // By callback.
+        let id = format!("fcb-{}", kind.as_str());
+        fake.kinds.add(kind, &id);
+        track(&d, &id, kind).await;
+        assert_eq!(
+            callback(&d, kind, &failure_callback(kind, &id)).await.0,
+            200
+        );
+        let t = d.wait_for(&id, |t| t.state == State::Failed).await;
+        assert!(
+            t.error.as_deref().unwrap().starts_with("KIE code 5"),
+            "{t:#?}"
+        );
+        // By details: a failure status, and CALLBACK_EXCEPTION without files.
+        for (i, status) in ["GENERATE_AUDIO_FAILED", "CALLBACK_EXCEPTION"]
+            .iter()
+            .enumerate()
+        {
+            let id = format!("fd{i}-{}", kind.as_str());
+            fake.kinds.add(kind, &id);
+            track(&d, &id, kind).await;
+            let key = if kind == Kind::Music {
+                "status"
+            } else {
+                "successFlag"
+            };
+            fake.kinds.set_details(
+                &id,
+                json!({"taskId": id, key: status, "errorCode": 400, "errorMessage": "sensitive words"}),
+            );
+            d.advance(Duration::from_secs(3600));
+            let t = d.wait_for(&id, |t| t.state == State::Failed).await;
+            assert!(t.error.as_deref().unwrap().contains(status), "{t:#?}");
+        }
+    }
+    d.stop().await;
+}
+
+/// With confirmation on, the details endpoint is the truth: a forged callback's URLs are
+/// never fetched; and a link that expired is refreshed through download-url.
+#[tokio::test]
+async fn details_override_a_forged_callback_and_expired_links_are_refreshed() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    let id = "forged-wav";
+    fake.kinds.add(Kind::Wav, id);
+    track(&d, id, Kind::Wav).await;
+    let (real, names) = case(&fake, Kind::Wav, "real");
+    let (forged, _) = case(&fake, Kind::Wav, "forged");
+    fake.kinds
+        .set_details(id, success_details(&fake, Kind::Wav, id, &real, "SUCCESS"));
+    // The real file's link has expired: 404 until refreshed (download-url answers
+    // `/fresh<path>`).
+    let real_path = real.items[0].0.clone();
+    fake.files.set(&real_path, Behaviour::Status(404));
+    fake.files.set(
+        &format!("/fresh{real_path}"),
+        Behaviour::Image(real.items[0].1.clone()),
+    );
+    let body = success_callback(&fake, Kind::Wav, id, &forged);
+    assert_eq!(callback(&d, Kind::Wav, &body).await.0, 200);
+    let t = d.wait_for(id, |t| t.state.is_finished()).await;
+    assert_eq!(
+        fake.files.hits(&forged.items[0].0),
+        0,
+        "a forged URL was fetched"
+    );
+    assert_eq!(t.images[0].url, real.url(&fake, 0));
+    assert!(t.images[0].refreshed_url.is_some(), "{t:#?}");
+    let stored = std::fs::read(d.dir.path().join(format!("files/{id}/{}", names[0]))).unwrap();
+    assert_eq!(stored, real.items[0].1.as_ref());
+    d.stop().await;
+}
+
+/// A file of the wrong type fails for good (never stored); an empty 200 is tried again.
+#[tokio::test]
+async fn wrong_types_and_empty_bodies_are_never_stored() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.download.max_attempts = 3).await;
+    // A WAV task whose URL serves an MP3.
+    track(&d, "wrongtype", Kind::Wav).await;
+    fake.files.set("/wt/x.wav", Behaviour::Image(mp3(5_000)));
+    let body = json!({"code": 200, "data": {"task_id": "wrongtype", "audioWavUrl": fake.files.url("/wt/x.wav")}});
+    assert_eq!(callback(&d, Kind::Wav, &body).await.0, 200);
+    let t = d.wait_for("wrongtype", |t| t.state == State::Failed).await;
+    assert_eq!(
+        t.images[0].attempts, 1,
+        "a wrong type is not retried: {t:#?}"
+    );
+    assert!(t.error.as_deref().unwrap().contains("not a WAV"), "{t:#?}");
+    assert!(!d.dir.path().join("files/wrongtype/audio.wav").exists());
+    // A video whose host answers 200 with an empty body: retried, never stored.
+    track(&d, "empty", Kind::Video).await;
+    fake.files.set("/em/x.mp4", Behaviour::Image(Bytes::new()));
+    let body = json!({"code": 200, "data": {"task_id": "empty", "video_url": fake.files.url("/em/x.mp4")}});
+    assert_eq!(callback(&d, Kind::Video, &body).await.0, 200);
+    let t = d.wait_for("empty", |t| t.state == State::Failed).await;
+    assert_eq!(
+        t.images[0].attempts, 3,
+        "an empty body is transient: {t:#?}"
+    );
+    assert!(t.error.as_deref().unwrap().contains("empty body"), "{t:#?}");
+    assert!(!d.dir.path().join("files/empty").join("video.mp4").exists());
+    d.stop().await;
+}
+
+/// A callback on another kind's route is refused (409) and changes nothing; an unknown
+/// task created through a route gets that route's kind.
+#[tokio::test]
+async fn a_callback_on_another_kinds_route_is_refused() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |c| c.accept_unknown_tasks = true).await;
+    track(&d, "is-wav", Kind::Wav).await;
+    let before = d.task("is-wav").unwrap();
+    let body = json!({"code": 200, "data": {"task_id": "is-wav", "video_url": "https://x/v.mp4"}});
+    let (status, text) = callback(&d, Kind::Video, &body).await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("is a wav task"), "{text}");
+    assert_eq!(d.task("is-wav").unwrap(), before);
+    // A cover callback for it on /callbacks/cover: the same.
+    let (status, _) = d
+        .callback(&crate::harness::success_body(
+            "is-wav",
+            &["https://x/a.png".into()],
+        ))
+        .await;
+    assert_eq!(status, 409);
+    // Unknown, accepted: created with the route's kind.
+    let (files, names) = case(&fake, Kind::Stems, "unknown");
+    let body = success_callback(&fake, Kind::Stems, "new-stems", &files);
+    assert_eq!(callback(&d, Kind::Stems, &body).await.0, 200);
+    let t = d.wait_for("new-stems", |t| t.state.is_finished()).await;
+    assert_eq!(t.kind, Kind::Stems);
+    assert_stored(&d, &t, &files, &names);
+    // Tracking it again as another kind is refused too.
+    let err = admin_err(
+        &d.config,
+        Request::Track {
+            task_id: "new-stems".into(),
+            music_task_id: None,
+            kind: Some("video".into()),
+            audio_id: None,
+        },
+    )
+    .await;
+    assert!(err.message.contains("is a stems task"), "{}", err.message);
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn notifications_name_the_kind() {
+    let fake = FakeKie::start().await;
+    let receiver =
+        crate::notify::Receiver::start_seeded(crate::notify::Answer::Status(200), 0).await;
+    let url = receiver.url();
+    let d = Daemon::start(&fake, |c| {
+        c.notify.url = Some(url);
+        c.notify.secret = Some(coverd::config::Secret::new(crate::notify::SECRET));
+    })
+    .await;
+    track(&d, "nv", Kind::Video).await;
+    let (files, _) = case(&fake, Kind::Video, "nv");
+    let body = success_callback(&fake, Kind::Video, "nv", &files);
+    assert_eq!(callback(&d, Kind::Video, &body).await.0, 200);
+    track(&d, "nm", Kind::Music).await;
+    assert_eq!(
+        callback(&d, Kind::Music, &failure_callback(Kind::Music, "nm"))
+            .await
+            .0,
+        200
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let types = loop {
+        let got = receiver.got();
+        let mut types: Vec<(String, bool)> = got
+            .iter()
+            .map(|g| {
+                let v: Value = serde_json::from_slice(&g.body).unwrap();
+                (v["type"].as_str().unwrap().to_string(), g.verified)
+            })
+            .collect();
+        types.sort();
+        if types.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break types;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        types,
+        [
+            ("music.failed".to_string(), true),
+            ("video.downloaded".to_string(), true)
+        ]
+    );
+    d.stop().await;
+}
+
+/// `admin forget` removes a task with its files; an unfinished one only with force.
+#[tokio::test]
+async fn forget_removes_a_task_and_its_files() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |_| {}).await;
+    track(&d, "fg", Kind::Wav).await;
+    let forget = |force| Request::Forget {
+        task_id: "fg".into(),
+        force,
+    };
+    let err = admin_err(&d.config, forget(false)).await;
+    assert!(err.message.contains("not finished"), "{}", err.message);
+    let (files, names) = case(&fake, Kind::Wav, "fg");
+    let body = success_callback(&fake, Kind::Wav, "fg", &files);
+    assert_eq!(callback(&d, Kind::Wav, &body).await.0, 200);
+    let t = d.wait_for("fg", |t| t.state.is_finished()).await;
+    assert_stored(&d, &t, &files, &names);
+    json_of(&d.config, forget(false)).await;
+    assert!(d.task("fg").is_none());
+    assert!(!d.dir.path().join("files/fg").exists());
+    // Forced: an unfinished one.
+    track(&d, "fg2", Kind::Music).await;
+    json_of(
+        &d.config,
+        Request::Forget {
+            task_id: "fg2".into(),
+            force: true,
+        },
+    )
+    .await;
+    assert!(d.task("fg2").is_none());
+    let status = json_of(&d.config, Request::Status).await;
+    assert_eq!(status["tasks"]["submitted"], 0, "{status:#}");
+    d.stop().await;
+}
