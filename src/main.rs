@@ -90,11 +90,28 @@ enum Command {
     },
     /// Print the man page (roff) on stdout.
     Man,
-    /// Ask KIE for a cover of a finished song; prints the cover task id.
+    /// Ask KIE for a task and keep its files; prints the new task id.
+    ///
+    /// `submit MUSIC_TASK_ID` (or `submit cover MUSIC_TASK_ID`): a cover of a finished song.
+    /// `submit music ENDPOINT REQUEST_JSON`: a song (ENDPOINT generate, extend, upload-cover,
+    /// upload-extend, add-instrumental, add-vocals, replace-section or mashup; REQUEST_JSON
+    /// KIE's request body, a file or - for stdin; coverd adds callBackUrl).
+    /// `submit wav|video|stems MUSIC_TASK_ID AUDIO_ID`: a WAV, a music video or stems of one
+    /// track. Only a cover's request is ever sent twice: for the others an unknown outcome
+    /// stays an intent (`coverd admin intents`) and the command exits 1.
     Submit {
-        /// KIE's task id of the finished song (music generation).
-        #[arg(value_name = "MUSIC_TASK_ID")]
-        music_task_id: String,
+        /// [KIND] and its arguments (see above).
+        #[arg(value_name = "ARGS", num_args = 1..=3, required = true)]
+        args: Vec<String>,
+        /// Video: the author shown (at most 50 characters).
+        #[arg(long, value_name = "A")]
+        author: Option<String>,
+        /// Video: the domain name shown (at most 50 characters).
+        #[arg(long, value_name = "D")]
+        domain_name: Option<String>,
+        /// Stems: up to 12 stems (split_stem) instead of vocals + instrumental.
+        #[arg(long)]
+        split: bool,
         /// Print {"task_id": …, "music_task_id": …} instead of the bare id.
         #[arg(long)]
         json: bool,
@@ -186,6 +203,16 @@ enum AdminCommand {
     },
     /// Every task, with its history, as one JSON object per line.
     Export,
+    /// Submissions whose outcome is not recorded: a cover's (the daemon asks KIE again) and
+    /// the other kinds' whose outcome is unknown (never sent again; check KIE, then drop).
+    Intents {
+        /// Forget this intent (its key, as listed) once you have checked KIE.
+        #[arg(long, value_name = "KEY")]
+        drop: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Send the task's outbound notification again (same webhook-id).
     Redeliver {
         /// The cover task's id (KIE's taskId).
@@ -413,9 +440,18 @@ async fn run(command: Command, config: Config) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Submit {
-            music_task_id,
+            args,
+            author,
+            domain_name,
+            split,
             json,
-        } => (Request::Submit { music_task_id }, json),
+        } => match submit_request(&args, author, domain_name, split) {
+            Ok(request) => (request, json),
+            Err(e) => {
+                eprintln!("coverd: {}", e.message);
+                return ExitCode::from(admin_exit(e.kind));
+            }
+        },
         Command::Admin { command } => match command {
             AdminCommand::Status { json } => (Request::Status, json),
             AdminCommand::List {
@@ -461,6 +497,7 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Verify { json } => (Request::Verify, json),
             AdminCommand::Export => (Request::Export, false),
             AdminCommand::Redeliver { task_id } => (Request::Redeliver { task_id }, false),
+            AdminCommand::Intents { drop, json } => (Request::Intents { drop }, json),
             AdminCommand::Backup { dest, json } => (Request::Backup { dest, seen: None }, json),
             AdminCommand::Restore { src, json } => (Request::Restore { src }, json),
             AdminCommand::Prune {
@@ -717,6 +754,107 @@ fn admin_exit(kind: admin::AdminErrorKind) -> u8 {
         admin::AdminErrorKind::Missing | admin::AdminErrorKind::Failed => 1,
         admin::AdminErrorKind::Usage => 2,
     }
+}
+
+/// The request of `coverd submit ARGS…` (see its help).
+fn submit_request(
+    args: &[String],
+    author: Option<String>,
+    domain_name: Option<String>,
+    split: bool,
+) -> Result<Request, admin::AdminError> {
+    let usage = |m: String| Err(admin::AdminError::usage(m));
+    let kind = Kind::parse(&args[0]);
+    if kind.is_none() || kind == Some(Kind::Cover) {
+        let rest = match kind {
+            Some(_) => &args[1..],
+            None => args,
+        };
+        let [music_task_id] = rest else {
+            return usage(
+                "usage: coverd submit [cover] MUSIC_TASK_ID (or submit music|wav|video|stems …; see --help)".into(),
+            );
+        };
+        return Ok(Request::Submit {
+            music_task_id: music_task_id.clone(),
+        });
+    }
+    let kind = kind.expect("checked above");
+    if (author.is_some() || domain_name.is_some()) && kind != Kind::Video {
+        return usage("--author and --domain-name are for `submit video` only".into());
+    }
+    if split && kind != Kind::Stems {
+        return usage("--split is for `submit stems` only".into());
+    }
+    let request = match (kind, &args[1..]) {
+        (Kind::Music, [endpoint, source]) => {
+            let endpoint = match endpoint.as_str() {
+                "generate" => "generate".to_string(),
+                other => format!("generate/{other}"),
+            };
+            let text = if source == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(std::io::stdin(), 1 << 20),
+                    &mut text,
+                )
+                .map(|_| text)
+            } else {
+                std::fs::read_to_string(source)
+            }
+            .map_err(|e| {
+                admin::AdminError::usage(format!("cannot read the request {source}: {e}"))
+            })?;
+            let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                admin::AdminError::usage(format!("the request {source} is not JSON: {e}"))
+            })?;
+            coverd::submit::KindRequest {
+                kind: kind.as_str().into(),
+                endpoint,
+                body,
+                music_task_id: None,
+                audio_id: None,
+            }
+        }
+        (Kind::Wav | Kind::Video | Kind::Stems, [music, audio]) => {
+            let mut body = serde_json::json!({"taskId": music, "audioId": audio});
+            for (key, value) in [("author", author), ("domainName", domain_name)] {
+                if let Some(v) = value {
+                    if v.chars().count() > 50 {
+                        return usage(format!("--{key} takes at most 50 characters"));
+                    }
+                    body[key] = v.into();
+                }
+            }
+            if kind == Kind::Stems {
+                body["type"] = if split {
+                    "split_stem"
+                } else {
+                    "separate_vocal"
+                }
+                .into();
+            }
+            coverd::submit::KindRequest {
+                kind: kind.as_str().into(),
+                endpoint: kind.describe().create[0].into(),
+                body,
+                music_task_id: Some(music.clone()),
+                audio_id: Some(audio.clone()),
+            }
+        }
+        (Kind::Music, _) => {
+            return usage(
+                "usage: coverd submit music ENDPOINT REQUEST_JSON (a file, or - for stdin)".into(),
+            );
+        }
+        (k, _) => {
+            return usage(format!(
+                "usage: coverd submit {} MUSIC_TASK_ID AUDIO_ID",
+                k.as_str()
+            ));
+        }
+    };
+    Ok(Request::SubmitKind { request })
 }
 
 /// Asks on the terminal before `admin forget` removes a task; without a terminal, refuses

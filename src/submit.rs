@@ -2,6 +2,9 @@
 //! The intent is stored before KIE is called; a repeat for the same song returns the known
 //! cover task; KIE's "already exists" answer (400/409 with a task id) is adopted; intents
 //! left by a crash are resolved later by asking again (KIE then answers "already exists").
+//! The other kinds (`submit music|wav|video|stems`, [`submit_kind`]) are never sent again
+//! once sent: KIE would charge and generate again, so an outcome that is not known stays an
+//! `unknown` intent (keyed by kind and source) that `admin intents` lists until dropped.
 //! Owns this protocol, its answer ([`SubmitJson`]) and its errors ([`SubmitError`]); must
 //! not poll, download, or know how the answer is printed or which exit code an error gets
 //! (that is `admin`).
@@ -14,14 +17,104 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Origin};
-use crate::model::{Failure, Millis, now_millis};
-use crate::store::{IfMissing, Store, StoreError};
+use crate::model::{Failure, Kind, Millis, now_millis};
+use crate::store::{IfMissing, IntentState, KindIntent, Store, StoreError};
 
 /// What `coverd submit` answers (SPEC's JSON object).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct SubmitJson {
     pub task_id: String,
-    pub music_task_id: String,
+    /// The song it was made from (`null` for a music task).
+    pub music_task_id: Option<String>,
+    /// The kind, for the kinds other than cover.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind: Option<String>,
+    /// The track a wav, video or stems task was made from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub audio_id: Option<String>,
+    /// The intent's key (`admin intents`), for the kinds other than cover.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub intent: Option<String>,
+}
+
+/// A create request of a kind other than cover, as the command builds it: KIE's endpoint
+/// (under `/api/v1/`) and body without `callBackUrl` (coverd adds its own), and the source it
+/// is made from.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct KindRequest {
+    pub kind: String,
+    pub endpoint: String,
+    pub body: serde_json::Value,
+    pub music_task_id: Option<String>,
+    pub audio_id: Option<String>,
+}
+
+/// Largest request body `submit music` takes (KIE's prompts are a few KiB; the admin
+/// socket takes 64 KiB in all).
+pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
+
+impl KindRequest {
+    /// The intent's key: `<kind>/<music task id>/<audio id>`, or for music
+    /// `music/<first 16 hex of the sha256 of endpoint and body>` (the same request is the
+    /// same intent).
+    pub fn key(&self) -> String {
+        match (&self.music_task_id, &self.audio_id) {
+            (Some(m), Some(a)) if self.kind != "music" => format!("{}/{m}/{a}", self.kind),
+            _ => {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                h.update(self.endpoint.as_bytes());
+                h.update(b"\n");
+                h.update(self.body.to_string().as_bytes());
+                let hex = hex::encode(h.finalize());
+                format!("{}/{}", self.kind, &hex[..16])
+            }
+        }
+    }
+
+    /// Checks what the command or a peer sent: a known kind and one of its endpoints, ids
+    /// that are valid, a JSON object body within bounds.
+    pub fn check(&self) -> Result<Kind, SubmitError> {
+        let bad = |why: String| Err(SubmitError::Usage(why));
+        let Some(kind) = Kind::parse(&self.kind).filter(|k| *k != Kind::Cover) else {
+            return bad(format!(
+                "unknown kind {:?} to submit; use music, wav, video or stems (or a music task id for a cover)",
+                self.kind
+            ));
+        };
+        if !kind.describe().create.contains(&self.endpoint.as_str()) {
+            return bad(format!(
+                "{} is not an endpoint that creates a {} task; use one of: {}",
+                self.endpoint,
+                self.kind,
+                kind.describe().create.join(", ")
+            ));
+        }
+        for (what, id) in [
+            ("music task id", &self.music_task_id),
+            ("audio id", &self.audio_id),
+        ] {
+            if let Some(id) = id
+                && !crate::model::valid_task_id(id)
+            {
+                return bad(format!(
+                    "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
+                ));
+            }
+        }
+        if kind != Kind::Music && (self.music_task_id.is_none() || self.audio_id.is_none()) {
+            return bad(format!(
+                "a {} task is made from a track: give its music task id and audio id",
+                self.kind
+            ));
+        }
+        if !self.body.is_object() || self.body.to_string().len() > MAX_REQUEST_BYTES {
+            return bad(format!(
+                "the request must be a JSON object of at most {MAX_REQUEST_BYTES} bytes"
+            ));
+        }
+        Ok(kind)
+    }
 }
 
 /// Why a submit did not record a task. Each message says what failed and what to do.
@@ -34,6 +127,9 @@ pub enum SubmitError {
     /// KIE did not create the cover, or it was not recorded; the message says who retries.
     #[error("{0}")]
     Failed(String),
+    /// The request itself is wrong (unknown kind or endpoint, a bad id or body).
+    #[error("{0}")]
+    Usage(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -70,7 +166,10 @@ pub async fn submit(
         Ok((
             SubmitJson {
                 task_id,
-                music_task_id: music_task_id.to_string(),
+                music_task_id: Some(music_task_id.to_string()),
+                kind: None,
+                audio_id: None,
+                intent: None,
             },
             message,
         ))
@@ -129,6 +228,149 @@ pub async fn submit(
         );
     }
     answer(task_id, message)
+}
+
+/// Asks KIE for a task of a kind other than cover, at most once per intent (SPEC "Task
+/// kinds"): the intent is stored durably first; a repeat answers the task already made, or
+/// refuses while the earlier request's outcome is unknown; KIE's answer "already exists"
+/// with a task id is adopted; a refusal drops the intent; anything that leaves the outcome
+/// unknown (no answer, a 5xx, an answer we could not read) keeps it `unknown` and fails.
+pub async fn submit_kind(
+    exec: &Submitter<'_>,
+    request: &KindRequest,
+) -> Result<(SubmitJson, String), SubmitError> {
+    let kind = request.check()?;
+    let public_url = exec.config.public_url.as_str();
+    if public_url.is_empty() {
+        return Err(SubmitError::Config(
+            "cannot submit: `public_url` is not set, so KIE would have nowhere to send the callback; set public_url in the config file".into(),
+        ));
+    }
+    let Some(kie) = exec.kie else {
+        return Err(SubmitError::Config(
+            "cannot submit: no KIE API key; set kie.api_key, KIE_API_KEY, kie.api_key_file or the systemd credential kie-api-key".into(),
+        ));
+    };
+    let key = request.key();
+    let answer = |task_id: String, message: String| {
+        Ok((
+            SubmitJson {
+                task_id,
+                music_task_id: request.music_task_id.clone(),
+                kind: Some(kind.as_str().into()),
+                audio_id: request.audio_id.clone(),
+                intent: Some(key.clone()),
+            },
+            message,
+        ))
+    };
+    let unknown_help = |detail: &str| {
+        format!(
+            "the outcome of the {} request {key} is unknown ({detail}), and sending it again would make KIE charge and generate again; check KIE's details for it, then `coverd admin track TASK_ID --kind {}` if KIE made it, and `coverd admin intents --drop {key}`",
+            kind.as_str(),
+            kind.as_str()
+        )
+    };
+    match exec.store.kind_intent(&key)? {
+        Some(i) if i.state == IntentState::Done => {
+            let task_id = i.task_id.unwrap_or_default();
+            return answer(
+                task_id.clone(),
+                format!("{key} was already submitted: task {task_id}; not asking KIE again"),
+            );
+        }
+        Some(i) => return Err(SubmitError::Failed(unknown_help(&i.detail))),
+        None => {}
+    }
+    let mut intent = KindIntent {
+        key: key.clone(),
+        kind,
+        music_task_id: request.music_task_id.clone(),
+        audio_id: request.audio_id.clone(),
+        recorded_at: now_millis(),
+        state: IntentState::Sending,
+        task_id: None,
+        detail: "sent; no answer recorded (the process stopped?)".into(),
+    };
+    exec.store.put_kind_intent(&intent)?;
+    exec.store.flush().await?;
+    let mut body = request.body.clone();
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert(
+            "callBackUrl".into(),
+            format!("{public_url}/callbacks/{}", kind.as_str()).into(),
+        );
+    }
+    let made = match kie.create(kind, &request.endpoint, &body, &key).await {
+        Ok(id) => Ok((
+            id,
+            format!("KIE accepted the {} request {key}", kind.as_str()),
+        )),
+        Err(KieError::AlreadyExists { task_id }) => Ok((
+            task_id,
+            format!("KIE already had a task for {key}; adopted it"),
+        )),
+        Err(e) => Err(e),
+    };
+    let (task_id, message) = match made {
+        Ok(made) => made,
+        Err(e) if create_refused(&e) => {
+            exec.store.drop_kind_intent(&key)?;
+            exec.store.flush().await?;
+            let message = format!(
+                "KIE did not create the {} task {key}: {e}; nothing was created, fix the cause and submit again",
+                kind.as_str()
+            );
+            return Err(match e {
+                KieError::Unauthorized | KieError::NoApiKey => SubmitError::Config(message),
+                _ => SubmitError::Failed(message),
+            });
+        }
+        Err(e) => {
+            intent.state = IntentState::Unknown;
+            intent.detail = e.to_string();
+            exec.store.put_kind_intent(&intent)?;
+            exec.store.flush().await?;
+            return Err(SubmitError::Failed(unknown_help(&intent.detail)));
+        }
+    };
+    let ctx = Ctx::from_config(exec.config, now_millis());
+    let event = Event::Submit(Origin {
+        kind,
+        music_task_id: request.music_task_id.clone(),
+        audio_id: request.audio_id.clone(),
+    });
+    let applied = exec
+        .store
+        .apply_async(&task_id, event, ctx, IfMissing::Create)
+        .await?
+        .ok_or_else(|| SubmitError::Failed(format!("task {task_id} was not recorded")))?;
+    exec.store.durable(applied.ticket).await?;
+    crate::logline::record(&applied, tracing::Level::INFO);
+    intent.state = IntentState::Done;
+    intent.task_id = Some(task_id.clone());
+    intent.detail = message.clone();
+    exec.store.put_kind_intent(&intent)?;
+    exec.store.flush().await?;
+    for wake in exec.wake {
+        wake.notify_one();
+    }
+    answer(task_id, message)
+}
+
+/// A create request KIE refused for sure: nothing was made, so the request may be sent again
+/// later (a 409 without a task id included: KIE has the task, but did not say which).
+fn create_refused(e: &KieError) -> bool {
+    matches!(
+        e,
+        KieError::Unauthorized
+            | KieError::NoCredits
+            | KieError::Invalid { .. }
+            | KieError::NoApiKey
+            | KieError::RateLimited
+            | KieError::Maintenance
+            | KieError::Setup(_)
+    )
 }
 
 /// Records `task_id` as submitted for `music_task_id`, waits until that is durable, logs it

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use super::{
-    AdminError, MAX_LIST_LIMIT, NotificationCounts, Oldest, QuarantinedJson, Reply, Request,
-    StatisticsJson, StatusJson, TaskCounts, VerifyJson, access, backup,
+    AdminError, IntentJson, MAX_LIST_LIMIT, NotificationCounts, Oldest, QuarantinedJson, Reply,
+    Request, StatisticsJson, StatusJson, TaskCounts, VerifyJson, access, backup,
 };
 use crate::config::Config;
 use crate::download;
@@ -334,6 +334,71 @@ impl Exec {
                 };
                 let (submitted, message) = submit::submit(&submitter, &music_task_id).await?;
                 Reply::Submitted { submitted, message }
+            }
+            Request::SubmitKind { request } => {
+                let submitter = Submitter {
+                    store: &self.store,
+                    kie: self.kie.as_deref(),
+                    config: &self.config,
+                    wake: &self.wake,
+                    daemon_running: self.daemon_running,
+                };
+                let (submitted, message) = submit::submit_kind(&submitter, &request).await?;
+                Reply::Submitted { submitted, message }
+            }
+            Request::Intents { drop } => {
+                let mut message = String::new();
+                if let Some(key) = drop {
+                    let dropped = if self.store.drop_kind_intent(&key)? {
+                        true
+                    } else if self
+                        .store
+                        .intents(usize::MAX)?
+                        .iter()
+                        .any(|(m, _)| *m == key)
+                    {
+                        self.store.drop_intent(&key)?;
+                        true
+                    } else {
+                        false
+                    };
+                    if !dropped {
+                        return Err(AdminError::missing(format!(
+                            "no intent {key}; `coverd admin intents` lists them"
+                        )));
+                    }
+                    self.store.flush().await?;
+                    message = format!("dropped intent {key}");
+                }
+                let mut intents: Vec<IntentJson> = self
+                    .store
+                    .intents(MAX_LIST_LIMIT)?
+                    .into_iter()
+                    .map(|(music, at)| IntentJson {
+                        key: music.clone(),
+                        kind: Kind::Cover.as_str().into(),
+                        music_task_id: Some(music),
+                        audio_id: None,
+                        recorded_at: format_time(at),
+                        state: "pending".into(),
+                        detail: "a cover request whose answer is not recorded; the daemon asks KIE again (a repeat is answered with the existing task)".into(),
+                    })
+                    .collect();
+                intents.extend(
+                    self.store
+                        .unknown_kind_intents(MAX_LIST_LIMIT)?
+                        .into_iter()
+                        .map(|i| IntentJson {
+                            key: i.key,
+                            kind: i.kind.as_str().into(),
+                            music_task_id: i.music_task_id,
+                            audio_id: i.audio_id,
+                            recorded_at: format_time(i.recorded_at),
+                            state: i.state.as_str().into(),
+                            detail: i.detail,
+                        }),
+                );
+                Reply::Intents { intents, message }
             }
         };
         Ok(reply)

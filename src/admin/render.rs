@@ -17,6 +17,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 serde_json::to_string_pretty(backup)
             }
             Reply::Pruned { prune } => serde_json::to_string_pretty(prune),
+            Reply::Intents { intents, .. } => serde_json::to_string_pretty(intents),
         };
         return value.unwrap_or_default();
     }
@@ -210,6 +211,23 @@ pub fn render(reply: &Reply, json: bool) -> String {
         ),
         // The id alone on stdout, so scripts can capture it; the message goes to stderr.
         Reply::Submitted { submitted, .. } => submitted.task_id.clone(),
+        Reply::Intents { intents, message } => {
+            let mut out = String::new();
+            if !message.is_empty() {
+                out += message;
+                out += "\n";
+            }
+            if intents.is_empty() {
+                out += "no submissions waiting";
+            }
+            for i in intents {
+                out += &format!(
+                    "{}  {}  {}  since {}: {}\n",
+                    i.key, i.kind, i.state, i.recorded_at, i.detail
+                );
+            }
+            out.trim_end().to_string()
+        }
     }
 }
 

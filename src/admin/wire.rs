@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::backup;
 use crate::model::TaskJson;
 use crate::store::{Quarantined, StoreError};
-use crate::submit::{SubmitError, SubmitJson};
+use crate::submit::{KindRequest, SubmitError, SubmitJson};
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Status,
@@ -45,6 +45,14 @@ pub enum Request {
     },
     Submit {
         music_task_id: String,
+    },
+    /// `submit music|wav|video|stems`.
+    SubmitKind {
+        request: KindRequest,
+    },
+    /// `admin intents`: submissions whose outcome is unknown; `drop`: forget one.
+    Intents {
+        drop: Option<String>,
     },
     Verify,
     Export,
@@ -224,6 +232,26 @@ pub enum Reply {
     Pruned {
         prune: backup::PruneJson,
     },
+    /// `admin intents`: submissions not resolved yet (a cover's the daemon resolves; the
+    /// other kinds' have an unknown outcome and wait for the operator).
+    Intents {
+        intents: Vec<IntentJson>,
+        message: String,
+    },
+}
+
+/// One submission whose outcome is not recorded yet.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct IntentJson {
+    /// What `--drop` takes.
+    pub key: String,
+    pub kind: String,
+    pub music_task_id: Option<String>,
+    pub audio_id: Option<String>,
+    pub recorded_at: String,
+    /// `pending` (a cover: the daemon asks KIE again) or `unknown` (never sent again).
+    pub state: String,
+    pub detail: String,
 }
 
 impl Reply {
@@ -289,7 +317,9 @@ impl AdminError {
 impl From<SubmitError> for AdminError {
     fn from(e: SubmitError) -> AdminError {
         match e {
-            SubmitError::Config(message) => AdminError::usage(message),
+            SubmitError::Config(message) | SubmitError::Usage(message) => {
+                AdminError::usage(message)
+            }
             SubmitError::Failed(message) => AdminError::failed(message),
             SubmitError::Store(e) => e.into(),
         }
@@ -342,9 +372,11 @@ impl Request {
             | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
+            | Request::SubmitKind { .. }
             | Request::Redeliver { .. }
             | Request::Restore { .. }
             | Request::Prune { .. } => true,
+            Request::Intents { drop } => drop.is_some(),
             Request::Status
             | Request::List { .. }
             | Request::Show { .. }
@@ -370,6 +402,8 @@ impl Request {
             | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
+            | Request::SubmitKind { .. }
+            | Request::Intents { .. }
             | Request::Redeliver { .. } => false,
         }
     }
@@ -389,6 +423,8 @@ impl Request {
             | Request::Forget { .. }
             | Request::Retry { .. }
             | Request::Submit { .. }
+            | Request::SubmitKind { .. }
+            | Request::Intents { .. }
             | Request::Redeliver { .. } => None,
         }
     }

@@ -1,11 +1,49 @@
 //! Intents (`intents`: music task id → when, see `codec::encode_intent`), covers requested
 //! from KIE whose answer is not stored yet, so that `submit` can resolve a crash in between;
-//! and `by_music`'s lookup, which makes `submit` idempotent. Must not call KIE or decide
-//! what an intent becomes (`submit` does).
+//! `by_music`'s lookup, which makes `submit` idempotent; and the other kinds' intents
+//! (`kind_intents`: keyed by kind and source, each a [`KindIntent`]). Must not call KIE or
+//! decide what an intent becomes (`submit` does).
 
 use super::error::StoreError;
 use super::{Store, codec};
-use crate::model::Millis;
+use crate::model::{Kind, Millis};
+
+/// Where a submission of a kind other than cover stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentState {
+    /// Recorded; the create request is being sent (or was, by a process that stopped before
+    /// it knew the answer: then the outcome is unknown too).
+    Sending,
+    /// The create request's outcome is unknown (timeout, connection lost after sending, a
+    /// 5xx): never sent again, listed by `admin intents` until dropped.
+    Unknown,
+    /// KIE made the task (`task_id`), and it is recorded: a repeat answers it.
+    Done,
+}
+
+impl IntentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntentState::Sending | IntentState::Unknown => "unknown",
+            IntentState::Done => "done",
+        }
+    }
+}
+
+/// A submission of a kind other than cover (`submit wav|video|stems|music`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindIntent {
+    /// `<kind>/<music task id>/<audio id>`, or for music `music/<hash of the request>`.
+    pub key: String,
+    pub kind: Kind,
+    pub music_task_id: Option<String>,
+    pub audio_id: Option<String>,
+    pub recorded_at: Millis,
+    pub state: IntentState,
+    pub task_id: Option<String>,
+    /// What is known of the outcome (KIE's error, when unknown).
+    pub detail: String,
+}
 
 impl Store {
     /// The cover task recorded for a music task, if any.
@@ -63,4 +101,55 @@ impl Store {
             })
             .collect()
     }
+
+    /// The intent of a kind other than cover under `key`; an undecodable one is an error.
+    pub fn kind_intent(&self, key: &str) -> Result<Option<KindIntent>, StoreError> {
+        self.inner
+            .kind_intents
+            .get(key.as_bytes())?
+            .map(|v| decode_kind_intent(key, &v))
+            .transpose()
+    }
+
+    /// Writes (or replaces) an intent; durable after the next flush.
+    pub fn put_kind_intent(&self, intent: &KindIntent) -> Result<(), StoreError> {
+        let bytes = codec::encode_kind_intent(intent).map_err(|e| StoreError::Corrupt {
+            what: format!("intent {}", intent.key),
+            reason: e.to_string(),
+        })?;
+        self.inner
+            .kind_intents
+            .insert(intent.key.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Forgets an intent; whether there was one.
+    pub fn drop_kind_intent(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.inner.kind_intents.remove(key.as_bytes())?.is_some())
+    }
+
+    /// The intents of the other kinds that are not done (their outcome unknown), at most
+    /// `limit`, in key order.
+    pub fn unknown_kind_intents(&self, limit: usize) -> Result<Vec<KindIntent>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.kind_intents.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let intent = decode_kind_intent(&key, &v)?;
+            if intent.state != IntentState::Done {
+                out.push(intent);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode_kind_intent(key: &str, bytes: &[u8]) -> Result<KindIntent, StoreError> {
+    codec::decode_kind_intent(key, bytes).map_err(|e| StoreError::Corrupt {
+        what: format!("intent {key}"),
+        reason: e.to_string(),
+    })
 }

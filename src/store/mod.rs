@@ -36,6 +36,8 @@
 //!   migration except for the history of records it could not decode (quarantined), which
 //!   stays readable (`history`) and is copied with them;
 //! - `by_music`: music task id → cover task id — idempotent `submit`;
+//! - `kind_intents`: `<kind>/<source>` → `codec::StoredIntent` — submissions of the other
+//!   kinds, never resent when their outcome is unknown (`admin intents` lists those);
 //! - `intents`: music task id → ms — covers requested from KIE whose answer is not stored yet;
 //! - `outbox`: outbound notifications, written in the same transaction as the settle they
 //!   announce, in three key spaces (first byte):
@@ -92,6 +94,7 @@ mod writer;
 
 pub use copy::TaskCopy;
 pub use error::{StoreError, describe, describe_io};
+pub use intent::{IntentState, KindIntent};
 pub use list::RECENT_TASKS;
 pub use migrate::MIGRATION_PROGRESS_EVERY;
 pub use open::UNFINISHED_RESTORE;
@@ -208,6 +211,8 @@ struct Core {
     by_state: sled::Tree,
     by_music: sled::Tree,
     intents: sled::Tree,
+    /// Submissions of the kinds other than cover (`store::intent`), keyed by kind and source.
+    kind_intents: sled::Tree,
     outbox: sled::Tree,
     parked: sled::Tree,
     /// Woken after a transaction that made a notification due (new settle, redeliver).

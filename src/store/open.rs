@@ -130,6 +130,7 @@ impl Store {
             by_state: tree("by_state")?,
             by_music: tree("by_music")?,
             intents: tree("intents")?,
+            kind_intents: tree("kind_intents")?,
             outbox: tree("outbox")?,
             parked: tree("parked")?,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),

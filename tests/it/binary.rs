@@ -687,3 +687,87 @@ async fn a_serve_that_fails_to_start_leaves_no_data_directory() {
     }
     drop(taken);
 }
+
+/// `coverd submit KIND …` through the real binary (the daemon stopped): a WAV of a track is
+/// created at the fake KIE and recorded with its kind; a music request is read from stdin;
+/// wrong arguments are usage errors (exit 2); `admin intents` answers.
+#[tokio::test]
+async fn submit_of_each_kind_through_the_binary() {
+    let (fake, scratch) = Scratch::with_fake().await;
+    let text = scratch.config_text(
+        &fake.base_url(),
+        [
+            "public_url = \"https://coverd.example\"",
+            "api_key = \"k\"",
+            "",
+        ],
+        "",
+    );
+    scratch.write_raw_config(&text);
+    let daemon = scratch.serve().await;
+    let out = scratch.run(&["submit", "wav", "m1", "a1", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "wav");
+    assert_eq!(v["music_task_id"], "m1");
+    let id = v["task_id"].as_str().unwrap();
+    let show = scratch.admin_json(&["show", id]).await;
+    assert_eq!(
+        (show["kind"].as_str(), show["audio_id"].as_str()),
+        (Some("wav"), Some("a1"))
+    );
+    // Stems: --split asks for split_stem.
+    let out = scratch
+        .run(&["submit", "stems", "m1", "a1", "--split"])
+        .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(fake.kinds.creates().last().unwrap().1["type"], "split_stem");
+    // Music, its request on stdin.
+    let mut cmd = crate::bin_util::coverd();
+    cmd.arg("--config")
+        .arg(scratch.config_path())
+        .args(["submit", "music", "extend", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = cmd.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(
+            &mut stdin,
+            br#"{"audioId": "a1", "defaultParamFlag": false, "model": "V5"}"#,
+        )
+        .unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        fake.kinds.creates().last().unwrap().0,
+        "/api/v1/generate/extend"
+    );
+    // Usage errors: exit 2, nothing sent.
+    let creates = fake.kinds.creates().len();
+    for args in [
+        vec!["submit", "wav", "m1"],
+        vec!["submit", "video", "m1", "a1", "--split"],
+        vec!["submit", "music", "nonsense", "-"],
+        vec!["submit", "music", "generate", "/nonexistent/request.json"],
+        vec!["submit", "wav", "m/1", "a1"],
+    ] {
+        let out = scratch.run(&args).await;
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.starts_with("coverd: "),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(fake.kinds.creates().len(), creates);
+    let out = scratch.run(&["admin", "intents"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("no submissions waiting"), "{out:?}");
+    daemon.stop().await;
+}

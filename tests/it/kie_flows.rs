@@ -223,7 +223,7 @@ async fn submit_through_the_daemon_records_the_task_and_sends_the_callback_url()
 
     let (answer, message) = submit(&d.config, "music-happy").await.expect("submit");
 
-    assert_eq!(answer.music_task_id, "music-happy");
+    assert_eq!(answer.music_task_id.as_deref(), Some("music-happy"));
     assert_eq!(
         fake.api.cover_task_for("music-happy").as_deref(),
         Some(answer.task_id.as_str())

@@ -529,3 +529,157 @@ async fn forget_removes_a_task_and_its_files() {
     assert_eq!(status["tasks"]["submitted"], 0, "{status:#}");
     d.stop().await;
 }
+
+fn kind_request(kind: Kind, music: &str, audio: &str, body: Value) -> Request {
+    let endpoint = kind.describe().create[0].to_string();
+    Request::SubmitKind {
+        request: coverd::submit::KindRequest {
+            kind: kind.as_str().into(),
+            endpoint,
+            body,
+            music_task_id: (kind != Kind::Music).then(|| music.to_string()),
+            audio_id: (kind != Kind::Music).then(|| audio.to_string()),
+        },
+    }
+}
+
+/// `submit wav|video|stems|music`: the intent first, the callback route of the kind, a
+/// repeat answered from the store, 409 with a task id adopted, and an unknown outcome never
+/// sent again until the operator drops it.
+#[tokio::test]
+async fn submitting_each_kind_is_never_a_blind_resend() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    let wav = || {
+        kind_request(
+            Kind::Wav,
+            "m1",
+            "a1",
+            json!({"taskId": "m1", "audioId": "a1"}),
+        )
+    };
+    let v = json_of(&d.config, wav()).await;
+    let id = v["task_id"].as_str().unwrap().to_string();
+    assert_eq!(v["kind"], "wav");
+    assert_eq!(v["intent"], "wav/m1/a1");
+    let (path, sent) = fake.kinds.creates()[0].clone();
+    assert_eq!(path, "/api/v1/wav/generate");
+    assert_eq!(sent["callBackUrl"], "https://coverd.example/callbacks/wav");
+    assert_eq!(
+        (sent["taskId"].clone(), sent["audioId"].clone()),
+        (json!("m1"), json!("a1"))
+    );
+    let t = d.task(&id).unwrap();
+    assert_eq!((t.kind, t.state), (Kind::Wav, State::Submitted));
+    assert_eq!(t.music_task_id.as_deref(), Some("m1"));
+    assert_eq!(t.audio_id.as_deref(), Some("a1"));
+    // A repeat: the known task, KIE not asked.
+    let again = json_of(&d.config, wav()).await;
+    assert_eq!(again["task_id"], id.as_str());
+    assert_eq!(fake.kinds.creates().len(), 1);
+    // A video of the same track is another intent.
+    let video = kind_request(
+        Kind::Video,
+        "m1",
+        "a1",
+        json!({"taskId": "m1", "audioId": "a1"}),
+    );
+    let v = json_of(&d.config, video).await;
+    assert_ne!(v["task_id"], id.as_str());
+    assert_eq!(fake.kinds.creates().len(), 2);
+
+    // Forgotten here, asked again: KIE's 409 carries the task id, which is adopted.
+    json_of(
+        &d.config,
+        Request::Forget {
+            task_id: id.clone(),
+            force: true,
+        },
+    )
+    .await;
+    let store = d.store.clone();
+    assert!(store.drop_kind_intent("wav/m1/a1").unwrap());
+    let adopted = json_of(&d.config, wav()).await;
+    assert_eq!(adopted["task_id"], id.as_str());
+    assert_eq!(d.task(&id).unwrap().kind, Kind::Wav);
+
+    // An unknown outcome (a 500): exit 1, listed, never sent again until dropped.
+    fake.kinds.fail_creates(&[500]);
+    let stems = || {
+        kind_request(
+            Kind::Stems,
+            "m2",
+            "a2",
+            json!({"taskId": "m2", "audioId": "a2", "type": "split_stem"}),
+        )
+    };
+    let err = admin_err(&d.config, stems()).await;
+    assert_eq!(
+        err.kind,
+        coverd::admin::AdminErrorKind::Failed,
+        "{}",
+        err.message
+    );
+    assert!(err.message.contains("unknown"), "{}", err.message);
+    assert!(
+        err.message.contains("admin intents --drop stems/m2/a2"),
+        "{}",
+        err.message
+    );
+    let creates = fake.kinds.creates().len();
+    let err = admin_err(&d.config, stems()).await;
+    assert!(err.message.contains("unknown"), "{}", err.message);
+    assert_eq!(
+        fake.kinds.creates().len(),
+        creates,
+        "an unknown outcome was sent again"
+    );
+    let listed = json_of(&d.config, Request::Intents { drop: None }).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed:#}");
+    assert_eq!(listed[0]["key"], "stems/m2/a2");
+    assert_eq!(listed[0]["state"], "unknown");
+    json_of(
+        &d.config,
+        Request::Intents {
+            drop: Some("stems/m2/a2".into()),
+        },
+    )
+    .await;
+    let v = json_of(&d.config, stems()).await;
+    assert_eq!(v["kind"], "stems");
+    assert_eq!(fake.kinds.creates().len(), creates + 1);
+
+    // A refusal (no credits) creates nothing and keeps no intent.
+    fake.kinds.fail_creates(&[402]);
+    let music = kind_request(
+        Kind::Music,
+        "",
+        "",
+        json!({"prompt": "a song", "customMode": false, "instrumental": false, "model": "V5"}),
+    );
+    let err = admin_err(&d.config, music.clone()).await;
+    assert!(
+        err.message.contains("nothing was created"),
+        "{}",
+        err.message
+    );
+    assert!(
+        json_of(&d.config, Request::Intents { drop: None })
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let v = json_of(&d.config, music).await;
+    assert_eq!(v["kind"], "music");
+    assert!(v["music_task_id"].is_null());
+    assert!(v["intent"].as_str().unwrap().starts_with("music/"));
+    let (path, sent) = fake.kinds.creates().last().unwrap().clone();
+    assert_eq!(path, "/api/v1/generate");
+    assert_eq!(
+        sent["callBackUrl"],
+        "https://coverd.example/callbacks/music"
+    );
+    assert_eq!(sent["prompt"], "a song");
+    d.stop().await;
+}

@@ -36,6 +36,8 @@
 //! - `StoredNotification::V1(NotificationV1)`: an outbox entry (it holds no task: its body is
 //!   already JSON).
 //! - `StoredParked::V1(ParkedV1)`: a callback kept aside (`store::parked`).
+//! - `StoredIntent::V1(KindIntentV1)` (issue 18): a submission of a kind other than cover
+//!   (`store::intent`).
 //!
 //! Not enveloped: an intent (`intents` tree) is the time it was recorded, 8 bytes, ms
 //! big-endian (`encode_intent`); the indexes and counters are fixed-width integers the store
@@ -65,7 +67,7 @@ mod v3;
 
 use self::v1::{EventV1, NotificationV1, ParkedV1, TaskV1};
 use self::v2::TaskRecordV2;
-use self::v3::TaskRecordV3;
+use self::v3::{KindIntentV1, TaskRecordV3};
 
 /// Largest value the decoder accepts; a task with 16 images and long URLs is a few KiB.
 const MAX_VALUE_BYTES: u64 = 1 << 20;
@@ -91,6 +93,13 @@ enum StoredNotification<'a> {
     V1(NotificationV1<'a>),
 }
 
+/// An intent of a kind other than cover (`store::intent`, tree `kind_intents`; its key is
+/// not in the value).
+#[derive(Serialize, Deserialize)]
+enum StoredIntent<'a> {
+    V1(KindIntentV1<'a>),
+}
+
 /// A callback kept aside because its task's record could not be decoded (SPEC "Signals,
 /// failures, exit status"): the body exactly as it arrived and the route it came on.
 #[derive(Serialize, Deserialize)]
@@ -104,6 +113,8 @@ pub const ENVELOPE_VERSION: u32 = 3;
 /// The newest envelope version of `StoredEvent` and `StoredNotification` (`V1` only).
 pub const EVENT_ENVELOPE_VERSION: u32 = 1;
 pub const NOTIFICATION_ENVELOPE_VERSION: u32 = 1;
+/// The newest envelope version of `StoredIntent` (`V1` only).
+pub const INTENT_ENVELOPE_VERSION: u32 = 1;
 /// The newest envelope version of `StoredParked` (`V1` only).
 pub const PARKED_ENVELOPE_VERSION: u32 = 1;
 /// Variant indexes this far past the known ones still read as "a newer coverd": bincode
@@ -261,6 +272,17 @@ pub fn encode_notification(n: &Notification) -> Result<Vec<u8>, CodecError> {
 pub fn decode_notification(bytes: &[u8]) -> Result<Notification, CodecError> {
     match decode::<StoredNotification>(bytes, "notification", NOTIFICATION_ENVELOPE_VERSION)? {
         StoredNotification::V1(n) => Ok(n.into()),
+    }
+}
+
+pub fn encode_kind_intent(i: &crate::store::KindIntent) -> Result<Vec<u8>, CodecError> {
+    encode(&StoredIntent::V1(i.into()))
+}
+
+/// A kind intent's value, given its key.
+pub fn decode_kind_intent(key: &str, bytes: &[u8]) -> Result<crate::store::KindIntent, CodecError> {
+    match decode::<StoredIntent>(bytes, "intent", INTENT_ENVELOPE_VERSION)? {
+        StoredIntent::V1(i) => Ok(i.into_domain(key)),
     }
 }
 

@@ -13,6 +13,7 @@ use super::v1::TaskV1;
 use super::v2::{EntryV2, history_from, history_of};
 use super::{borrowed, owned};
 use crate::model::{EventRecord, FileType, Image, Kind, Task};
+use crate::store::{IntentState, KindIntent};
 
 /// `StoredTask::V3`: the task as version 1 holds it, what kinds added, then its history.
 #[derive(Serialize, Deserialize)]
@@ -124,5 +125,74 @@ impl<'a> TaskRecordV3<'a> {
         }
         let history = history_from(&task, history);
         Ok((task, history))
+    }
+}
+
+/// `StoredIntent::V1`: a submission of a kind other than cover (its key is the tree's).
+#[derive(Serialize, Deserialize)]
+pub(super) struct KindIntentV1<'a> {
+    kind: KindV3,
+    music_task_id: Option<Cow<'a, str>>,
+    audio_id: Option<Cow<'a, str>>,
+    recorded_at: i64,
+    state: IntentStateV1,
+    task_id: Option<Cow<'a, str>>,
+    detail: Cow<'a, str>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+enum IntentStateV1 {
+    Sending,
+    Unknown,
+    Done,
+}
+
+super::v1::frozen_enum!(IntentState <=> IntentStateV1 { Sending, Unknown, Done });
+
+impl<'a> From<&'a KindIntent> for KindIntentV1<'a> {
+    fn from(i: &'a KindIntent) -> KindIntentV1<'a> {
+        let KindIntent {
+            key: _,
+            kind,
+            music_task_id,
+            audio_id,
+            recorded_at,
+            state,
+            task_id,
+            detail,
+        } = i;
+        KindIntentV1 {
+            kind: (*kind).into(),
+            music_task_id: borrowed(music_task_id),
+            audio_id: borrowed(audio_id),
+            recorded_at: *recorded_at,
+            state: (*state).into(),
+            task_id: borrowed(task_id),
+            detail: Cow::Borrowed(detail),
+        }
+    }
+}
+
+impl KindIntentV1<'_> {
+    pub(super) fn into_domain(self, key: &str) -> KindIntent {
+        let KindIntentV1 {
+            kind,
+            music_task_id,
+            audio_id,
+            recorded_at,
+            state,
+            task_id,
+            detail,
+        } = self;
+        KindIntent {
+            key: key.to_string(),
+            kind: kind.into(),
+            music_task_id: owned(music_task_id),
+            audio_id: owned(audio_id),
+            recorded_at,
+            state: state.into(),
+            task_id: owned(task_id),
+            detail: detail.into_owned(),
+        }
     }
 }
