@@ -368,7 +368,7 @@ impl Downloader {
                         task_id,
                         index,
                         error = %e,
-                        "disk full writing an image; downloads paused for {}s, no attempt counted; free space in the data directory",
+                        "no room for file {index} of task {task_id} ({e}); downloads paused for {}s, no attempt counted; free space in the data directory",
                         DISK_FULL_PAUSE.as_secs()
                     );
                     *until = Some(tokio::time::Instant::now() + DISK_FULL_PAUSE);

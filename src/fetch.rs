@@ -28,6 +28,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (curl's `--speed-time`).
 pub const SPEED_WINDOW: Duration = Duration::from_secs(30);
 
+/// A file is not fetched while it would leave less than this free on the data directory's
+/// filesystem (SPEC "Task kinds"): it waits as for a full disk.
+pub const FREE_SPACE_RESERVE: u64 = 1 << 30;
+
 /// Bytes of the body kept to recognise the image type and describe what was served.
 const HEAD_LEN: usize = 16;
 
@@ -84,6 +88,12 @@ pub enum FetchError {
         content_type: String,
         start: String,
     },
+    /// The declared size would leave less than [`FREE_SPACE_RESERVE`] free on the data
+    /// directory's filesystem: not fetched; downloads wait as for a full disk.
+    #[error(
+        "{need} bytes would leave less than 1 GiB free on the data directory's filesystem ({free} bytes free)"
+    )]
+    NoRoom { need: u64, free: u64 },
     /// A 2xx answer with an empty body. Transient: KIE's hosts have answered so for files
     /// that exist.
     #[error("not {}: content-type {content_type}, empty body", expect.describe())]
@@ -126,10 +136,11 @@ impl FetchError {
     /// The local disk is full (or the user's quota used up) while writing the temp file:
     /// the disk's fault, not the image's, so it must not use up an attempt.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, FetchError::Io(e) if matches!(
-            e.kind(),
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
-        ))
+        matches!(self, FetchError::NoRoom { .. })
+            || matches!(self, FetchError::Io(e) if matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            ))
     }
 
     /// Worth retrying with backoff: connect errors, timeouts, cut bodies, 206 (a partial
@@ -142,6 +153,7 @@ impl FetchError {
             | FetchError::TooSlow { .. }
             | FetchError::CutBody { .. }
             | FetchError::Empty { .. }
+            | FetchError::NoRoom { .. }
             | FetchError::Io(_) => true,
             FetchError::Status { transient, .. } => *transient,
             FetchError::Refused(_)
@@ -242,6 +254,12 @@ impl Fetcher {
         let expected = resp.content_length();
         if expected.is_some_and(|len| len > limit) {
             return Err(FetchError::TooLarge { limit, expect });
+        }
+        if let Some(need) = expected
+            && let Ok(free) = crate::dirsync::free_bytes(tmp_dir)
+            && need > free.saturating_sub(FREE_SPACE_RESERVE)
+        {
+            return Err(FetchError::NoRoom { need, free });
         }
         let content_type = describe_content_type(resp.headers());
         let final_url = resp.url().to_string();

@@ -1,7 +1,8 @@
 //! What the log says when an event was recorded on a task: one line per recorded event,
 //! whose message names the task and what happened ("task 21ae… downloaded: 2 images,
-//! 3.1 MB") and whose fields carry the same facts (`task_id`, `state`, `event`; under
-//! journald `TASK_ID=`, `STATE=`, `EVENT=`). Level: warning when a task or an image failed
+//! 3.1 MB"; "wav task …" for the kinds other than cover) and whose fields carry the same
+//! facts (`task_id`, `task_kind`, `state`, `event`; under journald `TASK_ID=`, `TASK_KIND=`,
+//! `STATE=`, `EVENT=`). Level: warning when a task or an image failed
 //! (or when the caller says the event reports a failure), info otherwise. Owns the wording
 //! of those lines; must not decide anything about a task (that is `machine`).
 
@@ -19,10 +20,11 @@ pub fn record(applied: &Applied, at_least: Level) {
     let task_id = applied.task.task_id.as_str();
     let state = applied.task.state.as_str();
     let event = kind.as_str();
+    let task_kind = applied.task.kind.as_str();
     if level == Level::WARN || level == Level::ERROR {
-        tracing::warn!(task_id, state, event, "{message}");
+        tracing::warn!(task_id, task_kind, state, event, "{message}");
     } else {
-        tracing::info!(task_id, state, event, "{message}");
+        tracing::info!(task_id, task_kind, state, event, "{message}");
     }
 }
 
@@ -59,7 +61,12 @@ pub fn line(task: &Task, notes: &[(EventKind, String)]) -> Option<(Level, EventK
     } else {
         Level::INFO
     };
-    let message = format!("task {} {}", task.task_id, parts.join("; "));
+    // A cover's lines read as before kinds existed; the others name their kind.
+    let what = match task.kind {
+        crate::model::Kind::Cover => String::new(),
+        k => format!("{} ", k.as_str()),
+    };
+    let message = format!("{what}task {} {}", task.task_id, parts.join("; "));
     Some((level, *kind, message))
 }
 

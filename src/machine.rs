@@ -485,6 +485,15 @@ pub fn notify_redeliver(n: &mut Notification, now: Millis) {
     n.error = None;
 }
 
+/// How notes name file `index` of `task`: `image N` for a cover (as before kinds), else
+/// `file N (name)`.
+fn file_label(task: &Task, index: u32) -> String {
+    match (task.kind, task.images.get(index as usize)) {
+        (Kind::Cover, _) | (_, None) => format!("image {index}"),
+        (_, Some(f)) => format!("file {index} ({})", f.name),
+    }
+}
+
 /// The image `index` while a download result for it is still awaited.
 fn pending_image(task: &mut Task, index: u32) -> Option<&mut Image> {
     task.images
@@ -498,7 +507,8 @@ fn ignore_download_result(task: &Task, index: u32, out: &mut Outcome) {
     out.note(
         EventKind::Ignored,
         format!(
-            "download result for image {index} ignored: task is {} and the image is not pending",
+            "download result for {} ignored: task is {} and it is not pending",
+            file_label(task, index),
             task.state.as_str()
         ),
     );
@@ -560,6 +570,7 @@ fn store_image(
     sha256: String,
     out: &mut Outcome,
 ) {
+    let what = file_label(task, index);
     let Some(img) = pending_image(task, index) else {
         return ignore_download_result(task, index, out);
     };
@@ -568,7 +579,7 @@ fn store_image(
     img.error = None;
     out.note(
         EventKind::ImageStored,
-        format!("image {index}: {bytes} bytes at {path}, sha256 {sha256}"),
+        format!("{what}: {bytes} bytes at {path}, sha256 {sha256}"),
     );
     img.path = Some(path);
     img.bytes = Some(bytes);
@@ -587,6 +598,7 @@ fn fail_image(
     ctx: &Ctx,
     out: &mut Outcome,
 ) {
+    let what = file_label(task, index);
     let Some(img) = pending_image(task, index) else {
         return ignore_download_result(task, index, out);
     };
@@ -597,7 +609,7 @@ fn fail_image(
             out.note(
                 EventKind::ImageRetry,
                 format!(
-                    "image {index}: attempt {} failed: {reason}; retrying",
+                    "{what}: attempt {} failed: {reason}; retrying",
                     img.budget_used()
                 ),
             );
@@ -605,12 +617,12 @@ fn fail_image(
         }
         Some(_) => {
             let reason = format!("{reason} (gave up after {} attempts)", img.budget_used());
-            out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+            out.note(EventKind::ImageFailed, format!("{what}: {reason}"));
             img.state = ImageState::Failed;
             img.error = Some(reason);
         }
         None => {
-            out.note(EventKind::ImageFailed, format!("image {index}: {reason}"));
+            out.note(EventKind::ImageFailed, format!("{what}: {reason}"));
             img.state = ImageState::Failed;
             img.error = Some(reason);
         }
@@ -620,15 +632,13 @@ fn fail_image(
 
 /// KIE's download-url gave a fresh link for pending image `index`.
 fn refresh_url(task: &mut Task, index: u32, url: String, out: &mut Outcome) {
+    let what = file_label(task, index);
     let Some(img) = pending_image(task, index) else {
         return ignore_download_result(task, index, out);
     };
     out.note(
         EventKind::UrlRefreshed,
-        format!(
-            "image {index}: KIE's download-url gave {url} for {}",
-            img.url
-        ),
+        format!("{what}: KIE's download-url gave {url} for {}", img.url),
     );
     img.refreshed_url = Some(url);
 }
@@ -734,17 +744,21 @@ fn settle(task: &mut Task, out: &mut Outcome) {
         .filter(|i| i.state == ImageState::Failed)
         .map(|i| {
             format!(
-                "image {}: {}",
-                i.index,
+                "{}: {}",
+                file_label(task, i.index),
                 i.error.as_deref().unwrap_or("failed")
             )
         })
         .collect();
     if failed.is_empty() {
         task.state = State::Downloaded;
+        let what = match task.kind {
+            Kind::Cover => "image",
+            _ => "file",
+        };
         out.note(
             EventKind::Downloaded,
-            format!("all {} image(s) stored", task.images.len()),
+            format!("all {} {what}(s) stored", task.images.len()),
         );
     } else {
         fail(task, Failure::Download, failed.join("; "), out);

@@ -212,7 +212,10 @@ Set by systemd: readiness and watchdog (Type=notify), logging to journald with p
 The store (sled): every task, its history and the indexes. Back it up only with \fBcoverd admin backup\fR or with the daemon stopped.
 .TP
 \fBDATA_DIR/images/TASK_ID/INDEX.EXT\fR
-Stored images (EXT png, jpg, webp or gif, from the file's bytes). A file here is always complete and matches its recorded sha256. Private to the daemon's user (0700 / 0600), or, with \fBstorage.local_group\fR set, readable by that group (0750 / 0640, the data directory 0710); the daemon's user must then be in the group and allowed chown(2) (in the unit: SupplementaryGroups= and SystemCallFilter=@chown).
+Stored cover images (EXT png, jpg, webp or gif, from the file's bytes).
+.TP
+\fBDATA_DIR/files/TASK_ID/NAME.EXT\fR
+Stored files of the other kinds: track\-I.mp3 and track\-I.EXT (music), audio.wav, video.mp4, STEM.mp3 (stems); EXT from the file's bytes. The same rules as images/. A file here is always complete and matches its recorded sha256. Private to the daemon's user (0700 / 0600), or, with \fBstorage.local_group\fR set, readable by that group (0750 / 0640, the data directory 0710); the daemon's user must then be in the group and allowed chown(2) (in the unit: SupplementaryGroups= and SystemCallFilter=@chown).
 .TP
 \fBDATA_DIR/tmp/\fR
 Partial downloads; emptied at every start.

@@ -120,7 +120,7 @@ pub(super) fn bind_admin_socket(
     Ok(listener)
 }
 
-/// Gives `images/` and the data directory the access `storage.local_group` asks for; when
+/// Gives `images/`, `files/` and the data directory the access `storage.local_group` asks for; when
 /// that is refused, says whether the daemon's user is missing from the group or a system
 /// call filter refuses chown(2) ([`DaemonError::Sharing`]).
 pub(super) fn share_stored_files(
@@ -128,11 +128,16 @@ pub(super) fn share_stored_files(
     data_dir: &Path,
     access: FileAccess,
 ) -> Result<(), DaemonError> {
-    match access.reconcile(data_dir, &data_dir.join(download::IMAGES_DIR)) {
+    let reconciled = download::STORED_DIRS.iter().try_fold(0, |n, dir| {
+        access
+            .reconcile(data_dir, &data_dir.join(dir))
+            .map(|changed| n + changed)
+    });
+    match reconciled {
         Ok(0) => {}
         Ok(changed) => tracing::info!(
             changed,
-            "gave images/ and the data directory the access `storage.local_group` asks for"
+            "gave images/, files/ and the data directory the access `storage.local_group` asks for"
         ),
         Err(source) => {
             let (group, gid) = config.storage.local_group.as_ref().map_or_else(

@@ -430,9 +430,19 @@ impl Daemon {
 
     /// POSTs a callback body; status and body, or the transport error.
     pub async fn callback(&self, body: String) -> Result<(u16, String), reqwest::Error> {
+        self.callback_on("cover", body).await
+    }
+
+    /// POSTs a callback body on `/callbacks/<kind>`; status and body, or the transport
+    /// error.
+    pub async fn callback_on(
+        &self,
+        kind: &str,
+        body: String,
+    ) -> Result<(u16, String), reqwest::Error> {
         let resp = self
             .http
-            .post(format!("{}/callbacks/cover", self.base))
+            .post(format!("{}/callbacks/{kind}", self.base))
             .header("content-type", "application/json")
             .body(body)
             .send()

@@ -508,6 +508,30 @@ async fn oversized_with_content_length_is_refused_early() {
     );
 }
 
+/// A file whose declared size would leave less than 1 GiB free is not fetched: it waits
+/// like a full disk (no attempt used), whatever its type's cap allows.
+#[tokio::test]
+async fn a_file_larger_than_the_free_space_less_1_gib_waits_like_a_full_disk() {
+    let cfg = DownloadConfig {
+        max_video_bytes: 1 << 50,
+        ..open_cfg()
+    };
+    let case = Case::with(cfg, |g| g).await;
+    let url = case.set("/s/huge.mp4", Behaviour::Oversized { len: Some(1 << 45) });
+    let err = case
+        .fetcher
+        .fetch_as(&url, case.tmp.path(), coverd::fetch::FileType::Mp4)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, FetchError::NoRoom { need, .. } if need == 1 << 45),
+        "{err:?}"
+    );
+    assert!(err.is_disk_full() && err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("less than 1 GiB free"), "{err}");
+    assert_eq!(std::fs::read_dir(case.tmp.path()).unwrap().count(), 0);
+}
+
 #[tokio::test]
 async fn oversized_without_content_length_is_cut_while_streaming() {
     let case = Case::new().await;

@@ -683,3 +683,100 @@ async fn submitting_each_kind_is_never_a_blind_resend() {
     assert_eq!(sent["prompt"], "a song");
     d.stop().await;
 }
+
+/// SIGKILL of the real binary while a file of every kind is mid-download (each trickles in),
+/// then a restart: every file completes, at its final path with its sha256, and nothing
+/// partial is left in `tmp/` or at a final path.
+#[tokio::test]
+async fn sigkill_mid_download_of_every_kind_resumes() {
+    use crate::bin_util::{Scratch, files_under, tmp_entries, wait_status};
+    let (fake, scratch) = Scratch::with_fake().await;
+    scratch.write_config(&fake.base_url(), "", "");
+    let d = scratch.serve().await;
+    let mut expected: Vec<(String, Vec<(String, Bytes)>)> = Vec::new();
+    for kind in OTHER_KINDS {
+        let id = format!("kill-{}", kind.as_str());
+        let (files, names) = case(&fake, kind, "kill");
+        // Every file trickles in (~1 s), so the kill lands mid-download.
+        for (path, bytes) in &files.items {
+            fake.files.set(
+                path,
+                Behaviour::Trickle {
+                    bytes: bytes.clone(),
+                    chunk: bytes.len() / 20 + 1,
+                    every: Duration::from_millis(50),
+                },
+            );
+        }
+        let body = success_callback(&fake, kind, &id, &files);
+        let (status, text) = d
+            .callback_on(kind.as_str(), body.to_string())
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{text}");
+        let want = names
+            .iter()
+            .zip(&files.items)
+            .map(|(n, (_, b))| (format!("files/{id}/{n}"), b.clone()))
+            .collect();
+        expected.push((id, want));
+    }
+    // Mid-flight: some bytes served, no task finished.
+    let first = &case(&fake, Kind::Wav, "kill").0.items[0].0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fake.files.hits(first) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no download started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.kill();
+    let data = scratch.data_dir();
+    // Whatever is at a final path is whole (it matches its bytes).
+    for (_, want) in &expected {
+        for (rel, bytes) in want {
+            if let Ok(on_disk) = std::fs::read(data.join(rel)) {
+                assert_eq!(on_disk, bytes.as_ref(), "{rel} is partial after the kill");
+            }
+        }
+    }
+    // Restart: the trickling files now come at once.
+    for kind in OTHER_KINDS {
+        let (files, _) = case(&fake, kind, "kill");
+        for (path, bytes) in &files.items {
+            fake.files.set(path, Behaviour::Image(bytes.clone()));
+        }
+    }
+    let d = scratch.serve().await;
+    assert!(
+        tmp_entries(&data).is_empty(),
+        "partial downloads left in tmp/"
+    );
+    wait_status(&scratch, "every task downloaded", |v| {
+        v["tasks"]["downloaded"] == expected.len()
+    })
+    .await;
+    for (id, want) in &expected {
+        let show = scratch.admin_json(&["show", id]).await;
+        for (i, (rel, bytes)) in want.iter().enumerate() {
+            assert_eq!(show["files"][i]["path"], rel.as_str(), "{show:#}");
+            assert_eq!(show["files"][i]["sha256"], sha256_hex(bytes).as_str());
+            assert_eq!(
+                std::fs::read(data.join(rel)).unwrap(),
+                bytes.as_ref(),
+                "{rel}"
+            );
+        }
+    }
+    let stored = files_under(&data, &data.join("files"));
+    assert_eq!(
+        stored.len(),
+        expected.iter().map(|(_, w)| w.len()).sum::<usize>(),
+        "{stored:?}"
+    );
+    d.stop().await;
+    let out = scratch.run(&["admin", "verify", "--json"]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+}
