@@ -2,7 +2,9 @@
 //! cycles, with every promise of SPEC checked after each crash and at the end.
 //!
 //! One data directory and one fake KIE live through the whole loop. Each cycle adds tasks of
-//! every kind — callbacks for unknown tasks (`accept_unknown_tasks`), for tasks tracked with
+//! every kind of result (covers, music tracks, WAV, video, stems: SPEC "Task kinds", each
+//! called back on its own route, confirmed and polled through its own details endpoint,
+//! stored under `images/` or `files/`) and every intake — callbacks for unknown tasks (`accept_unknown_tasks`), for tasks tracked with
 //! `coverd admin track` and for tasks made with `coverd submit`; tracked and submitted tasks
 //! whose callback never comes (the poll fallback must find their result); tasks KIE is still
 //! generating until the next cycle; failures — with images served at once, after one to
@@ -16,8 +18,9 @@
 //! stopped, `coverd admin export` must show:
 //! - every callback that got 200 stored with its delivery (`callbacks` ≥ its 200s), and every
 //!   task whose `track`/`submit` answered 0;
-//! - under `images/` only complete images at final paths (`<task>/<i>.<ext>`), each byte for
-//!   byte the fake's image, and hashing to its record's sha256 once recorded;
+//! - under `images/` and `files/` only complete files at final paths (`<task>/<i>.<ext>`,
+//!   `<task>/<name>.<ext>`), each byte for byte the fake's file, and hashing to its record's
+//!   sha256 once recorded;
 //! - a settled task never changes its final state;
 //! - every notification the receiver got (over all cycles) signed, for a task stored in the
 //!   final state it announces (never one that has not settled), with the task's images, and
@@ -51,7 +54,8 @@ use tokio::sync::Semaphore;
 use crate::bin_util::{Daemon, Scratch, files_under, tmp_entries};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
-use crate::fake_kie::files::{Behaviour, gif, jpeg, png, sha256_hex, webp};
+use crate::fake_kie::files::{Behaviour, gif, jpeg, mp3, mp4, png, sha256_hex, wav, webp};
+use coverd::model::Kind;
 use crate::faultfs::{FaultFs, FaultOp};
 use crate::harness::{failure_body, success_body};
 use crate::notify::{Answer, Got, Receiver, SECRET};
@@ -96,10 +100,11 @@ enum Intake {
     Submit,
 }
 
-/// One image of a task on the fake file host.
+/// One file of a task on the fake file host.
 struct Img {
     path: String,
-    ext: &'static str,
+    /// Its name in the task's directory once stored (`0.png`, `track-0.mp3`, `audio.wav`).
+    name: String,
     bytes: Bytes,
 }
 
@@ -107,6 +112,9 @@ struct Img {
 struct Plan {
     /// Unique name: the task id for `Unknown`/`Track`, the base of the music id for `Submit`.
     label: String,
+    /// What the task makes (only covers are submitted: the others are never resent, so a
+    /// submit cut by a kill would leave an intent for the operator).
+    kind: Kind,
     music: String,
     intake: Intake,
     success: bool,
@@ -144,12 +152,76 @@ impl Plan {
         }
     }
 
-    fn callback_body(&self, fake: &FakeKie, task_id: &str) -> String {
-        if self.success {
-            success_body(task_id, &self.urls(fake))
-        } else {
-            failure_body(task_id, FAILURE_CODE, FAILURE_MSG)
+    /// The task's files in the order its kind lists them, for the other kinds' shapes.
+    fn kind_callback(&self, fake: &FakeKie, task_id: &str) -> Value {
+        let urls = self.urls(fake);
+        if !self.success {
+            return match self.kind {
+                Kind::Music => serde_json::json!({"code": FAILURE_CODE, "msg": FAILURE_MSG,
+                    "data": {"callbackType": "error", "task_id": task_id, "data": null}}),
+                _ => serde_json::json!({"code": FAILURE_CODE, "msg": FAILURE_MSG,
+                    "data": {"task_id": task_id}}),
+            };
         }
+        let data = match self.kind {
+            Kind::Music => serde_json::json!({"callbackType": "complete", "task_id": task_id,
+                "data": [{"id": format!("{}-t0", self.label), "audio_url": urls[0],
+                          "image_url": urls[1], "title": "t", "duration": 100.5}]}),
+            Kind::Wav => serde_json::json!({"task_id": task_id, "audioWavUrl": urls[0]}),
+            Kind::Video => serde_json::json!({"task_id": task_id, "video_url": urls[0]}),
+            Kind::Stems => {
+                let mut info = serde_json::json!({"origin_url": "https://file.example/origin.mp3"});
+                for (url, stem) in urls.iter().zip(["vocal_url", "instrumental_url"]) {
+                    info[stem] = url.clone().into();
+                }
+                serde_json::json!({"task_id": task_id, "vocal_separation_info": info})
+            }
+            Kind::Cover => unreachable!("covers use success_body"),
+        };
+        serde_json::json!({"code": 200, "msg": "success", "data": data})
+    }
+
+    /// What the kind's details endpoint answers for this task (the other kinds).
+    fn kind_details(&self, fake: &FakeKie, task_id: &str) -> Value {
+        let key = if self.kind == Kind::Music { "status" } else { "successFlag" };
+        let urls = self.urls(fake);
+        let (status, response) = match (self.kie_done, self.success) {
+            (false, _) => ("PENDING", Value::Null),
+            (true, false) => ("GENERATE_AUDIO_FAILED", Value::Null),
+            (true, true) => (
+                "SUCCESS",
+                match self.kind {
+                    Kind::Music => serde_json::json!({"sunoData": [{"id": format!("{}-t0", self.label),
+                        "audioUrl": urls[0], "imageUrl": urls[1], "title": "t", "duration": 100.5}]}),
+                    Kind::Wav => serde_json::json!({"audioWavUrl": urls[0]}),
+                    Kind::Video => serde_json::json!({"videoUrl": urls[0]}),
+                    Kind::Stems => {
+                        let mut r = serde_json::json!({});
+                        for (url, stem) in urls.iter().zip(["vocalUrl", "instrumentalUrl"]) {
+                            r[stem] = url.clone().into();
+                        }
+                        r
+                    }
+                    Kind::Cover => unreachable!("covers use record-info"),
+                },
+            ),
+        };
+        serde_json::json!({"taskId": task_id, key: status, "response": response,
+            "errorCode": if status.contains("FAILED") { FAILURE_CODE.into() } else { Value::Null },
+            "errorMessage": FAILURE_MSG})
+    }
+
+    fn callback_body(&self, fake: &FakeKie, task_id: &str) -> String {
+        match (self.kind, self.success) {
+            (Kind::Cover, true) => success_body(task_id, &self.urls(fake)),
+            (Kind::Cover, false) => failure_body(task_id, FAILURE_CODE, FAILURE_MSG),
+            _ => self.kind_callback(fake, task_id).to_string(),
+        }
+    }
+
+    /// The directory its files are stored in.
+    fn dir(&self) -> &'static str {
+        self.kind.describe().dir
     }
 
     fn expected_state(&self) -> &'static str {
@@ -294,10 +366,15 @@ impl Cx {
     fn sync_kie(&self, i: usize) {
         let w = self.world();
         let plan = &w.plans[i];
-        if let Some(id) = &plan.task_id
-            && self.fake.api.task(id).is_some()
-        {
-            self.fake.api.set_status(id, plan.kie_status(&self.fake));
+        if let Some(id) = &plan.task_id {
+            if self.fake.api.task(id).is_some() {
+                self.fake.api.set_status(id, plan.kie_status(&self.fake));
+            }
+            if self.fake.kinds.task(id).is_some() {
+                self.fake
+                    .kinds
+                    .set_details(id, plan.kind_details(&self.fake, id));
+            }
         }
     }
 
@@ -313,16 +390,26 @@ impl Cx {
         if self.killed.load(Ordering::SeqCst) {
             return;
         }
-        let (intake, registered, label, music) = {
+        let (intake, registered, label, music, kind) = {
             let w = self.world();
             let p = &w.plans[i];
-            (p.intake, p.registered, p.label.clone(), p.music.clone())
+            (
+                p.intake,
+                p.registered,
+                p.label.clone(),
+                p.music.clone(),
+                p.kind,
+            )
         };
         if !registered {
             match intake {
                 Intake::Unknown => {}
                 Intake::Track => {
-                    let args = ["admin", "track", &label, "--music-task-id", &music];
+                    let mut args = vec!["admin", "track", &label, "--kind", kind.as_str()];
+                    // A music task is made from no other task.
+                    if kind != Kind::Music {
+                        args.extend(["--music-task-id", &music]);
+                    }
                     let out = self.scratch.run(&args).await;
                     if out.code != Some(0) {
                         return self.failed(format!("coverd {args:?}: {out:?}"));
@@ -369,7 +456,7 @@ impl Cx {
         if self.killed.load(Ordering::SeqCst) {
             return;
         }
-        match self.daemon.callback(body).await {
+        match self.daemon.callback_on(kind.as_str(), body).await {
             Ok((200, answer)) if answer == RECEIVED => {
                 let mut w = self.world();
                 w.plans[i].acks += 1;
@@ -425,26 +512,62 @@ fn behaviour(rng: &mut StdRng, bytes: Bytes) -> Behaviour {
 fn add_plans(rng: &mut StdRng, fake: &FakeKie, world: &mut World, cycle: usize) {
     for n in 0..TASKS_PER_CYCLE {
         let label = format!("kl{cycle:03}x{n:02}");
+        // Half covers, the rest spread over the other kinds.
+        let kind = match rng.random_range(0..8) {
+            0..4 => Kind::Cover,
+            4 => Kind::Music,
+            5 => Kind::Wav,
+            6 => Kind::Video,
+            _ => Kind::Stems,
+        };
         let intake = match rng.random_range(0..10) {
             0..4 => Intake::Unknown,
             4..8 => Intake::Track,
-            _ => Intake::Submit,
+            _ if kind == Kind::Cover => Intake::Submit,
+            _ => Intake::Track,
         };
         let success = rng.random_bool(0.85);
         let callback = intake == Intake::Unknown || rng.random_bool(0.6);
         let late = intake != Intake::Unknown && rng.random_bool(0.25);
         let mut images = Vec::new();
-        for index in 0..rng.random_range(1..=2) {
-            let len = rng.random_range(2_000..60_000);
-            let (ext, bytes) = image_bytes(rng.random_range(0..4), &label, index, len);
-            let path = format!("/img/{label}/{index}.{ext}");
+        let mut add = |rng: &mut StdRng, name: String, bytes: Bytes| {
+            let path = format!("/img/{label}/{name}");
             fake.files.set(&path, behaviour(rng, bytes.clone()));
-            images.push(Img { path, ext, bytes });
+            images.push(Img { path, name, bytes });
+        };
+        match kind {
+            Kind::Cover => {
+                for index in 0..rng.random_range(1..=2) {
+                    let len = rng.random_range(2_000..60_000);
+                    let (ext, bytes) = image_bytes(rng.random_range(0..4), &label, index, len);
+                    add(rng, format!("{index}.{ext}"), bytes);
+                }
+            }
+            Kind::Music => {
+                let len = rng.random_range(20_000..120_000);
+                add(rng, "track-0.mp3".into(), tagged(mp3(len), &label, 0));
+                add(rng, "track-0.jpg".into(), tagged(jpeg(4_000), &label, 1));
+            }
+            Kind::Wav => {
+                let len = rng.random_range(100_000..400_000);
+                add(rng, "audio.wav".into(), tagged(wav(len), &label, 0));
+            }
+            Kind::Video => {
+                let len = rng.random_range(100_000..500_000);
+                add(rng, "video.mp4".into(), tagged(mp4(len), &label, 0));
+            }
+            Kind::Stems => {
+                for (index, stem) in ["vocal", "instrumental"].iter().enumerate() {
+                    let len = rng.random_range(20_000..80_000);
+                    add(rng, format!("{stem}.mp3"), tagged(mp3(len), &label, index));
+                }
+            }
         }
         let music = format!("music{label}");
         let task_id = (intake != Intake::Submit).then(|| label.clone());
         let plan = Plan {
             label,
+            kind,
             music,
             intake,
             success,
@@ -457,12 +580,26 @@ fn add_plans(rng: &mut StdRng, fake: &FakeKie, world: &mut World, cycle: usize) 
             settled: None,
         };
         if let Some(id) = &plan.task_id {
-            // Made at KIE (elsewhere, for unknown and tracked tasks): record-info knows it.
-            fake.api.add_task(id, &plan.music);
-            fake.api.set_status(id, plan.kie_status(fake));
+            // Made at KIE (elsewhere, for unknown and tracked tasks): its details know it.
+            if kind == Kind::Cover {
+                fake.api.add_task(id, &plan.music);
+                fake.api.set_status(id, plan.kie_status(fake));
+            } else {
+                fake.kinds.add(kind, id);
+                fake.kinds.set_details(id, plan.kind_details(fake, id));
+            }
         }
         world.plans.push(plan);
     }
+}
+
+/// `bytes` with the task's label and the file's index written after the magic, so no two
+/// files are alike.
+fn tagged(bytes: Bytes, label: &str, index: usize) -> Bytes {
+    let mut v = bytes.to_vec();
+    let tag = format!("{label}/{index}");
+    v[32..32 + tag.len()].copy_from_slice(tag.as_bytes());
+    Bytes::from(v)
 }
 
 /// The loop's configuration: notifications to `rx`, signed with the key in `secret_file`,
@@ -541,7 +678,7 @@ fn launch(
     steps
 }
 
-/// The checks on the store and `images/` (after a kill with the daemon stopped, or at the
+/// The checks on the store, `images/` and `files/` (after a kill with the daemon stopped, or at the
 /// end with `final_run`). Returns how many images sat at a final path without a record.
 fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: bool) -> usize {
     let by_id: HashMap<&str, &Value> = tasks
@@ -594,12 +731,11 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         }
     }
 
-    // Every file under images/ is a complete image of its task at its final path, and its
-    // record (once written) names that file and its hash.
-    let images = data_dir.join("images");
+    // Every file under images/ and files/ is a complete file of its task at its final path,
+    // and its record (once written) names that file and its hash.
     let mut recorded = BTreeMap::new();
     for task in tasks {
-        for img in task["images"].as_array().into_iter().flatten() {
+        for img in task["files"].as_array().into_iter().flatten() {
             if img["state"] == "downloaded" {
                 let path = img["path"].as_str().unwrap_or("?").to_string();
                 recorded.insert(path, task["task_id"].to_string());
@@ -608,12 +744,15 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
     }
     let mut unrecorded = 0;
     let mut on_disk = BTreeSet::new();
-    for rel in files_under(data_dir, &images) {
+    let stored = ["images", "files"]
+        .into_iter()
+        .flat_map(|dir| files_under(data_dir, &data_dir.join(dir)));
+    for rel in stored {
         on_disk.insert(rel.clone());
         let parts: Vec<&str> = rel.split('/').collect();
-        let [_, task_id, name] = parts[..] else {
+        let [dir, task_id, name] = parts[..] else {
             problems.push(format!(
-                "{rel}: not at a final path images/<task>/<i>.<ext>"
+                "{rel}: not at a final path images/<task>/<i>.<ext> or files/<task>/<name>.<ext>"
             ));
             continue;
         };
@@ -626,13 +765,13 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
             problems.push(format!("{rel}: its task {task_id} is not in the store"));
             continue;
         };
-        let index = name
-            .split_once('.')
-            .and_then(|(i, ext)| Some((i.parse::<usize>().ok()?, ext)));
-        let Some((img, index)) =
-            index.and_then(|(i, ext)| plan.images.get(i).filter(|m| m.ext == ext).zip(Some(i)))
-        else {
-            problems.push(format!("{rel}: no such image in task {task_id}"));
+        let found = plan
+            .images
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.name == name && dir == plan.dir());
+        let Some((index, img)) = found else {
+            problems.push(format!("{rel}: no such file in task {task_id}"));
             continue;
         };
         let bytes = match std::fs::read(data_dir.join(&rel)) {
@@ -644,13 +783,13 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         };
         if bytes != img.bytes[..] {
             problems.push(format!(
-                "{rel}: {} bytes that are not the image ({} bytes): a partial or corrupt file at a final path",
+                "{rel}: {} bytes that are not the file ({} bytes): a partial or corrupt file at a final path",
                 bytes.len(),
                 img.bytes.len()
             ));
             continue;
         }
-        let record = &task["images"][index];
+        let record = &task["files"][index];
         if record["state"] == "downloaded" {
             if record["path"] != rel.as_str() || record["sha256"] != sha256_hex(&bytes).as_str() {
                 problems.push(format!(
@@ -682,13 +821,13 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
             let Some(task) = plan.task_id.as_deref().and_then(|id| by_id.get(id)) else {
                 continue;
             };
-            let images = task["images"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            let images = task["files"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             if images.len() != plan.images.len() {
-                problems.push(format!("task {}: wrong images: {task}", plan.label));
+                problems.push(format!("task {}: wrong files: {task}", plan.label));
             }
-            for (i, (img, want)) in images.iter().zip(&plan.images).enumerate() {
+            for (img, want) in images.iter().zip(&plan.images) {
                 let id = &task["task_id"];
-                let path = format!("images/{}/{i}.{}", id.as_str().unwrap_or("?"), want.ext);
+                let path = format!("{}/{}/{}", plan.dir(), id.as_str().unwrap_or("?"), want.name);
                 let ok = img["state"] == "downloaded"
                     && img["path"] == path.as_str()
                     && img["sha256"] == sha256_hex(&want.bytes).as_str()
@@ -780,9 +919,11 @@ fn check_notifications(
                 g.id
             ));
         }
+        let kind = data["kind"].as_str().unwrap_or("?");
         if new
-            && (body["type"] != format!("cover.{state}").as_str()
-                || !matches!(state, "downloaded" | "failed"))
+            && (body["type"] != format!("{kind}.{state}").as_str()
+                || !matches!(state, "downloaded" | "failed")
+                || Kind::parse(kind).is_none())
         {
             problems.push(format!(
                 "notification {} for task {task_id}: type {} announcing state {state}",
@@ -818,7 +959,7 @@ fn check_notifications(
             ));
         }
         if state == "downloaded" {
-            let sent: Vec<&str> = data["images"]
+            let sent: Vec<&str> = data["files"]
                 .as_array()
                 .into_iter()
                 .flatten()
@@ -1270,7 +1411,7 @@ async fn first_image_recorded(scratch: &Scratch) {
     while Instant::now() < deadline {
         let tasks = scratch.export().await.unwrap_or_default();
         let recorded = tasks.iter().any(|t| {
-            t["images"]
+            t["files"]
                 .as_array()
                 .is_some_and(|i| i.iter().any(|img| img["state"] == "downloaded"))
         });
