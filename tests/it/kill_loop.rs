@@ -55,10 +55,10 @@ use crate::bin_util::{Daemon, Scratch, files_under, tmp_entries};
 use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
 use crate::fake_kie::files::{Behaviour, gif, jpeg, mp3, mp4, png, sha256_hex, wav, webp};
-use coverd::model::Kind;
 use crate::faultfs::{FaultFs, FaultOp};
 use crate::harness::{failure_body, success_body};
 use crate::notify::{Answer, Got, Receiver, SECRET};
+use coverd::model::Kind;
 
 const CYCLES_VAR: &str = "COVERD_KILL_CYCLES";
 const SEED_VAR: &str = "COVERD_KILL_SEED";
@@ -183,7 +183,11 @@ impl Plan {
 
     /// What the kind's details endpoint answers for this task (the other kinds).
     fn kind_details(&self, fake: &FakeKie, task_id: &str) -> Value {
-        let key = if self.kind == Kind::Music { "status" } else { "successFlag" };
+        let key = if self.kind == Kind::Music {
+            "status"
+        } else {
+            "successFlag"
+        };
         let urls = self.urls(fake);
         let (status, response) = match (self.kie_done, self.success) {
             (false, _) => ("PENDING", Value::Null),
@@ -191,8 +195,10 @@ impl Plan {
             (true, true) => (
                 "SUCCESS",
                 match self.kind {
-                    Kind::Music => serde_json::json!({"sunoData": [{"id": format!("{}-t0", self.label),
-                        "audioUrl": urls[0], "imageUrl": urls[1], "title": "t", "duration": 100.5}]}),
+                    Kind::Music => {
+                        serde_json::json!({"sunoData": [{"id": format!("{}-t0", self.label),
+                        "audioUrl": urls[0], "imageUrl": urls[1], "title": "t", "duration": 100.5}]})
+                    }
                     Kind::Wav => serde_json::json!({"audioWavUrl": urls[0]}),
                     Kind::Video => serde_json::json!({"videoUrl": urls[0]}),
                     Kind::Stems => {
@@ -827,7 +833,12 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
             }
             for (img, want) in images.iter().zip(&plan.images) {
                 let id = &task["task_id"];
-                let path = format!("{}/{}/{}", plan.dir(), id.as_str().unwrap_or("?"), want.name);
+                let path = format!(
+                    "{}/{}/{}",
+                    plan.dir(),
+                    id.as_str().unwrap_or("?"),
+                    want.name
+                );
                 let ok = img["state"] == "downloaded"
                     && img["path"] == path.as_str()
                     && img["sha256"] == sha256_hex(&want.bytes).as_str()
@@ -1352,7 +1363,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     let w = world.lock().unwrap();
     let s = &w.stats;
     eprintln!(
-        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  images stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  notifications delivered: {} (every settled task); requests to the receiver: {} ({} answered 500, {} answered slowly); sent again by a later run, same webhook-id: {}\n  max recovery (start to healthy): {:?}; every task final and notified {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
+        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback; by kind: {})\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  files stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  notifications delivered: {} (every settled task); requests to the receiver: {} ({} answered 500, {} answered slowly); sent again by a later run, same webhook-id: {}\n  max recovery (start to healthy): {:?}; every task final and notified {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
         s.cycles,
         s.kills,
         power.as_ref().map_or(0, |p| p.cuts),
@@ -1367,6 +1378,15 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             .filter(|p| p.intake == Intake::Submit)
             .count(),
         w.plans.iter().filter(|p| !p.callback).count(),
+        Kind::ALL
+            .iter()
+            .map(|k| format!(
+                "{} {}",
+                w.plans.iter().filter(|p| p.kind == *k).count(),
+                k.as_str()
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
         s.acks,
         s.duplicate_acks,
         s.cut,

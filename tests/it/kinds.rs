@@ -780,3 +780,136 @@ async fn sigkill_mid_download_of_every_kind_resumes() {
     let out = scratch.run(&["admin", "verify", "--json"]).await;
     assert_eq!(out.code, Some(0), "{out:?}");
 }
+
+/// A store written by the release before task kinds (records of format v2) opens, keeps
+/// every cover task, and `admin show --json` prints it byte for byte as that release did,
+/// apart from the new `kind` and `files` fields; the next change writes it as v3.
+#[tokio::test]
+async fn a_store_of_the_release_before_kinds_keeps_its_covers() {
+    use coverd::machine::{Ctx, Event, Origin, Report};
+    use coverd::store::{IfMissing, Store, codec};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ctx = |now| Ctx {
+        now,
+        max_attempts: 3,
+        poll_after_ms: 120_000,
+        notify: false,
+    };
+    let png = crate::fake_kie::files::png(3000);
+    let sha = sha256_hex(&png);
+    let t0 = 1_795_775_581_000;
+    {
+        let store = Store::open(&data).unwrap();
+        let id = "oldcover1";
+        let origin = Origin::cover(Some("music-old".into()));
+        store
+            .apply(id, &Event::Track(origin), &ctx(t0), IfMissing::Create)
+            .unwrap();
+        let report = Report::images(vec!["https://tempfile.aiquickdraw.com/s/a.png".into()]);
+        store
+            .apply(
+                id,
+                &Event::Callback(Kind::Cover, report),
+                &ctx(t0 + 1000),
+                IfMissing::Reject,
+            )
+            .unwrap();
+        let stored = Event::ImageStored {
+            index: 0,
+            path: format!("images/{id}/0.png"),
+            bytes: png.len() as u64,
+            sha256: sha.clone(),
+        };
+        store
+            .apply(id, &stored, &ctx(t0 + 2000), IfMissing::Reject)
+            .unwrap();
+        std::fs::create_dir_all(data.join("images").join(id)).unwrap();
+        std::fs::write(data.join(format!("images/{id}/0.png")), &png).unwrap();
+        // The same record as the release before kinds wrote it.
+        let task = store.get(id).unwrap().unwrap();
+        let history = store.events(id).unwrap();
+        store
+            .put_raw_task(id, &codec::encode_task_v2(&task, &history).unwrap())
+            .unwrap();
+        store.close().await.unwrap();
+    }
+    let fake = FakeKie::start().await;
+    let config = crate::harness::test_config(&data, &fake);
+    let reply = coverd::admin::run(
+        config.clone(),
+        Request::Show {
+            task_id: "oldcover1".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let text = coverd::admin::render(&reply, true);
+    // That release's output: the same lines without `kind` and `files`.
+    let without_new: String = {
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["kind"], "cover");
+        assert_eq!(v["files"][0]["name"], "0.png");
+        assert_eq!(v["files"][0]["media_type"], "image/png");
+        let mut lines = Vec::new();
+        let mut skipping = 0usize;
+        for line in text.lines() {
+            if skipping > 0 {
+                skipping += line.matches(['[', '{']).count();
+                skipping -= line.matches([']', '}']).count();
+                continue;
+            }
+            if line.starts_with("  \"kind\":") {
+                continue;
+            }
+            if line.starts_with("  \"files\":") {
+                skipping = line.matches(['[', '{']).count() - line.matches([']', '}']).count();
+                continue;
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    };
+    let expected = format!(
+        r#"{{
+  "task_id": "oldcover1",
+  "music_task_id": "music-old",
+  "state": "downloaded",
+  "source": "callback",
+  "created_at": "2026-11-27T10:33:01Z",
+  "updated_at": "2026-11-27T10:33:03Z",
+  "callbacks": 1,
+  "polls": 0,
+  "error": null,
+  "images": [
+    {{
+      "index": 0,
+      "url": "https://tempfile.aiquickdraw.com/s/a.png",
+      "state": "downloaded",
+      "attempts": 1,
+      "path": "images/oldcover1/0.png",
+      "bytes": 3000,
+      "sha256": "{sha}",
+      "error": null
+    }}
+  ],
+  "notify": null,
+  "events": ["#
+    );
+    assert!(
+        without_new.starts_with(&expected),
+        "{without_new}\n--- expected to start with ---\n{expected}"
+    );
+    // It verifies, and a change writes it in the current format (still a cover).
+    let verify = json_of(&config, Request::Verify).await;
+    assert_eq!(verify["ok"], 1, "{verify:#}");
+    // Through the running daemon: the same answer.
+    let offline: Value = serde_json::from_str(&text).unwrap();
+    let d = Daemon::start_in(dir, config).await;
+    let show = Request::Show {
+        task_id: "oldcover1".into(),
+    };
+    assert_eq!(json_of(&d.config, show).await, offline);
+    d.stop().await;
+}

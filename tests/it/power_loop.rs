@@ -38,7 +38,7 @@ async fn sigkill_and_power_cut_at_random_moments_keeps_every_promise() {
     .await;
     let ops = tokio::task::block_in_place(|| crate::power_ops::run(cycles, seed));
     eprintln!(
-        "\npower loop summary (seed {seed}, replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles}):\n  power cuts under load: {}; callbacks acknowledged: {}; images stored: {}\n  notifications delivered: {} ({} requests, {} answered 500, {} sent again after a cut with the same webhook-id)\n  {}\n  failures found: {}",
+        "\npower loop summary (seed {seed}, replay: {SEED_VAR}={seed} {CYCLES_VAR}={cycles}):\n  power cuts under load: {}; callbacks acknowledged: {}; files stored: {}\n  notifications delivered: {} ({} requests, {} answered 500, {} sent again after a cut with the same webhook-id)\n  {}\n  failures found: {}",
         report.cuts,
         report.acks,
         report.images,
