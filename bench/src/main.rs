@@ -116,6 +116,12 @@ enum Cmd {
         /// issue's recipe) instead of `sync FILE…` (an fsync of each downloaded file).
         #[arg(long)]
         global_sync: bool,
+        /// The mixed-kind run instead (issue 18): per run 4 music tasks of 2 tracks (an
+        /// MP3 of 5 MiB and a JPEG of 300 KiB each), a WAV of 50 MiB and a video of 100 MiB,
+        /// called back on their own routes; `--images`, `--image-bytes` and `--per-task`
+        /// are ignored.
+        #[arg(long)]
+        mixed: bool,
     },
     /// RSS, store bytes per task and restart time at `tasks` finished tasks.
     Footprint {
@@ -170,7 +176,8 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
-    /// (helper) Serves `GET /img/<anything>` as `bytes` of a PNG-looking body.
+    /// (helper) Serves `GET /img/<anything>` as `bytes` of a PNG-looking body, and
+    /// `GET /mix/<mp3|jpg|wav|mp4>/<anything>` as the mixed run's files.
     FileServer {
         #[arg(long)]
         listen: SocketAddr,
@@ -197,7 +204,14 @@ fn main() -> anyhow::Result<()> {
             image_bytes,
             per_task,
             global_sync,
-        } => rt.block_on(downloads(&cli, images, image_bytes, per_task, global_sync)),
+            mixed,
+        } => {
+            if mixed {
+                rt.block_on(downloads_mixed(&cli, global_sync))
+            } else {
+                rt.block_on(downloads(&cli, images, image_bytes, per_task, global_sync))
+            }
+        }
         Cmd::SledFloor {
             keys,
             record_bytes,
@@ -892,6 +906,169 @@ async fn downloads(
     Ok(())
 }
 
+/// The mixed-kind downloads (issue 18): per run, 4 music tasks of 2 tracks (an MP3 of 5 MiB
+/// and a JPEG of 300 KiB each), a WAV of 50 MiB and a video of 100 MiB, called back on their
+/// own routes; against curl fetching the same files 4 at a time and `sync FILE…`.
+async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
+    const MUSIC_TASKS: usize = 4;
+    let work = cli.work_dir.join("downloads-mixed");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let files = free_addr()?;
+    let _server = spawn_self(&[
+        "file-server".into(),
+        "--listen".into(),
+        files.to_string(),
+        "--bytes".into(),
+        "1024".into(),
+    ])?;
+    wait_ready(files).await?;
+    let total_bytes = MUSIC_TASKS * 2 * (MIX_MP3 + MIX_JPG) + MIX_WAV + MIX_MP4;
+    println!(
+        "downloads (mixed kinds): per run {MUSIC_TASKS} music tasks of 2 tracks (MP3 {} MiB + JPEG {} KiB), \
+         a WAV of {} MiB and a video of {} MiB: {:.1} MiB in {} files, concurrency 4, {} runs; \
+         baseline curl + {}",
+        MIX_MP3 >> 20,
+        MIX_JPG >> 10,
+        MIX_WAV >> 20,
+        MIX_MP4 >> 20,
+        total_bytes as f64 / MIB,
+        MUSIC_TASKS * 4 + 2,
+        cli.runs,
+        if global_sync { "sync" } else { "sync FILE..." }
+    );
+    let (mut ratios, mut curl_s, mut coverd_s, mut hwms, mut cpus) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..cli.runs {
+        let url = |kind: &str, name: String| format!("http://{files}/mix/{kind}/{run}-{name}");
+        // (route, task id, callback body, its URLs)
+        let mut tasks: Vec<(&str, String, String, Vec<String>)> = Vec::new();
+        for t in 0..MUSIC_TASKS {
+            let id = format!("mus-{run}-{t}");
+            let urls: Vec<String> = (0..2)
+                .flat_map(|i| {
+                    [
+                        url("mp3", format!("{t}-{i}.mp3")),
+                        url("jpg", format!("{t}-{i}.jpg")),
+                    ]
+                })
+                .collect();
+            let tracks: Vec<serde_json::Value> = (0..2)
+                .map(|i| {
+                    serde_json::json!({"id": format!("{id}-{i}"), "audio_url": urls[2 * i],
+                        "image_url": urls[2 * i + 1], "title": "bench", "duration": 180.0})
+                })
+                .collect();
+            let body = serde_json::json!({"code": 200, "msg": "ok", "data":
+                {"callbackType": "complete", "task_id": id, "data": tracks}});
+            tasks.push(("music", id, body.to_string(), urls));
+        }
+        let wav = url("wav", "a.wav".into());
+        let id = format!("wav-{run}");
+        let body = serde_json::json!({"code": 200, "data": {"task_id": id, "audioWavUrl": wav}});
+        tasks.push(("wav", id, body.to_string(), vec![wav]));
+        let mp4 = url("mp4", "v.mp4".into());
+        let id = format!("vid-{run}");
+        let body = serde_json::json!({"code": 200, "data": {"task_id": id, "video_url": mp4}});
+        tasks.push(("video", id, body.to_string(), vec![mp4]));
+
+        // Baseline: curl, 4 in parallel, into files, then fsync of every file and the dir.
+        let out = work.join(format!("curl-{run}"));
+        std::fs::create_dir_all(&out)?;
+        let mut cfg = std::fs::File::create(work.join("curl.cfg"))?;
+        let mut names = Vec::new();
+        for (n, url) in tasks.iter().flat_map(|t| &t.3).enumerate() {
+            let name = out.join(format!("{n}"));
+            writeln!(cfg, "url = \"{url}\"\noutput = \"{}\"", name.display())?;
+            names.push(name);
+        }
+        drop(cfg);
+        let started = Instant::now();
+        let status = Command::new("curl")
+            .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
+            .arg("--config")
+            .arg(work.join("curl.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("curl failed: {status}");
+        }
+        let mut sync = Command::new("sync");
+        if !global_sync {
+            sync.args(&names).arg(&out);
+        }
+        if !sync.status()?.success() {
+            bail!("sync failed");
+        }
+        let curl = started.elapsed();
+        std::fs::remove_dir_all(&out)?;
+
+        let dir = work.join(format!("coverd-{run}"));
+        let (config, listen, metrics) = coverd_config(
+            &dir,
+            "accept_unknown_tasks = true\n[kie]\nconfirm_callbacks = false\n[download]\n\
+             concurrency = 4\nallowed_hosts = []\nallow_http = true\nallow_private_networks = true\n",
+        )?;
+        let (mut coverd, _) = start_coverd(cli, &dir, &config, listen, metrics).await?;
+        let started = Instant::now();
+        let mut conn = Conn::new(coverd.listen);
+        for (route, _, body, _) in &tasks {
+            let (status, _) = conn
+                .send(&post_request(&format!("/callbacks/{route}"), body))
+                .await?;
+            if status != 200 {
+                bail!("callback on /callbacks/{route} answered {status}");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let done = metric(coverd.metrics, "coverd_tasks{state=\"downloaded\"}").await?;
+            if done as usize >= tasks.len() {
+                break;
+            }
+            let failed = metric(coverd.metrics, "coverd_tasks{state=\"failed\"}").await?;
+            if failed > 0.0 || Instant::now() > deadline {
+                bail!("downloads failed or stalled; see {}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let took = started.elapsed();
+        let (_, hwm) = rss(coverd.proc.pid())?;
+        let cpu = cpu_seconds(coverd.proc.pid())?;
+        coverd.proc.stop()?;
+        let stored = dir_bytes(&coverd.data_dir.join("files"))?;
+        if stored != total_bytes as u64 {
+            bail!("coverd stored {stored} bytes of files, expected {total_bytes}");
+        }
+        std::fs::remove_dir_all(&dir)?;
+        let ratio = curl.as_secs_f64() / took.as_secs_f64();
+        println!(
+            "run {run}: curl {:.2} s, coverd {:.2} s, speed ratio coverd/curl {ratio:.3}, \
+             coverd peak RSS {:.1} MiB, coverd CPU {cpu:.2} s",
+            curl.as_secs_f64(),
+            took.as_secs_f64(),
+            hwm as f64 / MIB
+        );
+        cpus.push(cpu);
+        ratios.push(ratio);
+        curl_s.push(curl.as_secs_f64());
+        coverd_s.push(took.as_secs_f64());
+        hwms.push(hwm as f64 / MIB);
+    }
+    println!("\nsummary:");
+    println!("  curl seconds          {}", summary(&mut curl_s, 2));
+    println!("  coverd seconds        {}", summary(&mut coverd_s, 2));
+    println!(
+        "  ratio (curl time / coverd time)  {}",
+        summary(&mut ratios, 3)
+    );
+    println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
+    println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Footprint
 
@@ -1133,28 +1310,75 @@ async fn noop_server(listen: SocketAddr) -> anyhow::Result<()> {
     .await
 }
 
-async fn file_server(listen: SocketAddr, bytes: usize) -> anyhow::Result<()> {
-    // A PNG signature, then pseudo-random bytes (incompressible, like an image).
-    let mut body = Vec::with_capacity(bytes);
-    body.extend_from_slice(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
+/// `magic`, then pseudo-random bytes (incompressible, like a media file), `len` in all.
+fn media_body(magic: &[u8], len: usize) -> Bytes {
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(magic);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    while body.len() < bytes {
+    while body.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         body.extend_from_slice(&x.to_le_bytes());
     }
-    body.truncate(bytes);
-    let body = Bytes::from(body);
+    body.truncate(len);
+    Bytes::from(body)
+}
+
+/// The mixed run's files: (path prefix, content type, body).
+fn mixed_bodies() -> Vec<(&'static str, &'static str, Bytes)> {
+    vec![
+        (
+            "/mix/mp3/",
+            "audio/mpeg",
+            media_body(b"ID3\x04\0\0\0\0\0\x0fTIT2", MIX_MP3),
+        ),
+        (
+            "/mix/jpg/",
+            "image/jpeg",
+            media_body(b"\xff\xd8\xff\xe0\0\x10JFIF", MIX_JPG),
+        ),
+        (
+            "/mix/wav/",
+            "audio/wav",
+            media_body(b"RIFF\x24\0\0\0WAVEfmt ", MIX_WAV),
+        ),
+        (
+            "/mix/mp4/",
+            "video/mp4",
+            media_body(b"\0\0\0\x20ftypisom\0\0\x02\0", MIX_MP4),
+        ),
+    ]
+}
+
+const MIX_MP3: usize = 5 << 20;
+const MIX_JPG: usize = 300 << 10;
+const MIX_WAV: usize = 50 << 20;
+const MIX_MP4: usize = 100 << 20;
+
+async fn file_server(listen: SocketAddr, bytes: usize) -> anyhow::Result<()> {
+    // A PNG signature, then pseudo-random bytes (incompressible, like an image).
+    let png = media_body(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", bytes);
+    let mut routes = vec![("/img/", "image/png", png)];
+    routes.extend(mixed_bodies());
+    let routes = std::sync::Arc::new(routes);
     serve(listen, move |req: hyper::Request<hyper::body::Incoming>| {
-        let body = body.clone();
+        let routes = routes.clone();
         async move {
-            let ok = req.uri().path().starts_with("/img/");
-            hyper::Response::builder()
-                .status(if ok { 200 } else { 404 })
-                .header("content-type", "image/png")
-                .body(Full::new(if ok { body } else { Bytes::new() }))
-                .expect("static response")
+            let found = routes
+                .iter()
+                .find(|(prefix, _, _)| req.uri().path().starts_with(prefix));
+            match found {
+                Some((_, content_type, body)) => hyper::Response::builder()
+                    .status(200)
+                    .header("content-type", *content_type)
+                    .body(Full::new(body.clone()))
+                    .expect("static response"),
+                None => hyper::Response::builder()
+                    .status(404)
+                    .body(Full::new(Bytes::new()))
+                    .expect("static response"),
+            }
         }
     })
     .await
