@@ -913,3 +913,82 @@ async fn a_store_of_the_release_before_kinds_keeps_its_covers() {
     assert_eq!(json_of(&d.config, show).await, offline);
     d.stop().await;
 }
+
+/// `verify`, `retry`, `backup`, `restore` and `prune` over files of every kind.
+#[tokio::test]
+async fn verify_retry_backup_restore_and_prune_cover_every_kind() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, |_| {}).await;
+    let mut stored = 0;
+    for kind in OTHER_KINDS {
+        let id = format!("ops-{}", kind.as_str());
+        track(&d, &id, kind).await;
+        let (files, names) = case(&fake, kind, "ops");
+        let body = success_callback(&fake, kind, &id, &files);
+        assert_eq!(callback(&d, kind, &body).await.0, 200);
+        let t = d.wait_for(&id, |t| t.state.is_finished()).await;
+        assert_stored(&d, &t, &files, &names);
+        stored += names.len();
+    }
+    let verify = json_of(&d.config, Request::Verify).await;
+    assert_eq!(
+        (verify["checked"].as_u64(), verify["ok"].as_u64()),
+        (Some(stored as u64), Some(stored as u64))
+    );
+    // Damage the WAV and delete a stem: verify names both, retry repairs them.
+    let root = d.dir.path().to_path_buf();
+    std::fs::write(root.join("files/ops-wav/audio.wav"), b"RIFF damaged").unwrap();
+    std::fs::remove_file(root.join("files/ops-stems/drums.mp3")).unwrap();
+    let verify = json_of(&d.config, Request::Verify).await;
+    assert_eq!(
+        verify["corrupt"],
+        json!(["files/ops-wav/audio.wav"]),
+        "{verify:#}"
+    );
+    assert_eq!(
+        verify["missing"],
+        json!(["files/ops-stems/drums.mp3"]),
+        "{verify:#}"
+    );
+    for id in ["ops-wav", "ops-stems"] {
+        json_of(&d.config, Request::Retry { task_id: id.into() }).await;
+        d.wait_for(id, |t| t.state == State::Downloaded).await;
+    }
+    let verify = json_of(&d.config, Request::Verify).await;
+    assert_eq!(verify["ok"].as_u64(), Some(stored as u64), "{verify:#}");
+    // Backup (running), restore into a new directory: every file there, verified.
+    let scratch = tempfile::tempdir().unwrap();
+    let dest = scratch.path().join("bk");
+    let m = json_of(
+        &d.config,
+        Request::Backup {
+            dest: dest.clone(),
+            seen: None,
+        },
+    )
+    .await;
+    assert_eq!(m["tasks"], OTHER_KINDS.len(), "{m:#}");
+    assert_eq!(m["images"], stored, "{m:#}");
+    let (_dir, cfg) = d.stop().await;
+    let mut rcfg = cfg.clone();
+    rcfg.data_dir = scratch.path().join("restored");
+    json_of(&rcfg, Request::Restore { src: dest.clone() }).await;
+    let verify = json_of(&rcfg, Request::Verify).await;
+    assert_eq!(verify["ok"].as_u64(), Some(stored as u64), "{verify:#}");
+    assert!(rcfg.data_dir.join("files/ops-video/video.mp4").is_file());
+    // Prune forgets them all, with their directories under files/.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let pruned = json_of(
+        &rcfg,
+        Request::Prune {
+            older_than_secs: 0,
+            dry_run: false,
+        },
+    )
+    .await;
+    assert_eq!(pruned["tasks"], OTHER_KINDS.len(), "{pruned:#}");
+    let left: Vec<_> = std::fs::read_dir(rcfg.data_dir.join("files"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
