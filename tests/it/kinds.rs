@@ -992,3 +992,60 @@ async fn verify_retry_backup_restore_and_prune_cover_every_kind() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Music stages out of order, skipped, or a `first` without a `complete`: stages never change
+/// the state; a `complete` (or the details endpoint, when it never comes) decides; a stage
+/// after the result is only counted.
+#[tokio::test]
+async fn music_stages_in_any_order_change_nothing() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    let stage = |id: &str, s: &str| json!({"code": 200, "msg": "ok", "data": {"callbackType": s, "task_id": id, "data": []}});
+    // `first` before `text`, then no `complete`: the details endpoint finds the result.
+    let id = "stages-a";
+    fake.kinds.add(Kind::Music, id);
+    track(&d, id, Kind::Music).await;
+    for s in ["first", "text", "first"] {
+        assert_eq!(callback(&d, Kind::Music, &stage(id, s)).await.0, 200);
+    }
+    let t = d.task(id).unwrap();
+    assert_eq!((t.state, t.callbacks), (State::Submitted, 3), "{t:#?}");
+    let (files, names) = case(&fake, Kind::Music, "stages-a");
+    fake.kinds.set_details(
+        id,
+        json!({"taskId": id, "status": "FIRST_SUCCESS", "response": {"sunoData": [
+            {"id": "trk-a", "audioUrl": "", "imageUrl": files.url(&fake, 1)}]}}),
+    );
+    d.advance(Duration::from_secs(3600));
+    let t = d.wait_for(id, |t| t.polls >= 1).await;
+    assert_eq!(
+        t.state,
+        State::Submitted,
+        "FIRST_SUCCESS is not the result: {t:#?}"
+    );
+    fake.kinds.set_details(
+        id,
+        success_details(&fake, Kind::Music, id, &files, "SUCCESS"),
+    );
+    d.advance(Duration::from_secs(3600));
+    let t = d.wait_for(id, |t| t.state.is_finished()).await;
+    assert_stored(&d, &t, &files, &names);
+    // A stage after the result is counted and changes nothing.
+    assert_eq!(callback(&d, Kind::Music, &stage(id, "text")).await.0, 200);
+    let after = d.task(id).unwrap();
+    assert_eq!((after.state, after.callbacks), (State::Downloaded, 4));
+    // `complete` straight away, stages skipped.
+    let id = "stages-b";
+    track(&d, id, Kind::Music).await;
+    let (files, names) = case(&fake, Kind::Music, "stages-b");
+    fake.kinds.add(Kind::Music, id);
+    fake.kinds.set_details(
+        id,
+        success_details(&fake, Kind::Music, id, &files, "SUCCESS"),
+    );
+    let body = success_callback(&fake, Kind::Music, id, &files);
+    assert_eq!(callback(&d, Kind::Music, &body).await.0, 200);
+    let t = d.wait_for(id, |t| t.state.is_finished()).await;
+    assert_stored(&d, &t, &files, &names);
+    d.stop().await;
+}
