@@ -27,6 +27,9 @@
 //!   one `webhook-id` per task across every kill; a settled task has its notification, an
 //!   unsettled one none, and one shown `delivered` was answered 2xx.
 //!
+//! Halfway through, with the daemon stopped, every cover record is rewritten in the record
+//! format of the release before task kinds (v2), and the load goes on on top of it.
+//!
 //! After each restart no partial download from before the crash is left in `tmp/`. After the
 //! last cycle, a run without kill must settle every task (`downloaded` with every image, or
 //! `failed` as KIE said) and deliver its notification within [`SETTLE_BOUND`]; a SIGTERM
@@ -254,6 +257,8 @@ struct Stats {
     unrecorded_at_kill: usize,
     /// Images adopted after a restart (installed before the kill, recorded after it).
     adopted: usize,
+    /// Cover records rewritten halfway in the record format before task kinds.
+    downgraded: usize,
     max_recovery: Duration,
     settle: Duration,
     images: usize,
@@ -1248,6 +1253,16 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             w.stats.cut,
             started.elapsed()
         );
+        drop(w);
+        // Halfway, the store is left as the release before task kinds wrote it: every cover
+        // record in the record format v2; the load goes on on top of it.
+        if cycle == cycles / 2 {
+            let n = downgrade_covers(&data_dir).await;
+            eprintln!(
+                "kill loop cycle {cycle}: {n} cover records rewritten as the release before task kinds wrote them (format v2)"
+            );
+            world.lock().unwrap().stats.downgraded += n;
+        }
     }
 
     if !final_run {
@@ -1363,7 +1378,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     let w = world.lock().unwrap();
     let s = &w.stats;
     eprintln!(
-        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback; by kind: {})\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  files stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  notifications delivered: {} (every settled task); requests to the receiver: {} ({} answered 500, {} answered slowly); sent again by a later run, same webhook-id: {}\n  max recovery (start to healthy): {:?}; every task final and notified {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
+        "\nkill loop summary (seed {seed}):\n  cycles: {}, SIGKILLs: {}, power cuts: {}\n  tasks: {} ({} unknown, {} tracked, {} submitted; {} without a callback; by kind: {}; {} cover records rewritten in the format before kinds halfway)\n  callbacks acknowledged: {} ({} duplicate deliveries); requests cut by kills: {}\n  files stored: {}; partial downloads in tmp/ at the kills: {}; installed but unrecorded at the kills: {}; adopted after restart: {}\n  notifications delivered: {} (every settled task); requests to the receiver: {} ({} answered 500, {} answered slowly); sent again by a later run, same webhook-id: {}\n  max recovery (start to healthy): {:?}; every task final and notified {:?} after the last start (bound {SETTLE_BOUND:?})\n  failures found: {}\n  total time: {:?}",
         s.cycles,
         s.kills,
         power.as_ref().map_or(0, |p| p.cuts),
@@ -1387,6 +1402,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             ))
             .collect::<Vec<_>>()
             .join(", "),
+        s.downgraded,
         s.acks,
         s.duplicate_acks,
         s.cut,
@@ -1418,6 +1434,27 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         scratch: Arc::try_unwrap(scratch).ok(),
         ..report
     }
+}
+
+/// Rewrites every cover record of the (stopped) daemon's store in the record format of the
+/// release before task kinds (v2), as an upgrade from it finds them; returns how many.
+async fn downgrade_covers(data_dir: &Path) -> usize {
+    use coverd::store::{Scanned, Store, codec};
+    let store = Store::open(data_dir).expect("open the store to downgrade its records");
+    let tasks: Vec<_> = store
+        .all_tasks()
+        .filter_map(|s| match s {
+            Ok(Scanned::Task(t)) if t.kind == Kind::Cover => Some(*t),
+            _ => None,
+        })
+        .collect();
+    for task in &tasks {
+        let history = store.events(&task.task_id).expect("history");
+        let bytes = codec::encode_task_v2(task, &history).expect("encode v2");
+        store.put_raw_task(&task.task_id, &bytes).expect("rewrite");
+    }
+    store.close().await.expect("close the store");
+    tasks.len()
 }
 
 /// Longest a targeted cut waits for its moment.
