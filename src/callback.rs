@@ -61,6 +61,9 @@ pub fn parse_for(kind: Kind, body: &[u8]) -> Result<Delivery, String> {
         return parse(body);
     }
     let read = crate::kind::read::callback(kind, body)?;
+    if !valid_task_id(&read.task_id) {
+        return Err("task id must be 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'".into());
+    }
     let report = match read.reading {
         Reading::Success { files } => Report::Success { files },
         Reading::Failure { reason } => Report::Failure { reason },

@@ -21,8 +21,9 @@ pub const TASK_ID_MAX_LEN: usize = 128;
 /// More image URLs than KIE ever sends for one cover: a task never holds more, whether they
 /// came in a callback or in record-info.
 pub const MAX_IMAGES: usize = 16;
-/// Longest image URL a task holds.
-pub const MAX_URL_BYTES: usize = 4096;
+/// Longest file URL a task holds (defined with the kinds' readings, which bound what KIE
+/// sends by it).
+pub use crate::kind::MAX_URL_BYTES;
 
 /// Task ids become directory names under `images/`, so only a safe alphabet is accepted.
 pub fn valid_task_id(id: &str) -> bool {

@@ -10,6 +10,9 @@
 
 pub mod read;
 
+/// Longest file URL a task holds (`model` re-exports it as the task's limit).
+pub const MAX_URL_BYTES: usize = 4096;
+
 /// What a task is the result of. Fixed when coverd first learns of the task.
 #[cfg_attr(test, derive(serde::Serialize))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -11,8 +11,12 @@
 
 use serde_json::{Map, Value};
 
+use super::MAX_URL_BYTES;
 use super::{FileType, Kind, STEMS_ORDER};
-use crate::model::{MAX_URL_BYTES, Millis};
+
+/// Milliseconds since the Unix epoch, UTC (what `model::Millis` is; `kind` is below `model`,
+/// so it names the integer).
+type Millis = i64;
 
 /// Where a callback's task id is looked for after the kind's own place (SPEC "HTTP
 /// surface"): top-level `taskId`, top-level `task_id`, `data.taskId`, `data.task_id`.
@@ -154,8 +158,9 @@ pub fn callback(kind: Kind, body: &[u8]) -> Result<Callback, String> {
     Ok(Callback { task_id, reading })
 }
 
-/// The task id of a callback of `kind`: its own place first, then [`TASK_ID_PLACES`]; only
-/// a valid one (it becomes a directory name).
+/// The task id of a callback of `kind`: its own place first, then [`TASK_ID_PLACES`]; not
+/// empty. The caller checks it is a valid task id (`model::valid_task_id`) before it names
+/// anything.
 pub fn callback_task_id(kind: Kind, body: &Value) -> Option<String> {
     std::iter::once(kind.describe().task_id_place)
         .chain(TASK_ID_PLACES)
@@ -167,7 +172,7 @@ pub fn callback_task_id(kind: Kind, body: &Value) -> Option<String> {
             holder.get(key)?.as_str()
         })
         .map(str::trim)
-        .filter(|id| crate::model::valid_task_id(id))
+        .filter(|id| !id.is_empty())
         .map(str::to_string)
 }
 
@@ -599,7 +604,12 @@ mod tests {
             Some("c".into())
         );
         assert_eq!(id(json!({"data": {"taskId": "d"}})), Some("d".into()));
-        assert_eq!(id(json!({"data": {"task_id": "../x"}})), None);
+        assert_eq!(id(json!({"data": {"task_id": "  "}})), None);
+        // Read as sent: `callback::parse_for` refuses an id that is not a safe name.
+        assert_eq!(
+            id(json!({"data": {"task_id": "../x"}})),
+            Some("../x".into())
+        );
         // A cover's own place is data.taskId.
         assert_eq!(
             callback_task_id(

@@ -416,6 +416,12 @@ async fn a_callback_on_another_kinds_route_is_refused() {
     assert_eq!(status, 409, "{text}");
     assert!(text.contains("is a wav task"), "{text}");
     assert_eq!(d.task("is-wav").unwrap(), before);
+    // A task id that is not a safe name is refused on every route (it would name a
+    // directory).
+    for bad in ["../x", "a/b", ""] {
+        let body = json!({"code": 200, "data": {"task_id": bad, "audioWavUrl": "https://x/a.wav"}});
+        assert_eq!(callback(&d, Kind::Wav, &body).await.0, 400, "{bad:?}");
+    }
     // A cover callback for it on /callbacks/cover: the same.
     let (status, _) = d
         .callback(&crate::harness::success_body(
