@@ -1007,7 +1007,7 @@ async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
         let dir = work.join(format!("coverd-{run}"));
         let (config, listen, metrics) = coverd_config(
             &dir,
-            "accept_unknown_tasks = true\n[kie]\nconfirm_callbacks = false\n[download]\n\
+            "[kie]\nconfirm_callbacks = false\n[download]\n\
              concurrency = 4\nallowed_hosts = []\nallow_http = true\nallow_private_networks = true\n",
         )?;
         let (mut coverd, _) = start_coverd(cli, &dir, &config, listen, metrics).await?;
