@@ -1231,29 +1231,30 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         tmp_at_kill = tmp_entries(&data_dir);
 
         let export = scratch.export().await;
-        let mut w = world.lock().unwrap();
-        w.stats.cycles += 1;
-        w.stats.kills += 1;
-        w.stats.parts_at_kill += parts;
-        w.stats.adopted += logs.matches(ADOPTED_LOG).count();
-        let unrecorded = match export {
-            Ok(tasks) => {
-                w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), false);
-                check_store(&mut w, &tasks, &data_dir, false)
-            }
-            Err(e) => {
-                w.violation(e);
-                0
-            }
-        };
-        w.stats.unrecorded_at_kill += unrecorded;
-        eprintln!(
-            "kill loop cycle {cycle}: SIGKILL after {delay:?} with {parts} partial downloads in tmp/ and {unrecorded} installed images not yet recorded; {} acks so far, {} steps cut, {:?} since start",
-            w.stats.acks,
-            w.stats.cut,
-            started.elapsed()
-        );
-        drop(w);
+        {
+            let mut w = world.lock().unwrap();
+            w.stats.cycles += 1;
+            w.stats.kills += 1;
+            w.stats.parts_at_kill += parts;
+            w.stats.adopted += logs.matches(ADOPTED_LOG).count();
+            let unrecorded = match export {
+                Ok(tasks) => {
+                    w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), false);
+                    check_store(&mut w, &tasks, &data_dir, false)
+                }
+                Err(e) => {
+                    w.violation(e);
+                    0
+                }
+            };
+            w.stats.unrecorded_at_kill += unrecorded;
+            eprintln!(
+                "kill loop cycle {cycle}: SIGKILL after {delay:?} with {parts} partial downloads in tmp/ and {unrecorded} installed images not yet recorded; {} acks so far, {} steps cut, {:?} since start",
+                w.stats.acks,
+                w.stats.cut,
+                started.elapsed()
+            );
+        }
         // Halfway, the store is left as the release before task kinds wrote it: every cover
         // record in the record format v2; the load goes on on top of it.
         if cycle == cycles / 2 {
