@@ -341,33 +341,33 @@ async fn failures_come_by_callback_and_by_details() {
 async fn details_override_a_forged_callback_and_expired_links_are_refreshed() {
     let fake = FakeKie::start().await;
     let d = Daemon::start(&fake, with_api).await;
-    let id = "forged-wav";
-    fake.kinds.add(Kind::Wav, id);
-    track(&d, id, Kind::Wav).await;
-    let (real, names) = case(&fake, Kind::Wav, "real");
-    let (forged, _) = case(&fake, Kind::Wav, "forged");
-    fake.kinds
-        .set_details(id, success_details(&fake, Kind::Wav, id, &real, "SUCCESS"));
-    // The real file's link has expired: 404 until refreshed (download-url answers
-    // `/fresh<path>`).
-    let real_path = real.items[0].0.clone();
-    fake.files.set(&real_path, Behaviour::Status(404));
-    fake.files.set(
-        &format!("/fresh{real_path}"),
-        Behaviour::Image(real.items[0].1.clone()),
-    );
-    let body = success_callback(&fake, Kind::Wav, id, &forged);
-    assert_eq!(callback(&d, Kind::Wav, &body).await.0, 200);
-    let t = d.wait_for(id, |t| t.state.is_finished()).await;
-    assert_eq!(
-        fake.files.hits(&forged.items[0].0),
-        0,
-        "a forged URL was fetched"
-    );
-    assert_eq!(t.images[0].url, real.url(&fake, 0));
-    assert!(t.images[0].refreshed_url.is_some(), "{t:#?}");
-    let stored = std::fs::read(d.dir.path().join(format!("files/{id}/{}", names[0]))).unwrap();
-    assert_eq!(stored, real.items[0].1.as_ref());
+    for kind in OTHER_KINDS {
+        let id = format!("forged-{}", kind.as_str());
+        fake.kinds.add(kind, &id);
+        track(&d, &id, kind).await;
+        let (real, names) = case(&fake, kind, "real");
+        let (forged, _) = case(&fake, kind, "forged");
+        fake.kinds
+            .set_details(&id, success_details(&fake, kind, &id, &real, "SUCCESS"));
+        // Every real link has expired: 404 until refreshed (download-url answers
+        // `/fresh<path>`).
+        for (path, bytes) in &real.items {
+            fake.files.set(path, Behaviour::Status(404));
+            fake.files
+                .set(&format!("/fresh{path}"), Behaviour::Image(bytes.clone()));
+        }
+        let body = success_callback(&fake, kind, &id, &forged);
+        assert_eq!(callback(&d, kind, &body).await.0, 200);
+        let t = d.wait_for(&id, |t| t.state.is_finished()).await;
+        for (path, _) in &forged.items {
+            assert_eq!(fake.files.hits(path), 0, "a forged URL was fetched: {path}");
+        }
+        for (i, img) in t.images.iter().enumerate() {
+            assert_eq!(img.url, real.url(&fake, i));
+            assert!(img.refreshed_url.is_some(), "{t:#?}");
+        }
+        assert_stored(&d, &t, &real, &names);
+    }
     d.stop().await;
 }
 
@@ -463,17 +463,22 @@ async fn notifications_name_the_kind() {
         c.notify.secret = Some(coverd::config::Secret::new(crate::notify::SECRET));
     })
     .await;
-    track(&d, "nv", Kind::Video).await;
-    let (files, _) = case(&fake, Kind::Video, "nv");
-    let body = success_callback(&fake, Kind::Video, "nv", &files);
-    assert_eq!(callback(&d, Kind::Video, &body).await.0, 200);
-    track(&d, "nm", Kind::Music).await;
-    assert_eq!(
-        callback(&d, Kind::Music, &failure_callback(Kind::Music, "nm"))
-            .await
-            .0,
-        200
-    );
+    let mut want = Vec::new();
+    for kind in OTHER_KINDS {
+        // Each kind once downloaded, once failed.
+        let ok = format!("n-ok-{}", kind.as_str());
+        track(&d, &ok, kind).await;
+        let (files, _) = case(&fake, kind, "notify");
+        let body = success_callback(&fake, kind, &ok, &files);
+        assert_eq!(callback(&d, kind, &body).await.0, 200);
+        want.push((format!("{}.downloaded", kind.as_str()), true));
+        let failed = format!("n-failed-{}", kind.as_str());
+        track(&d, &failed, kind).await;
+        let body = failure_callback(kind, &failed);
+        assert_eq!(callback(&d, kind, &body).await.0, 200);
+        want.push((format!("{}.failed", kind.as_str()), true));
+    }
+    want.sort();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let types = loop {
         let got = receiver.got();
@@ -485,18 +490,12 @@ async fn notifications_name_the_kind() {
             })
             .collect();
         types.sort();
-        if types.len() >= 2 || tokio::time::Instant::now() > deadline {
+        if types.len() >= want.len() || tokio::time::Instant::now() > deadline {
             break types;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(
-        types,
-        [
-            ("music.failed".to_string(), true),
-            ("video.downloaded".to_string(), true)
-        ]
-    );
+    assert_eq!(types, want);
     d.stop().await;
 }
 
@@ -740,6 +739,7 @@ async fn sigkill_mid_download_of_every_kind_resumes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     d.kill();
     let data = scratch.data_dir();
+    let parts_at_kill = tmp_entries(&data);
     // Whatever is at a final path is whole (it matches its bytes).
     for (_, want) in &expected {
         for (rel, bytes) in want {
@@ -756,10 +756,14 @@ async fn sigkill_mid_download_of_every_kind_resumes() {
         }
     }
     let d = scratch.serve().await;
-    assert!(
-        tmp_entries(&data).is_empty(),
-        "partial downloads left in tmp/"
-    );
+    // The partial downloads of the killed run are gone (the new run's own may be there).
+    for part in &parts_at_kill {
+        assert!(
+            !part.exists(),
+            "{} left in tmp/ after the restart",
+            part.display()
+        );
+    }
     wait_status(&scratch, "every task downloaded", |v| {
         v["tasks"]["downloaded"] == expected.len()
     })
