@@ -185,6 +185,8 @@ pub struct Fetcher {
     cfg: DownloadConfig,
     read_timeout: Duration,
     speed_window: Duration,
+    /// The free space a fetch must leave on the filesystem of its temporary directory.
+    free_space_reserve: u64,
 }
 
 impl Fetcher {
@@ -200,6 +202,7 @@ impl Fetcher {
             cfg: cfg.clone(),
             read_timeout: cfg.timeout,
             speed_window: SPEED_WINDOW,
+            free_space_reserve: FREE_SPACE_RESERVE,
         })
     }
 
@@ -211,6 +214,16 @@ impl Fetcher {
             read_timeout,
             ..self
         })
+    }
+
+    /// The free space a fetch must leave (tests on a small filesystem; the daemon keeps
+    /// [`FREE_SPACE_RESERVE`]).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn with_free_space_reserve(self, reserve: u64) -> Fetcher {
+        Fetcher {
+            free_space_reserve: reserve,
+            ..self
+        }
     }
 
     /// The same fetcher averaging the speed floor over another window (tests use a fraction
@@ -257,7 +270,7 @@ impl Fetcher {
         }
         if let Some(need) = expected
             && let Ok(free) = crate::dirsync::free_bytes(tmp_dir)
-            && need > free.saturating_sub(FREE_SPACE_RESERVE)
+            && need > free.saturating_sub(self.free_space_reserve)
         {
             return Err(FetchError::NoRoom { need, free });
         }

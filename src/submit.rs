@@ -146,22 +146,30 @@ pub struct Submitter<'a> {
     pub daemon_running: bool,
 }
 
+impl Submitter<'_> {
+    /// `public_url` and the KIE client, which every submit needs; else why not.
+    fn ready(&self) -> Result<(&str, &KieClient), SubmitError> {
+        let public_url = self.config.public_url.as_str();
+        if public_url.is_empty() {
+            return Err(SubmitError::Config(
+                "cannot submit: `public_url` is not set, so KIE would have nowhere to send the callback; set public_url in the config file".into(),
+            ));
+        }
+        let Some(kie) = self.kie else {
+            return Err(SubmitError::Config(
+                "cannot submit: no KIE API key; set kie.api_key, KIE_API_KEY, kie.api_key_file or the systemd credential kie-api-key".into(),
+            ));
+        };
+        Ok((public_url, kie))
+    }
+}
+
 /// Asks KIE for a cover of `music_task_id` unless one is already recorded.
 pub async fn submit(
     exec: &Submitter<'_>,
     music_task_id: &str,
 ) -> Result<(SubmitJson, String), SubmitError> {
-    let public_url = exec.config.public_url.as_str();
-    if public_url.is_empty() {
-        return Err(SubmitError::Config(
-            "cannot submit: `public_url` is not set, so KIE would have nowhere to send the callback; set public_url in the config file".into(),
-        ));
-    }
-    let Some(kie) = exec.kie else {
-        return Err(SubmitError::Config(
-            "cannot submit: no KIE API key; set kie.api_key, KIE_API_KEY, kie.api_key_file or the systemd credential kie-api-key".into(),
-        ));
-    };
+    let (public_url, kie) = exec.ready()?;
     let answer = |task_id: String, message: String| {
         Ok((
             SubmitJson {
@@ -240,17 +248,7 @@ pub async fn submit_kind(
     request: &KindRequest,
 ) -> Result<(SubmitJson, String), SubmitError> {
     let kind = request.check()?;
-    let public_url = exec.config.public_url.as_str();
-    if public_url.is_empty() {
-        return Err(SubmitError::Config(
-            "cannot submit: `public_url` is not set, so KIE would have nowhere to send the callback; set public_url in the config file".into(),
-        ));
-    }
-    let Some(kie) = exec.kie else {
-        return Err(SubmitError::Config(
-            "cannot submit: no KIE API key; set kie.api_key, KIE_API_KEY, kie.api_key_file or the systemd credential kie-api-key".into(),
-        ));
-    };
+    let (public_url, kie) = exec.ready()?;
     let key = request.key();
     let answer = |task_id: String, message: String| {
         Ok((

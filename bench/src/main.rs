@@ -790,8 +790,7 @@ async fn downloads(
         cli.runs,
         if global_sync { "sync" } else { "sync FILE..." }
     );
-    let (mut ratios, mut curl_s, mut coverd_s, mut hwms, mut cpus) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let mut runs = Vec::new();
     for run in 0..cli.runs {
         let urls: Vec<Vec<String>> = (0..tasks)
             .map(|t| {
@@ -801,38 +800,7 @@ async fn downloads(
             })
             .collect();
 
-        // Baseline: curl, 4 in parallel, into files, then fsync of every file and the dir.
-        let out = work.join(format!("curl-{run}"));
-        std::fs::create_dir_all(&out)?;
-        let mut cfg = std::fs::File::create(work.join("curl.cfg"))?;
-        let mut names = Vec::new();
-        for (n, url) in urls.iter().flatten().enumerate() {
-            let name = out.join(format!("{n}.png"));
-            writeln!(cfg, "url = \"{url}\"\noutput = \"{}\"", name.display())?;
-            names.push(name);
-        }
-        drop(cfg);
-        let started = Instant::now();
-        let status = Command::new("curl")
-            .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
-            .arg("--config")
-            .arg(work.join("curl.cfg"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("curl failed: {status}");
-        }
-        let mut sync = Command::new("sync");
-        if !global_sync {
-            sync.args(&names).arg(&out);
-        }
-        let status = sync.status()?;
-        if !status.success() {
-            bail!("sync failed: {status}");
-        }
-        let curl = started.elapsed();
-        std::fs::remove_dir_all(&out)?;
+        let curl = curl_baseline(&work, run, urls.iter().flatten(), global_sync)?;
 
         // coverd: success callbacks, then wait until every task is downloaded.
         let dir = work.join(format!("coverd-{run}"));
@@ -858,52 +826,139 @@ async fn downloads(
                 bail!("callback answered {status}");
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let done = metric(coverd.metrics, "coverd_tasks{state=\"downloaded\"}").await?;
-            if done as usize >= tasks {
-                break;
-            }
-            let failed = metric(coverd.metrics, "coverd_tasks{state=\"failed\"}").await?;
-            if failed > 0.0 || Instant::now() > deadline {
-                bail!("downloads failed or stalled; see {}", dir.display());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let took = started.elapsed();
-        let (_, hwm) = rss(coverd.proc.pid())?;
-        let cpu = cpu_seconds(coverd.proc.pid())?;
-        coverd.proc.stop()?;
+        let (took, hwm, cpu) = wait_downloaded(&mut coverd, tasks, started, &dir).await?;
         let stored = dir_bytes(&coverd.data_dir.join("images"))?;
         if stored != (tasks * per_task * image_bytes) as u64 {
             bail!("coverd stored {stored} bytes of images, expected more");
         }
         std::fs::remove_dir_all(&dir)?;
-        let ratio = curl.as_secs_f64() / took.as_secs_f64();
-        println!(
-            "run {run}: curl {:.2} s, coverd {:.2} s, speed ratio coverd/curl {ratio:.3}, \
-             coverd peak RSS {:.1} MiB, coverd CPU {cpu:.2} s",
-            curl.as_secs_f64(),
-            took.as_secs_f64(),
-            hwm as f64 / MIB
-        );
-        cpus.push(cpu);
-        ratios.push(ratio);
-        curl_s.push(curl.as_secs_f64());
-        coverd_s.push(took.as_secs_f64());
-        hwms.push(hwm as f64 / MIB);
+        runs.push(DownloadRun {
+            curl,
+            coverd: took,
+            hwm,
+            cpu,
+        });
+        runs.last().expect("just pushed").print(run);
     }
-    println!("\nsummary:");
-    println!("  curl seconds          {}", summary(&mut curl_s, 2));
-    println!("  coverd seconds        {}", summary(&mut coverd_s, 2));
-    println!(
-        "  ratio (curl time / coverd time)  {}",
-        summary(&mut ratios, 3)
-    );
-    println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
-    println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+    DownloadRun::summarize(&runs);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Curl's side of a downloads run: `urls` fetched 4 at a time into files, then an fsync of
+/// every file and the directory (`sync FILE…`), or a plain `sync`; how long that took.
+fn curl_baseline<'a>(
+    work: &Path,
+    run: usize,
+    urls: impl Iterator<Item = &'a String>,
+    global_sync: bool,
+) -> anyhow::Result<Duration> {
+    let out = work.join(format!("curl-{run}"));
+    std::fs::create_dir_all(&out)?;
+    let mut cfg = std::fs::File::create(work.join("curl.cfg"))?;
+    let mut names = Vec::new();
+    for (n, url) in urls.enumerate() {
+        let name = out.join(format!("{n}"));
+        writeln!(cfg, "url = \"{url}\"\noutput = \"{}\"", name.display())?;
+        names.push(name);
+    }
+    drop(cfg);
+    let started = Instant::now();
+    let status = Command::new("curl")
+        .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
+        .arg("--config")
+        .arg(work.join("curl.cfg"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("curl failed: {status}");
+    }
+    let mut sync = Command::new("sync");
+    if !global_sync {
+        sync.args(&names).arg(&out);
+    }
+    let status = sync.status()?;
+    if !status.success() {
+        bail!("sync failed: {status}");
+    }
+    let took = started.elapsed();
+    std::fs::remove_dir_all(&out)?;
+    Ok(took)
+}
+
+/// Waits until `tasks` tasks are downloaded (a failed one, or 600 s, is an error), then
+/// stops coverd; how long since `started`, its peak RSS and its CPU seconds.
+async fn wait_downloaded(
+    coverd: &mut Coverd,
+    tasks: usize,
+    started: Instant,
+    dir: &Path,
+) -> anyhow::Result<(Duration, u64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = metric(coverd.metrics, "coverd_tasks{state=\"downloaded\"}").await?;
+        if done as usize >= tasks {
+            break;
+        }
+        let failed = metric(coverd.metrics, "coverd_tasks{state=\"failed\"}").await?;
+        if failed > 0.0 || Instant::now() > deadline {
+            bail!("downloads failed or stalled; see {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    let (_, hwm) = rss(coverd.proc.pid())?;
+    let cpu = cpu_seconds(coverd.proc.pid())?;
+    coverd.proc.stop()?;
+    Ok((took, hwm, cpu))
+}
+
+/// One run of a downloads benchmark.
+struct DownloadRun {
+    curl: Duration,
+    coverd: Duration,
+    /// coverd's peak RSS, bytes.
+    hwm: u64,
+    cpu: f64,
+}
+
+impl DownloadRun {
+    fn ratio(&self) -> f64 {
+        self.curl.as_secs_f64() / self.coverd.as_secs_f64()
+    }
+
+    fn print(&self, run: usize) {
+        println!(
+            "run {run}: curl {:.2} s, coverd {:.2} s, speed ratio coverd/curl {:.3}, \
+             coverd peak RSS {:.1} MiB, coverd CPU {:.2} s",
+            self.curl.as_secs_f64(),
+            self.coverd.as_secs_f64(),
+            self.ratio(),
+            self.hwm as f64 / MIB,
+            self.cpu
+        );
+    }
+
+    fn summarize(runs: &[DownloadRun]) {
+        let of = |f: &dyn Fn(&DownloadRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        let (mut curl, mut coverd, mut ratios, mut hwms, mut cpus) = (
+            of(&|r| r.curl.as_secs_f64()),
+            of(&|r| r.coverd.as_secs_f64()),
+            of(&|r| r.ratio()),
+            of(&|r| r.hwm as f64 / MIB),
+            of(&|r| r.cpu),
+        );
+        println!("\nsummary:");
+        println!("  curl seconds          {}", summary(&mut curl, 2));
+        println!("  coverd seconds        {}", summary(&mut coverd, 2));
+        println!(
+            "  ratio (curl time / coverd time)  {}",
+            summary(&mut ratios, 3)
+        );
+        println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
+        println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+    }
 }
 
 /// The mixed-kind downloads (issue 18): per run, 4 music tasks of 2 tracks (an MP3 of 5 MiB
@@ -937,8 +992,7 @@ async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
         cli.runs,
         if global_sync { "sync" } else { "sync FILE..." }
     );
-    let (mut ratios, mut curl_s, mut coverd_s, mut hwms, mut cpus) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let mut runs = Vec::new();
     for run in 0..cli.runs {
         let url = |kind: &str, name: String| format!("http://{files}/mix/{kind}/{run}-{name}");
         // (route, task id, callback body, its URLs)
@@ -972,37 +1026,7 @@ async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
         let body = serde_json::json!({"code": 200, "data": {"task_id": id, "video_url": mp4}});
         tasks.push(("video", id, body.to_string(), vec![mp4]));
 
-        // Baseline: curl, 4 in parallel, into files, then fsync of every file and the dir.
-        let out = work.join(format!("curl-{run}"));
-        std::fs::create_dir_all(&out)?;
-        let mut cfg = std::fs::File::create(work.join("curl.cfg"))?;
-        let mut names = Vec::new();
-        for (n, url) in tasks.iter().flat_map(|t| &t.3).enumerate() {
-            let name = out.join(format!("{n}"));
-            writeln!(cfg, "url = \"{url}\"\noutput = \"{}\"", name.display())?;
-            names.push(name);
-        }
-        drop(cfg);
-        let started = Instant::now();
-        let status = Command::new("curl")
-            .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
-            .arg("--config")
-            .arg(work.join("curl.cfg"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if !status.success() {
-            bail!("curl failed: {status}");
-        }
-        let mut sync = Command::new("sync");
-        if !global_sync {
-            sync.args(&names).arg(&out);
-        }
-        if !sync.status()?.success() {
-            bail!("sync failed");
-        }
-        let curl = started.elapsed();
-        std::fs::remove_dir_all(&out)?;
+        let curl = curl_baseline(&work, run, tasks.iter().flat_map(|t| &t.3), global_sync)?;
 
         let dir = work.join(format!("coverd-{run}"));
         let (config, listen, metrics) = coverd_config(
@@ -1021,50 +1045,21 @@ async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
                 bail!("callback on /callbacks/{route} answered {status}");
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let done = metric(coverd.metrics, "coverd_tasks{state=\"downloaded\"}").await?;
-            if done as usize >= tasks.len() {
-                break;
-            }
-            let failed = metric(coverd.metrics, "coverd_tasks{state=\"failed\"}").await?;
-            if failed > 0.0 || Instant::now() > deadline {
-                bail!("downloads failed or stalled; see {}", dir.display());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let took = started.elapsed();
-        let (_, hwm) = rss(coverd.proc.pid())?;
-        let cpu = cpu_seconds(coverd.proc.pid())?;
-        coverd.proc.stop()?;
+        let (took, hwm, cpu) = wait_downloaded(&mut coverd, tasks.len(), started, &dir).await?;
         let stored = dir_bytes(&coverd.data_dir.join("files"))?;
         if stored != total_bytes as u64 {
             bail!("coverd stored {stored} bytes of files, expected {total_bytes}");
         }
         std::fs::remove_dir_all(&dir)?;
-        let ratio = curl.as_secs_f64() / took.as_secs_f64();
-        println!(
-            "run {run}: curl {:.2} s, coverd {:.2} s, speed ratio coverd/curl {ratio:.3}, \
-             coverd peak RSS {:.1} MiB, coverd CPU {cpu:.2} s",
-            curl.as_secs_f64(),
-            took.as_secs_f64(),
-            hwm as f64 / MIB
-        );
-        cpus.push(cpu);
-        ratios.push(ratio);
-        curl_s.push(curl.as_secs_f64());
-        coverd_s.push(took.as_secs_f64());
-        hwms.push(hwm as f64 / MIB);
+        runs.push(DownloadRun {
+            curl,
+            coverd: took,
+            hwm,
+            cpu,
+        });
+        runs.last().expect("just pushed").print(run);
     }
-    println!("\nsummary:");
-    println!("  curl seconds          {}", summary(&mut curl_s, 2));
-    println!("  coverd seconds        {}", summary(&mut coverd_s, 2));
-    println!(
-        "  ratio (curl time / coverd time)  {}",
-        summary(&mut ratios, 3)
-    );
-    println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
-    println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+    DownloadRun::summarize(&runs);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

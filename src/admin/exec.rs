@@ -325,24 +325,12 @@ impl Exec {
             }
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
-                let submitter = Submitter {
-                    store: &self.store,
-                    kie: self.kie.as_deref(),
-                    config: &self.config,
-                    wake: &self.wake,
-                    daemon_running: self.daemon_running,
-                };
+                let submitter = self.submitter();
                 let (submitted, message) = submit::submit(&submitter, &music_task_id).await?;
                 Reply::Submitted { submitted, message }
             }
             Request::SubmitKind { request } => {
-                let submitter = Submitter {
-                    store: &self.store,
-                    kie: self.kie.as_deref(),
-                    config: &self.config,
-                    wake: &self.wake,
-                    daemon_running: self.daemon_running,
-                };
+                let submitter = self.submitter();
                 let (submitted, message) = submit::submit_kind(&submitter, &request).await?;
                 Reply::Submitted { submitted, message }
             }
@@ -402,6 +390,17 @@ impl Exec {
             }
         };
         Ok(reply)
+    }
+
+    /// What a submit of this process needs: its store, KIE client, configuration and loops.
+    fn submitter(&self) -> Submitter<'_> {
+        Submitter {
+            store: &self.store,
+            kie: self.kie.as_deref(),
+            config: &self.config,
+            wake: &self.wake,
+            daemon_running: self.daemon_running,
+        }
     }
 
     /// Applies one event and makes it durable; wakes the daemon's loops.

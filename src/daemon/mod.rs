@@ -63,6 +63,11 @@ pub struct Hooks {
     /// `testing` feature.
     #[cfg(any(test, feature = "testing"))]
     pub faults: Option<Arc<Faults>>,
+    /// The free space a fetch must leave (default `fetch::FREE_SPACE_RESERVE`, 1 GiB); a
+    /// test on a small filesystem sets 0 to reach the full-disk path itself. Only with the
+    /// `testing` feature.
+    #[cfg(any(test, feature = "testing"))]
+    pub free_space_reserve: Option<u64>,
 }
 
 /// A started daemon.
@@ -242,6 +247,11 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         what: "the download client",
         reason: e.to_string(),
     })?;
+    #[cfg(any(test, feature = "testing"))]
+    let fetcher = match hooks.free_space_reserve {
+        Some(reserve) => fetcher.with_free_space_reserve(reserve),
+        None => fetcher,
+    };
 
     // From here on the start goes through: the directory stays.
     created.keep();
