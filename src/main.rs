@@ -92,13 +92,17 @@ enum Command {
     Man,
     /// Ask KIE for a task and keep its files; prints the new task id.
     ///
-    /// `submit MUSIC_TASK_ID` (or `submit cover MUSIC_TASK_ID`): a cover of a finished song.
-    /// `submit music ENDPOINT REQUEST_JSON`: a song (ENDPOINT generate, extend, upload-cover,
-    /// upload-extend, add-instrumental, add-vocals, replace-section or mashup; REQUEST_JSON
-    /// KIE's request body, a file or - for stdin; coverd adds callBackUrl).
-    /// `submit wav|video|stems MUSIC_TASK_ID AUDIO_ID`: a WAV, a music video or stems of one
-    /// track. Only a cover's request is ever sent twice: for the others an unknown outcome
-    /// stays an intent (`coverd admin intents`) and the command exits 1.
+    /// submit MUSIC_TASK_ID, or submit cover MUSIC_TASK_ID: a cover of a finished song.
+    ///
+    /// submit music ENDPOINT REQUEST_JSON: a song. ENDPOINT is generate, extend,
+    /// upload-cover, upload-extend, add-instrumental, add-vocals, replace-section or mashup;
+    /// REQUEST_JSON is KIE's request body, a file or - for stdin (coverd adds callBackUrl).
+    ///
+    /// submit wav|video|stems MUSIC_TASK_ID AUDIO_ID: a WAV, a music video or the stems of one
+    /// track (AUDIO_ID: the track's id, `audio_id` in `coverd admin show`).
+    ///
+    /// Only a cover's request is ever sent twice: for the other kinds a request whose outcome
+    /// is unknown stays an intent (`coverd admin intents`) and the command exits 1.
     Submit {
         /// [KIND] and its arguments (see above).
         #[arg(value_name = "ARGS", num_args = 1..=3, required = true)]
