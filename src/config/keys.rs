@@ -19,6 +19,16 @@ use super::{
     ENV_WEBHOOK_HMAC_KEY,
 };
 
+/// A duration key's value, at least the minimum declared in [`KEYS`].
+fn duration(key: &str, value: String) -> Result<Duration, ConfigError> {
+    values::duration_at_least(key, value, duration_min(key))
+}
+
+/// An integer key's value, within the bounds declared in [`KEYS`].
+fn int_in<T: TryFrom<i64>>(key: &str, value: i64) -> Result<T, ConfigError> {
+    values::int_between(key, value, int_bounds(key))
+}
+
 /// What kind of value a key takes in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -29,8 +39,8 @@ pub enum Kind {
     StrList,
 }
 
-/// The range a value must lie in; checked by the kind's parser (`values::int_in`,
-/// `values::duration`) and printed in the docs table.
+/// The range a value must lie in; checked by the kind's parser ([`int_in`], [`duration`])
+/// and printed in the docs table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bounds {
     None,
@@ -173,8 +183,8 @@ macro_rules! key {
     // The parser of a kind, for keys that declare none (a `Str` or `StrList` key with a
     // field names its own: there is no check every string could share).
     (@parser Bool) => { values::boolean };
-    (@parser Int) => { values::int_in };
-    (@parser Duration) => { values::duration };
+    (@parser Int) => { int_in };
+    (@parser Duration) => { duration };
 
     // No field of its own, or a secret: read by the secret step.
     (@apply $c:ident, $src:ident, $v:expr, $name:expr, $env:expr, $kind:ident,

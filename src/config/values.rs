@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{ConfigError, SECRET_SHOWN, Secret, invalid, keys};
+use super::{ConfigError, SECRET_SHOWN, Secret, invalid};
 
 /// KIE's API base URL, validated once when the config is read: an http(s) URL with a host,
 /// no query or fragment, without trailing slash, e.g. `https://api.kie.ai`.
@@ -272,9 +272,12 @@ pub(super) fn http_url(key: &str, value: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_string())
 }
 
-/// A duration key's value; at least the minimum declared in [`keys::KEYS`].
-pub(super) fn duration(key: &str, value: String) -> Result<Duration, ConfigError> {
-    let min = keys::duration_min(key);
+/// A duration key's value, at least `min` (the key's declared minimum: `keys` passes it).
+pub(super) fn duration_at_least(
+    key: &str,
+    value: String,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
     let parsed = humantime::parse_duration(&value).map_err(|_| {
         invalid(
             key,
@@ -293,12 +296,16 @@ pub(super) fn duration(key: &str, value: String) -> Result<Duration, ConfigError
     Ok(parsed)
 }
 
-/// An integer key's value; within the bounds declared in [`keys::KEYS`].
-pub(super) fn int_in<T>(key: &str, value: i64) -> Result<T, ConfigError>
+/// An integer key's value, within `min..=max` (the key's declared bounds: `keys` passes
+/// them).
+pub(super) fn int_between<T>(
+    key: &str,
+    value: i64,
+    (min, max): (i64, i64),
+) -> Result<T, ConfigError>
 where
     T: TryFrom<i64>,
 {
-    let (min, max) = keys::int_bounds(key);
     let reason = if max == i64::MAX {
         format!("must be at least {min}")
     } else {

@@ -5,45 +5,8 @@
 //! decide what an intent becomes (`submit` does).
 
 use super::error::StoreError;
-use super::{Store, codec};
-use crate::model::{Kind, Millis};
-
-/// Where a submission of a kind other than cover stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IntentState {
-    /// Recorded; the create request is being sent (or was, by a process that stopped before
-    /// it knew the answer: then the outcome is unknown too).
-    Sending,
-    /// The create request's outcome is unknown (timeout, connection lost after sending, a
-    /// 5xx): never sent again, listed by `admin intents` until dropped.
-    Unknown,
-    /// KIE made the task (`task_id`), and it is recorded: a repeat answers it.
-    Done,
-}
-
-impl IntentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IntentState::Sending | IntentState::Unknown => "unknown",
-            IntentState::Done => "done",
-        }
-    }
-}
-
-/// A submission of a kind other than cover (`submit wav|video|stems|music`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KindIntent {
-    /// `<kind>/<music task id>/<audio id>`, or for music `music/<hash of the request>`.
-    pub key: String,
-    pub kind: Kind,
-    pub music_task_id: Option<String>,
-    pub audio_id: Option<String>,
-    pub recorded_at: Millis,
-    pub state: IntentState,
-    pub task_id: Option<String>,
-    /// What is known of the outcome (KIE's error, when unknown).
-    pub detail: String,
-}
+use super::{IntentState, KindIntent, Store, codec};
+use crate::model::Millis;
 
 impl Store {
     /// The cover task recorded for a music task, if any.

@@ -94,11 +94,10 @@ mod writer;
 
 pub use copy::TaskCopy;
 pub use error::{StoreError, describe, describe_io};
-pub use intent::{IntentState, KindIntent};
 pub use list::RECENT_TASKS;
 pub use migrate::MIGRATION_PROGRESS_EVERY;
 pub use open::UNFINISHED_RESTORE;
-pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK, Parked};
+pub use parked::{MAX_PARKED, MAX_PARKED_PER_TASK};
 pub use stats::{MAX_QUARANTINED_SHOWN, StatsCheck, StatsVerdict};
 pub use writer::StoreThread;
 #[cfg(any(test, feature = "testing"))]
@@ -141,6 +140,59 @@ pub enum Scanned {
 pub enum IfMissing {
     Create,
     Reject,
+}
+
+/// One delivery kept aside (`store::parked`): here, beside the store's other public types,
+/// so that `codec` (which writes it) and `parked` (which keeps it) both look up to it
+/// rather than at each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// Its key in the `parked` tree (task id, 0x00, arrival order); seen only inside `store`.
+    key: Vec<u8>,
+    pub task_id: String,
+    /// The task kind of the route it came on (`cover`, `music`, …).
+    pub route: String,
+    pub received_at: crate::model::Millis,
+    /// The body exactly as it arrived.
+    pub body: Vec<u8>,
+}
+
+/// Where a submission of a kind other than cover stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntentState {
+    /// Recorded; the create request is being sent (or was, by a process that stopped before
+    /// it knew the answer: then the outcome is unknown too).
+    Sending,
+    /// The create request's outcome is unknown (timeout, connection lost after sending, a
+    /// 5xx): never sent again, listed by `admin intents` until dropped.
+    Unknown,
+    /// KIE made the task (`task_id`), and it is recorded: a repeat answers it.
+    Done,
+}
+
+impl IntentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntentState::Sending | IntentState::Unknown => "unknown",
+            IntentState::Done => "done",
+        }
+    }
+}
+
+/// A submission of a kind other than cover (`submit wav|video|stems|music`; kept by
+/// `store::intent`, written by `codec`: here so that neither looks at the other for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindIntent {
+    /// `<kind>/<music task id>/<audio id>`, or for music `music/<hash of the request>`.
+    pub key: String,
+    pub kind: crate::model::Kind,
+    pub music_task_id: Option<String>,
+    pub audio_id: Option<String>,
+    pub recorded_at: crate::model::Millis,
+    pub state: IntentState,
+    pub task_id: Option<String>,
+    /// What is known of the outcome (KIE's error, when unknown).
+    pub detail: String,
 }
 
 /// The result of one atomic update.

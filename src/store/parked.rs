@@ -7,7 +7,7 @@
 //!
 //! Key: task id, 0x00, sled id (u64, big-endian: arrival order) → `StoredParked`.
 
-use super::{Store, StoreError, codec};
+use super::{Parked, Store, StoreError, codec};
 use crate::model::Millis;
 
 /// Deliveries kept aside per task: KIE sends a task's callback a few times at most (its
@@ -15,19 +15,6 @@ use crate::model::Millis;
 pub const MAX_PARKED_PER_TASK: usize = 16;
 /// Deliveries kept aside in all (64 KiB each at most: 256 MiB on disk at the very worst).
 pub const MAX_PARKED: usize = 4096;
-
-/// One delivery kept aside.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Parked {
-    /// Its key in the `parked` tree (task id, 0x00, arrival order).
-    pub(super) key: Vec<u8>,
-    pub task_id: String,
-    /// The task kind of the route it came on (`cover`).
-    pub route: String,
-    pub received_at: Millis,
-    /// The body exactly as it arrived.
-    pub body: Vec<u8>,
-}
 
 fn prefix(task_id: &str) -> Vec<u8> {
     let mut key = task_id.as_bytes().to_vec();

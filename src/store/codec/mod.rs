@@ -12,7 +12,7 @@
 //!   `model`: a frozen type is never edited, its integers are spelled out (`i64`, not
 //!   `Millis`), and it converts to and from the domain type with an exhaustive destructuring
 //!   or `match` (no `..`, no `_`). A field or variant added to `model::Task` (or to what it
-//!   holds, or to `Notification`, or to `parked::Parked`) is therefore a compile error here;
+//!   holds, or to `Notification`, or to `store::Parked`) is therefore a compile error here;
 //!   the fix is a new version: new frozen types (copies of the old ones with the change),
 //!   a new envelope variant that holds them (`StoredTask::V3`), the encoder writing it,
 //!   the decoder reading every variant, a constant bumped, and a fixture written by the
@@ -58,7 +58,7 @@ use std::borrow::Cow;
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
-use super::parked::Parked;
+use super::Parked;
 use crate::model::{EventRecord, Millis, Notification, Task};
 
 mod v1;

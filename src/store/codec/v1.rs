@@ -14,7 +14,7 @@ use crate::model::{
     EventKind, EventRecord, Failure, Image, ImageState, Notification, NotifyState, NotifyType,
     Source, State, Task,
 };
-use crate::store::parked::Parked;
+use crate::store::Parked;
 
 /// A task as `StoredTask::V1` and `V2` hold it (the shape of `model::Task` in 0.1.0).
 #[derive(Serialize, Deserialize)]
