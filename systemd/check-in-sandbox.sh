@@ -69,6 +69,10 @@ callback() { # callback JSON [TASK_ID_TO_SIGN] -> "BODY STATUS"
   sbx curl -sS -w ' %{http_code}' -H 'content-type: application/json' "${hdr[@]}" \
     -d "$1" http://127.0.0.1:8787/callbacks/cover
 }
+callback_on() { # callback_on KIND BODY: an unsigned callback on /callbacks/KIND
+  sbx curl -sS -w ' %{http_code}' -H 'content-type: application/json' \
+    -d "$2" "http://127.0.0.1:8787/callbacks/$1"
+}
 admin() { sbx /usr/local/bin/coverd admin "$@" --data-dir /var/lib/coverd; }
 # What docs/operations.md tells operators to use when the daemon may be stopped.
 admin_as_service() {
@@ -378,12 +382,16 @@ wait_active || fail "not active"
 journal | grep "coverd is ready" | grep "metrics http://127.0.0.1:9187/metrics" || fail "the ready line does not name the metrics address"
 callback '{"code":200,"msg":"success","data":{"taskId":"chk-met-1","images":["https://tempfile.aiquickdraw.com/s/m.png"]}}' >/dev/null
 m=$(sbx curl -sS http://127.0.0.1:9187/metrics)
-for name in 'coverd_build_info{version=' 'coverd_callbacks_total{answer="200"}' 'coverd_callback_ack_seconds_count' \
+for name in 'coverd_build_info{version=' 'coverd_callbacks_total{kind="cover",answer="200"}' 'coverd_callback_ack_seconds_count' \
+  'coverd_file_fetches_total{kind="wav",result="stored"}' \
   'coverd_tasks{state="received"}' 'coverd_queue_tasks{queue="downloads"}' 'coverd_oldest_unfinished_seconds' \
   process_resident_memory_bytes process_open_fds process_cpu_seconds_total process_start_time_seconds; do
   line=$(grep -F "$name" <<<"$m" | grep -v '^#' | head -1)
   [[ -n $line ]] && ok "$line" || fail "no $name in /metrics"
 done
+# statvfs(2) under the system-call filter: the data directory's free space is read.
+free=$(grep '^coverd_disk_free_bytes ' <<<"$m" | awk '{print $2}')
+[[ ${free:-0} != 0 ]] && ok "coverd_disk_free_bytes $free" || fail "coverd_disk_free_bytes is 0 or missing: statvfs refused?"
 alive
 
 step "outbound HTTP under the hardening (DNS + connect to the Debian mirror)"
@@ -398,6 +406,13 @@ err=$(admin show chk-net-1 --json | json_field '["images"][0]["error"]')
 echo "   image error: $err"
 [[ $err == "not an image"* ]] && ok "coverd resolved, connected and read the body (a Release file is no image)" ||
   fail "outbound fetch did not reach the mirror"
+# Another kind on its own route (issue 18): the same file fetched as a WAV, refused as one.
+callback_on wav "{\"code\":200,\"msg\":\"success\",\"data\":{\"task_id\":\"chk-net-2\",\"audioWavUrl\":\"$url\"}}" >/dev/null
+sleep 4
+err=$(admin show chk-net-2 --json | json_field '["files"][0]["error"]')
+echo "   wav file error: $err"
+[[ $err == "not a WAV"* ]] && ok "a wav task on /callbacks/wav fetched its file under the hardening (a Release file is no WAV)" ||
+  fail "the wav task's fetch did not reach the mirror"
 alive
 sbx sh -c 'printf "accept_unknown_tasks = true\n" >/etc/coverd/coverd.toml'
 
