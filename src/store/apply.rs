@@ -275,7 +275,10 @@ fn apply_one(
     trees
         .indexes()
         .derive_into(task_id, old, Some(&task), &mut batch.counts)?;
+    // `by_music` maps a song to its cover: a WAV, video or stems task of the same song
+    // (which carries its music task id too) is not its cover.
     if let Some(music) = &task.music_task_id
+        && task.kind == crate::model::Kind::Cover
         && old.and_then(|t| t.music_task_id.as_ref()) != Some(music)
     {
         trees

@@ -301,7 +301,9 @@ impl Store {
                     None => None,
                 };
                 indexes.derive(id, old.as_ref(), Some(task))?;
-                if let Some(music) = &task.music_task_id {
+                if let Some(music) = &task.music_task_id
+                    && task.kind == crate::model::Kind::Cover
+                {
                     trees.by_music.insert(music.as_bytes(), id.as_bytes())?;
                 }
                 for (k, v) in &copy.events {

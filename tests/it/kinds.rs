@@ -986,6 +986,13 @@ async fn verify_retry_backup_restore_and_prune_cover_every_kind() {
     let verify = json_of(&rcfg, Request::Verify).await;
     assert_eq!(verify["ok"].as_u64(), Some(stored as u64), "{verify:#}");
     assert!(rcfg.data_dir.join("files/ops-video/video.mp4").is_file());
+    // The song the WAV, video and stems were made from has no cover: restore's derived
+    // index maps a song to its cover only.
+    {
+        let store = coverd::store::Store::open(&rcfg.data_dir).unwrap();
+        assert_eq!(store.task_for_music("music-1").unwrap(), None);
+        store.close().await.unwrap();
+    }
     // Prune forgets them all, with their directories under files/.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let pruned = json_of(
