@@ -269,17 +269,6 @@ pub async fn submit_kind(
             kind.as_str()
         )
     };
-    match exec.store.kind_intent(&key)? {
-        Some(i) if i.state == IntentState::Done => {
-            let task_id = i.task_id.unwrap_or_default();
-            return answer(
-                task_id.clone(),
-                format!("{key} was already submitted: task {task_id}; not asking KIE again"),
-            );
-        }
-        Some(i) => return Err(SubmitError::Failed(unknown_help(&i.detail))),
-        None => {}
-    }
     let mut intent = KindIntent {
         key: key.clone(),
         kind,
@@ -290,7 +279,18 @@ pub async fn submit_kind(
         task_id: None,
         detail: "sent; no answer recorded (the process stopped?)".into(),
     };
-    exec.store.put_kind_intent(&intent)?;
+    // Recorded only if no submit of the same request did so before (or does so now).
+    match exec.store.claim_kind_intent(&intent)? {
+        Some(i) if i.state == IntentState::Done => {
+            let task_id = i.task_id.unwrap_or_default();
+            return answer(
+                task_id.clone(),
+                format!("{key} was already submitted: task {task_id}; not asking KIE again"),
+            );
+        }
+        Some(i) => return Err(SubmitError::Failed(unknown_help(&i.detail))),
+        None => {}
+    }
     exec.store.flush().await?;
     let mut body = request.body.clone();
     if let Some(obj) = body.as_object_mut() {

@@ -86,6 +86,28 @@ impl Store {
         Ok(())
     }
 
+    /// Records `intent` unless one is already stored under its key, atomically (two submits
+    /// of the same request at once: one sends it, the other finds the first's intent).
+    /// Returns the intent already there, if any; durable after the next flush.
+    pub fn claim_kind_intent(&self, intent: &KindIntent) -> Result<Option<KindIntent>, StoreError> {
+        let bytes = codec::encode_kind_intent(intent).map_err(|e| StoreError::Corrupt {
+            what: format!("intent {}", intent.key),
+            reason: e.to_string(),
+        })?;
+        match self.inner.kind_intents.compare_and_swap(
+            intent.key.as_bytes(),
+            None::<&[u8]>,
+            Some(bytes),
+        )? {
+            Ok(()) => Ok(None),
+            Err(e) => match e.current {
+                Some(current) => decode_kind_intent(&intent.key, &current).map(Some),
+                // Removed between the look and the swap: nothing was there to keep.
+                None => Ok(None),
+            },
+        }
+    }
+
     /// Forgets an intent; whether there was one.
     pub fn drop_kind_intent(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.inner.kind_intents.remove(key.as_bytes())?.is_some())

@@ -1066,3 +1066,41 @@ async fn music_stages_in_any_order_change_nothing() {
     assert_stored(&d, &t, &files, &names);
     d.stop().await;
 }
+
+/// Two submits of the same request at once send it once: the intent is claimed atomically,
+/// so the second finds the first's (done: the same task; still sending: an unknown outcome).
+#[tokio::test]
+async fn concurrent_submits_of_one_request_send_it_once() {
+    let fake = FakeKie::start().await;
+    let d = Daemon::start(&fake, with_api).await;
+    for round in 0..5 {
+        let music = format!("mc{round}");
+        let req = || {
+            kind_request(
+                Kind::Wav,
+                &music,
+                "a1",
+                json!({"taskId": music, "audioId": "a1"}),
+            )
+        };
+        let (a, b) = tokio::join!(
+            coverd::admin::run(d.config.clone(), req()),
+            coverd::admin::run(d.config.clone(), req())
+        );
+        let ok = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert!(ok >= 1, "{a:?} {b:?}");
+        for r in [&a, &b] {
+            if let Err(e) = r {
+                assert!(e.message.contains("unknown"), "{}", e.message);
+            }
+        }
+        let creates = fake
+            .kinds
+            .creates()
+            .iter()
+            .filter(|(_, body)| body["taskId"] == music.as_str())
+            .count();
+        assert_eq!(creates, 1, "round {round}: {a:?} {b:?}");
+    }
+    d.stop().await;
+}
