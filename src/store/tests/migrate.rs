@@ -241,7 +241,8 @@ fn a_schema_1_record_with_a_huge_history_is_migrated_trimmed() {
             .unwrap();
         db.flush().unwrap();
     }
-    writer::wait_for_lock_release(&dir.path().join("db"), LOCK_RELEASE_LIMIT);
+    // sled's lock is its file `db/db`, not the directory `db`.
+    writer::wait_for_lock_release(&dir.path().join("db").join("db"), LOCK_RELEASE_LIMIT);
 
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(schema_of(&store), SCHEMA_VERSION);
@@ -331,7 +332,8 @@ fn foreign_and_newer_databases_are_refused() {
     }
     // sled's I/O threads let go of the lock a moment after the handle: wait, or the
     // open below may find the directory locked rather than foreign.
-    writer::wait_for_lock_release(&dir.path().join("db"), LOCK_RELEASE_LIMIT);
+    // sled's lock is its file `db/db`, not the directory `db`.
+    writer::wait_for_lock_release(&dir.path().join("db").join("db"), LOCK_RELEASE_LIMIT);
     assert!(matches!(
         Store::open(dir.path()),
         Err(StoreError::Foreign { .. })
