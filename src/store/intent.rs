@@ -65,15 +65,6 @@ impl Store {
             .collect()
     }
 
-    /// The intent of a kind other than cover under `key`; an undecodable one is an error.
-    pub fn kind_intent(&self, key: &str) -> Result<Option<KindIntent>, StoreError> {
-        self.inner
-            .kind_intents
-            .get(key.as_bytes())?
-            .map(|v| decode_kind_intent(key, &v))
-            .transpose()
-    }
-
     /// Writes (or replaces) an intent; durable after the next flush.
     pub fn put_kind_intent(&self, intent: &KindIntent) -> Result<(), StoreError> {
         let bytes = codec::encode_kind_intent(intent).map_err(|e| StoreError::Corrupt {
