@@ -36,10 +36,7 @@ const NAMES: Names = Names {
 /// After the disk was full writing an image, downloads wait this long before trying again
 /// (no attempt is counted: the disk's fault is not the image's).
 const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
-/// Where complete cover images live, relative to the data directory.
-pub const IMAGES_DIR: &str = "images";
-/// Where the complete files of the other kinds live, relative to the data directory.
-pub const FILES_DIR: &str = "files";
+pub use crate::kind::{FILES_DIR, IMAGES_DIR};
 /// Both, for what goes over every stored file.
 pub const STORED_DIRS: [&str; 2] = [IMAGES_DIR, FILES_DIR];
 

@@ -10,6 +10,11 @@
 
 pub mod read;
 
+/// Where complete cover images live, relative to the data directory.
+pub const IMAGES_DIR: &str = "images";
+/// Where the complete files of the other kinds live, relative to the data directory.
+pub const FILES_DIR: &str = "files";
+
 /// Longest file URL a task holds (`model` re-exports it as the task's limit).
 pub const MAX_URL_BYTES: usize = 4096;
 
@@ -65,7 +70,7 @@ const COVER: Description = Description {
     task_id_place: (Some("data"), "taskId"),
     staged: false,
     resend_unknown_create: true,
-    dir: "images",
+    dir: IMAGES_DIR,
 };
 
 const MUSIC: Description = Description {
@@ -84,7 +89,7 @@ const MUSIC: Description = Description {
     task_id_place: (Some("data"), "task_id"),
     staged: true,
     resend_unknown_create: false,
-    dir: "files",
+    dir: FILES_DIR,
 };
 
 const WAV: Description = Description {
@@ -94,7 +99,7 @@ const WAV: Description = Description {
     task_id_place: (Some("data"), "task_id"),
     staged: false,
     resend_unknown_create: false,
-    dir: "files",
+    dir: FILES_DIR,
 };
 
 const VIDEO: Description = Description {
@@ -104,7 +109,7 @@ const VIDEO: Description = Description {
     task_id_place: (Some("data"), "task_id"),
     staged: false,
     resend_unknown_create: false,
-    dir: "files",
+    dir: FILES_DIR,
 };
 
 const STEMS: Description = Description {
@@ -114,7 +119,7 @@ const STEMS: Description = Description {
     task_id_place: (Some("data"), "task_id"),
     staged: false,
     resend_unknown_create: false,
-    dir: "files",
+    dir: FILES_DIR,
 };
 
 /// The stems a separation can make, in the order their files are indexed (SPEC).
