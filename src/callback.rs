@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::kind::read::Reading;
 use crate::machine::{Ctx, Event, Report};
-use crate::model::{Kind, MAX_IMAGES, MAX_URL_BYTES, now_millis, valid_task_id};
+use crate::model::{Kind, MAX_IMAGES, MAX_URL_BYTES, TASK_ID_RULE, now_millis, valid_task_id};
 use crate::signature;
 use crate::store::{IfMissing, Store, StoreError};
 
@@ -61,9 +61,7 @@ pub fn parse_for(kind: Kind, body: &[u8]) -> Result<Delivery, String> {
         return parse(body);
     }
     let read = crate::kind::read::callback(kind, body)?;
-    if !valid_task_id(&read.task_id) {
-        return Err("task id must be 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'".into());
-    }
+    safe_task_id(&read.task_id)?;
     let report = match read.reading {
         Reading::Success { files } => Report::Success { files },
         Reading::Failure { reason } => Report::Failure { reason },
@@ -75,6 +73,15 @@ pub fn parse_for(kind: Kind, body: &[u8]) -> Result<Delivery, String> {
         task_id: read.task_id,
         report,
     })
+}
+
+/// A callback's task id names a directory: only a safe one (400 otherwise).
+fn safe_task_id(task_id: &str) -> Result<(), String> {
+    if valid_task_id(task_id) {
+        Ok(())
+    } else {
+        Err(format!("task id must be {TASK_ID_RULE}"))
+    }
 }
 
 /// Parses a cover callback body: the task id from `data.taskId`, `taskId`, `task_id` or
@@ -96,9 +103,7 @@ pub fn parse(body: &[u8]) -> Result<Delivery, String> {
     .flatten()
     .find_map(Value::as_str)
     .ok_or("no task id (looked for data.taskId, taskId, task_id, data.task_id)")?;
-    if !valid_task_id(task_id) {
-        return Err("task id must be 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'".into());
-    }
+    safe_task_id(task_id)?;
     let images = match data.and_then(|d| d.get("images")) {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(items)) => {

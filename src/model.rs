@@ -25,6 +25,18 @@ pub const MAX_IMAGES: usize = 16;
 /// sends by it).
 pub use crate::kind::MAX_URL_BYTES;
 
+/// The rule of [`valid_task_id`], as messages state it.
+pub const TASK_ID_RULE: &str = "1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'";
+
+/// `id` as a `what` ("task id", "music task id", …): `Err` says what is wrong with it.
+pub fn check_task_id(id: &str, what: &str) -> Result<(), String> {
+    if valid_task_id(id) {
+        Ok(())
+    } else {
+        Err(format!("invalid {what} {id:?}: use {TASK_ID_RULE}"))
+    }
+}
+
 /// Task ids become directory names under `images/`, so only a safe alphabet is accepted.
 pub fn valid_task_id(id: &str) -> bool {
     !id.is_empty()

@@ -94,12 +94,8 @@ impl KindRequest {
             ("music task id", &self.music_task_id),
             ("audio id", &self.audio_id),
         ] {
-            if let Some(id) = id
-                && !crate::model::valid_task_id(id)
-            {
-                return bad(format!(
-                    "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
-                ));
+            if let Some(id) = id {
+                crate::model::check_task_id(id, what).map_err(SubmitError::Usage)?;
             }
         }
         if kind != Kind::Music && (self.music_task_id.is_none() || self.audio_id.is_none()) {

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event, Origin};
-use crate::model::{ImageState, Kind, State, TaskJson, format_time, now_millis, valid_task_id};
+use crate::model::{ImageState, Kind, State, TaskJson, check_task_id, format_time, now_millis};
 use crate::store::summary::Summary;
 use crate::store::{IfMissing, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
@@ -684,11 +684,5 @@ pub(super) fn not_found(task_id: &str) -> AdminError {
 }
 
 pub(super) fn check_id(id: &str, what: &str) -> Result<(), AdminError> {
-    if valid_task_id(id) {
-        Ok(())
-    } else {
-        Err(AdminError::usage(format!(
-            "invalid {what} {id:?}: use 1 to 128 characters of A-Z, a-z, 0-9, '-' or '_'"
-        )))
-    }
+    check_task_id(id, what).map_err(AdminError::usage)
 }
