@@ -13,6 +13,34 @@ use rustix::fs::OFlags;
 use crate::admin::AdminError;
 use crate::admin::access::shown;
 
+/// Which side of [`copy_hashing`] failed.
+pub(super) enum CopyFailed {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+/// Copies `input` into `out` in 128 KiB steps, hashing on the way (bounded memory for a file
+/// of any size, a video included): its size and sha256 (hex). The caller syncs `out`.
+pub(super) fn copy_hashing(
+    input: &mut impl std::io::Read,
+    out: &mut impl Write,
+) -> Result<(u64, String), CopyFailed> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(CopyFailed::Read)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(CopyFailed::Write)?;
+        total += n as u64;
+    }
+    Ok((total, hex::encode(hasher.finalize())))
+}
+
 pub(super) fn io_error(what: &str, path: &Path, e: &std::io::Error) -> AdminError {
     let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
         "; choose a place the service's user can write (see `man coverd`, FILES)"

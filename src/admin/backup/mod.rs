@@ -33,9 +33,7 @@ pub use restore::{give_target_to_src_owner, restore};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
-use self::files::{private_dir, sync_dir, sync_parent, write_private};
+use self::files::{CopyFailed, copy_hashing, private_dir, sync_dir, sync_parent, write_private};
 use super::AdminError;
 use super::access::shown;
 use crate::download::{STORED_DIRS, Slot};
@@ -205,8 +203,8 @@ fn copy_images(
 fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u64), AdminError> {
     let mut images = 0;
     let mut bytes = 0;
-    let mut dir_made = false;
-    let mut task_dir: Option<String> = None;
+    // The task's directory in `dest`, once made (at its first file).
+    let mut task_dir: Option<PathBuf> = None;
     for img in task
         .images
         .iter()
@@ -220,22 +218,21 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
             ))
         })?;
         let Some((slot, ext)) = stored else { continue };
-        task_dir = Some(slot.dir());
-        let rel = slot.path(ext);
-        let from = data_dir.join(&rel);
-        let to = dest.join(&rel);
-        if !dir_made {
-            private_dir(&dest.join(task_dir.as_deref().unwrap_or_default()))?;
-            dir_made = true;
+        if task_dir.is_none() {
+            let dir = dest.join(slot.dir());
+            private_dir(&dir)?;
+            task_dir = Some(dir);
         }
-        // Streamed in 128 KiB steps and hashed on the way: a video is copied in bounded
-        // memory.
-        let (size, sha256) = copy_hashed(&from, &to).map_err(|e| {
+        let rel = slot.path(ext);
+        let to = dest.join(&rel);
+        let cannot_copy = |e: &dyn std::fmt::Display| {
             AdminError::failed(format!(
                 "file {} of task {} cannot be copied ({e}); run `coverd admin verify`, then `coverd admin retry {}`",
                 rel, task.task_id, task.task_id
             ))
-        })?;
+        };
+        let (size, sha256) =
+            copy_private(&data_dir.join(&rel), &to).map_err(|e| cannot_copy(&e))?;
         if Some(sha256) != img.sha256 {
             let _ = std::fs::remove_file(&to);
             return Err(AdminError::failed(format!(
@@ -246,15 +243,15 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
         images += 1;
         bytes += size;
     }
-    if let Some(dir) = task_dir.filter(|_| dir_made) {
-        sync_dir(&dest.join(dir))?;
+    if let Some(dir) = task_dir {
+        sync_dir(&dir)?;
     }
     Ok((images, bytes))
 }
 
-/// Copies `from` to a new private file `to` (0600, synced), returning its size and sha256.
-fn copy_hashed(from: &Path, to: &Path) -> std::io::Result<(u64, String)> {
-    use std::io::{Read, Write};
+/// Copies `from` to the private file `to` (0600, replaced if there, synced), streamed and
+/// hashed ([`copy_hashing`]): its size and sha256.
+fn copy_private(from: &Path, to: &Path) -> std::io::Result<(u64, String)> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut input = std::fs::File::open(from)?;
     let mut out = std::fs::OpenOptions::new()
@@ -263,20 +260,11 @@ fn copy_hashed(from: &Path, to: &Path) -> std::io::Result<(u64, String)> {
         .truncate(true)
         .mode(0o600)
         .open(to)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 128 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
-    }
+    let copied = copy_hashing(&mut input, &mut out).map_err(|e| match e {
+        CopyFailed::Read(e) | CopyFailed::Write(e) => e,
+    })?;
     out.sync_all()?;
-    Ok((total, hex::encode(hasher.finalize())))
+    Ok(copied)
 }
 
 /// Makes `path` absolute against the working directory (before anything changes it).

@@ -10,16 +10,14 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 use super::files::{
-    check_empty_target, create_new_private, io_error, private_dir, sync_dir, sync_parent, unlinked,
-    write_private,
+    CopyFailed, check_empty_target, copy_hashing, create_new_private, io_error, private_dir,
+    sync_dir, sync_parent, unlinked, write_private,
 };
 use super::manifest::{Manifest, read_manifest_at};
 use super::source::{copy_src_db, open_src, open_under};
@@ -371,23 +369,12 @@ fn restore_task_images(
         }
         let to = dest.join(&rel_dir).join(&name);
         let mut out = create_new_private(&to).map_err(message)?;
-        let mut hasher = Sha256::new();
         let mut input = std::fs::File::from(fd).take(size);
-        let mut buf = vec![0u8; 128 * 1024];
-        let mut total = 0u64;
-        loop {
-            let n = input
-                .read(&mut buf)
-                .map_err(|e| format!("image {} cannot be read: {e}", img.index))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| message(io_error("write", &to, &e)))?;
-            total += n as u64;
-        }
-        if total != size || Some(hex::encode(hasher.finalize())) != img.sha256 {
+        let (total, sha256) = copy_hashing(&mut input, &mut out).map_err(|e| match e {
+            CopyFailed::Read(e) => format!("image {} cannot be read: {e}", img.index),
+            CopyFailed::Write(e) => message(io_error("write", &to, &e)),
+        })?;
+        if total != size || Some(sha256) != img.sha256 {
             return Err(format!(
                 "image {} does not match its recorded size and sha256",
                 img.index
