@@ -158,31 +158,22 @@ impl Kinds {
                     .unwrap_or("")
                     .to_string()
             };
-            if kind != Kind::Music {
-                let source = (kind, text("taskId"), text("audioId"));
-                if let Some(existing) = st.by_source.get(&source).cloned() {
-                    let data = if st.repeat_without_id {
-                        Value::Null
-                    } else {
-                        json!({"taskId": existing})
-                    };
-                    return envelope(StatusCode::OK, 409, "record already exists", data);
-                }
-                st.counter += 1;
-                let id = format!("{}{:024x}", &kind.as_str()[..3], st.counter);
-                st.by_source.insert(source, id.clone());
-                st.tasks.insert(
-                    id.clone(),
-                    KindTask {
-                        kind,
-                        request: body,
-                        details: pending_details(kind, &id),
-                    },
-                );
-                return envelope(StatusCode::OK, 200, "success", json!({"taskId": id}));
+            // A repeat of a track's WAV, video or stems answers 409; a music create always
+            // makes a new task.
+            let source = (kind != Kind::Music).then(|| (kind, text("taskId"), text("audioId")));
+            if let Some(existing) = source.as_ref().and_then(|s| st.by_source.get(s)).cloned() {
+                let data = if st.repeat_without_id {
+                    Value::Null
+                } else {
+                    json!({"taskId": existing})
+                };
+                return envelope(StatusCode::OK, 409, "record already exists", data);
             }
             st.counter += 1;
-            let id = format!("mus{:024x}", st.counter);
+            let id = format!("{}{:024x}", &kind.as_str()[..3], st.counter);
+            if let Some(source) = source {
+                st.by_source.insert(source, id.clone());
+            }
             st.tasks.insert(
                 id.clone(),
                 KindTask {
