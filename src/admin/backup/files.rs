@@ -1,6 +1,7 @@
 //! The files and directories backup and restore write, and their error messages: a target
 //! that must be absent or empty, private (0700) directories created where a dangling link
-//! points, private (0600) files written and synced, directory syncs, and the hint an I/O
+//! points, private (0600) files written and synced, the streamed and hashed copy of a stored
+//! file, directory syncs, and the hint an I/O
 //! error gets (permissions, a read-only system). Owns those helpers; must not read SRC
 //! (`source` does) or touch the store.
 
