@@ -1,20 +1,20 @@
 //! The download workers: due tasks from the store's download index, run by
 //! `schedule::run_bounded` (bounded concurrency; a full disk pauses them), fetch their
-//! pending images, install each complete file at its final path and record it.
-//! Owns the data directory's `images/` and `tmp/` and the install order
-//! (temp file → fsync → rename → fsync dir → record); must not decide state transitions
-//! (`machine`) or talk HTTP itself (`fetch`).
+//! pending images, hand each complete file to the file store (`storage`: the data
+//! directory or an object store) and record it once stored. Owns the data directory's
+//! `tmp/`, the order fetch → store → record, and the pauses (disk full, object store down);
+//! must not decide state transitions (`machine`), talk HTTP itself (`fetch`) or know which
+//! store it puts files in.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dirsync::{DirSyncs, create_private_dir, sync_dir};
+use crate::dirsync::{create_private_dir, sync_dir};
 use crate::fetch::{Ext, FetchError, Fetcher};
 use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::kie::{KieClient, KieError};
@@ -25,7 +25,7 @@ use crate::model::{
 };
 use crate::retry::{self, Backoff, Jitter};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
-use crate::sharing::FileAccess;
+use crate::storage::{FileStore, StorageError, adopt_existing};
 use crate::store::{Applied, IfMissing, Store, StoreError};
 
 const NAMES: Names = Names {
@@ -33,9 +33,10 @@ const NAMES: Names = Names {
     index: "the download index",
     abandoned: "they resume at the next start",
 };
-/// After the disk was full writing an image, downloads wait this long before trying again
-/// (no attempt is counted: the disk's fault is not the image's).
-const DISK_FULL_PAUSE: Duration = Duration::from_secs(5);
+/// After the disk was full writing an image, or the object store was down or refused an
+/// upload, downloads wait this long before trying again (no attempt is counted: the disk's
+/// or the store's fault is not the file's).
+const PAUSE: Duration = Duration::from_secs(5);
 pub use crate::kind::{FILES_DIR, IMAGES_DIR};
 /// Both, for what goes over every stored file.
 pub const STORED_DIRS: [&str; 2] = [IMAGES_DIR, FILES_DIR];
@@ -122,17 +123,34 @@ enum ObtainError {
     /// The record names the file in a way its kind never does (damage): nothing is fetched.
     #[error("not fetched: the record is damaged ({0})")]
     BadRecord(String),
+    /// Fetched, but the file store did not take it.
+    #[error(transparent)]
+    Store(StorageError),
+}
+
+impl From<StorageError> for ObtainError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Io(e) => ObtainError::Fetch(FetchError::Io(e)),
+            other => ObtainError::Store(other),
+        }
+    }
 }
 
 impl ObtainError {
-    fn is_disk_full(&self) -> bool {
-        matches!(self, ObtainError::Fetch(e) if e.is_disk_full())
+    /// Why downloads pause instead of counting this against the file, if they do.
+    fn pause(&self) -> Option<Pause> {
+        match self {
+            ObtainError::Fetch(e) if e.is_disk_full() => Some(Pause::DiskFull),
+            ObtainError::Store(e) if e.is_unavailable() => Some(Pause::StoreDown),
+            _ => None,
+        }
     }
 
     fn is_transient(&self) -> bool {
         match self {
             ObtainError::Fetch(e) => e.is_transient(),
-            ObtainError::Refresh { .. } => true,
+            ObtainError::Refresh { .. } | ObtainError::Store(_) => true,
             ObtainError::BadRecord(_) => false,
         }
     }
@@ -140,9 +158,16 @@ impl ObtainError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             ObtainError::Fetch(e) => e.retry_after(),
-            ObtainError::Refresh { .. } | ObtainError::BadRecord(_) => None,
+            ObtainError::Refresh { .. } | ObtainError::BadRecord(_) | ObtainError::Store(_) => None,
         }
     }
+}
+
+/// Why downloads pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    DiskFull,
+    StoreDown,
 }
 
 /// The download scheduler and its workers.
@@ -157,10 +182,14 @@ pub struct Downloader {
     fetch_slots: Arc<Semaphore>,
     scheduler: Scheduler<String>,
     metrics: Arc<Metrics>,
-    /// Set when the disk was full writing an image: downloads pause until then.
-    disk_full_until: Mutex<Option<tokio::time::Instant>>,
-    /// The directory fsyncs of installs, shared by images landing at once.
-    dir_syncs: Arc<DirSyncs>,
+    /// Set when the disk was full writing a file or the object store did not take one:
+    /// downloads pause until then.
+    paused: Mutex<Option<(tokio::time::Instant, Pause)>>,
+    /// Set while the object store is (or was last seen) down: the next task asks it
+    /// ([`FileStore::probe`]) before fetching anything.
+    store_down: std::sync::atomic::AtomicBool,
+    /// Where files go.
+    files: Arc<dyn FileStore>,
 }
 
 impl Downloader {
@@ -172,6 +201,7 @@ impl Downloader {
         wake: Arc<Notify>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        files: Arc<dyn FileStore>,
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
         Arc::new(Downloader {
@@ -189,8 +219,9 @@ impl Downloader {
             clock,
             fetch_slots: Arc::new(Semaphore::new(slots)),
             metrics,
-            disk_full_until: Mutex::new(None),
-            dir_syncs: Arc::new(DirSyncs::default()),
+            paused: Mutex::new(None),
+            store_down: std::sync::atomic::AtomicBool::new(false),
+            files,
         })
     }
 
@@ -206,7 +237,7 @@ impl Downloader {
         let Some(task) = task.filter(|t| t.state == State::Received) else {
             return;
         };
-        if self.paused() {
+        if self.paused() || !self.store_answers().await {
             return;
         }
         let task = match self.confirm(task).await {
@@ -238,14 +269,72 @@ impl Downloader {
         while fetches.join_next().await.is_some() {}
     }
 
-    /// Whether downloads pause: the store cannot take writes, or the disk was full.
+    /// Whether downloads pause: the store cannot take writes, the disk was full, or the
+    /// object store was down.
     fn paused(&self) -> bool {
-        self.store.write_failure().is_some()
-            || self
-                .disk_full_until
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
+        self.store.write_failure().is_some() || self.pause_state().is_some()
+    }
+
+    fn pause_state(&self) -> std::sync::MutexGuard<'_, Option<(tokio::time::Instant, Pause)>> {
+        self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pauses downloads for [`PAUSE`] because of `why` (one log line per pause).
+    fn pause(&self, why: Pause, task_id: &str, index: u32, e: &dyn std::fmt::Display) {
+        let mut paused = self.pause_state();
+        if why == Pause::StoreDown {
+            self.store_down
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.storage_up(false);
+        }
+        if paused.is_some() {
+            return;
+        }
+        let secs = PAUSE.as_secs();
+        match why {
+            Pause::DiskFull => tracing::error!(
+                task_id,
+                index,
+                error = %e,
+                "no room for file {index} of task {task_id} ({e}); downloads paused for {secs}s, no attempt counted; free space in the data directory"
+            ),
+            Pause::StoreDown => tracing::error!(
+                task_id,
+                index,
+                error = %e,
+                "file {index} of task {task_id} not stored: {e}; uploads paused (retried every {secs}s, no attempt counted, callbacks still taken); check the object store and the [storage] keys"
+            ),
+        }
+        *paused = Some((tokio::time::Instant::now() + PAUSE, why));
+    }
+
+    /// Whether the file store takes files: after it was down, asks it first ([`PAUSE`]
+    /// apart), so that nothing is fetched only to be dropped.
+    async fn store_answers(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.store_down.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.files.probe().await {
+            Ok(()) => {
+                if self.store_down.swap(false, Ordering::Relaxed) {
+                    self.metrics.storage_up(true);
+                    tracing::info!(
+                        "the object store {} answers again; uploads resumed",
+                        self.files.describe()
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                let mut paused = self.pause_state();
+                if paused.is_none() {
+                    *paused = Some((tokio::time::Instant::now() + PAUSE, Pause::StoreDown));
+                }
+                tracing::debug!(error = %e, "the object store still does not answer");
+                false
+            }
+        }
     }
 
     /// Applies `event` to an existing task at the scheduling clock's time.
@@ -353,23 +442,10 @@ impl Downloader {
         self.metrics.file_fetch_took(kind, started.elapsed());
         let event = match obtained {
             Ok(stored) => stored,
-            Err(e) if e.is_disk_full() => {
-                // Not the image's fault: nothing recorded, no attempt used; every download
+            Err(e) if let Some(why) = e.pause() => {
+                // Not the file's fault: nothing recorded, no attempt used; every download
                 // waits a while (one log line per pause).
-                let mut until = self
-                    .disk_full_until
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if until.is_none() {
-                    tracing::error!(
-                        task_id,
-                        index,
-                        error = %e,
-                        "no room for file {index} of task {task_id} ({e}); downloads paused for {}s, no attempt counted; free space in the data directory",
-                        DISK_FULL_PAUSE.as_secs()
-                    );
-                    *until = Some(tokio::time::Instant::now() + DISK_FULL_PAUSE);
-                }
+                self.pause(why, task_id, index, &e);
                 return;
             }
             Err(e) => {
@@ -419,15 +495,20 @@ impl Downloader {
     async fn obtain(&self, task_id: &str, kind: Kind, image: &Image) -> Result<Event, ObtainError> {
         let data_dir = &self.config.data_dir;
         let slot = Slot::of(kind, task_id, image).map_err(ObtainError::BadRecord)?;
-        // A crash between rename and record leaves a complete file: adopt it, don't refetch.
-        if let Some(event) = adopt_existing(data_dir, &slot, image.index).await {
+        // A crash between store and record leaves a complete file: adopt it, don't refetch.
+        if let Some((place, _, back)) = adopt_existing(self.files.as_ref(), &slot).await {
             let index = image.index;
             tracing::info!(
                 task_id,
                 index,
                 "task {task_id} image {index}: adopting the file stored before a restart"
             );
-            return Ok(event);
+            return Ok(Event::ImageStored {
+                index,
+                path: place,
+                bytes: back.bytes,
+                sha256: back.sha256,
+            });
         }
         let url = image.refreshed_url.as_deref().unwrap_or(&image.url);
         let tmp = data_dir.join(TMP_DIR);
@@ -445,20 +526,28 @@ impl Downloader {
             }
             other => other?,
         };
-        let rel = slot.path(fetched.ext);
-        install(
-            self.dir_syncs.clone(),
-            FileAccess::of(&self.config),
-            data_dir,
-            &fetched.temp_path,
-            &slot,
-            fetched.ext,
-        )
-        .await
-        .map_err(FetchError::Io)?;
+        let uploaded = std::time::Instant::now();
+        let place = self
+            .files
+            .put(
+                &fetched.temp_path,
+                &slot,
+                fetched.ext,
+                fetched.bytes,
+                &fetched.sha256,
+            )
+            .await
+            .inspect_err(|_| self.metrics.file_store_failed(kind))?;
+        self.metrics.file_stored(kind, uploaded.elapsed());
+        if self
+            .store_down
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.metrics.storage_up(true);
+        }
         Ok(Event::ImageStored {
             index: image.index,
-            path: rel,
+            path: place,
             bytes: fetched.bytes,
             sha256: fetched.sha256,
         })
@@ -501,18 +590,15 @@ impl DueWork for Downloader {
     }
 
     fn paused_until(&self) -> Option<tokio::time::Instant> {
-        *self
-            .disk_full_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.pause_state().map(|(until, _)| until)
     }
 
     fn end_pause(&self) {
-        *self
-            .disk_full_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = None;
-        tracing::info!("downloads resumed after the disk was full");
+        if let Some((_, why)) = self.pause_state().take()
+            && why == Pause::DiskFull
+        {
+            tracing::info!("downloads resumed after the disk was full");
+        }
     }
 
     async fn work(self: Arc<Self>, task_id: String, shutdown: CancellationToken) -> Finished {
@@ -555,6 +641,14 @@ impl Slot {
         })
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
     /// The task's directory, relative to the data directory.
     pub fn dir(&self) -> String {
         task_dir(self.kind, &self.task_id)
@@ -576,129 +670,4 @@ impl Slot {
     }
 }
 
-/// Moves a complete, synced temp file to its slot's path with `ext` (with the mode and group
-/// of `access`) and syncs the directories, so that after this returns the file survives a
-/// crash. Files of the same slot with another extension of its type (an earlier attempt)
-/// are removed first. Each directory fsync starts after the rename and is shared with
-/// installs landing at the same time (`dirsync`).
-async fn install(
-    syncs: Arc<DirSyncs>,
-    access: FileAccess,
-    data_dir: &Path,
-    temp: &Path,
-    slot: &Slot,
-    ext: Ext,
-) -> std::io::Result<()> {
-    let kind_dir = data_dir.join(slot.kind.describe().dir);
-    let dir = data_dir.join(slot.dir());
-    let final_path = data_dir.join(slot.path(ext));
-    let others: Vec<PathBuf> = slot
-        .exts()
-        .filter(|e| *e != ext)
-        .map(|e| data_dir.join(slot.path(e)))
-        .collect();
-    let temp_owned = temp.to_path_buf();
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let temp = temp_owned;
-        if access != FileAccess::private() {
-            // Readable by `storage.local_group` before it is at its final path, and durably
-            // so: the sync of the temp file came before this change of its inode.
-            let file = std::fs::File::open(&temp)?;
-            access.set_file(&file)?;
-            file.sync_all()?;
-            create_private_dir(&dir)?;
-            access.set_dir(&dir)?;
-        } else {
-            create_private_dir(&dir)?;
-        }
-        for p in others {
-            if p.exists() {
-                std::fs::remove_file(&p)?;
-            }
-        }
-        std::fs::rename(&temp, &final_path)?;
-        if crate::broken::active(crate::broken::Break::SkipImageDirsync) {
-            // TEST ONLY (`COVERD_TEST_BREAK`): the rename is left to chance.
-            return Ok(());
-        }
-        syncs.sync(&dir)?;
-        // Always, not only when this call created `dir`: two files of a new task install at
-        // once, and the second must not be recorded before the entry of `dir` in `images/`
-        // (or `files/`) is durable, which only the first one's sync would otherwise
-        // guarantee. Installs at the same time share this sync.
-        syncs.sync(&kind_dir)?;
-        Ok(())
-    })
-    .await
-    .map_err(std::io::Error::other)?;
-    if result.is_err() {
-        // Never leave a partial download behind; it would be removed at the next start anyway.
-        let _ = tokio::fs::remove_file(temp).await;
-    }
-    result
-}
-
-/// Removes the stored file(s) of `slot` — any extension of its type — because they are
-/// known to be damaged (`admin retry`). Without this, the re-fetch would adopt a corrupt
-/// file that still looks like its type as if a crash had left it (see [`adopt_existing`]).
-pub fn discard(data_dir: &Path, slot: &Slot) -> std::io::Result<()> {
-    for ext in slot.exts() {
-        match std::fs::remove_file(data_dir.join(slot.path(ext))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// A complete file already at the final path of `slot` (written before a crash that came
-/// before its record): hash it (streaming) and return the event that records it.
-async fn adopt_existing(data_dir: &Path, slot: &Slot, index: u32) -> Option<Event> {
-    let candidates: Vec<(Ext, String)> = slot.exts().map(|e| (e, slot.path(e))).collect();
-    let data_dir = data_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        for (ext, rel) in candidates {
-            let Ok((bytes, sha256, head)) = hash_file(&data_dir.join(&rel)) else {
-                continue;
-            };
-            if Ext::sniff(&head) != Some(ext) {
-                continue;
-            }
-            return Some(Event::ImageStored {
-                index,
-                path: rel,
-                bytes,
-                sha256,
-            });
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-}
-
-/// A file's size, sha256 (hex) and first 16 bytes, read in 128 KiB steps (bounded memory
-/// for any size of file).
-pub fn hash_file(path: &Path) -> std::io::Result<(u64, String, Vec<u8>)> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 128 * 1024];
-    let mut head = Vec::with_capacity(16);
-    let mut total: u64 = 0;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if head.len() < 16 {
-            let take = (16 - head.len()).min(n);
-            head.extend_from_slice(&buf[..take]);
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((total, hex::encode(hasher.finalize()), head))
-}
+pub use crate::storage::local::{discard, hash_file};

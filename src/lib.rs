@@ -28,5 +28,6 @@ pub mod schedule;
 pub mod server;
 pub mod sharing;
 pub mod signature;
+pub mod storage;
 pub mod store;
 pub mod submit;

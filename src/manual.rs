@@ -176,10 +176,12 @@ fn configuration(page: &mut String) {
         page,
         ".PP\nSecrets are read, in this order, from the environment, the key itself, its \
          \\fB*_file\\fR key, then the systemd credential of the same name in \
-         \\fB$CREDENTIALS_DIRECTORY\\fR: \\fB{}\\fR, \\fB{}\\fR, \\fB{}\\fR.",
+         \\fB$CREDENTIALS_DIRECTORY\\fR: \\fB{}\\fR, \\fB{}\\fR, \\fB{}\\fR, \\fB{}\\fR, \\fB{}\\fR.",
         config::CREDENTIAL_API_KEY,
         config::CREDENTIAL_WEBHOOK_HMAC_KEY,
         config::CREDENTIAL_NOTIFY_SECRET,
+        config::CREDENTIAL_S3_ACCESS_KEY_ID,
+        config::CREDENTIAL_S3_SECRET_ACCESS_KEY,
     );
 }
 

@@ -92,7 +92,14 @@ pub struct Metrics {
     queue: Family<Label, Gauge>,
     oldest_unfinished: Gauge<f64, AtomicU64>,
     disk_free: Gauge,
+    uploads: Family<Labels2, Counter>,
+    upload: Histograms,
+    storage_up: Gauge,
 }
+
+/// The results of `coverd_file_uploads_total`: a file taken by the file store (the data
+/// directory, or the object store), or refused by it.
+pub const UPLOAD_RESULTS: [&str; 2] = ["stored", "failed"];
 
 /// What the store says at scrape time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -150,7 +157,11 @@ impl Metrics {
             queue: Family::default(),
             oldest_unfinished: Gauge::default(),
             disk_free: Gauge::default(),
+            uploads: Family::default(),
+            upload: Family::new_with_constructor(fetch_histogram),
+            storage_up: Gauge::default(),
         };
+        m.storage_up.set(1);
         registry.register(
             "coverd_build",
             "Build of the running coverd (value 1)",
@@ -178,6 +189,9 @@ impl Metrics {
             "coverd_notifications", "Outbound notifications by result" => notifications;
             "coverd_polls", "record-info polls made by the poller" => polls;
             "coverd_disk_free_bytes", "Bytes available on the data directory's filesystem" => disk_free;
+            "coverd_file_uploads", "Files handed to the file store (the object store with storage.kind = \"s3\", else the data directory) by task kind and result (stored, failed)" => uploads;
+            "coverd_file_upload_seconds", "Duration of storing one fetched file (upload, or install in the data directory), by task kind" => upload;
+            "coverd_storage_up", "1 while the file store takes files, 0 while the object store is down or refuses (uploads paused)" => storage_up;
         }
         // Every documented label value from the start, at 0, so that `increase(…)` and
         // alert rules see the first occurrence (Prometheus' instrumentation advice).
@@ -197,6 +211,12 @@ impl Metrics {
             }
             let _ = m.file_bytes.get_or_create(&[("kind", kind)]);
             let _ = m.file_fetch.get_or_create(&[("kind", kind)]);
+            for result in UPLOAD_RESULTS {
+                let _ = m
+                    .uploads
+                    .get_or_create(&[("kind", kind), ("result", result)]);
+            }
+            let _ = m.upload.get_or_create(&[("kind", kind)]);
         }
         for result in FETCH_RESULTS {
             let _ = m.image_fetches.get_or_create(&[("result", result)]);
@@ -257,6 +277,33 @@ impl Metrics {
         if kind == Kind::Cover {
             self.image_fetch.observe(took.as_secs_f64());
         }
+    }
+
+    /// Counts one file the file store took, and how long that took.
+    pub fn file_stored(&self, kind: Kind, took: Duration) {
+        self.uploads
+            .get_or_create(&[("kind", kind.as_str()), ("result", "stored")])
+            .inc();
+        self.upload
+            .get_or_create(&[("kind", kind.as_str())])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one file the file store refused.
+    pub fn file_store_failed(&self, kind: Kind) {
+        self.uploads
+            .get_or_create(&[("kind", kind.as_str()), ("result", "failed")])
+            .inc();
+    }
+
+    /// Whether the file store takes files (`coverd_storage_up`).
+    pub fn storage_up(&self, up: bool) {
+        self.storage_up.set(i64::from(up));
+    }
+
+    /// Whether the last word was that the file store takes files.
+    pub fn storage_is_up(&self) -> bool {
+        self.storage_up.get() == 1
     }
 
     /// Counts one KIE API call: `endpoint` as in KIE's path, `result` `ok` or the error kind.

@@ -176,7 +176,11 @@ pub struct Image {
     pub attempts_budget_start: u32,
     /// Earliest time of the next fetch while `Pending`.
     pub next_attempt_at: Millis,
-    /// Relative to the data directory, e.g. `images/<task>/0.png`; set once stored.
+    /// Where the file is stored, set once stored: relative to the data directory
+    /// (`images/<task>/0.png`), or, in an object store, its location
+    /// (`s3://bucket/<prefix><task>/0.png`, see [`is_object_location`]). One field for both,
+    /// so that the record format did not change with object storage; the JSON shows them
+    /// apart (`path`, `location`).
     pub path: Option<String>,
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
@@ -614,7 +618,12 @@ pub struct ImageJson {
     pub url: String,
     pub state: String,
     pub attempts: u32,
+    /// Relative to the data directory, once stored there; `null` when stored in an object
+    /// store (then `location`).
     pub path: Option<String>,
+    /// With object storage: the stored object, `s3://bucket/key`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub location: Option<String>,
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
     pub error: Option<String>,
@@ -677,6 +686,15 @@ fn cover_name() -> String {
     Kind::Cover.as_str().into()
 }
 
+/// The scheme of an object's location (`s3://bucket/key`).
+pub const OBJECT_SCHEME: &str = "s3://";
+
+/// Whether a stored file's recorded place (`Image::path`) is an object's location rather
+/// than a path relative to the data directory: the record keeps either in the same field.
+pub fn is_object_location(place: &str) -> bool {
+    place.starts_with(OBJECT_SCHEME)
+}
+
 impl ImageJson {
     /// A file entry of `files`.
     pub fn file(i: &Image) -> ImageJson {
@@ -698,7 +716,8 @@ impl ImageJson {
             url: i.url.clone(),
             state: i.state.as_str().into(),
             attempts: i.attempts,
-            path: i.path.clone(),
+            path: i.path.clone().filter(|p| !is_object_location(p)),
+            location: i.path.clone().filter(|p| is_object_location(p)),
             bytes: i.bytes,
             sha256: i.sha256.clone(),
             error: i.error.clone(),

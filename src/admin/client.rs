@@ -85,10 +85,18 @@ pub async fn run_with(
     }
     if let Request::Restore { src } = req {
         let target = dir.clone();
-        let manifest =
-            tokio::task::spawn_blocking(move || backup::restore(&src, &target, progress))
-                .await
-                .map_err(|e| AdminError::failed(format!("restore failed: {e}")))??;
+        let files =
+            crate::storage::Files::new(&config).map_err(|e| AdminError::usage(e.to_string()))?;
+        let runtime = tokio::runtime::Handle::current();
+        let manifest = tokio::task::spawn_blocking(move || {
+            let objects = backup::Objects {
+                files: &files,
+                runtime: &runtime,
+            };
+            backup::restore(&src, &target, Some(&objects), progress)
+        })
+        .await
+        .map_err(|e| AdminError::failed(format!("restore failed: {e}")))??;
         return Ok(Reply::Restored {
             data_dir: shown.display().to_string(),
             backup: manifest,

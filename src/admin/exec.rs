@@ -1,7 +1,6 @@
 //! Executes one admin request against the store (in the daemon, or in the command when the
 //! daemon is stopped). Must not change a task except through `store::apply`.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -15,6 +14,7 @@ use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event, Origin};
 use crate::model::{ImageState, Kind, State, TaskJson, check_task_id, format_time, now_millis};
+use crate::storage::Files;
 use crate::store::summary::Summary;
 use crate::store::{IfMissing, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
@@ -140,30 +140,25 @@ impl Exec {
                         task.task_id
                     )));
                 }
-                // Hashing stored images is blocking file I/O: keep it off the runtime.
-                let data_dir = self.config.data_dir.clone();
-                let damaged = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, AdminError> {
-                    let damaged = damaged_images(&data_dir, &task);
-                    // A damaged file must not be adopted by the re-fetch as a crash leftover.
-                    if task.state.is_finished() {
-                        for img in task.images.iter().filter(|i| damaged.contains(&i.index)) {
-                            let index = img.index;
-                            let removed = download::Slot::of(task.kind, &task.task_id, img)
-                                .map_err(std::io::Error::other)
-                                .and_then(|slot| download::discard(&data_dir, &slot));
-                            removed.map_err(|e| {
+                let files = self.files()?;
+                let damaged = damaged_images(&files, &task).await;
+                // A damaged file must not be adopted by the re-fetch as a crash leftover.
+                if task.state.is_finished() {
+                    for img in task.images.iter().filter(|i| damaged.contains(&i.index)) {
+                        let index = img.index;
+                        let slot = download::Slot::of(task.kind, &task.task_id, img)
+                            .map_err(AdminError::failed)?;
+                        for store in files.all() {
+                            store.discard(&slot).await.map_err(|e| {
                                 AdminError::failed(format!(
-                                    "cannot remove the damaged file {index} of {}: {e}; check the permissions of {}",
+                                    "cannot remove the damaged file {index} of {} from {}: {e}; check its permissions",
                                     task.task_id,
-                                    data_dir.display()
+                                    store.describe()
                                 ))
                             })?;
                         }
                     }
-                    Ok(damaged)
-                })
-                .await
-                .map_err(|e| AdminError::failed(format!("retry of {task_id} failed: {e}")))??;
+                }
                 let event = Event::Retry { damaged };
                 let json = self.apply(&task_id, event, IfMissing::Reject).await?.task;
                 let message = if json.state == State::Submitted.as_str() {
@@ -181,10 +176,11 @@ impl Exec {
                 }
             }
             Request::Verify => {
-                let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
+                let (store, files) = (self.store.clone(), self.files()?);
                 let progress = self.progress.clone();
+                let runtime = tokio::runtime::Handle::current();
                 let verify =
-                    tokio::task::spawn_blocking(move || verify(&store, &data_dir, progress))
+                    tokio::task::spawn_blocking(move || verify(&store, &files, &runtime, progress))
                         .await
                         .map_err(|e| AdminError::failed(format!("verify failed: {e}")))??;
                 Reply::Verified { verify }
@@ -211,13 +207,21 @@ impl Exec {
                     )));
                 }
                 let json = self.json(&task, None)?;
+                // Objects before the record: a crash between leaves a record that the next
+                // `forget` finishes, never an object no record names.
+                let files = self.files()?;
+                files.remove_objects(task.kind, &task_id).await.map_err(|e| {
+                    AdminError::failed(format!(
+                        "cannot remove the objects of task {task_id}: {e}; nothing else was removed, try again once the object store answers"
+                    ))
+                })?;
                 let store = self.store.clone();
                 let data_dir = self.config.data_dir.clone();
                 let (id, kind, updated_at) = (task.task_id.clone(), task.kind, task.updated_at);
                 tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
                     if !store.forget_task(&id, updated_at, force)? {
                         return Err(AdminError::failed(format!(
-                            "task {id} changed while it was being forgotten (or its notification is still being sent); nothing was removed, try again"
+                            "task {id} changed while it was being forgotten (or its notification is still being sent); its record was kept, try again"
                         )));
                     }
                     // The record went first: a crash here leaves only files, which no record
@@ -289,8 +293,10 @@ impl Exec {
                 let (store, data_dir) = (self.store.clone(), self.config.data_dir.clone());
                 let progress = self.progress.clone();
                 let to = dest.clone();
+                let files = self.files()?;
                 let manifest = tokio::task::spawn_blocking(move || {
-                    backup::backup(&store, &data_dir, &to, progress)
+                    let object = files.object().map(|o| o.as_ref());
+                    backup::backup(&store, &data_dir, &to, object, progress)
                 })
                 .await
                 .map_err(|e| AdminError::failed(format!("backup failed: {e}")))??;
@@ -313,8 +319,14 @@ impl Exec {
                 let progress = self.progress.clone();
                 let age = i64::try_from(older_than_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
                 let cutoff = now_millis().saturating_sub(age);
+                let files = self.files()?;
+                let runtime = tokio::runtime::Handle::current();
                 let prune = tokio::task::spawn_blocking(move || {
-                    backup::prune(&store, &data_dir, cutoff, dry_run, progress)
+                    let objects = backup::Objects {
+                        files: &files,
+                        runtime: &runtime,
+                    };
+                    backup::prune(&store, &data_dir, &objects, cutoff, dry_run, progress)
                 })
                 .await
                 .map_err(|e| AdminError::failed(format!("prune failed: {e}")))??;
@@ -390,6 +402,11 @@ impl Exec {
             }
         };
         Ok(reply)
+    }
+
+    /// The file stores of this data directory (`storage`).
+    fn files(&self) -> Result<Files, AdminError> {
+        Files::new(&self.config).map_err(|e| AdminError::usage(e.to_string()))
     }
 
     /// What a submit of this process needs: its store, KIE client, configuration and loops.
@@ -572,7 +589,8 @@ pub(super) fn export(
 /// Re-hashes every stored image against its record. Cost grows with all stored images.
 pub(super) fn verify(
     store: &Store,
-    data_dir: &Path,
+    files: &Files,
+    runtime: &tokio::runtime::Handle,
     progress: Option<backup::Progress>,
 ) -> Result<VerifyJson, StoreError> {
     let mut out = VerifyJson::default();
@@ -599,7 +617,7 @@ pub(super) fn verify(
         {
             out.checked += 1;
             let path = img.path.clone().unwrap_or_default();
-            match check_image(data_dir, task.kind, &task.task_id, img) {
+            match runtime.block_on(check_image(files, task.kind, &task.task_id, img)) {
                 ImageCheck::Ok => out.ok += 1,
                 ImageCheck::Corrupt => out.corrupt.push(path),
                 ImageCheck::Missing => out.missing.push(path),
@@ -626,13 +644,18 @@ pub(super) fn total_tasks(store: &Store) -> Result<u64, StoreError> {
 }
 
 /// Stored images whose file is missing or no longer matches its sha256.
-pub(super) fn damaged_images(data_dir: &Path, task: &crate::model::Task) -> Vec<u32> {
-    task.images
+pub(super) async fn damaged_images(files: &Files, task: &crate::model::Task) -> Vec<u32> {
+    let mut damaged = Vec::new();
+    for img in task
+        .images
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
-        .filter(|i| check_image(data_dir, task.kind, &task.task_id, i) != ImageCheck::Ok)
-        .map(|i| i.index)
-        .collect()
+    {
+        if check_image(files, task.kind, &task.task_id, img).await != ImageCheck::Ok {
+            damaged.push(img.index);
+        }
+    }
+    damaged
 }
 
 /// A stored image's file against its record (`verify` and `retry` share this one check).
@@ -641,27 +664,28 @@ pub(super) enum ImageCheck {
     Ok,
     /// The file is there, but its sha256 differs from the record's.
     Corrupt,
-    /// No file (or no recorded path, or one other than the image's own, or unreadable).
+    /// No file (or no recorded place, or one other than the image's own, or unreadable).
     Missing,
 }
 
-/// Reads and hashes (streaming) the file `img` of task `task_id` of `kind` (blocking file
-/// I/O: call off the runtime). The path is built from the id and the kind's file names and
-/// the file's type (`backup::stored_file`), never taken from the record: a record naming
-/// anything else has no file here (missing, so `retry` fetches it again to its own path).
-pub(super) fn check_image(
-    data_dir: &Path,
+/// Reads and hashes (streaming) the file `img` of task `task_id` of `kind`, in the data
+/// directory or the object store its record names. The place is built from the id, the
+/// kind's file names and the file's type (`Files::recorded`), never taken from the record:
+/// a record naming anything else has no file here (missing, so `retry` fetches it again to
+/// its own place).
+pub(super) async fn check_image(
+    files: &Files,
     kind: crate::model::Kind,
     task_id: &str,
     img: &crate::model::Image,
 ) -> ImageCheck {
-    let Ok(Some((slot, ext))) = backup::stored_file(kind, task_id, img) else {
+    let Ok(Some(recorded)) = files.recorded(kind, task_id, img) else {
         return ImageCheck::Missing;
     };
-    match download::hash_file(&data_dir.join(slot.path(ext))) {
-        Ok((_, sha256, _)) if img.sha256.as_deref() == Some(sha256.as_str()) => ImageCheck::Ok,
-        Ok(_) => ImageCheck::Corrupt,
-        Err(_) => ImageCheck::Missing,
+    match recorded.store.read(&recorded.place).await {
+        Ok(Some(back)) if img.sha256.as_deref() == Some(back.sha256.as_str()) => ImageCheck::Ok,
+        Ok(Some(_)) => ImageCheck::Corrupt,
+        Ok(None) | Err(_) => ImageCheck::Missing,
     }
 }
 

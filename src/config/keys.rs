@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::values;
 use super::{
     Config, ConfigError, ENV_API_KEY, ENV_DATA_DIR, ENV_LISTEN, ENV_NOTIFY_SECRET,
-    ENV_WEBHOOK_HMAC_KEY,
+    ENV_S3_ACCESS_KEY_ID, ENV_S3_SECRET_ACCESS_KEY, ENV_WEBHOOK_HMAC_KEY,
 };
 
 /// A duration key's value, at least the minimum declared in [`KEYS`].
@@ -291,6 +291,25 @@ keys! {
         local_group: Str = r#""" (off)"#, env None, Bounds::None,
             "empty, or the name of an existing group (resolved at start); `images/` and what is in it become readable by that group (0750 / 0640), the data directory traversable by it (0710); see below"
             => storage.local_group via values::local_group;
+        kind: Str = r#""local""#, env None, Bounds::None,
+            "`local` (files under the data directory) or `s3` (an S3-compatible object store, the keys below; docs/storage.md)"
+            => storage.kind via values::storage_kind;
+        endpoint: Str = r#""""#, env None, Bounds::None,
+            "with `s3`: the store's `http(s)://` URL (Garage `http://127.0.0.1:3900`); empty: AWS's endpoint for `region`"
+            => storage.s3.endpoint via values::s3_endpoint;
+        bucket: Str = r#""""#, env None, Bounds::None,
+            "with `s3`: required; 3–63 of `a–z 0–9 . -`" => storage.s3.bucket via values::s3_bucket;
+        region: Str = r#""garage""#, env None, Bounds::None,
+            "not empty; what the store expects (Garage: its `s3_region`)" => storage.s3.region via values::s3_region;
+        prefix: Str = r#""""#, env None, Bounds::None,
+            "empty, or parts of `A–Z a–z 0–9 . _ -` each ending in `/` (`coverd-vm1/`); one per instance sharing a bucket"
+            => storage.s3.prefix via values::s3_prefix;
+        path_style: Bool = "true", env None, Bounds::None,
+            "`true`: `endpoint/bucket/key` (Garage, MinIO); `false`: `bucket.endpoint/key`" => storage.s3.path_style;
+        access_key_id: Str = "unset", env Some(ENV_S3_ACCESS_KEY_ID), Bounds::None,
+            "secret, see below; required with `s3`" => storage.s3.access_key_id as secret;
+        secret_access_key_file: Str = "unset", env Some(ENV_S3_SECRET_ACCESS_KEY), Bounds::None,
+            "path of a file holding the secret access key; required with `s3`; see below";
     }
 }
 
@@ -474,7 +493,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(KEYS.iter().filter(|k| k.secret).count(), 2);
+        assert_eq!(KEYS.iter().filter(|k| k.secret).count(), 3);
     }
 
     /// The declared defaults and kinds are the ones `Config::default()` holds, as

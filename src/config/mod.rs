@@ -37,6 +37,10 @@ pub const ENV_API_KEY: &str = "KIE_API_KEY";
 pub const ENV_WEBHOOK_HMAC_KEY: &str = "KIE_WEBHOOK_HMAC_KEY";
 /// Environment variable holding the signing secret of outbound notifications.
 pub const ENV_NOTIFY_SECRET: &str = "COVERD_NOTIFY_SECRET";
+/// Environment variable holding the object store's access key id (`[storage] kind = "s3"`).
+pub const ENV_S3_ACCESS_KEY_ID: &str = "COVERD_S3_ACCESS_KEY_ID";
+/// Environment variable holding the object store's secret access key.
+pub const ENV_S3_SECRET_ACCESS_KEY: &str = "COVERD_S3_SECRET_ACCESS_KEY";
 /// Set by systemd (`LoadCredential=`): directory holding credential files.
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 /// systemd credential name of the KIE API key.
@@ -45,6 +49,10 @@ pub const CREDENTIAL_API_KEY: &str = "kie-api-key";
 pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "kie-webhook-hmac-key";
 /// systemd credential name of the notification signing secret.
 pub const CREDENTIAL_NOTIFY_SECRET: &str = "notify-secret";
+/// systemd credential name of the object store's access key id.
+pub const CREDENTIAL_S3_ACCESS_KEY_ID: &str = "s3-access-key-id";
+/// systemd credential name of the object store's secret access key.
+pub const CREDENTIAL_S3_SECRET_ACCESS_KEY: &str = "s3-secret-access-key";
 
 /// The fully resolved configuration every other module reads.
 #[derive(Debug, Clone)]
@@ -91,11 +99,62 @@ pub struct NotifyConfig {
     pub max_attempts: u32,
 }
 
-/// `[storage]`: who may read the stored files (SPEC "Data directory").
+/// `[storage]`: where the stored files go (SPEC "Data directory", "Object storage") and who
+/// may read them there.
 #[derive(Debug, Clone, Default)]
 pub struct StorageConfig {
     /// The group that may read `images/`; `None` keeps every file private to the daemon.
     pub local_group: Option<values::LocalGroup>,
+    pub kind: StorageKind,
+    /// The object store's settings; read only with [`StorageKind::S3`].
+    pub s3: S3Config,
+}
+
+/// `storage.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StorageKind {
+    /// Files under the data directory (`images/`, `files/`).
+    #[default]
+    Local,
+    /// Files in an S3-compatible object store.
+    S3,
+}
+
+impl StorageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::Local => "local",
+            StorageKind::S3 => "s3",
+        }
+    }
+}
+
+/// The object store of `storage.kind = "s3"`.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// `http(s)://…` without a trailing `/`; empty: AWS's endpoint for `region`.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    /// Empty, or ending in `/`.
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id: Option<Secret>,
+    pub secret_access_key: Option<Secret>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            bucket: String::new(),
+            region: keys::default_str("storage.region").to_string(),
+            prefix: String::new(),
+            path_style: keys::default_bool("storage.path_style"),
+            access_key_id: None,
+            secret_access_key: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +255,7 @@ impl Default for Config {
                 timeout: keys::default_duration("notify.timeout"),
                 max_attempts: keys::default_int("notify.max_attempts"),
             },
-            storage: StorageConfig { local_group: None },
+            storage: StorageConfig::default(),
             secret_origins: SECRET_KEYS.iter().map(|k| (*k, None)).collect(),
             unread_credentials: Vec::new(),
             unit: None,
@@ -446,7 +505,13 @@ pub fn keys() -> Vec<String> {
 }
 
 /// The secrets, as `check-config` names them in [`Config::secret_report`].
-const SECRET_KEYS: [&str; 3] = ["kie.api_key", "kie.webhook_hmac_key", "notify secret"];
+const SECRET_KEYS: [&str; 5] = [
+    "kie.api_key",
+    "kie.webhook_hmac_key",
+    "notify secret",
+    "storage.access_key_id",
+    "storage secret access key",
+];
 
 /// What `<set>` stands for in [`Config::effective_toml`].
 pub const SECRET_SHOWN: &str = "<set>";
@@ -585,6 +650,7 @@ fn resolve_secrets(
 ) -> Result<(), ConfigError> {
     let kie = raw.kie.unwrap_or_default();
     let notify = raw.notify.unwrap_or_default();
+    let storage = raw.storage.unwrap_or_default();
     let mut origins = Vec::new();
     let mut unread = Vec::new();
     let mut find = |key: &'static str, src: SecretSource| -> Result<Option<Secret>, ConfigError> {
@@ -648,6 +714,30 @@ fn resolve_secrets(
             credential: CREDENTIAL_NOTIFY_SECRET,
         },
     )?;
+    config.storage.s3.access_key_id = find(
+        SECRET_KEYS[3],
+        SecretSource {
+            env_var: ENV_S3_ACCESS_KEY_ID,
+            inline_key: "storage.access_key_id",
+            inline: storage.access_key_id,
+            // The key id has no `*_file` key, only the credential.
+            file_key: "storage.access_key_id",
+            file: None,
+            credential: CREDENTIAL_S3_ACCESS_KEY_ID,
+        },
+    )?;
+    config.storage.s3.secret_access_key = find(
+        SECRET_KEYS[4],
+        SecretSource {
+            env_var: ENV_S3_SECRET_ACCESS_KEY,
+            // The secret has no inline key in the file, only `secret_access_key_file`.
+            inline_key: "storage.secret_access_key_file",
+            inline: None,
+            file_key: "storage.secret_access_key_file",
+            file: storage.secret_access_key_file,
+            credential: CREDENTIAL_S3_SECRET_ACCESS_KEY,
+        },
+    )?;
     config.secret_origins = origins;
     config.unread_credentials = unread;
     Ok(())
@@ -683,7 +773,43 @@ fn check_across_keys(config: &Config) -> Result<(), ConfigError> {
         None if config.notify.url.is_some() && !config.secret_unreadable_here(SECRET_KEYS[2]) => {
             format!("`notify.url` is set but there is no signing secret {where_from}; {make_one}")
         }
-        _ => return Ok(()),
+        _ => return check_storage(config),
     };
     Err(invalid("notify.secret_file", None, reason))
+}
+
+/// `storage.kind = "s3"` needs a bucket and both halves of the key (present, or there for
+/// the service where this process cannot read them).
+fn check_storage(config: &Config) -> Result<(), ConfigError> {
+    if config.storage.kind != StorageKind::S3 {
+        return Ok(());
+    }
+    let s3 = &config.storage.s3;
+    if s3.bucket.is_empty() {
+        return Err(invalid(
+            "storage.bucket",
+            None,
+            "is required with `storage.kind = \"s3\"`; name the bucket the files go to (docs/storage.md)",
+        ));
+    }
+    let missing = |key: &str, set: bool| !set && !config.secret_unreadable_here(key);
+    if missing(SECRET_KEYS[3], s3.access_key_id.is_some()) {
+        return Err(invalid(
+            "storage.access_key_id",
+            None,
+            format!(
+                "is required with `storage.kind = \"s3\"`: set it, {ENV_S3_ACCESS_KEY_ID} or the credential `{CREDENTIAL_S3_ACCESS_KEY_ID}`"
+            ),
+        ));
+    }
+    if missing(SECRET_KEYS[4], s3.secret_access_key.is_some()) {
+        return Err(invalid(
+            "storage.secret_access_key_file",
+            None,
+            format!(
+                "is required with `storage.kind = \"s3\"`: name a file holding the secret access key, or set {ENV_S3_SECRET_ACCESS_KEY} or the credential `{CREDENTIAL_S3_SECRET_ACCESS_KEY}`"
+            ),
+        ));
+    }
+    Ok(())
 }

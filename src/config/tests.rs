@@ -930,7 +930,7 @@ fn check_config_says_where_each_secret_was_found() {
         "a secret value was shown"
     );
     // Not as root: nobody else runs it, no warning.
-    assert_eq!(c.secret_report(false).len(), 3);
+    assert_eq!(c.secret_report(false).len(), 5);
 }
 
 #[test]

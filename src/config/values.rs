@@ -155,6 +155,88 @@ pub(super) fn public_url(key: &str, value: String) -> Result<String, ConfigError
     http_url(key, &value)
 }
 
+/// `storage.kind`: `local` or `s3`.
+pub(super) fn storage_kind(key: &str, value: String) -> Result<super::StorageKind, ConfigError> {
+    match value.as_str() {
+        "local" => Ok(super::StorageKind::Local),
+        "s3" => Ok(super::StorageKind::S3),
+        _ => Err(invalid(
+            key,
+            Some(format!("{value:?}")),
+            "must be \"local\" (files under the data directory) or \"s3\" (an object store)",
+        )),
+    }
+}
+
+/// `storage.endpoint`: empty (AWS), or an `http(s)://` URL without query or fragment.
+pub(super) fn s3_endpoint(key: &str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return Ok(value);
+    }
+    http_url(key, &value)
+}
+
+/// `storage.bucket`: empty (unset), or an S3 bucket name (3–63 of `a–z 0–9 . -`, starting
+/// and ending with a letter or digit).
+pub(super) fn s3_bucket(key: &str, value: String) -> Result<String, ConfigError> {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok = value.is_empty()
+        || ((3..=63).contains(&value.len())
+            && value
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
+            && edge(value.chars().next())
+            && edge(value.chars().last()));
+    if ok {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            Some(format!("{value:?}")),
+            "is not a bucket name: 3–63 of a–z, 0–9, `.` and `-`, starting and ending with a letter or digit",
+        ))
+    }
+}
+
+/// `storage.region`: not empty, printable ASCII without spaces.
+pub(super) fn s3_region(key: &str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(invalid(
+            key,
+            Some(format!("{value:?}")),
+            "must be the region the store expects (Garage: its `s3_region`, often \"garage\"; AWS: e.g. \"eu-west-1\")",
+        ));
+    }
+    Ok(value)
+}
+
+/// `storage.prefix`: empty, or parts of `A–Z a–z 0–9 . _ -` each ending in `/` (never `.`
+/// or `..`), at most 256 bytes: every object key is this followed by a task id and a file
+/// name, so a prefix can neither escape into another instance's keys nor be ambiguous.
+pub(super) fn s3_prefix(key: &str, value: String) -> Result<String, ConfigError> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    let ok = value.is_empty()
+        || (value.len() <= 256
+            && value
+                .strip_suffix('/')
+                .is_some_and(|body| body.split('/').all(part_ok)));
+    if ok {
+        Ok(value)
+    } else {
+        Err(invalid(
+            key,
+            Some(format!("{value:?}")),
+            "must be empty or parts of A–Z, a–z, 0–9, `.`, `_` and `-`, each ending in `/` (e.g. \"coverd-vm1/\")",
+        ))
+    }
+}
+
 /// Empty (off), or a socket address.
 pub(super) fn optional_addr(key: &str, value: String) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {
@@ -475,6 +557,12 @@ impl Shown<String> for Duration {
 impl Shown<String> for KieBaseUrl {
     fn shown(&self) -> String {
         self.0.clone()
+    }
+}
+
+impl Shown<String> for super::StorageKind {
+    fn shown(&self) -> String {
+        self.as_str().to_string()
     }
 }
 

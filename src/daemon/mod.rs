@@ -253,6 +253,11 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         None => fetcher,
     };
 
+    let files = crate::storage::Files::new(&config).map_err(|e| DaemonError::Setup {
+        what: "the file store",
+        reason: e.to_string(),
+    })?;
+
     // From here on the start goes through: the directory stays.
     created.keep();
     let shutdown = CancellationToken::new();
@@ -274,6 +279,7 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
         wake_downloads.clone(),
         clock.clone(),
         metrics.clone(),
+        files.primary(),
     );
     {
         let shutdown = shutdown.clone();

@@ -88,6 +88,11 @@ impl Public {
             None
         };
         match problem {
+            // Callbacks are still taken: healthy, but the body says uploads wait.
+            None if !self.metrics.storage_is_up() => text(
+                StatusCode::OK,
+                "ok; the object store does not answer: uploads paused (coverd_storage_up 0)",
+            ),
             None => text(StatusCode::OK, "ok"),
             Some(what) => answer(Answer::error(StatusCode::SERVICE_UNAVAILABLE, what)),
         }

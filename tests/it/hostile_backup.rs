@@ -74,6 +74,8 @@ fn write_manifest(dir: &Path, tasks: u64, images: u64, bytes: u64) {
         tasks,
         images,
         bytes,
+        objects: 0,
+        storage: None,
     };
     std::fs::write(
         dir.join(backup::MANIFEST),
@@ -461,13 +463,13 @@ fn an_online_backup_reads_each_task_with_its_notifications() {
         })
     };
     let dest = dir.path().join("backup");
-    backup::backup(&store, &data, &dest, Some(progress)).unwrap();
+    backup::backup(&store, &data, &dest, None, Some(progress)).unwrap();
     assert!(settled.load(Ordering::SeqCst));
     assert!(store.latest_notification("n-000").unwrap().is_some());
     drop(store);
 
     let target = dir.path().join("restored");
-    backup::restore(&dest, &target, None).unwrap();
+    backup::restore(&dest, &target, None, None).unwrap();
     let restored = Store::open(&target).unwrap();
     let task = restored.get("n-000").unwrap().unwrap();
     let n = restored.latest_notification("n-000").unwrap();

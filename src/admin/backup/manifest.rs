@@ -34,6 +34,24 @@ pub struct Manifest {
     pub images: u64,
     /// Bytes of those images.
     pub bytes: u64,
+    /// Files in the object store that records name (not copied: the store's to replicate).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub objects: u64,
+    /// Where those objects are (never credentials); absent without object storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<ObjectsAt>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The object store a backup's records name: `restore` checks every object there.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ObjectsAt {
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
 }
 
 /// Reads and checks `src/backup.json`.

@@ -38,7 +38,8 @@ use super::AdminError;
 use super::access::shown;
 use crate::download::{STORED_DIRS, Slot};
 use crate::fetch::Ext;
-use crate::model::{Image, ImageState, Kind, Task, format_time, now_millis};
+use crate::model::{Image, ImageState, Kind, Task, format_time, is_object_location, now_millis};
+use crate::storage::{ObjectStore, recorded_place};
 use crate::store::{Store, TaskCopy};
 
 /// Tasks read, copied and written per step: bounds both memory and the time the store's
@@ -47,36 +48,30 @@ const CHUNK: usize = 64;
 /// Times a task whose images changed under the copy (retry, prune) is read again.
 const REREADS: u32 = 3;
 
-/// Where a stored file of a task of `kind` is (its [`Slot`] and the extension its record
-/// names: `images/<task_id>/<index>.<ext>` for a cover image, `files/<task_id>/<name>.<ext>`
-/// for the others), checked against what the record says: `Ok(None)` when the record names
-/// no file; `Err` (why) unless `task_id` is a valid task id, the file's name is one its kind
-/// gives, and the recorded path is exactly the slot's path for one of its type's
-/// extensions. Every path to a stored file is built from this, never taken from a record.
+/// Where a stored file of a task of `kind` is in the data directory (its [`Slot`] and the
+/// extension its record names: `images/<task_id>/<index>.<ext>` for a cover image,
+/// `files/<task_id>/<name>.<ext>` for the others), checked against what the record says
+/// (`storage::recorded_place`): `Ok(None)` when the record names no file in the data
+/// directory (none at all, or an object in `object`); `Err` (why) unless `task_id` is a
+/// valid task id, the file's name is one its kind gives, and the recorded place is exactly
+/// the slot's path (or its object in `object`) for one of its type's extensions. Every
+/// path to a stored file is built from this, never taken from a record.
 pub(super) fn stored_file(
     kind: Kind,
     task_id: &str,
     img: &Image,
+    object: Option<&ObjectStore>,
 ) -> Result<Option<(Slot, Ext)>, String> {
-    let slot = Slot::of(kind, task_id, img)?;
-    let Some(path) = &img.path else {
-        return Ok(None);
-    };
-    if let Some(ext) = slot.exts().find(|e| *path == slot.path(*e)) {
-        return Ok(Some((slot, ext)));
-    }
-    let exts: Vec<&str> = slot.exts().map(Ext::as_str).collect();
-    let what = match kind {
-        Kind::Cover => "image",
-        _ => "file",
-    };
-    Err(format!(
-        "{what} {} names {path:?}, not {}/{}.<{}>",
-        img.index,
-        slot.dir(),
-        img.name,
-        exts.join("|")
-    ))
+    Ok(recorded_place(kind, task_id, img, object)?
+        .filter(|p| !p.object)
+        .map(|p| (p.slot, p.ext)))
+}
+
+/// The object store side of a whole-store command that runs on a blocking thread: the file
+/// stores and the runtime to wait on them with.
+pub struct Objects<'a> {
+    pub files: &'a crate::storage::Files,
+    pub runtime: &'a tokio::runtime::Handle,
 }
 
 /// Reports progress: (tasks done, tasks in all). Called from the blocking thread.
@@ -88,6 +83,8 @@ struct Copied {
     tasks: u64,
     images: u64,
     bytes: u64,
+    /// Files in the object store (counted, not copied).
+    objects: u64,
 }
 
 /// `admin backup DEST`: a consistent copy of the store and its images into `dest` (absent
@@ -96,11 +93,12 @@ pub fn backup(
     store: &Store,
     data_dir: &Path,
     dest: &Path,
+    object: Option<&ObjectStore>,
     progress: Option<Progress>,
 ) -> Result<Manifest, AdminError> {
     check_empty_target(dest, "the backup destination")?;
     let created_at = format_time(now_millis());
-    let copied = copy_store(store, data_dir, dest, progress)?;
+    let copied = copy_store(store, data_dir, dest, object, progress)?;
     let manifest = Manifest {
         format: FORMAT.into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -108,6 +106,12 @@ pub fn backup(
         tasks: copied.tasks,
         images: copied.images,
         bytes: copied.bytes,
+        objects: copied.objects,
+        storage: object.map(|o| manifest::ObjectsAt {
+            endpoint: o.endpoint().to_string(),
+            bucket: o.bucket().to_string(),
+            prefix: o.prefix().to_string(),
+        }),
     };
     let mut body = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| AdminError::failed(format!("cannot encode the manifest: {e}")))?;
@@ -127,6 +131,7 @@ fn copy_store(
     store: &Store,
     data_dir: &Path,
     dest: &Path,
+    object: Option<&ObjectStore>,
     progress: Option<Progress>,
 ) -> Result<Copied, AdminError> {
     private_dir(dest)?;
@@ -146,9 +151,10 @@ fn copy_store(
         after = Some(last.key().to_vec());
         let mut keep = Vec::with_capacity(chunk.len());
         for copy in chunk {
-            if let Some((copy, images, bytes)) = copy_images(store, data_dir, dest, copy)? {
-                copied.images += images;
-                copied.bytes += bytes;
+            if let Some((copy, n)) = copy_images(store, data_dir, dest, object, copy)? {
+                copied.images += n.images;
+                copied.bytes += n.bytes;
+                copied.objects += n.objects;
                 keep.push(copy);
             }
         }
@@ -180,16 +186,17 @@ fn copy_images(
     store: &Store,
     data_dir: &Path,
     dest: &Path,
+    object: Option<&ObjectStore>,
     mut copy: TaskCopy,
-) -> Result<Option<(TaskCopy, u64, u64)>, AdminError> {
+) -> Result<Option<(TaskCopy, Copied)>, AdminError> {
     let mut last_error = None;
     for _ in 0..REREADS {
         // A quarantined record names no images that could be checked.
         let Some(task) = &copy.task else {
-            return Ok(Some((copy, 0, 0)));
+            return Ok(Some((copy, Copied::default())));
         };
-        match copy_task_images(data_dir, dest, task) {
-            Ok((images, bytes)) => return Ok(Some((copy, images, bytes))),
+        match copy_task_images(data_dir, dest, object, task) {
+            Ok(n) => return Ok(Some((copy, n))),
             Err(e) => last_error = Some(e),
         }
         match store.read_task(&copy.task_id)? {
@@ -200,9 +207,17 @@ fn copy_images(
     Err(last_error.unwrap_or_else(|| AdminError::failed("image copy failed")))
 }
 
-fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u64), AdminError> {
+/// Copies the files of `task` stored in the data directory; those in the object store stay
+/// there (the store's to replicate) and are only counted.
+fn copy_task_images(
+    data_dir: &Path,
+    dest: &Path,
+    object: Option<&ObjectStore>,
+    task: &Task,
+) -> Result<Copied, AdminError> {
     let mut images = 0;
     let mut bytes = 0;
+    let mut objects = 0;
     // The task's directory in `dest`, once made (at its first file).
     let mut task_dir: Option<PathBuf> = None;
     for img in task
@@ -211,7 +226,10 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
         .filter(|i| i.state == ImageState::Downloaded)
     {
         // The path is built from the id and the kind's names, never taken from the record.
-        let stored = stored_file(task.kind, &task.task_id, img).map_err(|why| {
+        if img.path.as_deref().is_some_and(is_object_location) && object.is_some() {
+            objects += 1;
+        }
+        let stored = stored_file(task.kind, &task.task_id, img, object).map_err(|why| {
             AdminError::failed(format!(
                 "the record of task {} is damaged ({why}); run `coverd admin verify`, then `coverd admin retry {}`",
                 task.task_id, task.task_id
@@ -246,7 +264,12 @@ fn copy_task_images(data_dir: &Path, dest: &Path, task: &Task) -> Result<(u64, u
     if let Some(dir) = task_dir {
         sync_dir(&dir)?;
     }
-    Ok((images, bytes))
+    Ok(Copied {
+        tasks: 0,
+        images,
+        bytes,
+        objects,
+    })
 }
 
 /// Copies `from` to the private file `to` (0600, replaced if there, synced), streamed and

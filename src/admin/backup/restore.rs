@@ -21,11 +21,12 @@ use super::files::{
 };
 use super::manifest::{Manifest, read_manifest_at};
 use super::source::{copy_src_db, open_src, open_under};
-use super::{CHUNK, Copied, Progress, stored_file};
+use super::{CHUNK, Copied, Objects, Progress, stored_file};
 use crate::admin::AdminError;
 use crate::admin::access::shown;
 use crate::kind::read::MAX_FILES;
-use crate::model::{ImageState, Task, valid_task_id};
+use crate::model::{ImageState, Task, is_object_location, valid_task_id};
+use crate::storage::{FileStore as _, ObjectStore, recorded_place};
 use crate::store::{Store, TaskCopy, UNFINISHED_RESTORE};
 
 /// Where restore puts its copy of SRC's `db/` (inside the target; removed when done).
@@ -34,7 +35,7 @@ const SCRATCH: &str = ".restore-src";
 /// Why a task copied from a backup cannot be trusted, if it cannot: its key is not a valid
 /// task id, the record inside holds another id, an image names anything but its own file
 /// (or is stored without its size and hash), or a notification belongs to something else.
-fn distrust(copy: &TaskCopy) -> Option<String> {
+fn distrust(copy: &TaskCopy, object: Option<&ObjectStore>) -> Option<String> {
     let Some(id) = std::str::from_utf8(copy.key())
         .ok()
         .filter(|id| valid_task_id(id))
@@ -68,7 +69,7 @@ fn distrust(copy: &TaskCopy) -> Option<String> {
                 ));
             }
         }
-        let name = match stored_file(task.kind, id, img) {
+        let name = match recorded_place(task.kind, id, img, object) {
             Ok(name) => name,
             Err(why) => return Some(why),
         };
@@ -101,6 +102,7 @@ fn distrust(copy: &TaskCopy) -> Option<String> {
 pub fn restore(
     src: &Path,
     target: &Path,
+    objects: Option<&Objects<'_>>,
     progress: Option<Progress>,
 ) -> Result<Manifest, AdminError> {
     let src_dir = open_src(src)?;
@@ -125,8 +127,8 @@ pub fn restore(
                 shown(&scratch).display()
             ))
         })?;
-        check_backup(&source, src)?;
-        let copied = copy_restored(&source, &src_dir, src, target, progress)?;
+        check_backup(&source, src, objects)?;
+        let copied = copy_restored(&source, &src_dir, src, target, objects, progress)?;
         drop(source);
         std::fs::remove_dir_all(&scratch).map_err(|e| io_error("remove", &scratch, &e))?;
         if (copied.tasks, copied.images, copied.bytes)
@@ -248,7 +250,11 @@ pub fn give_target_to_src_owner(target: &Path, src: &Path) -> Result<(), AdminEr
 
 /// Refuses the backup if any task record in it cannot be trusted, naming the task. Runs
 /// before restore writes anything but its scratch copy.
-fn check_backup(source: &Store, src: &Path) -> Result<(), AdminError> {
+fn check_backup(
+    source: &Store,
+    src: &Path,
+    objects: Option<&Objects<'_>>,
+) -> Result<(), AdminError> {
     let mut after: Option<Vec<u8>> = None;
     loop {
         let chunk = source.read_tasks(after.as_deref(), CHUNK)?;
@@ -257,7 +263,7 @@ fn check_backup(source: &Store, src: &Path) -> Result<(), AdminError> {
         };
         after = Some(last.key().to_vec());
         for copy in &chunk {
-            if let Some(why) = distrust(copy) {
+            if let Some(why) = distrust(copy, object_store(objects)) {
                 return Err(refused(src, copy, &why));
             }
         }
@@ -280,6 +286,7 @@ fn copy_restored(
     src_dir: &OwnedFd,
     src: &Path,
     dest: &Path,
+    objects: Option<&Objects<'_>>,
     progress: Option<Progress>,
 ) -> Result<Copied, AdminError> {
     let target = Store::open_for_restore(dest).map_err(|e| {
@@ -299,10 +306,11 @@ fn copy_restored(
         after = Some(last.key().to_vec());
         for copy in &chunk {
             // Checked before anything was written; checked again as it is written.
-            if let Some(why) = distrust(copy) {
+            if let Some(why) = distrust(copy, object_store(objects)) {
                 return Err(refused(src, copy, &why));
             }
             if let Some(task) = &copy.task {
+                check_objects(objects, task).map_err(|e| refused(src, copy, &e))?;
                 let (images, bytes) = restore_task_images(src_dir, &mut kind_dirs, src, dest, task)
                     .map_err(|e| refused(src, copy, &e))?;
                 copied.images += images;
@@ -319,6 +327,50 @@ fn copy_restored(
     target.rebuild_recent()?;
     target.flush_now()?;
     Ok(copied)
+}
+
+fn object_store<'a>(objects: Option<&'a Objects<'_>>) -> Option<&'a ObjectStore> {
+    objects.and_then(|o| o.files.object()).map(|o| o.as_ref())
+}
+
+/// Checks that every object a downloaded file of `task` is stored as exists in the object
+/// store with its recorded size (SPEC: restore checks the objects, which stay where they
+/// are). `Err` says which and why.
+fn check_objects(objects: Option<&Objects<'_>>, task: &Task) -> Result<(), String> {
+    let (Some(object), Some(objects)) = (object_store(objects), objects) else {
+        return Ok(());
+    };
+    for img in task
+        .images
+        .iter()
+        .filter(|i| i.state == ImageState::Downloaded)
+    {
+        let Some(place) = recorded_place(task.kind, &task.task_id, img, Some(object))? else {
+            continue;
+        };
+        if !place.object {
+            continue;
+        }
+        match objects.runtime.block_on(object.size(&place.place)) {
+            Ok(Some(size)) if Some(size) == img.bytes => {}
+            Ok(Some(size)) => {
+                return Err(format!(
+                    "file {} is the object {} of {size} bytes, not the recorded {}",
+                    img.index,
+                    place.place,
+                    img.bytes.unwrap_or(0)
+                ));
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "file {} is the object {}, which the object store does not have",
+                    img.index, place.place
+                ));
+            }
+            Err(e) => return Err(format!("file {}: {e}", img.index)),
+        }
+    }
+    Ok(())
 }
 
 /// Copies the stored images of one checked task from SRC into `dest`, each at the path
@@ -340,7 +392,11 @@ fn restore_task_images(
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
     {
-        let Some((slot, ext)) = stored_file(task.kind, &task.task_id, img)? else {
+        if img.path.as_deref().is_some_and(is_object_location) {
+            // An object stays where it is (`check_objects` found it).
+            continue;
+        }
+        let Some((slot, ext)) = stored_file(task.kind, &task.task_id, img, None)? else {
             return Err(format!("image {} names no file", img.index));
         };
         let name = slot.file_name(ext);
@@ -417,6 +473,8 @@ mod tests {
             tasks: 4,
             images: 0,
             bytes: 0,
+            objects: 0,
+            storage: None,
         };
         std::fs::write(
             src.path().join(MANIFEST),
@@ -425,7 +483,7 @@ mod tests {
         .unwrap();
         let target = tempfile::tempdir().unwrap();
         let data = target.path().join("data");
-        restore(src.path(), &data, None).unwrap();
+        restore(src.path(), &data, None, None).unwrap();
         let store = Store::open(&data).unwrap();
         assert_eq!(schema_of(&store), crate::store::SCHEMA_VERSION);
         for id in ["a", "b", "c", "e"] {
