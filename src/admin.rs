@@ -3,19 +3,22 @@
 //! when the daemon is stopped, by opening the store directly — the same code answers both
 //! ways. Its parts: `wire` (requests, replies, errors), `exec` (running a request on the
 //! store), `service` and `client` (the two ends of the socket), `render` (printing),
-//! `access` (which data directory, as whom), `backup` (backup, restore, prune). Must not
+//! `access` (which data directory, as whom), `backup` (backup, restore, prune), `migrate`
+//! (`migrate-files`). Must not
 //! change a task except through `store::apply` (the state machine).
 
 pub mod access;
 pub mod backup;
 mod client;
 mod exec;
+mod migrate;
 mod render;
 mod service;
 mod wire;
 
 pub use client::*;
 pub use exec::*;
+pub use migrate::MigrateJson;
 pub use render::*;
 pub use service::*;
 pub use wire::*;

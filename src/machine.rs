@@ -146,6 +146,13 @@ pub enum Event {
     UrlRefreshed { index: u32, url: String },
     /// `admin retry`. `damaged` lists stored images whose files are missing or corrupt.
     Retry { damaged: Vec<u32> },
+    /// `admin migrate-files`: stored file `index`, whose sha256 is `sha256`, is now (also)
+    /// at `path` (an object's location), copied there and verified.
+    FileMoved {
+        index: u32,
+        path: String,
+        sha256: String,
+    },
 }
 
 impl Event {
@@ -400,6 +407,16 @@ pub fn apply(task: &mut Task, event: Event, ctx: &Ctx) -> Outcome {
         (State::Failed | State::Downloaded, Event::Retry { damaged }) => {
             retry_images(task, &damaged, ctx, &mut out);
         }
+        // ---- admin migrate-files: a stored file's place, in any state ----
+        (
+            _,
+            Event::FileMoved {
+                index,
+                path,
+                sha256,
+            },
+        ) => move_file(task, index, path, &sha256, &mut out),
+
         (State::Submitted | State::Received, Event::Retry { .. }) => {
             out.note(
                 EventKind::Ignored,
@@ -503,6 +520,28 @@ fn pending_image(task: &mut Task, index: u32) -> Option<&mut Image> {
 
 /// A download result for an image that is not pending (or a task not downloading) changes
 /// nothing: a late or duplicate worker report.
+/// A stored file moved to `path`: recorded only while the file is stored with the same
+/// sha256 (a retry or prune in between changed it: the move is dropped, its copy left to be
+/// overwritten by the next move or removed with the task).
+fn move_file(task: &mut Task, index: u32, path: String, sha256: &str, out: &mut Outcome) {
+    let label = file_label(task, index);
+    match task.images.iter_mut().find(|i| i.index == index) {
+        Some(img)
+            if img.state == ImageState::Downloaded && img.sha256.as_deref() == Some(sha256) =>
+        {
+            let from = img.path.replace(path.clone()).unwrap_or_default();
+            out.note(
+                EventKind::ImageStored,
+                format!("{label} moved from {from} to {path} (migrate-files, verified)"),
+            );
+        }
+        _ => out.note(
+            EventKind::Ignored,
+            format!("move of {label} to {path} ignored: it is no longer stored as copied"),
+        ),
+    }
+}
+
 fn ignore_download_result(task: &Task, index: u32, out: &mut Outcome) {
     out.note(
         EventKind::Ignored,
@@ -901,6 +940,11 @@ mod tests {
             },
             Event::Retry { damaged: vec![] },
             Event::Retry { damaged: vec![0] },
+            Event::FileMoved {
+                index: 0,
+                path: "s3://b/t/0.png".into(),
+                sha256: "00".repeat(32),
+            },
         ]
     }
 

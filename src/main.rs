@@ -257,6 +257,22 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move the stored files from the data directory to the object store (storage.kind = "s3").
+    ///
+    /// Each file is checked against its sha256, uploaded and verified, recorded, and only
+    /// then removed from the data directory. Stopped at any point, run it again: it resumes
+    /// where it stopped and never moves a file twice (docs/storage.md).
+    MigrateFiles {
+        /// Where to: the object store of [storage] (only "s3").
+        #[arg(long, value_name = "STORE", value_parser = ["s3"])]
+        to: String,
+        /// Only count what would be moved.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `--listen`: an IP:PORT, or a host name resolved now (its first address).
@@ -504,6 +520,11 @@ async fn run(command: Command, config: Config) -> ExitCode {
             AdminCommand::Intents { drop, json } => (Request::Intents { drop }, json),
             AdminCommand::Backup { dest, json } => (Request::Backup { dest, seen: None }, json),
             AdminCommand::Restore { src, json } => (Request::Restore { src }, json),
+            AdminCommand::MigrateFiles {
+                to: _,
+                dry_run,
+                json,
+            } => (Request::MigrateFiles { dry_run }, json),
             AdminCommand::Prune {
                 older_than,
                 dry_run,

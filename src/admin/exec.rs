@@ -335,6 +335,9 @@ impl Exec {
                 }
                 Reply::Pruned { prune }
             }
+            Request::MigrateFiles { dry_run } => Reply::Migrated {
+                migrate: self.migrate_files(dry_run).await?,
+            },
             Request::Submit { music_task_id } => {
                 check_id(&music_task_id, "music task id")?;
                 let submitter = self.submitter();

@@ -17,6 +17,7 @@ pub fn render(reply: &Reply, json: bool) -> String {
                 serde_json::to_string_pretty(backup)
             }
             Reply::Pruned { prune } => serde_json::to_string_pretty(prune),
+            Reply::Migrated { migrate } => serde_json::to_string_pretty(migrate),
             Reply::Intents { intents, .. } => serde_json::to_string_pretty(intents),
         };
         return value.unwrap_or_default();
@@ -198,6 +199,27 @@ pub fn render(reply: &Reply, json: bool) -> String {
             "restored {} tasks and {} images ({} bytes) from the backup of {} into {data_dir}; start the daemon now",
             backup.tasks, backup.images, backup.bytes, backup.created_at
         ),
+        Reply::Migrated { migrate } => {
+            let mut text = format!(
+                "{} {} file(s), {} bytes, to {}; {} already there",
+                if migrate.dry_run {
+                    "would move"
+                } else {
+                    "moved"
+                },
+                migrate.files,
+                migrate.bytes,
+                migrate.to,
+                migrate.already
+            );
+            if !migrate.skipped.is_empty() {
+                text.push_str(&format!(
+                    "\nleft in the data directory, missing or not matching their record (run `coverd admin verify`, then `coverd admin retry TASK_ID`): {}",
+                    migrate.skipped.join(", ")
+                ));
+            }
+            text
+        }
         Reply::Pruned { prune } => format!(
             "{} {} finished task(s) last changed before {} and {} bytes of images",
             if prune.dry_run {

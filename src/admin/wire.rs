@@ -77,6 +77,10 @@ pub enum Request {
         older_than_secs: u64,
         dry_run: bool,
     },
+    /// Move the stored files from the data directory to the object store.
+    MigrateFiles {
+        dry_run: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -232,6 +236,9 @@ pub enum Reply {
     Pruned {
         prune: backup::PruneJson,
     },
+    Migrated {
+        migrate: super::MigrateJson,
+    },
     /// `admin intents`: submissions not resolved yet (a cover's the daemon resolves; the
     /// other kinds' have an unknown outcome and wait for the operator).
     Intents {
@@ -376,6 +383,7 @@ impl Request {
             | Request::Redeliver { .. }
             | Request::Restore { .. }
             | Request::Prune { .. } => true,
+            Request::MigrateFiles { dry_run } => !dry_run,
             Request::Intents { drop } => drop.is_some(),
             Request::Status
             | Request::List { .. }
@@ -394,6 +402,7 @@ impl Request {
             | Request::Export
             | Request::Backup { .. }
             | Request::Prune { .. }
+            | Request::MigrateFiles { .. }
             | Request::Restore { .. } => true,
             Request::Status
             | Request::List { .. }
@@ -416,6 +425,7 @@ impl Request {
             Request::Backup { .. } => Some("backing up"),
             Request::Restore { .. } => Some("restoring"),
             Request::Prune { .. } => Some("pruning"),
+            Request::MigrateFiles { .. } => Some("migrating"),
             Request::Status
             | Request::List { .. }
             | Request::Show { .. }

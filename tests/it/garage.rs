@@ -132,7 +132,7 @@ impl Garage {
     /// An object_store client for tests (path style, plain http, the key above, SHA-256
     /// checksums on writes, two quick retries) to get/put/delete objects behind coverd's back.
     pub fn client(&self) -> AmazonS3 {
-        self.builder()
+        self.builder(ClientOptions::new())
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
                 max_retries: 2,
@@ -358,13 +358,12 @@ api_bind_addr = "127.0.0.1:{s3}"
     /// A signed request gets an answer: HEAD of a missing object is NotFound.
     fn s3_answers(&self) -> bool {
         let s3 = self
-            .builder()
+            .builder(ClientOptions::new().with_timeout(Duration::from_secs(2)))
             .with_retry(RetryConfig {
                 backoff: BackoffConfig::default(),
                 max_retries: 0,
                 retry_timeout: Duration::from_secs(2),
             })
-            .with_client_options(ClientOptions::new().with_timeout(Duration::from_secs(2)))
             .build()
             .expect("garage client");
         let path = ObjectPath::from("coverd-garage-ready-probe");
@@ -374,8 +373,10 @@ api_bind_addr = "127.0.0.1:{s3}"
         }
     }
 
-    fn builder(&self) -> AmazonS3Builder {
+    /// `options` first: the builder keeps `allow_http` in them.
+    fn builder(&self, options: ClientOptions) -> AmazonS3Builder {
         AmazonS3Builder::new()
+            .with_client_options(options)
             .with_endpoint(&self.endpoint)
             .with_bucket_name(&self.bucket)
             .with_region(&self.region)
