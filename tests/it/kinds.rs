@@ -40,12 +40,12 @@ async fn callback(d: &Daemon, kind: Kind, body: &Value) -> (u16, String) {
 }
 
 /// One test case's files: (path on the fake's file host, bytes).
-struct Files {
-    items: Vec<(String, Bytes)>,
+pub(crate) struct Files {
+    pub(crate) items: Vec<(String, Bytes)>,
 }
 
 impl Files {
-    fn serve(fake: &FakeKie, items: &[(&str, Bytes)]) -> Files {
+    pub(crate) fn serve(fake: &FakeKie, items: &[(&str, Bytes)]) -> Files {
         for (path, bytes) in items {
             fake.files.set(path, Behaviour::Image(bytes.clone()));
         }
@@ -57,14 +57,14 @@ impl Files {
         }
     }
 
-    fn url(&self, fake: &FakeKie, i: usize) -> String {
+    pub(crate) fn url(&self, fake: &FakeKie, i: usize) -> String {
         fake.files.url(&self.items[i].0)
     }
 }
 
 /// The files each kind makes in these tests: what the fake serves, and the names
 /// (`files/<task>/<name>`) they must be stored under, in order.
-fn case(fake: &FakeKie, kind: Kind, tag: &str) -> (Files, Vec<&'static str>) {
+pub(crate) fn case(fake: &FakeKie, kind: Kind, tag: &str) -> (Files, Vec<&'static str>) {
     let p = |name: &str| format!("/{tag}/{}/{name}", kind.as_str());
     match kind {
         Kind::Music => (
@@ -104,7 +104,7 @@ fn case(fake: &FakeKie, kind: Kind, tag: &str) -> (Files, Vec<&'static str>) {
 
 /// A success callback of `kind` listing `files` as KIE writes it (snake case, with the
 /// fields coverd must ignore: streams, the source, the original).
-fn success_callback(fake: &FakeKie, kind: Kind, id: &str, files: &Files) -> Value {
+pub(crate) fn success_callback(fake: &FakeKie, kind: Kind, id: &str, files: &Files) -> Value {
     let u = |i| files.url(fake, i);
     match kind {
         Kind::Music => json!({"code": 200, "msg": "All generated successfully.", "data": {
@@ -155,7 +155,7 @@ fn failure_callback(kind: Kind, id: &str) -> Value {
     }
 }
 
-const OTHER_KINDS: [Kind; 4] = [Kind::Music, Kind::Wav, Kind::Video, Kind::Stems];
+pub(crate) const OTHER_KINDS: [Kind; 4] = [Kind::Music, Kind::Wav, Kind::Video, Kind::Stems];
 
 /// The task's files are stored under `files/<id>/` with the expected names and bytes.
 fn assert_stored(d: &Daemon, t: &Task, files: &Files, names: &[&str]) {

@@ -12,6 +12,7 @@ mod fake_kie;
 mod faultfs;
 mod fetch;
 mod fsyncgate;
+mod garage;
 mod harness;
 mod health;
 mod hostile_backup;
@@ -33,6 +34,7 @@ mod quarantine;
 mod sharing;
 mod sled_power;
 mod smoke;
+mod storage;
 mod unit_view;
 
 /// `admin track` through the library, as the admin socket would run it.

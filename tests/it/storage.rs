@@ -1,0 +1,369 @@
+//! Object storage (`[storage] kind = "s3"`) through the real binary against a real
+//! single-node Garage (`garage::Garage`): every kind stored in the bucket with matching
+//! checksums, `verify` catching objects damaged or deleted behind coverd's back and `retry`
+//! repairing them, `prune` deleting, two instances sharing a bucket, Garage stopped while
+//! uploads wait and started again, SIGKILL mid-upload, and `migrate-files` of a local data
+//! directory, interrupted and resumed.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use coverd::model::Kind;
+use serde_json::Value;
+
+use crate::bin_util::{Scratch, wait_status};
+use crate::fake_kie::FakeKie;
+use crate::fake_kie::files::{Behaviour, png, sha256_hex, wav};
+use crate::garage::Garage;
+use crate::harness::success_body;
+use crate::kinds::{OTHER_KINDS, case, success_callback};
+
+/// A scratch directory whose configuration stores files in `garage` under `prefix`, the
+/// secret access key in a 0600 file beside it.
+fn s3_scratch(fake: &FakeKie, garage: &Garage, prefix: &str) -> Scratch {
+    let scratch = Scratch::new();
+    write_s3_config(&scratch, fake, garage, prefix);
+    scratch
+}
+
+fn write_s3_config(scratch: &Scratch, fake: &FakeKie, garage: &Garage, prefix: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = scratch.dir.path().join("s3-secret");
+    std::fs::write(&secret, &garage.secret_access_key).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let storage = format!(
+        "{}secret_access_key_file = {:?}\n",
+        garage.storage_toml(prefix),
+        secret.display().to_string()
+    );
+    scratch.write_config(&fake.base_url(), "", &storage);
+}
+
+/// The key of `location` (`s3://coverd/<key>`).
+fn key_of(location: &Value) -> String {
+    location
+        .as_str()
+        .and_then(|l| l.strip_prefix("s3://coverd/"))
+        .unwrap_or_else(|| panic!("{location} is not an object of bucket coverd"))
+        .to_string()
+}
+
+/// A cover callback for `id` with `n` PNGs served by the fake; their bytes.
+async fn cover(fake: &FakeKie, d: &crate::bin_util::Daemon, id: &str, n: usize) -> Vec<Bytes> {
+    let mut urls = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..n {
+        let path = format!("/s3/{id}/{i}.png");
+        let bytes = png(2_000 + 997 * i + id.len() * 13);
+        fake.files.set(&path, Behaviour::Image(bytes.clone()));
+        urls.push(fake.files.url(&path));
+        all.push(bytes);
+    }
+    let (status, text) = d.callback(success_body(id, &urls)).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    all
+}
+
+#[tokio::test]
+async fn every_kind_is_stored_in_the_bucket_verified_repaired_and_pruned() {
+    let garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let scratch = s3_scratch(&fake, &garage, "vm1/");
+    let d = scratch.serve().await;
+    let covers = cover(&fake, &d, "s3-cover", 2).await;
+    let mut expected: Vec<(String, Vec<(String, Bytes)>)> = vec![(
+        "s3-cover".into(),
+        covers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("vm1/s3-cover/{i}.png"), b.clone()))
+            .collect(),
+    )];
+    for kind in OTHER_KINDS {
+        let id = format!("s3-{}", kind.as_str());
+        let (files, names) = case(&fake, kind, "s3");
+        let body = success_callback(&fake, kind, &id, &files);
+        let (status, text) = d
+            .callback_on(kind.as_str(), body.to_string())
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{text}");
+        let want = names
+            .iter()
+            .zip(&files.items)
+            .map(|(n, (_, b))| (format!("vm1/{id}/{n}"), b.clone()))
+            .collect();
+        expected.push((id, want));
+    }
+    wait_status(&scratch, "every task downloaded", |v| {
+        v["tasks"]["downloaded"] == expected.len()
+    })
+    .await;
+    // Each file: in the bucket at its key, with the recorded sha256; `path` null.
+    for (id, want) in &expected {
+        let show = scratch.admin_json(&["show", id]).await;
+        for (i, (key, bytes)) in want.iter().enumerate() {
+            let file = &show["files"][i];
+            assert_eq!(file["path"], Value::Null, "{show:#}");
+            assert_eq!(key_of(&file["location"]), *key, "{show:#}");
+            assert_eq!(file["sha256"], sha256_hex(bytes).as_str());
+            let stored = garage
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} not in the bucket"));
+            assert_eq!(sha256_hex(&stored), sha256_hex(bytes), "{key}");
+        }
+    }
+    let data = scratch.data_dir();
+    for dir in ["images", "files"] {
+        let left: Vec<_> = std::fs::read_dir(data.join(dir)).unwrap().collect();
+        assert!(left.is_empty(), "{dir}/ holds files: {left:?}");
+    }
+    // Behind coverd's back: one object damaged, one deleted. verify names both (exit 1).
+    let damaged = "vm1/s3-cover/1.png";
+    let deleted = "vm1/s3-wav/audio.wav";
+    garage.put(damaged, b"not the image any more");
+    garage.delete(deleted);
+    let out = scratch.run(&["admin", "verify", "--json"]).await;
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let verify: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        verify["corrupt"],
+        serde_json::json!([format!("s3://coverd/{damaged}")]),
+        "{verify:#}"
+    );
+    assert_eq!(
+        verify["missing"],
+        serde_json::json!([format!("s3://coverd/{deleted}")]),
+        "{verify:#}"
+    );
+    // retry fetches and uploads them again.
+    for id in ["s3-cover", "s3-wav"] {
+        let out = scratch.run(&["admin", "retry", id]).await;
+        assert_eq!(out.code, Some(0), "{out:?}");
+    }
+    wait_status(&scratch, "the repaired tasks downloaded again", |v| {
+        v["tasks"]["downloaded"] == expected.len()
+    })
+    .await;
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], verify["checked"], "{verify:#}");
+    assert_eq!(garage.get(damaged).unwrap(), covers[1].as_ref());
+    // prune deletes the objects with the records.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let prune = scratch.admin_json(&["prune", "--older-than", "1ms"]).await;
+    assert_eq!(prune["tasks"], expected.len(), "{prune:#}");
+    assert_eq!(garage.keys("vm1/"), Vec::<String>::new());
+    d.stop().await;
+}
+
+/// Two instances, own data directories and prefixes, one bucket, the same task id: neither
+/// sees nor removes the other's objects.
+#[tokio::test]
+async fn two_instances_share_a_bucket_without_stepping_on_each_other() {
+    let garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let one = s3_scratch(&fake, &garage, "vm1/");
+    let two = s3_scratch(&fake, &garage, "vm2/");
+    let (d1, d2) = (one.serve().await, two.serve().await);
+    let a = cover(&fake, &d1, "same-task", 1).await;
+    wait_status(&one, "downloaded on vm1", |v| v["tasks"]["downloaded"] == 1).await;
+    // The same id on the other instance, other bytes (other fake paths).
+    fake.files.set("/other/0.png", Behaviour::Image(png(7_777)));
+    let url = fake.files.url("/other/0.png");
+    let (status, _) = d2
+        .callback(success_body("same-task", &[url]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    wait_status(&two, "downloaded on vm2", |v| v["tasks"]["downloaded"] == 1).await;
+    assert_eq!(garage.get("vm1/same-task/0.png").unwrap(), a[0].as_ref());
+    assert_eq!(
+        garage.get("vm2/same-task/0.png").unwrap(),
+        png(7_777).as_ref()
+    );
+    let prune = one.admin_json(&["prune", "--older-than", "1ms"]).await;
+    assert_eq!(prune["tasks"], 1);
+    assert!(garage.get("vm1/same-task/0.png").is_none());
+    assert!(garage.get("vm2/same-task/0.png").is_some());
+    let verify = two.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 1, "{verify:#}");
+    d1.stop().await;
+    d2.stop().await;
+}
+
+/// Garage stopped while files wait to be uploaded: uploads pause (no attempt used, no task
+/// failed, `/healthz` 200 saying so), and once it is back every file lands and verifies.
+/// A WAV above the multipart size goes in parts and is read back.
+#[tokio::test]
+async fn an_object_store_outage_pauses_uploads_and_fails_no_task() {
+    let mut garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let scratch = s3_scratch(&fake, &garage, "");
+    let d = scratch.serve().await;
+    garage.stop();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = format!("outage-{i}");
+        cover(&fake, &d, &id, 2).await;
+        ids.push(id);
+    }
+    // One big file: a multipart upload (more than 8 MiB).
+    let big = wav(9 << 20);
+    fake.files
+        .set("/outage/big.wav", Behaviour::Image(big.clone()));
+    let body = serde_json::json!({"code": 200, "msg": "success",
+        "data": {"task_id": "outage-wav", "audio_wav_url": fake.files.url("/outage/big.wav")}});
+    let (status, _) = d.callback_on("wav", body.to_string()).await.unwrap();
+    assert_eq!(status, 200);
+    d.wait_for_log("uploads paused").await;
+    let (status, body) = d.get("/healthz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("uploads paused"), "{body}");
+    let status = scratch.admin_json(&["status"]).await;
+    assert_eq!(status["tasks"]["failed"], 0, "{status:#}");
+    garage.restart();
+    wait_status(&scratch, "every task downloaded", |v| {
+        v["tasks"]["downloaded"] == 5
+    })
+    .await;
+    let (_, body) = d.get("/healthz").await;
+    assert_eq!(body, "ok");
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 9, "{verify:#}");
+    let show = scratch.admin_json(&["show", "outage-wav"]).await;
+    assert_eq!(show["files"][0]["sha256"], sha256_hex(&big).as_str());
+    assert_eq!(garage.get("outage-wav/audio.wav").unwrap(), big.as_ref());
+    // The store's outage was not the files' fault: one attempt each.
+    for id in &ids {
+        let show = scratch.admin_json(&["show", id]).await;
+        for f in show["files"].as_array().unwrap() {
+            assert_eq!(f["attempts"], 1, "{show:#}");
+        }
+    }
+    assert!(
+        d.logs().matches("uploads paused").count() <= 2,
+        "one line per pause, not one per file:\n{}",
+        d.logs()
+    );
+    d.stop().await;
+}
+
+/// SIGKILL while uploads run: every object a record names is whole, and after the restart
+/// every file lands and verifies.
+#[tokio::test]
+async fn sigkill_mid_upload_records_no_object_that_is_not_whole() {
+    let garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let scratch = s3_scratch(&fake, &garage, "k/");
+    let d = scratch.serve().await;
+    let mut want = Vec::new();
+    for i in 0..6 {
+        let id = format!("kill-wav-{i}");
+        let bytes = wav((3 << 20) + i * 1_000_003);
+        let path = format!("/kill/{i}.wav");
+        fake.files.set(&path, Behaviour::Image(bytes.clone()));
+        let body = serde_json::json!({"code": 200, "msg": "success",
+            "data": {"task_id": id, "audio_wav_url": fake.files.url(&path)}});
+        let (status, _) = d.callback_on("wav", body.to_string()).await.unwrap();
+        assert_eq!(status, 200);
+        want.push((id, bytes));
+    }
+    // Kill once the first object is in the bucket: the others are on their way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while garage.keys("k/").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no upload landed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    d.kill();
+    let tasks = scratch.export().await.unwrap();
+    for t in &tasks {
+        for f in t["files"].as_array().unwrap() {
+            if f["state"] == "downloaded" {
+                let key = key_of(&f["location"]);
+                let stored = garage.get(&key).expect("a recorded object exists");
+                assert_eq!(sha256_hex(&stored), f["sha256"].as_str().unwrap(), "{key}");
+            }
+        }
+    }
+    let d = scratch.serve().await;
+    wait_status(&scratch, "every task downloaded", |v| {
+        v["tasks"]["downloaded"] == want.len()
+    })
+    .await;
+    for (id, bytes) in &want {
+        assert_eq!(
+            garage.get(&format!("k/{id}/audio.wav")).unwrap(),
+            bytes.as_ref()
+        );
+    }
+    d.stop().await;
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], want.len(), "{verify:#}");
+}
+
+/// A local data directory moved to the bucket by `migrate-files`: a dry run counts, a run
+/// killed partway leaves every file either in the data directory or recorded in the bucket,
+/// and runs after it finish the move, never moving a file twice.
+#[tokio::test]
+async fn migrate_files_moves_a_local_data_directory_and_resumes() {
+    let garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let scratch = Scratch::new();
+    scratch.write_config(&fake.base_url(), "", "");
+    let d = scratch.serve().await;
+    let n = 24;
+    for i in 0..n {
+        cover(&fake, &d, &format!("mig-{i}"), 2).await;
+    }
+    wait_status(&scratch, "every task downloaded", |v| {
+        v["tasks"]["downloaded"] == n
+    })
+    .await;
+    d.stop().await;
+    write_s3_config(&scratch, &fake, &garage, "m/");
+    let dry = scratch
+        .admin_json(&["migrate-files", "--to", "s3", "--dry-run"])
+        .await;
+    assert_eq!(dry["files"], 2 * n, "{dry:#}");
+    assert!(garage.keys("m/").is_empty());
+    // Interrupted: SIGKILL once the first object is in the bucket.
+    let mut cmd = crate::bin_util::coverd();
+    cmd.arg("--config")
+        .arg(scratch.config_path())
+        .args(["admin", "migrate-files", "--to", "s3"]);
+    let mut child = cmd.spawn().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while garage.keys("m/").is_empty() && child.try_wait().unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing moved");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let moved_first = garage.keys("m/").len();
+    // Every file is in one place or the other, whole.
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 2 * n, "{verify:#}");
+    let second = scratch.admin_json(&["migrate-files", "--to", "s3"]).await;
+    assert_eq!(
+        second["files"].as_u64().unwrap() + second["already"].as_u64().unwrap(),
+        2 * n as u64,
+        "{second:#}"
+    );
+    assert!(
+        second["already"].as_u64().unwrap() + 1 >= moved_first as u64,
+        "{second:#}"
+    );
+    let third = scratch.admin_json(&["migrate-files", "--to", "s3"]).await;
+    assert_eq!(third["files"], 0, "{third:#}");
+    assert_eq!(third["already"], 2 * n, "{third:#}");
+    assert_eq!(garage.keys("m/").len(), 2 * n);
+    let images = scratch.data_dir().join("images");
+    let left: Vec<_> = std::fs::read_dir(&images).unwrap().collect();
+    assert!(left.is_empty(), "images/ still holds {left:?}");
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 2 * n, "{verify:#}");
+    let show = scratch.admin_json(&["show", "mig-0"]).await;
+    assert_eq!(key_of(&show["files"][0]["location"]), "m/mig-0/0.png");
+    assert_eq!(show["images"][0]["path"], Value::Null);
+    let _ = Kind::Cover;
+}
