@@ -15,14 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::dirsync::{create_private_dir, sync_dir};
-use crate::fetch::{Ext, FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher};
 use crate::kie::verdict::{RECORD_INFO_FAILED, Verdict, interpret};
 use crate::kie::{KieClient, KieError};
 use crate::machine::{Ctx, Event, Report};
 use crate::metrics::Metrics;
-use crate::model::{
-    Clock, EventKind, FileType, Image, ImageState, Kind, Millis, State, Task, millis,
-};
+use crate::model::{Clock, EventKind, Image, ImageState, Kind, Millis, State, Task, millis};
 use crate::retry::{self, Backoff, Jitter};
 use crate::schedule::{self, DueWork, Finished, Names, Scheduler};
 use crate::storage::{FileStore, StorageError, adopt_existing};
@@ -41,19 +39,6 @@ pub use crate::kind::{FILES_DIR, IMAGES_DIR};
 /// Both, for what goes over every stored file.
 pub const STORED_DIRS: [&str; 2] = [IMAGES_DIR, FILES_DIR];
 
-/// The directory of a task's files, relative to the data directory: `images/<task_id>` for a
-/// cover, `files/<task_id>` for the others.
-pub fn task_dir(kind: Kind, task_id: &str) -> String {
-    format!("{}/{task_id}", kind.describe().dir)
-}
-
-/// Where a file is stored, relative to the data directory: `images/<task_id>/<index>.<ext>`
-/// for a cover image, `files/<task_id>/<name>.<ext>` for the others (SPEC "Data directory").
-/// The one place that builds it: `install` writes there, and restore accepts a record only
-/// if its path is exactly this.
-pub fn file_path(kind: Kind, task_id: &str, name: &str, ext: Ext) -> String {
-    format!("{}/{name}.{}", task_dir(kind, task_id), ext.as_str())
-}
 /// Where partial downloads live; emptied at every start.
 pub const TMP_DIR: &str = "tmp";
 /// Tasks being worked on at once, per unit of `download.concurrency`.
@@ -192,16 +177,22 @@ pub struct Downloader {
     files: Arc<dyn FileStore>,
 }
 
+/// Where the downloads' files come from and where they go.
+pub struct Transfer {
+    pub fetcher: Fetcher,
+    /// The file store new files go to (`storage::Files::primary`).
+    pub files: Arc<dyn FileStore>,
+}
+
 impl Downloader {
     pub fn new(
         store: Store,
         config: Arc<Config>,
-        fetcher: Fetcher,
+        Transfer { fetcher, files }: Transfer,
         kie: Option<Arc<KieClient>>,
         wake: Arc<Notify>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
-        files: Arc<dyn FileStore>,
     ) -> Arc<Downloader> {
         let slots = config.download.concurrency.max(1);
         Arc::new(Downloader {
@@ -607,67 +598,5 @@ impl DueWork for Downloader {
     }
 }
 
-/// Where one file of a task goes: its kind's directory, the task's directory in it, its
-/// name without extension and the type its bytes must be. Built from the kind's rules (a
-/// record's name is checked against them), never from a path a record holds.
-#[derive(Debug, Clone)]
-pub struct Slot {
-    kind: Kind,
-    task_id: String,
-    name: String,
-    expect: FileType,
-}
-
-impl Slot {
-    /// The slot of file `image` of task `task_id` of `kind`; `Err` (why) for an invalid task
-    /// id or a name the kind does not give.
-    pub fn of(kind: Kind, task_id: &str, image: &Image) -> Result<Slot, String> {
-        if !crate::model::valid_task_id(task_id) {
-            return Err(format!("{task_id:?} is not a valid task id"));
-        }
-        if !kind.file_name_ok(image.index, &image.name) {
-            return Err(format!(
-                "file {} is named {:?}, not a name a {} task gives its files",
-                image.index,
-                image.name,
-                kind.as_str()
-            ));
-        }
-        Ok(Slot {
-            kind,
-            task_id: task_id.to_string(),
-            name: image.name.clone(),
-            expect: image.expect,
-        })
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
-    /// The task's directory, relative to the data directory.
-    pub fn dir(&self) -> String {
-        task_dir(self.kind, &self.task_id)
-    }
-
-    /// The file's path with `ext`, relative to the data directory.
-    pub fn path(&self, ext: Ext) -> String {
-        file_path(self.kind, &self.task_id, &self.name, ext)
-    }
-
-    /// The file's name in its directory with `ext`.
-    pub fn file_name(&self, ext: Ext) -> String {
-        format!("{}.{}", self.name, ext.as_str())
-    }
-
-    /// The extensions a file of this slot may have (those of its type).
-    pub fn exts(&self) -> impl Iterator<Item = Ext> + use<> {
-        self.expect.exts()
-    }
-}
-
 pub use crate::storage::local::{discard, hash_file};
+pub use crate::storage::slot::{Slot, file_path, task_dir};

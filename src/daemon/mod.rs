@@ -274,12 +274,14 @@ pub async fn start(config: Config, hooks: Hooks) -> Result<Running, DaemonError>
     let downloader = Downloader::new(
         store.clone(),
         config.clone(),
-        fetcher,
+        crate::download::Transfer {
+            fetcher,
+            files: files.primary(),
+        },
         kie.clone(),
         wake_downloads.clone(),
         clock.clone(),
         metrics.clone(),
-        files.primary(),
     );
     {
         let shutdown = shutdown.clone();

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+use super::slot::{Slot, task_dir};
 use super::{FileStore, ReadBack, StorageError};
 use crate::config::Config;
 use crate::dirsync::{DirSyncs, create_private_dir};
-use crate::download::{Slot, task_dir};
 use crate::fetch::Ext;
 use crate::model::Kind;
 use crate::sharing::FileAccess;

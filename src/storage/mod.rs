@@ -7,6 +7,7 @@
 
 pub mod local;
 pub mod object;
+pub mod slot;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,9 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::{Config, StorageKind};
-use crate::download::Slot;
 use crate::fetch::Ext;
 use crate::model::{Image, Kind};
+pub use slot::Slot;
 
 pub use local::LocalDir;
 pub use object::ObjectStore;

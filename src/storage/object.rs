@@ -22,9 +22,9 @@ use object_store::{
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt as _;
 
+use super::slot::Slot;
 use super::{FileStore, OBJECT_SCHEME, ReadBack, StorageError};
 use crate::config::Config;
-use crate::download::Slot;
 use crate::fetch::Ext;
 use crate::model::Kind;
 
