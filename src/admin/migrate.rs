@@ -39,7 +39,7 @@ impl Exec {
         let files = Files::new(&self.config).map_err(|e| AdminError::usage(e.to_string()))?;
         let Some(object) = files.object().cloned() else {
             return Err(AdminError::usage(
-                "storage.kind is \"local\": set [storage] kind = \"s3\" with the bucket's settings (docs/storage.md), then run migrate-files again",
+                "storage.kind is \"local\": set [storage] kind = \"s3\" with the bucket's settings (`man coverd`, CONFIGURATION), then run migrate-files again",
             ));
         };
         object.probe().await.map_err(|e| {

@@ -292,7 +292,7 @@ keys! {
             "empty, or the name of an existing group (resolved at start); `images/` and what is in it become readable by that group (0750 / 0640), the data directory traversable by it (0710); see below"
             => storage.local_group via values::local_group;
         kind: Str = r#""local""#, env None, Bounds::None,
-            "`local` (files under the data directory) or `s3` (an S3-compatible object store, the keys below; docs/storage.md)"
+            "`local` (files under the data directory) or `s3` (an S3-compatible object store, the keys below)"
             => storage.kind via values::storage_kind;
         endpoint: Str = r#""""#, env None, Bounds::None,
             "with `s3`: the store's `http(s)://` URL (Garage `http://127.0.0.1:3900`); empty: AWS's endpoint for `region`"

@@ -789,7 +789,7 @@ fn check_storage(config: &Config) -> Result<(), ConfigError> {
         return Err(invalid(
             "storage.bucket",
             None,
-            "is required with `storage.kind = \"s3\"`; name the bucket the files go to (docs/storage.md)",
+            "is required with `storage.kind = \"s3\"`; name the bucket the files go to (`man coverd`, CONFIGURATION)",
         ));
     }
     let missing = |key: &str, set: bool| !set && !config.secret_unreadable_here(key);

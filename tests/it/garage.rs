@@ -8,7 +8,7 @@ use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -20,10 +20,14 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStoreExt, RetryConfig};
 /// The version the tests are written against (its CLI and config format).
 const VERSION: &str = "2.5.0";
 const NOT_INSTALLED: &str = "garage 2.5.0 is not installed: run `cargo install garage --version 2.5.0 --locked` (.ci/run does it when it is missing)";
-/// How long Garage gets to answer after a start (a cold start is about a second).
+/// How long Garage gets to answer after a start (it takes 0.5 s alone, 3 s with 31 others).
 const READY_WITHIN: Duration = Duration::from_secs(30);
 /// Between two looks at a condition while waiting for it.
 const POLL: Duration = Duration::from_millis(25);
+/// For one CLI command (each takes about 50 ms).
+const CLI_WITHIN: Duration = Duration::from_secs(10);
+/// For one `garage status` while waiting for the node to come up.
+const PROBE_WITHIN: Duration = Duration::from_secs(2);
 /// Fresh ports tried when another process took one between our probe and Garage's bind.
 const PORT_TRIES: usize = 5;
 
@@ -44,6 +48,13 @@ pub struct Garage {
     child: Mutex<Option<Child>>,
 }
 
+/// What a CLI command did.
+struct CliOutput {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
 /// What a wait for Garage found.
 enum Boot {
     Ready,
@@ -54,9 +65,9 @@ enum Boot {
 impl Garage {
     /// Starts a single-node Garage on loopback in a temp dir: config with data_fsync = true and
     /// metadata_fsync = true, replication_factor 1, layout assigned and applied, bucket "coverd"
-    /// created, a key with known id/secret imported (`garage key import`) and allowed
-    /// read+write+owner on the bucket. Returns once the S3 API answers requests signed with
-    /// that key.
+    /// created, a key imported (`garage key import`; random per instance, in `access_key_id`
+    /// and `secret_access_key`) and allowed read+write+owner on the bucket. Returns once the S3
+    /// API answers requests signed with that key (about 0.5 s; 3 s with 32 starting at once).
     pub fn start() -> Garage {
         let bin = garage_bin();
         let dir = tempfile::Builder::new()
@@ -85,7 +96,10 @@ impl Garage {
         for _ in 0..PORT_TRIES {
             g.configure();
             let from = g.spawn();
-            if let Boot::PortTaken = g.wait(from, |g| g.cli(&["status"]).status.success()) {
+            if let Boot::PortTaken = g.wait(from, |g| {
+                g.cli(&["status"], PROBE_WITHIN)
+                    .is_some_and(|o| o.status.success())
+            }) {
                 g.kill();
                 continue;
             }
@@ -399,28 +413,59 @@ api_bind_addr = "127.0.0.1:{s3}"
         cmd
     }
 
-    fn cli(&self, args: &[&str]) -> Output {
-        self.command()
+    /// `garage ARGS` against this node, given `within` to finish (a CLI that reached some
+    /// other process on our RPC port would wait for its handshake forever): `None` when it did
+    /// not (it is killed).
+    fn cli(&self, args: &[&str], within: Duration) -> Option<CliOutput> {
+        let out_path = self.dir.path().join("cli.out");
+        let err_path = self.dir.path().join("cli.err");
+        let mut child = self
+            .command()
             .args(args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("garage: cannot run {}: {e}", self.bin.display()))
+            .stdout(File::create(&out_path).expect("garage cli output file"))
+            .stderr(File::create(&err_path).expect("garage cli output file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("garage: cannot run {}: {e}", self.bin.display()));
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("garage cli wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Some(CliOutput {
+            status,
+            stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+            stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+        })
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
+        let Some(out) = self.cli(args, CLI_WITHIN) else {
+            panic!(
+                "`garage {}` did not finish within {CLI_WITHIN:?}\n{}",
+                args.join(" "),
+                self.log_tail()
+            );
+        };
         if !out.status.success() {
             panic!(
                 "`garage {}` failed ({}):\n{}{}\n{}",
                 args.join(" "),
                 out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
+                out.stdout,
+                out.stderr,
                 self.log_tail()
             );
         }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        out.stdout
     }
 
     fn log_since(&self, from: u64) -> String {
