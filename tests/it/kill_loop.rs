@@ -59,6 +59,7 @@ use crate::fake_kie::FakeKie;
 use crate::fake_kie::api::Status;
 use crate::fake_kie::files::{Behaviour, gif, jpeg, mp3, mp4, png, sha256_hex, wav, webp};
 use crate::faultfs::{FaultFs, FaultOp};
+use crate::garage::Garage;
 use crate::harness::{failure_body, success_body};
 use crate::notify::{Answer, Got, Receiver, SECRET};
 use coverd::model::Kind;
@@ -691,7 +692,7 @@ fn launch(
 
 /// The checks on the store, `images/` and `files/` (after a kill with the daemon stopped, or at the
 /// end with `final_run`). Returns how many images sat at a final path without a record.
-fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: bool) -> usize {
+fn check_store(world: &mut World, tasks: &[Value], stored: &Stored<'_>, final_run: bool) -> usize {
     let by_id: HashMap<&str, &Value> = tasks
         .iter()
         .filter_map(|t| Some((t["task_id"].as_str()?, t)))
@@ -742,31 +743,23 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         }
     }
 
-    // Every file under images/ and files/ is a complete file of its task at its final path,
-    // and its record (once written) names that file and its hash.
+    // Every stored file (under images/ and files/, or in the bucket) is a complete file of its
+    // task at its final place, and its record (once written) names that place and its hash.
     let mut recorded = BTreeMap::new();
     for task in tasks {
         for img in task["files"].as_array().into_iter().flatten() {
             if img["state"] == "downloaded" {
-                let path = img["path"].as_str().unwrap_or("?").to_string();
-                recorded.insert(path, task["task_id"].to_string());
+                let place = stored.recorded(img).unwrap_or("?").to_string();
+                recorded.insert(place, task["task_id"].to_string());
             }
         }
     }
     let mut unrecorded = 0;
     let mut on_disk = BTreeSet::new();
-    let stored = ["images", "files"]
-        .into_iter()
-        .flat_map(|dir| files_under(data_dir, &data_dir.join(dir)));
-    for rel in stored {
+    for found in stored.list(&mut problems) {
+        let rel = found.place.clone();
         on_disk.insert(rel.clone());
-        let parts: Vec<&str> = rel.split('/').collect();
-        let [dir, task_id, name] = parts[..] else {
-            problems.push(format!(
-                "{rel}: not at a final path images/<task>/<i>.<ext> or files/<task>/<name>.<ext>"
-            ));
-            continue;
-        };
+        let (dir, task_id, name) = (found.dir.as_str(), found.task.as_str(), found.name.as_str());
         let task = by_id.get(task_id).copied();
         let Some(plan) = world.plan_of(task_id, task).map(|i| &world.plans[i]) else {
             problems.push(format!("{rel}: belongs to no task of the workload"));
@@ -776,16 +769,16 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
             problems.push(format!("{rel}: its task {task_id} is not in the store"));
             continue;
         };
-        let found = plan
+        let found_img = plan
             .images
             .iter()
             .enumerate()
-            .find(|(_, m)| m.name == name && dir == plan.dir());
-        let Some((index, img)) = found else {
+            .find(|(_, m)| m.name == name && (dir.is_empty() || dir == plan.dir()));
+        let Some((index, img)) = found_img else {
             problems.push(format!("{rel}: no such file in task {task_id}"));
             continue;
         };
-        let bytes = match std::fs::read(data_dir.join(&rel)) {
+        let bytes = match stored.read(&found) {
             Ok(b) => b,
             Err(e) => {
                 problems.push(format!("{rel}: unreadable: {e}"));
@@ -794,7 +787,7 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         };
         if bytes != img.bytes[..] {
             problems.push(format!(
-                "{rel}: {} bytes that are not the file ({} bytes): a partial or corrupt file at a final path",
+                "{rel}: {} bytes that are not the file ({} bytes): a partial or corrupt file at a final place",
                 bytes.len(),
                 img.bytes.len()
             ));
@@ -802,13 +795,15 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         }
         let record = &task["files"][index];
         if record["state"] == "downloaded" {
-            if record["path"] != rel.as_str() || record["sha256"] != sha256_hex(&bytes).as_str() {
+            if stored.recorded(record) != Some(rel.as_str())
+                || record["sha256"] != sha256_hex(&bytes).as_str()
+            {
                 problems.push(format!(
                     "{rel}: its record does not match the file: {record}"
                 ));
             }
         } else {
-            // Installed, not yet recorded: the kill came between rename and record.
+            // Stored, not yet recorded: the kill came between store and record.
             unrecorded += 1;
         }
     }
@@ -838,14 +833,9 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
             }
             for (img, want) in images.iter().zip(&plan.images) {
                 let id = &task["task_id"];
-                let path = format!(
-                    "{}/{}/{}",
-                    plan.dir(),
-                    id.as_str().unwrap_or("?"),
-                    want.name
-                );
+                let path = stored.place(plan.dir(), id.as_str().unwrap_or("?"), &want.name);
                 let ok = img["state"] == "downloaded"
-                    && img["path"] == path.as_str()
+                    && stored.recorded(img) == Some(path.as_str())
                     && img["sha256"] == sha256_hex(&want.bytes).as_str()
                     && img["bytes"] == want.bytes.len();
                 if !ok {
@@ -863,6 +853,107 @@ fn check_store(world: &mut World, tasks: &[Value], data_dir: &Path, final_run: b
         world.violation(p);
     }
     unrecorded
+}
+
+/// Where the loop's daemon stores files: its data directory, or a bucket (`kind = "s3"`).
+pub(crate) enum Stored<'a> {
+    Local(&'a Path),
+    Objects {
+        garage: &'a Garage,
+        prefix: &'a str,
+        data_dir: &'a Path,
+    },
+}
+
+/// One stored file found by [`Stored::list`].
+struct Found {
+    /// As a record names it: `images/<task>/<name>`, or `s3://coverd/<prefix><task>/<name>`.
+    place: String,
+    /// `images` or `files` (empty for an object: its key does not say).
+    dir: String,
+    task: String,
+    name: String,
+}
+
+impl Stored<'_> {
+    /// Every stored file; a file at a place no final file has is a problem.
+    fn list(&self, problems: &mut Vec<String>) -> Vec<Found> {
+        match self {
+            Stored::Local(data_dir) => ["images", "files"]
+                .into_iter()
+                .flat_map(|dir| files_under(data_dir, &data_dir.join(dir)))
+                .filter_map(|rel| match rel.split('/').collect::<Vec<_>>()[..] {
+                    [dir, task, name] => Some(Found {
+                        place: rel.clone(),
+                        dir: dir.into(),
+                        task: task.into(),
+                        name: name.into(),
+                    }),
+                    _ => {
+                        problems.push(format!(
+                            "{rel}: not at a final path images/<task>/<i>.<ext> or files/<task>/<name>.<ext>"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
+            Stored::Objects {
+                garage,
+                prefix,
+                data_dir,
+            } => {
+                let mut found = Vec::new();
+                for key in garage.keys(prefix) {
+                    let rest = key.strip_prefix(*prefix).unwrap_or(&key);
+                    match rest.split('/').collect::<Vec<_>>()[..] {
+                        [task, name] => found.push(Found {
+                            place: format!("s3://{}/{key}", garage.bucket),
+                            dir: String::new(),
+                            task: task.into(),
+                            name: name.into(),
+                        }),
+                        _ => problems.push(format!(
+                            "{key}: not the key of a final file <prefix><task>/<name>"
+                        )),
+                    }
+                }
+                // None is ever put in the data directory's stored directories.
+                for dir in ["images", "files"] {
+                    for rel in files_under(data_dir, &data_dir.join(dir)) {
+                        problems.push(format!("{rel}: in the data directory, not the bucket"));
+                    }
+                }
+                found
+            }
+        }
+    }
+
+    fn read(&self, found: &Found) -> std::io::Result<Vec<u8>> {
+        match self {
+            Stored::Local(data_dir) => std::fs::read(data_dir.join(&found.place)),
+            Stored::Objects { garage, prefix, .. } => garage
+                .get(&format!("{prefix}{}/{}", found.task, found.name))
+                .ok_or_else(|| std::io::Error::other("gone from the bucket")),
+        }
+    }
+
+    /// Where a file's record says it is (`path`, or `location` with objects).
+    fn recorded<'v>(&self, record: &'v Value) -> Option<&'v str> {
+        match self {
+            Stored::Local(_) => record["path"].as_str(),
+            Stored::Objects { .. } => record["location"].as_str(),
+        }
+    }
+
+    /// The place a final file has, as its record names it.
+    fn place(&self, dir: &str, task: &str, name: &str) -> String {
+        match self {
+            Stored::Local(_) => format!("{dir}/{task}/{name}"),
+            Stored::Objects { garage, prefix, .. } => {
+                format!("s3://{}/{prefix}{task}/{name}", garage.bucket)
+            }
+        }
+    }
 }
 
 /// The checks on notifications: every request `got` (over the whole loop) against the
@@ -1054,8 +1145,37 @@ fn env_number(var: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_at_random_moments_keeps_every_promise() {
     let cycles = env_number(CYCLES_VAR).map_or(DEFAULT_CYCLES, |n| n as usize);
-    run_loop(cycles, env_seed(SEED_VAR), false, (CYCLES_VAR, SEED_VAR)).await;
+    run_loop(
+        cycles,
+        env_seed(SEED_VAR),
+        false,
+        (CYCLES_VAR, SEED_VAR),
+        None,
+    )
+    .await;
 }
+
+/// The kill loop with files in a real Garage's bucket (`[storage] kind = "s3"`): uploads
+/// are under way at the kills, every recorded object must be whole and match its record,
+/// and nothing is ever stored in the data directory. `COVERD_KILL_S3_CYCLES=N` for more
+/// cycles, `COVERD_KILL_SEED=S` to replay a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_at_random_moments_with_files_in_an_object_store_keeps_every_promise() {
+    let garage = Garage::start();
+    let cycles = env_number(S3_CYCLES_VAR).map_or(DEFAULT_CYCLES, |n| n as usize);
+    run_loop(
+        cycles,
+        env_seed(SEED_VAR),
+        false,
+        (S3_CYCLES_VAR, SEED_VAR),
+        Some(&garage),
+    )
+    .await;
+}
+
+/// The key prefix of the loop's objects.
+pub(crate) const S3_PREFIX: &str = "loop/";
+const S3_CYCLES_VAR: &str = "COVERD_KILL_S3_CYCLES";
 
 /// A seed from `var`, else from the clock.
 pub(crate) fn env_seed(var: &str) -> u64 {
@@ -1097,6 +1217,9 @@ pub(crate) struct Opts<'a> {
     /// Added to every daemon's environment (a broken variant: `COVERD_TEST_BREAK`).
     pub env: Vec<(&'a str, &'a str)>,
     pub cut: CutAt,
+    /// Files in this Garage's bucket (`[storage] kind = "s3"`, prefix [`S3_PREFIX`]) instead of
+    /// the data directory: uploads are under way at the kills.
+    pub garage: Option<&'a Garage>,
     /// After the cycles, a run without kill that must settle every task, a clean stop and
     /// `admin verify`.
     pub final_run: bool,
@@ -1114,7 +1237,13 @@ pub(crate) struct Report {
 }
 
 /// The loop; panics with every violation found. See [`run`].
-pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (&str, &str)) {
+pub(crate) async fn run_loop(
+    cycles: usize,
+    seed: u64,
+    power_cuts: bool,
+    vars: (&str, &str),
+    garage: Option<&Garage>,
+) {
     let (cycles_var, seed_var) = vars;
     let report = run(Opts {
         cycles,
@@ -1123,6 +1252,7 @@ pub(crate) async fn run_loop(cycles: usize, seed: u64, power_cuts: bool, vars: (
         vars,
         env: Vec::new(),
         cut: CutAt::Random,
+        garage,
         final_run: true,
     })
     .await;
@@ -1148,6 +1278,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
         vars,
         ref env,
         cut,
+        garage,
         final_run,
     } = opts;
     let (cycles_var, seed_var) = vars;
@@ -1160,8 +1291,20 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     let scratch = Arc::new(Scratch::new());
     let secret_file = scratch.dir.path().join("notify-secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).expect("write the notify secret");
-    scratch.write_raw_config(&config(&scratch, &fake, &rx, &secret_file));
+    let mut text = config(&scratch, &fake, &rx, &secret_file);
+    if let Some(garage) = garage {
+        text.push_str(&crate::storage::storage_table(&scratch, garage, S3_PREFIX));
+    }
+    scratch.write_raw_config(&text);
     let data_dir = scratch.data_dir();
+    let stored = match garage {
+        Some(garage) => Stored::Objects {
+            garage,
+            prefix: S3_PREFIX,
+            data_dir: &data_dir,
+        },
+        None => Stored::Local(&data_dir),
+    };
     let mut power = power_cuts.then(|| {
         FaultFs::mount_at(&scratch.dir.path().join("fault-backing"), &data_dir)
             .expect("mount the fault filesystem on the data directory")
@@ -1240,7 +1383,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
             let unrecorded = match export {
                 Ok(tasks) => {
                     w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), false);
-                    check_store(&mut w, &tasks, &data_dir, false)
+                    check_store(&mut w, &tasks, &stored, false)
                 }
                 Err(e) => {
                     w.violation(e);
@@ -1339,7 +1482,7 @@ pub(crate) async fn run(opts: Opts<'_>) -> Report {
     {
         let mut w = world.lock().unwrap();
         w.stats.settle = settle;
-        check_store(&mut w, &tasks, &data_dir, true);
+        check_store(&mut w, &tasks, &stored, true);
         w.stats.notify = check_notifications(&mut w, &tasks, &rx.got(), true);
     }
     drop(cx);

@@ -27,16 +27,25 @@ fn s3_scratch(fake: &FakeKie, garage: &Garage, prefix: &str) -> Scratch {
 }
 
 fn write_s3_config(scratch: &Scratch, fake: &FakeKie, garage: &Garage, prefix: &str) {
+    scratch.write_config(
+        &fake.base_url(),
+        "",
+        &storage_table(scratch, garage, prefix),
+    );
+}
+
+/// The `[storage]` table for `garage` under `prefix`, the secret access key written to a
+/// 0600 file in `scratch` and named by `secret_access_key_file`.
+pub(crate) fn storage_table(scratch: &Scratch, garage: &Garage, prefix: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
     let secret = scratch.dir.path().join("s3-secret");
     std::fs::write(&secret, &garage.secret_access_key).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let storage = format!(
-        "{}secret_access_key_file = {:?}\n",
+    format!(
+        "\n{}secret_access_key_file = {:?}\n",
         garage.storage_toml(prefix),
         secret.display().to_string()
-    );
-    scratch.write_config(&fake.base_url(), "", &storage);
+    )
 }
 
 /// The key of `location` (`s3://coverd/<key>`).
