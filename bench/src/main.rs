@@ -122,6 +122,16 @@ enum Cmd {
         /// are ignored.
         #[arg(long)]
         mixed: bool,
+        /// Where coverd stores the files: `local` (the data directory) or `s3` (the bucket of
+        /// the Garage that `--garage-env` describes). With `s3` a second baseline runs: curl
+        /// fetching the files into local files, then `curl -T` uploading them to the same
+        /// store (4 at a time, SigV4).
+        #[arg(long, default_value = "local", value_parser = ["local", "s3"])]
+        storage: String,
+        /// The `env` file `scripts/garage-cluster DIR` writes (`DIR/env`): endpoint, bucket,
+        /// region and key of the store for `--storage s3`.
+        #[arg(long, value_name = "FILE")]
+        garage_env: Option<PathBuf>,
     },
     /// RSS, store bytes per task and restart time at `tasks` finished tasks.
     Footprint {
@@ -205,11 +215,27 @@ fn main() -> anyhow::Result<()> {
             per_task,
             global_sync,
             mixed,
+            ref storage,
+            ref garage_env,
         } => {
+            let store = match (storage.as_str(), garage_env) {
+                ("s3", Some(env)) => Some(S3::from_env_file(env)?),
+                ("s3", None) => bail!(
+                    "--storage s3 needs --garage-env DIR/env (start a store with scripts/garage-cluster DIR)"
+                ),
+                _ => None,
+            };
             if mixed {
                 rt.block_on(downloads_mixed(&cli, global_sync))
             } else {
-                rt.block_on(downloads(&cli, images, image_bytes, per_task, global_sync))
+                rt.block_on(downloads(
+                    &cli,
+                    images,
+                    image_bytes,
+                    per_task,
+                    global_sync,
+                    store.as_ref(),
+                ))
             }
         }
         Cmd::SledFloor {
@@ -761,6 +787,7 @@ async fn downloads(
     image_bytes: usize,
     per_task: usize,
     global_sync: bool,
+    store: Option<&S3>,
 ) -> anyhow::Result<()> {
     let work = cli.work_dir.join("downloads");
     let _ = std::fs::remove_dir_all(&work);
@@ -785,10 +812,17 @@ async fn downloads(
     let tasks = images.div_ceil(per_task);
     println!(
         "downloads: {} images of {image_bytes} bytes ({tasks} tasks of {per_task}), \
-         concurrency 4, {} runs; baseline curl + {}",
+         concurrency 4, {} runs; baseline curl + {}{}",
         tasks * per_task,
         cli.runs,
-        if global_sync { "sync" } else { "sync FILE..." }
+        if global_sync { "sync" } else { "sync FILE..." },
+        match store {
+            Some(s3) => format!(
+                "; coverd stores in {} (bucket {}), second baseline curl + curl -T to it",
+                s3.endpoint, s3.bucket
+            ),
+            None => String::new(),
+        }
     );
     let mut runs = Vec::new();
     for run in 0..cli.runs {
@@ -801,13 +835,23 @@ async fn downloads(
             .collect();
 
         let curl = curl_baseline(&work, run, urls.iter().flatten(), global_sync)?;
+        let upload = match store {
+            Some(s3) => Some(curl_upload_baseline(&work, run, urls.iter().flatten(), s3)?),
+            None => None,
+        };
 
         // coverd: success callbacks, then wait until every task is downloaded.
         let dir = work.join(format!("coverd-{run}"));
+        let storage = match store {
+            Some(s3) => s3.storage_table(&dir, &format!("bench-{run}/"))?,
+            None => String::new(),
+        };
         let (config, listen, metrics) = coverd_config(
             &dir,
-            "[kie]\nconfirm_callbacks = false\n[download]\nconcurrency = 4\n\
-             allowed_hosts = []\nallow_http = true\nallow_private_networks = true\n",
+            &format!(
+                "[kie]\nconfirm_callbacks = false\n[download]\nconcurrency = 4\n\
+                 allowed_hosts = []\nallow_http = true\nallow_private_networks = true\n{storage}"
+            ),
         )?;
         let (mut coverd, _) = start_coverd(cli, &dir, &config, listen, metrics).await?;
         let started = Instant::now();
@@ -828,12 +872,20 @@ async fn downloads(
         }
         let (took, hwm, cpu) = wait_downloaded(&mut coverd, tasks, started, &dir).await?;
         let stored = dir_bytes(&coverd.data_dir.join("images"))?;
-        if stored != (tasks * per_task * image_bytes) as u64 {
-            bail!("coverd stored {stored} bytes of images, expected more");
+        let expected = (tasks * per_task * image_bytes) as u64;
+        match store {
+            None if stored != expected => {
+                bail!("coverd stored {stored} bytes of images, expected {expected}")
+            }
+            Some(_) if stored != 0 => {
+                bail!("coverd stored {stored} bytes in the data directory, not the bucket")
+            }
+            _ => {}
         }
         std::fs::remove_dir_all(&dir)?;
         runs.push(DownloadRun {
             curl,
+            upload,
             coverd: took,
             hwm,
             cpu,
@@ -917,6 +969,8 @@ async fn wait_downloaded(
 /// One run of a downloads benchmark.
 struct DownloadRun {
     curl: Duration,
+    /// With `--storage s3`: curl fetching into files, then `curl -T` to the store.
+    upload: Option<Duration>,
     coverd: Duration,
     /// coverd's peak RSS, bytes.
     hwm: u64,
@@ -926,6 +980,11 @@ struct DownloadRun {
 impl DownloadRun {
     fn ratio(&self) -> f64 {
         self.curl.as_secs_f64() / self.coverd.as_secs_f64()
+    }
+
+    fn upload_ratio(&self) -> Option<f64> {
+        self.upload
+            .map(|u| u.as_secs_f64() / self.coverd.as_secs_f64())
     }
 
     fn print(&self, run: usize) {
@@ -938,6 +997,12 @@ impl DownloadRun {
             self.hwm as f64 / MIB,
             self.cpu
         );
+        if let (Some(upload), Some(ratio)) = (self.upload, self.upload_ratio()) {
+            println!(
+                "       curl + curl -T to the store {:.2} s, speed ratio coverd/(curl + curl -T) {ratio:.3}",
+                upload.as_secs_f64()
+            );
+        }
     }
 
     fn summarize(runs: &[DownloadRun]) {
@@ -958,7 +1023,121 @@ impl DownloadRun {
         );
         println!("  coverd peak RSS MiB   {}", summary(&mut hwms, 1));
         println!("  coverd CPU seconds    {}", summary(&mut cpus, 2));
+        let mut uploads: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.upload.map(|u| u.as_secs_f64()))
+            .collect();
+        let mut upload_ratios: Vec<f64> =
+            runs.iter().filter_map(DownloadRun::upload_ratio).collect();
+        if !uploads.is_empty() {
+            println!("  curl + curl -T seconds  {}", summary(&mut uploads, 2));
+            println!(
+                "  ratio ((curl + curl -T) time / coverd time)  {}",
+                summary(&mut upload_ratios, 3)
+            );
+        }
     }
+}
+
+/// The object store of `--storage s3`, from the `env` file `scripts/garage-cluster` writes.
+struct S3 {
+    endpoint: String,
+    bucket: String,
+    region: String,
+    key_id: String,
+    secret: String,
+}
+
+impl S3 {
+    fn from_env_file(path: &Path) -> anyhow::Result<S3> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let get = |name: &str| -> anyhow::Result<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(|v| v.trim_matches(['"', '\'']).to_string())
+                .with_context(|| format!("{} has no {name}", path.display()))
+        };
+        Ok(S3 {
+            endpoint: get("GARAGE_ENDPOINT")?,
+            bucket: get("GARAGE_BUCKET")?,
+            region: get("GARAGE_REGION")?,
+            key_id: get("GARAGE_ACCESS_KEY_ID")?,
+            secret: get("GARAGE_SECRET_ACCESS_KEY")?,
+        })
+    }
+
+    /// coverd's `[storage]` table for this store under `prefix`, the secret in a file in `dir`.
+    fn storage_table(&self, dir: &Path, prefix: &str) -> anyhow::Result<String> {
+        std::fs::create_dir_all(dir)?;
+        let secret = dir.join("s3-secret");
+        std::fs::write(&secret, &self.secret)?;
+        Ok(format!(
+            "[storage]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\nprefix = {prefix:?}\n\
+             access_key_id = {:?}\nsecret_access_key_file = {:?}\n",
+            self.endpoint,
+            self.bucket,
+            self.region,
+            self.key_id,
+            secret.display().to_string()
+        ))
+    }
+}
+
+/// The second baseline of `--storage s3`: curl fetching `urls` 4 at a time into files, then
+/// `curl -T` uploading those files 4 at a time to the store (SigV4, as the AWS CLI signs);
+/// how long both took.
+fn curl_upload_baseline<'a>(
+    work: &Path,
+    run: usize,
+    urls: impl Iterator<Item = &'a String>,
+    s3: &S3,
+) -> anyhow::Result<Duration> {
+    let out = work.join(format!("curl-up-{run}"));
+    std::fs::create_dir_all(&out)?;
+    let (mut get, mut put) = (String::new(), String::new());
+    for (n, url) in urls.enumerate() {
+        let name = out.join(format!("{n}"));
+        get.push_str(&format!(
+            "url = \"{url}\"\noutput = \"{}\"\n",
+            name.display()
+        ));
+        put.push_str(&format!(
+            "url = \"{}/{}/curl-{run}/{n}\"\nupload-file = \"{}\"\n",
+            s3.endpoint,
+            s3.bucket,
+            name.display()
+        ));
+    }
+    std::fs::write(work.join("get.cfg"), get)?;
+    std::fs::write(work.join("put.cfg"), put)?;
+    let started = Instant::now();
+    let status = Command::new("curl")
+        .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
+        .arg("--config")
+        .arg(work.join("get.cfg"))
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("curl failed: {status}");
+    }
+    let status = Command::new("curl")
+        .args(["--silent", "--fail", "--parallel", "--parallel-max", "4"])
+        .arg("--aws-sigv4")
+        .arg(format!("aws:amz:{}:s3", s3.region))
+        .arg("--user")
+        .arg(format!("{}:{}", s3.key_id, s3.secret))
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .arg("--config")
+        .arg(work.join("put.cfg"))
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("curl -T to {} failed: {status}", s3.endpoint);
+    }
+    let took = started.elapsed();
+    std::fs::remove_dir_all(&out)?;
+    Ok(took)
 }
 
 /// The mixed-kind downloads (issue 18): per run, 4 music tasks of 2 tracks (an MP3 of 5 MiB
@@ -1052,6 +1231,7 @@ async fn downloads_mixed(cli: &Cli, global_sync: bool) -> anyhow::Result<()> {
         }
         std::fs::remove_dir_all(&dir)?;
         runs.push(DownloadRun {
+            upload: None,
             curl,
             coverd: took,
             hwm,

@@ -986,3 +986,80 @@ fn the_installed_unit_fills_in_what_the_caller_leaves_unset() {
     let c = load_with(&Overrides::default(), &no_env(), None, true).unwrap();
     assert!(!c.data_dir_named && c.unit.is_none());
 }
+
+/// `[storage] kind = "s3"`: the bucket and both halves of the key are required (each error
+/// names its key), the key comes from the environment or files like every secret, and
+/// `check-config` never shows it.
+#[test]
+fn object_storage_needs_a_bucket_and_a_key_and_never_shows_the_key() {
+    let base = "[storage]\nkind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\n";
+    let err = load_toml(base, &[]).unwrap_err();
+    assert_eq!(invalid_key(&err), "storage.bucket", "{err}");
+    let with_bucket = format!("{base}bucket = \"coverd\"\n");
+    let err = load_toml(&with_bucket, &[]).unwrap_err();
+    assert_eq!(invalid_key(&err), "storage.access_key_id", "{err}");
+    let err = load_toml(&with_bucket, &[(ENV_S3_ACCESS_KEY_ID, "GKid")]).unwrap_err();
+    assert_eq!(invalid_key(&err), "storage.secret_access_key_file", "{err}");
+    let secret = "s3cr3t-value-never-shown";
+    let c = load_toml(
+        &with_bucket,
+        &[
+            (ENV_S3_ACCESS_KEY_ID, "GKid"),
+            (ENV_S3_SECRET_ACCESS_KEY, secret),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.storage.kind, StorageKind::S3);
+    assert_eq!(c.storage.s3.bucket, "coverd");
+    assert_eq!(c.storage.s3.region, "garage");
+    assert!(c.storage.s3.path_style);
+    assert_eq!(
+        c.storage.s3.secret_access_key.as_ref().map(Secret::expose),
+        Some(secret)
+    );
+    let shown = c.effective_toml();
+    assert!(
+        !shown.contains(secret) && !shown.contains("GKid"),
+        "{shown}"
+    );
+    assert!(shown.contains("access_key_id = \"<set>\""), "{shown}");
+    // From a key file, as `secret_access_key_file` names it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s3-secret");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let text = format!(
+        "{with_bucket}access_key_id = \"GKid\"\nsecret_access_key_file = {:?}\n",
+        file.display().to_string()
+    );
+    let c = load_toml(&text, &[]).unwrap();
+    assert_eq!(
+        c.storage.s3.secret_access_key.as_ref().map(Secret::expose),
+        Some(secret)
+    );
+    // Local storage (the default) needs none of it.
+    assert_eq!(load_ok("").storage.kind, StorageKind::Local);
+}
+
+/// The bucket, prefix and kind are checked one by one, naming the key.
+#[test]
+fn object_storage_keys_are_checked() {
+    for (text, key) in [
+        ("kind = \"ftp\"", "storage.kind"),
+        ("bucket = \"No_Such\"", "storage.bucket"),
+        ("bucket = \"ab\"", "storage.bucket"),
+        ("prefix = \"vm1\"", "storage.prefix"),
+        ("prefix = \"/vm1/\"", "storage.prefix"),
+        ("prefix = \"../\"", "storage.prefix"),
+        ("prefix = \"a//\"", "storage.prefix"),
+        ("prefix = \"a b/\"", "storage.prefix"),
+        ("endpoint = \"ftp://x\"", "storage.endpoint"),
+        ("region = \"\"", "storage.region"),
+    ] {
+        let err = load_toml(&format!("[storage]\n{text}\n"), &[]).unwrap_err();
+        assert_eq!(invalid_key(&err), key, "{text}: {err}");
+    }
+    for prefix in ["", "vm1/", "a/b.c_d-e/"] {
+        let c = load_ok(&format!("[storage]\nprefix = {prefix:?}\n"));
+        assert_eq!(c.storage.s3.prefix, prefix);
+    }
+}

@@ -304,3 +304,98 @@ pub async fn adopt_existing(store: &dyn FileStore, slot: &Slot) -> Option<(Strin
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Secret, StorageKind};
+
+    fn object_store(prefix: &str) -> ObjectStore {
+        let mut config = Config::default();
+        config.storage.kind = StorageKind::S3;
+        config.storage.s3.endpoint = "http://127.0.0.1:9".into();
+        config.storage.s3.bucket = "coverd".into();
+        config.storage.s3.prefix = prefix.into();
+        config.storage.s3.access_key_id = Some(Secret::new("GKid"));
+        config.storage.s3.secret_access_key = Some(Secret::new("secret"));
+        ObjectStore::new(&config).expect("a client is built without contacting the store")
+    }
+
+    fn stored_at(index: u32, place: &str) -> Image {
+        let mut img = Image::pending(index, "https://h/x.png".into(), 0);
+        img.path = Some(place.into());
+        img
+    }
+
+    /// A record names its file's own place exactly, in the data directory or in the object
+    /// store of these settings; anything else is refused with the reason, before any place
+    /// is read or removed.
+    #[test]
+    fn a_record_names_only_its_own_place() {
+        let vm1 = object_store("vm1/");
+        let ok = |place: &str, object: Option<&ObjectStore>| {
+            recorded_place(Kind::Cover, "t1", &stored_at(0, place), object)
+        };
+        let local = ok("images/t1/0.png", None).unwrap().unwrap();
+        assert!(!local.object);
+        assert_eq!(local.ext, Ext::Png);
+        let obj = ok("s3://coverd/vm1/t1/0.jpg", Some(&vm1)).unwrap().unwrap();
+        assert!(obj.object);
+        assert_eq!(obj.ext, Ext::Jpg);
+        // Also a local place while an object store is configured (before migrate-files).
+        assert!(!ok("images/t1/0.png", Some(&vm1)).unwrap().unwrap().object);
+        for (place, object, why) in [
+            (
+                "s3://coverd/vm1/t1/0.png",
+                None,
+                "no object store is configured",
+            ),
+            (
+                "s3://coverd/vm2/t1/0.png",
+                Some(&vm1),
+                "not s3://coverd/vm1/t1/0.<",
+            ),
+            (
+                "s3://other/vm1/t1/0.png",
+                Some(&vm1),
+                "not s3://coverd/vm1/t1/0.<",
+            ),
+            (
+                "s3://coverd/vm1/t2/0.png",
+                Some(&vm1),
+                "not s3://coverd/vm1/t1/0.<",
+            ),
+            (
+                "s3://coverd/vm1/t1/0.mp3",
+                Some(&vm1),
+                "not s3://coverd/vm1/t1/0.<",
+            ),
+            ("images/t2/0.png", Some(&vm1), "not images/t1/0.<"),
+            ("../../etc/passwd", None, "not images/t1/0.<"),
+        ] {
+            let err = ok(place, object)
+                .err()
+                .unwrap_or_else(|| panic!("{place} accepted"));
+            assert!(err.contains(why), "{place}: {err}");
+        }
+        // An invalid task id is refused before any place is built from it.
+        let err = recorded_place(
+            Kind::Cover,
+            "../t",
+            &stored_at(0, "images/../t/0.png"),
+            None,
+        );
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn an_object_key_is_the_prefix_the_task_and_the_file_name() {
+        let vm1 = object_store("vm1/");
+        let img = Image::pending(1, "https://h/x.png".into(), 0);
+        let slot = Slot::of(Kind::Cover, "t1", &img).unwrap();
+        assert_eq!(vm1.key(&slot, Ext::Webp), "vm1/t1/1.webp");
+        assert_eq!(vm1.place(&slot, Ext::Webp), "s3://coverd/vm1/t1/1.webp");
+        assert_eq!(vm1.describe(), "s3://coverd/vm1/");
+        assert_eq!(object_store("").key(&slot, Ext::Png), "t1/1.png");
+    }
+}

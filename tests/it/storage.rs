@@ -376,3 +376,58 @@ async fn migrate_files_moves_a_local_data_directory_and_resumes() {
     assert_eq!(show["images"][0]["path"], Value::Null);
     let _ = Kind::Cover;
 }
+
+/// A backup with files in the bucket holds the state and names the bucket (never the key);
+/// restore checks every object (there, with its size) and refuses, naming the task, when one
+/// is gone.
+#[tokio::test]
+async fn backup_names_the_bucket_and_restore_checks_every_object() {
+    let garage = Garage::start();
+    let fake = FakeKie::start().await;
+    let scratch = s3_scratch(&fake, &garage, "vm1/");
+    let d = scratch.serve().await;
+    cover(&fake, &d, "bk-1", 2).await;
+    cover(&fake, &d, "bk-2", 2).await;
+    wait_status(&scratch, "both downloaded", |v| {
+        v["tasks"]["downloaded"] == 2
+    })
+    .await;
+    let dest = scratch.dir.path().join("backup");
+    let dest_s = dest.display().to_string();
+    let manifest = scratch.admin_json(&["backup", &dest_s]).await;
+    d.stop().await;
+    assert_eq!(manifest["objects"], 4, "{manifest:#}");
+    assert_eq!(manifest["images"], 0, "{manifest:#}");
+    assert_eq!(manifest["storage"]["bucket"], "coverd", "{manifest:#}");
+    assert_eq!(manifest["storage"]["prefix"], "vm1/", "{manifest:#}");
+    let text = std::fs::read_to_string(dest.join("backup.json")).unwrap();
+    assert!(
+        !text.contains(&garage.secret_access_key) && !text.contains(&garage.access_key_id),
+        "the manifest holds the key: {text}"
+    );
+    // Restored elsewhere with the same [storage]: every object checked, verify clean.
+    let again = s3_scratch(&fake, &garage, "vm1/");
+    let out = again.run(&["admin", "restore", &dest_s]).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let verify = again.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 4, "{verify:#}");
+    // Under another prefix the records name objects that are not its own: refused.
+    let other = s3_scratch(&fake, &garage, "vm2/");
+    let out = other.run(&["admin", "restore", &dest_s]).await;
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(!other.data_dir().join("db").exists());
+    // An object gone behind coverd's back: refused, naming the task.
+    garage.delete("vm1/bk-2/1.png");
+    let third = s3_scratch(&fake, &garage, "vm1/");
+    let mut cmd = crate::bin_util::coverd();
+    cmd.arg("--config")
+        .arg(third.config_path())
+        .args(["admin", "restore", &dest_s]);
+    let out = crate::bin_util::output_blocking(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("bk-2") && stderr.contains("does not have"),
+        "{stderr}"
+    );
+}
