@@ -225,6 +225,9 @@ fn main() -> anyhow::Result<()> {
                 ),
                 _ => None,
             };
+            if mixed && store.is_some() {
+                bail!("--mixed runs with local storage only; leave out --storage s3");
+            }
             if mixed {
                 rt.block_on(downloads_mixed(&cli, global_sync))
             } else {

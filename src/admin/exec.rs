@@ -14,7 +14,7 @@ use crate::download;
 use crate::kie::KieClient;
 use crate::machine::{Ctx, Event, Origin};
 use crate::model::{ImageState, Kind, State, TaskJson, check_task_id, format_time, now_millis};
-use crate::storage::Files;
+use crate::storage::{FileStore as _, Files};
 use crate::store::summary::Summary;
 use crate::store::{IfMissing, Scanned, StatsVerdict, Store, StoreError};
 use crate::submit::{self, Submitter};
@@ -216,28 +216,27 @@ impl Exec {
                     ))
                 })?;
                 let store = self.store.clone();
-                let data_dir = self.config.data_dir.clone();
-                let (id, kind, updated_at) = (task.task_id.clone(), task.kind, task.updated_at);
+                let (id, updated_at) = (task.task_id.clone(), task.updated_at);
                 tokio::task::spawn_blocking(move || -> Result<(), AdminError> {
                     if !store.forget_task(&id, updated_at, force)? {
                         return Err(AdminError::failed(format!(
                             "task {id} changed while it was being forgotten (or its notification is still being sent); its record was kept, try again"
                         )));
                     }
-                    // The record went first: a crash here leaves only files, which no record
-                    // names (prune does the same).
-                    let dir = data_dir.join(download::task_dir(kind, &id));
-                    match std::fs::remove_dir_all(&dir) {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                        Err(e) => Err(AdminError::failed(format!(
-                            "forgot task {id} but cannot remove {}: {e}; remove it by hand",
-                            dir.display()
-                        ))),
-                    }
+                    Ok(())
                 })
                 .await
                 .map_err(|e| AdminError::failed(format!("forgetting {task_id} failed: {e}")))??;
+                // The record went first: a crash here leaves only files in the data
+                // directory, which no record names (prune does the same).
+                let local = files.local();
+                local.remove_task(task.kind, &task_id).await.map_err(|e| {
+                    AdminError::failed(format!(
+                        "forgot task {task_id} but cannot remove its directory in {}: {e}; remove {} by hand",
+                        local.data_dir().display(),
+                        download::task_dir(task.kind, &task_id)
+                    ))
+                })?;
                 self.store.flush().await?;
                 let files = task.images.iter().filter(|i| i.path.is_some()).count();
                 Reply::Task {

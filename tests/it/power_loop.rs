@@ -72,7 +72,10 @@ async fn power_loop(garage: Option<&crate::garage::Garage>, cycles_var: &'static
         report.notify.requests,
         report.notify.answered_500,
         report.notify.resumed,
-        ops.summary(),
+        match garage {
+            None => ops.summary(),
+            Some(_) => "admin commands under power cuts: in the loop with local files".into(),
+        },
         report.violations.len() + ops.violations.len()
     );
     let all: Vec<String> = report

@@ -14,6 +14,7 @@ use crate::admin::AdminError;
 use crate::admin::access::shown;
 use crate::download::task_dir;
 use crate::model::{Millis, format_time, is_object_location, valid_task_id};
+use crate::storage::local::dir_bytes;
 use crate::store::Store;
 
 /// Task records looked at per step of `prune`.
@@ -110,18 +111,4 @@ pub fn prune(
         after = Some(last);
     }
     Ok(out)
-}
-
-/// Bytes of the files directly in `dir` (an image directory has no subdirectories).
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
