@@ -187,27 +187,32 @@ pub(super) fn s3_bucket(key: &str, value: String) -> Result<String, ConfigError>
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-')
             && edge(value.chars().next())
             && edge(value.chars().last()));
+    accepted_if(
+        ok,
+        key,
+        value,
+        "is not a bucket name: 3–63 of a–z, 0–9, `.` and `-`, starting and ending with a letter or digit",
+    )
+}
+
+/// `value` when `ok`, else the error that `key`'s value `reason`.
+fn accepted_if(ok: bool, key: &str, value: String, reason: &str) -> Result<String, ConfigError> {
     if ok {
         Ok(value)
     } else {
-        Err(invalid(
-            key,
-            Some(format!("{value:?}")),
-            "is not a bucket name: 3–63 of a–z, 0–9, `.` and `-`, starting and ending with a letter or digit",
-        ))
+        Err(invalid(key, Some(format!("{value:?}")), reason))
     }
 }
 
 /// `storage.region`: not empty, printable ASCII without spaces.
 pub(super) fn s3_region(key: &str, value: String) -> Result<String, ConfigError> {
-    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(invalid(
-            key,
-            Some(format!("{value:?}")),
-            "must be the region the store expects (Garage: its `s3_region`, often \"garage\"; AWS: e.g. \"eu-west-1\")",
-        ));
-    }
-    Ok(value)
+    let ok = !value.is_empty() && value.len() <= 64 && value.chars().all(|c| c.is_ascii_graphic());
+    accepted_if(
+        ok,
+        key,
+        value,
+        "must be the region the store expects (Garage: its `s3_region`, often \"garage\"; AWS: e.g. \"eu-west-1\")",
+    )
 }
 
 /// `storage.prefix`: empty, or parts of `A–Z a–z 0–9 . _ -` each ending in `/` (never `.`
@@ -226,15 +231,12 @@ pub(super) fn s3_prefix(key: &str, value: String) -> Result<String, ConfigError>
             && value
                 .strip_suffix('/')
                 .is_some_and(|body| body.split('/').all(part_ok)));
-    if ok {
-        Ok(value)
-    } else {
-        Err(invalid(
-            key,
-            Some(format!("{value:?}")),
-            "must be empty or parts of A–Z, a–z, 0–9, `.`, `_` and `-`, each ending in `/` (e.g. \"coverd-vm1/\")",
-        ))
-    }
+    accepted_if(
+        ok,
+        key,
+        value,
+        "must be empty or parts of A–Z, a–z, 0–9, `.`, `_` and `-`, each ending in `/` (e.g. \"coverd-vm1/\")",
+    )
 }
 
 /// Empty (off), or a socket address.
