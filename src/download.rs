@@ -7,6 +7,7 @@
 //! store it puts files in.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,9 +171,10 @@ pub struct Downloader {
     /// Set when the disk was full writing a file or the object store did not take one:
     /// downloads pause until then.
     paused: Mutex<Option<(tokio::time::Instant, Pause)>>,
-    /// Set while the object store is (or was last seen) down: the next task asks it
-    /// ([`FileStore::probe`]) before fetching anything.
-    store_down: std::sync::atomic::AtomicBool,
+    /// Set from an upload the object store did not take (down or refusing) until one it
+    /// takes: meanwhile each task asks it ([`FileStore::probe`]) before fetching anything,
+    /// and the outage is logged once.
+    store_down: AtomicBool,
     /// Where files go.
     files: Arc<dyn FileStore>,
 }
@@ -211,7 +213,7 @@ impl Downloader {
             fetch_slots: Arc::new(Semaphore::new(slots)),
             metrics,
             paused: Mutex::new(None),
-            store_down: std::sync::atomic::AtomicBool::new(false),
+            store_down: AtomicBool::new(false),
             files,
         })
     }
@@ -270,53 +272,42 @@ impl Downloader {
         self.paused.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Pauses downloads for [`PAUSE`] because of `why` (one log line per pause).
+    /// Pauses downloads for [`PAUSE`] because of `why`: one log line per pause of a full
+    /// disk, one per outage of the object store (until a file is stored again).
     fn pause(&self, why: Pause, task_id: &str, index: u32, e: &dyn std::fmt::Display) {
         let mut paused = self.pause_state();
-        if why == Pause::StoreDown {
-            self.store_down
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            self.metrics.storage_up(false);
-        }
-        if paused.is_some() {
-            return;
-        }
         let secs = PAUSE.as_secs();
         match why {
-            Pause::DiskFull => tracing::error!(
+            Pause::DiskFull if paused.is_none() => tracing::error!(
                 task_id,
                 index,
                 error = %e,
                 "no room for file {index} of task {task_id} ({e}); downloads paused for {secs}s, no attempt counted; free space in the data directory"
             ),
-            Pause::StoreDown => tracing::error!(
-                task_id,
-                index,
-                error = %e,
-                "file {index} of task {task_id} not stored: {e}; uploads paused (retried every {secs}s, no attempt counted, callbacks still taken); check the object store and the [storage] keys"
-            ),
+            Pause::StoreDown if !self.store_down.swap(true, Ordering::Relaxed) => {
+                self.metrics.storage_up(false);
+                tracing::error!(
+                    task_id,
+                    index,
+                    error = %e,
+                    "file {index} of task {task_id} not stored: {e}; uploads paused (tried again every {secs}s, no attempt counted, callbacks still taken); check the object store and the [storage] keys"
+                );
+            }
+            _ => {}
         }
-        *paused = Some((tokio::time::Instant::now() + PAUSE, why));
+        if paused.is_none() {
+            *paused = Some((tokio::time::Instant::now() + PAUSE, why));
+        }
     }
 
-    /// Whether the file store takes files: after it was down, asks it first ([`PAUSE`]
-    /// apart), so that nothing is fetched only to be dropped.
+    /// Whether the file store takes files: during an outage of the object store, asks it
+    /// first ([`PAUSE`] apart), so that nothing is fetched only to be dropped.
     async fn store_answers(&self) -> bool {
-        use std::sync::atomic::Ordering;
         if !self.store_down.load(Ordering::Relaxed) {
             return true;
         }
         match self.files.probe().await {
-            Ok(()) => {
-                if self.store_down.swap(false, Ordering::Relaxed) {
-                    self.metrics.storage_up(true);
-                    tracing::info!(
-                        "the object store {} answers again; uploads resumed",
-                        self.files.describe()
-                    );
-                }
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 let mut paused = self.pause_state();
                 if paused.is_none() {
@@ -325,6 +316,17 @@ impl Downloader {
                 tracing::debug!(error = %e, "the object store still does not answer");
                 false
             }
+        }
+    }
+
+    /// A file was stored: an outage of the object store, if there was one, is over.
+    fn store_took_a_file(&self) {
+        if self.store_down.swap(false, Ordering::Relaxed) {
+            self.metrics.storage_up(true);
+            tracing::info!(
+                "{} takes files again; uploads resumed",
+                self.files.describe()
+            );
         }
     }
 
@@ -530,12 +532,7 @@ impl Downloader {
             .await
             .inspect_err(|_| self.metrics.file_store_failed(kind))?;
         self.metrics.file_stored(kind, uploaded.elapsed());
-        if self
-            .store_down
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            self.metrics.storage_up(true);
-        }
+        self.store_took_a_file();
         Ok(Event::ImageStored {
             index: image.index,
             path: place,

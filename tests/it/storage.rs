@@ -249,11 +249,13 @@ async fn an_object_store_outage_pauses_uploads_and_fails_no_task() {
             assert_eq!(f["attempts"], 1, "{show:#}");
         }
     }
-    assert!(
-        d.logs().matches("uploads paused").count() <= 2,
-        "one line per pause, not one per file:\n{}",
-        d.logs()
+    let logs = d.logs();
+    assert_eq!(
+        logs.matches("uploads paused").count(),
+        1,
+        "one line for the outage, not one per file or pause:\n{logs}"
     );
+    assert_eq!(logs.matches("uploads resumed").count(), 1, "{logs}");
     d.stop().await;
 }
 
