@@ -1120,6 +1120,7 @@ fn curl_upload_baseline<'a>(
         .arg("--config")
         .arg(work.join("get.cfg"))
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()?;
     if !status.success() {
         bail!("curl failed: {status}");
@@ -1134,6 +1135,7 @@ fn curl_upload_baseline<'a>(
         .arg("--config")
         .arg(work.join("put.cfg"))
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()?;
     if !status.success() {
         bail!("curl -T to {} failed: {status}", s3.endpoint);
