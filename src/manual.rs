@@ -200,6 +200,9 @@ For tests only: a directory standing in for / where admin, submit and check-conf
 \fBKIE_API_KEY\fR, \fBKIE_WEBHOOK_HMAC_KEY\fR, \fBCOVERD_NOTIFY_SECRET\fR
 Secrets: the KIE API key, the webhook HMAC key, the notification signing secret (whsec_…).
 .TP
+\fBCOVERD_S3_ACCESS_KEY_ID\fR, \fBCOVERD_S3_SECRET_ACCESS_KEY\fR
+The object store's key (storage.kind = "s3"): never logged, shown or written to a backup.
+.TP
 \fBCREDENTIALS_DIRECTORY\fR
 Set by systemd (LoadCredential=): where the credentials named under CONFIGURATION are read.
 .TP
@@ -219,8 +222,11 @@ Stored cover images (EXT png, jpg, webp or gif, from the file's bytes).
 \fBDATA_DIR/files/TASK_ID/NAME.EXT\fR
 Stored files of the other kinds: track\-I.mp3 and track\-I.EXT (music), audio.wav, video.mp4, STEM.mp3 (stems); EXT from the file's bytes. The same rules as images/. A file here is always complete and matches its recorded sha256. Private to the daemon's user (0700 / 0600), or, with \fBstorage.local_group\fR set, readable by that group (0750 / 0640, the data directory 0710); the daemon's user must then be in the group and allowed chown(2) (in the unit: SupplementaryGroups= and SystemCallFilter=@chown).
 .TP
+\fBs3://BUCKET/PREFIXTASK_ID/NAME.EXT\fR
+With \fBstorage.kind\fR = "s3": the stored files, one object each (same names as above), uploaded with their SHA\-256 checksum (larger than 8 MiB: in parts, read back and hashed) and recorded only then; file entries carry \fBlocation\fR and a null \fBpath\fR. A store that is down pauses uploads (logged once; /healthz stays 200 and says so; coverd_storage_up 0). \fBadmin migrate\-files \-\-to s3\fR moves the files of DATA_DIR/images and DATA_DIR/files there.
+.TP
 \fBDATA_DIR/tmp/\fR
-Partial downloads; emptied at every start.
+Partial downloads (and, with an object store, files waiting for their upload); emptied at every start.
 .TP
 \fBDATA_DIR/admin.sock\fR
 The running daemon's admin socket (0600); admin commands use it, and open the store themselves when the daemon is stopped.
