@@ -216,20 +216,6 @@ impl Garage {
         keys
     }
 
-    /// TOML text for coverd's `[storage]` table pointing at this Garage. The secret is not in
-    /// it: pass `secret_access_key` in the environment (`COVERD_S3_SECRET_ACCESS_KEY`).
-    pub fn storage_toml(&self, prefix: &str) -> String {
-        let s = |v: &str| serde_json::to_string(v).unwrap();
-        format!(
-            "[storage]\nkind = \"s3\"\nendpoint = {}\nbucket = {}\nregion = {}\nprefix = {}\npath_style = true\naccess_key_id = {}\n",
-            s(&self.endpoint),
-            s(&self.bucket),
-            s(&self.region),
-            s(prefix),
-            s(&self.access_key_id),
-        )
-    }
-
     /// The server's log (stdout and stderr of every start), for a test's failure message.
     pub fn log_tail(&self) -> String {
         let Ok(mut f) = File::open(&self.log) else {
