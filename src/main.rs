@@ -725,11 +725,14 @@ fn warn_on_sighup() {
 /// periodic fsync failing (`flusher`; the kernel reports a writeback error to every open
 /// description of the file, so the store's own `fdatasync` of `db/db` fails on it too), and
 /// each tree's flush when the store closes (`tree`).
-const SLED_REPEATS: [&str; 4] = [
+const SLED_REPEATS: [&str; 5] = [
     "sled::tree=off",
     "sled::flusher=off",
     "sled::pagecache::iobuf=off",
     "sled::pagecache::logger=off",
+    // object_store logs each retry inside one request at info; the request's outcome is
+    // coverd's to say (an outage: once, `download`'s "uploads paused").
+    "object_store::client::retry=warn",
 ];
 
 /// Logs: the daemon under systemd (`$JOURNAL_STREAM`) writes to journald natively, its
@@ -744,6 +747,7 @@ fn init_logs(daemon: bool) {
     // sled logs the I/O errors that coverd's store reports itself, as Rust `Debug` dumps and
     // again for each of its trees when the store closes (11 "failed to flush" lines at
     // exit): the store says each failure once, in words (SPEC "Logs": one event, one line).
+    // So does object_store, for each retry of a request to the object store.
     let filter = SLED_REPEATS
         .iter()
         .filter_map(|d| d.parse().ok())

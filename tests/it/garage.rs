@@ -216,6 +216,24 @@ impl Garage {
         keys
     }
 
+    /// Bytes of the data blocks this Garage holds on disk (its `data_dir`): grows as an upload's
+    /// parts are stored, before the object exists.
+    pub fn data_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir.path().join("data"))
+    }
+
     /// The server's log (stdout and stderr of every start), for a test's failure message.
     pub fn log_tail(&self) -> String {
         let Ok(mut f) = File::open(&self.log) else {

@@ -747,3 +747,64 @@ async fn a_three_node_cluster_loses_a_node_while_uploads_run() {
         cluster_up.as_secs_f64()
     );
 }
+
+/// Garage killed while a multipart upload is under way (the fetched 64 MiB WAV is whole in
+/// `tmp/`, its parts going out), then started again: the upload is retried from the file
+/// fetched again, no attempt is used, the task ends `downloaded` and its object verifies.
+#[tokio::test]
+async fn garage_killed_mid_upload_then_started_again_fails_no_task() {
+    let mut garage = Garage::start();
+    // What Garage keeps in its data directory before any object (a marker file).
+    let empty = garage.data_bytes();
+    let fake = FakeKie::start().await;
+    let scratch = s3_scratch(&fake, &garage, "mid/");
+    let d = scratch.serve().await;
+    let big = wav(64 << 20);
+    fake.files
+        .set("/mid/big.wav", Behaviour::Image(big.clone()));
+    let body = serde_json::json!({"code": 200, "msg": "success",
+        "data": {"task_id": "mid-wav", "audio_wav_url": fake.files.url("/mid/big.wav")}});
+    let (status, _) = d.callback_on("wav", body.to_string()).await.unwrap();
+    assert_eq!(status, 200);
+    // The upload is under way once Garage holds some of its parts (on disk, before the
+    // object exists): eight parts of 8 MiB, each fsynced by Garage.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mid_upload = loop {
+        if garage.data_bytes() > empty {
+            break garage.get("mid/mid-wav/audio.wav").is_none();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no upload began");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    garage.stop();
+    eprintln!(
+        "Garage killed {} the upload",
+        if mid_upload { "during" } else { "after" }
+    );
+    if mid_upload {
+        d.wait_for_log("uploads paused").await;
+        let logs = d.logs();
+        assert!(
+            logs.contains("refused a part of an upload")
+                || logs.contains("refused to complete a multipart upload"),
+            "the outage came before the upload began:\n{logs}"
+        );
+        let status = scratch.admin_json(&["status"]).await;
+        assert_eq!(status["tasks"]["failed"], 0, "{status:#}");
+    }
+    garage.restart();
+    wait_status(&scratch, "the WAV downloaded", |v| {
+        v["tasks"]["downloaded"] == 1
+    })
+    .await;
+    let show = scratch.admin_json(&["show", "mid-wav"]).await;
+    assert_eq!(show["files"][0]["attempts"], 1, "{show:#}");
+    assert_eq!(show["files"][0]["sha256"], sha256_hex(&big).as_str());
+    assert_eq!(
+        sha256_hex(&garage.get("mid/mid-wav/audio.wav").unwrap()),
+        sha256_hex(&big)
+    );
+    let verify = scratch.admin_json(&["verify"]).await;
+    assert_eq!(verify["ok"], 1, "{verify:#}");
+    d.stop().await;
+}
