@@ -188,32 +188,8 @@ impl Garage {
     /// Every key starting with `prefix` (a plain string prefix, not a directory), sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let s3 = self.client();
-        let mut keys = block_on(async move {
-            let mut keys = Vec::new();
-            let mut page_token = None;
-            loop {
-                let opts = PaginatedListOptions {
-                    page_token,
-                    ..Default::default()
-                };
-                let page = s3
-                    .list_paginated(Some(prefix).filter(|p| !p.is_empty()), opts)
-                    .await
-                    .unwrap_or_else(|e| panic!("garage list {prefix:?}: {e}"));
-                keys.extend(
-                    page.result
-                        .objects
-                        .into_iter()
-                        .map(|o| o.location.to_string()),
-                );
-                page_token = page.page_token;
-                if page_token.is_none() {
-                    return keys;
-                }
-            }
-        });
-        keys.sort();
-        keys
+        let prefix = prefix.to_string();
+        block_on(async move { list_keys(&s3, &prefix).await })
     }
 
     /// Bytes of the data blocks this Garage holds on disk (its `data_dir`): grows as an upload's
@@ -575,4 +551,32 @@ fn random_hex(n: usize) -> String {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .expect("read /dev/urandom");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every key of `s3`'s bucket starting with `prefix` (a plain string prefix, `""` for all),
+/// sorted; panics when the store does not answer.
+pub async fn list_keys(s3: &AmazonS3, prefix: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut page_token = None;
+    loop {
+        let opts = PaginatedListOptions {
+            page_token,
+            ..Default::default()
+        };
+        let page = s3
+            .list_paginated(Some(prefix).filter(|p| !p.is_empty()), opts)
+            .await
+            .unwrap_or_else(|e| panic!("list {prefix:?} in the bucket: {e}"));
+        keys.extend(
+            page.result
+                .objects
+                .into_iter()
+                .map(|o| o.location.to_string()),
+        );
+        page_token = page.page_token;
+        if page_token.is_none() {
+            keys.sort();
+            return keys;
+        }
+    }
 }

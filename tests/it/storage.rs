@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use coverd::model::Kind;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStoreExt, RetryConfig};
 use serde_json::Value;
@@ -615,33 +614,6 @@ impl Drop for Cluster {
     }
 }
 
-/// Every key in `s3`'s bucket, sorted.
-async fn list_keys(s3: &AmazonS3) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut page_token = None;
-    loop {
-        let opts = PaginatedListOptions {
-            page_token,
-            ..Default::default()
-        };
-        let page = s3
-            .list_paginated(None, opts)
-            .await
-            .unwrap_or_else(|e| panic!("list the bucket: {e}"));
-        keys.extend(
-            page.result
-                .objects
-                .into_iter()
-                .map(|o| o.location.to_string()),
-        );
-        page_token = page.page_token;
-        if page_token.is_none() {
-            keys.sort();
-            return keys;
-        }
-    }
-}
-
 /// A 3-node cluster loses node 2 (not the one coverd talks to) while files are on their way
 /// to the bucket, multipart WAVs among them: every task still ends downloaded, verify finds
 /// every object whole, and each object read through node 3 has the recorded sha256.
@@ -689,7 +661,7 @@ async fn a_three_node_cluster_loses_a_node_while_uploads_run() {
     // Node 2 goes once the first object is in the bucket.
     let deadline = Instant::now() + Duration::from_secs(60);
     let landed = loop {
-        let keys = list_keys(&node3).await;
+        let keys = crate::garage::list_keys(&node3, "").await;
         if !keys.is_empty() {
             break keys.len();
         }
@@ -725,7 +697,7 @@ async fn a_three_node_cluster_loses_a_node_while_uploads_run() {
     assert_eq!(recorded, served);
     // The bucket through node 3: those objects and no other, each with its recorded sha256.
     assert_eq!(
-        list_keys(&node3).await,
+        crate::garage::list_keys(&node3, "").await,
         recorded.keys().cloned().collect::<Vec<_>>()
     );
     for (key, sha256) in &recorded {
