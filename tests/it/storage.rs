@@ -447,6 +447,22 @@ async fn backup_names_the_bucket_and_restore_checks_every_object() {
     assert_eq!(out.code, Some(0), "{out:?}");
     let verify = again.admin_json(&["verify"]).await;
     assert_eq!(verify["ok"], 4, "{verify:#}");
+    // A manifest that counts other objects than the records name: refused.
+    let manifest_path = dest.join("backup.json");
+    let honest = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut doctored: Value = serde_json::from_str(&honest).unwrap();
+    doctored["objects"] = 5.into();
+    std::fs::write(&manifest_path, doctored.to_string()).unwrap();
+    let fourth = s3_scratch(&fake, &garage, "vm1/");
+    let mut cmd = crate::bin_util::coverd();
+    cmd.arg("--config")
+        .arg(fourth.config_path())
+        .args(["admin", "restore", &dest_s]);
+    let out = crate::bin_util::output_blocking(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("names 4 objects"), "{stderr}");
+    std::fs::write(&manifest_path, honest).unwrap();
     // Under another prefix the records name objects that are not its own: refused.
     let other = s3_scratch(&fake, &garage, "vm2/");
     let out = other.run(&["admin", "restore", &dest_s]).await;

@@ -131,18 +131,25 @@ pub fn restore(
         let copied = copy_restored(&source, &src_dir, src, target, objects, progress)?;
         drop(source);
         std::fs::remove_dir_all(&scratch).map_err(|e| io_error("remove", &scratch, &e))?;
-        if (copied.tasks, copied.images, copied.bytes)
-            != (manifest.tasks, manifest.images, manifest.bytes)
+        if (copied.tasks, copied.images, copied.bytes, copied.objects)
+            != (
+                manifest.tasks,
+                manifest.images,
+                manifest.bytes,
+                manifest.objects,
+            )
         {
             return Err(AdminError::failed(format!(
-                "the backup in {} holds {} tasks and {} images ({} bytes) but its manifest says {}, {} ({} bytes); it is damaged, use another backup",
+                "the backup in {} holds {} tasks and {} images ({} bytes) and names {} objects but its manifest says {}, {} ({} bytes) and {}; it is damaged, use another backup",
                 shown(src).display(),
                 copied.tasks,
                 copied.images,
                 copied.bytes,
+                copied.objects,
                 manifest.tasks,
                 manifest.images,
-                manifest.bytes
+                manifest.bytes,
+                manifest.objects
             )));
         }
         sync_dir(target)?;
@@ -310,7 +317,8 @@ fn copy_restored(
                 return Err(refused(src, copy, &why));
             }
             if let Some(task) = &copy.task {
-                check_objects(objects, task).map_err(|e| refused(src, copy, &e))?;
+                copied.objects +=
+                    check_objects(objects, task).map_err(|e| refused(src, copy, &e))?;
                 let (images, bytes) = restore_task_images(src_dir, &mut kind_dirs, src, dest, task)
                     .map_err(|e| refused(src, copy, &e))?;
                 copied.images += images;
@@ -335,11 +343,12 @@ fn object_store<'a>(objects: Option<&'a Objects<'_>>) -> Option<&'a ObjectStore>
 
 /// Checks that every object a downloaded file of `task` is stored as exists in the object
 /// store with its recorded size (SPEC: restore checks the objects, which stay where they
-/// are). `Err` says which and why.
-fn check_objects(objects: Option<&Objects<'_>>, task: &Task) -> Result<(), String> {
+/// are); how many it checked. `Err` says which and why.
+fn check_objects(objects: Option<&Objects<'_>>, task: &Task) -> Result<u64, String> {
     let (Some(object), Some(objects)) = (object_store(objects), objects) else {
-        return Ok(());
+        return Ok(0);
     };
+    let mut checked = 0;
     for img in task
         .images
         .iter()
@@ -352,7 +361,7 @@ fn check_objects(objects: Option<&Objects<'_>>, task: &Task) -> Result<(), Strin
             continue;
         }
         match objects.runtime.block_on(object.size(&place.place)) {
-            Ok(Some(size)) if Some(size) == img.bytes => {}
+            Ok(Some(size)) if Some(size) == img.bytes => checked += 1,
             Ok(Some(size)) => {
                 return Err(format!(
                     "file {} is the object {} of {size} bytes, not the recorded {}",
@@ -370,7 +379,7 @@ fn check_objects(objects: Option<&Objects<'_>>, task: &Task) -> Result<(), Strin
             Err(e) => return Err(format!("file {}: {e}", img.index)),
         }
     }
-    Ok(())
+    Ok(checked)
 }
 
 /// Copies the stored images of one checked task from SRC into `dest`, each at the path
