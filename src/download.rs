@@ -156,6 +156,13 @@ enum Pause {
     StoreDown,
 }
 
+/// Starts a pause of [`PAUSE`] because of `why`, unless one is under way.
+fn arm(paused: &mut Option<(tokio::time::Instant, Pause)>, why: Pause) {
+    if paused.is_none() {
+        *paused = Some((tokio::time::Instant::now() + PAUSE, why));
+    }
+}
+
 /// The download scheduler and its workers.
 pub struct Downloader {
     store: Store,
@@ -295,9 +302,7 @@ impl Downloader {
             }
             _ => {}
         }
-        if paused.is_none() {
-            *paused = Some((tokio::time::Instant::now() + PAUSE, why));
-        }
+        arm(&mut paused, why);
     }
 
     /// Whether the file store takes files: during an outage of the object store, asks it
@@ -309,10 +314,7 @@ impl Downloader {
         match self.files.probe().await {
             Ok(()) => true,
             Err(e) => {
-                let mut paused = self.pause_state();
-                if paused.is_none() {
-                    *paused = Some((tokio::time::Instant::now() + PAUSE, Pause::StoreDown));
-                }
+                arm(&mut self.pause_state(), Pause::StoreDown);
                 tracing::debug!(error = %e, "the object store still does not answer");
                 false
             }

@@ -116,22 +116,15 @@ impl FileStore for LocalDir {
         Ok(())
     }
 
-    async fn remove_task(&self, kind: Kind, task_id: &str) -> Result<u64, StorageError> {
+    async fn remove_task(&self, kind: Kind, task_id: &str) -> Result<(), StorageError> {
         if !crate::model::valid_task_id(task_id) {
-            return Ok(0);
+            return Ok(());
         }
-        let dir = self.data_dir.join(task_dir(kind, task_id));
-        tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
-            let freed = dir_bytes(&dir);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(freed),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-                Err(e) => Err(e),
-            }
-        })
-        .await
-        .map_err(std::io::Error::other)?
-        .map_err(StorageError::from)
+        match tokio::fs::remove_dir_all(self.data_dir.join(task_dir(kind, task_id))).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn probe(&self) -> Result<(), StorageError> {

@@ -114,8 +114,8 @@ pub trait FileStore: Send + Sync {
     async fn discard(&self, slot: &Slot) -> Result<(), StorageError>;
 
     /// Removes every stored file of task `task_id` of `kind` (a valid id: `prune`,
-    /// `forget`); returns how many bytes that freed, as far as known.
-    async fn remove_task(&self, kind: Kind, task_id: &str) -> Result<u64, StorageError>;
+    /// `forget`).
+    async fn remove_task(&self, kind: Kind, task_id: &str) -> Result<(), StorageError>;
 
     /// Whether the store takes requests now (after it was down).
     async fn probe(&self) -> Result<(), StorageError>;
@@ -197,14 +197,14 @@ impl Files {
         }))
     }
 
-    /// Removes every object of a task (none without an object store); returns their bytes.
+    /// Removes every object of a task (none without an object store).
     /// `prune` and `forget` call this before they remove the record (SPEC: a crash between
     /// leaves a record the next run finishes, never an orphaned object), and remove the
     /// task's directory in the data directory after it.
-    pub async fn remove_objects(&self, kind: Kind, task_id: &str) -> Result<u64, StorageError> {
+    pub async fn remove_objects(&self, kind: Kind, task_id: &str) -> Result<(), StorageError> {
         match &self.object {
             Some(o) => o.remove_task(kind, task_id).await,
-            None => Ok(0),
+            None => Ok(()),
         }
     }
 }
@@ -241,41 +241,34 @@ pub fn recorded_place(
         _ => "file",
     };
     let exts: Vec<&str> = slot.exts().map(Ext::as_str).collect();
-    if is_object_location(place) {
+    // The store the record names, and the place it should have there but for the extension.
+    let (object, stem) = if is_object_location(place) {
         let Some(object) = object else {
             return Err(format!(
                 "{what} {} is the object {place:?}, and no object store is configured; use the [storage] settings that name its bucket and prefix",
                 img.index
             ));
         };
-        return match slot.exts().find(|e| *place == object.place(&slot, *e)) {
-            Some(ext) => Ok(Some(Place {
-                place: place.clone(),
-                slot,
-                ext,
-                object: true,
-            })),
-            None => Err(format!(
-                "{what} {} names {place:?}, not {}{task_id}/{}.<{}>",
-                img.index,
-                object.describe(),
-                img.name,
-                exts.join("|")
-            )),
-        };
-    }
-    match slot.exts().find(|e| *place == slot.path(*e)) {
+        let stem = format!("{}{task_id}/{}", object.describe(), img.name);
+        (Some(object), stem)
+    } else {
+        (None, format!("{}/{}", slot.dir(), img.name))
+    };
+    let place_with = |e: Ext| match object {
+        Some(o) => o.place(&slot, e),
+        None => slot.path(e),
+    };
+    let found = slot.exts().find(|e| *place == place_with(*e));
+    match found {
         Some(ext) => Ok(Some(Place {
             place: place.clone(),
             slot,
             ext,
-            object: false,
+            object: object.is_some(),
         })),
         None => Err(format!(
-            "{what} {} names {place:?}, not {}/{}.<{}>",
+            "{what} {} names {place:?}, not {stem}.<{}>",
             img.index,
-            slot.dir(),
-            img.name,
             exts.join("|")
         )),
     }

@@ -177,13 +177,7 @@ impl ObjectStore {
         sha256: &str,
     ) -> Result<(), StorageError> {
         let body = tokio::fs::read(temp).await?;
-        let got = hex::encode(Sha256::digest(&body));
-        if got != sha256 {
-            return Err(StorageError::TempChanged {
-                expected: sha256.to_string(),
-                got,
-            });
-        }
+        unchanged(sha256, hex::encode(Sha256::digest(&body)))?;
         self.client
             .put_opts(path, PutPayload::from(body), put_options(ext))
             .await
@@ -231,13 +225,7 @@ impl ObjectStore {
                     break;
                 }
             }
-            let got = hex::encode(hasher.finalize());
-            if got != sha256 {
-                return Err(StorageError::TempChanged {
-                    expected: sha256.to_string(),
-                    got,
-                });
-            }
+            unchanged(sha256, hex::encode(hasher.finalize()))?;
             upload
                 .complete()
                 .await
@@ -256,6 +244,19 @@ impl ObjectStore {
             return Err(e);
         }
         Ok(())
+    }
+}
+
+/// `Err` when the temporary file read for the upload hashed to `got`, not the fetch's
+/// `expected`.
+fn unchanged(expected: &str, got: String) -> Result<(), StorageError> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(StorageError::TempChanged {
+            expected: expected.to_string(),
+            got,
+        })
     }
 }
 
@@ -326,12 +327,16 @@ impl FileStore for ObjectStore {
         };
         let _ = tokio::fs::remove_file(temp).await;
         sent?;
-        // Other extensions of the same slot (an earlier attempt with another type).
-        for other in slot.exts().filter(|e| *e != ext) {
-            let _ = self
-                .client
-                .delete(&self.path(&self.key(slot, other))?)
-                .await;
+        // Other extensions of the same slot (an earlier attempt with another type): one
+        // listing rather than a delete per extension; best effort, as the file is stored.
+        if slot.exts().nth(1).is_some()
+            && let Ok(found) = self.existing(slot).await
+        {
+            for (_, place) in found.iter().filter(|(e, _)| *e != ext) {
+                if let Some(key) = self.key_of(place) {
+                    let _ = self.client.delete(&self.path(key)?).await;
+                }
+            }
         }
         Ok(self.location(&key))
     }
@@ -384,21 +389,20 @@ impl FileStore for ObjectStore {
         Ok(())
     }
 
-    async fn remove_task(&self, _kind: Kind, task_id: &str) -> Result<u64, StorageError> {
+    async fn remove_task(&self, _kind: Kind, task_id: &str) -> Result<(), StorageError> {
         if !crate::model::valid_task_id(task_id) {
-            return Ok(0);
+            return Ok(());
         }
         let dir = self.path(&format!("{}{task_id}", self.prefix))?;
         let listed: Vec<_> = self.client.list(Some(&dir)).collect().await;
-        let mut freed = 0;
         for meta in listed {
             let meta = meta.map_err(|e| self.refused("did not answer a listing", e))?;
             match self.client.delete(&meta.location).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => freed += meta.size,
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.refused("refused a delete", e)),
             }
         }
-        Ok(freed)
+        Ok(())
     }
 
     async fn probe(&self) -> Result<(), StorageError> {

@@ -38,7 +38,7 @@ use super::AdminError;
 use super::access::shown;
 use crate::download::{STORED_DIRS, Slot};
 use crate::fetch::Ext;
-use crate::model::{Image, ImageState, Kind, Task, format_time, is_object_location, now_millis};
+use crate::model::{Image, ImageState, Kind, Task, format_time, now_millis};
 use crate::storage::{ObjectStore, recorded_place};
 use crate::store::{Store, TaskCopy};
 
@@ -51,20 +51,16 @@ const REREADS: u32 = 3;
 /// Where a stored file of a task of `kind` is in the data directory (its [`Slot`] and the
 /// extension its record names: `images/<task_id>/<index>.<ext>` for a cover image,
 /// `files/<task_id>/<name>.<ext>` for the others), checked against what the record says
-/// (`storage::recorded_place`): `Ok(None)` when the record names no file in the data
-/// directory (none at all, or an object in `object`); `Err` (why) unless `task_id` is a
-/// valid task id, the file's name is one its kind gives, and the recorded place is exactly
-/// the slot's path (or its object in `object`) for one of its type's extensions. Every
-/// path to a stored file is built from this, never taken from a record.
+/// (`storage::recorded_place` without an object store): `Ok(None)` when the record names no
+/// file; `Err` (why) unless `task_id` is a valid task id, the file's name is one its kind
+/// gives, and the recorded path is exactly the slot's path for one of its type's
+/// extensions. Every path to a stored file is built from this, never taken from a record.
 pub(super) fn stored_file(
     kind: Kind,
     task_id: &str,
     img: &Image,
-    object: Option<&ObjectStore>,
 ) -> Result<Option<(Slot, Ext)>, String> {
-    Ok(recorded_place(kind, task_id, img, object)?
-        .filter(|p| !p.object)
-        .map(|p| (p.slot, p.ext)))
+    Ok(recorded_place(kind, task_id, img, None)?.map(|p| (p.slot, p.ext)))
 }
 
 /// The object store side of a whole-store command that runs on a blocking thread: the file
@@ -225,17 +221,20 @@ fn copy_task_images(
         .iter()
         .filter(|i| i.state == ImageState::Downloaded)
     {
-        // The path is built from the id and the kind's names, never taken from the record.
-        if img.path.as_deref().is_some_and(is_object_location) && object.is_some() {
-            objects += 1;
-        }
-        let stored = stored_file(task.kind, &task.task_id, img, object).map_err(|why| {
+        // The place is built from the id and the kind's names, never taken from the record;
+        // an object stays in its store and is only counted.
+        let place = recorded_place(task.kind, &task.task_id, img, object).map_err(|why| {
             AdminError::failed(format!(
                 "the record of task {} is damaged ({why}); run `coverd admin verify`, then `coverd admin retry {}`",
                 task.task_id, task.task_id
             ))
         })?;
-        let Some((slot, ext)) = stored else { continue };
+        let Some(place) = place else { continue };
+        if place.object {
+            objects += 1;
+            continue;
+        }
+        let (slot, ext) = (place.slot, place.ext);
         if task_dir.is_none() {
             let dir = dest.join(slot.dir());
             private_dir(&dir)?;

@@ -405,7 +405,7 @@ fn restore_task_images(
             // An object stays where it is (`check_objects` found it).
             continue;
         }
-        let Some((slot, ext)) = stored_file(task.kind, &task.task_id, img, None)? else {
+        let Some((slot, ext)) = stored_file(task.kind, &task.task_id, img)? else {
             return Err(format!("image {} names no file", img.index));
         };
         let name = slot.file_name(ext);
